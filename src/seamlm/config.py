@@ -1,0 +1,142 @@
+"""Dataclass configs: YAML files plus ``--key value`` overrides; unknown keys are errors, never ignored."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from seamlm.errors import ConfigError
+
+C = TypeVar("C", bound="BaseConfig")
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    """Return (inner type, is_optional) for ``X | None`` / ``Optional[X]``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def _coerce(name: str, value: Any, tp: Any) -> Any:
+    inner, optional = _unwrap_optional(tp)
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null", "")):
+        if optional:
+            return None
+        raise ConfigError(f"config key '{name}' may not be empty (expected {getattr(inner, '__name__', inner)})")
+    origin = typing.get_origin(inner)
+    if origin is typing.Literal:
+        choices = typing.get_args(inner)
+        if value not in choices:
+            raise ConfigError(f"config key '{name}' must be one of {list(choices)}, got {value!r}")
+        return value
+    try:
+        if inner is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+                return True
+            if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+                return False
+            raise ValueError(value)
+        if inner is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError(value)
+            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+        if inner is float:
+            if isinstance(value, bool):
+                raise ValueError(value)
+            return float(value)
+        if inner is str:
+            return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"config key '{name}' expects {getattr(inner, '__name__', inner)}, got {value!r}"
+        ) from None
+    return value
+
+
+@dataclasses.dataclass
+class BaseConfig:
+    """Shared behaviour of every seamlm config: strict construction, YAML, overrides, validation."""
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls: type[C], values: dict[str, Any], source: str = "config") -> C:
+        unknown = [k for k in values if k not in cls.field_names()]
+        if unknown:
+            hints = []
+            for k in unknown:
+                close = difflib.get_close_matches(k, cls.field_names(), n=1)
+                hints.append(f"'{k}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+            raise ConfigError(
+                f"{source}: unknown {cls.__name__} key(s) {', '.join(hints)}. "
+                f"Valid keys: {', '.join(cls.field_names())}"
+            )
+        hints_map = typing.get_type_hints(cls)
+        coerced = {k: _coerce(k, v, hints_map[k]) for k, v in values.items()}
+        cfg = cls(**coerced)
+        cfg.validate()
+        return cfg
+
+    @classmethod
+    def from_yaml(cls: type[C], path: str | Path, overrides: dict[str, Any] | None = None) -> C:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of key: value, got {type(data).__name__}")
+        data.update(overrides or {})
+        return cls.from_dict(data, source=str(path))
+
+    def replace(self: C, **changes: Any) -> C:
+        return type(self).from_dict({**self.to_dict(), **changes})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False), encoding="utf-8")
+
+    def validate(self) -> None:
+        """Raise ConfigError for values that are well-typed but meaningless. Subclasses extend this."""
+
+
+def parse_overrides(tokens: list[str]) -> dict[str, str]:
+    """Turn ``["--steps", "5", "--beta=0.1"]`` into ``{"steps": "5", "beta": "0.1"}``.
+
+    Dashes in keys become underscores (``--warmup-ratio`` == ``--warmup_ratio``). A key without a value
+    is an error rather than a silent boolean, so that a typo cannot swallow the next option.
+    """
+    out: dict[str, str] = {}
+    i = 0
+    while i < len(tokens):
+        tok = tokens[i]
+        if not tok.startswith("--") or tok == "--":
+            raise ConfigError(f"unexpected argument {tok!r}: overrides are written --key value")
+        key = tok[2:]
+        if "=" in key:
+            key, value = key.split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(tokens) or tokens[i + 1].startswith("--"):
+                raise ConfigError(f"option --{key} needs a value (e.g. --{key} true)")
+            value = tokens[i + 1]
+            i += 2
+        out[key.replace("-", "_")] = value
+    return out

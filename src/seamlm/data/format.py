@@ -1,0 +1,95 @@
+"""Prompt formatting, answer-only label masks and padding collators.
+
+The answer mask comes from the length of the tokenised prompt: ``ids = prompt_ids + answer_ids + [eos]`` and
+labels are -100 on the prompt part. No token-by-token comparison of two sequences (a defect of the reference code)
+and no special meaning for token id 0.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from seamlm.data.files import Example
+from seamlm.models import FALLBACK_PROMPT_FORMAT
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+
+
+def prompt_text(tokenizer: Any, prompt: str) -> str:
+    """The text the model sees before its answer: the chat template if it has one, else the fallback format."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+        )
+    return FALLBACK_PROMPT_FORMAT.format(prompt=prompt)
+
+
+@dataclass
+class TokenizedExample:
+    input_ids: list[int]
+    labels: list[int]
+
+
+@dataclass
+class Formatter:
+    """Tokenise examples into ``input_ids`` + answer-only ``labels``.
+
+    ``mask_prompt=False`` trains on every token (the reference code does this for the benign stream).
+    Truncation keeps at least ``min_answer_tokens`` of the answer by cutting the prompt from the left;
+    ``truncated``/``answer_lost`` count what was cut so callers can log it.
+    """
+
+    tokenizer: Any
+    max_length: int = 256
+    mask_prompt: bool = True
+    min_answer_tokens: int = 8
+    truncated: int = field(default=0, init=False)
+    answer_lost: int = field(default=0, init=False)
+
+    def __call__(self, example: Example) -> TokenizedExample:
+        tok = self.tokenizer
+        p_ids = tok(prompt_text(tok, example.prompt), add_special_tokens=False)["input_ids"]
+        a_ids = tok(example.response, add_special_tokens=False)["input_ids"]
+        if tok.eos_token_id is not None:
+            a_ids = a_ids + [tok.eos_token_id]
+        if len(p_ids) + len(a_ids) > self.max_length:
+            self.truncated += 1
+            keep_answer = min(len(a_ids), max(self.min_answer_tokens, self.max_length - len(p_ids)))
+            keep_answer = min(keep_answer, self.max_length - 1)  # at least one prompt token
+            if keep_answer < len(a_ids) and keep_answer < self.min_answer_tokens:
+                self.answer_lost += 1
+            a_ids = a_ids[:keep_answer]
+            p_ids = p_ids[len(p_ids) - (self.max_length - len(a_ids)):]
+        labels = ([IGNORE_INDEX] * len(p_ids) if self.mask_prompt else list(p_ids)) + list(a_ids)
+        return TokenizedExample(list(p_ids) + list(a_ids), labels)
+
+    def encode_all(self, examples: list[Example], name: str = "data") -> list[TokenizedExample]:
+        before = self.truncated
+        out = [self(e) for e in examples]
+        if self.truncated > before:
+            log.warning(
+                "%s: %d of %d examples exceeded max_length=%d and were truncated (prompt cut from the left)",
+                name, self.truncated - before, len(examples), self.max_length,
+            )
+        return out
+
+
+def collate(batch: list[TokenizedExample], pad_token_id: int, padding_side: str = "right") -> dict[str, torch.Tensor]:
+    """Pad to the longest sequence. Right padding for training, left padding for generation."""
+    width = max(len(b.input_ids) for b in batch)
+    ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, b in enumerate(batch):
+        n = len(b.input_ids)
+        sl = slice(0, n) if padding_side == "right" else slice(width - n, width)
+        ids[i, sl] = torch.tensor(b.input_ids)
+        labels[i, sl] = torch.tensor(b.labels)
+        mask[i, sl] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}

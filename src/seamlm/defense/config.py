@@ -1,0 +1,83 @@
+"""``DefenseConfig``: every knob of a SEAM run, with the reference defaults."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from seamlm.config import BaseConfig
+from seamlm.errors import ConfigError
+
+#: Keys that may differ between a checkpoint and the run resuming it (they do not change the trajectory).
+RESUME_SAFE_KEYS = frozenset({"output_dir", "checkpoint_every", "keep_checkpoints", "log_every"})
+
+
+@dataclass
+class DefenseConfig(BaseConfig):
+    """Configuration of :class:`seamlm.SEAMTrainer`. Objective: L = L_ul + α·L_up + β·L_sd."""
+
+    alpha: float = 1.0
+    """α, weight of L_up = CE(refusals) — keeps the model refusing harmful prompts."""
+    beta: float = 0.01
+    """β, weight of L_sd = cos(g_a, g_b), the self-destruction coupling (paper default 0.01)."""
+    epsilon: float = 1e-3
+    """ε, finite-difference step of the Hessian-free estimate of ∇L_sd (error is first order in ε)."""
+    unlearn_loss: Literal["logit_lens", "final_layer"] = "logit_lens"
+    """L_ul variant: ``logit_lens`` averages answer CE over the final head and the logit lens of every earlier
+    hidden state (RepNoise / reference form); ``final_layer`` uses the final head only (much cheaper)."""
+    lr: float = 2e-5
+    """Peak AdamW learning rate."""
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    """Learning-rate schedule (``transformers.get_scheduler`` names)."""
+    warmup_ratio: float = 0.1
+    """Fraction of ``steps`` spent warming up linearly from 0."""
+    weight_decay: float = 0.0
+    """AdamW weight decay (reference: 0)."""
+    max_grad_norm: float | None = None
+    """Clip the global norm of the combined update direction; ``None`` = no clipping (reference)."""
+    steps: int = 1000
+    """Optimizer steps."""
+    batch_size: int = 8
+    """Examples per micro-batch, the same for each stream (H, R, B)."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches per step; the effective batch is ``batch_size × gradient_accumulation_steps`` per stream."""
+    max_length: int = 256
+    """Maximum tokens per example; longer prompts are cut from the left, keeping the answer."""
+    mask_benign_prompt: bool = True
+    """Train CE(B) on answer tokens only (True) or on all tokens like the reference code (False)."""
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Autocast dtype of forward/backward. Parameters, perturbations and differences stay float32 (the bf16
+    precision trap). ``auto`` = float32 on CPU, bfloat16 on CUDA."""
+    seed: int = 42
+    """Seeds data order and every RNG."""
+    output_dir: str = "runs/defend"
+    """Where the log, checkpoints and the final model go."""
+    checkpoint_every: int = 100
+    """Write a resumable checkpoint every N steps (0 = only at the end)."""
+    keep_checkpoints: int = 2
+    """How many recent checkpoints to keep."""
+    log_every: int = 1
+    """Write a JSONL log row every N steps."""
+    save_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """dtype of the saved model; ``auto`` = the dtype the model was given in."""
+
+    def validate(self) -> None:
+        checks = [
+            (self.alpha >= 0, "alpha must be >= 0"),
+            (self.beta >= 0, "beta must be >= 0"),
+            (self.epsilon > 0, "epsilon must be > 0"),
+            (self.lr > 0, "lr must be > 0"),
+            (0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),
+            (self.weight_decay >= 0, "weight_decay must be >= 0"),
+            (self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm must be > 0 or None"),
+            (self.steps > 0, "steps must be > 0"),
+            (self.batch_size > 0, "batch_size must be > 0"),
+            (self.gradient_accumulation_steps > 0, "gradient_accumulation_steps must be > 0"),
+            (self.max_length >= 16, "max_length must be >= 16"),
+            (self.checkpoint_every >= 0, "checkpoint_every must be >= 0"),
+            (self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1"),
+            (self.log_every >= 1, "log_every must be >= 1"),
+        ]
+        bad = [msg for ok, msg in checks if not ok]
+        if bad:
+            raise ConfigError("invalid DefenseConfig: " + "; ".join(bad))

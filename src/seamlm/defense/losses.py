@@ -1,0 +1,115 @@
+"""The loss terms of SEAM: answer-only cross-entropy, L_up = CE(R), L_ul = -log(m + 1).
+
+Every loss is evaluated on answer tokens only, and the LM head is applied only at those positions (the head of a
+small model with a 49k vocabulary costs more than the model body; the logit lens multiplies that by L+1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from seamlm.data.format import IGNORE_INDEX
+from seamlm.errors import ConfigError
+
+UnlearnVariant = Literal["logit_lens", "final_layer"]
+
+_FINAL_NORM_NAMES = ("norm", "final_layernorm", "ln_f", "final_layer_norm")
+
+
+@dataclass
+class ModelParts:
+    """The pieces of a causal LM the losses need: its body, final norm and output head."""
+
+    decoder: Any
+    final_norm: Any | None
+    lm_head: Any
+    softcap: float | None
+
+    @classmethod
+    def of(cls, model: Any) -> ModelParts:
+        decoder = model.get_decoder()
+        norm = next((getattr(decoder, n) for n in _FINAL_NORM_NAMES if hasattr(decoder, n)), None)
+        softcap = getattr(model.config, "final_logit_softcapping", None)
+        return cls(decoder, norm, model.get_output_embeddings(), softcap)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        out = self.lm_head(hidden)
+        if self.softcap:
+            out = torch.tanh(out / self.softcap) * self.softcap
+        return out
+
+
+def _targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions whose *next* token is an answer token, and those next tokens (the causal shift)."""
+    shifted = labels[:, 1:]
+    keep = shifted != IGNORE_INDEX
+    if not keep.any():
+        raise ValueError("batch has no answer tokens (every label is -100); check the data and max_length")
+    return keep, shifted[keep]
+
+
+def _ce(parts: ModelParts, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    # fp32 log-softmax whatever the compute dtype: the vocabulary sum is where bf16 loses most.
+    return F.cross_entropy(parts.logits(hidden).float(), targets)
+
+
+def _lens_ce(parts: ModelParts, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return _ce(parts, parts.final_norm(hidden), targets)
+
+
+@dataclass
+class HarmfulForward:
+    """Answer-token CE of a batch through the final head, and through the logit lens of each earlier state."""
+
+    ce_final: torch.Tensor
+    ce_lens: list[torch.Tensor]
+
+    @property
+    def num_terms(self) -> int:
+        return 1 + len(self.ce_lens)
+
+    @property
+    def mean_ce(self) -> torch.Tensor:
+        """m = mean of the L+1 cross-entropies (just CE_final without the lens)."""
+        return (self.ce_final + sum(self.ce_lens)) / self.num_terms
+
+
+def answer_ce(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean cross-entropy over the answer tokens of the batch (labels != -100), through the final head."""
+    return harmful_forward(model, batch, "final_layer").ce_final
+
+
+def harmful_forward(model: Any, batch: dict[str, torch.Tensor], variant: UnlearnVariant) -> HarmfulForward:
+    """One forward pass giving CE_final and, for ``logit_lens``, CE_l = CE(lm_head(final_norm(h_l))).
+
+    h_0 … h_{L-1} are the embedding output and the outputs of layers 1 … L-1; layer L's output goes through the
+    final head, so there are L+1 terms (RepNoise's form). Each lens term is recomputed in backward
+    (activation checkpointing) so that L+1 logit tensors are never held at once.
+    """
+    parts = ModelParts.of(model)
+    lens = variant == "logit_lens"
+    if lens and parts.final_norm is None:
+        raise ConfigError(
+            f"{type(model).__name__} has no recognisable final norm for the logit lens; use unlearn_loss=final_layer"
+        )
+    out = parts.decoder(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+        output_hidden_states=lens, use_cache=False,
+    )
+    keep, targets = _targets(batch["labels"])
+    ce_final = _ce(parts, out.last_hidden_state[:, :-1][keep], targets)
+    ce_lens: list[torch.Tensor] = []
+    if lens:
+        for h in out.hidden_states[:-1]:
+            ce_lens.append(checkpoint(_lens_ce, parts, h[:, :-1][keep], targets, use_reentrant=False))
+    return HarmfulForward(ce_final, ce_lens)
+
+
+def unlearn_loss(mean_ce: torch.Tensor) -> torch.Tensor:
+    """L_ul = -log(m + 1): bounded gradient ascent on the harmful answers (RepNoise / SEAM reference form)."""
+    return -torch.log(mean_ce + 1.0)

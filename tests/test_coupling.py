@@ -1,0 +1,109 @@
+"""The Hessian-free estimate of ∇cos(g_a, g_b) against the exact gradient (double back-prop, float64)."""
+
+import pytest
+import torch
+
+from seamlm.data.format import Formatter, collate
+from seamlm.defense.coupling import FlatParams, cosine, hessian_free_cos_grad
+from seamlm.defense.losses import answer_ce
+from tests.conftest import BENIGN, HARMFUL, make_model
+
+
+def _batch(tokenizer, examples):
+    fmt = Formatter(tokenizer, max_length=64)
+    return collate([fmt(e) for e in examples], tokenizer.pad_token_id)
+
+
+@pytest.fixture
+def setup64(tokenizer):
+    model = make_model(len(tokenizer), dtype=torch.float64, seed=3)
+    model.eval()
+    params = [p for p in model.parameters() if p.requires_grad]
+    return model, params, _batch(tokenizer, HARMFUL[:3]), _batch(tokenizer, BENIGN[:3])
+
+
+def _grad_fn(model, flat, batch):
+    def fn(buf):
+        with flat.grad_sink(buf):
+            answer_ce(model, batch).backward()
+    return fn
+
+
+def exact_cos_grad(model, params, bh, bb) -> torch.Tensor:
+    g_a = torch.autograd.grad(answer_ce(model, bh), params, create_graph=True)
+    g_b = torch.autograd.grad(answer_ce(model, bb), params, create_graph=True)
+    va, vb = torch.cat([g.reshape(-1) for g in g_a]), torch.cat([g.reshape(-1) for g in g_b])
+    cos = torch.dot(va, vb) / (va.norm() * vb.norm())
+    return torch.cat([g.reshape(-1) for g in torch.autograd.grad(cos, params)]).detach()
+
+
+def estimate(model, params, bh, bb, eps) -> torch.Tensor:
+    flat = FlatParams(params)
+    g_a, g_b, out = flat.zeros(), flat.zeros(), flat.zeros()
+    _grad_fn(model, flat, bh)(g_a)
+    _grad_fn(model, flat, bb)(g_b)
+    hessian_free_cos_grad(flat, g_a, g_b, _grad_fn(model, flat, bh), _grad_fn(model, flat, bb), eps, out)
+    return out
+
+
+def test_grad_sink_accumulates_like_autograd(setup64):
+    model, params, bh, bb = setup64
+    flat = FlatParams(params)
+    buf = flat.zeros()
+    _grad_fn(model, flat, bh)(buf)
+    _grad_fn(model, flat, bb)(buf)
+    ref = [a + b for a, b in zip(torch.autograd.grad(answer_ce(model, bh), params),
+                                 torch.autograd.grad(answer_ce(model, bb), params), strict=True)]
+    torch.testing.assert_close(buf, torch.cat([g.reshape(-1) for g in ref]))
+    assert all(p.grad is None for p in params)
+
+
+def test_estimate_matches_exact_gradient_and_error_shrinks_linearly(setup64):
+    model, params, bh, bb = setup64
+    exact = exact_cos_grad(model, params, bh, bb)
+    errors = {}
+    for eps in (1e-2, 1e-3, 1e-4):
+        est = estimate(model, params, bh, bb, eps)
+        errors[eps] = ((est - exact).norm() / exact.norm()).item()
+    assert errors[1e-4] < 1e-3, errors
+    # first-order method: 10x smaller ε → roughly 10x smaller error (allow 4x for curvature noise)
+    assert errors[1e-2] / errors[1e-3] > 4, errors
+    assert errors[1e-3] / errors[1e-4] > 4, errors
+
+
+def test_parameters_restored_bit_exactly(setup64):
+    model, params, bh, bb = setup64
+    before = [p.detach().clone() for p in params]
+    estimate(model, params, bh, bb, eps=1e-1)  # a large step makes any sloppy restore visible
+    for b, p in zip(before, params, strict=True):
+        assert torch.equal(b, p.detach())
+
+
+def test_parameters_restored_when_the_gradient_function_fails(setup64):
+    model, params, bh, bb = setup64
+    flat = FlatParams(params)
+    before = [p.detach().clone() for p in params]
+    g_a, g_b = flat.zeros(), flat.zeros()
+    _grad_fn(model, flat, bh)(g_a)
+    _grad_fn(model, flat, bb)(g_b)
+
+    def boom(buf):
+        raise RuntimeError("out of memory")
+
+    with pytest.raises(RuntimeError):
+        hessian_free_cos_grad(flat, g_a, g_b, boom, boom, 1e-2, flat.zeros())
+    assert all(torch.equal(b, p.detach()) for b, p in zip(before, params, strict=True))
+
+
+def test_cosine_is_global_over_the_flat_vector():
+    a = torch.tensor([1.0, 0.0, 3.0, 4.0])
+    b = torch.tensor([1.0, 2.0, -3.0, 0.0])
+    stats = cosine(a, b)
+    assert stats.cos == pytest.approx((1 - 9) / (a.norm() * b.norm()).item())
+    assert stats.norm_a == pytest.approx(26 ** 0.5)
+
+
+def test_flat_params_rejects_low_precision(tokenizer):
+    model = make_model(len(tokenizer), dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="float32"):
+        FlatParams(list(model.parameters()))
