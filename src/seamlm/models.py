@@ -106,11 +106,17 @@ def load_model(
     source = resolve_model_source(name)
     torch_dtype = resolve_dtype(dtype, device)
     kwargs: dict[str, Any] = {}
+    model_kwargs: dict[str, Any] = {"dtype": torch_dtype}
     if source.gguf_file:
+        from transformers import GgufConfig
+
         kwargs["gguf_file"] = source.gguf_file
+        # Dense weights always: packed GGUF blocks (used when the `kernels` package is present) cannot be trained.
+        model_kwargs.update(
+            gguf_file=source.gguf_file, quantization_config=GgufConfig(source.gguf_file, dequantize=True)
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs)
-        model_kwargs = dict(kwargs, dtype=torch_dtype)
         if attn_implementation:
             model_kwargs["attn_implementation"] = attn_implementation
         model = AutoModelForCausalLM.from_pretrained(source.path, **model_kwargs)
@@ -123,9 +129,10 @@ def load_model(
             )
         raise ModelLoadError(f"could not load model '{name}' from {source.path}: {exc}.{hint}") from exc
     if source.gguf_file:
-        # The weights are de-quantised now; without this the saved config would claim GGUF quantisation.
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
+        # The weights are dense now; drop the GGUF quantizer so save_pretrained writes a plain model.
+        quantizer = getattr(model, "hf_quantizer", None)
+        if quantizer is not None:
+            quantizer.remove_quantization_config(model)
         model.config.name_or_path = name
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

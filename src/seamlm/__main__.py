@@ -1,0 +1,5 @@
+import sys
+
+from seamlm.cli import main
+
+sys.exit(main())

