@@ -143,3 +143,23 @@ def test_gradient_accumulation_matches_one_big_batch_when_batches_are_uniform(to
     assert rb["cos_g_a_g_b"] == pytest.approx(ra["cos_g_a_g_b"], rel=1e-4)
     # fp32 finite differences carry rounding/ε noise, so compare the whole vector, not element by element
     assert ((a.total - b.total).norm() / a.total.norm()).item() < 1e-3
+
+
+def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tokenizer, streams, tmp_path, monkeypatch):
+    import errno
+
+    import seamlm.checkpoint as ckpt
+
+    real_save = torch.save
+
+    def save_or_fail(obj, path, *a, **kw):
+        if "step-0000004" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, path, *a, **kw)
+
+    monkeypatch.setattr(ckpt.torch, "save", save_or_fail)
+    tr = _trainer(tokenizer, streams, tmp_path, steps=6, checkpoint_every=2)
+    with pytest.raises(CheckpointError, match=r"disk is full.*step-0000002.*--resume"):
+        tr.train()
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step-0000002"]
+    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
 from pathlib import Path
@@ -79,6 +80,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except SeamError as exc:
         print(f"seamlm {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        print(f"seamlm {args.command}: error: the disk is full ({exc.filename or exc}). Free space and rerun "
+              f"with --resume to continue from the last checkpoint.", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"seamlm {args.command}: interrupted; rerun with --resume to continue from the last checkpoint",

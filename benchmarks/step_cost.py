@@ -1,0 +1,150 @@
+"""Cost of one SEAM step against one plain SFT step on the same model and batch size.
+
+Each configuration runs in its own process so that its peak memory is its own. Memory is reported as the peak
+resident memory above the loaded model, in units of the parameter memory (numel × 4 bytes for fp32).
+
+    python benchmarks/step_cost.py                      # SmolLM2-135M, batch 4 x 128 tokens (≈ 5 min on 2 cores)
+    python benchmarks/step_cost.py --model tiny --repeats 5   # a tiny random llama, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "examples" / "data"
+MODES = ["sft", "seam-final_layer", "seam-logit_lens"]
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakRSS:
+    """Samples the resident set size every 5 ms; ``peak`` is the maximum seen since start()."""
+
+    def __init__(self) -> None:
+        self.peak, self._stop = 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _rss_bytes())
+            time.sleep(0.005)
+
+    def __enter__(self) -> PeakRSS:
+        self.peak = _rss_bytes()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _load(model_name: str):
+    from seamlm import load_model
+
+    if model_name != "tiny":
+        return load_model(model_name, dtype="float32", device="cpu")
+    sys.path.insert(0, str(ROOT))
+    from tests.conftest import make_model, make_tokenizer
+
+    tok = make_tokenizer()
+    return make_model(len(tok), layers=4, hidden=64), tok
+
+
+def worker(mode: str, args: argparse.Namespace) -> dict:
+    import torch
+
+    from seamlm import DefenseConfig, SEAMTrainer
+    from seamlm.data import Formatter, collate, load_examples
+
+    torch.manual_seed(0)
+    model, tok = _load(args.model)
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    harmful = load_examples(DATA / "harmful.jsonl")
+    times = []
+    with PeakRSS() as mem:
+        base = mem.peak
+        if mode == "sft":
+            model.train()
+            fmt = Formatter(tok, args.max_length)
+            batch = collate([fmt(e) for e in harmful[: args.batch_size]], tok.pad_token_id)
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+            for i in range(args.warmup + args.repeats):
+                t0 = time.perf_counter()
+                model(**batch).loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                if i >= args.warmup:
+                    times.append(time.perf_counter() - t0)
+        else:
+            variant = mode.split("-", 1)[1]
+            cfg = DefenseConfig(
+                steps=args.warmup + args.repeats, batch_size=args.batch_size, max_length=args.max_length,
+                unlearn_loss=variant, beta=0.1, output_dir="/tmp/seamlm-bench", checkpoint_every=0,
+            )
+            tr = SEAMTrainer(model, tok, cfg, harmful=harmful, refusal=DATA / "refusal.jsonl", benign=DATA / "benign.jsonl")
+            for i in range(args.warmup + args.repeats):
+                t0 = time.perf_counter()
+                row = tr.compute_update(0)  # step 0 every time: the same batches
+                tr._apply_update(row["grad_norm"])
+                if i >= args.warmup:
+                    times.append(time.perf_counter() - t0)
+    return {
+        "mode": mode, "step_s": statistics.median(times), "n_params": n_params,
+        "peak_over_model_bytes": mem.peak - base, "param_bytes": n_params * 4,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m-instruct", help="alias/path, or 'tiny' for a random tiny llama")
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--modes", nargs="+", default=MODES, choices=MODES)
+    ap.add_argument("--json", help="also write the results to this JSON file")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        print("RESULT " + json.dumps(worker(args.worker, args)), flush=True)
+        return
+
+    results = {}
+    env = dict(os.environ, TQDM_DISABLE="1")
+    for mode in args.modes:
+        cmd = [sys.executable, __file__, "--worker", mode, "--model", args.model, "--batch-size", str(args.batch_size),
+               "--max-length", str(args.max_length), "--warmup", str(args.warmup), "--repeats", str(args.repeats)]
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+        line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
+        if line is None:
+            sys.exit(f"worker {mode} failed:\n{out.stderr[-3000:]}")
+        results[mode] = json.loads(line[len("RESULT "):])
+        print(f"  {mode}: {results[mode]['step_s']:.2f} s/step", file=sys.stderr, flush=True)
+
+    sft = results.get("sft", {}).get("step_s")
+    print(f"\nmodel={args.model}  batch={args.batch_size} x ≤{args.max_length} tokens  "
+          f"torch threads={os.cpu_count()}  median of {args.repeats} steps\n")
+    print("| step | time per step (s) | × SFT step | peak memory above the model (× parameter memory) |")
+    print("|---|---|---|---|")
+    for mode, r in results.items():
+        ratio = f"{r['step_s'] / sft:.1f}" if sft else "–"
+        print(f"| {mode} | {r['step_s']:.2f} | {ratio} | {r['peak_over_model_bytes'] / r['param_bytes']:.1f} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
