@@ -5,6 +5,10 @@ resident memory above the loaded model, in units of the parameter memory (numel 
 
     python benchmarks/step_cost.py                      # SmolLM2-135M, batch 4 x 128 tokens (≈ 5 min on 2 cores)
     python benchmarks/step_cost.py --model tiny --repeats 5   # a tiny random llama, seconds
+
+Modes: ``sft`` (HF loss, AdamW), ``seam-final_layer`` and ``seam-logit_lens`` (SEAMTrainer), and
+``reference-logit_lens`` (the reference code's six-pass structure with full-sequence logits and lens, rebuilt
+from the same primitives) to show what sharing the H forward and answer-only heads save.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "examples" / "data"
-MODES = ["sft", "seam-final_layer", "seam-logit_lens"]
+MODES = ["sft", "seam-final_layer", "seam-logit_lens", "reference-logit_lens"]
 
 
 def _rss_bytes() -> int:
@@ -63,6 +67,42 @@ def _load(model_name: str):
     return make_model(len(tok), layers=4, hidden=64), tok
 
 
+def reference_step(model, params, batches, opt, eps: float = 1e-3, beta: float = 0.1) -> None:
+    """The reference code's pass structure, for comparison: six separate passes, full-sequence logits, and the
+    logit lens over every position (HF loss with -100 labels)."""
+    import torch
+    import torch.nn.functional as F
+
+    from seamlm.defense.coupling import FlatParams, hessian_free_cos_grad
+
+    flat = FlatParams(params)
+    h, r, b = batches
+
+    def ce(logits, labels):
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+
+    def grad_of(batch):
+        def fn(buf):
+            with flat.grad_sink(buf):
+                model(**batch).loss.backward()
+        return fn
+
+    total, g_a, g_b = flat.zeros(), flat.zeros(), flat.zeros()
+    out = model(**h, output_hidden_states=True)  # pass 1: L_ul through the lens at every position
+    terms = [ce(model.lm_head(model.model.norm(hs)), h["labels"]) for hs in out.hidden_states[:-1]]
+    terms.append(ce(out.logits, h["labels"]))
+    with flat.grad_sink(total):
+        (-torch.log(sum(terms) / len(terms) + 1)).backward()
+        model(**r).loss.backward()  # pass 2: L_up
+    grad_of(h)(g_a)  # pass 3: g_a (a second forward of H)
+    grad_of(b)(g_b)  # pass 4: g_b
+    hessian_free_cos_grad(flat, g_a, g_b, grad_of(h), grad_of(b), eps, total, scale=beta)  # passes 5, 6
+    for p, v in zip(params, flat.views(total), strict=True):
+        p.grad = v
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
 def worker(mode: str, args: argparse.Namespace) -> dict:
     import torch
 
@@ -86,6 +126,18 @@ def worker(mode: str, args: argparse.Namespace) -> dict:
                 model(**batch).loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
+                if i >= args.warmup:
+                    times.append(time.perf_counter() - t0)
+        elif mode.startswith("reference"):
+            model.eval()
+            fmt = Formatter(tok, args.max_length)
+            streams = [harmful, load_examples(DATA / "refusal.jsonl"), load_examples(DATA / "benign.jsonl")]
+            batches = [collate([fmt(e) for e in s[: args.batch_size]], tok.pad_token_id) for s in streams]
+            params = [p for p in model.parameters() if p.requires_grad]
+            opt = torch.optim.AdamW(params, lr=1e-5)
+            for i in range(args.warmup + args.repeats):
+                t0 = time.perf_counter()
+                reference_step(model, params, batches, opt)
                 if i >= args.warmup:
                     times.append(time.perf_counter() - t0)
         else:
