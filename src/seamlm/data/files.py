@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 from dataclasses import dataclass
@@ -20,14 +21,36 @@ class Example:
     prompt: str
     response: str
     category: str | None = None
+    label: str | None = None
+    """What the response is, where a source says: ``harmful``, ``refusal``, ``safe`` or ``benign``."""
+    source: str | None = None
 
 
-def _read_rows(path: Path) -> list[dict]:
+def read_rows(path: str | Path) -> list[dict]:
+    """Rows of a JSONL, JSON (a list of objects), CSV or Parquet file as dicts; errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file {path} does not exist")
     suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+
+            return pq.read_table(path).to_pylist()
+        except Exception as exc:  # pyarrow raises several types for corrupt files
+            raise DataError(f"{path} is not a readable Parquet file ({exc})") from None
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise DataError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}); re-save it as UTF-8") from None
+    if suffix == ".json" and text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        if not all(isinstance(r, dict) for r in rows):
+            raise DataError(f"{path} must be a JSON list of objects")
+        return rows
     if suffix in (".jsonl", ".json"):
         rows = []
         for lineno, line in enumerate(text.splitlines(), 1):
@@ -42,20 +65,24 @@ def _read_rows(path: Path) -> list[dict]:
             rows.append(row)
         return rows
     if suffix == ".csv":
-        return list(csv.DictReader(text.splitlines()))
-    raise DataError(f"{path}: unsupported file type '{suffix}'; use .jsonl or .csv with prompt/response columns")
+        # Leading '#' lines are metadata in some shipped CSVs (PyRIT's scorer evals).
+        lines = text.splitlines(keepends=True)
+        while lines and lines[0].startswith("#"):
+            lines.pop(0)
+        return list(csv.DictReader(io.StringIO("".join(lines))))
+    raise DataError(
+        f"{path}: unsupported file type '{suffix}'; use .jsonl, .json, .csv or .parquet with prompt/response columns"
+    )
 
 
-def load_examples(path: str | Path, require_response: bool = True) -> list[Example]:
+def load_examples(path: str | Path, require_response: bool = True, dedupe: bool = True) -> list[Example]:
     """Load a JSONL/CSV file with ``prompt`` and ``response`` (and optional ``category``) columns.
 
-    Rows with an empty prompt (or an empty response when required) are dropped with a logged count;
-    a file with no usable rows is an error.
+    Rows with an empty prompt (or an empty response when required) are dropped with a logged count, and so are
+    repeated (prompt, response) pairs unless ``dedupe=False``; a file with no usable rows is an error.
     """
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"data file {path} does not exist")
-    rows = _read_rows(path)
+    rows = read_rows(path)
     if not rows:
         raise DataError(f"data file {path} is empty; it needs at least one row with prompt/response")
     needed = ["prompt", "response"] if require_response else ["prompt"]
@@ -66,17 +93,32 @@ def load_examples(path: str | Path, require_response: bool = True) -> list[Examp
             f"data file {path} lacks column(s) {missing}; found {sorted(columns)}. "
             f"Rename your columns to prompt/response."
         )
-    examples, dropped = [], 0
+    examples, empty = [], 0
     for row in rows:
         prompt = str(row.get("prompt") or "").strip()
         response = str(row.get("response") or "").strip()
         if not prompt or (require_response and not response):
-            dropped += 1
+            empty += 1
             continue
-        category = row.get("category")
-        examples.append(Example(prompt, response, str(category) if category not in (None, "") else None))
-    if dropped:
-        log.warning("%s: dropped %d of %d rows with an empty prompt or response", path, dropped, len(rows))
+        category, label = row.get("category"), row.get("label")
+        examples.append(Example(prompt, response, str(category) if category not in (None, "") else None,
+                                str(label) if label not in (None, "") else None, source=str(path)))
+    if empty:
+        log.warning("%s: dropped %d of %d rows with an empty prompt or response", path, empty, len(rows))
     if not examples:
         raise DataError(f"data file {path} has no row with a non-empty prompt and response")
-    return examples
+    return drop_duplicates(examples, str(path)) if dedupe else examples
+
+
+def drop_duplicates(examples: list[Example], name: str) -> list[Example]:
+    """Remove repeated (prompt, response) pairs, keeping the first, and log how many went."""
+    seen: set[tuple[str, str]] = set()
+    out = []
+    for e in examples:
+        key = (e.prompt, e.response)
+        if key not in seen:
+            seen.add(key)
+            out.append(e)
+    if len(out) < len(examples):
+        log.warning("%s: dropped %d duplicate (prompt, response) rows of %d", name, len(examples) - len(out), len(examples))
+    return out

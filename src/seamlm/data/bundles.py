@@ -1,0 +1,175 @@
+"""Named bundles: which sources feed H, R, B, the attack set and the evaluation prompts, split without leakage.
+
+``seamlm data build offline-default --out DIR`` writes one JSONL per stream plus ``manifest.json``;
+``seamlm defend --data offline-default`` (or ``--data DIR``) trains on the defence streams.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from seamlm.data.files import Example, load_examples
+from seamlm.data.refusals import refusal_for
+from seamlm.data.sources import get_source, load_source
+from seamlm.data.splits import assign_splits, check_disjoint, hashes, prompt_hash, split_manifest
+from seamlm.errors import DataError
+
+log = logging.getLogger(__name__)
+
+#: Files of a built bundle, stream -> file name.
+STREAM_FILES = {
+    "harmful": "defense_harmful.jsonl",     # H: harmful prompt + harmful answer
+    "refusal": "defense_refusal.jsonl",     # R: the same prompts (row-aligned) + refusals
+    "benign": "defense_benign.jsonl",       # B: benign prompt + answer
+    "attack": "attack_harmful.jsonl",       # harmful Q+A for the fine-tuning attack (disjoint prompts)
+    "eval_harmful": "eval_harmful.jsonl",   # held-out harmful prompts for HS (responses empty)
+    "benign_heldout": "benign_heldout.jsonl",  # held-out benign Q+A for coherence / perplexity
+}
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class BundleData:
+    streams: dict[str, list[Example]]
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+    def counts(self) -> dict[str, int]:
+        return {k: len(v) for k, v in self.streams.items()}
+
+    def write(self, out_dir: str | Path) -> Path:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        for stream, fname in STREAM_FILES.items():
+            with (out / fname).open("w", encoding="utf-8") as f:
+                for e in self.streams[stream]:
+                    row = {"prompt": e.prompt, "response": e.response, "category": e.category,
+                           "label": e.label, "source": e.source}
+                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        (out / MANIFEST).write_text(json.dumps(self.manifest, indent=2), encoding="utf-8")
+        return out
+
+
+@dataclass(frozen=True)
+class Bundle:
+    name: str
+    description: str
+    sources: dict[str, list[str]]
+    build: Callable[..., BundleData]
+
+
+BUNDLES: dict[str, Bundle] = {}
+
+
+def get_bundle(name: str) -> Bundle:
+    if name not in BUNDLES:
+        raise DataError(f"unknown data bundle '{name}'; available: {', '.join(sorted(BUNDLES))}")
+    return BUNDLES[name]
+
+
+def build_bundle(name: str, seed: int = 0, holdout_categories: tuple[str, ...] = (), **kwargs: Any) -> BundleData:
+    return get_bundle(name).build(seed=seed, holdout_categories=tuple(holdout_categories), **kwargs)
+
+
+def load_built(directory: str | Path) -> BundleData:
+    """Read a bundle written by :meth:`BundleData.write` (checks that every file is there)."""
+    d = Path(directory)
+    if not (d / MANIFEST).is_file():
+        raise DataError(f"{d} is not a built data bundle (no {MANIFEST}); run `seamlm data build NAME --out {d}`")
+    streams = {}
+    for stream, fname in STREAM_FILES.items():
+        # no de-duplication: R is row-aligned with H, and H may hold several answers to one prompt
+        streams[stream] = load_examples(d / fname, require_response=stream != "eval_harmful", dedupe=False)
+    h, r = streams["harmful"], streams["refusal"]
+    if len(h) != len(r) or any(prompt_hash(a.prompt) != prompt_hash(b.prompt) for a, b in zip(h, r, strict=False)):
+        raise DataError(f"{d}: {STREAM_FILES['refusal']} must hold the prompts of {STREAM_FILES['harmful']} row by "
+                        f"row; rebuild the bundle")
+    return BundleData(streams, json.loads((d / MANIFEST).read_text()))
+
+
+def resolve_data(spec: str, seed: int = 0) -> BundleData:
+    """``spec`` is a built bundle directory or a bundle name (built in memory)."""
+    if Path(spec).is_dir():
+        return load_built(spec)
+    return build_bundle(spec, seed=seed)
+
+
+def _pair_refusals(harmful: list[Example], refusals_by_prompt: dict[str, list[Example]], seed: int) -> list[Example]:
+    """R row i = prompt of H row i + a human-labelled refusal of that prompt if one exists, else a template."""
+    out, seen = [], {}
+    for e in harmful:
+        h = prompt_hash(e.prompt)
+        k = seen[h] = seen.get(h, -1) + 1  # k-th answer to this prompt gets the k-th refusal (cycling)
+        real = refusals_by_prompt.get(h)
+        if real:
+            pick = real[k % len(real)]
+            out.append(Example(e.prompt, pick.response, e.category, "refusal", pick.source))
+        else:
+            out.append(Example(e.prompt, refusal_for(f"{e.prompt}#{k}", seed), e.category, "refusal", "template"))
+    return out
+
+
+def _offline_default(seed: int = 0, holdout_categories: tuple[str, ...] = (),
+                     fractions: dict[str, float] | None = None, benign_piqa: int = 400,
+                     benign_heldout: int = 100) -> BundleData:
+    fractions = fractions or {"defense": 0.45, "attack": 0.45, "eval": 0.10}
+    labelled = load_source("pyrit-harm") + load_source("pyrit-objective") + load_source("pyrit-refusal")
+    harmful_pool = [e for e in labelled if e.label == "harmful"]
+    refusals: dict[str, list[Example]] = {}
+    for e in labelled:
+        if e.label == "refusal":
+            refusals.setdefault(prompt_hash(e.prompt), []).append(e)
+
+    split = assign_splits(harmful_pool, fractions, seed, holdout_categories)
+    check_disjoint(split)
+    used = hashes(split["defense"]) | hashes(split["attack"])
+
+    # HS prompts: the held-out pool prompts (one row per prompt) + HarmBench, minus anything seen in training.
+    eval_rows: dict[str, Example] = {}
+    for e in split["eval"] + load_source("harmbench"):
+        h = prompt_hash(e.prompt)
+        if h not in used and h not in eval_rows:
+            eval_rows[h] = Example(e.prompt, "", e.category, None, e.source)
+
+    # B: ForgeLM chats + a seeded PIQA subset; the next PIQA rows are the held-out benign set.
+    import random
+
+    piqa = load_source("piqa-benign")
+    random.Random(seed).shuffle(piqa)
+    benign = load_source("forgelm-chat") + piqa[:benign_piqa]
+    heldout = piqa[benign_piqa:benign_piqa + benign_heldout]
+
+    streams = {
+        "harmful": split["defense"],
+        "refusal": _pair_refusals(split["defense"], refusals, seed),
+        "benign": benign,
+        "attack": split["attack"],
+        "eval_harmful": list(eval_rows.values()),
+        "benign_heldout": heldout,
+    }
+    groups = [["harmful", "attack", "eval_harmful"], ["benign", "benign_heldout"]]
+    for group in groups:
+        check_disjoint({k: streams[k] for k in group})
+    manifest = split_manifest(
+        streams, seed, disjoint=groups,
+        bundle="offline-default", fractions=fractions, holdout_categories=list(holdout_categories),
+        sources={k: get_source(k).origin for k in BUNDLES["offline-default"].sources["all"]},
+        refusals_from_data=sum(1 for e in streams["refusal"] if e.source != "template"),
+        zero_shot_exclude=["piqa"],  # PIQA rows feed B: do not use PIQA as a zero-shot utility task
+    )
+    return BundleData(streams, manifest)
+
+
+BUNDLES["offline-default"] = Bundle(
+    "offline-default",
+    "Harmful Q+A with human labels from PyRIT's scorer evaluations, split by prompt into defence / attack / eval "
+    "(45/45/10 %); R pairs each defence prompt with a human-labelled refusal of it where PyRIT has one, else a "
+    "varied template refusal; B = ForgeLM chats + 400 PIQA goal->solution pairs; HS prompts = the held-out pool "
+    "prompts + HarmBench; 100 further PIQA pairs for coherence.",
+    {"all": ["pyrit-harm", "pyrit-objective", "pyrit-refusal", "harmbench", "forgelm-chat", "piqa-benign"]},
+    _offline_default,
+)

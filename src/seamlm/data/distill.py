@@ -1,0 +1,63 @@
+"""Benign answers by self-distillation: greedy answers of a chosen model, cached on disk under the model's hash."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from seamlm.data.files import Example
+from seamlm.data.splits import prompt_hash
+from seamlm.generation import generate_answers
+
+log = logging.getLogger(__name__)
+
+
+def model_fingerprint(model: Any) -> str:
+    """SHA-256 of the model's config and every parameter/buffer's bytes (16 hex digits)."""
+    h = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().to("cpu", copy=True).contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def distill_answers(
+    model: Any, tokenizer: Any, prompts: list[str], cache_dir: str | Path, max_new_tokens: int = 128,
+    batch_size: int = 8,
+) -> list[Example]:
+    """Answer ``prompts`` greedily with ``model``; reuse answers cached for the same model hash and settings.
+
+    The cache is ``cache_dir/<model hash>.jsonl`` (one line per prompt and ``max_new_tokens``), appended as answers
+    are produced, so an interrupted run keeps what it finished.
+    """
+    key = model_fingerprint(model)
+    path = Path(cache_dir) / f"{key}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cached: dict[tuple[str, int], str] = {}
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            row = json.loads(line)
+            cached[(row["prompt_hash"], row["max_new_tokens"])] = row["answer"]
+    todo = [p for p in dict.fromkeys(prompts) if (prompt_hash(p), max_new_tokens) not in cached]
+    log.info("self-distillation with model %s: %d cached, %d to generate", key, len(prompts) - len(todo), len(todo))
+    with path.open("a", encoding="utf-8") as f:
+        for i in range(0, len(todo), batch_size * 4):
+            chunk = todo[i:i + batch_size * 4]
+            for p, a in zip(chunk, generate_answers(model, tokenizer, chunk, max_new_tokens, batch_size,
+                                                    desc="self-distilling"), strict=True):
+                cached[(prompt_hash(p), max_new_tokens)] = a
+                f.write(json.dumps({"prompt_hash": prompt_hash(p), "max_new_tokens": max_new_tokens, "answer": a}) + "\n")
+            f.flush()
+    out = []
+    for p in prompts:
+        answer = cached[(prompt_hash(p), max_new_tokens)]
+        if answer:
+            out.append(Example(p, answer, None, "benign", f"distilled:{key}"))
+    if len(out) < len(prompts):
+        log.warning("self-distillation: %d of %d answers were empty and dropped", len(prompts) - len(out), len(prompts))
+    return out

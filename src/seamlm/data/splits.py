@@ -1,0 +1,118 @@
+"""The one place that decides splits: disjoint by normalised prompt text, optionally by harm category.
+
+A prompt's split is a pure function of (seed, normalised prompt hash), so adding data never moves an existing
+prompt to another split, and every response of a prompt stays with it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import unicodedata
+from collections.abc import Iterable
+
+from seamlm.data.files import Example
+from seamlm.errors import DataError
+
+_NON_WORD = re.compile(r"[^\w]+", re.UNICODE)
+
+
+def normalize_prompt(text: str) -> str:
+    """Case-, accent-width-, punctuation- and whitespace-insensitive form used for de-duplication and leakage checks."""
+    text = unicodedata.normalize("NFKC", text).casefold()
+    return _NON_WORD.sub(" ", text).strip()
+
+
+def prompt_hash(text: str) -> str:
+    return hashlib.sha256(normalize_prompt(text).encode()).hexdigest()[:16]
+
+
+def _unit(seed: int, key: str) -> float:
+    """A uniform number in [0, 1) determined by (seed, key)."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "big") / 2**64
+
+
+def assign_splits(
+    examples: Iterable[Example],
+    fractions: dict[str, float],
+    seed: int,
+    holdout_categories: Iterable[str] = (),
+    train_split: str = "defense",
+) -> dict[str, list[Example]]:
+    """Partition examples into named splits by prompt (never splitting one prompt's rows across splits).
+
+    Without ``holdout_categories`` each prompt lands in split s with probability ``fractions[s]``. With them (the
+    paper's cross-category test) prompts of a held-out category never reach ``train_split``; they are shared among
+    the other splits in proportion to their fractions, and all other prompts go to ``train_split``.
+    """
+    total = sum(fractions.values())
+    if not fractions or total <= 0 or any(f < 0 for f in fractions.values()):
+        raise DataError(f"split fractions must be non-negative and sum to > 0, got {fractions}")
+    holdout = {c.casefold() for c in holdout_categories}
+    others = {k: v for k, v in fractions.items() if k != train_split}
+    if holdout and (train_split not in fractions or not others or sum(others.values()) <= 0):
+        raise DataError(f"a category hold-out needs '{train_split}' and at least one other split with a fraction > 0")
+    out: dict[str, list[Example]] = {k: [] for k in fractions}
+    for e in examples:
+        h = prompt_hash(e.prompt)
+        if holdout:
+            if (e.category or "").casefold() in holdout:
+                out[_pick(others, _unit(seed, h))].append(e)
+            else:
+                out[train_split].append(e)
+        else:
+            out[_pick(fractions, _unit(seed, h))].append(e)
+    return out
+
+
+def _pick(fractions: dict[str, float], u: float) -> str:
+    total, acc = sum(fractions.values()), 0.0
+    for name, f in fractions.items():
+        acc += f / total
+        if u < acc:
+            return name
+    return name
+
+
+def hashes(examples: Iterable[Example]) -> set[str]:
+    return {prompt_hash(e.prompt) for e in examples}
+
+
+def overlaps(splits: dict[str, list[Example]]) -> dict[str, int]:
+    """Number of shared normalised prompts for every pair of splits (``"a&b": n``), zero pairs omitted."""
+    names, hs = list(splits), {k: hashes(v) for k, v in splits.items()}
+    found = {}
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            n = len(hs[a] & hs[b])
+            if n:
+                found[f"{a}&{b}"] = n
+    return found
+
+
+def check_disjoint(splits: dict[str, list[Example]]) -> None:
+    bad = overlaps(splits)
+    if bad:
+        raise DataError(f"prompt leakage between splits (shared normalised prompts): {bad}")
+
+
+def split_manifest(
+    splits: dict[str, list[Example]], seed: int, disjoint: list[list[str]] | None = None, **extra: object
+) -> dict:
+    """Counts, prompt hashes and a digest per split: enough to check any later run for leakage.
+
+    ``disjoint`` lists groups of splits that must share no prompt (default: all of them); their measured
+    overlaps are recorded (and are empty for a valid bundle).
+    """
+    groups = disjoint or [list(splits)]
+    body = {}
+    for name, rows in splits.items():
+        hs = sorted(hashes(rows))
+        body[name] = {
+            "rows": len(rows), "prompts": len(hs),
+            "digest": hashlib.sha256("".join(hs).encode()).hexdigest()[:16], "prompt_hashes": hs,
+        }
+    measured = {}
+    for group in groups:
+        measured.update(overlaps({k: splits[k] for k in group}))
+    return {"seed": seed, "splits": body, "disjoint_groups": groups, "overlaps": measured, **extra}

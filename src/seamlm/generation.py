@@ -1,0 +1,39 @@
+"""Batched greedy generation with left padding and the KV cache (used by self-distillation and evaluation)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from seamlm.data.format import prompt_text
+
+
+@torch.no_grad()
+def generate_answers(
+    model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int = 50, batch_size: int = 8,
+    max_prompt_tokens: int = 512, desc: str = "generating",
+) -> list[str]:
+    """Greedy answers to ``prompts`` (chat template or fallback format), decoded without special tokens."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    answers: list[str] = []
+    old_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        for i in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch", disable=len(prompts) <= batch_size):
+            texts = [prompt_text(tokenizer, p) for p in prompts[i:i + batch_size]]
+            enc = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_prompt_tokens,
+                            add_special_tokens=False).to(device)
+            out = model.generate(
+                **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                use_cache=True,
+            )
+            new = out[:, enc["input_ids"].shape[1]:]
+            answers.extend(t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True))
+    finally:
+        tokenizer.padding_side = old_side
+        model.train(was_training)
+    return answers
