@@ -72,3 +72,35 @@ def test_bad_inputs(tiny_model_dir, data_files, tmp_path, capsys, case, match, c
 def test_console_entry_point():
     res = subprocess.run([sys.executable, "-m", "seamlm", "--version"], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0 and "seamlm 0.1.0" in res.stdout
+
+
+def test_data_list_and_build(tmp_path, capsys):
+    assert main(["data", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "| pyrit-harm | harmful_qa |" in out and "offline-default" in out and "CC-BY-NC-4.0" in out
+    assert main(["data", "build", "offline-default", "--out", str(tmp_path / "b"), "--holdout-categories", "violence"]) == 0
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert manifest["holdout_categories"] == ["violence"] and manifest["overlaps"] == {}
+    harmful = [json.loads(x) for x in (tmp_path / "b" / "defense_harmful.jsonl").read_text().splitlines()]
+    assert harmful and all(r["category"] != "violence" for r in harmful)
+    assert main(["data", "build", "no-such-bundle", "--out", str(tmp_path / "c")]) == 1
+    assert "unknown data bundle" in capsys.readouterr().err
+
+
+def test_defend_with_a_built_bundle(tiny_model_dir, tmp_path):
+    assert main(["data", "build", "offline-default", "--out", str(tmp_path / "b")]) == 0
+    out = tmp_path / "run"
+    rc = main(["defend", "--model", str(tiny_model_dir), "--data", str(tmp_path / "b"), "--out", str(out),
+               "--steps", "2", "--batch_size", "2", "--max_length", "64"])
+    assert rc == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["data"] == str(tmp_path / "b") and run["data_sizes"]["harmful"] == run["data_counts"]["harmful"]
+    assert json.loads((out / "data_manifest.json").read_text())["overlaps"] == {}
+
+
+def test_defend_data_and_files_are_exclusive(tiny_model_dir, data_files, tmp_path, capsys):
+    rc = main(["defend", "--model", str(tiny_model_dir), "--data", "offline-default", "--harmful",
+               str(data_files["harmful"]), "--out", str(tmp_path / "o")])
+    assert rc == 2 and "either --data or" in capsys.readouterr().err
+    rc = main(["defend", "--model", str(tiny_model_dir), "--harmful", str(data_files["harmful"]), "--out", str(tmp_path / "o")])
+    assert rc == 2 and "missing --refusal, --benign" in capsys.readouterr().err

@@ -60,3 +60,10 @@ def test_collate_padding(tokenizer, side):
     else:
         assert mask[width - short:] == [1] * short and out["labels"][0, : width - short].eq(IGNORE_INDEX).all()
     assert (out["labels"][out["attention_mask"] == 0] == IGNORE_INDEX).all()
+
+
+def test_warns_when_the_answer_cannot_keep_its_minimum(tokenizer, caplog):
+    fmt = Formatter(tokenizer, max_length=16, min_answer_tokens=20)
+    row = fmt.encode_all([Example("a question", "y" * 100)], "tiny")[0]
+    assert len(row.input_ids) == 16 and row.labels[0] == IGNORE_INDEX  # still one prompt token, rest answer
+    assert fmt.answer_lost == 1 and "fewer than 20 answer tokens" in caplog.text

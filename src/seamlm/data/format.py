@@ -70,12 +70,17 @@ class Formatter:
         return TokenizedExample(list(p_ids) + list(a_ids), labels)
 
     def encode_all(self, examples: list[Example], name: str = "data") -> list[TokenizedExample]:
-        before = self.truncated
+        before, lost_before = self.truncated, self.answer_lost
         out = [self(e) for e in examples]
         if self.truncated > before:
             log.warning(
                 "%s: %d of %d examples exceeded max_length=%d and were truncated (prompt cut from the left)",
                 name, self.truncated - before, len(examples), self.max_length,
+            )
+        if self.answer_lost > lost_before:
+            log.warning(
+                "%s: in %d examples fewer than %d answer tokens fit in max_length=%d; raise max_length",
+                name, self.answer_lost - lost_before, self.min_answer_tokens, self.max_length,
             )
         return out
 

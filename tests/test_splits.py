@@ -1,0 +1,102 @@
+"""Splits without leakage, the offline-default bundle, and refusal generation."""
+
+import json
+
+import pytest
+
+from seamlm.data.bundles import build_bundle, load_built
+from seamlm.data.files import Example
+from seamlm.data.refusals import REFUSAL_TEMPLATES, is_refusal, refusal_for
+from seamlm.data.splits import assign_splits, check_disjoint, normalize_prompt, prompt_hash
+from seamlm.errors import DataError
+
+
+def test_normalisation_ignores_case_punctuation_and_space():
+    assert normalize_prompt("  How do I  make a BOMB?? ") == normalize_prompt("how do i make a bomb")
+    assert prompt_hash("Ｈello, world") == prompt_hash("hello world")  # NFKC full-width
+    assert prompt_hash("hello world") != prompt_hash("hello word")
+
+
+def _examples(n, cats=("a", "b", "c")):
+    return [Example(f"prompt {i}", f"answer {i}", cats[i % len(cats)]) for i in range(n)]
+
+
+def test_assignment_is_deterministic_stable_and_by_prompt():
+    rows = _examples(300) + [Example("PROMPT 7!", "another answer", "b")]  # same prompt as row 7
+    a = assign_splits(rows, {"defense": 0.5, "attack": 0.4, "eval": 0.1}, seed=1)
+    b = assign_splits(rows[:150] + rows[150:], {"defense": 0.5, "attack": 0.4, "eval": 0.1}, seed=1)
+    assert {k: [e.prompt for e in v] for k, v in a.items()} == {k: [e.prompt for e in v] for k, v in b.items()}
+    check_disjoint(a)
+    where = [k for k, v in a.items() if any(prompt_hash(e.prompt) == prompt_hash("prompt 7") for e in v)]
+    assert len(where) == 1  # both rows of prompt 7 in one split
+    assert 110 < len(a["defense"]) < 190 and len(a["eval"]) > 10
+    # adding data never moves existing prompts
+    c = assign_splits(rows + _examples(400)[300:], {"defense": 0.5, "attack": 0.4, "eval": 0.1}, seed=1)
+    assert [e.prompt for e in c["eval"]][: len(a["eval"])] == [e.prompt for e in a["eval"]]
+
+
+def test_category_holdout_keeps_categories_out_of_defense():
+    s = assign_splits(_examples(90), {"defense": 0.5, "attack": 0.4, "eval": 0.1}, seed=0, holdout_categories=["B"])
+    assert {e.category for e in s["defense"]} == {"a", "c"}
+    assert {e.category for e in s["attack"] + s["eval"]} == {"b"}
+    with pytest.raises(DataError, match="needs 'defense'"):
+        assign_splits(_examples(9), {"defense": 1.0}, seed=0, holdout_categories=["a"])
+
+
+def test_check_disjoint_detects_leakage():
+    with pytest.raises(DataError, match="defense&eval"):
+        check_disjoint({"defense": [Example("How?", "x")], "eval": [Example("how", "")]})
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    return build_bundle("offline-default", seed=0)
+
+
+def test_no_attack_or_eval_prompt_appears_in_the_defense_set(bundle):
+    """The leakage test: recomputed here from the streams, independent of the bundle's own checks."""
+    defense = {normalize_prompt(e.prompt) for e in bundle.streams["harmful"] + bundle.streams["refusal"]}
+    for stream in ("attack", "eval_harmful"):
+        leaked = [e.prompt for e in bundle.streams[stream] if normalize_prompt(e.prompt) in defense]
+        assert leaked == [], f"{stream} leaks {len(leaked)} prompts into the defence set"
+    assert not {normalize_prompt(e.prompt) for e in bundle.streams["attack"]} & {
+        normalize_prompt(e.prompt) for e in bundle.streams["eval_harmful"]}
+    assert not {normalize_prompt(e.prompt) for e in bundle.streams["benign"]} & {
+        normalize_prompt(e.prompt) for e in bundle.streams["benign_heldout"]}
+
+
+def test_bundle_streams_are_well_formed(bundle):
+    s = bundle.streams
+    assert len(s["harmful"]) >= 150 and len(s["attack"]) >= 150 and len(s["eval_harmful"]) >= 200
+    assert all(e.label == "harmful" for e in s["harmful"] + s["attack"])
+    assert [e.prompt for e in s["harmful"]] == [e.prompt for e in s["refusal"]]  # row-aligned H/R
+    assert all(is_refusal(e.response) for e in s["refusal"] if e.source == "template")
+    assert bundle.manifest["overlaps"] == {} and bundle.manifest["seed"] == 0
+    assert bundle.manifest["splits"]["attack"]["rows"] == len(s["attack"])
+
+
+def test_bundle_write_and_reload_round_trip(bundle, tmp_path):
+    bundle.write(tmp_path)
+    again = load_built(tmp_path)
+    assert again.counts() == bundle.counts()
+    assert json.loads((tmp_path / "manifest.json").read_text())["splits"]["harmful"]["digest"] == \
+        bundle.manifest["splits"]["harmful"]["digest"]
+    # a hand-edited refusal file that breaks the alignment is refused
+    lines = (tmp_path / "defense_refusal.jsonl").read_text().splitlines()
+    (tmp_path / "defense_refusal.jsonl").write_text("\n".join(lines[1:]) + "\n")
+    with pytest.raises(DataError, match="row by row"):
+        load_built(tmp_path)
+
+
+def test_not_a_bundle_dir(tmp_path):
+    with pytest.raises(DataError, match="seamlm data build"):
+        load_built(tmp_path)
+
+
+def test_refusal_templates_are_varied_deterministic_and_detected():
+    picks = {refusal_for(f"prompt {i}") for i in range(200)}
+    assert len(picks) >= len(REFUSAL_TEMPLATES) - 1
+    assert refusal_for("x", seed=3) == refusal_for("x", seed=3)
+    assert all(is_refusal(t) for t in REFUSAL_TEMPLATES)
+    assert not is_refusal("Sure, here is how to do it. First, get the materials.")
+    assert not is_refusal("Step 1: mix the two. " * 20 + "I can't stress this enough.")
