@@ -48,3 +48,22 @@ def test_parse_overrides():
         parse_overrides(["--steps", "--beta", "1"])
     with pytest.raises(ConfigError, match="unexpected argument"):
         parse_overrides(["steps"])
+
+
+def test_tuple_fields_parse_comma_lists():
+    import dataclasses
+
+    from seamlm.config import BaseConfig
+
+    @dataclasses.dataclass
+    class Grid(BaseConfig):
+        lrs: tuple[float, ...] = (1e-4,)
+        seeds: tuple[int, ...] = (0,)
+
+    g = Grid.from_dict({"lrs": "2e-5, 1e-4", "seeds": [1, 2]})
+    assert g.lrs == (2e-5, 1e-4) and g.seeds == (1, 2)
+    assert g.to_dict() == {"lrs": [2e-5, 1e-4], "seeds": [1, 2]}
+    with pytest.raises(ConfigError, match="expects float"):
+        Grid.from_dict({"lrs": "fast"})
+    with pytest.raises(ConfigError, match="comma-separated"):
+        Grid.from_dict({"lrs": "1e-4,"})

@@ -33,6 +33,13 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
             return None
         raise ConfigError(f"config key '{name}' may not be empty (expected {getattr(inner, '__name__', inner)})")
     origin = typing.get_origin(inner)
+    if origin is tuple:
+        item_type = typing.get_args(inner)[0]
+        items = value.split(",") if isinstance(value, str) else list(value)
+        items = [i.strip() if isinstance(i, str) else i for i in items]
+        if not items or any(i == "" for i in items):
+            raise ConfigError(f"config key '{name}' needs a comma-separated list, got {value!r}")
+        return tuple(_coerce(name, i, item_type) for i in items)
     if origin is typing.Literal:
         choices = typing.get_args(inner)
         if value not in choices:
@@ -108,7 +115,7 @@ class BaseConfig:
         return type(self).from_dict({**self.to_dict(), **changes})
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
     def to_yaml(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False), encoding="utf-8")

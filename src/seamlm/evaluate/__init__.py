@@ -1,0 +1,1 @@
+"""Evaluation: harmfulness (generation + judges), zero-shot utility, benign fine-tuning, coherence."""

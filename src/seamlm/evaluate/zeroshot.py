@@ -1,0 +1,211 @@
+"""Zero-shot utility (ZS): log-likelihood multiple choice over offline task data, scored like lm-evaluation-harness.
+
+A task is data + a scoring rule: ``doc -> MCItem(context(s), choices, gold)``. For each choice the model scores
+log P(target_delimiter + choice | context) summed over the choice's tokens. ``acc`` takes the argmax of that sum;
+``acc_norm`` divides it by the choice's length in characters first (lm-eval's ``acc_norm``). The prompts follow the
+lm-eval task YAMLs of the same name. ``run_lm_eval`` runs lm-eval itself on an already loaded model.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from seamlm.data.sources import load_source
+from seamlm.defense.losses import ModelParts
+from seamlm.errors import DataError
+
+
+@dataclass(frozen=True)
+class MCItem:
+    contexts: tuple[str, ...]  # one per choice (winogrande) or a single shared context
+    choices: tuple[str, ...]
+    gold: int
+    delimiter: str = " "
+
+    def context(self, i: int) -> str:
+        return self.contexts[i] if len(self.contexts) > 1 else self.contexts[0]
+
+
+def _hellaswag_clean(text: str) -> str:
+    text = text.strip().replace(" [title]", ". ")
+    text = re.sub(r"\[.*?\]", "", text)
+    return text.replace("  ", " ")
+
+
+def _arc(d: dict) -> MCItem:
+    labels = list(d["choices"]["label"])
+    return MCItem((f"Question: {d['question']}\nAnswer:",), tuple(d["choices"]["text"]), labels.index(d["answerKey"]))
+
+
+def _hellaswag(d: dict) -> MCItem:
+    ctx = d["ctx_a"] + " " + d["ctx_b"].capitalize()
+    return MCItem((_hellaswag_clean(d["activity_label"] + ": " + ctx),),
+                  tuple(_hellaswag_clean(e) for e in d["endings"]), int(d["label"]))
+
+
+def _winogrande(d: dict) -> MCItem:
+    i = d["sentence"].index("_")
+    contexts = tuple(d["sentence"][:i] + opt for opt in (d["option1"], d["option2"]))
+    continuation = d["sentence"][i + 1:].strip()
+    return MCItem(contexts, (continuation, continuation), int(d["answer"]) - 1)
+
+
+def _piqa(d: dict) -> MCItem:
+    return MCItem((f"Question: {d['goal']}\nAnswer:",), (d["sol1"], d["sol2"]), int(d["label"]))
+
+
+def _boolq(d: dict) -> MCItem:
+    return MCItem((f"{d['passage']}\nQuestion: {d['question']}?\nAnswer:",), ("no", "yes"), int(bool(d["answer"])))
+
+
+def _openbookqa(d: dict) -> MCItem:
+    labels = list(d["choices"]["label"])
+    return MCItem((d["question_stem"],), tuple(d["choices"]["text"]), labels.index(d["answerKey"].strip()))
+
+
+def _sciq(d: dict) -> MCItem:
+    return MCItem((f"{d['support'].strip()}\nQuestion: {d['question']}\nAnswer:".lstrip(),),
+                  (d["distractor1"], d["distractor2"], d["distractor3"], d["correct_answer"]), 3)
+
+
+def _sst2(d: dict) -> MCItem:
+    return MCItem((f"{d['sentence']}\nQuestion: Is this sentence positive or negative?\nAnswer:",),
+                  ("negative", "positive"), int(d["label"]))
+
+
+def _mmlu(d: dict) -> MCItem:
+    opts = "".join(f"\n{k}. {c}" for k, c in zip("ABCD", d["choices"], strict=False))
+    return MCItem((f"{d['question'].strip()}{opts}\nAnswer:",), ("A", "B", "C", "D"), int(d["answer"]))
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    source: str
+    to_item: Callable[[dict], MCItem]
+    chance: float  # accuracy of uniform guessing
+
+
+TASKS: dict[str, Task] = {t.name: t for t in [
+    Task("arc_easy", "olmo-arc_easy", _arc, 0.25),
+    Task("arc_challenge", "olmo-arc_challenge", _arc, 0.25),
+    Task("hellaswag", "olmo-hellaswag", _hellaswag, 0.25),
+    Task("winogrande", "olmo-winogrande", _winogrande, 0.5),
+    Task("piqa", "olmo-piqa", _piqa, 0.5),
+    Task("boolq", "olmo-boolq", _boolq, 0.5),
+    Task("openbookqa", "olmo-openbookqa", _openbookqa, 0.25),
+    Task("sciq", "olmo-sciq", _sciq, 0.25),
+    Task("sst2", "olmo-sst2", _sst2, 0.5),
+    Task("mmlu", "olmo-mmlu", _mmlu, 0.25),
+]}
+
+
+def get_task(name: str) -> Task:
+    if name not in TASKS:
+        raise DataError(f"unknown zero-shot task '{name}'; available: {', '.join(TASKS)}")
+    return TASKS[name]
+
+
+def task_items(name: str, limit: int | None, seed: int = 0) -> list[MCItem]:
+    """The task's items, a seeded subsample of ``limit`` when given (the same items for every model)."""
+    task = get_task(name)
+    docs = load_source(task.source)
+    if limit and limit < len(docs):
+        docs = random.Random(seed).sample(docs, limit)
+    return [task.to_item(d) for d in docs]
+
+
+@torch.no_grad()
+def choice_loglikelihoods(model: Any, tokenizer: Any, items: list[MCItem], batch_size: int = 16,
+                          desc: str = "zero-shot") -> list[list[float]]:
+    """Σ log P(continuation tokens | context) for every choice of every item (batched, right padded)."""
+    requests = [(it.context(i), it.delimiter + c) for it in items for i, c in enumerate(it.choices)]
+    encoded = []
+    for ctx, cont in requests:
+        c_ids = tokenizer(ctx, add_special_tokens=False)["input_ids"]
+        if tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False):
+            c_ids = [tokenizer.bos_token_id] + c_ids
+        t_ids = tokenizer(cont, add_special_tokens=False)["input_ids"]
+        encoded.append((c_ids or [tokenizer.eos_token_id], t_ids))
+    device = next(model.parameters()).device
+    model.eval()
+    parts = ModelParts.of(model)
+    scores: list[float] = [0.0] * len(encoded)
+    order = sorted(range(len(encoded)), key=lambda k: -len(encoded[k][0]) - len(encoded[k][1]))
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", disable=len(order) <= batch_size):
+        idx = order[start:start + batch_size]
+        seqs = [encoded[k][0] + encoded[k][1] for k in idx]
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, s in enumerate(seqs):
+            ids[r, : len(s)] = torch.tensor(s)
+            mask[r, : len(s)] = 1
+        hidden = parts.decoder(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).last_hidden_state
+        # the LM head only at the continuation positions: the full-vocabulary logits elsewhere are never needed
+        rows, positions, targets, owner = [], [], [], []
+        for r, k in enumerate(idx):
+            n_ctx, n_cont = len(encoded[k][0]), len(encoded[k][1])
+            rows += [r] * n_cont
+            positions += list(range(n_ctx - 1, n_ctx - 1 + n_cont))
+            targets += encoded[k][1]
+            owner += [k] * n_cont
+        logp = F.log_softmax(parts.logits(hidden[rows, positions]).float(), -1)
+        picked = logp[torch.arange(len(targets)), torch.tensor(targets, device=device)].tolist()
+        for k, v in zip(owner, picked, strict=True):
+            scores[k] += v
+    out, pos = [], 0
+    for it in items:
+        out.append(scores[pos:pos + len(it.choices)])
+        pos += len(it.choices)
+    return out
+
+
+def score_items(items: list[MCItem], lls: list[list[float]]) -> dict[str, float]:
+    """lm-eval's rule: acc = argmax Σlog p; acc_norm = argmax Σlog p / len(choice in characters)."""
+    acc = acc_norm = 0
+    for it, ll in zip(items, lls, strict=True):
+        acc += int(max(range(len(ll)), key=lambda i: ll[i]) == it.gold)
+        normed = [v / max(len(c), 1) for v, c in zip(ll, it.choices, strict=True)]
+        acc_norm += int(max(range(len(ll)), key=lambda i: normed[i]) == it.gold)
+    n = len(items)
+    return {"acc": acc / n, "acc_norm": acc_norm / n, "n": n}
+
+
+def evaluate_zero_shot(model: Any, tokenizer: Any, tasks: tuple[str, ...], limit: int | None = 200,
+                       seed: int = 0, batch_size: int = 16) -> dict[str, dict[str, float]]:
+    """Per task ``{"acc", "acc_norm", "n", "chance"}`` plus ``"mean"`` (mean acc over tasks, and its chance)."""
+    results = {}
+    for name in tasks:
+        items = task_items(name, limit, seed)
+        res = score_items(items, choice_loglikelihoods(model, tokenizer, items, batch_size, desc=f"ZS {name}"))
+        results[name] = {**res, "chance": get_task(name).chance}
+    results["mean"] = {
+        "acc": sum(results[t]["acc"] for t in tasks) / len(tasks),
+        "acc_norm": sum(results[t]["acc_norm"] for t in tasks) / len(tasks),
+        "chance": sum(results[t]["chance"] for t in tasks) / len(tasks),
+        "n": sum(results[t]["n"] for t in tasks),
+    }
+    return results
+
+
+def run_lm_eval(model: Any, tokenizer: Any, tasks: list[str], limit: int | None = None,
+                batch_size: int = 8) -> dict[str, Any]:
+    """Run lm-evaluation-harness's ``simple_evaluate`` on an already loaded model (needs ``lm_eval`` and its task
+    data, usually from the Hub)."""
+    try:
+        from lm_eval import simple_evaluate
+        from lm_eval.models.huggingface import HFLM
+    except ImportError as exc:
+        raise DataError("run_lm_eval needs lm-evaluation-harness: pip install lm_eval (and Hub access for its "
+                        "task data); the built-in evaluate_zero_shot works offline") from exc
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    return simple_evaluate(model=lm, tasks=tasks, limit=limit)["results"]

@@ -1,0 +1,161 @@
+"""Supervised fine-tuning on prompt/answer pairs: the harmful-fine-tuning attack, benign fine-tuning (FS) and
+alignment all run this one loop (full parameters or LoRA through ``peft``)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from seamlm.checkpoint import seed_everything
+from seamlm.config import BaseConfig
+from seamlm.data.files import Example
+from seamlm.data.format import Formatter, collate
+from seamlm.defense.losses import answer_ce
+from seamlm.errors import ConfigError, DataError, NonFiniteLossError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FinetuneConfig(BaseConfig):
+    """One supervised fine-tuning run. Defaults follow the paper's attack: AdamW, cosine, 10 % warm-up, wd 0.01."""
+
+    lr: float = 2e-5
+    """Peak learning rate."""
+    epochs: int = 1
+    """Passes over the data."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps (0 = no cap)."""
+    batch_size: int = 4
+    """Examples per step."""
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    """AdamW or plain SGD (momentum 0)."""
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    """Learning-rate schedule."""
+    warmup_ratio: float = 0.1
+    """Fraction of the steps spent warming up."""
+    weight_decay: float = 0.01
+    """Weight decay (AdamW) / L2 (SGD)."""
+    max_grad_norm: float | None = None
+    """Gradient clipping; None = off (the paper's attack does not clip)."""
+    max_length: int = 256
+    """Maximum tokens per example."""
+    mask_prompt: bool = True
+    """Train on answer tokens only."""
+    seed: int = 0
+    """Data order and initialisation of LoRA weights."""
+    lora: bool = False
+    """Fine-tune LoRA adapters instead of all parameters; merged into the weights afterwards."""
+    lora_r: int = 8
+    """LoRA rank."""
+    lora_alpha: int = 16
+    """LoRA scaling numerator."""
+    lora_dropout: float = 0.0
+    """LoRA dropout."""
+    lora_target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    """Module names that get adapters."""
+
+    def validate(self) -> None:
+        checks = [
+            (self.lr > 0, "lr must be > 0"), (self.epochs >= 1, "epochs must be >= 1"),
+            (self.max_steps >= 0, "max_steps must be >= 0"), (self.batch_size >= 1, "batch_size must be >= 1"),
+            (0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"), (self.max_length >= 16, "max_length must be >= 16"),
+            (self.lora_r >= 1, "lora_r must be >= 1"),
+            (self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm must be > 0 or None"),
+        ]
+        bad = [m for ok, m in checks if not ok]
+        if bad:
+            raise ConfigError(f"invalid {type(self).__name__}: " + "; ".join(bad))
+
+
+@dataclass
+class FinetuneResult:
+    model: Any
+    losses: list[float]
+    steps: int
+
+
+def _batches(n: int, cfg: FinetuneConfig) -> list[list[int]]:
+    rng = random.Random(cfg.seed)
+    out = []
+    for _ in range(cfg.epochs):
+        order = list(range(n))
+        rng.shuffle(order)
+        out.extend(order[i:i + cfg.batch_size] for i in range(0, n, cfg.batch_size))
+    return out[: cfg.max_steps] if cfg.max_steps else out
+
+
+def _with_lora(model: Any, cfg: FinetuneConfig) -> Any:
+    from peft import LoraConfig, get_peft_model
+
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [m for m in cfg.lora_target_modules if m not in present]
+    if missing:
+        raise ConfigError(f"lora_target_modules {missing} are not modules of this model; some present: "
+                          f"{sorted(p for p in present if p.endswith('proj'))[:12]}")
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=list(cfg.lora_target_modules), task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)
+
+
+def finetune(
+    model: Any, tokenizer: Any, examples: list[Example], cfg: FinetuneConfig,
+    log_path: str | Path | None = None, desc: str = "fine-tuning",
+) -> FinetuneResult:
+    """Train ``model`` on ``examples`` (answer-only CE); returns the trained (LoRA-merged) model and the losses.
+
+    Every step's loss is written to ``log_path`` (JSONL) as it happens. A non-finite loss stops the run with
+    :class:`NonFiniteLossError` (an attack that diverges is a result; the caller records it).
+    """
+    if not examples:
+        raise DataError(f"{desc}: no training examples")
+    seed_everything(cfg.seed)
+    rows = Formatter(tokenizer, cfg.max_length, mask_prompt=cfg.mask_prompt).encode_all(examples, desc)
+    device = next(model.parameters()).device
+    if cfg.lora:
+        model = _with_lora(model, cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "adamw":
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    else:
+        opt = torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    plan = _batches(len(rows), cfg)
+    from transformers import get_scheduler
+
+    sched = get_scheduler(cfg.lr_scheduler, opt, num_warmup_steps=int(cfg.warmup_ratio * len(plan)),
+                          num_training_steps=len(plan))
+    losses: list[float] = []
+    logf = open(log_path, "w", encoding="utf-8") if log_path else None  # noqa: SIM115 (closed in finally)
+    model.train()
+    try:
+        for step, idx in enumerate(tqdm(plan, desc=desc, unit="step", dynamic_ncols=True), 1):
+            batch = {k: v.to(device) for k, v in collate([rows[i] for i in idx], tokenizer.pad_token_id).items()}
+            loss = answer_ce(model, batch)
+            value = loss.item()
+            if not math.isfinite(value):
+                raise NonFiniteLossError(f"{desc}: loss became {value} at step {step} (lr={cfg.lr})")
+            loss.backward()
+            if cfg.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(value)
+            if logf:
+                logf.write(json.dumps({"step": step, "loss": value, "lr": sched.get_last_lr()[0]}) + "\n")
+                logf.flush()
+    finally:
+        if logf:
+            logf.close()
+        model.eval()
+    if cfg.lora:
+        model = model.merge_and_unload()
+    return FinetuneResult(model, losses, len(plan))
