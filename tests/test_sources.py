@@ -31,7 +31,7 @@ def test_offline_sources_read_package_files(name, min_rows, kind):
 def test_pyrit_labels_follow_the_human_scores():
     rows = load_source("pyrit-harm")
     labels = {r.label for r in rows}
-    assert labels == {"harmful", "refusal", "safe"}
+    assert labels == {"harmful", "partial", "refusal", "safe"}
     assert sum(r.label == "harmful" for r in rows) > 200
     assert all(r.category == r.category.lower() for r in rows)  # categories normalised across files
 
