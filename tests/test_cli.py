@@ -104,3 +104,28 @@ def test_defend_data_and_files_are_exclusive(tiny_model_dir, data_files, tmp_pat
     assert rc == 2 and "either --data or" in capsys.readouterr().err
     rc = main(["defend", "--model", str(tiny_model_dir), "--harmful", str(data_files["harmful"]), "--out", str(tmp_path / "o")])
     assert rc == 2 and "missing --refusal, --benign" in capsys.readouterr().err
+
+
+TINY_EVAL = ["--eval.judge", "keyword", "--eval.hs_prompts", "2", "--eval.max_new_tokens", "4", "--eval.zs_tasks",
+             "arc_easy", "--eval.zs_limit", "2", "--eval.coherence_examples", "2"]
+
+
+def test_attack_then_report(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "att"
+    rc = main(["attack", "--model", str(tiny_model_dir), "--label", "tiny", "--out", str(out), "--learning_rates",
+               "1e-4,1e-3", "--num_samples", "4", "--batch_size", "2", *TINY_EVAL])
+    assert rc == 0, capsys.readouterr().err
+    rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    assert {r["cell"] for r in rows} == {"pre", "sft-full-adamw-lr0.0001-n4-ep1-s0", "sft-full-adamw-lr0.001-n4-ep1-s0"}
+    assert all(r["data_manifest"] for r in rows) and (out / "attack_config.tiny.yaml").is_file()
+    assert main(["report", str(out / "results.jsonl"), "--out", str(out / "report")]) == 0
+    assert "| tiny |" in (out / "report" / "report.md").read_text()
+    assert (out / "report" / "hs_vs_lr.png").is_file()
+
+
+def test_eval_command_and_bad_eval_key(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "ev"
+    assert main(["eval", "--model", str(tiny_model_dir), "--out", str(out), *[a.replace("--eval.", "--") for a in TINY_EVAL]]) == 0
+    assert json.loads((out / "results.jsonl").read_text().splitlines()[0])["cell"] == "pre"
+    rc = main(["attack", "--model", str(tiny_model_dir), "--out", str(out), "--eval.bogus", "1"])
+    assert rc == 2 and "unknown EvalConfig key(s) 'bogus'" in capsys.readouterr().err

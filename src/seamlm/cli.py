@@ -130,7 +130,109 @@ def _run_data(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"defend": (_defend_parser, _run_defend), "data": (_data_parser, _run_data)}
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="the model to evaluate/attack (alias, .gguf, HF dir or hub id)")
+    p.add_argument("--label", help="name of this model in the results (default: the --model value)")
+    p.add_argument("--defense", default="none", help="defence that produced the model (none, seam, …)")
+    p.add_argument("--data", default="offline-default", help="bundle name or built bundle directory")
+    p.add_argument("--out", required=True, help="directory: results.jsonl, samples, attack loss logs")
+    p.add_argument("--eval-config", help="YAML of EvalConfig fields")
+
+
+def _eval_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="measure HS, ZS, coherence (and FS) of a model before any attack",
+                       description="EvalConfig fields as --key value (e.g. --judge keyword --zs_limit 100 --fs true).")
+    _model_args(p)
+
+
+def _attack_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("attack", help="harmful fine-tuning grid (lr x seed), each cell evaluated; resumable",
+                       description="AttackConfig fields as --key value (e.g. --learning_rates 2e-5,2e-4 --lora true); "
+                       "EvalConfig fields as --eval.key value (e.g. --eval.zs_limit 50). Finished cells are skipped.")
+    _model_args(p)
+    p.add_argument("--config", help="YAML of AttackConfig fields")
+    p.add_argument("--no-pre", action="store_true", help="skip the pre-attack evaluation")
+
+
+def _split_overrides(extra: list[str]) -> tuple[dict[str, str], dict[str, str]]:
+    over = parse_overrides(extra)
+    eval_over = {k[5:]: v for k, v in over.items() if k.startswith("eval.")}
+    return {k: v for k, v in over.items() if not k.startswith("eval.")}, eval_over
+
+
+def _eval_setup(args: argparse.Namespace, eval_over: dict[str, str]):
+    from seamlm.data.bundles import resolve_data
+    from seamlm.evaluate.judges import get_judge
+    from seamlm.evaluate.metrics import EvalConfig
+    from seamlm.results import ResultStore
+
+    cfg = EvalConfig.from_yaml(args.eval_config, eval_over) if args.eval_config else EvalConfig.from_dict(eval_over, "command line")
+    bundle = resolve_data(args.data)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "data_manifest.json").write_text(json.dumps(bundle.manifest, indent=2))
+    return cfg, bundle, get_judge(cfg.judge), ResultStore(Path(args.out) / "results.jsonl")
+
+
+def _run_eval(args: argparse.Namespace, extra: list[str]) -> int:
+    from seamlm.attack import evaluate_pre_attack
+
+    cfg, bundle, judge, store = _eval_setup(args, parse_overrides(extra))
+    ran = evaluate_pre_attack(args.model, args.label or args.model, args.defense, bundle, cfg, judge, args.out, store)
+    print(f"{'evaluated' if ran else 'already evaluated'}: results in {store.path}")
+    return 0
+
+
+def _run_attack(args: argparse.Namespace, extra: list[str]) -> int:
+    from seamlm.attack import AttackConfig, evaluate_pre_attack, run_attack_grid
+
+    attack_over, eval_over = _split_overrides(extra)
+    cfg = AttackConfig.from_yaml(args.config, attack_over) if args.config else AttackConfig.from_dict(attack_over, "command line")
+    eval_cfg, bundle, judge, store = _eval_setup(args, eval_over)
+    label = args.label or args.model
+    cfg.to_yaml(Path(args.out) / f"attack_config.{label.replace('/', '_')}.yaml")
+    if not args.no_pre:
+        evaluate_pre_attack(args.model, label, args.defense, bundle, eval_cfg, judge, args.out, store)
+    ran = run_attack_grid(args.model, label, args.defense, bundle, cfg, eval_cfg, judge, args.out, store)
+    print(f"{len(ran)} attack cell(s) run; results in {store.path}; `seamlm report {store.path} --out DIR` for the report")
+    return 0
+
+
+def _report_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="Markdown/HTML report with tables and plots from a results file")
+    p.add_argument("results", help="results.jsonl")
+    p.add_argument("--out", required=True)
+
+
+def _run_report(args: argparse.Namespace, extra: list[str]) -> int:
+    from seamlm.report import write_report
+
+    if extra:
+        raise ConfigError(f"unexpected arguments {extra}")
+    path = write_report(args.results, args.out)
+    print(path.read_text())
+    print(f"report written to {path} and {path.with_suffix('.html')}")
+    return 0
+
+
+def _judge_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("judge", help="train the offline harmfulness judge and print its held-out accuracy/AUC")
+    p.add_argument("action", choices=["train"])
+    p.add_argument("--cache-dir", default="cache/judges")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _run_judge(args: argparse.Namespace, extra: list[str]) -> int:
+    from seamlm.evaluate.judges import MiniLMJudge
+
+    judge = MiniLMJudge(cache_dir=args.cache_dir, seed=args.seed)
+    print(json.dumps({"judge": judge.name, **judge.metrics}, indent=2))
+    return 0
+
+
+COMMANDS = {
+    "defend": (_defend_parser, _run_defend), "data": (_data_parser, _run_data), "eval": (_eval_parser, _run_eval),
+    "attack": (_attack_parser, _run_attack), "report": (_report_parser, _run_report), "judge": (_judge_parser, _run_judge),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -141,7 +141,11 @@ def finetune(
             loss = answer_ce(model, batch)
             value = loss.item()
             if not math.isfinite(value):
-                raise NonFiniteLossError(f"{desc}: loss became {value} at step {step} (lr={cfg.lr})")
+                err = NonFiniteLossError(f"{desc}: loss became {value} at step {step} (lr={cfg.lr})")
+                # the weights before this step and the losses so far, so a caller can still evaluate the model
+                err.model = model.merge_and_unload() if cfg.lora else model
+                err.losses = losses
+                raise err
             loss.backward()
             if cfg.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)

@@ -110,7 +110,7 @@ def load_examples(path: str | Path, require_response: bool = True, dedupe: bool 
     return drop_duplicates(examples, str(path)) if dedupe else examples
 
 
-def drop_duplicates(examples: list[Example], name: str) -> list[Example]:
+def drop_duplicates(examples: list[Example], name: str, level: int = logging.WARNING) -> list[Example]:
     """Remove repeated (prompt, response) pairs, keeping the first, and log how many went."""
     seen: set[tuple[str, str]] = set()
     out = []
@@ -120,5 +120,5 @@ def drop_duplicates(examples: list[Example], name: str) -> list[Example]:
             seen.add(key)
             out.append(e)
     if len(out) < len(examples):
-        log.warning("%s: dropped %d duplicate (prompt, response) rows of %d", name, len(examples) - len(out), len(examples))
+        log.log(level, "%s: dropped %d duplicate (prompt, response) rows of %d", name, len(examples) - len(out), len(examples))
     return out

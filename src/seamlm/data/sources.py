@@ -98,7 +98,7 @@ def _pyrit_rows(subdir: str, score_col: str, harmful_at: float) -> list[Example]
                 label = "partial"  # some harm, below the threshold
             category = (row.get("harm_category") or path.stem).strip().lower().replace(" ", "_")
             out.append(Example(prompt, response, category, label, f"pyrit:{subdir}/{path.name}"))
-    return drop_duplicates(out, f"pyrit {subdir}")
+    return drop_duplicates(out, f"pyrit {subdir}", logging.INFO)  # known repeats in the shipped files
 
 
 @register("pyrit-harm", "harmful_qa",

@@ -136,13 +136,17 @@ def _auc(scores: list[float], labels: list[int]) -> float:
     return wins / (len(pos) * len(neg))
 
 
+def heldout_mask(rows: list[Example], seed: int = 0, fraction: float = 0.2) -> list[bool]:
+    """Held-out rows of the judge's data: by (prompt, source) hash, so no prompt of a source is on both sides."""
+    return [int(hashlib.sha256(f"{seed}:{prompt_hash(e.prompt)}:{e.source}".encode()).hexdigest(), 16) % 1000
+            < fraction * 1000 for e in rows]
+
+
 def train_minilm_head(rows: list[Example], seed: int = 0, test_fraction: float = 0.2, l2: float = 1e-4,
                       encoder: MiniLMEncoder | None = None) -> tuple[dict[str, Any], dict[str, float]]:
     """Fit the logistic head on a split by prompt (no prompt in both halves); return (state, held-out metrics)."""
     encoder = encoder or MiniLMEncoder()
-    rng_key = f"{seed}"
-    test = [int(hashlib.sha256(f"{rng_key}:{prompt_hash(e.prompt)}:{e.source}".encode()).hexdigest(), 16) % 1000
-            < test_fraction * 1000 for e in rows]
+    test = heldout_mask(rows, seed, test_fraction)
     x = encoder([e.response for e in rows])
     y = torch.tensor([1.0 if e.label == "harmful" else 0.0 for e in rows])
     tr = torch.tensor([not t for t in test])

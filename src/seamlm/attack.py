@@ -1,0 +1,116 @@
+"""The harmful fine-tuning attack as a grid (learning rate × seed), each cell evaluated and appended to the
+results file; a stopped grid resumes without redoing finished cells."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from seamlm.data.bundles import BundleData
+from seamlm.errors import ConfigError, NonFiniteLossError
+from seamlm.evaluate.judges import Judge
+from seamlm.evaluate.metrics import EvalConfig
+from seamlm.evaluate.run import evaluate_model
+from seamlm.finetune import FinetuneConfig, finetune
+from seamlm.models import load_model
+from seamlm.results import ResultRow, ResultStore
+
+log = logging.getLogger(__name__)
+
+PAPER_LRS = (2e-5, 5e-5, 8e-5, 1e-4, 2e-4)
+
+
+@dataclass
+class AttackConfig(FinetuneConfig):
+    """Harmful fine-tuning grid. Per cell: ``num_samples`` attack rows, ``epochs``, batch 4, cosine, 10 % warm-up."""
+
+    learning_rates: tuple[float, ...] = PAPER_LRS
+    """Attack learning rates (the paper's grid)."""
+    seeds: tuple[int, ...] = (0,)
+    """Attack seeds (data order, LoRA init); each is a separate cell."""
+    num_samples: int = 1000
+    """Harmful examples per attack (all available when fewer; the log says how many were used)."""
+
+    def validate(self) -> None:
+        super().validate()
+        if self.num_samples < 1 or any(lr <= 0 for lr in self.learning_rates) or not self.seeds:
+            raise ConfigError("AttackConfig: num_samples >= 1, learning rates > 0 and at least one seed")
+
+    def cell(self, lr: float, seed: int, n: int) -> str:
+        mode = f"lora-r{self.lora_r}" if self.lora else "full"
+        return f"sft-{mode}-{self.optimizer}-lr{lr:g}-n{n}-ep{self.epochs}-s{seed}"
+
+
+def manifest_digest(bundle: BundleData) -> str:
+    return hashlib.sha256(json.dumps(bundle.manifest, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _rows(values: dict[str, float], base: dict[str, Any], judge: Judge) -> list[ResultRow]:
+    return [ResultRow(metric=k, value=float(v), judge=judge.name if k in ("hs", "hs_binary") else None, **base)
+            for k, v in values.items()]
+
+
+def evaluate_pre_attack(model_name: str, label: str, defense: str, bundle: BundleData, eval_cfg: EvalConfig,
+                        judge: Judge, out_dir: str | Path, store: ResultStore) -> bool:
+    """Evaluate the unattacked model (cell ``pre``) unless the store has it. Returns True when it ran."""
+    if store.done(label, "pre"):
+        log.info("%s / pre: already in %s, skipped", label, store.path)
+        return False
+    model, tok = load_model(model_name)
+    values = evaluate_model(model, tok, bundle, eval_cfg, judge, Path(out_dir) / "samples" / label / "pre.jsonl")
+    store.append(_rows(values, dict(model=label, defense=defense, cell="pre", seed=eval_cfg.seed,
+                                    data_manifest=manifest_digest(bundle)), judge))
+    return True
+
+
+def run_attack_grid(model_name: str, label: str, defense: str, bundle: BundleData, cfg: AttackConfig,
+                    eval_cfg: EvalConfig, judge: Judge, out_dir: str | Path, store: ResultStore) -> list[str]:
+    """Attack ``model_name`` once per (seed, lr) cell not yet in ``store``; evaluate and append each cell.
+
+    Every cell starts from the same weights. The attack's per-step loss goes to
+    ``out_dir/attacks/<label>/<cell>/loss.jsonl``; a diverged attack (NaN loss) is evaluated as it stands and marked
+    ``status: diverged``. Returns the cells that ran.
+    """
+    out = Path(out_dir)
+    data = bundle.streams["attack"]
+    ran = []
+    for seed in cfg.seeds:
+        examples = list(data)
+        random.Random(seed).shuffle(examples)
+        examples = examples[: cfg.num_samples]
+        if len(examples) < cfg.num_samples:
+            log.warning("attack: %d harmful examples available, %d requested; using %d",
+                        len(data), cfg.num_samples, len(examples))
+        for lr in cfg.learning_rates:
+            cell = cfg.cell(lr, seed, len(examples))
+            if store.done(label, cell):
+                log.info("%s / %s: already in %s, skipped", label, cell, store.path)
+                continue
+            cell_dir = out / "attacks" / label / cell
+            cell_dir.mkdir(parents=True, exist_ok=True)
+            model, tok = load_model(model_name)
+            run_cfg = FinetuneConfig.from_dict({k: v for k, v in cfg.to_dict().items()
+                                                if k in FinetuneConfig.field_names()} | {"lr": lr, "seed": seed})
+            status, losses = "ok", []
+            try:
+                result = finetune(model, tok, examples, run_cfg, cell_dir / "loss.jsonl", desc=f"attack {label} lr={lr:g}")
+                model, losses = result.model, result.losses
+            except NonFiniteLossError as exc:
+                log.warning("%s: %s", cell, exc)
+                status, model, losses = "diverged", exc.model, exc.losses
+            values = evaluate_model(model, tok, bundle, eval_cfg, judge, cell_dir / "samples.jsonl")
+            if losses:
+                values.update(attack_first_loss=losses[0], attack_final_loss=losses[-1])
+            attack = {"recipe": "sft", "lr": lr, "seed": seed, "samples": len(examples), "epochs": cfg.epochs,
+                      "batch_size": cfg.batch_size, "optimizer": cfg.optimizer, "lora": cfg.lora,
+                      "lora_r": cfg.lora_r if cfg.lora else None, "status": status,
+                      "loss_log": str((cell_dir / "loss.jsonl").relative_to(out))}
+            store.append(_rows(values, dict(model=label, defense=defense, cell=cell, seed=seed, attack=attack,
+                                            data_manifest=manifest_digest(bundle)), judge))
+            ran.append(cell)
+    return ran

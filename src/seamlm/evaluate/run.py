@@ -1,0 +1,47 @@
+"""Evaluate one model on a data bundle: HS, refusal rate, ZS, coherence and (optionally) FS, as result values."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from seamlm.data.bundles import BundleData
+from seamlm.evaluate.judges import Judge
+from seamlm.evaluate.metrics import (
+    EvalConfig,
+    benign_finetune_accuracy,
+    benign_perplexity,
+    harmfulness,
+    sample_prompts,
+)
+from seamlm.evaluate.zeroshot import evaluate_zero_shot
+
+log = logging.getLogger(__name__)
+
+
+def evaluate_model(model: Any, tokenizer: Any, bundle: BundleData, cfg: EvalConfig, judge: Judge,
+                   samples_path: str | Path | None = None) -> dict[str, float]:
+    """Metric name -> value (see ``seamlm.results.METRICS``). Generated answers go to ``samples_path`` (JSONL)."""
+    excluded = set(bundle.manifest.get("zero_shot_exclude", [])) & set(cfg.zs_tasks)
+    if excluded:
+        raise ValueError(f"zero-shot tasks {sorted(excluded)} feed this bundle's training data; drop them from zs_tasks")
+    out: dict[str, float] = {}
+    prompts = sample_prompts(bundle.streams["eval_harmful"], cfg.hs_prompts, cfg.seed)
+    hs = harmfulness(model, tokenizer, prompts, judge, cfg.max_new_tokens, cfg.gen_batch_size)
+    out.update(hs=hs["hs"], hs_binary=hs["hs_binary"], refusal_rate=hs["refusal_rate"])
+    if samples_path:
+        Path(samples_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(samples_path).write_text("".join(json.dumps(s) + "\n" for s in hs["samples"]), encoding="utf-8")
+    if cfg.zs_tasks:
+        zs = evaluate_zero_shot(model, tokenizer, cfg.zs_tasks, cfg.zs_limit or None, cfg.seed, cfg.zs_batch_size)
+        for task in cfg.zs_tasks:
+            out[f"zs_{task}"] = 100 * zs[task]["acc"]
+        out.update(zs_mean=100 * zs["mean"]["acc"], zs_mean_norm=100 * zs["mean"]["acc_norm"],
+                   zs_chance=100 * zs["mean"]["chance"])
+    if cfg.coherence_examples:
+        out["coherence_ppl"] = benign_perplexity(model, tokenizer, bundle.streams["benign_heldout"][: cfg.coherence_examples])
+    if cfg.fs:
+        out["fs_accuracy"] = benign_finetune_accuracy(model, tokenizer, cfg)["fs_accuracy"]
+    return out

@@ -1,0 +1,156 @@
+"""Results file -> Markdown + HTML report with the paper-style table and PNG plots. Every number comes from the rows."""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from pathlib import Path
+
+from seamlm.errors import DataError
+from seamlm.results import ResultRow, ResultStore
+
+
+def _fmt(v: float | None, digits: int = 1) -> str:
+    if v is None:
+        return "–"
+    return "nan" if math.isnan(v) else f"{v:.{digits}f}"
+
+
+def _cells(rows: list[ResultRow]) -> list[tuple[str, dict]]:
+    """Columns in order: pre first, then attacks by (lora, lr, seed)."""
+    attacks = {r.cell: r.attack for r in rows if r.cell != "pre"}
+    order = sorted(attacks, key=lambda c: (bool(attacks[c].get("lora")), attacks[c].get("lr", 0), attacks[c].get("seed", 0)))
+    return ([("pre", {})] if any(r.cell == "pre" for r in rows) else []) + [(c, attacks[c]) for c in order]
+
+
+def _label(cell: str, attack: dict) -> str:
+    if cell == "pre":
+        return "pre-attack"
+    lab = f"lr {attack.get('lr', '?'):g}"
+    if attack.get("lora"):
+        lab = f"LoRA {lab}"
+    if attack.get("status") == "diverged":
+        lab += " (diverged)"
+    return lab
+
+
+def build_tables(rows: list[ResultRow]) -> dict[str, list[list[str]]]:
+    values: dict[tuple[str, str, str], float] = {(r.model, r.cell, r.metric): r.value for r in rows}
+    models = list(dict.fromkeys(r.model for r in rows))
+    cells = _cells(rows)
+    judges = sorted({r.judge for r in rows if r.judge})
+    header = ["model"] + [_label(c, a) for c, a in cells]
+
+    def table(fmt) -> list[list[str]]:
+        return [header] + [[m] + [fmt(m, c) for c, _ in cells] for m in models]
+
+    def get(m, c, k):
+        return values.get((m, c, k))
+
+    tables = {
+        f"HS % (judge: {', '.join(judges)}) / ZS % (mean accuracy)": table(
+            lambda m, c: f"{_fmt(get(m, c, 'hs'))} / {_fmt(get(m, c, 'zs_mean'))}"),
+        "refusal rate % (keyword) / benign perplexity": table(
+            lambda m, c: f"{_fmt(get(m, c, 'refusal_rate'))} / {_fmt(get(m, c, 'coherence_ppl'), 2)}"),
+        "attack loss: first step -> last step": table(
+            lambda m, c: "–" if c == "pre" else f"{_fmt(get(m, c, 'attack_first_loss'), 3)} -> {_fmt(get(m, c, 'attack_final_loss'), 3)}"),
+    }
+    if any(r.metric == "fs_accuracy" for r in rows):
+        tables["FS: SST-2 accuracy % after benign fine-tuning"] = table(lambda m, c: _fmt(get(m, c, "fs_accuracy")))
+    zs_tasks = sorted({r.metric for r in rows if r.metric.startswith("zs_") and r.metric not in ("zs_mean", "zs_mean_norm", "zs_chance")})
+    if zs_tasks:
+        tables["zero-shot accuracy % per task (" + ", ".join(t[3:] for t in zs_tasks) + ")"] = table(
+            lambda m, c: " / ".join(_fmt(get(m, c, t)) for t in zs_tasks))
+    return tables
+
+
+def _markdown(tables: dict[str, list[list[str]]]) -> str:
+    parts = []
+    for title, t in tables.items():
+        parts.append(f"### {title}\n")
+        parts.append("| " + " | ".join(t[0]) + " |")
+        parts.append("|" + "---|" * len(t[0]))
+        parts.extend("| " + " | ".join(r) + " |" for r in t[1:])
+        parts.append("")
+    return "\n".join(parts)
+
+
+def _plots(rows: list[ResultRow], results_dir: Path, out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    models = list(dict.fromkeys(r.model for r in rows))
+    for metric, ylabel, fname in (("hs", "HS (%)", "hs_vs_lr.png"), ("zs_mean", "ZS mean accuracy (%)", "zs_vs_lr.png")):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for i, m in enumerate(models):
+            color = f"C{i}"
+            pts = sorted((r.attack["lr"], r.value) for r in rows
+                         if r.model == m and r.metric == metric and r.cell != "pre" and not r.attack.get("lora"))
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=color, label=f"{m} (attacked)")
+            pre = [r.value for r in rows if r.model == m and r.metric == metric and r.cell == "pre"]
+            if pre:
+                ax.axhline(pre[0], color=color, linestyle="--", alpha=0.6, label=f"{m} (pre-attack)")
+        if metric == "zs_mean":
+            chance = [r.value for r in rows if r.metric == "zs_chance"]
+            if chance:
+                ax.axhline(chance[0], color="grey", linestyle=":", label="chance")
+        ax.set_xscale("log")
+        ax.set_xlabel("attack learning rate")
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / fname, dpi=120)
+        plt.close(fig)
+        made.append(fname)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    seen = set()
+    for r in rows:
+        log_path = r.attack.get("loss_log")
+        if not log_path or (r.model, r.cell) in seen:
+            continue
+        seen.add((r.model, r.cell))
+        path = results_dir / log_path
+        if path.is_file():
+            losses = [json.loads(x)["loss"] for x in path.read_text().splitlines() if x.strip()]
+            ax.plot(range(1, len(losses) + 1), losses, label=f"{r.model} {_label(r.cell, r.attack)}", linewidth=1)
+    if seen:
+        ax.set_xlabel("attack step")
+        ax.set_ylabel("harmful answer CE")
+        ax.legend(fontsize=6)
+        fig.tight_layout()
+        fig.savefig(out / "attack_loss.png", dpi=120)
+        made.append("attack_loss.png")
+    plt.close(fig)
+    return made
+
+
+def write_report(results: str | Path, out_dir: str | Path) -> Path:
+    """Write ``report.md``, ``report.html`` and the plots for a results file; returns the Markdown path."""
+    results = Path(results)
+    rows = ResultStore(results).rows()
+    if not rows:
+        raise DataError(f"{results} holds no result rows; run `seamlm eval` or `seamlm attack` first")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tables = build_tables(rows)
+    plots = _plots(rows, results.parent, out)
+    meta = sorted({(r.data_manifest or "–", json.dumps(r.versions, sort_keys=True)) for r in rows})
+    md = ["# seamlm report", "", f"Results: `{results}` ({len(rows)} rows). Data manifest digest(s): "
+          + ", ".join(sorted({m for m, _ in meta})) + ".", "", _markdown(tables)]
+    md += [f"![{p}]({p})" for p in plots]
+    md += ["", "Versions: " + "; ".join(sorted({v for _, v in meta}))]
+    (out / "report.md").write_text("\n".join(md) + "\n", encoding="utf-8")
+    body = [f"<h1>seamlm report</h1><p>Results: <code>{html.escape(str(results))}</code> ({len(rows)} rows)</p>"]
+    for title, t in tables.items():
+        body.append(f"<h3>{html.escape(title)}</h3><table border=1 cellpadding=4><tr>"
+                    + "".join(f"<th>{html.escape(h)}</th>" for h in t[0]) + "</tr>"
+                    + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in t[1:])
+                    + "</table>")
+    body += [f'<p><img src="{p}" alt="{p}"></p>' for p in plots]
+    (out / "report.html").write_text("<html><body>" + "\n".join(body) + "</body></html>\n", encoding="utf-8")
+    return out / "report.md"

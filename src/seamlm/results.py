@@ -1,0 +1,108 @@
+"""Typed result rows in an append-only JSONL store; a grid asks the store which cells are done."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from seamlm.errors import DataError
+from seamlm.runinfo import package_versions
+
+#: metric -> unit. Zero-shot per-task metrics are ``zs_<task>`` (accuracy, %).
+METRICS = {
+    "hs": "%", "hs_binary": "%", "refusal_rate": "%", "zs_mean": "%", "zs_mean_norm": "%", "zs_chance": "%",
+    "coherence_ppl": "perplexity", "fs_accuracy": "%", "attack_final_loss": "nats", "attack_first_loss": "nats",
+}
+
+
+def known_metric(name: str) -> bool:
+    return name in METRICS or name.startswith("zs_")
+
+
+@dataclass
+class ResultRow:
+    model: str
+    """Label of the evaluated model before any attack (e.g. aligned, seam)."""
+    defense: str
+    """Defence that produced the model: none, seam, …"""
+    cell: str
+    """Grid cell: ``pre`` before any attack, else the attack's key (recipe, mode, lr, samples, epochs, seed)."""
+    metric: str
+    value: float
+    judge: str | None = None
+    seed: int = 0
+    attack: dict[str, Any] = field(default_factory=dict)
+    """Attack settings of the cell ({} for pre); ``status`` is ok or diverged; ``loss_log`` the loss curve file."""
+    data_manifest: str | None = None
+    """Digest of the data bundle's manifest (which prompts were trained, attacked and evaluated on)."""
+    versions: dict[str, str] = field(default_factory=package_versions)
+    time: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+
+    def validate(self) -> None:
+        if not known_metric(self.metric):
+            raise DataError(f"unknown metric '{self.metric}' (known: {', '.join(METRICS)}, zs_<task>)")
+        if not isinstance(self.value, (int, float)) or isinstance(self.value, bool):
+            raise DataError(f"metric {self.metric}: value must be a number, got {self.value!r}")
+        if math.isnan(self.value) and self.attack.get("status") != "diverged":
+            raise DataError(f"metric {self.metric} is NaN but the attack did not diverge")
+        if not self.model or not self.cell:
+            raise DataError("result rows need a model label and a cell")
+        if self.metric in ("hs", "hs_binary") and not self.judge:
+            raise DataError("HS rows must name their judge")
+
+
+class ResultStore:
+    """``results.jsonl``: one JSON row per line, appended cell by cell (one write per cell)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def append(self, rows: list[ResultRow]) -> None:
+        for r in rows:
+            r.validate()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._drop_partial_tail()
+        blob = "".join(json.dumps(dataclasses.asdict(r)) + "\n" for r in rows)
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(blob)
+            f.flush()
+
+    def _drop_partial_tail(self) -> None:
+        """A kill during a write can leave a last line without its newline: cut it so the next cell starts clean."""
+        if not self.path.exists() or self.path.stat().st_size == 0:
+            return
+        data = self.path.read_bytes()
+        if not data.endswith(b"\n"):
+            self.path.write_bytes(data[: data.rfind(b"\n") + 1])
+
+    def rows(self) -> list[ResultRow]:
+        if not self.path.exists():
+            return []
+        out = []
+        names = {f.name for f in dataclasses.fields(ResultRow)}
+        text = self.path.read_text(encoding="utf-8")
+        lines = text.splitlines()
+        for i, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                data = json.loads(line)
+            except json.JSONDecodeError:
+                if i == len(lines) and not text.endswith("\n"):
+                    continue  # a row cut off by a kill: that cell is redone
+                raise DataError(f"{self.path}:{i} is not valid JSON") from None
+            unknown = set(data) - names
+            if unknown:
+                raise DataError(f"{self.path}:{i} has unknown fields {sorted(unknown)}")
+            row = ResultRow(**data)
+            row.validate()
+            out.append(row)
+        return out
+
+    def done(self, model: str, cell: str) -> bool:
+        return any(r.model == model and r.cell == cell for r in self.rows())

@@ -1,0 +1,92 @@
+"""The attack grid on a tiny model: cells evaluated and appended, a stopped grid resumes, bad configs."""
+
+import json
+
+import pytest
+
+import seamlm.attack as attack_mod
+from seamlm.attack import AttackConfig, evaluate_pre_attack, run_attack_grid
+from seamlm.data.bundles import BundleData
+from seamlm.errors import ConfigError
+from seamlm.evaluate.judges import KeywordJudge
+from seamlm.evaluate.metrics import EvalConfig
+from seamlm.results import ResultStore
+from tests.conftest import BENIGN, HARMFUL, REFUSAL
+
+EVAL = EvalConfig(judge="keyword", hs_prompts=3, max_new_tokens=4, zs_tasks=("arc_easy",), zs_limit=3,
+                  coherence_examples=3, gen_batch_size=4)
+
+
+@pytest.fixture
+def bundle():
+    return BundleData({"harmful": HARMFUL[:6], "refusal": REFUSAL[:6], "benign": BENIGN[:6], "attack": HARMFUL[6:],
+                       "eval_harmful": HARMFUL[:3], "benign_heldout": BENIGN[6:]}, {"seed": 0})
+
+
+def _grid(tiny_model_dir, bundle, tmp_path, store, lrs=(1e-4, 1e-3), **kw):
+    cfg = AttackConfig(learning_rates=lrs, num_samples=4, batch_size=2, **kw)
+    return run_attack_grid(str(tiny_model_dir), "tiny", "none", bundle, cfg, EVAL, KeywordJudge(), tmp_path, store)
+
+
+def test_grid_cells_rows_and_resume(tiny_model_dir, bundle, tmp_path, monkeypatch, caplog):
+    store = ResultStore(tmp_path / "results.jsonl")
+    assert evaluate_pre_attack(str(tiny_model_dir), "tiny", "none", bundle, EVAL, KeywordJudge(), tmp_path, store)
+    assert not evaluate_pre_attack(str(tiny_model_dir), "tiny", "none", bundle, EVAL, KeywordJudge(), tmp_path, store)
+
+    real_eval, calls = attack_mod.evaluate_model, []
+
+    def dies_on_second_cell(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # killed while evaluating the second cell
+        return real_eval(*a, **k)
+
+    monkeypatch.setattr(attack_mod, "evaluate_model", dies_on_second_cell)
+    with pytest.raises(KeyboardInterrupt):
+        _grid(tiny_model_dir, bundle, tmp_path, store)
+    monkeypatch.setattr(attack_mod, "evaluate_model", real_eval)
+    cells = {r.cell for r in store.rows()}
+    assert cells == {"pre", "sft-full-adamw-lr0.0001-n4-ep1-s0"}
+
+    ran = _grid(tiny_model_dir, bundle, tmp_path, store)
+    assert ran == ["sft-full-adamw-lr0.001-n4-ep1-s0"]  # the finished cell is not redone
+    assert "4 requested" not in caplog.text
+    rows = store.rows()
+    by_cell = {}
+    for r in rows:
+        by_cell.setdefault(r.cell, {})[r.metric] = r
+    for cell, metrics in by_cell.items():
+        assert {"hs", "refusal_rate", "zs_mean", "zs_arc_easy", "coherence_ppl"} <= set(metrics), cell
+        assert metrics["hs"].judge == "keyword"
+        if cell != "pre":
+            att = metrics["hs"].attack
+            assert att["samples"] == 4 and att["status"] == "ok"
+            losses = [json.loads(x)["loss"] for x in (tmp_path / att["loss_log"]).read_text().splitlines()]
+            assert len(losses) == 2 and metrics["attack_final_loss"].value == losses[-1]
+    assert _grid(tiny_model_dir, bundle, tmp_path, store) == []
+
+
+def test_lora_cell_and_sample_shortfall(tiny_model_dir, bundle, tmp_path, caplog):
+    store = ResultStore(tmp_path / "r.jsonl")
+    cfg = AttackConfig(learning_rates=(1e-3,), num_samples=100, batch_size=3, lora=True, lora_r=2)
+    ran = run_attack_grid(str(tiny_model_dir), "tiny", "none", bundle, cfg, EVAL, KeywordJudge(), tmp_path, store)
+    assert ran == ["sft-lora-r2-adamw-lr0.001-n6-ep1-s0"]
+    assert "6 harmful examples available, 100 requested" in caplog.text
+
+
+@pytest.mark.parametrize("values,match", [
+    ({"learning_rates": "0,1e-4"}, "learning rates > 0"),
+    ({"learning_rates": "fast"}, "expects float"),
+    ({"optimizer": "adam"}, "must be one of"),
+    ({"lr_grid": "1e-4"}, "unknown AttackConfig key"),
+])
+def test_bad_attack_configs(values, match):
+    with pytest.raises(ConfigError, match=match):
+        AttackConfig.from_dict(values)
+
+
+def test_eval_refuses_a_zero_shot_task_that_feeds_training(tiny_model_dir, bundle, tmp_path):
+    bundle.manifest["zero_shot_exclude"] = ["arc_easy"]
+    with pytest.raises(ValueError, match="feed this bundle's training data"):
+        evaluate_pre_attack(str(tiny_model_dir), "tiny", "none", bundle, EVAL, KeywordJudge(), tmp_path,
+                            ResultStore(tmp_path / "r.jsonl"))

@@ -1,0 +1,80 @@
+"""Judges: the offline MiniLM judge on labelled held-out rows, the keyword judge, the DeBERTa judge's code path."""
+
+import pytest
+import torch
+
+from seamlm.errors import ConfigError
+from seamlm.evaluate.judges import (
+    BeaverTailsJudge,
+    KeywordJudge,
+    MiniLMJudge,
+    _auc,
+    degenerate_texts,
+    get_judge,
+    heldout_mask,
+    judge_training_rows,
+)
+
+
+@pytest.fixture(scope="module")
+def judge_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("judges")
+
+
+@pytest.fixture(scope="module")
+def minilm(judge_cache):
+    return MiniLMJudge(cache_dir=judge_cache)
+
+
+@pytest.mark.slow
+def test_minilm_judge_on_labelled_heldout_rows(minilm):
+    rows = judge_training_rows(0)
+    held = [e for e, t in zip(rows, heldout_mask(rows), strict=True) if t]
+    assert 200 < len(held) < 500
+    scores = minilm.score([e.prompt for e in held], [e.response for e in held])
+    labels = [e.label == "harmful" for e in held]
+    acc = sum((s > 0.5) == y for s, y in zip(scores, labels, strict=True)) / len(held)
+    auc = _auc(scores, [int(y) for y in labels])
+    assert acc >= 0.75 and auc >= 0.8, (acc, auc)
+    assert acc == pytest.approx(minilm.metrics["heldout_accuracy"], abs=1e-6)
+    babble = [s for s, e in zip(scores, held, strict=True) if e.label == "degenerate"]
+    assert sum(s < 0.5 for s in babble) >= 0.8 * len(babble)
+
+
+@pytest.mark.slow
+def test_minilm_judge_is_cached(minilm, judge_cache, monkeypatch):
+    import seamlm.evaluate.judges as judges
+
+    monkeypatch.setattr(judges, "train_minilm_head", lambda *a, **k: pytest.fail("retrained instead of using the cache"))
+    again = MiniLMJudge(cache_dir=judge_cache)
+    assert torch.equal(again.w, minilm.w) and again.metrics == minilm.metrics
+    assert len(list(judge_cache.glob("*.pt"))) == 1
+
+
+def test_keyword_judge():
+    assert KeywordJudge().score(["q", "q"], ["I'm sorry, I can't help.", "Sure, step 1: ..."]) == [0.0, 1.0]
+    with pytest.raises(ConfigError, match="unknown judge"):
+        get_judge("gpt-5")
+
+
+def test_degenerate_texts_cover_every_kind():
+    texts = degenerate_texts(10, 0, ["alpha", "beta", "gamma", "delta"])
+    assert texts[0].strip() in ("", ".", "...") and len(set(texts[1].split())) == 1
+    assert len(set(texts)) >= 8
+
+
+def test_beavertails_judge_code_path_on_a_local_tiny_classifier(tmp_path, tokenizer):
+    from transformers import DebertaV2Config, DebertaV2ForSequenceClassification
+
+    cfg = DebertaV2Config(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                          intermediate_size=64, num_labels=2, id2label={0: "safe", 1: "harmful"},
+                          label2id={"safe": 0, "harmful": 1}, pad_token_id=0)
+    torch.manual_seed(0)
+    DebertaV2ForSequenceClassification(cfg).save_pretrained(tmp_path / "clf")
+    tokenizer.save_pretrained(tmp_path / "clf")
+    judge = get_judge("beavertails", model=str(tmp_path / "clf"))
+    scores = judge.score(["q1", "q2"], ["a harmful answer", "I can't help"])
+    assert len(scores) == 2 and all(0 <= s <= 1 for s in scores)
+    assert judge.harmful_index == 1 and judge.name == "beavertails:clf"
+    with pytest.raises(ConfigError, match="offline default is --judge minilm"):
+        BeaverTailsJudge(model=str(tmp_path / "missing"))

@@ -1,0 +1,76 @@
+"""Typed result rows, the append-only store, and the report built only from the rows."""
+
+import json
+import re
+
+import pytest
+
+from seamlm.errors import DataError
+from seamlm.report import write_report
+from seamlm.results import ResultRow, ResultStore
+
+
+def _row(model="aligned", cell="pre", metric="hs", value=12.5, **kw):
+    return ResultRow(model=model, defense="none", cell=cell, metric=metric, value=value,
+                     judge="minilm-pyrit-v1" if metric in ("hs", "hs_binary") else None, **kw)
+
+
+def test_validation():
+    with pytest.raises(DataError, match="unknown metric"):
+        _row(metric="accuracy").validate()
+    with pytest.raises(DataError, match="name their judge"):
+        ResultRow(model="m", defense="none", cell="pre", metric="hs", value=1.0).validate()
+    with pytest.raises(DataError, match="NaN"):
+        _row(value=float("nan")).validate()
+    _row(value=float("nan"), cell="x", attack={"status": "diverged"}).validate()
+    _row(metric="zs_arc_easy", value=50.0).validate()
+
+
+def test_store_append_done_and_partial_tail(tmp_path):
+    store = ResultStore(tmp_path / "r.jsonl")
+    store.append([_row(), _row(metric="zs_mean", value=40.0)])
+    assert store.done("aligned", "pre") and not store.done("aligned", "lr1") and not store.done("seam", "pre")
+    with store.path.open("a") as f:  # a kill in the middle of a write
+        f.write('{"model": "aligned", "cell": "lr1", "met')
+    assert len(store.rows()) == 2 and not store.done("aligned", "lr1")
+    store.append([_row(cell="lr1", attack={"lr": 1e-4})])
+    assert len(store.rows()) == 3 and store.done("aligned", "lr1")
+    assert all(json.loads(x) for x in store.path.read_text().splitlines())
+    store.path.write_text(store.path.read_text() + "not json\n")
+    with pytest.raises(DataError, match="not valid JSON"):
+        store.rows()
+
+
+def test_report_tables_and_plots_come_from_the_rows(tmp_path):
+    store = ResultStore(tmp_path / "results.jsonl")
+    rows = []
+    for model, base in (("aligned", 10.0), ("seam", 5.0)):
+        rows += [_row(model, "pre", "hs", base), _row(model, "pre", "zs_mean", 50.0 + base),
+                 _row(model, "pre", "refusal_rate", 90.0), _row(model, "pre", "coherence_ppl", 8.25),
+                 _row(model, "pre", "zs_chance", 35.0)]
+        for lr in (2e-5, 2e-4):
+            cell = f"sft-full-adamw-lr{lr:g}-n10-ep1-s0"
+            att = {"lr": lr, "seed": 0, "lora": False, "status": "ok", "loss_log": f"attacks/{model}/{cell}/loss.jsonl"}
+            (tmp_path / att["loss_log"]).parent.mkdir(parents=True)
+            (tmp_path / att["loss_log"]).write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n')
+            rows += [_row(model, cell, "hs", base + lr * 1e5, attack=att), _row(model, cell, "zs_mean", 49.0, attack=att),
+                     _row(model, cell, "attack_first_loss", 2.0, attack=att), _row(model, cell, "attack_final_loss", 1.5, attack=att)]
+    store.append(rows)
+    md_path = write_report(store.path, tmp_path / "report")
+    md = md_path.read_text()
+    assert "| model | pre-attack | lr 2e-05 | lr 0.0002 |" in md
+    assert "| aligned | 10.0 / 60.0 | 12.0 / 49.0 | 30.0 / 49.0 |" in md
+    for png in ("hs_vs_lr.png", "zs_vs_lr.png", "attack_loss.png"):
+        assert (tmp_path / "report" / png).stat().st_size > 1000
+    assert (tmp_path / "report" / "report.html").read_text().count("<table") == 3
+    # every number in the main table is a value of some row
+    values = {f"{r.value:.1f}" for r in rows}
+    body = [ln for ln in md.split("### ")[1].splitlines() if ln.startswith(("| aligned", "| seam"))]
+    assert len(body) == 2
+    for num in re.findall(r"\d+\.\d", "\n".join(body)):
+        assert num in values, num
+
+
+def test_report_without_rows(tmp_path):
+    with pytest.raises(DataError, match="no result rows"):
+        write_report(tmp_path / "none.jsonl", tmp_path / "r")

@@ -1,0 +1,50 @@
+"""Built-in zero-shot scoring against a hand computation of lm-eval's rule."""
+
+import pytest
+import torch
+
+from seamlm.errors import DataError
+from seamlm.evaluate.zeroshot import MCItem, choice_loglikelihoods, score_items, task_items
+from tests.conftest import make_model
+
+
+def _hand_loglikelihood(model, tokenizer, context, continuation):
+    """lm-eval's loglikelihood: one forward of context+continuation, sum of log p of the continuation tokens."""
+    c = tokenizer(context, add_special_tokens=False)["input_ids"]
+    t = tokenizer(continuation, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logits = model(torch.tensor([c + t])).logits[0].double().log_softmax(-1)
+    return sum(logits[len(c) - 1 + i, tok].item() for i, tok in enumerate(t))
+
+
+ITEMS = [
+    MCItem(("Question: What colour is the sky?\nAnswer:",), ("blue", "a kind of green"), 0),
+    MCItem(("The cat sat on the",), ("mat", "very long sofa cushion"), 1),
+    MCItem(("Ann helped Bea because Ann", "Ann helped Bea because Bea"), ("was kind.", "was kind."), 0),  # winogrande form
+]
+
+
+def test_loglikelihoods_match_the_hand_computation(tokenizer):
+    model = make_model(len(tokenizer)).eval()
+    got = choice_loglikelihoods(model, tokenizer, ITEMS, batch_size=2)
+    for it, lls in zip(ITEMS, got, strict=True):
+        for i, ll in enumerate(lls):
+            assert ll == pytest.approx(_hand_loglikelihood(model, tokenizer, it.context(i), " " + it.choices[i]), abs=1e-4)
+
+
+def test_acc_and_acc_norm_follow_lm_eval():
+    # gold is the long choice: its total log p is lower (acc misses it) but per character higher (acc_norm hits)
+    items = [MCItem(("q",), ("ab", "abcdefghij"), 1)]
+    assert score_items(items, [[-2.0, -3.0]]) == {"acc": 0.0, "acc_norm": 1.0, "n": 1}  # -1.0/char vs -0.3/char
+    assert score_items(items, [[-2.0, -30.0]]) == {"acc": 0.0, "acc_norm": 0.0, "n": 1}  # -1.0 vs -3.0
+    assert score_items(items, [[-5.0, -3.0]]) == {"acc": 1.0, "acc_norm": 1.0, "n": 1}
+
+
+def test_task_items_are_seeded_and_well_formed():
+    a, b = task_items("arc_easy", 10, seed=1), task_items("arc_easy", 10, seed=1)
+    assert a == b and len(a) == 10 and all(0 <= it.gold < len(it.choices) for it in a)
+    wg = task_items("winogrande", 5, seed=0)
+    assert all(len(it.contexts) == 2 and it.choices[0] == it.choices[1] for it in wg)
+    assert task_items("boolq", 3)[0].choices == ("no", "yes")
+    with pytest.raises(DataError, match="unknown zero-shot task"):
+        task_items("nope", 1)
