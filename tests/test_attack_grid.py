@@ -74,11 +74,20 @@ def test_lora_cell_and_sample_shortfall(tiny_model_dir, bundle, tmp_path, caplog
     assert "6 harmful examples available, 100 requested" in caplog.text
 
 
+def test_grid_spans_samples_epochs_and_seeds():
+    cfg = AttackConfig(learning_rates=(1e-4, 2e-4), num_samples=(10, 20), num_epochs=(1, 2), seeds=(0, 1))
+    cells = cfg.cells()
+    assert len(cells) == 16 and len({cfg.cell_key(c["lr"], c["seed"], c["num_samples"], c["epochs"]) for c in cells}) == 16
+    with pytest.raises(ConfigError, match="through the grid fields"):
+        AttackConfig(lr=1e-4)
+
+
 @pytest.mark.parametrize("values,match", [
     ({"learning_rates": "0,1e-4"}, "learning rates > 0"),
     ({"learning_rates": "fast"}, "expects float"),
     ({"optimizer": "adam"}, "must be one of"),
     ({"lr_grid": "1e-4"}, "unknown AttackConfig key"),
+    ({"num_samples": "0"}, "num_samples and num_epochs >= 1"),
 ])
 def test_bad_attack_configs(values, match):
     with pytest.raises(ConfigError, match=match):

@@ -27,23 +27,34 @@ PAPER_LRS = (2e-5, 5e-5, 8e-5, 1e-4, 2e-4)
 
 @dataclass
 class AttackConfig(FinetuneConfig):
-    """Harmful fine-tuning grid. Per cell: ``num_samples`` attack rows, ``epochs``, batch 4, cosine, 10 % warm-up."""
+    """Harmful fine-tuning grid: learning_rates × num_samples × num_epochs × seeds, one cell each; every other field
+    is the fine-tuning recipe of all cells (batch 4, AdamW, cosine, 10 % warm-up, weight decay 0.01 by default)."""
 
     learning_rates: tuple[float, ...] = PAPER_LRS
     """Attack learning rates (the paper's grid)."""
-    seeds: tuple[int, ...] = (0,)
-    """Attack seeds (data order, LoRA init); each is a separate cell."""
-    num_samples: int = 1000
+    num_samples: tuple[int, ...] = (1000,)
     """Harmful examples per attack (all available when fewer; the log says how many were used)."""
+    num_epochs: tuple[int, ...] = (1,)
+    """Epochs per attack."""
+    seeds: tuple[int, ...] = (0,)
+    """Attack seeds (data order, LoRA init)."""
 
     def validate(self) -> None:
         super().validate()
-        if self.num_samples < 1 or any(lr <= 0 for lr in self.learning_rates) or not self.seeds:
-            raise ConfigError("AttackConfig: num_samples >= 1, learning rates > 0 and at least one seed")
+        grid_owned = {"lr": 2e-5, "epochs": 1, "seed": 0}
+        moved = [k for k, default in grid_owned.items() if getattr(self, k) != default]
+        if moved:
+            raise ConfigError(f"AttackConfig: set {moved} through the grid fields learning_rates / num_epochs / seeds")
+        if (min(self.num_samples) < 1 or min(self.num_epochs) < 1 or min(self.learning_rates) <= 0):
+            raise ConfigError("AttackConfig: num_samples and num_epochs >= 1, learning rates > 0")
 
-    def cell(self, lr: float, seed: int, n: int) -> str:
+    def cells(self) -> list[dict[str, float | int]]:
+        return [{"lr": lr, "num_samples": n, "epochs": ep, "seed": s}
+                for s in self.seeds for n in self.num_samples for ep in self.num_epochs for lr in self.learning_rates]
+
+    def cell_key(self, lr: float, seed: int, n: int, epochs: int) -> str:
         mode = f"lora-r{self.lora_r}" if self.lora else "full"
-        return f"sft-{mode}-{self.optimizer}-lr{lr:g}-n{n}-ep{self.epochs}-s{seed}"
+        return f"sft-{mode}-{self.optimizer}-lr{lr:g}-n{n}-ep{epochs}-s{seed}"
 
 
 def manifest_digest(bundle: BundleData) -> str:
@@ -79,38 +90,39 @@ def run_attack_grid(model_name: str, label: str, defense: str, bundle: BundleDat
     out = Path(out_dir)
     data = bundle.streams["attack"]
     ran = []
-    for seed in cfg.seeds:
+    for grid in cfg.cells():
+        lr, seed, epochs = grid["lr"], int(grid["seed"]), int(grid["epochs"])
         examples = list(data)
         random.Random(seed).shuffle(examples)
-        examples = examples[: cfg.num_samples]
-        if len(examples) < cfg.num_samples:
+        examples = examples[: int(grid["num_samples"])]
+        if len(examples) < grid["num_samples"]:
             log.warning("attack: %d harmful examples available, %d requested; using %d",
-                        len(data), cfg.num_samples, len(examples))
-        for lr in cfg.learning_rates:
-            cell = cfg.cell(lr, seed, len(examples))
-            if store.done(label, cell):
-                log.info("%s / %s: already in %s, skipped", label, cell, store.path)
-                continue
-            cell_dir = out / "attacks" / label / cell
-            cell_dir.mkdir(parents=True, exist_ok=True)
-            model, tok = load_model(model_name)
-            run_cfg = FinetuneConfig.from_dict({k: v for k, v in cfg.to_dict().items()
-                                                if k in FinetuneConfig.field_names()} | {"lr": lr, "seed": seed})
-            status, losses = "ok", []
-            try:
-                result = finetune(model, tok, examples, run_cfg, cell_dir / "loss.jsonl", desc=f"attack {label} lr={lr:g}")
-                model, losses = result.model, result.losses
-            except NonFiniteLossError as exc:
-                log.warning("%s: %s", cell, exc)
-                status, model, losses = "diverged", exc.model, exc.losses
-            values = evaluate_model(model, tok, bundle, eval_cfg, judge, cell_dir / "samples.jsonl")
-            if losses:
-                values.update(attack_first_loss=losses[0], attack_final_loss=losses[-1])
-            attack = {"recipe": "sft", "lr": lr, "seed": seed, "samples": len(examples), "epochs": cfg.epochs,
-                      "batch_size": cfg.batch_size, "optimizer": cfg.optimizer, "lora": cfg.lora,
-                      "lora_r": cfg.lora_r if cfg.lora else None, "status": status,
-                      "loss_log": str((cell_dir / "loss.jsonl").relative_to(out))}
-            store.append(_rows(values, dict(model=label, defense=defense, cell=cell, seed=seed, attack=attack,
-                                            data_manifest=manifest_digest(bundle)), judge))
-            ran.append(cell)
+                        len(data), grid["num_samples"], len(examples))
+        cell = cfg.cell_key(lr, seed, len(examples), epochs)
+        if store.done(label, cell):
+            log.info("%s / %s: already in %s, skipped", label, cell, store.path)
+            continue
+        cell_dir = out / "attacks" / label / cell
+        cell_dir.mkdir(parents=True, exist_ok=True)
+        model, tok = load_model(model_name)
+        run_cfg = FinetuneConfig.from_dict({k: v for k, v in cfg.to_dict().items()
+                                            if k in FinetuneConfig.field_names()}
+                                           | {"lr": lr, "seed": seed, "epochs": epochs})
+        status, losses = "ok", []
+        try:
+            result = finetune(model, tok, examples, run_cfg, cell_dir / "loss.jsonl", desc=f"attack {label} lr={lr:g}")
+            model, losses = result.model, result.losses
+        except NonFiniteLossError as exc:
+            log.warning("%s: %s", cell, exc)
+            status, model, losses = "diverged", exc.model, exc.losses
+        values = evaluate_model(model, tok, bundle, eval_cfg, judge, cell_dir / "samples.jsonl")
+        if losses:
+            values.update(attack_first_loss=losses[0], attack_final_loss=losses[-1])
+        attack = {"recipe": "sft", "lr": lr, "seed": seed, "samples": len(examples), "epochs": epochs,
+                  "batch_size": cfg.batch_size, "optimizer": cfg.optimizer, "lora": cfg.lora,
+                  "lora_r": cfg.lora_r if cfg.lora else None, "status": status,
+                  "loss_log": str((cell_dir / "loss.jsonl").relative_to(out))}
+        store.append(_rows(values, dict(model=label, defense=defense, cell=cell, seed=seed, attack=attack,
+                                        data_manifest=manifest_digest(bundle)), judge))
+        ran.append(cell)
     return ran

@@ -35,7 +35,10 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
     origin = typing.get_origin(inner)
     if origin is tuple:
         item_type = typing.get_args(inner)[0]
-        items = value.split(",") if isinstance(value, str) else list(value)
+        if isinstance(value, str):
+            items = value.split(",")
+        else:
+            items = list(value) if isinstance(value, (list, tuple)) else [value]
         items = [i.strip() if isinstance(i, str) else i for i in items]
         if not items or any(i == "" for i in items):
             raise ConfigError(f"config key '{name}' needs a comma-separated list, got {value!r}")
@@ -91,11 +94,14 @@ class BaseConfig:
                 f"{source}: unknown {cls.__name__} key(s) {', '.join(hints)}. "
                 f"Valid keys: {', '.join(cls.field_names())}"
             )
-        hints_map = typing.get_type_hints(cls)
-        coerced = {k: _coerce(k, v, hints_map[k]) for k, v in values.items()}
-        cfg = cls(**coerced)
-        cfg.validate()
-        return cfg
+        return cls(**values)
+
+    def __post_init__(self) -> None:
+        # Coerce every field by its type (so "5" -> 5, "1e-4,2e-4" -> (1e-4, 2e-4)) and validate, however built.
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, _coerce(f.name, getattr(self, f.name), hints[f.name]))
+        self.validate()
 
     @classmethod
     def from_yaml(cls: type[C], path: str | Path, overrides: dict[str, Any] | None = None) -> C:
