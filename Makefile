@@ -1,7 +1,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup test test-fast demo lint bench
+.PHONY: setup test test-fast demo attack-example lint bench
 
 setup:
 	./scripts/setup.sh
@@ -18,9 +18,15 @@ demo: setup
 		--harmful examples/data/harmful.jsonl --refusal examples/data/refusal.jsonl \
 		--benign examples/data/benign.jsonl --out runs/demo-defend --steps 5 --batch_size 2 --max_length 128
 
+# Attack SmolLM2 at two learning rates and evaluate HS, ZS, coherence and FS before and after (offline defaults).
+attack-example: setup
+	$(VENV)/bin/seamlm attack --model smollm2-135m-instruct --label smollm2 --out runs/attack-example \
+		--learning_rates 5e-5,2e-4 --eval.fs true
+	$(VENV)/bin/seamlm report runs/attack-example/results.jsonl --out runs/attack-example/report
+
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks
-	$(VENV)/bin/ruff format --check src tests benchmarks
 
 bench: setup
 	$(PY) benchmarks/step_cost.py
+	$(PY) benchmarks/generation_throughput.py

@@ -12,7 +12,7 @@ from seamlm.results import ResultRow, ResultStore
 
 def _row(model="aligned", cell="pre", metric="hs", value=12.5, **kw):
     return ResultRow(model=model, defense="none", cell=cell, metric=metric, value=value,
-                     judge="minilm-pyrit-v1" if metric in ("hs", "hs_binary") else None, **kw)
+                     judge="minilm-pyrit-v3" if metric in ("hs", "hs_binary") else None, **kw)
 
 
 def test_validation():
