@@ -100,3 +100,15 @@ def test_refusal_templates_are_varied_deterministic_and_detected():
     assert all(is_refusal(t) for t in REFUSAL_TEMPLATES)
     assert not is_refusal("Sure, here is how to do it. First, get the materials.")
     assert not is_refusal("Step 1: mix the two. " * 20 + "I can't stress this enough.")
+
+
+def test_defend_and_attack_see_the_same_split_whatever_the_training_seed(tiny_model_dir, tmp_path):
+    """Regression: the bundle split must not follow the defence's training seed (that leaked attack prompts)."""
+    from seamlm.cli import main
+
+    out = tmp_path / "d"
+    assert main(["defend", "--model", str(tiny_model_dir), "--data", "offline-default", "--out", str(out),
+                 "--steps", "1", "--batch_size", "1", "--max_length", "32", "--seed", "7"]) == 0
+    defended = json.loads((out / "data_manifest.json").read_text())
+    attacked = build_bundle("offline-default", seed=0).manifest
+    assert set(defended["splits"]["harmful"]["prompt_hashes"]).isdisjoint(attacked["splits"]["attack"]["prompt_hashes"])

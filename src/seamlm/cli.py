@@ -26,6 +26,8 @@ def _defend_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="hub id, local HF directory, .gguf file, or alias (smollm2-135m-instruct)")
     p.add_argument("--data", help="a bundle name (e.g. offline-default) or a directory from `seamlm data build`; "
                    "replaces --harmful/--refusal/--benign")
+    p.add_argument("--data-seed", type=int, default=0,
+                   help="split seed when --data names a bundle (use the same one for defend, attack and eval)")
     p.add_argument("--harmful", help="JSONL/CSV of harmful prompt + harmful response (H)")
     p.add_argument("--refusal", help="JSONL/CSV of harmful prompt + refusal (R)")
     p.add_argument("--benign", help="JSONL/CSV of benign prompt + response (B)")
@@ -52,7 +54,7 @@ def _run_defend(args: argparse.Namespace, extra: list[str]) -> int:
     if args.data:
         from seamlm.data.bundles import resolve_data
 
-        bundle = resolve_data(args.data, seed=config.seed)
+        bundle = resolve_data(args.data, seed=args.data_seed)
         streams: dict[str, object] = {k: bundle.streams[k] for k in files}
         run_info.update(data=args.data, data_counts=bundle.counts())
         Path(args.out).mkdir(parents=True, exist_ok=True)
@@ -135,6 +137,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--label", help="name of this model in the results (default: the --model value)")
     p.add_argument("--defense", default="none", help="defence that produced the model (none, seam, …)")
     p.add_argument("--data", default="offline-default", help="bundle name or built bundle directory")
+    p.add_argument("--data-seed", type=int, default=0,
+                   help="split seed when --data names a bundle (the one the defence used)")
     p.add_argument("--out", required=True, help="directory: results.jsonl, samples, attack loss logs")
     p.add_argument("--eval-config", help="YAML of EvalConfig fields")
 
@@ -167,7 +171,7 @@ def _eval_setup(args: argparse.Namespace, eval_over: dict[str, str]):
     from seamlm.results import ResultStore
 
     cfg = EvalConfig.from_yaml(args.eval_config, eval_over) if args.eval_config else EvalConfig.from_dict(eval_over, "command line")
-    bundle = resolve_data(args.data)
+    bundle = resolve_data(args.data, seed=args.data_seed)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "data_manifest.json").write_text(json.dumps(bundle.manifest, indent=2))
     return cfg, bundle, get_judge(cfg.judge), ResultStore(Path(args.out) / "results.jsonl")

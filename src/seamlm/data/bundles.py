@@ -92,7 +92,11 @@ def load_built(directory: str | Path) -> BundleData:
 
 
 def resolve_data(spec: str, seed: int = 0) -> BundleData:
-    """``spec`` is a built bundle directory or a bundle name (built in memory)."""
+    """``spec`` is a built bundle directory (its own seed applies) or a bundle name (built in memory with ``seed``).
+
+    The split seed is a property of the data, not of a training run: defence, attack and evaluation must use the
+    same one, or the attack set may overlap the defence set.
+    """
     if Path(spec).is_dir():
         return load_built(spec)
     return build_bundle(spec, seed=seed)
