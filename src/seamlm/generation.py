@@ -20,8 +20,9 @@ def generate_answers(
     model.eval()
     device = next(model.parameters()).device
     answers: list[str] = []
-    old_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
+    old_side, old_trunc = tokenizer.padding_side, tokenizer.truncation_side
+    # left padding for batched generation; a too-long prompt loses its start, never the generation prompt
+    tokenizer.padding_side = tokenizer.truncation_side = "left"
     try:
         for i in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch", disable=len(prompts) <= batch_size):
             texts = [prompt_text(tokenizer, p) for p in prompts[i:i + batch_size]]
@@ -34,6 +35,6 @@ def generate_answers(
             new = out[:, enc["input_ids"].shape[1]:]
             answers.extend(t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True))
     finally:
-        tokenizer.padding_side = old_side
+        tokenizer.padding_side, tokenizer.truncation_side = old_side, old_trunc
         model.train(was_training)
     return answers

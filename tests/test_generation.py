@@ -1,0 +1,32 @@
+"""Batched greedy generation equals one-at-a-time generation (left padding is invisible to the answers)."""
+
+import torch
+
+from seamlm.generation import generate_answers
+from tests.conftest import make_model
+
+
+def test_batched_equals_unbatched_and_restores_tokenizer(tokenizer):
+    model = make_model(len(tokenizer), seed=2).eval()
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:5] *= 0.01  # keep the random model off the special tokens
+    prompts = ["Hi", "What is the longest river in the world, roughly?", "Name a fruit."]
+    one = [generate_answers(model, tokenizer, [p], max_new_tokens=6)[0] for p in prompts]
+    batched = generate_answers(model, tokenizer, prompts, max_new_tokens=6, batch_size=3)
+    assert batched == one and any(batched)
+    assert tokenizer.padding_side == "right" and tokenizer.truncation_side == "right"
+
+
+def test_long_prompts_keep_their_end(tokenizer):
+    """Truncation cuts the start of a long prompt: the generation prompt (<|assistant|>) must survive."""
+    from seamlm.data.format import prompt_text
+
+    model = make_model(len(tokenizer), seed=2).eval()
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:5] *= 0.01
+    long = "x" * 600 + " final question?"
+    got = generate_answers(model, tokenizer, [long], max_new_tokens=5, max_prompt_tokens=64)[0]
+    ids = tokenizer(prompt_text(tokenizer, long), add_special_tokens=False)["input_ids"][-64:]
+    assert tokenizer.convert_ids_to_tokens(ids[-1]) == "<|assistant|>"
+    out = model.generate(torch.tensor([ids]), max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert got == tokenizer.decode(out[0, len(ids):], skip_special_tokens=True).strip()
