@@ -233,7 +233,27 @@ def _run_judge(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def _demo_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="align, defend, attack, evaluate and report on the embedded default model",
+                       description="Runs every stage offline; rerunning skips finished stages and cells. DemoConfig "
+                       "fields as --key value override the preset.")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--preset", choices=["quick", "full"], default="quick")
+    p.add_argument("--fresh", action="store_true", help="delete --out first and redo every stage")
+
+
+def _run_demo(args: argparse.Namespace, extra: list[str]) -> int:
+    from seamlm.pipeline import PRESETS, DemoConfig, run_demo
+
+    cfg = DemoConfig.from_dict({**PRESETS[args.preset], **parse_overrides(extra)}, f"preset {args.preset}")
+    report = run_demo(args.out, cfg, fresh=args.fresh)
+    print(report.read_text())
+    print(f"report: {report} (HTML: {report.with_suffix('.html')})")
+    return 0
+
+
 COMMANDS = {
+    "demo": (_demo_parser, _run_demo),
     "defend": (_defend_parser, _run_defend), "data": (_data_parser, _run_data), "eval": (_eval_parser, _run_eval),
     "attack": (_attack_parser, _run_attack), "report": (_report_parser, _run_report), "judge": (_judge_parser, _run_judge),
 }

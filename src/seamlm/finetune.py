@@ -133,6 +133,8 @@ def finetune(
     sched = get_scheduler(cfg.lr_scheduler, opt, num_warmup_steps=int(cfg.warmup_ratio * len(plan)),
                           num_training_steps=len(plan))
     losses: list[float] = []
+    if log_path:
+        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
     logf = open(log_path, "w", encoding="utf-8") if log_path else None  # noqa: SIM115 (closed in finally)
     model.train()
     try:

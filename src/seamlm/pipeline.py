@@ -1,0 +1,158 @@
+"""`seamlm demo`: data -> align -> defend (SEAM) -> attack both models -> evaluate -> report.
+
+The pipeline only orchestrates the stages; each stage reads and writes files under ``out`` and is skipped when its
+output exists (``fresh=True`` redoes everything), so a killed demo resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from seamlm.attack import AttackConfig, evaluate_pre_attack, run_attack_grid
+from seamlm.checkpoint import latest_checkpoint
+from seamlm.config import BaseConfig
+from seamlm.data.bundles import build_bundle, load_built
+from seamlm.defense import DefenseConfig, SEAMTrainer
+from seamlm.evaluate.judges import get_judge
+from seamlm.evaluate.metrics import EvalConfig
+from seamlm.finetune import FinetuneConfig, finetune
+from seamlm.models import load_model, save_model
+from seamlm.report import write_report
+from seamlm.results import ResultStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DemoConfig(BaseConfig):
+    """Settings of the whole demo; presets (``PRESETS``) fill them, ``--key value`` overrides."""
+
+    model: str = "smollm2-135m-instruct"
+    """The raw chat model (not safety-aligned)."""
+    data_seed: int = 0
+    """Split seed of the offline-default bundle."""
+    align_steps: int = 40
+    """Refusal + benign SFT steps that make the undefended aligned baseline."""
+    align_lr: float = 5e-5
+    """Alignment learning rate."""
+    align_batch_size: int = 8
+    """Alignment batch size."""
+    defense_steps: int = 30
+    """SEAM steps on the aligned model."""
+    defense_beta: float = 1.0
+    """β of SEAM (the paper's 0.01 is far too weak at this scale: see the spec's probe)."""
+    defense_lr: float = 2e-5
+    """SEAM learning rate."""
+    defense_batch_size: int = 4
+    """SEAM batch per stream."""
+    defense_unlearn_loss: str = "final_layer"
+    """L_ul variant (final_layer is 2x cheaper per step on CPU)."""
+    defense_epsilon: float = 1e-3
+    """ε of the Hessian-free estimate."""
+    max_length: int = 128
+    """Token budget per example in every training stage."""
+    attack_lrs: tuple[float, ...] = (5e-5, 2e-4)
+    """Attack learning rates."""
+    attack_samples: int = 200
+    """Harmful examples per attack."""
+    attack_lora: bool = False
+    """Add a LoRA attack at the highest learning rate × 10."""
+    hs_prompts: int = 50
+    """HS prompts per evaluation."""
+    zs_limit: int = 100
+    """Zero-shot items per task."""
+    zs_tasks: tuple[str, ...] = ("arc_easy", "hellaswag", "winogrande", "boolq")
+    """Zero-shot tasks."""
+    fs: bool = True
+    """Measure FS for the unattacked aligned and SEAM models."""
+    judge: str = "minilm"
+    """Harmfulness judge."""
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "quick": {},
+    "full": {"attack_lrs": (2e-5, 5e-5, 8e-5, 1e-4, 2e-4), "attack_samples": 1000, "attack_lora": True,
+             "defense_steps": 100, "hs_prompts": 100, "zs_limit": 200,
+             "zs_tasks": ("arc_easy", "hellaswag", "winogrande", "boolq", "openbookqa")},
+}
+
+
+def _banner(text: str) -> None:
+    log.info("=" * 20 + f" {text} " + "=" * 20)
+
+
+def run_demo(out_dir: str | Path, cfg: DemoConfig, fresh: bool = False) -> Path:
+    """Run (or resume) every stage; returns the report's Markdown path."""
+    out = Path(out_dir)
+    if fresh and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "demo_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    t0 = time.time()
+    timings: dict[str, float] = {}
+
+    _banner("1/6 data")
+    data_dir = out / "data"
+    if not (data_dir / "manifest.json").is_file():
+        build_bundle("offline-default", seed=cfg.data_seed).write(data_dir)
+    bundle = load_built(data_dir)
+    timings["data"] = time.time() - t0
+
+    _banner("2/6 align (refusal + benign SFT)")
+    aligned = out / "models" / "aligned"
+    if not (aligned / "model.safetensors").is_file():
+        model, tok = load_model(cfg.model)
+        align_cfg = FinetuneConfig(lr=cfg.align_lr, batch_size=cfg.align_batch_size, max_steps=cfg.align_steps,
+                                   epochs=100, max_length=cfg.max_length, weight_decay=0.0, seed=cfg.data_seed)
+        examples = bundle.streams["refusal"] + bundle.streams["benign"]
+        res = finetune(model, tok, examples, align_cfg, out / "logs" / "align.jsonl", desc="align")
+        save_model(res.model, tok, aligned, {"stage": "align", "config": align_cfg.to_dict(), "base": cfg.model})
+    timings["align"] = time.time() - t0
+
+    _banner("3/6 defend (SEAM)")
+    seam = out / "models" / "seam"
+    if not (seam / "model" / "model.safetensors").is_file():
+        model, tok = load_model(str(aligned))
+        dcfg = DefenseConfig(steps=cfg.defense_steps, beta=cfg.defense_beta, lr=cfg.defense_lr, epsilon=cfg.defense_epsilon,
+                             batch_size=cfg.defense_batch_size, max_length=cfg.max_length,
+                             unlearn_loss=cfg.defense_unlearn_loss, output_dir=str(seam),
+                             checkpoint_every=max(1, cfg.defense_steps // 5), seed=cfg.data_seed)
+        trainer = SEAMTrainer(model, tok, dcfg, harmful=bundle.streams["harmful"], refusal=bundle.streams["refusal"],
+                              benign=bundle.streams["benign"], run_info={"model": str(aligned)})
+        trainer.train(resume=latest_checkpoint(seam / "checkpoints") is not None)
+    timings["defend"] = time.time() - t0
+
+    store = ResultStore(out / "results.jsonl")
+    eval_cfg = EvalConfig(judge=cfg.judge, hs_prompts=cfg.hs_prompts, zs_limit=cfg.zs_limit, zs_tasks=cfg.zs_tasks,
+                          coherence_examples=50, fs=False)
+    judge = get_judge(cfg.judge)
+    models = {"raw": (cfg.model, "none"), "aligned": (str(aligned), "none"), "seam": (str(seam / "model"), "seam")}
+
+    _banner("4/6 evaluate before attack")
+    for label, (path, defense) in models.items():
+        fs_cfg = eval_cfg.replace(fs=cfg.fs and label != "raw")
+        evaluate_pre_attack(path, label, defense, bundle, fs_cfg, judge, out, store)
+    timings["evaluate"] = time.time() - t0
+
+    _banner("5/6 attack and evaluate")
+    attack = AttackConfig(learning_rates=cfg.attack_lrs, num_samples=(cfg.attack_samples,), max_length=cfg.max_length)
+    grids = [attack]
+    if cfg.attack_lora:
+        grids.append(attack.replace(lora=True, learning_rates=[max(cfg.attack_lrs) * 10]))
+    for label in ("aligned", "seam"):
+        path, defense = models[label]
+        for grid in grids:
+            run_attack_grid(path, label, defense, bundle, grid, eval_cfg, judge, out, store)
+    timings["attack"] = time.time() - t0
+
+    _banner("6/6 report")
+    report = write_report(store.path, out / "report")
+    timings["total"] = time.time() - t0
+    (out / "timings.json").write_text(json.dumps(timings, indent=2))
+    return report

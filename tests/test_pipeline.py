@@ -1,0 +1,41 @@
+"""A shrunken demo end to end on a tiny model: every stage, resumability, and a report built from the results."""
+
+import json
+import re
+
+from seamlm.pipeline import DemoConfig, run_demo
+from seamlm.results import ResultStore
+
+
+def test_shrunken_demo_end_to_end_and_resume(tiny_model_dir, tmp_path, monkeypatch):
+    cfg = DemoConfig(model=str(tiny_model_dir), align_steps=2, align_batch_size=2, defense_steps=2, defense_batch_size=2,
+                     max_length=48, attack_lrs=(1e-4, 1e-3), attack_samples=4, hs_prompts=2, zs_limit=2,
+                     zs_tasks=("arc_easy",), fs=False, judge="keyword", attack_lora=True)
+    out = tmp_path / "demo"
+    report = run_demo(out, cfg)
+    assert (out / "models" / "aligned" / "model.safetensors").is_file()
+    assert (out / "models" / "seam" / "model" / "model.safetensors").is_file()
+    rows = ResultStore(out / "results.jsonl").rows()
+    cells = {(r.model, r.cell) for r in rows}
+    assert {("raw", "pre"), ("aligned", "pre"), ("seam", "pre")} <= cells
+    assert sum(1 for m, c in cells if m == "seam" and c != "pre") == 3  # two full-parameter lrs + one LoRA
+    md = report.read_text()
+    assert md.count("| seam |") >= 3 and (out / "report" / "hs_vs_lr.png").is_file()
+    values = {f"{r.value:.1f}" for r in rows} | {f"{r.value:.2f}" for r in rows} | {f"{r.value:.3f}" for r in rows}
+    for line in md.splitlines():
+        if line.startswith(("| raw", "| aligned", "| seam")):
+            for num in re.findall(r"\d+\.\d+", line):
+                assert num in values, (num, line)
+
+    # a rerun skips every stage: nothing is trained or evaluated again
+    import seamlm.pipeline as pipeline
+
+    def fail(*a, **k):
+        raise AssertionError("a finished stage ran again")
+
+    for name in ("finetune", "SEAMTrainer", "load_model"):
+        monkeypatch.setattr(pipeline, name, fail)
+    before = (out / "results.jsonl").read_text()
+    run_demo(out, cfg)
+    assert (out / "results.jsonl").read_text() == before
+    assert json.loads((out / "timings.json").read_text())["total"] >= 0
