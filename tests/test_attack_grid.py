@@ -7,7 +7,7 @@ import pytest
 import seamlm.attack as attack_mod
 from seamlm.attack import AttackConfig, evaluate_pre_attack, run_attack_grid
 from seamlm.data.bundles import BundleData
-from seamlm.errors import ConfigError
+from seamlm.errors import ConfigError, DataError
 from seamlm.evaluate.judges import KeywordJudge
 from seamlm.evaluate.metrics import EvalConfig
 from seamlm.results import ResultStore
@@ -96,6 +96,17 @@ def test_bad_attack_configs(values, match):
 
 def test_eval_refuses_a_zero_shot_task_that_feeds_training(tiny_model_dir, bundle, tmp_path):
     bundle.manifest["zero_shot_exclude"] = ["arc_easy"]
-    with pytest.raises(ValueError, match="feed this bundle's training data"):
+    with pytest.raises(ConfigError, match="feed this bundle's training data"):
         evaluate_pre_attack(str(tiny_model_dir), "tiny", "none", bundle, EVAL, KeywordJudge(), tmp_path,
                             ResultStore(tmp_path / "r.jsonl"))
+
+
+def test_changed_settings_do_not_reuse_old_cells(tiny_model_dir, bundle, tmp_path):
+    store = ResultStore(tmp_path / "results.jsonl")
+    _grid(tiny_model_dir, bundle, tmp_path, store, lrs=(1e-4,))
+    with pytest.raises(DataError, match="made with other settings"):
+        _grid(tiny_model_dir, bundle, tmp_path, store, lrs=(1e-4,), weight_decay=0.0)
+    evaluate_pre_attack(str(tiny_model_dir), "tiny", "none", bundle, EVAL, KeywordJudge(), tmp_path, store)
+    with pytest.raises(DataError, match="made with other settings"):
+        evaluate_pre_attack(str(tiny_model_dir), "tiny", "none", bundle, EVAL.replace(hs_prompts=2), KeywordJudge(),
+                            tmp_path, store)

@@ -3,6 +3,9 @@
 import json
 import re
 
+import pytest
+
+from seamlm.errors import ConfigError
 from seamlm.pipeline import DemoConfig, run_demo
 from seamlm.results import ResultStore
 
@@ -39,3 +42,5 @@ def test_shrunken_demo_end_to_end_and_resume(tiny_model_dir, tmp_path, monkeypat
     run_demo(out, cfg)
     assert (out / "results.jsonl").read_text() == before
     assert json.loads((out / "timings.json").read_text())["total"] >= 0
+    with pytest.raises(ConfigError, match="other settings \\(defense_steps changed\\)"):
+        run_demo(out, cfg.replace(defense_steps=3))

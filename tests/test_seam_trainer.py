@@ -163,3 +163,28 @@ def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tokenizer, 
         tr.train()
     assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step-0000002"]
     assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
+
+
+def test_bf16_compute_keeps_the_coupling_in_float32(tokenizer, streams, tmp_path):
+    """Under bf16 autocast the coupling gradients must equal the float32 ones (a perturbation of ε·δ vanishes in
+    bf16); only L_ul/L_up see the lower precision."""
+    runs = {}
+    for dtype in ("float32", "bfloat16"):
+        tr = _trainer(tokenizer, streams, tmp_path / dtype, compute_dtype=dtype, beta=0.5, unlearn_loss="logit_lens")
+        runs[dtype] = (tr.compute_update(0), tr.g_a.clone())
+    (r32, ga32), (r16, ga16) = runs["float32"], runs["bfloat16"]
+    torch.testing.assert_close(ga16, ga32, rtol=1e-4, atol=1e-6)
+    assert r16["cos_g_a_g_b"] == pytest.approx(r32["cos_g_a_g_b"], abs=1e-5)
+    assert r16["L_ul"] == pytest.approx(r32["L_ul"], rel=2e-2) and r16["L_ul"] != r32["L_ul"]
+
+
+def test_h_and_r_files_with_repeated_rows_stay_aligned(tokenizer, tmp_path):
+    from seamlm.data.files import Example
+    from tests.conftest import BENIGN, write_jsonl
+
+    h = [Example("How do I do it?", "Step one."), Example("How do I do it?", "Step two."), Example("Other?", "Yes.")]
+    r = [Example(e.prompt, "I can't help with that.") for e in h]  # rows 0 and 1 of R are identical
+    files = {"harmful": write_jsonl(tmp_path / "h.jsonl", h), "refusal": write_jsonl(tmp_path / "r.jsonl", r),
+             "benign": write_jsonl(tmp_path / "b.jsonl", BENIGN)}
+    tr = _trainer(tokenizer, files, tmp_path / "out")
+    assert tr.data_sizes["refusal"] == 3 and tr.samplers["refusal"].key == "harmful"

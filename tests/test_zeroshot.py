@@ -9,9 +9,12 @@ from tests.conftest import make_model
 
 
 def _hand_loglikelihood(model, tokenizer, context, continuation):
-    """lm-eval's loglikelihood: one forward of context+continuation, sum of log p of the continuation tokens."""
-    c = tokenizer(context, add_special_tokens=False)["input_ids"]
-    t = tokenizer(continuation, add_special_tokens=False)["input_ids"]
+    """lm-eval's loglikelihood: encode context+continuation as one string, the continuation is what follows the
+    context's encoding; one forward, sum of log p of the continuation tokens."""
+    stripped = context.rstrip()
+    continuation = context[len(stripped):] + continuation  # trailing spaces belong to the continuation
+    c = tokenizer(stripped, add_special_tokens=False)["input_ids"]
+    t = tokenizer(stripped + continuation, add_special_tokens=False)["input_ids"][len(c):]
     with torch.no_grad():
         logits = model(torch.tensor([c + t])).logits[0].double().log_softmax(-1)
     return sum(logits[len(c) - 1 + i, tok].item() for i, tok in enumerate(t))
@@ -19,6 +22,7 @@ def _hand_loglikelihood(model, tokenizer, context, continuation):
 
 ITEMS = [
     MCItem(("Question: What colour is the sky?\nAnswer:",), ("blue", "a kind of green"), 0),
+    MCItem(("A context that ends in a space ",), ("x", "yz"), 0),  # the space moves to the continuation
     MCItem(("The cat sat on the",), ("mat", "very long sofa cushion"), 1),
     MCItem(("Ann helped Bea because Ann", "Ann helped Bea because Bea"), ("was kind.", "was kind."), 0),  # winogrande form
 ]
@@ -46,5 +50,7 @@ def test_task_items_are_seeded_and_well_formed():
     wg = task_items("winogrande", 5, seed=0)
     assert all(len(it.contexts) == 2 and it.choices[0] == it.choices[1] for it in wg)
     assert task_items("boolq", 3)[0].choices == ("no", "yes")
+    mmlu = task_items("mmlu", 1)[0]
+    assert mmlu.context(0).startswith("The following are multiple choice questions (with answers) about ")
     with pytest.raises(DataError, match="unknown zero-shot task"):
         task_items("nope", 1)

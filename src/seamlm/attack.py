@@ -61,6 +61,10 @@ def manifest_digest(bundle: BundleData) -> str:
     return hashlib.sha256(json.dumps(bundle.manifest, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def settings_digest(**parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def _rows(values: dict[str, float], base: dict[str, Any], judge: Judge) -> list[ResultRow]:
     return [ResultRow(metric=k, value=float(v), judge=judge.name if k in ("hs", "hs_binary") else None, **base)
             for k, v in values.items()]
@@ -69,13 +73,15 @@ def _rows(values: dict[str, float], base: dict[str, Any], judge: Judge) -> list[
 def evaluate_pre_attack(model_name: str, label: str, defense: str, bundle: BundleData, eval_cfg: EvalConfig,
                         judge: Judge, out_dir: str | Path, store: ResultStore) -> bool:
     """Evaluate the unattacked model (cell ``pre``) unless the store has it. Returns True when it ran."""
-    if store.done(label, "pre"):
+    digest = manifest_digest(bundle)
+    settings = settings_digest(model=model_name, eval=eval_cfg.to_dict(), judge=judge.name, data=digest)
+    if store.done(label, "pre", settings):
         log.info("%s / pre: already in %s, skipped", label, store.path)
         return False
-    model, tok = load_model(model_name)
+    model, tok = load_model(model_name, dtype="float32")
     values = evaluate_model(model, tok, bundle, eval_cfg, judge, Path(out_dir) / "samples" / label / "pre.jsonl")
     store.append(_rows(values, dict(model=label, defense=defense, cell="pre", seed=eval_cfg.seed,
-                                    data_manifest=manifest_digest(bundle)), judge))
+                                    data_manifest=digest, settings=settings), judge))
     return True
 
 
@@ -89,6 +95,8 @@ def run_attack_grid(model_name: str, label: str, defense: str, bundle: BundleDat
     """
     out = Path(out_dir)
     data = bundle.streams["attack"]
+    digest = manifest_digest(bundle)
+    recipe = {k: v for k, v in cfg.to_dict().items() if k not in ("learning_rates", "num_samples", "num_epochs", "seeds")}
     ran = []
     for grid in cfg.cells():
         lr, seed, epochs = grid["lr"], int(grid["seed"]), int(grid["epochs"])
@@ -99,12 +107,14 @@ def run_attack_grid(model_name: str, label: str, defense: str, bundle: BundleDat
             log.warning("attack: %d harmful examples available, %d requested; using %d",
                         len(data), grid["num_samples"], len(examples))
         cell = cfg.cell_key(lr, seed, len(examples), epochs)
-        if store.done(label, cell):
+        settings = settings_digest(model=model_name, eval=eval_cfg.to_dict(), judge=judge.name, data=digest,
+                                   recipe=recipe, cell=grid)
+        if store.done(label, cell, settings):
             log.info("%s / %s: already in %s, skipped", label, cell, store.path)
             continue
         cell_dir = out / "attacks" / label / cell
         cell_dir.mkdir(parents=True, exist_ok=True)
-        model, tok = load_model(model_name)
+        model, tok = load_model(model_name, dtype="float32")  # fp32 master weights: bf16 updates at 2e-5 round away
         run_cfg = FinetuneConfig.from_dict({k: v for k, v in cfg.to_dict().items()
                                             if k in FinetuneConfig.field_names()}
                                            | {"lr": lr, "seed": seed, "epochs": epochs})
@@ -123,6 +133,6 @@ def run_attack_grid(model_name: str, label: str, defense: str, bundle: BundleDat
                   "lora_r": cfg.lora_r if cfg.lora else None, "status": status,
                   "loss_log": str((cell_dir / "loss.jsonl").relative_to(out))}
         store.append(_rows(values, dict(model=label, defense=defense, cell=cell, seed=seed, attack=attack,
-                                        data_manifest=manifest_digest(bundle)), judge))
+                                        data_manifest=digest, settings=settings), judge))
         ran.append(cell)
     return ran

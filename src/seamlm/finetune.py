@@ -164,4 +164,9 @@ def finetune(
         model.eval()
     if cfg.lora:
         model = model.merge_and_unload()
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        # the last update produced inf/NaN weights although every loss was finite
+        err = NonFiniteLossError(f"{desc}: non-finite weights after the last step (lr={cfg.lr})")
+        err.model, err.losses = model, losses
+        raise err
     return FinetuneResult(model, losses, len(plan))

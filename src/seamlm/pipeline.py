@@ -19,6 +19,7 @@ from seamlm.checkpoint import latest_checkpoint
 from seamlm.config import BaseConfig
 from seamlm.data.bundles import build_bundle, load_built
 from seamlm.defense import DefenseConfig, SEAMTrainer
+from seamlm.errors import ConfigError
 from seamlm.evaluate.judges import get_judge
 from seamlm.evaluate.metrics import EvalConfig
 from seamlm.finetune import FinetuneConfig, finetune
@@ -93,7 +94,14 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig, fresh: bool = False) -> Path:
     if fresh and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "demo_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    saved = out / "demo_config.json"
+    if saved.is_file():
+        before = json.loads(saved.read_text())
+        changed = sorted(k for k, v in cfg.to_dict().items() if before.get(k) != v)
+        if changed:
+            raise ConfigError(f"{out} holds a demo run with other settings ({', '.join(changed)} changed): its finished "
+                              f"stages would be reused. Pass --fresh to redo everything, or choose another --out.")
+    saved.write_text(json.dumps(cfg.to_dict(), indent=2))
     t0 = time.time()
     timings: dict[str, float] = {}
 
@@ -107,7 +115,7 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig, fresh: bool = False) -> Path:
     _banner("2/6 align (refusal + benign SFT)")
     aligned = out / "models" / "aligned"
     if not (aligned / "model.safetensors").is_file():
-        model, tok = load_model(cfg.model)
+        model, tok = load_model(cfg.model, dtype="float32")
         align_cfg = FinetuneConfig(lr=cfg.align_lr, batch_size=cfg.align_batch_size, max_steps=cfg.align_steps,
                                    epochs=100, max_length=cfg.max_length, weight_decay=0.0, seed=cfg.data_seed)
         examples = bundle.streams["refusal"] + bundle.streams["benign"]
@@ -118,7 +126,7 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig, fresh: bool = False) -> Path:
     _banner("3/6 defend (SEAM)")
     seam = out / "models" / "seam"
     if not (seam / "model" / "model.safetensors").is_file():
-        model, tok = load_model(str(aligned))
+        model, tok = load_model(str(aligned), dtype="float32")
         dcfg = DefenseConfig(steps=cfg.defense_steps, beta=cfg.defense_beta, lr=cfg.defense_lr, epsilon=cfg.defense_epsilon,
                              batch_size=cfg.defense_batch_size, max_length=cfg.max_length,
                              unlearn_loss=cfg.defense_unlearn_loss, output_dir=str(seam),

@@ -40,6 +40,9 @@ class ResultRow:
     """Attack settings of the cell ({} for pre); ``status`` is ok or diverged; ``loss_log`` the loss curve file."""
     data_manifest: str | None = None
     """Digest of the data bundle's manifest (which prompts were trained, attacked and evaluated on)."""
+    settings: str | None = None
+    """Digest of everything else that made this cell's numbers (model path, evaluation and attack settings, judge):
+    a rerun with other settings must not reuse the row."""
     versions: dict[str, str] = field(default_factory=package_versions)
     time: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
 
@@ -104,5 +107,13 @@ class ResultStore:
             out.append(row)
         return out
 
-    def done(self, model: str, cell: str) -> bool:
-        return any(r.model == model and r.cell == cell for r in self.rows())
+    def done(self, model: str, cell: str, settings: str | None = None) -> bool:
+        """Whether ``cell`` of ``model`` is in the store. Rows of that cell made with other ``settings`` are an
+        error: silently reusing them would report numbers for a configuration that was never run."""
+        found = [r for r in self.rows() if r.model == model and r.cell == cell]
+        if settings is not None and any(r.settings != settings for r in found):
+            raise DataError(
+                f"{self.path} already holds cell '{cell}' of model '{model}' made with other settings (data, model "
+                f"path, evaluation or attack options changed). Use another --out or --label, or remove those rows."
+            )
+        return bool(found)

@@ -46,8 +46,9 @@ class DefenseConfig(BaseConfig):
     mask_benign_prompt: bool = True
     """Train CE(B) on answer tokens only (True) or on all tokens like the reference code (False)."""
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """Autocast dtype of forward/backward. Parameters, perturbations and differences stay float32 (the bf16
-    precision trap). ``auto`` = float32 on CPU, bfloat16 on CUDA."""
+    """Autocast dtype of the L_ul and L_up passes. Parameters, perturbations and the coupling's gradients
+    (g_a, g_b and their perturbed versions) stay float32: the bf16 precision trap. ``auto`` = float32 on CPU,
+    bfloat16 on CUDA."""
     seed: int = 42
     """Seeds data order and every RNG."""
     output_dir: str = "runs/defend"

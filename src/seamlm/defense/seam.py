@@ -11,6 +11,7 @@ The model runs in eval mode (no dropout): the finite differences need the same f
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -33,6 +34,7 @@ from seamlm.checkpoint import (
 from seamlm.data.files import Example, load_examples
 from seamlm.data.format import Formatter, TokenizedExample, collate
 from seamlm.data.sampling import StreamSampler
+from seamlm.data.splits import prompt_hash
 from seamlm.defense.config import RESUME_SAFE_KEYS, DefenseConfig
 from seamlm.defense.coupling import FlatParams, cosine, hessian_free_cos_grad
 from seamlm.defense.losses import answer_ce, harmful_forward, unlearn_loss
@@ -48,18 +50,25 @@ _AUTOCAST = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _as_examples(data: str | Path | list[Example], name: str) -> list[Example]:
-    examples = load_examples(data) if isinstance(data, (str, Path)) else list(data)
+    # no de-duplication: H and R are row-aligned, and H may repeat a prompt with several answers
+    examples = load_examples(data, dedupe=False) if isinstance(data, (str, Path)) else list(data)
     if not examples:
         raise DataError(f"the {name} set is empty")
     return examples
+
+
+def _row_aligned(harmful: list[Example], refusal: list[Example]) -> bool:
+    """R row i refuses the prompt of H row i (then each step draws the same rows from both)."""
+    return len(harmful) == len(refusal) and all(
+        prompt_hash(h.prompt) == prompt_hash(r.prompt) for h, r in zip(harmful, refusal, strict=True))
 
 
 class SEAMTrainer:
     """Harden ``model`` with SEAM on harmful (H), refusal (R) and benign (B) examples.
 
     ``harmful``/``refusal``/``benign`` are lists of :class:`~seamlm.data.Example` or paths to JSONL/CSV files
-    with ``prompt``/``response`` columns. When H and R have the same length they are index-aligned (row i of R
-    is the refusal of row i of H) and each step draws the same rows from both.
+    with ``prompt``/``response`` columns. When R holds H's prompts row by row they are index-aligned and each step
+    draws the same rows from both; otherwise the two streams are sampled independently.
     """
 
     def __init__(
@@ -90,7 +99,9 @@ class SEAMTrainer:
         }
         self.data_sizes = {k: len(v) for k, v in self.data.items()}
         self.data_fingerprint = fingerprint({k: [e.input_ids for e in v] for k, v in self.data.items()})
-        aligned = len(self.data["harmful"]) == len(self.data["refusal"])
+        aligned = _row_aligned(examples["harmful"], examples["refusal"])
+        if not aligned:
+            log.info("H and R are not row-aligned (different prompts or lengths): they are sampled independently")
         self.samplers = {
             "harmful": StreamSampler(len(self.data["harmful"]), config.seed, "harmful"),
             "refusal": StreamSampler(len(self.data["refusal"]), config.seed, "harmful" if aligned else "refusal"),
@@ -142,12 +153,15 @@ class SEAMTrainer:
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
 
-    def _accumulate_ce(self, batches: list[Batch], into: torch.Tensor, weight: float = 1.0) -> float:
-        """Backward ``weight · mean-over-micro-batches CE`` into the flat buffer ``into``; returns the mean CE."""
+    def _accumulate_ce(self, batches: list[Batch], into: torch.Tensor, weight: float = 1.0, mixed: bool = True) -> float:
+        """Backward ``weight · mean-over-micro-batches CE`` into the flat buffer ``into``; returns the mean CE.
+
+        ``mixed=False`` computes in float32 whatever ``compute_dtype`` says (the coupling's gradients).
+        """
         total = 0.0
         with self.flat.grad_sink(into):
             for b in batches:
-                with self._autocast():
+                with self._autocast() if mixed else contextlib.nullcontext():
                     ce = answer_ce(self.model, b)
                 (ce * (weight / len(batches))).backward()
                 total += ce.item() / len(batches)
@@ -165,34 +179,45 @@ class SEAMTrainer:
         self.g_a.zero_()
         self.g_b.zero_()
 
-        # 1 + 3: one forward of H. g_a = ∇CE(H) into g_a; the lens terms' gradient into total.
+        # 1 + 3: one forward of H. In float32, g_a = ∇CE(H) comes from the same forward as L_ul. Under bf16/fp16
+        # autocast it cannot: a step of ε·δ is below bf16 resolution, so g_a, g_b and their perturbed versions are
+        # all computed in float32 (the spec's precision trap) and only L_ul and L_up use the compute dtype.
+        shared = self.autocast_dtype is None
         m, ce_h, n_terms = 0.0, 0.0, 1
         for b in h_batches:
             with self._autocast():
                 hf = harmful_forward(self.model, b, cfg.unlearn_loss)
             n_terms = hf.num_terms
-            with self.flat.grad_sink(self.g_a):
-                (hf.ce_final / k).backward(retain_graph=bool(hf.ce_lens))
-            if hf.ce_lens:
+            if shared:
+                with self.flat.grad_sink(self.g_a):
+                    (hf.ce_final / k).backward(retain_graph=bool(hf.ce_lens))
+                if hf.ce_lens:
+                    with self.flat.grad_sink(self.total):
+                        (sum(hf.ce_lens) / k).backward()
+            else:
                 with self.flat.grad_sink(self.total):
-                    (sum(hf.ce_lens) / k).backward()
+                    ((hf.ce_final + sum(hf.ce_lens)) / k).backward()
             ce_h += hf.ce_final.item() / k
             m += hf.mean_ce.item() / k
         # ∇L_ul = −∇m/(m+1) with ∇m = (g_a + Σ_l ∇CE_l)/(L+1)
-        self.total.add_(self.g_a).mul_(-1.0 / (n_terms * (m + 1.0)))
+        if shared:
+            self.total.add_(self.g_a)
+        self.total.mul_(-1.0 / (n_terms * (m + 1.0)))
+        if not shared:
+            self._accumulate_ce(h_batches, self.g_a, mixed=False)
         l_ul = unlearn_loss(torch.tensor(m)).item()
 
         # 2: + α ∇CE(R)
         l_up = self._accumulate_ce(r_batches, self.total, weight=cfg.alpha)
-        # 4: g_b
-        ce_b = self._accumulate_ce(b_batches, self.g_b)
+        # 4: g_b (float32, like every coupling gradient)
+        ce_b = self._accumulate_ce(b_batches, self.g_b, mixed=False)
 
         # 5, 6: + β ∇̂cos(g_a, g_b)
         if cfg.beta > 0:
             stats = hessian_free_cos_grad(
                 self.flat, self.g_a, self.g_b,
-                grad_a=lambda buf: self._accumulate_ce(h_batches, buf),
-                grad_b=lambda buf: self._accumulate_ce(b_batches, buf),
+                grad_a=lambda buf: self._accumulate_ce(h_batches, buf, mixed=False),
+                grad_b=lambda buf: self._accumulate_ce(b_batches, buf, mixed=False),
                 eps=cfg.epsilon, out=self.total, scale=cfg.beta, scratch=self._scratch, backup=self._backup,
             )
         else:
@@ -262,8 +287,8 @@ class SEAMTrainer:
             where = self.last_checkpoint or "none written yet"
             raise NonFiniteLossError(
                 f"step {self.step + 1}: non-finite {', '.join(bad)} — the parameters were NOT updated. "
-                f"Last good checkpoint: {where}. Lower lr or epsilon (or set max_grad_norm), then rerun with "
-                f"--resume to continue from that checkpoint."
+                f"Last good checkpoint: {where}. Resuming with the same settings would repeat the divergence: "
+                f"start a new run (another --out) with a lower lr or epsilon, or with max_grad_norm set."
             )
 
     # ------------------------------------------------------------------ persistence
@@ -284,7 +309,7 @@ class SEAMTrainer:
         path = latest_checkpoint(self.out / "checkpoints")
         if path is None:
             raise CheckpointError(f"--resume: no checkpoint under {self.out / 'checkpoints'}; start without --resume")
-        state = load_checkpoint(path, map_location=self.device)
+        state = load_checkpoint(path, map_location="cpu")  # RNG states must stay CPU tensors; loaders move the rest
         changed = sorted(
             k for k, v in state["config"].items() if k not in RESUME_SAFE_KEYS and getattr(self.config, k, None) != v
         )

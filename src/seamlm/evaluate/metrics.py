@@ -90,7 +90,8 @@ def benign_perplexity(model: Any, tokenizer: Any, examples: list[Example], batch
         ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="sum")
         total += ce.item()
         count += int((labels != -100).sum())
-    return math.exp(total / max(count, 1))
+    mean = total / max(count, 1)
+    return math.exp(mean) if mean < 700 else float("inf")  # a broken model's CE can overflow exp
 
 
 SST2_QUESTION = "{sentence}\nIs the sentiment of this sentence positive or negative?"

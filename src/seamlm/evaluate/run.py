@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from seamlm.data.bundles import BundleData
+from seamlm.errors import ConfigError
 from seamlm.evaluate.judges import Judge
 from seamlm.evaluate.metrics import (
     EvalConfig,
@@ -26,7 +27,7 @@ def evaluate_model(model: Any, tokenizer: Any, bundle: BundleData, cfg: EvalConf
     """Metric name -> value (see ``seamlm.results.METRICS``). Generated answers go to ``samples_path`` (JSONL)."""
     excluded = set(bundle.manifest.get("zero_shot_exclude", [])) & set(cfg.zs_tasks)
     if excluded:
-        raise ValueError(f"zero-shot tasks {sorted(excluded)} feed this bundle's training data; drop them from zs_tasks")
+        raise ConfigError(f"zero-shot tasks {sorted(excluded)} feed this bundle's training data; drop them from zs_tasks")
     out: dict[str, float] = {}
     prompts = sample_prompts(bundle.streams["eval_harmful"], cfg.hs_prompts, cfg.seed)
     hs = harmfulness(model, tokenizer, prompts, judge, cfg.max_new_tokens, cfg.gen_batch_size)

@@ -72,7 +72,7 @@ def _openbookqa(d: dict) -> MCItem:
 
 
 def _sciq(d: dict) -> MCItem:
-    return MCItem((f"{d['support'].strip()}\nQuestion: {d['question']}\nAnswer:".lstrip(),),
+    return MCItem((f"{d['support'].lstrip()}\nQuestion: {d['question']}\nAnswer:",),
                   (d["distractor1"], d["distractor2"], d["distractor3"], d["correct_answer"]), 3)
 
 
@@ -82,8 +82,10 @@ def _sst2(d: dict) -> MCItem:
 
 
 def _mmlu(d: dict) -> MCItem:
+    subject = d.get("_subset", "").replace("_", " ")
+    header = f"The following are multiple choice questions (with answers) about {subject}.\n\n"
     opts = "".join(f"\n{k}. {c}" for k, c in zip("ABCD", d["choices"], strict=False))
-    return MCItem((f"{d['question'].strip()}{opts}\nAnswer:",), ("A", "B", "C", "D"), int(d["answer"]))
+    return MCItem((f"{header}{d['question'].strip()}{opts}\nAnswer:",), ("A", "B", "C", "D"), int(d["answer"]))
 
 
 @dataclass(frozen=True)
@@ -123,18 +125,26 @@ def task_items(name: str, limit: int | None, seed: int = 0) -> list[MCItem]:
     return [task.to_item(d) for d in docs]
 
 
+def _encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """lm-eval's split: trailing spaces of the context move to the continuation, the pair is encoded as one string
+    and the continuation is what follows the context's own encoding (right for SentencePiece merges too)."""
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        continuation, context = context[-n_spaces:] + continuation, context[:-n_spaces]
+    whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
+    ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
+    cont = whole[len(ctx):]
+    prefix = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False) else []
+    ctx = prefix + ctx
+    return (ctx or [tokenizer.eos_token_id]), cont
+
+
 @torch.no_grad()
 def choice_loglikelihoods(model: Any, tokenizer: Any, items: list[MCItem], batch_size: int = 16,
                           desc: str = "zero-shot") -> list[list[float]]:
     """Σ log P(continuation tokens | context) for every choice of every item (batched, right padded)."""
     requests = [(it.context(i), it.delimiter + c) for it in items for i, c in enumerate(it.choices)]
-    encoded = []
-    for ctx, cont in requests:
-        c_ids = tokenizer(ctx, add_special_tokens=False)["input_ids"]
-        if tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False):
-            c_ids = [tokenizer.bos_token_id] + c_ids
-        t_ids = tokenizer(cont, add_special_tokens=False)["input_ids"]
-        encoded.append((c_ids or [tokenizer.eos_token_id], t_ids))
+    encoded = [_encode_pair(tokenizer, ctx, cont) for ctx, cont in requests]
     device = next(model.parameters()).device
     model.eval()
     parts = ModelParts.of(model)
