@@ -127,7 +127,9 @@ def run_attack_grid(model_name: str, label: str, defense: str, bundle: BundleDat
             status, model, losses = "diverged", exc.model, exc.losses
         values = evaluate_model(model, tok, bundle, eval_cfg, judge, cell_dir / "samples.jsonl")
         if losses:
-            values.update(attack_first_loss=losses[0], attack_final_loss=losses[-1])
+            # per-batch losses are noisy (and the last batch may be short): report means of the first/last 10 %
+            w = max(1, len(losses) // 10)
+            values.update(attack_first_loss=sum(losses[:w]) / w, attack_final_loss=sum(losses[-w:]) / w)
         attack = {"recipe": "sft", "lr": lr, "seed": seed, "samples": len(examples), "epochs": epochs,
                   "batch_size": cfg.batch_size, "optimizer": cfg.optimizer, "lora": cfg.lora,
                   "lora_r": cfg.lora_r if cfg.lora else None, "status": status,

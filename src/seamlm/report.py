@@ -53,7 +53,7 @@ def build_tables(rows: list[ResultRow]) -> dict[str, list[list[str]]]:
             lambda m, c: f"{_fmt(get(m, c, 'hs'))} / {_fmt(get(m, c, 'zs_mean'))}"),
         "refusal rate % (keyword) / benign perplexity": table(
             lambda m, c: f"{_fmt(get(m, c, 'refusal_rate'))} / {_fmt(get(m, c, 'coherence_ppl'), 2)}"),
-        "attack loss: first step -> last step": table(
+        "attack loss (harmful-answer CE): mean of the first 10 % of steps -> last 10 %": table(
             lambda m, c: "–" if c == "pre" else f"{_fmt(get(m, c, 'attack_first_loss'), 3)} -> {_fmt(get(m, c, 'attack_final_loss'), 3)}"),
     }
     if any(r.metric == "fs_accuracy" for r in rows):
@@ -117,7 +117,11 @@ def _plots(rows: list[ResultRow], results_dir: Path, out: Path) -> list[str]:
         path = results_dir / log_path
         if path.is_file():
             losses = [json.loads(x)["loss"] for x in path.read_text().splitlines() if x.strip()]
-            ax.plot(range(1, len(losses) + 1), losses, label=f"{r.model} {_label(r.cell, r.attack)}", linewidth=1)
+            w = max(1, min(10, len(losses) // 5))
+            smooth = [sum(losses[max(0, i - w + 1):i + 1]) / len(losses[max(0, i - w + 1):i + 1]) for i in range(len(losses))]
+            line, = ax.plot(range(1, len(losses) + 1), losses, linewidth=0.6, alpha=0.35)
+            ax.plot(range(1, len(losses) + 1), smooth, color=line.get_color(), linewidth=1.5,
+                    label=f"{r.model} {_label(r.cell, r.attack)} (mean of last {w})")
     if seen:
         ax.set_xlabel("attack step")
         ax.set_ylabel("harmful answer CE")

@@ -27,7 +27,8 @@ def known_metric(name: str) -> bool:
 @dataclass
 class ResultRow:
     model: str
-    """Label of the evaluated model before any attack (e.g. aligned, seam)."""
+    """Label of the evaluated model before any attack (e.g. aligned, seam). ``attack_first_loss`` and
+    ``attack_final_loss`` are means over the first and last 10 % of the attack's steps."""
     defense: str
     """Defence that produced the model: none, seam, …"""
     cell: str
