@@ -74,3 +74,11 @@ def test_report_tables_and_plots_come_from_the_rows(tmp_path):
 def test_report_without_rows(tmp_path):
     with pytest.raises(DataError, match="no result rows"):
         write_report(tmp_path / "none.jsonl", tmp_path / "r")
+
+
+def test_columns_name_the_settings_that_vary():
+    from seamlm.report import build_tables
+
+    rows = [_row("m", f"c{n}", "hs", 1.0, attack={"lr": 1e-4, "samples": n, "epochs": 1, "seed": 0}) for n in (10, 20)]
+    header = next(iter(build_tables(rows).values()))[0]
+    assert header == ["model", "lr 0.0001 n=10", "lr 0.0001 n=20"]

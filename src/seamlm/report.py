@@ -24,10 +24,14 @@ def _cells(rows: list[ResultRow]) -> list[tuple[str, dict]]:
     return ([("pre", {})] if any(r.cell == "pre" for r in rows) else []) + [(c, attacks[c]) for c in order]
 
 
-def _label(cell: str, attack: dict) -> str:
+def _label(cell: str, attack: dict, varies: frozenset[str] = frozenset()) -> str:
+    """Column label; ``varies`` names the attack settings that differ between columns (samples, epochs, seed)."""
     if cell == "pre":
         return "pre-attack"
     lab = f"lr {attack.get('lr', '?'):g}"
+    for key, short in (("samples", "n"), ("epochs", "ep"), ("seed", "seed")):
+        if key in varies:
+            lab += f" {short}={attack.get(key)}"
     if attack.get("lora"):
         lab = f"LoRA {lab}"
     if attack.get("status") == "diverged":
@@ -40,7 +44,8 @@ def build_tables(rows: list[ResultRow]) -> dict[str, list[list[str]]]:
     models = list(dict.fromkeys(r.model for r in rows))
     cells = _cells(rows)
     judges = sorted({r.judge for r in rows if r.judge})
-    header = ["model"] + [_label(c, a) for c, a in cells]
+    varies = frozenset(k for k in ("samples", "epochs", "seed") if len({a.get(k) for c, a in cells if c != "pre"}) > 1)
+    header = ["model"] + [_label(c, a, varies) for c, a in cells]
 
     def table(fmt) -> list[list[str]]:
         return [header] + [[m] + [fmt(m, c) for c, _ in cells] for m in models]
