@@ -3,8 +3,6 @@ results file; a stopped grid resumes without redoing finished cells."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import random
 from dataclasses import dataclass
@@ -19,6 +17,7 @@ from seamlm.evaluate.run import evaluate_model
 from seamlm.finetune import FinetuneConfig, finetune
 from seamlm.models import load_model
 from seamlm.results import ResultRow, ResultStore
+from seamlm.runinfo import fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +57,11 @@ class AttackConfig(FinetuneConfig):
 
 
 def manifest_digest(bundle: BundleData) -> str:
-    return hashlib.sha256(json.dumps(bundle.manifest, sort_keys=True).encode()).hexdigest()[:16]
+    return fingerprint(bundle.manifest)
 
 
 def settings_digest(**parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return fingerprint(parts)
 
 
 def _rows(values: dict[str, float], base: dict[str, Any], judge: Judge) -> list[ResultRow]:

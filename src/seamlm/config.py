@@ -129,6 +129,12 @@ class BaseConfig:
     def validate(self) -> None:
         """Raise ConfigError for values that are well-typed but meaningless. Subclasses extend this."""
 
+    def _require(self, checks: list[tuple[bool, str]]) -> None:
+        """Raise one ConfigError naming every failed ``(condition, message)``."""
+        bad = [msg for ok, msg in checks if not ok]
+        if bad:
+            raise ConfigError(f"invalid {type(self).__name__}: " + "; ".join(bad))
+
 
 def parse_overrides(tokens: list[str]) -> dict[str, str]:
     """Turn ``["--steps", "5", "--beta=0.1"]`` into ``{"steps": "5", "beta": "0.1"}``.

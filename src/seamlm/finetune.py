@@ -64,16 +64,13 @@ class FinetuneConfig(BaseConfig):
     """Module names that get adapters."""
 
     def validate(self) -> None:
-        checks = [
+        self._require([
             (self.lr > 0, "lr must be > 0"), (self.epochs >= 1, "epochs must be >= 1"),
             (self.max_steps >= 0, "max_steps must be >= 0"), (self.batch_size >= 1, "batch_size must be >= 1"),
             (0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"), (self.max_length >= 16, "max_length must be >= 16"),
             (self.lora_r >= 1, "lora_r must be >= 1"),
             (self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm must be > 0 or None"),
-        ]
-        bad = [m for ok, m in checks if not ok]
-        if bad:
-            raise ConfigError(f"invalid {type(self).__name__}: " + "; ".join(bad))
+        ])
 
 
 @dataclass
@@ -139,7 +136,7 @@ def finetune(
     model.train()
     try:
         for step, idx in enumerate(tqdm(plan, desc=desc, unit="step", dynamic_ncols=True), 1):
-            batch = {k: v.to(device) for k, v in collate([rows[i] for i in idx], tokenizer.pad_token_id).items()}
+            batch = collate([rows[i] for i in idx], tokenizer.pad_token_id, device=device)
             loss = answer_ce(model, batch)
             value = loss.item()
             if not math.isfinite(value):

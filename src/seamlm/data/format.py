@@ -85,8 +85,9 @@ class Formatter:
         return out
 
 
-def collate(batch: list[TokenizedExample], pad_token_id: int, padding_side: str = "right") -> dict[str, torch.Tensor]:
-    """Pad to the longest sequence. Right padding for training, left padding for generation."""
+def collate(batch: list[TokenizedExample], pad_token_id: int, padding_side: str = "right",
+            device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+    """Pad to the longest sequence (right padding for training, left for generation), on ``device`` if given."""
     width = max(len(b.input_ids) for b in batch)
     ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
     labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
@@ -97,4 +98,5 @@ def collate(batch: list[TokenizedExample], pad_token_id: int, padding_side: str 
         ids[i, sl] = torch.tensor(b.input_ids)
         labels[i, sl] = torch.tensor(b.labels)
         mask[i, sl] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    return {k: v.to(device) for k, v in out.items()} if device is not None else out

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 from seamlm.config import BaseConfig
-from seamlm.errors import ConfigError
 
 #: Keys that may differ between a checkpoint and the run resuming it (they do not change the trajectory).
 RESUME_SAFE_KEYS = frozenset({"output_dir", "checkpoint_every", "keep_checkpoints", "log_every"})
@@ -63,7 +62,7 @@ class DefenseConfig(BaseConfig):
     """dtype of the saved model; ``auto`` = the dtype the model was given in."""
 
     def validate(self) -> None:
-        checks = [
+        self._require([
             (self.alpha >= 0, "alpha must be >= 0"),
             (self.beta >= 0, "beta must be >= 0"),
             (self.epsilon > 0, "epsilon must be > 0"),
@@ -78,7 +77,4 @@ class DefenseConfig(BaseConfig):
             (self.checkpoint_every >= 0, "checkpoint_every must be >= 0"),
             (self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1"),
             (self.log_every >= 1, "log_every must be >= 1"),
-        ]
-        bad = [msg for ok, msg in checks if not ok]
-        if bad:
-            raise ConfigError("invalid DefenseConfig: " + "; ".join(bad))
+        ])

@@ -140,7 +140,7 @@ class SEAMTrainer:
         rows = [self.data[stream][i] for i in idx]
         pad = self.tokenizer.pad_token_id
         return [
-            {k: v.to(self.device) for k, v in collate(rows[i:i + cfg.batch_size], pad).items()}
+            collate(rows[i:i + cfg.batch_size], pad, device=self.device)
             for i in range(0, per_step, cfg.batch_size)
         ]
 

@@ -28,6 +28,7 @@ from seamlm.data.sources import load_source
 from seamlm.data.splits import prompt_hash
 from seamlm.errors import ConfigError
 from seamlm.packages import package_file
+from seamlm.runinfo import fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +195,7 @@ class MiniLMJudge(Judge):
     def __init__(self, cache_dir: str | Path = "cache/judges", seed: int = 0):
         self.encoder = MiniLMEncoder()
         rows = judge_training_rows(seed)
-        digest = hashlib.sha256(json.dumps([self.name, seed, [(e.response, e.label) for e in rows]]).encode()).hexdigest()[:12]
+        digest = fingerprint([self.name, seed, [(e.response, e.label) for e in rows]])
         path = Path(cache_dir) / f"minilm-head-{digest}.pt"
         if path.is_file():
             state = torch.load(path, weights_only=True)

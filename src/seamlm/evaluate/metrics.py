@@ -16,6 +16,7 @@ from seamlm.data.format import Formatter, collate, prompt_text
 from seamlm.data.refusals import is_refusal
 from seamlm.data.sources import load_source
 from seamlm.data.splits import prompt_hash
+from seamlm.defense.losses import answer_ce
 from seamlm.errors import ConfigError
 from seamlm.evaluate.judges import Judge
 from seamlm.evaluate.zeroshot import MCItem, choice_loglikelihoods, score_items
@@ -84,12 +85,10 @@ def benign_perplexity(model: Any, tokenizer: Any, examples: list[Example], batch
     total, count = 0.0, 0
     model.eval()
     for i in range(0, len(rows), batch_size):
-        batch = {k: v.to(device) for k, v in collate(rows[i:i + batch_size], tokenizer.pad_token_id).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
-        labels = batch["labels"][:, 1:]
-        ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="sum")
-        total += ce.item()
-        count += int((labels != -100).sum())
+        batch = collate(rows[i:i + batch_size], tokenizer.pad_token_id, device=device)
+        n = int((batch["labels"][:, 1:] != -100).sum())
+        total += answer_ce(model, batch).item() * n  # answer_ce is the token mean over the batch
+        count += n
     mean = total / max(count, 1)
     return math.exp(mean) if mean < 700 else float("inf")  # a broken model's CE can overflow exp
 
