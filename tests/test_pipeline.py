@@ -44,3 +44,30 @@ def test_shrunken_demo_end_to_end_and_resume(tiny_model_dir, tmp_path, monkeypat
     assert json.loads((out / "timings.json").read_text())["total"] >= 0
     with pytest.raises(ConfigError, match="other settings \\(defense_steps changed\\)"):
         run_demo(out, cfg.replace(defense_steps=3))
+
+
+def test_demo_reuses_a_baseline_for_other_defense_settings(tiny_model_dir, tmp_path, monkeypatch):
+    import seamlm.pipeline as pipeline
+
+    cfg = DemoConfig(model=str(tiny_model_dir), align_steps=2, align_batch_size=2, defense_steps=2, defense_batch_size=2,
+                     max_length=48, attack_lrs=(1e-3,), attack_samples=4, hs_prompts=2, zs_limit=2,
+                     zs_tasks=("arc_easy",), fs=False, judge="keyword")
+    base = tmp_path / "base"
+    run_demo(base, cfg)
+    base_rows = ResultStore(base / "results.jsonl").rows()
+
+    def fail(*a, **k):
+        raise AssertionError("the baseline was re-aligned")
+
+    monkeypatch.setattr(pipeline, "finetune", fail)
+    trial = tmp_path / "trial"
+    run_demo(trial, cfg.replace(defense_steps=3, baseline_from=str(base)))
+    assert not (trial / "models" / "aligned").exists() and not (trial / "data").exists()
+    rows = ResultStore(trial / "results.jsonl").rows()
+    copied = [(r.model, r.cell, r.metric, r.value) for r in rows if r.model in ("raw", "aligned")]
+    assert copied == [(r.model, r.cell, r.metric, r.value) for r in base_rows if r.model in ("raw", "aligned")]
+    assert {r.cell for r in rows if r.model == "seam"} == {r.cell for r in base_rows if r.model == "seam"}
+    seam_log = (trial / "models" / "seam" / "log.jsonl").read_text().splitlines()
+    assert len(seam_log) == 3
+    with pytest.raises(ConfigError, match="attack_samples"):
+        run_demo(tmp_path / "bad", cfg.replace(attack_samples=5, baseline_from=str(base)))

@@ -74,6 +74,13 @@ class DemoConfig(BaseConfig):
     """Measure FS for the unattacked aligned and SEAM models."""
     judge: str = "minilm"
     """Harmfulness judge."""
+    baseline_from: str = ""
+    """A finished demo directory whose data, aligned model and raw/aligned results are reused (its settings must
+    match in everything but ``defense_*``): try other SEAM settings without redoing the baseline."""
+
+    @staticmethod
+    def is_defense_key(key: str) -> bool:
+        return key.startswith("defense_") or key == "baseline_from"
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -86,6 +93,20 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 def _banner(text: str) -> None:
     log.info("=" * 20 + f" {text} " + "=" * 20)
+
+
+def _check_baseline(cfg: DemoConfig) -> Path:
+    base = Path(cfg.baseline_from)
+    saved = base / "demo_config.json"
+    if not saved.is_file() or not (base / "models" / "aligned" / "model.safetensors").is_file():
+        raise ConfigError(f"baseline_from={base}: not a demo directory with a finished alignment stage "
+                          f"(run `seamlm demo --out {base}` first)")
+    theirs = json.loads(saved.read_text())
+    changed = sorted(k for k, v in cfg.to_dict().items() if not cfg.is_defense_key(k) and theirs.get(k) != v)
+    if changed:
+        raise ConfigError(f"baseline_from={base} was run with other settings ({', '.join(changed)}): only the "
+                          f"defense_* settings may differ from the baseline's")
+    return base
 
 
 def run_demo(out_dir: str | Path, cfg: DemoConfig, fresh: bool = False) -> Path:
@@ -105,15 +126,17 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig, fresh: bool = False) -> Path:
     t0 = time.time()
     timings: dict[str, float] = {}
 
+    base = _check_baseline(cfg) if cfg.baseline_from else out
+
     _banner("1/6 data")
-    data_dir = out / "data"
+    data_dir = base / "data"
     if not (data_dir / "manifest.json").is_file():
         build_bundle("offline-default", seed=cfg.data_seed).write(data_dir)
     bundle = load_built(data_dir)
     timings["data"] = time.time() - t0
 
     _banner("2/6 align (refusal + benign SFT)")
-    aligned = out / "models" / "aligned"
+    aligned = base / "models" / "aligned"
     if not (aligned / "model.safetensors").is_file():
         model, tok = load_model(cfg.model, dtype="float32")
         align_cfg = FinetuneConfig(lr=cfg.align_lr, batch_size=cfg.align_batch_size, max_steps=cfg.align_steps,
@@ -137,6 +160,8 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig, fresh: bool = False) -> Path:
     timings["defend"] = time.time() - t0
 
     store = ResultStore(out / "results.jsonl")
+    if cfg.baseline_from and not store.path.exists():
+        store.append([r for r in ResultStore(base / "results.jsonl").rows() if r.model in ("raw", "aligned")])
     eval_cfg = EvalConfig(judge=cfg.judge, hs_prompts=cfg.hs_prompts, zs_limit=cfg.zs_limit, zs_tasks=cfg.zs_tasks,
                           coherence_examples=50, fs=False)
     judge = get_judge(cfg.judge)
