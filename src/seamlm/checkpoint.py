@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from seamlm.distributed import DistContext
 from seamlm.errors import CheckpointError
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -42,17 +43,40 @@ def checkpoint_dir(root: Path, step: int) -> Path:
     return root / f"step-{step:07d}"
 
 
-def save_checkpoint(root: Path, step: int, state: dict[str, Any], keep: int) -> Path:
+def rank_file(rank: int) -> str:
+    return f"rank-{rank:05d}.pt"
+
+
+def save_checkpoint(root: Path, step: int, state: dict[str, Any] | None, keep: int,
+                    ctx: DistContext | None = None, rank_state: dict[str, Any] | None = None) -> Path:
     """Write ``state`` under ``root/step-N`` atomically (temp dir, then rename) and prune old checkpoints.
 
-    A failure (e.g. a full disk) removes the partial write and leaves every earlier checkpoint intact.
+    A failure (e.g. a full disk) removes the partial write and leaves every earlier checkpoint intact. Under several
+    processes every rank calls this: each writes its ``rank_state`` (RNG, optimizer shard) into the temp dir, then
+    rank 0 writes ``state`` and renames, so a checkpoint is complete for all ranks or absent.
     """
-    root.mkdir(parents=True, exist_ok=True)
     final = checkpoint_dir(root, step)
     tmp = root / f".tmp-step-{step:07d}"
+    if ctx is not None and ctx.distributed:
+        if ctx.is_main:
+            root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        ctx.barrier()
+        torch.save(rank_state, tmp / rank_file(ctx.rank))
+        ctx.barrier()
+        if ctx.is_main:
+            _commit(root, step, state, keep, tmp, final)
+        ctx.barrier()
+        return final
+    root.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    return _commit(root, step, state, keep, tmp, final)
+
+
+def _commit(root: Path, step: int, state: dict[str, Any] | None, keep: int, tmp: Path, final: Path) -> Path:
     try:
-        tmp.mkdir()
         torch.save(state, tmp / CHECKPOINT_FILE)
         if final.exists():
             shutil.rmtree(final)
@@ -82,9 +106,18 @@ def latest_checkpoint(root: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load_rank_state(path: Path, ctx: DistContext) -> dict[str, Any]:
+    """This rank's part of a multi-process checkpoint; the number of processes must be the same as when saved."""
+    saved = len(list(path.glob("rank-*.pt")))
+    if saved != ctx.world_size:
+        raise CheckpointError(f"checkpoint {path} was written by {saved or 1} process(es); resume it with that many "
+                              f"(this run has {ctx.world_size})")
+    return load_checkpoint(path, file=rank_file(ctx.rank))
+
+
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu", file: str = CHECKPOINT_FILE) -> dict[str, Any]:
     try:
         # Our own file, holding Python RNG tuples as well as tensors.
-        return torch.load(path / CHECKPOINT_FILE, map_location=map_location, weights_only=False)
+        return torch.load(path / file, map_location=map_location, weights_only=False)
     except (OSError, RuntimeError, EOFError) as exc:
         raise CheckpointError(f"checkpoint {path} is unreadable ({exc}); delete it to resume from an earlier one") from exc

@@ -40,8 +40,10 @@ def _defend_parser(sub: argparse._SubParsersAction) -> None:
 
 def _run_defend(args: argparse.Namespace, extra: list[str]) -> int:
     from seamlm.defense import DefenseConfig, SEAMTrainer
+    from seamlm.distributed import current_context
     from seamlm.models import load_model
 
+    ctx = current_context(args.device)  # one process, or this rank under accelerate launch / torchrun
     overrides: dict[str, object] = dict(parse_overrides(extra))
     overrides["output_dir"] = args.out
     config = (
@@ -57,18 +59,20 @@ def _run_defend(args: argparse.Namespace, extra: list[str]) -> int:
         bundle = resolve_data(args.data, seed=args.data_seed)
         streams: dict[str, object] = {k: bundle.streams[k] for k in files}
         run_info.update(data=args.data, data_counts=bundle.counts())
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "data_manifest.json").write_text(json.dumps(bundle.manifest, indent=2))
+        if ctx.is_main:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            (Path(args.out) / "data_manifest.json").write_text(json.dumps(bundle.manifest, indent=2))
     else:
         missing = [f"--{k}" for k, v in files.items() if not v]
         if missing:
             raise ConfigError(f"missing {', '.join(missing)} (or pass --data offline-default)")
         streams = dict(files)
         run_info["data_files"] = files
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
-    trainer = SEAMTrainer(model, tokenizer, config, run_info=run_info, **streams)
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=str(ctx.device) if ctx.distributed else args.device)
+    trainer = SEAMTrainer(model, tokenizer, config, run_info=run_info, ctx=ctx, **streams)
     out = trainer.train(resume=args.resume)
-    print(f"SEAM model written to {out}; per-step log: {Path(args.out) / 'log.jsonl'}")
+    if ctx.is_main:
+        print(f"SEAM model written to {out}; per-step log: {Path(args.out) / 'log.jsonl'}")
     return 0
 
 

@@ -58,6 +58,10 @@ class DefenseConfig(BaseConfig):
     """How many recent checkpoints to keep."""
     log_every: int = 1
     """Write a JSONL log row every N steps."""
+    shard_gradients: bool = False
+    """Under several processes, shard the flat gradient buffers and the optimizer state across ranks (ZeRO-2 /
+    FSDP-style memory: ≈ 1 + 8/world parameter copies per rank instead of ≈ 9); parameters stay replicated.
+    Same update as unsharded. Ignored, with a warning, in a single process."""
     save_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """dtype of the saved model; ``auto`` = the dtype the model was given in."""
 

@@ -15,20 +15,29 @@ dtype, and restored by copying a saved copy back — bit-exact, unlike subtracti
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
+from seamlm.distributed import DistContext
+
 #: A function that accumulates a gradient (at the model's current parameters) into the given flat buffer.
 GradFn = Callable[[torch.Tensor], None]
 
 
 class FlatParams:
-    """A list of parameters seen as one flat vector, with flat buffers that autograd can accumulate into."""
+    """A list of parameters seen as one flat vector, with flat buffers that autograd can accumulate into.
 
-    def __init__(self, params: list[torch.nn.Parameter]):
+    Under data parallelism (``ctx.world_size > 1``) every buffer holds the full vector on every rank and
+    :meth:`grad_sink` leaves the *global* gradient in it (mean over ranks, like one process on the global batch).
+    Invariant: outside a sink every buffer is identical on all ranks, so the all-reduce at the sink's exit
+    (mean of identical old content + each rank's new gradient) adds exactly the global gradient.
+    """
+
+    def __init__(self, params: list[torch.nn.Parameter], ctx: DistContext | None = None):
         if not params:
             raise ValueError("no trainable parameters")
         dtypes = {p.dtype for p in params}
@@ -37,20 +46,32 @@ class FlatParams:
                 f"flat gradient buffers need all trainable parameters in float32 or float64, got {dtypes}"
             )
         self.params = params
+        self.ctx = ctx or DistContext(device=params[0].device)
         self.dtype = params[0].dtype
         self.device = params[0].device
-        self.numel = sum(p.numel() for p in params)
+        self.total_numel = sum(p.numel() for p in params)
         self._offsets = []
         offset = 0
         for p in params:
             self._offsets.append((offset, p.numel()))
             offset += p.numel()
 
+    @property
+    def numel(self) -> int:
+        """Length of this rank's buffers."""
+        return self.total_numel
+
     def zeros(self) -> torch.Tensor:
         return torch.zeros(self.numel, dtype=self.dtype, device=self.device)
 
     def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
         return [flat[o:o + n].view_as(p) for (o, n), p in zip(self._offsets, self.params, strict=True)]
+
+    def dot(self, a: torch.Tensor, b: torch.Tensor) -> float:
+        return torch.dot(a, b).item()
+
+    def norm(self, a: torch.Tensor) -> float:
+        return math.sqrt(max(self.dot(a, a), 0.0))
 
     @contextmanager
     def grad_sink(self, flat: torch.Tensor) -> Iterator[None]:
@@ -67,6 +88,7 @@ class FlatParams:
         finally:
             for p in self.params:
                 p.grad = None
+        self.ctx.all_reduce_mean_(flat)
 
     @torch.no_grad()
     def read(self, out: torch.Tensor) -> torch.Tensor:
@@ -80,6 +102,82 @@ class FlatParams:
             p.copy_(v)
 
 
+class ShardedFlatParams(FlatParams):
+    """ZeRO-2-style sharding of the flat vector: rank r owns elements ``[r·S, (r+1)·S)`` (S = ⌈N / world⌉).
+
+    Every gradient buffer (and the optimizer's state, see :class:`seamlm.defense.seam.SEAMTrainer`) holds only
+    the local shard, so no rank ever holds a full gradient vector: each parameter's gradient is all-reduced and
+    sliced into the shard by a post-accumulate hook as soon as autograd produces it, then freed. Dot products and
+    norms are shard-local sums, all-reduced. The parameters themselves stay replicated (each rank runs the full
+    forward); :meth:`write` rebuilds them from every rank's shard with one all-gather.
+    """
+
+    def __init__(self, params: list[torch.nn.Parameter], ctx: DistContext):
+        super().__init__(params, ctx)
+        w, r = ctx.world_size, ctx.rank
+        self.shard_size = -(-self.total_numel // w)
+        self.start = r * self.shard_size
+        self.stop = min(self.start + self.shard_size, self.total_numel)
+        # (param, slice of the param's flat view, slice of the shard) for the parameters this shard touches
+        self._pieces = []
+        for (o, n), p in zip(self._offsets, self.params, strict=True):
+            a, b = max(o, self.start), min(o + n, self.stop)
+            if a < b:
+                self._pieces.append((p, slice(a - o, b - o), slice(a - self.start, b - self.start)))
+
+    @property
+    def numel(self) -> int:
+        return self.shard_size
+
+    def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        raise NotImplementedError("a shard has no per-parameter views; use read/write")
+
+    def dot(self, a: torch.Tensor, b: torch.Tensor) -> float:
+        return self.ctx.all_reduce_sum_(torch.dot(a, b).double().reshape(1)).item()
+
+    @contextmanager
+    def grad_sink(self, flat: torch.Tensor) -> Iterator[None]:
+        ranges = {id(p): (o, n) for (o, n), p in zip(self._offsets, self.params, strict=True)}
+
+        def to_shard(p: torch.Tensor) -> None:
+            g = self.ctx.all_reduce_mean_(p.grad)
+            o, n = ranges[id(p)]
+            a, b = max(o, self.start), min(o + n, self.stop)
+            if a < b:
+                flat[a - self.start:b - self.start].add_(g.reshape(-1)[a - o:b - o])
+            p.grad = None
+
+        handles = [p.register_post_accumulate_grad_hook(to_shard) for p in self.params]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+            for p in self.params:
+                p.grad = None
+
+    @torch.no_grad()
+    def read(self, out: torch.Tensor) -> torch.Tensor:
+        out.zero_()
+        for p, src, dst in self._pieces:
+            out[dst].copy_(p.reshape(-1)[src])
+        return out
+
+    @torch.no_grad()
+    def write(self, flat: torch.Tensor) -> None:
+        full = torch.empty(self.shard_size * self.ctx.world_size, dtype=self.dtype, device=self.device)
+        self.ctx.all_gather_into(full, flat)
+        for (o, n), p in zip(self._offsets, self.params, strict=True):
+            p.copy_(full[o:o + n].view_as(p))
+
+
+def make_flat_params(params: list[torch.nn.Parameter], ctx: DistContext | None = None,
+                     sharded: bool = False) -> FlatParams:
+    if sharded and ctx is not None and ctx.distributed:
+        return ShardedFlatParams(params, ctx)
+    return FlatParams(params, ctx)
+
+
 @dataclass
 class CouplingStats:
     cos: float
@@ -87,9 +185,13 @@ class CouplingStats:
     norm_b: float
 
 
-def cosine(g_a: torch.Tensor, g_b: torch.Tensor) -> CouplingStats:
-    na, nb = g_a.norm().item(), g_b.norm().item()
-    cos = (torch.dot(g_a, g_b).item() / (na * nb)) if na > 0 and nb > 0 else float("nan")
+def cosine(g_a: torch.Tensor, g_b: torch.Tensor, flat: FlatParams | None = None) -> CouplingStats:
+    """Global cos(g_a, g_b) and norms (``flat`` makes them global over shards)."""
+    if flat is None:
+        na, nb, ab = g_a.norm().item(), g_b.norm().item(), torch.dot(g_a, g_b).item()
+    else:
+        na, nb, ab = flat.norm(g_a), flat.norm(g_b), flat.dot(g_a, g_b)
+    cos = ab / (na * nb) if na > 0 and nb > 0 else float("nan")
     return CouplingStats(cos, na, nb)
 
 
@@ -110,7 +212,7 @@ def hessian_free_cos_grad(
     ``g_a``/``g_b`` are the gradients at the current θ; ``grad_a``/``grad_b`` recompute them (same batches) at a
     perturbed θ. The parameters are bit-identical to their input values on return, even on error.
     """
-    stats = cosine(g_a, g_b)
+    stats = cosine(g_a, g_b, flat)
     if not (stats.norm_a > 0 and stats.norm_b > 0):
         return stats
     scratch = flat.zeros() if scratch is None else scratch

@@ -54,8 +54,10 @@ def _targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _ce(parts: ModelParts, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    # fp32 log-softmax whatever the compute dtype: the vocabulary sum is where bf16 loses most.
-    return F.cross_entropy(parts.logits(hidden).float(), targets)
+    # at least fp32 log-softmax whatever the compute dtype: the vocabulary sum is where bf16 loses most
+    # (float64 stays float64: the exactness tests and the distributed equivalence need it).
+    logits = parts.logits(hidden)
+    return F.cross_entropy(logits if logits.dtype == torch.float64 else logits.float(), targets)
 
 
 def _lens_ce(parts: ModelParts, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

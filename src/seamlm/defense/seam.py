@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from seamlm.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
+    load_rank_state,
     rng_state,
     save_checkpoint,
     seed_everything,
@@ -36,8 +37,9 @@ from seamlm.data.format import Formatter, TokenizedExample, collate
 from seamlm.data.sampling import StreamSampler
 from seamlm.data.splits import prompt_hash
 from seamlm.defense.config import RESUME_SAFE_KEYS, DefenseConfig
-from seamlm.defense.coupling import FlatParams, cosine, hessian_free_cos_grad
+from seamlm.defense.coupling import ShardedFlatParams, cosine, hessian_free_cos_grad, make_flat_params
 from seamlm.defense.losses import answer_ce, harmful_forward, unlearn_loss
+from seamlm.distributed import DistContext, current_context
 from seamlm.errors import CheckpointError, DataError, NonFiniteLossError
 from seamlm.models import save_model
 from seamlm.runinfo import environment_info, fingerprint
@@ -81,8 +83,10 @@ class SEAMTrainer:
         benign: str | Path | list[Example],
         callbacks: list[StepCallback] | None = None,
         run_info: dict[str, Any] | None = None,
+        ctx: DistContext | None = None,
     ):
         self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.ctx = ctx or current_context(next(model.parameters()).device)
         self.callbacks = list(callbacks or [])
         self.run_info = dict(run_info or {})
         self.out = Path(config.output_dir)
@@ -116,10 +120,16 @@ class SEAMTrainer:
             log.warning("trainable parameters are %s; keeping float32 master weights", self.params[0].dtype)
             for p in self.params:
                 p.data = p.data.float()
-        self.flat = FlatParams(self.params)
+        if config.shard_gradients and not self.ctx.distributed:
+            log.warning("shard_gradients has no effect in a single process: the full gradient buffers are used")
+        self.flat = make_flat_params(self.params, self.ctx, sharded=config.shard_gradients)
+        self.sharded = isinstance(self.flat, ShardedFlatParams)
         self.autocast_dtype = self._autocast_dtype()
 
-        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
+        # Sharded: each rank updates an fp32 master copy of its own shard and all-gathers the parameters.
+        self.master = torch.nn.Parameter(self.flat.read(self.flat.zeros())) if self.sharded else None
+        opt_params = [self.master] if self.sharded else self.params
+        self.optimizer = torch.optim.AdamW(opt_params, lr=config.lr, weight_decay=config.weight_decay)
         from transformers import get_scheduler
 
         self.scheduler = get_scheduler(
@@ -134,15 +144,14 @@ class SEAMTrainer:
 
     # ------------------------------------------------------------------ data
     def _micro_batches(self, stream: str, step: int) -> list[Batch]:
-        cfg = self.config
-        per_step = cfg.batch_size * cfg.gradient_accumulation_steps
+        """This rank's micro-batches of the step's global batch (micro-batch i goes to rank i mod world)."""
+        cfg, w = self.config, self.ctx.world_size
+        per_step = cfg.batch_size * cfg.gradient_accumulation_steps * w
         idx = self.samplers[stream].indices(step * per_step, per_step)
         rows = [self.data[stream][i] for i in idx]
         pad = self.tokenizer.pad_token_id
-        return [
-            collate(rows[i:i + cfg.batch_size], pad, device=self.device)
-            for i in range(0, per_step, cfg.batch_size)
-        ]
+        starts = range(self.ctx.rank * cfg.batch_size, per_step, cfg.batch_size * w)
+        return [collate(rows[i:i + cfg.batch_size], pad, device=self.device) for i in starts]
 
     def _autocast_dtype(self) -> torch.dtype | None:
         name = self.config.compute_dtype
@@ -165,7 +174,7 @@ class SEAMTrainer:
                     ce = answer_ce(self.model, b)
                 (ce * (weight / len(batches))).backward()
                 total += ce.item() / len(batches)
-        return total
+        return self.ctx.mean(total)
 
     # ------------------------------------------------------------------ one step
     def compute_update(self, step: int) -> dict[str, Any]:
@@ -199,6 +208,7 @@ class SEAMTrainer:
                     ((hf.ce_final + sum(hf.ce_lens)) / k).backward()
             ce_h += hf.ce_final.item() / k
             m += hf.mean_ce.item() / k
+        ce_h, m = self.ctx.mean(ce_h), self.ctx.mean(m)  # global, as one process on the global batch
         # ∇L_ul = −∇m/(m+1) with ∇m = (g_a + Σ_l ∇CE_l)/(L+1)
         if shared:
             self.total.add_(self.g_a)
@@ -221,8 +231,8 @@ class SEAMTrainer:
                 eps=cfg.epsilon, out=self.total, scale=cfg.beta, scratch=self._scratch, backup=self._backup,
             )
         else:
-            stats = cosine(self.g_a, self.g_b)
-        grad_norm = self.total.norm().item()
+            stats = cosine(self.g_a, self.g_b, self.flat)
+        grad_norm = self.flat.norm(self.total)
         return {
             "loss": l_ul + cfg.alpha * l_up + cfg.beta * stats.cos,
             "L_ul": l_ul, "L_up": l_up, "L_sd": stats.cos, "ce_harmful": ce_h, "ce_benign": ce_b,
@@ -233,18 +243,27 @@ class SEAMTrainer:
     def _apply_update(self, grad_norm: float) -> None:
         if self.config.max_grad_norm is not None and grad_norm > self.config.max_grad_norm:
             self.total.mul_(self.config.max_grad_norm / grad_norm)
-        for p, v in zip(self.params, self.flat.views(self.total), strict=True):
-            p.grad = v
-        self.optimizer.step()
+        if self.sharded:
+            self.master.grad = self.total
+            self.optimizer.step()
+            self.master.grad = None
+            self.flat.write(self.master.detach())
+        else:
+            for p, v in zip(self.params, self.flat.views(self.total), strict=True):
+                p.grad = v
+            self.optimizer.step()
+            for p in self.params:
+                p.grad = None
         self.scheduler.step()
-        for p in self.params:
-            p.grad = None
 
     # ------------------------------------------------------------------ loop
     def train(self, resume: bool = False) -> Path:
         """Run to ``config.steps``; write ``log.jsonl``, checkpoints and ``model/``. Returns the model directory."""
         cfg = self.config
-        self.out.mkdir(parents=True, exist_ok=True)
+        main = self.ctx.is_main
+        if main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        self.ctx.barrier()
         if resume:
             self._resume()
         elif (self.out / "log.jsonl").exists() and latest_checkpoint(self.out / "checkpoints"):
@@ -252,12 +271,14 @@ class SEAMTrainer:
                 f"{self.out} already holds a run with checkpoints; pass --resume to continue it "
                 f"or choose another --out"
             )
-        else:
+        elif main:
             (self.out / "log.jsonl").write_text("")
-        self._write_run_info()
+        if main:
+            self._write_run_info()
         self.model.eval()
-        bar = tqdm(total=cfg.steps, initial=self.step, desc="SEAM defence", unit="step", dynamic_ncols=True)
-        with (self.out / "log.jsonl").open("a", encoding="utf-8") as logf:
+        bar = tqdm(total=cfg.steps, initial=self.step, desc="SEAM defence", unit="step", dynamic_ncols=True,
+                   disable=not main)
+        with (self.out / "log.jsonl").open("a", encoding="utf-8") if main else contextlib.nullcontext() as logf:
             while self.step < cfg.steps:
                 t0 = time.perf_counter()
                 row = self.compute_update(self.step)
@@ -266,7 +287,7 @@ class SEAMTrainer:
                 self._apply_update(row["grad_norm"])
                 self.step += 1
                 row = {"step": self.step, **row, "step_time_s": time.perf_counter() - t0}
-                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                if main and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
                     logf.write(json.dumps(row) + "\n")
                     logf.flush()
                 bar.update(1)
@@ -293,16 +314,23 @@ class SEAMTrainer:
 
     # ------------------------------------------------------------------ persistence
     def save_checkpoint(self) -> Path:
+        """Every rank calls this. One process: one file. Several: rank 0 writes the (replicated) weights and
+        scheduler, every rank its RNG state and — when sharded — its optimizer shard."""
         state = {
             "step": self.step,
             "model": {n: p.detach().cpu() for n, p in self.model.state_dict().items()},
-            "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "rng": rng_state(),
             "config": self.config.to_dict(),
             "data_fingerprint": self.data_fingerprint,
-        }
-        self.last_checkpoint = save_checkpoint(self.out / "checkpoints", self.step, state, self.config.keep_checkpoints)
+            "world_size": self.ctx.world_size,
+        } if self.ctx.is_main else None
+        per_rank = {"rng": rng_state(), "optimizer": self.optimizer.state_dict()}
+        if not self.ctx.distributed:
+            state.update(per_rank)
+        elif self.ctx.is_main and not self.sharded:
+            state["optimizer"] = per_rank.pop("optimizer")  # identical on every rank: stored once
+        self.last_checkpoint = save_checkpoint(self.out / "checkpoints", self.step, state,
+                                               self.config.keep_checkpoints, ctx=self.ctx, rank_state=per_rank)
         return self.last_checkpoint
 
     def _resume(self) -> None:
@@ -318,12 +346,22 @@ class SEAMTrainer:
             raise CheckpointError(f"cannot resume {path}: the config changed ({diffs}); resume with the same settings")
         if state["data_fingerprint"] != self.data_fingerprint:
             raise CheckpointError(f"cannot resume {path}: the training data differ from the checkpointed run's")
+        if state.get("world_size", 1) != self.ctx.world_size:
+            raise CheckpointError(f"checkpoint {path} was written by {state.get('world_size', 1)} process(es); "
+                                  f"resume it with that many (this run has {self.ctx.world_size})")
+        if self.ctx.distributed:
+            state = {**state, **load_rank_state(path, self.ctx)}
         self.model.load_state_dict(state["model"])
+        if self.sharded:
+            self.flat.read(self.master.data)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         self.step = state["step"]
         self.last_checkpoint = path
+        self.ctx.barrier()  # every rank has read the checkpoint before rank 0 rewrites the log
+        if not self.ctx.is_main:
+            return
         # Drop log rows written after the checkpoint: those steps are recomputed.
         log_path = self.out / "log.jsonl"
         rows = [ln for ln in log_path.read_text().splitlines() if ln.strip()] if log_path.exists() else []
@@ -337,7 +375,9 @@ class SEAMTrainer:
             "seed": self.config.seed,
             "data_sizes": self.data_sizes,
             "data_fingerprint": self.data_fingerprint,
-            "num_trainable_params": self.flat.numel,
+            "num_trainable_params": self.flat.total_numel,
+            "world_size": self.ctx.world_size,
+            "gradient_buffer_numel_per_rank": self.flat.numel,
             "device": str(self.device),
             **environment_info(),
             **self.run_info,
@@ -353,4 +393,7 @@ class SEAMTrainer:
             "stage": "defend", "method": "seam", "defense_config": self.config.to_dict(), "steps_done": self.step,
             "data_sizes": self.data_sizes, "data_fingerprint": self.data_fingerprint, **self.run_info,
         }
-        return save_model(self.model, self.tokenizer, self.out / "model", run_config, dtype=dtype)
+        if self.ctx.is_main:
+            save_model(self.model, self.tokenizer, self.out / "model", run_config, dtype=dtype)
+        self.ctx.barrier()
+        return self.out / "model"

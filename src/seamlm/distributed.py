@@ -1,0 +1,111 @@
+"""The process group a run lives in: one process, or several under ``accelerate launch`` / ``torchrun``.
+
+``accelerate`` sets up ``torch.distributed`` (NCCL on GPUs, gloo on CPUs) and picks each rank's device; the SEAM
+step then does its own collectives on flat gradient buffers (see :mod:`seamlm.defense.coupling`), because its five
+passes and two perturbations per step do not fit DDP's one-backward-per-step model.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Rank, world size and device of this process; collectives are no-ops in a single process."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def all_reduce_mean_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """In place: the mean of ``tensor`` over ranks."""
+        if self.distributed:
+            dist.all_reduce(tensor)
+            tensor.div_(self.world_size)
+        return tensor
+
+    def all_reduce_sum_(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.distributed:
+            dist.all_reduce(tensor)
+        return tensor
+
+    def mean(self, value: float) -> float:
+        """Mean of a Python float over ranks (float64 on the wire: logged figures match one process)."""
+        if not self.distributed:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self._wire_device())
+        return self.all_reduce_mean_(t).item()
+
+    def all_gather_into(self, out: torch.Tensor, shard: torch.Tensor) -> torch.Tensor:
+        """``out`` (``world_size × shard.numel()``) ← every rank's ``shard``, in rank order."""
+        if self.distributed:
+            dist.all_gather_into_tensor(out, shard)
+        else:
+            out.copy_(shard)
+        return out
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def broadcast_object(self, obj: object) -> object:
+        """Rank 0's ``obj`` on every rank."""
+        if not self.distributed:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def _wire_device(self) -> torch.device:
+        return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def launched_distributed() -> bool:
+    """Whether this process was started by ``accelerate launch``/``torchrun`` with more than one process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def current_context(device: str | torch.device | None = None) -> DistContext:
+    """The context of this process. Under a multi-process launcher the process group is initialised through
+    ``accelerate`` (which also chooses ``cuda:<local_rank>`` or the CPU); a process group the caller initialised
+    itself is used as is; otherwise a single-process context."""
+    dev = torch.device(device) if device is not None else None
+    if dist.is_available() and dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+        local = int(os.environ.get("LOCAL_RANK", rank))
+        if dev is None:
+            dev = torch.device("cuda", local) if dist.get_backend() == "nccl" else torch.device("cpu")
+        return DistContext(rank=rank, world_size=world, local_rank=local, device=dev)
+    if not launched_distributed():
+        return DistContext(device=dev or torch.device("cpu"))
+    from accelerate import PartialState
+
+    state = PartialState(cpu=dev is not None and dev.type == "cpu")
+    return DistContext(rank=state.process_index, world_size=state.num_processes,
+                       local_rank=state.local_process_index, device=torch.device(state.device))
+
+
+@contextmanager
+def main_process_first(ctx: DistContext) -> Iterator[None]:
+    """Rank 0 runs the block first (e.g. builds a cache), the others after it."""
+    if not ctx.is_main:
+        ctx.barrier()
+    yield
+    if ctx.is_main:
+        ctx.barrier()

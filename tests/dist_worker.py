@@ -1,0 +1,45 @@
+"""One SEAM run on a tiny float64 model, for tests/test_distributed.py.
+
+Run under ``torchrun --nproc_per_node N`` (the process group comes up through accelerate, as for a user) or with
+plain ``python`` for the single-process reference. Usage: ``dist_worker.py OUT OVERRIDES_JSON [KILL_AT] [--resume]``.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from seamlm.defense import DefenseConfig, SEAMTrainer  # noqa: E402
+from tests.conftest import BENIGN, HARMFUL, REFUSAL, make_model, make_tokenizer  # noqa: E402
+
+
+def main() -> int:
+    out, overrides = Path(sys.argv[1]), json.loads(sys.argv[2])
+    kill_at = int(sys.argv[3]) if len(sys.argv) > 3 and sys.argv[3] != "--resume" else 0
+    tok = make_tokenizer()
+    model = make_model(len(tok), dtype=torch.float64)
+    cfg = DefenseConfig(**{"steps": 3, "beta": 1.0, "lr": 1e-3, "batch_size": 2, "max_length": 48, "epsilon": 1e-4,
+                           "output_dir": str(out / "run"), "checkpoint_every": 0, "seed": 0, **overrides})
+
+    def kill(trainer: SEAMTrainer, row: dict) -> None:
+        if trainer.step == kill_at:
+            raise SystemExit(17)  # every rank at the same step, like a job killed right after a checkpoint
+
+    trainer = SEAMTrainer(model, tok, cfg, harmful=HARMFUL, refusal=REFUSAL, benign=BENIGN, callbacks=[kill])
+    trainer.train(resume="--resume" in sys.argv)
+    opt_state = [v.numel() for st in trainer.optimizer.state.values() for v in st.values() if v.dim() > 0]
+    info = {
+        "world": trainer.ctx.world_size, "numel": trainer.flat.total_numel, "optimizer_state_numel": opt_state,
+        "buffers": {n: getattr(trainer, n).numel() for n in ("total", "g_a", "g_b", "_scratch", "_backup")},
+    }
+    (out / f"rank{trainer.ctx.rank}.json").write_text(json.dumps(info))
+    if trainer.ctx.is_main:
+        torch.save({n: p.detach().clone() for n, p in model.named_parameters()}, out / "params.pt")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
