@@ -85,3 +85,21 @@ def test_two_process_run_resumes_after_a_kill(tmp_path, sharded):
     # a checkpoint of 2 processes cannot be resumed by 1: a clear error, not a silent mix
     with pytest.raises(AssertionError, match="written by 2 process"):
         _run(killed, cfg, 1, "--resume")
+
+
+def test_defend_cli_runs_unchanged_under_accelerate_launch(tiny_model_dir, data_files, tmp_path):
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
+    seamlm = shutil.which("seamlm", path=str(Path(sys.executable).parent)) or "seamlm"
+    config = Path(__file__).parents[1] / "examples" / "accelerate" / "cpu_2proc.yaml"
+    out = tmp_path / "out"
+    cmd = [accelerate, "launch", "--config_file", str(config), "--main_process_port", "0", seamlm, "defend",
+           "--model", str(tiny_model_dir), "--out", str(out), "--steps", "2", "--batch_size", "2",
+           "--max_length", "48", "--beta", "1", "--shard_gradients", "true", "--checkpoint_every", "1",
+           *[a for k in ("harmful", "refusal", "benign") for a in (f"--{k}", str(data_files[k]))]]
+    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    info = json.loads((out / "run.json").read_text())
+    assert info["world_size"] == 2 and info["gradient_buffer_numel_per_rank"] == -(-info["num_trainable_params"] // 2)
+    assert len((out / "log.jsonl").read_text().splitlines()) == 2
+    assert (out / "model" / "model.safetensors").is_file()
+    assert proc.stdout.count("SEAM model written to") == 1  # rank 0 reports, not every rank

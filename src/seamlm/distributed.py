@@ -96,7 +96,7 @@ def current_context(device: str | torch.device | None = None) -> DistContext:
         return DistContext(device=dev or torch.device("cpu"))
     from accelerate import PartialState
 
-    state = PartialState(cpu=dev is not None and dev.type == "cpu")
+    state = PartialState(cpu=(dev is not None and dev.type == "cpu") or not torch.cuda.is_available())
     return DistContext(rank=state.process_index, world_size=state.num_processes,
                        local_rank=state.local_process_index, device=torch.device(state.device))
 
