@@ -129,3 +129,11 @@ def test_eval_command_and_bad_eval_key(tiny_model_dir, tmp_path, capsys):
     assert json.loads((out / "results.jsonl").read_text().splitlines()[0])["cell"] == "pre"
     rc = main(["attack", "--model", str(tiny_model_dir), "--out", str(out), "--eval.bogus", "1"])
     assert rc == 2 and "unknown EvalConfig key(s) 'bogus'" in capsys.readouterr().err
+
+
+def test_single_process_commands_refuse_a_multi_process_launch(monkeypatch, capsys):
+    from seamlm.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["report", "nothing.jsonl", "--out", "nowhere"]) == 2
+    assert "runs in one process" in capsys.readouterr().err

@@ -263,6 +263,10 @@ COMMANDS = {
 }
 
 
+#: Commands that would only duplicate their work (and race on their output files) under a multi-process launcher.
+SINGLE_PROCESS = {"demo", "attack", "eval", "data", "report", "judge"}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="seamlm", description="SEAM self-destructive language models.")
     parser.add_argument("--version", action="version", version=f"seamlm {__version__}")
@@ -282,6 +286,12 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("transformers", "huggingface_hub", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
+        if args.command in SINGLE_PROCESS:
+            from seamlm.distributed import launched_distributed
+
+            if launched_distributed():
+                raise ConfigError(f"`seamlm {args.command}` runs in one process (only `seamlm defend` is distributed); "
+                                  f"start it without accelerate launch / torchrun")
         return COMMANDS[args.command][1](args, extra)
     except ConfigError as exc:
         print(f"seamlm {args.command}: config error: {exc}", file=sys.stderr)
