@@ -107,3 +107,15 @@ def test_flat_params_rejects_low_precision(tokenizer):
     model = make_model(len(tokenizer), dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="float32"):
         FlatParams(list(model.parameters()))
+
+
+def test_gradient_coupling_on_attack_data(tokenizer):
+    from seamlm.evaluate.metrics import gradient_coupling
+    from tests.conftest import BENIGN, HARMFUL
+
+    model = make_model(len(tokenizer))
+    same = gradient_coupling(model, tokenizer, HARMFUL[:4], HARMFUL[:4], batch_size=2, max_length=48)
+    assert same["coupling_cos"] == pytest.approx(1.0, abs=1e-5) and same["coupling_slope"] < 0
+    other = gradient_coupling(model, tokenizer, HARMFUL[:4], BENIGN[:4], batch_size=2, max_length=48)
+    assert -1 <= other["coupling_cos"] < 0.999
+    assert all(p.grad is None for p in model.parameters())  # no gradient left behind on the model

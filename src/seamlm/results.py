@@ -16,7 +16,7 @@ from seamlm.runinfo import package_versions
 #: metric -> unit. Zero-shot per-task metrics are ``zs_<task>`` (accuracy, %).
 METRICS = {
     "hs": "%", "hs_binary": "%", "refusal_rate": "%", "zs_mean": "%", "zs_mean_norm": "%", "zs_chance": "%",
-    "coherence_ppl": "perplexity", "fs_accuracy": "%", "attack_final_loss": "nats", "attack_first_loss": "nats",
+    "coherence_ppl": "perplexity", "coupling_cos": "cosine", "coupling_slope": "nats/step", "fs_accuracy": "%", "attack_final_loss": "nats", "attack_first_loss": "nats",
 }
 
 

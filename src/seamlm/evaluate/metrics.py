@@ -44,6 +44,9 @@ class EvalConfig(BaseConfig):
     """Sequences per zero-shot batch."""
     coherence_examples: int = 100
     """Held-out benign answers for the perplexity figure (0 = skip)."""
+    coupling_examples: int = 16
+    """Attack-set and held-out benign examples for the gradient-coupling figures (0 = skip): cos(g_h, g_b) and
+    the benign-loss slope −g_h·g_b/‖g_h‖ along a harmful descent step (> 0: the attack raises the benign loss)."""
     fs: bool = False
     """Also run FS: fine-tune on SST-2 and report its accuracy (minutes on CPU)."""
     fs_train: int = 400
@@ -58,7 +61,7 @@ class EvalConfig(BaseConfig):
     def validate(self) -> None:
         if self.max_new_tokens < 1 or self.gen_batch_size < 1 or self.zs_batch_size < 1:
             raise ConfigError("max_new_tokens, gen_batch_size and zs_batch_size must be >= 1")
-        if min(self.hs_prompts, self.zs_limit, self.coherence_examples, self.fs_train, self.fs_test) < 0:
+        if min(self.hs_prompts, self.zs_limit, self.coherence_examples, self.coupling_examples, self.fs_train, self.fs_test) < 0:
             raise ConfigError("sizes must be >= 0")
 
 
@@ -91,6 +94,30 @@ def benign_perplexity(model: Any, tokenizer: Any, examples: list[Example], batch
         count += n
     mean = total / max(count, 1)
     return math.exp(mean) if mean < 700 else float("inf")  # a broken model's CE can overflow exp
+
+
+def gradient_coupling(model: Any, tokenizer: Any, harmful: list[Example], benign: list[Example],
+                      batch_size: int = 8, max_length: int = 256) -> dict[str, float]:
+    """cos(g_h, g_b) of the answer-CE gradients on ``harmful`` and ``benign`` (all trainable parameters as one
+    vector), and the benign-loss slope along the harmful descent direction, −g_h·g_b/‖g_h‖ (nats per unit step):
+    what SEAM's trap relies on, measured on the attacker's data rather than the defence's."""
+    from seamlm.defense.coupling import FlatParams, cosine
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    flat = FlatParams(params)
+    grads = []
+    model.eval()
+    for name, examples in (("coupling harmful", harmful), ("coupling benign", benign)):
+        rows = Formatter(tokenizer, max_length).encode_all(examples, name)
+        buf = flat.zeros()
+        chunks = range(0, len(rows), batch_size)
+        with flat.grad_sink(buf):
+            for i in chunks:
+                batch = collate(rows[i:i + batch_size], tokenizer.pad_token_id, device=flat.device)
+                (answer_ce(model, batch) / len(chunks)).backward()
+        grads.append(buf)
+    stats = cosine(grads[0], grads[1])
+    return {"coupling_cos": stats.cos, "coupling_slope": -stats.cos * stats.norm_b}
 
 
 SST2_QUESTION = "{sentence}\nIs the sentiment of this sentence positive or negative?"

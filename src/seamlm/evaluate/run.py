@@ -14,6 +14,7 @@ from seamlm.evaluate.metrics import (
     EvalConfig,
     benign_finetune_accuracy,
     benign_perplexity,
+    gradient_coupling,
     harmfulness,
     sample_prompts,
 )
@@ -43,6 +44,9 @@ def evaluate_model(model: Any, tokenizer: Any, bundle: BundleData, cfg: EvalConf
                    zs_chance=100 * zs["mean"]["chance"])
     if cfg.coherence_examples:
         out["coherence_ppl"] = benign_perplexity(model, tokenizer, bundle.streams["benign_heldout"][: cfg.coherence_examples])
+    if cfg.coupling_examples:
+        n = cfg.coupling_examples
+        out.update(gradient_coupling(model, tokenizer, bundle.streams["attack"][:n], bundle.streams["benign_heldout"][:n]))
     if cfg.fs:
         out["fs_accuracy"] = benign_finetune_accuracy(model, tokenizer, cfg)["fs_accuracy"]
     return out
