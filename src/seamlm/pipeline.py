@@ -72,6 +72,12 @@ class DemoConfig(BaseConfig):
     """Zero-shot tasks."""
     fs: bool = True
     """Measure FS for the unattacked aligned and SEAM models."""
+    fs_steps: int = 60
+    """FS fine-tuning steps (batch 8) on SST-2."""
+    fs_train: int = 400
+    """SST-2 sentences FS trains on."""
+    fs_test: int = 200
+    """SST-2 sentences FS is scored on."""
     judge: str = "minilm"
     """Harmfulness judge."""
     baseline_from: str = ""
@@ -95,6 +101,12 @@ def _banner(text: str) -> None:
     log.info("=" * 20 + f" {text} " + "=" * 20)
 
 
+def _changed(cfg: DemoConfig, saved: dict[str, Any]) -> list[str]:
+    """Fields whose value differs from a saved demo config (a field added since then counts at its default)."""
+    defaults = DemoConfig().to_dict()
+    return sorted(k for k, v in cfg.to_dict().items() if saved.get(k, defaults[k]) != v)
+
+
 def _check_baseline(cfg: DemoConfig) -> Path:
     base = Path(cfg.baseline_from)
     saved = base / "demo_config.json"
@@ -102,7 +114,7 @@ def _check_baseline(cfg: DemoConfig) -> Path:
         raise ConfigError(f"baseline_from={base}: not a demo directory with a finished alignment stage "
                           f"(run `seamlm demo --out {base}` first)")
     theirs = json.loads(saved.read_text())
-    changed = sorted(k for k, v in cfg.to_dict().items() if not cfg.is_defense_key(k) and theirs.get(k) != v)
+    changed = [k for k in _changed(cfg, theirs) if not cfg.is_defense_key(k)]
     if changed:
         raise ConfigError(f"baseline_from={base} was run with other settings ({', '.join(changed)}): only the "
                           f"defense_* settings may differ from the baseline's")
@@ -118,7 +130,7 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig, fresh: bool = False) -> Path:
     saved = out / "demo_config.json"
     if saved.is_file():
         before = json.loads(saved.read_text())
-        changed = sorted(k for k, v in cfg.to_dict().items() if before.get(k) != v)
+        changed = _changed(cfg, before)
         if changed:
             raise ConfigError(f"{out} holds a demo run with other settings ({', '.join(changed)} changed): its finished "
                               f"stages would be reused. Pass --fresh to redo everything, or choose another --out.")
@@ -163,6 +175,7 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig, fresh: bool = False) -> Path:
     if cfg.baseline_from and not store.path.exists():
         store.append([r for r in ResultStore(base / "results.jsonl").rows() if r.model in ("raw", "aligned")])
     eval_cfg = EvalConfig(judge=cfg.judge, hs_prompts=cfg.hs_prompts, zs_limit=cfg.zs_limit, zs_tasks=cfg.zs_tasks,
+                          fs_steps=cfg.fs_steps, fs_train=cfg.fs_train, fs_test=cfg.fs_test,
                           coherence_examples=50, fs=False)
     judge = get_judge(cfg.judge)
     models = {"raw": (cfg.model, "none"), "aligned": (str(aligned), "none"), "seam": (str(seam / "model"), "seam")}

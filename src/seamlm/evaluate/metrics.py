@@ -103,19 +103,26 @@ def gradient_coupling(model: Any, tokenizer: Any, harmful: list[Example], benign
     what SEAM's trap relies on, measured on the attacker's data rather than the defence's."""
     from seamlm.defense.coupling import FlatParams, cosine
 
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = list(model.parameters())  # all of them: a merged LoRA model comes back with requires_grad off
+    frozen = [p.requires_grad for p in params]
     flat = FlatParams(params)
     grads = []
     model.eval()
-    for name, examples in (("coupling harmful", harmful), ("coupling benign", benign)):
-        rows = Formatter(tokenizer, max_length).encode_all(examples, name)
-        buf = flat.zeros()
-        chunks = range(0, len(rows), batch_size)
-        with flat.grad_sink(buf):
-            for i in chunks:
-                batch = collate(rows[i:i + batch_size], tokenizer.pad_token_id, device=flat.device)
-                (answer_ce(model, batch) / len(chunks)).backward()
-        grads.append(buf)
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        for name, examples in (("coupling harmful", harmful), ("coupling benign", benign)):
+            rows = Formatter(tokenizer, max_length).encode_all(examples, name)
+            buf = flat.zeros()
+            chunks = range(0, len(rows), batch_size)
+            with flat.grad_sink(buf):
+                for i in chunks:
+                    batch = collate(rows[i:i + batch_size], tokenizer.pad_token_id, device=flat.device)
+                    (answer_ce(model, batch) / len(chunks)).backward()
+            grads.append(buf)
+    finally:
+        for p, flag in zip(params, frozen, strict=True):
+            p.requires_grad_(flag)
     stats = cosine(grads[0], grads[1])
     return {"coupling_cos": stats.cos, "coupling_slope": -stats.cos * stats.norm_b}
 
