@@ -1,7 +1,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup test test-fast demo attack-example lint bench
+.PHONY: setup test test-fast demo defend-example attack-example lint bench
 
 setup:
 	./scripts/setup.sh
@@ -13,7 +13,12 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
 
+# The main job: align, defend with SEAM, attack both models, evaluate, report (quick preset, see README).
 demo: setup
+	$(VENV)/bin/seamlm demo --out runs/demo --preset quick
+
+# A 5-step SEAM run on the bundled 16-row example files: the defence CLI in a minute.
+defend-example: setup
 	$(VENV)/bin/seamlm defend --model smollm2-135m-instruct \
 		--harmful examples/data/harmful.jsonl --refusal examples/data/refusal.jsonl \
 		--benign examples/data/benign.jsonl --out runs/demo-defend --steps 5 --batch_size 2 --max_length 128
@@ -30,3 +35,4 @@ lint: setup
 bench: setup
 	$(PY) benchmarks/step_cost.py
 	$(PY) benchmarks/generation_throughput.py
+	$(PY) benchmarks/distributed_step.py

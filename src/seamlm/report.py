@@ -61,6 +61,10 @@ def build_tables(rows: list[ResultRow]) -> dict[str, list[list[str]]]:
         "attack loss (harmful-answer CE): mean of the first 10 % of steps -> last 10 %": table(
             lambda m, c: "–" if c == "pre" else f"{_fmt(get(m, c, 'attack_first_loss'), 3)} -> {_fmt(get(m, c, 'attack_final_loss'), 3)}"),
     }
+    if any(r.metric == "coupling_cos" for r in rows):
+        tables["gradient coupling on the attack data: cos(g_harmful, g_benign) / benign-loss slope along a harmful "
+               "step (> 0: the attack raises the benign loss)"] = table(
+            lambda m, c: f"{_fmt(get(m, c, 'coupling_cos'), 3)} / {_fmt(get(m, c, 'coupling_slope'), 3)}")
     if any(r.metric == "fs_accuracy" for r in rows):
         tables["FS: SST-2 accuracy % after benign fine-tuning"] = table(lambda m, c: _fmt(get(m, c, "fs_accuracy")))
     zs_tasks = sorted({r.metric for r in rows if r.metric.startswith("zs_") and r.metric not in ("zs_mean", "zs_mean_norm", "zs_chance")})
