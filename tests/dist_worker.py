@@ -16,8 +16,24 @@ from seamlm.defense import DefenseConfig, SEAMTrainer  # noqa: E402
 from tests.conftest import BENIGN, HARMFUL, REFUSAL, make_model, make_tokenizer  # noqa: E402
 
 
+def finetune_main(out: Path, overrides: dict) -> int:
+    from seamlm.distributed import current_context
+    from seamlm.finetune import FinetuneConfig, finetune
+
+    tok = make_tokenizer()
+    model = make_model(len(tok), dtype=torch.float64)
+    cfg = FinetuneConfig(**{"lr": 1e-3, "batch_size": 5, "max_steps": 3, "max_length": 48, **overrides})
+    ctx = current_context()
+    res = finetune(model, tok, HARMFUL, cfg, out / "loss.jsonl", ctx=ctx)
+    if ctx.is_main:
+        torch.save({n: p.detach().clone() for n, p in res.model.named_parameters()}, out / "params.pt")
+    return 0
+
+
 def main() -> int:
     out, overrides = Path(sys.argv[1]), json.loads(sys.argv[2])
+    if overrides.pop("_mode", None) == "finetune":
+        return finetune_main(out, overrides)
     kill_at = int(sys.argv[3]) if len(sys.argv) > 3 and sys.argv[3] != "--resume" else 0
     tok = make_tokenizer()
     model = make_model(len(tok), dtype=torch.float64)

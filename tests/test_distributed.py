@@ -103,3 +103,34 @@ def test_defend_cli_runs_unchanged_under_accelerate_launch(tiny_model_dir, data_
     assert len((out / "log.jsonl").read_text().splitlines()) == 2
     assert (out / "model" / "model.safetensors").is_file()
     assert proc.stdout.count("SEAM model written to") == 1  # rank 0 reports, not every rank
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_data_parallel_finetune_gives_the_single_process_model(tmp_path, optimizer):
+    # batch 5 over 2 ranks: 3 + 2 examples of different lengths; the token-weighted all-reduce must still give
+    # the one-process answer-token mean
+    cfg = {"_mode": "finetune", "optimizer": optimizer}
+    _run(tmp_path / "one", cfg, 1)
+    _run(tmp_path / "two", cfg, 2)
+    assert _max_diff(_params(tmp_path / "one"), _params(tmp_path / "two")) < 1e-10
+    one, two = ([json.loads(x)["loss"] for x in (tmp_path / d / "loss.jsonl").read_text().splitlines()]
+                for d in ("one", "two"))
+    assert two == pytest.approx(one, rel=1e-12)
+
+
+def test_attack_cli_under_torchrun_evaluates_once(tiny_model_dir, tmp_path):
+    from tests.test_cli import TINY_EVAL
+
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
+    seamlm = shutil.which("seamlm", path=str(Path(sys.executable).parent)) or "seamlm"
+    out = tmp_path / "att"
+    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", seamlm, "attack", "--model", str(tiny_model_dir),
+           "--label", "tiny", "--out", str(out), "--learning_rates", "1e-4,1e-3", "--num_samples", "4",
+           "--batch_size", "2", *TINY_EVAL]
+    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    cells = [r["cell"] for r in rows if r["metric"] == "hs"]
+    assert sorted(cells) == ["pre", "sft-full-adamw-lr0.0001-n4-ep1-s0", "sft-full-adamw-lr0.001-n4-ep1-s0"]
+    losses = (out / "attacks" / "tiny" / "sft-full-adamw-lr0.001-n4-ep1-s0" / "loss.jsonl").read_text().splitlines()
+    assert len(losses) == 2  # 4 samples / batch 2, logged once (by rank 0)

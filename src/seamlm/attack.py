@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from seamlm.data.bundles import BundleData
+from seamlm.distributed import DistContext
 from seamlm.errors import ConfigError, NonFiniteLossError
 from seamlm.evaluate.judges import Judge
 from seamlm.evaluate.metrics import EvalConfig
@@ -70,28 +71,37 @@ def _rows(values: dict[str, float], base: dict[str, Any], judge: Judge) -> list[
 
 
 def evaluate_pre_attack(model_name: str, label: str, defense: str, bundle: BundleData, eval_cfg: EvalConfig,
-                        judge: Judge, out_dir: str | Path, store: ResultStore) -> bool:
-    """Evaluate the unattacked model (cell ``pre``) unless the store has it. Returns True when it ran."""
+                        judge: Judge, out_dir: str | Path, store: ResultStore, ctx: DistContext | None = None) -> bool:
+    """Evaluate the unattacked model (cell ``pre``) unless the store has it. Returns True when it ran.
+    Under several processes rank 0 evaluates and the others wait."""
+    ctx = ctx or DistContext()
     digest = manifest_digest(bundle)
     settings = settings_digest(model=model_name, eval=eval_cfg.to_dict(), judge=judge.name, data=digest)
     if store.done(label, "pre", settings):
         log.info("%s / pre: already in %s, skipped", label, store.path)
         return False
+    if not ctx.is_main:
+        ctx.barrier()
+        return True
     model, tok = load_model(model_name, dtype="float32")
     values = evaluate_model(model, tok, bundle, eval_cfg, judge, Path(out_dir) / "samples" / label / "pre.jsonl")
     store.append(_rows(values, dict(model=label, defense=defense, cell="pre", seed=eval_cfg.seed,
                                     data_manifest=digest, settings=settings), judge))
+    ctx.barrier()
     return True
 
 
 def run_attack_grid(model_name: str, label: str, defense: str, bundle: BundleData, cfg: AttackConfig,
-                    eval_cfg: EvalConfig, judge: Judge, out_dir: str | Path, store: ResultStore) -> list[str]:
+                    eval_cfg: EvalConfig, judge: Judge, out_dir: str | Path, store: ResultStore,
+                    ctx: DistContext | None = None) -> list[str]:
     """Attack ``model_name`` once per (seed, lr) cell not yet in ``store``; evaluate and append each cell.
 
     Every cell starts from the same weights. The attack's per-step loss goes to
     ``out_dir/attacks/<label>/<cell>/loss.jsonl``; a diverged attack (NaN loss) is evaluated as it stands and marked
-    ``status: diverged``. Returns the cells that ran.
+    ``status: diverged``. Returns the cells that ran. Under several processes (``ctx``) every rank trains its share
+    of each batch (data parallel) and rank 0 evaluates and writes the cell.
     """
+    ctx = ctx or DistContext()
     out = Path(out_dir)
     data = bundle.streams["attack"]
     digest = manifest_digest(bundle)
@@ -112,18 +122,25 @@ def run_attack_grid(model_name: str, label: str, defense: str, bundle: BundleDat
             log.info("%s / %s: already in %s, skipped", label, cell, store.path)
             continue
         cell_dir = out / "attacks" / label / cell
-        cell_dir.mkdir(parents=True, exist_ok=True)
-        model, tok = load_model(model_name, dtype="float32")  # fp32 master weights: bf16 updates at 2e-5 round away
+        if ctx.is_main:
+            cell_dir.mkdir(parents=True, exist_ok=True)
+        # fp32 master weights: bf16 updates at 2e-5 round away
+        model, tok = load_model(model_name, dtype="float32", device=str(ctx.device) if ctx.distributed else None)
         run_cfg = FinetuneConfig.from_dict({k: v for k, v in cfg.to_dict().items()
                                             if k in FinetuneConfig.field_names()}
                                            | {"lr": lr, "seed": seed, "epochs": epochs})
         status, losses = "ok", []
         try:
-            result = finetune(model, tok, examples, run_cfg, cell_dir / "loss.jsonl", desc=f"attack {label} lr={lr:g}")
+            result = finetune(model, tok, examples, run_cfg, cell_dir / "loss.jsonl", desc=f"attack {label} lr={lr:g}",
+                              ctx=ctx)
             model, losses = result.model, result.losses
         except NonFiniteLossError as exc:
             log.warning("%s: %s", cell, exc)
             status, model, losses = "diverged", exc.model, exc.losses
+        ran.append(cell)
+        if not ctx.is_main:
+            ctx.barrier()
+            continue
         values = evaluate_model(model, tok, bundle, eval_cfg, judge, cell_dir / "samples.jsonl")
         if losses:
             # per-batch losses are noisy (and the last batch may be short): report means of the first/last 10 %
@@ -135,5 +152,5 @@ def run_attack_grid(model_name: str, label: str, defense: str, bundle: BundleDat
                   "loss_log": str((cell_dir / "loss.jsonl").relative_to(out))}
         store.append(_rows(values, dict(model=label, defense=defense, cell=cell, seed=seed, attack=attack,
                                         data_manifest=digest, settings=settings), judge))
-        ran.append(cell)
+        ctx.barrier()
     return ran

@@ -192,16 +192,21 @@ def _run_eval(args: argparse.Namespace, extra: list[str]) -> int:
 
 def _run_attack(args: argparse.Namespace, extra: list[str]) -> int:
     from seamlm.attack import AttackConfig, evaluate_pre_attack, run_attack_grid
+    from seamlm.distributed import current_context, main_process_first
 
+    ctx = current_context()  # one process, or this rank under accelerate launch / torchrun (data-parallel attack)
     attack_over, eval_over = _split_overrides(extra)
     cfg = AttackConfig.from_yaml(args.config, attack_over) if args.config else AttackConfig.from_dict(attack_over, "command line")
-    eval_cfg, bundle, judge, store = _eval_setup(args, eval_over)
+    with main_process_first(ctx):  # rank 0 writes the manifest and trains/caches the judge first
+        eval_cfg, bundle, judge, store = _eval_setup(args, eval_over)
     label = args.label or args.model
-    cfg.to_yaml(Path(args.out) / f"attack_config.{label.replace('/', '_')}.yaml")
+    if ctx.is_main:
+        cfg.to_yaml(Path(args.out) / f"attack_config.{label.replace('/', '_')}.yaml")
     if not args.no_pre:
-        evaluate_pre_attack(args.model, label, args.defense, bundle, eval_cfg, judge, args.out, store)
-    ran = run_attack_grid(args.model, label, args.defense, bundle, cfg, eval_cfg, judge, args.out, store)
-    print(f"{len(ran)} attack cell(s) run; results in {store.path}; `seamlm report {store.path} --out DIR` for the report")
+        evaluate_pre_attack(args.model, label, args.defense, bundle, eval_cfg, judge, args.out, store, ctx)
+    ran = run_attack_grid(args.model, label, args.defense, bundle, cfg, eval_cfg, judge, args.out, store, ctx)
+    if ctx.is_main:
+        print(f"{len(ran)} attack cell(s) run; results in {store.path}; `seamlm report {store.path} --out DIR` for the report")
     return 0
 
 
@@ -264,7 +269,7 @@ COMMANDS = {
 
 
 #: Commands that would only duplicate their work (and race on their output files) under a multi-process launcher.
-SINGLE_PROCESS = {"demo", "attack", "eval", "data", "report", "judge"}
+SINGLE_PROCESS = {"demo", "eval", "data", "report", "judge"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -290,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
             from seamlm.distributed import launched_distributed
 
             if launched_distributed():
-                raise ConfigError(f"`seamlm {args.command}` runs in one process (only `seamlm defend` is distributed); "
+                raise ConfigError(f"`seamlm {args.command}` runs in one process (only `seamlm defend` and `seamlm attack` are distributed); "
                                   f"start it without accelerate launch / torchrun")
         return COMMANDS[args.command][1](args, extra)
     except ConfigError as exc:

@@ -19,6 +19,7 @@ from seamlm.config import BaseConfig
 from seamlm.data.files import Example
 from seamlm.data.format import Formatter, collate
 from seamlm.defense.losses import answer_ce
+from seamlm.distributed import DistContext
 from seamlm.errors import ConfigError, DataError, NonFiniteLossError
 
 log = logging.getLogger(__name__)
@@ -103,15 +104,23 @@ def _with_lora(model: Any, cfg: FinetuneConfig) -> Any:
     return get_peft_model(model, lora)
 
 
+def _answer_tokens(batch: dict[str, torch.Tensor]) -> int:
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
 def finetune(
     model: Any, tokenizer: Any, examples: list[Example], cfg: FinetuneConfig,
-    log_path: str | Path | None = None, desc: str = "fine-tuning",
+    log_path: str | Path | None = None, desc: str = "fine-tuning", ctx: DistContext | None = None,
 ) -> FinetuneResult:
     """Train ``model`` on ``examples`` (answer-only CE); returns the trained (LoRA-merged) model and the losses.
 
     Every step's loss is written to ``log_path`` (JSONL) as it happens. A non-finite loss stops the run with
     :class:`NonFiniteLossError` (an attack that diverges is a result; the caller records it).
+
+    Under several processes (``ctx``) each rank takes every world-th example of each batch, and the gradients are
+    all-reduced with token weights, so the step is the one-process step on the whole batch (the answer-token mean).
     """
+    ctx = ctx or DistContext()
     if not examples:
         raise DataError(f"{desc}: no training examples")
     seed_everything(cfg.seed)
@@ -130,22 +139,28 @@ def finetune(
     sched = get_scheduler(cfg.lr_scheduler, opt, num_warmup_steps=int(cfg.warmup_ratio * len(plan)),
                           num_training_steps=len(plan))
     losses: list[float] = []
+    log_path = log_path if ctx.is_main else None
     if log_path:
         Path(log_path).parent.mkdir(parents=True, exist_ok=True)
     logf = open(log_path, "w", encoding="utf-8") if log_path else None  # noqa: SIM115 (closed in finally)
     model.train()
     try:
-        for step, idx in enumerate(tqdm(plan, desc=desc, unit="step", dynamic_ncols=True), 1):
-            batch = collate([rows[i] for i in idx], tokenizer.pad_token_id, device=device)
-            loss = answer_ce(model, batch)
-            value = loss.item()
+        for step, idx in enumerate(tqdm(plan, desc=desc, unit="step", dynamic_ncols=True, disable=not ctx.is_main), 1):
+            local = idx[ctx.rank::ctx.world_size]
+            if ctx.distributed:
+                value = _data_parallel_backward(model, params, rows, local, tokenizer.pad_token_id, device, ctx)
+            else:
+                batch = collate([rows[i] for i in local], tokenizer.pad_token_id, device=device)
+                loss = answer_ce(model, batch)
+                value = loss.item()
             if not math.isfinite(value):
                 err = NonFiniteLossError(f"{desc}: loss became {value} at step {step} (lr={cfg.lr})")
                 # the weights before this step and the losses so far, so a caller can still evaluate the model
                 err.model = model.merge_and_unload() if cfg.lora else model
                 err.losses = losses
                 raise err
-            loss.backward()
+            if not ctx.distributed:
+                loss.backward()
             if cfg.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             opt.step()
@@ -167,3 +182,25 @@ def finetune(
         err.model, err.losses = model, losses
         raise err
     return FinetuneResult(model, losses, len(plan))
+
+
+def _data_parallel_backward(model: Any, params: list[torch.nn.Parameter], rows: list, local: list[int], pad: int,
+                            device: torch.device, ctx: DistContext) -> float:
+    """This rank's share of one step: backward of its token-weighted loss, then the gradients' all-reduce.
+    Returns the global batch's answer-token mean CE."""
+    tokens = 0
+    if local:
+        batch = collate([rows[i] for i in local], pad, device=device)
+        tokens = _answer_tokens(batch)
+    total = int(ctx.all_reduce_sum_(torch.tensor([tokens], dtype=torch.float64, device=ctx.device)).item())
+    value = 0.0
+    if tokens:
+        loss = answer_ce(model, batch)
+        # mean over ranks of (tokens_r · world / total) · CE_r  =  Σ_r tokens_r · CE_r / total
+        (loss * (tokens * ctx.world_size / total)).backward()
+        value = loss.item() * tokens * ctx.world_size / total
+    for p in params:  # the same order on every rank; a rank without examples contributes zeros
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        ctx.all_reduce_mean_(p.grad)
+    return ctx.mean(value)
