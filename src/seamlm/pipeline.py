@@ -44,11 +44,12 @@ class DemoConfig(BaseConfig):
     """Alignment learning rate."""
     align_batch_size: int = 8
     """Alignment batch size."""
-    defense_steps: int = 30
+    defense_steps: int = 40
     """SEAM steps on the aligned model."""
-    defense_beta: float = 1.0
-    """β of SEAM (the paper's 0.01 is far too weak at this scale: see the spec's probe)."""
-    defense_lr: float = 2e-5
+    defense_beta: float = 10.0
+    """β of SEAM. The paper's 0.01 leaves cos(g_a, g_b) untouched at this scale; with β = 10 the coupling term
+    dominates the update (docs/demo-tuning.md)."""
+    defense_lr: float = 1e-4
     """SEAM learning rate."""
     defense_batch_size: int = 4
     """SEAM batch per stream."""
@@ -60,23 +61,24 @@ class DemoConfig(BaseConfig):
     """Token budget per example in every training stage."""
     attack_lrs: tuple[float, ...] = (5e-5, 2e-4)
     """Attack learning rates."""
-    attack_samples: int = 200
+    attack_samples: int = 120
     """Harmful examples per attack."""
     attack_lora: bool = False
     """Add a LoRA attack at the highest learning rate × 10."""
-    hs_prompts: int = 50
+    hs_prompts: int = 32
     """HS prompts per evaluation."""
-    zs_limit: int = 100
+    zs_limit: int = 60
     """Zero-shot items per task."""
-    zs_tasks: tuple[str, ...] = ("arc_easy", "hellaswag", "winogrande", "boolq")
-    """Zero-shot tasks."""
+    zs_tasks: tuple[str, ...] = ("arc_easy", "sciq")
+    """Zero-shot tasks: the ones SmolLM2-135M is clearly above chance on (docs/demo-tuning.md), so a fall to
+    chance shows."""
     fs: bool = True
     """Measure FS for the unattacked aligned and SEAM models."""
-    fs_steps: int = 60
+    fs_steps: int = 25
     """FS fine-tuning steps (batch 8) on SST-2."""
-    fs_train: int = 400
+    fs_train: int = 200
     """SST-2 sentences FS trains on."""
-    fs_test: int = 200
+    fs_test: int = 100
     """SST-2 sentences FS is scored on."""
     judge: str = "minilm"
     """Harmfulness judge."""
@@ -89,11 +91,13 @@ class DemoConfig(BaseConfig):
         return key.startswith("defense_") or key == "baseline_from"
 
 
+#: ``quick`` = the DemoConfig defaults (≤ 30 min on 2 CPU cores); ``full`` = the paper's lr grid, every attack
+#: example (the bundle holds 201), a LoRA attack, more SEAM steps and larger evaluations.
 PRESETS: dict[str, dict[str, Any]] = {
     "quick": {},
     "full": {"attack_lrs": (2e-5, 5e-5, 8e-5, 1e-4, 2e-4), "attack_samples": 1000, "attack_lora": True,
-             "defense_steps": 100, "hs_prompts": 100, "zs_limit": 200,
-             "zs_tasks": ("arc_easy", "hellaswag", "winogrande", "boolq", "openbookqa")},
+             "defense_steps": 100, "hs_prompts": 100, "zs_limit": 200, "zs_tasks": ("arc_easy", "sciq", "hellaswag"),
+             "fs_steps": 60, "fs_train": 400, "fs_test": 200},
 }
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from seamlm.errors import DataError
 from seamlm.results import ResultRow, ResultStore
+from seamlm.verdict import check_bar
 
 
 def _fmt(v: float | None, digits: int = 1) -> str:
@@ -67,6 +68,11 @@ def build_tables(rows: list[ResultRow]) -> dict[str, list[list[str]]]:
             lambda m, c: f"{_fmt(get(m, c, 'coupling_cos'), 3)} / {_fmt(get(m, c, 'coupling_slope'), 3)}")
     if any(r.metric == "fs_accuracy" for r in rows):
         tables["FS: SST-2 accuracy % after benign fine-tuning"] = table(lambda m, c: _fmt(get(m, c, "fs_accuracy")))
+    if {"aligned", "seam"} <= set(models):
+        checks = check_bar(rows)
+        mark = {True: "yes", False: "no", None: "not measured"}
+        tables["Does SEAM clear the bar? (criteria: seamlm/verdict.py)"] = (
+            [["criterion", "measured", "met"]] + [[c.criterion, c.measured, mark[c.passed]] for c in checks])
     zs_tasks = sorted({r.metric for r in rows if r.metric.startswith("zs_") and r.metric not in ("zs_mean", "zs_mean_norm", "zs_chance")})
     if zs_tasks:
         tables["zero-shot accuracy % per task (" + ", ".join(t[3:] for t in zs_tasks) + ")"] = table(
