@@ -44,12 +44,12 @@ class DemoConfig(BaseConfig):
     """Alignment learning rate."""
     align_batch_size: int = 8
     """Alignment batch size."""
-    defense_steps: int = 40
+    defense_steps: int = 50
     """SEAM steps on the aligned model."""
     defense_beta: float = 10.0
     """β of SEAM. The paper's 0.01 leaves cos(g_a, g_b) untouched at this scale; with β = 10 the coupling term
     dominates the update (docs/demo-tuning.md)."""
-    defense_lr: float = 1e-4
+    defense_lr: float = 2e-4
     """SEAM learning rate."""
     defense_batch_size: int = 4
     """SEAM batch per stream."""
@@ -74,14 +74,16 @@ class DemoConfig(BaseConfig):
     chance shows."""
     fs: bool = True
     """Measure FS for the unattacked aligned and SEAM models."""
-    fs_steps: int = 25
+    fs_steps: int = 20
     """FS fine-tuning steps (batch 8) on SST-2."""
-    fs_train: int = 200
+    fs_train: int = 160
     """SST-2 sentences FS trains on."""
-    fs_test: int = 100
+    fs_test: int = 80
     """SST-2 sentences FS is scored on."""
     judge: str = "minilm"
     """Harmfulness judge."""
+    coupling_examples: int = 8
+    """Attack and benign examples for the gradient-coupling figures."""
     baseline_from: str = ""
     """A finished demo directory whose data, aligned model and raw/aligned results are reused (its settings must
     match in everything but ``defense_*``): try other SEAM settings without redoing the baseline."""
@@ -97,7 +99,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "quick": {},
     "full": {"attack_lrs": (2e-5, 5e-5, 8e-5, 1e-4, 2e-4), "attack_samples": 1000, "attack_lora": True,
              "defense_steps": 100, "hs_prompts": 100, "zs_limit": 200, "zs_tasks": ("arc_easy", "sciq", "hellaswag"),
-             "fs_steps": 60, "fs_train": 400, "fs_test": 200},
+             "fs_steps": 60, "fs_train": 400, "fs_test": 200, "coupling_examples": 16},
 }
 
 
@@ -180,7 +182,7 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig, fresh: bool = False) -> Path:
         store.append([r for r in ResultStore(base / "results.jsonl").rows() if r.model in ("raw", "aligned")])
     eval_cfg = EvalConfig(judge=cfg.judge, hs_prompts=cfg.hs_prompts, zs_limit=cfg.zs_limit, zs_tasks=cfg.zs_tasks,
                           fs_steps=cfg.fs_steps, fs_train=cfg.fs_train, fs_test=cfg.fs_test,
-                          coherence_examples=50, fs=False)
+                          coherence_examples=50, coupling_examples=cfg.coupling_examples, fs=False)
     judge = get_judge(cfg.judge)
     models = {"raw": (cfg.model, "none"), "aligned": (str(aligned), "none"), "seam": (str(seam / "model"), "seam")}
 
