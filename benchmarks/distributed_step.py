@@ -95,7 +95,10 @@ def main() -> None:
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
+        from seamlm.distributed import shutdown
+
         print("RESULT " + json.dumps(worker(args)), flush=True)
+        shutdown()
         return
 
     runs = {"1 process": _launch(args, 1, False), "2 processes": _launch(args, 2, False),

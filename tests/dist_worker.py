@@ -58,4 +58,8 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from seamlm.distributed import shutdown
+
+    rc = main()
+    shutdown()
+    sys.exit(rc)

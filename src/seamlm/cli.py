@@ -297,7 +297,11 @@ def main(argv: list[str] | None = None) -> int:
             if launched_distributed():
                 raise ConfigError(f"`seamlm {args.command}` runs in one process (only `seamlm defend` and `seamlm attack` are distributed); "
                                   f"start it without accelerate launch / torchrun")
-        return COMMANDS[args.command][1](args, extra)
+        rc = COMMANDS[args.command][1](args, extra)
+        from seamlm.distributed import shutdown
+
+        shutdown()
+        return rc
     except ConfigError as exc:
         print(f"seamlm {args.command}: config error: {exc}", file=sys.stderr)
         return 2

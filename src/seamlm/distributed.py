@@ -55,7 +55,8 @@ class DistContext:
     def all_gather_into(self, out: torch.Tensor, shard: torch.Tensor) -> torch.Tensor:
         """``out`` (``world_size × shard.numel()``) ← every rank's ``shard``, in rank order."""
         if self.distributed:
-            dist.all_gather_into_tensor(out, shard)
+            gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.13
+            gather(out, shard)
         else:
             out.copy_(shard)
         return out
@@ -99,6 +100,13 @@ def current_context(device: str | torch.device | None = None) -> DistContext:
     state = PartialState(cpu=(dev is not None and dev.type == "cpu") or not torch.cuda.is_available())
     return DistContext(rank=state.process_index, world_size=state.num_processes,
                        local_rank=state.local_process_index, device=torch.device(state.device))
+
+
+def shutdown() -> None:
+    """Leave the process group cleanly (every rank): a process that exits with gloo threads alive can abort."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 @contextmanager
