@@ -18,12 +18,16 @@ WORKER = Path(__file__).with_name("dist_worker.py")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
+def _bin(name: str) -> str:
+    """A console script of this interpreter's environment (torchrun, accelerate, seamlm)."""
+    return shutil.which(name, path=str(Path(sys.executable).parent)) or name
+
+
 def _run(out: Path, overrides: dict, procs: int, *extra: str, expect_rc: int = 0) -> None:
     out.mkdir(parents=True, exist_ok=True)
     args = [str(WORKER), str(out), json.dumps(overrides), *extra]
     if procs > 1:
-        torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
-        cmd = [torchrun, "--nproc_per_node", str(procs), "--standalone", *args]
+        cmd = [_bin("torchrun"), "--nproc_per_node", str(procs), "--standalone", *args]
     else:
         cmd = [sys.executable, *args]
     proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=180)
@@ -88,11 +92,9 @@ def test_two_process_run_resumes_after_a_kill(tmp_path, sharded):
 
 
 def test_defend_cli_runs_unchanged_under_accelerate_launch(tiny_model_dir, data_files, tmp_path):
-    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
-    seamlm = shutil.which("seamlm", path=str(Path(sys.executable).parent)) or "seamlm"
     config = Path(__file__).parents[1] / "examples" / "accelerate" / "cpu_2proc.yaml"
     out = tmp_path / "out"
-    cmd = [accelerate, "launch", "--config_file", str(config), "--main_process_port", "0", seamlm, "defend",
+    cmd = [_bin("accelerate"), "launch", "--config_file", str(config), "--main_process_port", "0", _bin("seamlm"), "defend",
            "--model", str(tiny_model_dir), "--out", str(out), "--steps", "2", "--batch_size", "2",
            "--max_length", "48", "--beta", "1", "--shard_gradients", "true", "--checkpoint_every", "1",
            *[a for k in ("harmful", "refusal", "benign") for a in (f"--{k}", str(data_files[k]))]]
@@ -121,10 +123,8 @@ def test_data_parallel_finetune_gives_the_single_process_model(tmp_path, optimiz
 def test_attack_cli_under_torchrun_evaluates_once(tiny_model_dir, tmp_path):
     from tests.test_cli import TINY_EVAL
 
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
-    seamlm = shutil.which("seamlm", path=str(Path(sys.executable).parent)) or "seamlm"
     out = tmp_path / "att"
-    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", seamlm, "attack", "--model", str(tiny_model_dir),
+    cmd = [_bin("torchrun"), "--standalone", "--nproc_per_node", "2", _bin("seamlm"), "attack", "--model", str(tiny_model_dir),
            "--label", "tiny", "--out", str(out), "--learning_rates", "1e-4,1e-3", "--num_samples", "4",
            "--batch_size", "2", *TINY_EVAL]
     proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=180)

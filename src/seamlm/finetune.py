@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from seamlm.checkpoint import seed_everything
 from seamlm.config import BaseConfig
 from seamlm.data.files import Example
-from seamlm.data.format import Formatter, collate
+from seamlm.data.format import Formatter, answer_token_count, collate
 from seamlm.defense.losses import answer_ce
 from seamlm.distributed import DistContext
 from seamlm.errors import ConfigError, DataError, NonFiniteLossError
@@ -104,10 +104,6 @@ def _with_lora(model: Any, cfg: FinetuneConfig) -> Any:
     return get_peft_model(model, lora)
 
 
-def _answer_tokens(batch: dict[str, torch.Tensor]) -> int:
-    return int((batch["labels"][:, 1:] != -100).sum())
-
-
 def finetune(
     model: Any, tokenizer: Any, examples: list[Example], cfg: FinetuneConfig,
     log_path: str | Path | None = None, desc: str = "fine-tuning", ctx: DistContext | None = None,
@@ -191,7 +187,7 @@ def _data_parallel_backward(model: Any, params: list[torch.nn.Parameter], rows: 
     tokens = 0
     if local:
         batch = collate([rows[i] for i in local], pad, device=device)
-        tokens = _answer_tokens(batch)
+        tokens = answer_token_count(batch)
     total = int(ctx.all_reduce_sum_(torch.tensor([tokens], dtype=torch.float64, device=ctx.device)).item())
     value = 0.0
     if tokens:

@@ -85,6 +85,11 @@ class Formatter:
         return out
 
 
+def answer_token_count(batch: dict[str, Any]) -> int:
+    """Tokens the answer-only CE of ``batch`` averages over (labels after the causal shift, not -100)."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
 def collate(batch: list[TokenizedExample], pad_token_id: int, padding_side: str = "right",
             device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
     """Pad to the longest sequence (right padding for training, left for generation), on ``device`` if given."""

@@ -137,14 +137,13 @@ class ShardedFlatParams(FlatParams):
 
     @contextmanager
     def grad_sink(self, flat: torch.Tensor) -> Iterator[None]:
-        ranges = {id(p): (o, n) for (o, n), p in zip(self._offsets, self.params, strict=True)}
+        pieces = {id(p): (src, dst) for p, src, dst in self._pieces}
 
         def to_shard(p: torch.Tensor) -> None:
-            g = self.ctx.all_reduce_mean_(p.grad)
-            o, n = ranges[id(p)]
-            a, b = max(o, self.start), min(o + n, self.stop)
-            if a < b:
-                flat[a - self.start:b - self.start].add_(g.reshape(-1)[a - o:b - o])
+            g = self.ctx.all_reduce_mean_(p.grad)  # every rank reduces every parameter, in the same order
+            if id(p) in pieces:
+                src, dst = pieces[id(p)]
+                flat[dst].add_(g.reshape(-1)[src])
             p.grad = None
 
         handles = [p.register_post_accumulate_grad_hook(to_shard) for p in self.params]

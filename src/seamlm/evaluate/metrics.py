@@ -12,7 +12,7 @@ import torch
 
 from seamlm.config import BaseConfig
 from seamlm.data.files import Example
-from seamlm.data.format import Formatter, collate, prompt_text
+from seamlm.data.format import Formatter, answer_token_count, collate, prompt_text
 from seamlm.data.refusals import is_refusal
 from seamlm.data.sources import load_source
 from seamlm.data.splits import prompt_hash
@@ -89,7 +89,7 @@ def benign_perplexity(model: Any, tokenizer: Any, examples: list[Example], batch
     model.eval()
     for i in range(0, len(rows), batch_size):
         batch = collate(rows[i:i + batch_size], tokenizer.pad_token_id, device=device)
-        n = int((batch["labels"][:, 1:] != -100).sum())
+        n = answer_token_count(batch)
         total += answer_ce(model, batch).item() * n  # answer_ce is the token mean over the batch
         count += n
     mean = total / max(count, 1)
