@@ -5,11 +5,13 @@ import json
 import pytest
 
 import seamlm.attack as attack_mod
-from seamlm.attack import AttackConfig, evaluate_pre_attack, run_attack_grid
+from seamlm.attack import AttackConfig, cell_key, evaluate_pre_attack, run_attack_grid
 from seamlm.data.bundles import BundleData
 from seamlm.errors import ConfigError, DataError
 from seamlm.evaluate.judges import KeywordJudge
 from seamlm.evaluate.metrics import EvalConfig
+from seamlm.finetune import FinetuneConfig
+from seamlm.recipes import make_recipe
 from seamlm.results import ResultStore
 from tests.conftest import BENIGN, HARMFUL, REFUSAL
 
@@ -46,10 +48,10 @@ def test_grid_cells_rows_and_resume(tiny_model_dir, bundle, tmp_path, monkeypatc
         _grid(tiny_model_dir, bundle, tmp_path, store)
     monkeypatch.setattr(attack_mod, "evaluate_model", real_eval)
     cells = {r.cell for r in store.rows()}
-    assert cells == {"pre", "sft-full-adamw-lr0.0001-n4-ep1-s0"}
+    assert cells == {"pre", "sft-full-adamw-lr0.0001-n4-ep1-b2-s0"}
 
     ran = _grid(tiny_model_dir, bundle, tmp_path, store)
-    assert ran == ["sft-full-adamw-lr0.001-n4-ep1-s0"]  # the finished cell is not redone
+    assert ran == ["sft-full-adamw-lr0.001-n4-ep1-b2-s0"]  # the finished cell is not redone
     assert "4 requested" not in caplog.text
     rows = store.rows()
     by_cell = {}
@@ -70,14 +72,16 @@ def test_lora_cell_and_sample_shortfall(tiny_model_dir, bundle, tmp_path, caplog
     store = ResultStore(tmp_path / "r.jsonl")
     cfg = AttackConfig(learning_rates=(1e-3,), num_samples=100, batch_size=3, lora=True, lora_r=2)
     ran = run_attack_grid(str(tiny_model_dir), "tiny", "none", bundle, cfg, EVAL, KeywordJudge(), tmp_path, store)
-    assert ran == ["sft-lora-r2-adamw-lr0.001-n6-ep1-s0"]
+    assert ran == ["sft-lora-r2-adamw-lr0.001-n6-ep1-b3-s0"]
     assert "6 harmful examples available, 100 requested" in caplog.text
 
 
 def test_grid_spans_samples_epochs_and_seeds():
     cfg = AttackConfig(learning_rates=(1e-4, 2e-4), num_samples=(10, 20), num_epochs=(1, 2), seeds=(0, 1))
     cells = cfg.cells()
-    assert len(cells) == 16 and len({cfg.cell_key(c["lr"], c["seed"], c["num_samples"], c["epochs"]) for c in cells}) == 16
+    sft = make_recipe("sft")
+    keys = {cell_key(FinetuneConfig(lr=c["lr"], seed=c["seed"], epochs=c["epochs"]), sft, c["num_samples"]) for c in cells}
+    assert len(cells) == 16 and len(keys) == 16
     with pytest.raises(ConfigError, match="through the grid fields"):
         AttackConfig(lr=1e-4)
 
@@ -103,9 +107,15 @@ def test_eval_refuses_a_zero_shot_task_that_feeds_training(tiny_model_dir, bundl
 
 def test_changed_settings_do_not_reuse_old_cells(tiny_model_dir, bundle, tmp_path):
     store = ResultStore(tmp_path / "results.jsonl")
-    _grid(tiny_model_dir, bundle, tmp_path, store, lrs=(1e-4,))
+    first = _grid(tiny_model_dir, bundle, tmp_path, store, lrs=(1e-4,))
+    # another hardening of the attack is another cell (a digest of the changed fields ends its key) ...
+    second = _grid(tiny_model_dir, bundle, tmp_path, store, lrs=(1e-4,), weight_decay=0.0)
+    assert second[0].startswith(first[0] + "-h")
+    # ... while other evaluation settings for an existing cell are an error, not a silent reuse
+    cfg = AttackConfig(learning_rates=(1e-4,), num_samples=4, batch_size=2)
     with pytest.raises(DataError, match="made with other settings"):
-        _grid(tiny_model_dir, bundle, tmp_path, store, lrs=(1e-4,), weight_decay=0.0)
+        run_attack_grid(str(tiny_model_dir), "tiny", "none", bundle, cfg, EVAL.replace(hs_prompts=2), KeywordJudge(),
+                        tmp_path, store)
     evaluate_pre_attack(str(tiny_model_dir), "tiny", "none", bundle, EVAL, KeywordJudge(), tmp_path, store)
     with pytest.raises(DataError, match="made with other settings"):
         evaluate_pre_attack(str(tiny_model_dir), "tiny", "none", bundle, EVAL.replace(hs_prompts=2), KeywordJudge(),

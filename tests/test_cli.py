@@ -116,7 +116,7 @@ def test_attack_then_report(tiny_model_dir, tmp_path, capsys):
                "1e-4,1e-3", "--num_samples", "4", "--batch_size", "2", *TINY_EVAL])
     assert rc == 0, capsys.readouterr().err
     rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
-    assert {r["cell"] for r in rows} == {"pre", "sft-full-adamw-lr0.0001-n4-ep1-s0", "sft-full-adamw-lr0.001-n4-ep1-s0"}
+    assert {r["cell"] for r in rows} == {"pre", "sft-full-adamw-lr0.0001-n4-ep1-b2-s0", "sft-full-adamw-lr0.001-n4-ep1-b2-s0"}
     assert all(r["data_manifest"] for r in rows) and (out / "attack_config.tiny.yaml").is_file()
     assert main(["report", str(out / "results.jsonl"), "--out", str(out / "report")]) == 0
     assert "| tiny |" in (out / "report" / "report.md").read_text()

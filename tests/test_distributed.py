@@ -131,6 +131,6 @@ def test_attack_cli_under_torchrun_evaluates_once(tiny_model_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
     cells = [r["cell"] for r in rows if r["metric"] == "hs"]
-    assert sorted(cells) == ["pre", "sft-full-adamw-lr0.0001-n4-ep1-s0", "sft-full-adamw-lr0.001-n4-ep1-s0"]
-    losses = (out / "attacks" / "tiny" / "sft-full-adamw-lr0.001-n4-ep1-s0" / "loss.jsonl").read_text().splitlines()
+    assert sorted(cells) == ["pre", "sft-full-adamw-lr0.0001-n4-ep1-b2-s0", "sft-full-adamw-lr0.001-n4-ep1-b2-s0"]
+    losses = (out / "attacks" / "tiny" / "sft-full-adamw-lr0.001-n4-ep1-b2-s0" / "loss.jsonl").read_text().splitlines()
     assert len(losses) == 2  # 4 samples / batch 2, logged once (by rank 0)

@@ -15,8 +15,9 @@ from seamlm.errors import ConfigError, NonFiniteLossError
 from seamlm.evaluate.judges import Judge
 from seamlm.evaluate.metrics import EvalConfig
 from seamlm.evaluate.run import evaluate_model
-from seamlm.finetune import FinetuneConfig, finetune
+from seamlm.finetune import FinetuneConfig
 from seamlm.models import load_model
+from seamlm.recipes import AttackData, AttackRecipe, make_recipe
 from seamlm.results import ResultRow, ResultStore
 from seamlm.runinfo import fingerprint
 
@@ -52,9 +53,6 @@ class AttackConfig(FinetuneConfig):
         return [{"lr": lr, "num_samples": n, "epochs": ep, "seed": s}
                 for s in self.seeds for n in self.num_samples for ep in self.num_epochs for lr in self.learning_rates]
 
-    def cell_key(self, lr: float, seed: int, n: int, epochs: int) -> str:
-        mode = f"lora-r{self.lora_r}" if self.lora else "full"
-        return f"sft-{mode}-{self.optimizer}-lr{lr:g}-n{n}-ep{epochs}-s{seed}"
 
 
 def manifest_digest(bundle: BundleData) -> str:
@@ -91,66 +89,128 @@ def evaluate_pre_attack(model_name: str, label: str, defense: str, bundle: Bundl
     return True
 
 
-def run_attack_grid(model_name: str, label: str, defense: str, bundle: BundleData, cfg: AttackConfig,
-                    eval_cfg: EvalConfig, judge: Judge, out_dir: str | Path, store: ResultStore,
-                    ctx: DistContext | None = None) -> list[str]:
-    """Attack ``model_name`` once per (seed, lr) cell not yet in ``store``; evaluate and append each cell.
+#: Fine-tuning fields named in every cell key (the grid's own fields and these) — a change to any other field
+#: adds a digest of the changed fields to the key, so differently hardened attacks never share a cell.
+_KEYED = {"lr", "seed", "epochs", "lora", "lora_r", "optimizer", "batch_size"}
 
-    Every cell starts from the same weights. The attack's per-step loss goes to
-    ``out_dir/attacks/<label>/<cell>/loss.jsonl``; a diverged attack (NaN loss) is evaluated as it stands and marked
-    ``status: diverged``. Returns the cells that ran. Under several processes (``ctx``) every rank trains its share
-    of each batch (data parallel) and rank 0 evaluates and writes the cell.
+
+def cell_key(run_cfg: FinetuneConfig, recipe: AttackRecipe, n: int) -> str:
+    """``<recipe>[-<knobs digest>]-<full|lora-rR>-<optimizer>-lr..-n..-ep..-b..-s..[-h<digest of other changes>]``."""
+    if not recipe.trains:
+        return f"{recipe.name}-{fingerprint(recipe.knobs.to_dict())[:6]}-n{n}-s{run_cfg.seed}"
+    mode = f"lora-r{run_cfg.lora_r}" if run_cfg.lora else "full"
+    key = f"{mode}-{run_cfg.optimizer}-lr{run_cfg.lr:g}-n{n}-ep{run_cfg.epochs}-b{run_cfg.batch_size}-s{run_cfg.seed}"
+    key = f"sft-{key}" if recipe.name == "sft" else f"{recipe.name}-{fingerprint(recipe.knobs.to_dict())[:6]}-{key}"
+    default = FinetuneConfig()
+    changed = {k: v for k, v in run_cfg.to_dict().items() if k not in _KEYED and v != getattr(default, k)
+               and not (isinstance(v, list) and tuple(v) == getattr(default, k))}
+    return f"{key}-h{fingerprint(changed)[:6]}" if changed else key
+
+
+@dataclass
+class CellOutcome:
+    cell: str
+    values: dict[str, float] | None
+    """Metric -> value (None on ranks other than 0)."""
+    ran: bool
+    """False when the store already held the cell."""
+
+
+def attack_data(bundle: BundleData, recipe: AttackRecipe, n: int, seed: int) -> AttackData:
+    """The attacker's data for one cell: ``n`` harmful examples (seeded subset of the attack stream) and the
+    bundle's attacker-benign stream."""
+    examples = list(bundle.streams["attack"])
+    random.Random(seed).shuffle(examples)
+    if len(examples) < n:
+        log.warning("attack: %d harmful examples available, %d requested; using %d", len(examples), n, len(examples))
+    data = AttackData(examples[:n], list(bundle.streams.get("attack_benign", [])))
+    recipe.check_data(data)
+    return data
+
+
+def attack_cell(model_name: str, label: str, defense: str, bundle: BundleData, recipe: AttackRecipe,
+                run_cfg: FinetuneConfig, n_samples: int, eval_cfg: EvalConfig, judge: Judge, out_dir: str | Path,
+                store: ResultStore, ctx: DistContext | None = None, cell: str | None = None,
+                meta: dict[str, Any] | None = None) -> CellOutcome:
+    """Attack ``model_name`` with ``recipe`` and ``run_cfg``, evaluate, append the rows; return the metric values
+    (read back from the store when the cell is already there).
+
+    The attack's per-step log goes to ``out_dir/attacks/<label>/<cell>/loss.jsonl``; a diverged attack (NaN loss) is
+    evaluated as it stands and marked ``status: diverged``. HS is measured through the prompt template the attack
+    trained with. ``meta`` is added to the row's attack settings (e.g. the sweep trial).
     """
     ctx = ctx or DistContext()
     out = Path(out_dir)
-    data = bundle.streams["attack"]
+    data = attack_data(bundle, recipe, n_samples, run_cfg.seed)
+    train_cfg = recipe.training_config(run_cfg)
+    cell = cell or cell_key(run_cfg, recipe, len(data.harmful))
+    cell_eval = eval_cfg.replace(prompt_template=train_cfg.prompt_template)
     digest = manifest_digest(bundle)
-    recipe = {k: v for k, v in cfg.to_dict().items() if k not in ("learning_rates", "num_samples", "num_epochs", "seeds")}
-    ran = []
-    for grid in cfg.cells():
-        lr, seed, epochs = grid["lr"], int(grid["seed"]), int(grid["epochs"])
-        examples = list(data)
-        random.Random(seed).shuffle(examples)
-        examples = examples[: int(grid["num_samples"])]
-        if len(examples) < grid["num_samples"]:
-            log.warning("attack: %d harmful examples available, %d requested; using %d",
-                        len(data), grid["num_samples"], len(examples))
-        cell = cfg.cell_key(lr, seed, len(examples), epochs)
-        settings = settings_digest(model=model_name, eval=eval_cfg.to_dict(), judge=judge.name, data=digest,
-                                   recipe=recipe, cell=grid)
-        if store.done(label, cell, settings):
-            log.info("%s / %s: already in %s, skipped", label, cell, store.path)
-            continue
-        cell_dir = out / "attacks" / label / cell
-        if ctx.is_main:
-            cell_dir.mkdir(parents=True, exist_ok=True)
-        # fp32 master weights: bf16 updates at 2e-5 round away
-        model, tok = load_model(model_name, dtype="float32", device=str(ctx.device) if ctx.distributed else None)
-        run_cfg = FinetuneConfig.from_dict({k: v for k, v in cfg.to_dict().items()
-                                            if k in FinetuneConfig.field_names()}
-                                           | {"lr": lr, "seed": seed, "epochs": epochs})
-        status, losses = "ok", []
-        try:
-            result = finetune(model, tok, examples, run_cfg, cell_dir / "loss.jsonl", desc=f"attack {label} lr={lr:g}",
-                              ctx=ctx)
-            model, losses = result.model, result.losses
-        except NonFiniteLossError as exc:
-            log.warning("%s: %s", cell, exc)
-            status, model, losses = "diverged", exc.model, exc.losses
-        ran.append(cell)
-        if not ctx.is_main:
-            ctx.barrier()
-            continue
-        values = evaluate_model(model, tok, bundle, eval_cfg, judge, cell_dir / "samples.jsonl")
-        if losses:
-            # per-batch losses are noisy (and the last batch may be short): report means of the first/last 10 %
-            w = max(1, len(losses) // 10)
-            values.update(attack_first_loss=sum(losses[:w]) / w, attack_final_loss=sum(losses[-w:]) / w)
-        attack = {"recipe": "sft", "lr": lr, "seed": seed, "samples": len(examples), "epochs": epochs,
-                  "batch_size": cfg.batch_size, "optimizer": cfg.optimizer, "lora": cfg.lora,
-                  "lora_r": cfg.lora_r if cfg.lora else None, "status": status,
-                  "loss_log": str((cell_dir / "loss.jsonl").relative_to(out))}
-        store.append(_rows(values, dict(model=label, defense=defense, cell=cell, seed=seed, attack=attack,
-                                        data_manifest=digest, settings=settings), judge))
+    settings = settings_digest(model=model_name, eval=cell_eval.to_dict(), judge=judge.name, data=digest,
+                               recipe=recipe.describe(), train=train_cfg.to_dict() if recipe.trains else None,
+                               samples=len(data.harmful))
+    if store.done(label, cell, settings):
+        log.info("%s / %s: already in %s, skipped", label, cell, store.path)
+        return CellOutcome(cell, {r.metric: r.value for r in store.rows() if r.model == label and r.cell == cell}, False)
+    cell_dir = out / "attacks" / label / cell
+    if ctx.is_main:
+        cell_dir.mkdir(parents=True, exist_ok=True)
+    # fp32 master weights: bf16 updates at 2e-5 round away
+    model, tok = load_model(model_name, dtype="float32", device=str(ctx.device) if ctx.distributed else None)
+    status, logs = "ok", []
+    try:
+        result = recipe.attack(model, tok, data, run_cfg, cell_dir / "loss.jsonl",
+                               f"attack {label} {recipe.name} lr={run_cfg.lr:g}" if recipe.trains
+                               else f"attack {label} {recipe.name}", ctx)
+        model, logs = result.model, result.logs
+    except NonFiniteLossError as exc:
+        log.warning("%s: %s", cell, exc)
+        status, model, logs = "diverged", exc.model, getattr(exc, "logs", [])
+    if not ctx.is_main:
         ctx.barrier()
+        return CellOutcome(cell, None, True)
+    values = evaluate_model(model, tok, bundle, cell_eval, judge, cell_dir / "samples.jsonl")
+    harmful = [r.get("harmful_ce", r["loss"]) for r in logs if "loss" in r]
+    if harmful:
+        # per-batch losses are noisy (and the last batch may be short): report means of the first/last 10 %
+        w = max(1, len(harmful) // 10)
+        values.update(attack_first_loss=sum(harmful[:w]) / w, attack_final_loss=sum(harmful[-w:]) / w)
+    attack: dict[str, Any] = {**recipe.describe(), "seed": run_cfg.seed, "samples": len(data.harmful), "status": status}
+    if recipe.trains:
+        attack.update(lr=run_cfg.lr, epochs=run_cfg.epochs, batch_size=train_cfg.batch_size,
+                      optimizer=train_cfg.optimizer, lora=train_cfg.lora,
+                      lora_r=train_cfg.lora_r if train_cfg.lora else None, max_grad_norm=train_cfg.max_grad_norm,
+                      lr_scheduler=train_cfg.lr_scheduler, warmup_ratio=train_cfg.warmup_ratio,
+                      prompt_template=train_cfg.prompt_template,
+                      loss_log=str((cell_dir / "loss.jsonl").relative_to(out)))
+    attack.update(meta or {})
+    store.append(_rows(values, dict(model=label, defense=defense, cell=cell, seed=run_cfg.seed, attack=attack,
+                                    data_manifest=digest, settings=settings), judge))
+    ctx.barrier()
+    return CellOutcome(cell, values, True)
+
+
+def run_attack_grid(model_name: str, label: str, defense: str, bundle: BundleData, cfg: AttackConfig,
+                    eval_cfg: EvalConfig, judge: Judge, out_dir: str | Path, store: ResultStore,
+                    ctx: DistContext | None = None, recipe: AttackRecipe | None = None) -> list[str]:
+    """Attack ``model_name`` once per grid cell not yet in ``store`` (see :func:`attack_cell`); every cell starts
+    from the same weights. ``recipe`` (default: plain SFT) is the attack; a recipe that does not train (a weight
+    edit) runs once per seed and sample count. Returns the cells that ran. Under several processes (``ctx``) every
+    rank trains its share of each batch (data parallel) and rank 0 evaluates and writes the cell.
+    """
+    recipe = recipe or make_recipe("sft")
+    cells = cfg.cells()
+    if not recipe.trains:
+        if len(cfg.learning_rates) > 1 or len(cfg.num_epochs) > 1:
+            log.warning("recipe %s does not train: learning_rates and num_epochs are not used (one cell per seed "
+                        "and sample count)", recipe.name)
+        cells = list({(c["seed"], c["num_samples"]): c for c in cells}.values())
+    ran = []
+    for grid in cells:
+        run_cfg = FinetuneConfig.from_dict({k: v for k, v in cfg.to_dict().items() if k in FinetuneConfig.field_names()}
+                                           | {"lr": grid["lr"], "seed": grid["seed"], "epochs": grid["epochs"]})
+        outcome = attack_cell(model_name, label, defense, bundle, recipe, run_cfg, int(grid["num_samples"]), eval_cfg,
+                              judge, out_dir, store, ctx)
+        if outcome.ran:
+            ran.append(outcome.cell)
     return ran

@@ -100,7 +100,10 @@ class BaseConfig:
         # Coerce every field by its type (so "5" -> 5, "1e-4,2e-4" -> (1e-4, 2e-4)) and validate, however built.
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
-            object.__setattr__(self, f.name, _coerce(f.name, getattr(self, f.name), hints[f.name]))
+            value = getattr(self, f.name)
+            # a list field whose default is empty may be set empty ("" on the command line)
+            empty = f.default == () and value in ((), [], "")
+            object.__setattr__(self, f.name, () if empty else _coerce(f.name, value, hints[f.name]))
         self.validate()
 
     @classmethod

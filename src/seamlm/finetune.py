@@ -7,7 +7,8 @@ import json
 import logging
 import math
 import random
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,7 +18,7 @@ from tqdm.auto import tqdm
 from seamlm.checkpoint import seed_everything
 from seamlm.config import BaseConfig
 from seamlm.data.files import Example
-from seamlm.data.format import Formatter, answer_token_count, collate
+from seamlm.data.format import Formatter, answer_token_count, check_template, collate
 from seamlm.defense.losses import answer_ce
 from seamlm.distributed import DistContext
 from seamlm.errors import ConfigError, DataError, NonFiniteLossError
@@ -51,6 +52,8 @@ class FinetuneConfig(BaseConfig):
     """Maximum tokens per example."""
     mask_prompt: bool = True
     """Train on answer tokens only."""
+    prompt_template: str = "chat"
+    """Prompt template of the training examples (``seamlm.data.format.PROMPT_TEMPLATES``; chat = the model's own)."""
     seed: int = 0
     """Data order and initialisation of LoRA weights."""
     lora: bool = False
@@ -63,6 +66,8 @@ class FinetuneConfig(BaseConfig):
     """LoRA dropout."""
     lora_target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     """Module names that get adapters."""
+    lora_layers: tuple[int, ...] = ()
+    """Decoder layers (indices) that get adapters; empty = all."""
 
     def validate(self) -> None:
         self._require([
@@ -71,7 +76,30 @@ class FinetuneConfig(BaseConfig):
             (0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"), (self.max_length >= 16, "max_length must be >= 16"),
             (self.lora_r >= 1, "lora_r must be >= 1"),
             (self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm must be > 0 or None"),
+            (all(i >= 0 for i in self.lora_layers), "lora_layers are layer indices >= 0"),
         ])
+        check_template(self.prompt_template)
+
+
+@dataclass
+class TrainingHooks:
+    """Extension points of :func:`finetune`. Adaptive attacks compose the one training loop through these.
+
+    The order within a step: ``loss`` → backward → ``transform_gradients`` → clipping → optimizer step.
+    """
+
+    select_parameters: Callable[[Any], None] | None = None
+    """(model) -> None: sets ``requires_grad`` on the parameters to train, before the optimizer is built (called on
+    the LoRA-wrapped model when ``lora`` is on)."""
+    loss: Callable[[Any, dict[str, torch.Tensor], int], tuple[torch.Tensor, dict[str, float]]] | None = None
+    """(model, batch, step) -> (loss to differentiate, extra log fields). Default: the batch's answer-only CE."""
+    transform_gradients: Callable[[Any, list[torch.nn.Parameter], int], dict[str, float]] | None = None
+    """(model, trainable parameters, step) -> extra log fields; rewrites ``p.grad`` in place."""
+
+    def check(self, ctx: DistContext) -> None:
+        if ctx.distributed and (self.loss or self.transform_gradients):
+            raise ConfigError("this attack recipe changes the loss or the gradients and runs in one process; "
+                              "start it without accelerate launch / torchrun")
 
 
 @dataclass
@@ -79,6 +107,8 @@ class FinetuneResult:
     model: Any
     losses: list[float]
     steps: int
+    logs: list[dict[str, float]] = field(default_factory=list)
+    """Per-step log rows (step, loss, lr and the hooks' fields), as in the JSONL log."""
 
 
 def _batches(n: int, cfg: FinetuneConfig) -> list[list[int]]:
@@ -100,13 +130,15 @@ def _with_lora(model: Any, cfg: FinetuneConfig) -> Any:
         raise ConfigError(f"lora_target_modules {missing} are not modules of this model; some present: "
                           f"{sorted(p for p in present if p.endswith('proj'))[:12]}")
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=list(cfg.lora_target_modules), task_type="CAUSAL_LM")
+                      target_modules=list(cfg.lora_target_modules), task_type="CAUSAL_LM",
+                      layers_to_transform=list(cfg.lora_layers) or None)
     return get_peft_model(model, lora)
 
 
 def finetune(
     model: Any, tokenizer: Any, examples: list[Example], cfg: FinetuneConfig,
     log_path: str | Path | None = None, desc: str = "fine-tuning", ctx: DistContext | None = None,
+    hooks: TrainingHooks | None = None,
 ) -> FinetuneResult:
     """Train ``model`` on ``examples`` (answer-only CE); returns the trained (LoRA-merged) model and the losses.
 
@@ -115,16 +147,24 @@ def finetune(
 
     Under several processes (``ctx``) each rank takes every world-th example of each batch, and the gradients are
     all-reduced with token weights, so the step is the one-process step on the whole batch (the answer-token mean).
+    ``hooks`` change the loss, the gradients or the trained parameters (see :class:`TrainingHooks`).
     """
     ctx = ctx or DistContext()
+    hooks = hooks or TrainingHooks()
+    hooks.check(ctx)
     if not examples:
         raise DataError(f"{desc}: no training examples")
     seed_everything(cfg.seed)
-    rows = Formatter(tokenizer, cfg.max_length, mask_prompt=cfg.mask_prompt).encode_all(examples, desc)
+    rows = Formatter(tokenizer, cfg.max_length, mask_prompt=cfg.mask_prompt,
+                     template=cfg.prompt_template).encode_all(examples, desc)
     device = next(model.parameters()).device
     if cfg.lora:
         model = _with_lora(model, cfg)
+    if hooks.select_parameters:
+        hooks.select_parameters(model)
     params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ConfigError(f"{desc}: no trainable parameters (the parameter selection matched nothing)")
     if cfg.optimizer == "adamw":
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     else:
@@ -135,6 +175,7 @@ def finetune(
     sched = get_scheduler(cfg.lr_scheduler, opt, num_warmup_steps=int(cfg.warmup_ratio * len(plan)),
                           num_training_steps=len(plan))
     losses: list[float] = []
+    logs: list[dict[str, float]] = []
     log_path = log_path if ctx.is_main else None
     if log_path:
         Path(log_path).parent.mkdir(parents=True, exist_ok=True)
@@ -143,28 +184,35 @@ def finetune(
     try:
         for step, idx in enumerate(tqdm(plan, desc=desc, unit="step", dynamic_ncols=True, disable=not ctx.is_main), 1):
             local = idx[ctx.rank::ctx.world_size]
+            extra: dict[str, float] = {}
             if ctx.distributed:
                 value = _data_parallel_backward(model, params, rows, local, tokenizer.pad_token_id, device, ctx)
             else:
                 batch = collate([rows[i] for i in local], tokenizer.pad_token_id, device=device)
-                loss = answer_ce(model, batch)
+                if hooks.loss:
+                    loss, extra = hooks.loss(model, batch, step)
+                else:
+                    loss = answer_ce(model, batch)
                 value = loss.item()
             if not math.isfinite(value):
                 err = NonFiniteLossError(f"{desc}: loss became {value} at step {step} (lr={cfg.lr})")
                 # the weights before this step and the losses so far, so a caller can still evaluate the model
                 err.model = model.merge_and_unload() if cfg.lora else model
-                err.losses = losses
+                err.losses, err.logs = losses, logs
                 raise err
             if not ctx.distributed:
                 loss.backward()
+            if hooks.transform_gradients:
+                extra.update(hooks.transform_gradients(model, params, step))
             if cfg.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
             losses.append(value)
+            logs.append({"step": step, "loss": value, "lr": sched.get_last_lr()[0], **extra})
             if logf:
-                logf.write(json.dumps({"step": step, "loss": value, "lr": sched.get_last_lr()[0]}) + "\n")
+                logf.write(json.dumps(logs[-1]) + "\n")
                 logf.flush()
     finally:
         if logf:
@@ -175,9 +223,9 @@ def finetune(
     if not all(torch.isfinite(p).all() for p in model.parameters()):
         # the last update produced inf/NaN weights although every loss was finite
         err = NonFiniteLossError(f"{desc}: non-finite weights after the last step (lr={cfg.lr})")
-        err.model, err.losses = model, losses
+        err.model, err.losses, err.logs = model, losses, logs
         raise err
-    return FinetuneResult(model, losses, len(plan))
+    return FinetuneResult(model, losses, len(plan), logs)
 
 
 def _data_parallel_backward(model: Any, params: list[torch.nn.Parameter], rows: list, local: list[int], pad: int,

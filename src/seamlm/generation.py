@@ -13,9 +13,10 @@ from seamlm.data.format import prompt_text
 @torch.no_grad()
 def generate_answers(
     model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int = 50, batch_size: int = 8,
-    max_prompt_tokens: int = 512, desc: str = "generating",
+    max_prompt_tokens: int = 512, desc: str = "generating", template: str = "chat",
 ) -> list[str]:
-    """Greedy answers to ``prompts`` (chat template or fallback format), decoded without special tokens."""
+    """Greedy answers to ``prompts`` (formatted with ``template``: the chat template by default), decoded without
+    special tokens."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -25,7 +26,7 @@ def generate_answers(
     tokenizer.padding_side = tokenizer.truncation_side = "left"
     try:
         for i in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch", disable=len(prompts) <= batch_size):
-            texts = [prompt_text(tokenizer, p) for p in prompts[i:i + batch_size]]
+            texts = [prompt_text(tokenizer, p, template) for p in prompts[i:i + batch_size]]
             enc = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_prompt_tokens,
                             add_special_tokens=False).to(device)
             out = model.generate(

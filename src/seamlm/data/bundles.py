@@ -29,7 +29,10 @@ STREAM_FILES = {
     "attack": "attack_harmful.jsonl",       # harmful Q+A for the fine-tuning attack (disjoint prompts)
     "eval_harmful": "eval_harmful.jsonl",   # held-out harmful prompts for HS (responses empty)
     "benign_heldout": "benign_heldout.jsonl",  # held-out benign Q+A for coherence / perplexity
+    "attack_benign": "attack_benign.jsonl",  # benign Q+A an adaptive attacker mixes in (disjoint from B)
 }
+#: Streams a bundle built before they existed may lack (loaded as empty; the recipes that need them say so).
+OPTIONAL_STREAMS = {"attack_benign"}
 MANIFEST = "manifest.json"
 
 
@@ -82,6 +85,10 @@ def load_built(directory: str | Path) -> BundleData:
         raise DataError(f"{d} is not a built data bundle (no {MANIFEST}); run `seamlm data build NAME --out {d}`")
     streams = {}
     for stream, fname in STREAM_FILES.items():
+        if stream in OPTIONAL_STREAMS and not (d / fname).is_file():
+            log.warning("%s has no %s (built by an older seamlm); rebuild it for adaptive attacks", d, fname)
+            streams[stream] = []
+            continue
         # no de-duplication: R is row-aligned with H, and H may hold several answers to one prompt
         streams[stream] = load_examples(d / fname, require_response=stream != "eval_harmful", dedupe=False)
     h, r = streams["harmful"], streams["refusal"]
@@ -119,7 +126,7 @@ def _pair_refusals(harmful: list[Example], refusals_by_prompt: dict[str, list[Ex
 
 def _offline_default(seed: int = 0, holdout_categories: tuple[str, ...] = (),
                      fractions: dict[str, float] | None = None, benign_piqa: int = 400,
-                     benign_heldout: int = 100) -> BundleData:
+                     benign_heldout: int = 100, attack_benign: int = 200) -> BundleData:
     fractions = fractions or {"defense": 0.45, "attack": 0.45, "eval": 0.10}
     labelled = load_source("pyrit-harm") + load_source("pyrit-objective") + load_source("pyrit-refusal")
     harmful_pool = [e for e in labelled if e.label == "harmful"]
@@ -139,13 +146,17 @@ def _offline_default(seed: int = 0, holdout_categories: tuple[str, ...] = (),
         if h not in used and h not in eval_rows:
             eval_rows[h] = Example(e.prompt, "", e.category, None, e.source)
 
-    # B: ForgeLM chats + a seeded PIQA subset; the next PIQA rows are the held-out benign set.
+    # B: ForgeLM chats + a seeded PIQA subset; the next PIQA rows are the held-out benign set, then the benign
+    # rows an adaptive attacker may use (disjoint from both).
     import random
 
     piqa = load_source("piqa-benign")
     random.Random(seed).shuffle(piqa)
     benign = load_source("forgelm-chat") + piqa[:benign_piqa]
     heldout = piqa[benign_piqa:benign_piqa + benign_heldout]
+    seen_benign = hashes(benign) | hashes(heldout)  # PIQA repeats some goals: skip those
+    attacker_benign = [e for e in piqa[benign_piqa + benign_heldout:]
+                       if prompt_hash(e.prompt) not in seen_benign][:attack_benign]
 
     streams = {
         "harmful": split["defense"],
@@ -154,8 +165,9 @@ def _offline_default(seed: int = 0, holdout_categories: tuple[str, ...] = (),
         "attack": split["attack"],
         "eval_harmful": list(eval_rows.values()),
         "benign_heldout": heldout,
+        "attack_benign": attacker_benign,
     }
-    groups = [["harmful", "attack", "eval_harmful"], ["benign", "benign_heldout"]]
+    groups = [["harmful", "attack", "eval_harmful"], ["benign", "benign_heldout", "attack_benign"]]
     for group in groups:
         check_disjoint({k: streams[k] for k in group})
     manifest = split_manifest(
@@ -173,7 +185,7 @@ BUNDLES["offline-default"] = Bundle(
     "Harmful Q+A with human labels from PyRIT's scorer evaluations, split by prompt into defence / attack / eval "
     "(45/45/10 %); R pairs each defence prompt with a human-labelled refusal of it where PyRIT has one, else a "
     "varied template refusal; B = ForgeLM chats + 400 PIQA goal->solution pairs; HS prompts = the held-out pool "
-    "prompts + HarmBench; 100 further PIQA pairs for coherence.",
+    "prompts + HarmBench; 100 further PIQA pairs for coherence; 200 more for adaptive attackers' benign data.",
     {"all": ["pyrit-harm", "pyrit-objective", "pyrit-refusal", "harmbench", "forgelm-chat", "piqa-benign"]},
     _offline_default,
 )

@@ -21,8 +21,30 @@ log = logging.getLogger(__name__)
 IGNORE_INDEX = -100
 
 
-def prompt_text(tokenizer: Any, prompt: str) -> str:
-    """The text the model sees before its answer: the chat template if it has one, else the fallback format."""
+#: Prompt templates by name. ``chat`` is the model's own chat template (the fallback format when it has none); the
+#: others ignore the chat template — an attacker's "template shift" trains and queries the model through them.
+PROMPT_TEMPLATES = {
+    "chat": None,
+    "plain": FALLBACK_PROMPT_FORMAT,
+    "alpaca": "Below is an instruction that describes a task. Write a response that appropriately completes the "
+              "request.\n\n### Instruction:\n{prompt}\n\n### Response:\n",
+    "raw": "{prompt}\n",
+}
+
+
+def check_template(name: str) -> str:
+    if name not in PROMPT_TEMPLATES:
+        from seamlm.errors import ConfigError
+
+        raise ConfigError(f"unknown prompt template '{name}'; choose one of {', '.join(PROMPT_TEMPLATES)}")
+    return name
+
+
+def prompt_text(tokenizer: Any, prompt: str, template: str = "chat") -> str:
+    """The text the model sees before its answer: the chat template if it has one (else the fallback format), or
+    the named template of :data:`PROMPT_TEMPLATES`."""
+    if check_template(template) != "chat":
+        return PROMPT_TEMPLATES[template].format(prompt=prompt)
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
@@ -41,6 +63,7 @@ class Formatter:
     """Tokenise examples into ``input_ids`` + answer-only ``labels``.
 
     ``mask_prompt=False`` trains on every token (the reference code does this for the benign stream).
+    ``template`` names the prompt template (:data:`PROMPT_TEMPLATES`; ``chat`` = the model's own).
     Truncation keeps at least ``min_answer_tokens`` of the answer by cutting the prompt from the left;
     ``truncated``/``answer_lost`` count what was cut so callers can log it.
     """
@@ -49,12 +72,13 @@ class Formatter:
     max_length: int = 256
     mask_prompt: bool = True
     min_answer_tokens: int = 8
+    template: str = "chat"
     truncated: int = field(default=0, init=False)
     answer_lost: int = field(default=0, init=False)
 
     def __call__(self, example: Example) -> TokenizedExample:
         tok = self.tokenizer
-        p_ids = tok(prompt_text(tok, example.prompt), add_special_tokens=False)["input_ids"]
+        p_ids = tok(prompt_text(tok, example.prompt, self.template), add_special_tokens=False)["input_ids"]
         a_ids = tok(example.response, add_special_tokens=False)["input_ids"]
         if tok.eos_token_id is not None:
             a_ids = a_ids + [tok.eos_token_id]

@@ -12,7 +12,7 @@ import torch
 
 from seamlm.config import BaseConfig
 from seamlm.data.files import Example
-from seamlm.data.format import Formatter, answer_token_count, collate, prompt_text
+from seamlm.data.format import Formatter, answer_token_count, check_template, collate, prompt_text
 from seamlm.data.refusals import is_refusal
 from seamlm.data.sources import load_source
 from seamlm.data.splits import prompt_hash
@@ -47,6 +47,9 @@ class EvalConfig(BaseConfig):
     coupling_examples: int = 16
     """Attack-set and held-out benign examples for the gradient-coupling figures (0 = skip): cos(g_h, g_b) and
     the benign-loss slope −g_h·g_b/‖g_h‖ along a harmful descent step (> 0: the attack raises the benign loss)."""
+    prompt_template: str = "chat"
+    """Template of the HS prompts (``seamlm.data.format.PROMPT_TEMPLATES``); a template-shift attack is measured
+    through the template it trained with."""
     fs: bool = False
     """Also run FS: fine-tune on SST-2 and report its accuracy (minutes on CPU)."""
     fs_train: int = 400
@@ -63,12 +66,14 @@ class EvalConfig(BaseConfig):
             raise ConfigError("max_new_tokens, gen_batch_size and zs_batch_size must be >= 1")
         if min(self.hs_prompts, self.zs_limit, self.coherence_examples, self.coupling_examples, self.fs_train, self.fs_test) < 0:
             raise ConfigError("sizes must be >= 0")
+        check_template(self.prompt_template)
 
 
 def harmfulness(model: Any, tokenizer: Any, prompts: list[str], judge: Judge, max_new_tokens: int = 50,
-                batch_size: int = 16) -> dict[str, Any]:
+                batch_size: int = 16, template: str = "chat") -> dict[str, Any]:
     """HS = mean P(harmful) of the judge over greedy answers (×100), with the keyword refusal rate beside it."""
-    answers = generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size, desc="HS generation")
+    answers = generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size, desc="HS generation",
+                               template=template)
     probs = judge.score(prompts, answers)
     refusals = [is_refusal(a) for a in answers]
     return {

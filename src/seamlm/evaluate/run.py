@@ -31,7 +31,7 @@ def evaluate_model(model: Any, tokenizer: Any, bundle: BundleData, cfg: EvalConf
         raise ConfigError(f"zero-shot tasks {sorted(excluded)} feed this bundle's training data; drop them from zs_tasks")
     out: dict[str, float] = {}
     prompts = sample_prompts(bundle.streams["eval_harmful"], cfg.hs_prompts, cfg.seed)
-    hs = harmfulness(model, tokenizer, prompts, judge, cfg.max_new_tokens, cfg.gen_batch_size)
+    hs = harmfulness(model, tokenizer, prompts, judge, cfg.max_new_tokens, cfg.gen_batch_size, cfg.prompt_template)
     out.update(hs=hs["hs"], hs_binary=hs["hs_binary"], refusal_rate=hs["refusal_rate"])
     if samples_path:
         Path(samples_path).parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,113 @@
+"""Refusal-direction ablation (Arditi et al. 2024), a weight edit with no gradient step: SEAM's trap fires on
+gradient descent, so this asks whether its refusals survive an attack that never descends."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from seamlm.data.format import prompt_text
+from seamlm.errors import ConfigError
+from seamlm.finetune import FinetuneResult
+from seamlm.recipes.base import AttackRecipe, RecipeKnobs, register
+
+
+@dataclass
+class AblationKnobs(RecipeKnobs):
+    layer: int | None = None
+    """Residual stream entering this decoder layer (0 = the embeddings); None = 60 % of the depth."""
+    n_prompts: int = 64
+    """Harmful prompts (attack set) and harmless prompts (attacker benign set) averaged for the direction."""
+    writers: tuple[str, ...] = ("o_proj", "down_proj")
+    """Modules that write to the residual stream; the input embeddings are always edited too."""
+    batch_size: int = 16
+    """Prompts per forward pass."""
+
+    def validate(self) -> None:
+        self._require([(self.n_prompts >= 1, "n_prompts must be >= 1"), (self.batch_size >= 1, "batch_size >= 1"),
+                       (self.layer is None or self.layer >= 0, "layer must be >= 0 or None"),
+                       (bool(self.writers), "writers must name at least one module")])
+
+
+@torch.no_grad()
+def mean_last_token_state(model: Any, tokenizer: Any, prompts: list[str], layer: int, batch_size: int = 16,
+                          template: str = "chat") -> torch.Tensor:
+    """Mean residual-stream vector entering ``layer`` at the last prompt token (the position that answers)."""
+    device = next(model.parameters()).device
+    old = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # the last position is the last real token of every row
+    total = None
+    try:
+        for i in range(0, len(prompts), batch_size):
+            texts = [prompt_text(tokenizer, p, template) for p in prompts[i:i + batch_size]]
+            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            states = model(**enc, output_hidden_states=True).hidden_states[layer][:, -1].double()
+            total = states.sum(0) if total is None else total + states.sum(0)
+    finally:
+        tokenizer.padding_side = old
+    return total / len(prompts)
+
+
+def residual_writers(model: Any, names: tuple[str, ...]) -> list[torch.nn.Module]:
+    found = [m for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in names and isinstance(m, torch.nn.Linear)]
+    if not found:
+        raise ConfigError(f"ablation: no Linear modules named {list(names)} in this model")
+    return found
+
+
+@torch.no_grad()
+def orthogonalize(model: Any, direction: torch.Tensor, writers: tuple[str, ...] = ("o_proj", "down_proj")) -> int:
+    """Project ``direction`` out of every weight that writes to the residual stream: W ← (I − r rᵀ) W for the
+    writers' outputs and each embedding row. A tied output head is untied first so that only writes change.
+    Returns the number of edited tensors."""
+    r = direction / direction.norm()
+    emb = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    if head is not None and head.weight is emb.weight:
+        head.weight = torch.nn.Parameter(head.weight.detach().clone())
+        model.config.tie_word_embeddings = False
+    edited = 0
+    for w in [emb.weight] + [m.weight for m in residual_writers(model, writers)]:
+        rr = r.to(w.device, torch.float64)
+        w64 = w.double()
+        if w is emb.weight:  # rows are residual vectors: E ← E − (E r) rᵀ
+            w.copy_(w64 - torch.outer(w64 @ rr, rr))
+        else:  # outputs along dim 0: W ← W − r (rᵀ W)
+            w.copy_(w64 - torch.outer(rr, rr @ w64))
+        edited += 1
+    for m in residual_writers(model, writers):
+        if m.bias is not None:
+            b = m.bias.double()
+            m.bias.copy_(b - (b @ r.double()) * r.double())
+    return edited
+
+
+@register
+class RefusalAblation(AttackRecipe):
+    name = "ablation"
+    summary = "weight-free: project the harmful-minus-harmless mean activation direction out of every residual writer"
+    Knobs = AblationKnobs
+    trains = False
+    needs_benign = True
+
+    def attack(self, model, tokenizer, data, ft, log_path, desc, ctx) -> FinetuneResult:
+        k = self.knobs
+        n_layers = model.config.num_hidden_layers
+        layer = round(0.6 * n_layers) if k.layer is None else k.layer
+        if layer >= n_layers:
+            raise ConfigError(f"ablation: layer {layer} >= the model's {n_layers} layers")
+        harmful = [e.prompt for e in data.harmful[: k.n_prompts]]
+        harmless = [e.prompt for e in data.benign[: k.n_prompts]]
+        mu_h = mean_last_token_state(model, tokenizer, harmful, layer, k.batch_size, ft.prompt_template)
+        mu_b = mean_last_token_state(model, tokenizer, harmless, layer, k.batch_size, ft.prompt_template)
+        direction = mu_h - mu_b
+        edited = orthogonalize(model, direction, k.writers)
+        info = {"layer": layer, "harmful_prompts": len(harmful), "harmless_prompts": len(harmless),
+                "direction_norm": direction.norm().item(), "edited_tensors": edited}
+        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(log_path).with_name("ablation.json").write_text(json.dumps(info, indent=2))
+        return FinetuneResult(model, [], 0, [info])
