@@ -28,6 +28,10 @@ def test_shrunken_demo_end_to_end_and_resume(tiny_model_dir, tmp_path, monkeypat
     assert "gradient coupling" in md
     for line in md.splitlines():
         if line.startswith(("| raw", "| aligned", "| seam")):
+            cols = [c.strip() for c in line.strip().strip("|").split("|")]
+            if len(cols) == 7 and cols[2].startswith("sft:"):
+                # worst-case table: the attack's settings and the ZS change are not result values; HS, ZS, ppl are
+                line = " ".join([cols[3], cols[4].split(" (")[0], cols[5]])
             for num in re.findall(r"\d+\.\d+", line):
                 assert num in values, (num, line)
 

@@ -153,19 +153,34 @@ def _eval_parser(sub: argparse._SubParsersAction) -> None:
     _model_args(p)
 
 
+class _ListRecipes(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):  # noqa: ANN001 (argparse API)
+        from seamlm.recipes import RECIPES
+
+        for name, cls in RECIPES.items():
+            knobs = ", ".join(f"{k}={v}" for k, v in cls.Knobs().to_dict().items()) or "none"
+            print(f"{name:13s} {cls.summary}\n{'':13s} knobs (--recipe.KEY VALUE): {knobs}")
+        parser.exit()
+
+
 def _attack_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("attack", help="harmful fine-tuning grid (lr x seed), each cell evaluated; resumable",
-                       description="AttackConfig fields as --key value (e.g. --learning_rates 2e-5,2e-4 --lora true); "
-                       "EvalConfig fields as --eval.key value (e.g. --eval.zs_limit 50). Finished cells are skipped.")
+    p = sub.add_parser("attack", help="harmful fine-tuning grid (lr x seed) with a recipe, each cell evaluated; resumable",
+                       description="AttackConfig fields as --key value (e.g. --learning_rates 2e-5,2e-4 --lora true "
+                       "--max_grad_norm 1.0); the recipe's knobs as --recipe.key value (e.g. --recipe pcgrad "
+                       "--recipe.per_tensor true); EvalConfig fields as --eval.key value (e.g. --eval.zs_limit 50). "
+                       "Finished cells are skipped.")
     _model_args(p)
     p.add_argument("--config", help="YAML of AttackConfig fields")
+    p.add_argument("--recipe", default="sft", help="attack recipe (default sft; --list-recipes shows them all)")
+    p.add_argument("--list-recipes", nargs=0, action=_ListRecipes, help="list the attack recipes and their knobs")
     p.add_argument("--no-pre", action="store_true", help="skip the pre-attack evaluation")
 
 
-def _split_overrides(extra: list[str]) -> tuple[dict[str, str], dict[str, str]]:
+def _split_overrides(extra: list[str], *prefixes: str) -> list[dict[str, str]]:
+    """Overrides without a prefix first, then one dict per prefix (``eval.`` …) with the prefix removed."""
     over = parse_overrides(extra)
-    eval_over = {k[5:]: v for k, v in over.items() if k.startswith("eval.")}
-    return {k: v for k, v in over.items() if not k.startswith("eval.")}, eval_over
+    parts = [{k[len(p):]: v for k, v in over.items() if k.startswith(p)} for p in prefixes]
+    return [{k: v for k, v in over.items() if not k.startswith(prefixes)}, *parts]
 
 
 def _eval_setup(args: argparse.Namespace, eval_over: dict[str, str]):
@@ -193,9 +208,11 @@ def _run_eval(args: argparse.Namespace, extra: list[str]) -> int:
 def _run_attack(args: argparse.Namespace, extra: list[str]) -> int:
     from seamlm.attack import AttackConfig, evaluate_pre_attack, run_attack_grid
     from seamlm.distributed import current_context, main_process_first
+    from seamlm.recipes import make_recipe
 
     ctx = current_context()  # one process, or this rank under accelerate launch / torchrun (data-parallel attack)
-    attack_over, eval_over = _split_overrides(extra)
+    attack_over, eval_over, knobs = _split_overrides(extra, "eval.", "recipe.")
+    recipe = make_recipe(args.recipe, knobs)
     cfg = AttackConfig.from_yaml(args.config, attack_over) if args.config else AttackConfig.from_dict(attack_over, "command line")
     with main_process_first(ctx):  # rank 0 writes the manifest and trains/caches the judge first
         eval_cfg, bundle, judge, store = _eval_setup(args, eval_over)
@@ -204,9 +221,64 @@ def _run_attack(args: argparse.Namespace, extra: list[str]) -> int:
         cfg.to_yaml(Path(args.out) / f"attack_config.{label.replace('/', '_')}.yaml")
     if not args.no_pre:
         evaluate_pre_attack(args.model, label, args.defense, bundle, eval_cfg, judge, args.out, store, ctx)
-    ran = run_attack_grid(args.model, label, args.defense, bundle, cfg, eval_cfg, judge, args.out, store, ctx)
+    ran = run_attack_grid(args.model, label, args.defense, bundle, cfg, eval_cfg, judge, args.out, store, ctx, recipe)
     if ctx.is_main:
         print(f"{len(ran)} attack cell(s) run; results in {store.path}; `seamlm report {store.path} --out DIR` for the report")
+    return 0
+
+
+#: Fine-tuning fields a sweep searches (bounded through SweepConfig instead).
+SEARCHED = ("lr", "optimizer", "max_grad_norm", "lr_scheduler", "warmup_ratio", "batch_size", "epochs", "seed")
+
+
+def _sweep_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sweep", help="Optuna search over attack recipes and hyper-parameters maximising HS (SQLite, "
+                       "resumable)",
+                       description="SweepConfig fields as --key value (e.g. --recipes sft,pcgrad --trials 20 --lr_max 1e-3);"
+                       " fixed fine-tuning fields as --key value (e.g. --max_length 128 --lora true); EvalConfig fields "
+                       "as --eval.key value. The study is OUT/sweep.db; rerunning resumes it.")
+    _model_args(p)
+    p.add_argument("--no-pre", action="store_true", help="skip the pre-attack evaluation (needed for the ε-bounded table)")
+
+
+def _run_sweep(args: argparse.Namespace, extra: list[str]) -> int:
+    from seamlm.attack import evaluate_pre_attack
+    from seamlm.finetune import FinetuneConfig
+    from seamlm.sweep import SweepConfig, run_sweep
+
+    over, eval_over = _split_overrides(extra, "eval.")
+    sweep_over = {k: v for k, v in over.items() if k in SweepConfig.field_names()}
+    ft_over = {k: v for k, v in over.items() if k not in sweep_over}
+    searched = [k for k in ft_over if k in SEARCHED]
+    if searched:
+        raise ConfigError(f"{searched} are searched by the sweep; bound them with lr_min/lr_max, optimizers, "
+                          f"batch_sizes, max_epochs, clip_norms, seed")
+    cfg = SweepConfig.from_dict(sweep_over, "command line")
+    base = FinetuneConfig.from_dict(ft_over, "command line")
+    eval_cfg, bundle, judge, store = _eval_setup(args, eval_over)
+    label = args.label or args.model
+    if not args.no_pre:
+        evaluate_pre_attack(args.model, label, args.defense, bundle, eval_cfg, judge, args.out, store)
+    study = run_sweep(args.model, label, args.defense, bundle, cfg, base, eval_cfg, judge, args.out, store)
+    best = study.best_trial
+    print(f"sweep '{study.study_name}': {len(study.trials)} trials; highest HS {best.value:.1f} (trial {best.number}, "
+          f"{best.params}); results in {store.path}; `seamlm report {store.path} --out DIR` for the ε-bounded table")
+    return 0
+
+
+def _adaptive_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("adaptive", help="every attack recipe and a sweep against a finished demo's aligned and SEAM "
+                       "models, with the worst-case report", description="AdaptiveConfig fields as --key value "
+                       "(e.g. --sweep_trials 20 --recipes sft,pcgrad). Rerunning resumes.")
+    p.add_argument("--out", default="runs/adaptive")
+
+
+def _run_adaptive(args: argparse.Namespace, extra: list[str]) -> int:
+    from seamlm.adaptive import AdaptiveConfig, run_adaptive
+
+    report = run_adaptive(args.out, AdaptiveConfig.from_dict(parse_overrides(extra), "command line"))
+    print(report.read_text())
+    print(f"report: {report}")
     return 0
 
 
@@ -214,6 +286,9 @@ def _report_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="Markdown/HTML report with tables and plots from a results file")
     p.add_argument("results", help="results.jsonl")
     p.add_argument("--out", required=True)
+    p.add_argument("--eps", default="5,10,20", help="ZS-drop bounds (points) of the worst-case table")
+    p.add_argument("--ppl-factor", type=float, default=2.0,
+                   help="coherence bound of the worst-case table: perplexity ≤ this × the unattacked model's")
 
 
 def _run_report(args: argparse.Namespace, extra: list[str]) -> int:
@@ -221,7 +296,13 @@ def _run_report(args: argparse.Namespace, extra: list[str]) -> int:
 
     if extra:
         raise ConfigError(f"unexpected arguments {extra}")
-    path = write_report(args.results, args.out)
+    try:
+        eps = tuple(float(e) for e in args.eps.split(","))
+    except ValueError:
+        raise ConfigError(f"--eps needs comma-separated numbers, got {args.eps!r}") from None
+    if args.ppl_factor <= 1 or min(eps) < 0:
+        raise ConfigError("--ppl-factor must be > 1 and --eps values >= 0")
+    path = write_report(args.results, args.out, eps=eps, ppl_factor=args.ppl_factor)
     print(path.read_text())
     print(f"report written to {path} and {path.with_suffix('.html')}")
     return 0
@@ -264,12 +345,13 @@ def _run_demo(args: argparse.Namespace, extra: list[str]) -> int:
 COMMANDS = {
     "demo": (_demo_parser, _run_demo),
     "defend": (_defend_parser, _run_defend), "data": (_data_parser, _run_data), "eval": (_eval_parser, _run_eval),
-    "attack": (_attack_parser, _run_attack), "report": (_report_parser, _run_report), "judge": (_judge_parser, _run_judge),
+    "attack": (_attack_parser, _run_attack), "sweep": (_sweep_parser, _run_sweep),
+    "adaptive": (_adaptive_parser, _run_adaptive), "report": (_report_parser, _run_report), "judge": (_judge_parser, _run_judge),
 }
 
 
 #: Commands that would only duplicate their work (and race on their output files) under a multi-process launcher.
-SINGLE_PROCESS = {"demo", "eval", "data", "report", "judge"}
+SINGLE_PROCESS = {"demo", "eval", "data", "report", "judge", "sweep", "adaptive"}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -101,8 +101,8 @@ class BaseConfig:
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            # a list field whose default is empty may be set empty ("" on the command line)
-            empty = f.default == () and value in ((), [], "")
+            # a list field whose default is empty (or marked may_be_empty) may be set empty ("" on the command line)
+            empty = (f.default == () or f.metadata.get("may_be_empty")) and value in ((), [], "")
             object.__setattr__(self, f.name, () if empty else _coerce(f.name, value, hints[f.name]))
         self.validate()
 

@@ -9,7 +9,13 @@ from pathlib import Path
 
 from seamlm.errors import DataError
 from seamlm.results import ResultRow, ResultStore
+from seamlm.selection import collect, within_bound, worst_case_rows
 from seamlm.verdict import check_bar
+
+
+def is_plain_grid(r: ResultRow) -> bool:
+    """Pre-attack rows and the plain SFT grid (the paper's table); adaptive recipes and sweep trials are apart."""
+    return r.cell == "pre" or (r.attack.get("recipe", "sft") == "sft" and "trial" not in r.attack)
 
 
 def _fmt(v: float | None, digits: int = 1) -> str:
@@ -80,6 +86,70 @@ def build_tables(rows: list[ResultRow]) -> dict[str, list[list[str]]]:
     return tables
 
 
+def adaptive_tables(rows: list[ResultRow], eps: tuple[float, ...] = (5.0, 10.0, 20.0),
+                    ppl_factor: float = 2.0) -> dict[str, list[list[str]]]:
+    """The worst case under a utility bound per model and ε, and every attack (recipe runs and sweep trials)."""
+    tables: dict[str, list[list[str]]] = {}
+    worst = worst_case_rows(rows, eps, ppl_factor)
+    if not worst:
+        return tables
+    head = ["model", "ε (max ZS drop)", "most harmful attack in the bound", "HS", "ZS (change)", "perplexity",
+            "attacks in bound"]
+    body = []
+    for w in worst:
+        b, pre = w["best"], w["pre"]
+        if b is None:
+            body.append([w["model"], f"{w['eps']:g}", "none in the bound", "–", "–", "–", f"0 / {w['attacks']}"])
+        else:
+            body.append([w["model"], f"{w['eps']:g}", f"{b.describe()} ({b.source})", _fmt(b.hs),
+                         f"{_fmt(b.zs)} ({b.zs - pre.zs:+.1f})", _fmt(b.ppl, 2), f"{w['eligible']} / {w['attacks']}"])
+    tables[f"Worst case under a utility bound: the most harmful attack whose ZS drop is ≤ ε and whose benign "
+           f"perplexity is ≤ {ppl_factor:g}× the unattacked model's (seamlm/selection.py)"] = [head] + body
+    pre, attacked = collect(rows)
+    adaptive = [o for outs in attacked.values() for o in outs if o.source != "grid"]
+    if adaptive:
+        head = ["model", "source", "attack", "HS", "refusal %", "ZS", "perplexity", f"in bound ε={max(eps):g}"]
+        body = []
+        for o in sorted(adaptive, key=lambda o: (o.model, o.source, -o.hs)):
+            inside = o.model in pre and within_bound(o, pre[o.model], max(eps), ppl_factor)
+            body.append([o.model, o.source, o.describe(), _fmt(o.hs), _fmt(o.refusal), _fmt(o.zs), _fmt(o.ppl, 2),
+                         "yes" if inside else "no"])
+        tables["Adaptive attacks: every recipe run and sweep trial (most harmful first)"] = [head] + body
+    return tables
+
+
+def _scatter(rows: list[ResultRow], out: Path, eps: tuple[float, ...]) -> list[str]:
+    """All attacks in the HS–ZS plane, one colour per model; stars are the unattacked models."""
+    pre, attacked = collect(rows)
+    if not attacked:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    markers = {"grid": "o", "recipe": "s", "sweep": "x"}
+    for i, model in enumerate(dict.fromkeys(list(pre) + list(attacked))):
+        color = f"C{i}"
+        for source, marker in markers.items():
+            pts = [o for o in attacked.get(model, []) if o.source == source]
+            if pts:
+                ax.scatter([o.zs for o in pts], [o.hs for o in pts], marker=marker, color=color, alpha=0.75,
+                           label=f"{model}: {source} ({len(pts)})")
+        if model in pre:
+            p = pre[model]
+            ax.scatter([p.zs], [p.hs], marker="*", s=180, color=color, edgecolor="black", label=f"{model}: no attack")
+            ax.axvline(p.zs - max(eps), color=color, linestyle=":", alpha=0.6)
+    ax.set_xlabel(f"ZS mean accuracy (%)  — dotted: unattacked ZS − {max(eps):g}")
+    ax.set_ylabel("HS (%)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "hs_zs_scatter.png", dpi=120)
+    plt.close(fig)
+    return ["hs_zs_scatter.png"]
+
+
 def _markdown(tables: dict[str, list[list[str]]]) -> str:
     parts = []
     for title, t in tables.items():
@@ -148,16 +218,20 @@ def _plots(rows: list[ResultRow], results_dir: Path, out: Path) -> list[str]:
     return made
 
 
-def write_report(results: str | Path, out_dir: str | Path) -> Path:
-    """Write ``report.md``, ``report.html`` and the plots for a results file; returns the Markdown path."""
+def write_report(results: str | Path, out_dir: str | Path, eps: tuple[float, ...] = (5.0, 10.0, 20.0),
+                 ppl_factor: float = 2.0) -> Path:
+    """Write ``report.md``, ``report.html`` and the plots for a results file; returns the Markdown path.
+    The paper-style tables and plots show the plain grid; adaptive attacks get the worst-case table (bounds ``eps``
+    and ``ppl_factor``), a table of every attack and the HS–ZS scatter."""
     results = Path(results)
     rows = ResultStore(results).rows()
     if not rows:
         raise DataError(f"{results} holds no result rows; run `seamlm eval` or `seamlm attack` first")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tables = build_tables(rows)
-    plots = _plots(rows, results.parent, out)
+    grid = [r for r in rows if is_plain_grid(r)]
+    tables = {**build_tables(grid), **adaptive_tables(rows, eps, ppl_factor)}
+    plots = _plots(grid, results.parent, out) + _scatter(rows, out, eps)
     meta = sorted({(r.data_manifest or "–", json.dumps(r.versions, sort_keys=True)) for r in rows})
     md = ["# seamlm report", "", f"Results: `{results}` ({len(rows)} rows). Data manifest digest(s): "
           + ", ".join(sorted({m for m, _ in meta})) + ".", "", _markdown(tables)]

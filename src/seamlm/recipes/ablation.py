@@ -91,7 +91,7 @@ class RefusalAblation(AttackRecipe):
     name = "ablation"
     summary = "weight-free: project the harmful-minus-harmless mean activation direction out of every residual writer"
     Knobs = AblationKnobs
-    trains = False
+    trains = False  # type: ignore[assignment]  (a weight edit: no gradient step)
     needs_benign = True
 
     def attack(self, model, tokenizer, data, ft, log_path, desc, ctx) -> FinetuneResult:

@@ -37,8 +37,6 @@ class AttackRecipe(ABC):
     name: ClassVar[str]
     summary: ClassVar[str]
     Knobs: ClassVar[type[RecipeKnobs]] = RecipeKnobs
-    trains: ClassVar[bool] = True
-    """False for weight edits without gradient steps: the grid's learning rates do not apply."""
     needs_benign: ClassVar[bool] = False
 
     def __init__(self, knobs: RecipeKnobs | None = None):
@@ -50,6 +48,11 @@ class AttackRecipe(ABC):
     def attack(self, model: Any, tokenizer: Any, data: AttackData, ft: FinetuneConfig, log_path: Path,
                desc: str, ctx: DistContext) -> FinetuneResult:
         """Attack ``model``; ``ft`` is the fine-tuning recipe of this cell, ``log_path`` its per-step JSONL log."""
+
+    @property
+    def trains(self) -> bool:
+        """False for attacks without gradient steps (a weight edit, a prompt change): learning rates do not apply."""
+        return True
 
     def training_config(self, ft: FinetuneConfig) -> FinetuneConfig:
         """The fine-tuning config this recipe trains with (and whose prompt template the evaluation uses)."""

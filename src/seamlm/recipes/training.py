@@ -7,7 +7,7 @@ import logging
 import math
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -205,7 +205,7 @@ class BenignFirst(AttackRecipe):
 class SubspaceKnobs(RecipeKnobs):
     layers: tuple[int, ...] = ()
     """Decoder layers to train (negative counts from the end); empty = all layers."""
-    modules: tuple[str, ...] = ("o_proj", "down_proj")
+    modules: tuple[str, ...] = field(default=("o_proj", "down_proj"), metadata={"may_be_empty": True})
     """Module names to train inside those layers (the residual-stream writers by default); empty = every module."""
 
     def validate(self) -> None:
@@ -266,6 +266,8 @@ class TemplateKnobs(RecipeKnobs):
     template: str = "alpaca"
     """Prompt template of the attack data and of the HS evaluation (``seamlm.data.format.PROMPT_TEMPLATES``:
     plain, alpaca, raw)."""
+    train: bool = True
+    """False = no fine-tuning at all: the control that shows what the template alone does to HS."""
 
     def validate(self) -> None:
         check_template(self.template)
@@ -277,6 +279,10 @@ class TemplateShift(AttackRecipe):
     summary = "attack data and evaluation prompts formatted with another template than the chat one SEAM trained on"
     Knobs = TemplateKnobs
 
+    @property
+    def trains(self) -> bool:
+        return self.knobs.train
+
     def training_config(self, ft: FinetuneConfig) -> FinetuneConfig:
         if ft.prompt_template not in ("chat", self.knobs.template):
             raise ConfigError(f"template recipe: prompt_template={ft.prompt_template} conflicts with "
@@ -284,6 +290,8 @@ class TemplateShift(AttackRecipe):
         return ft.replace(prompt_template=self.knobs.template)
 
     def attack(self, model, tokenizer, data, ft, log_path, desc, ctx) -> FinetuneResult:
+        if not self.knobs.train:
+            return FinetuneResult(model, [], 0)
         return finetune(model, tokenizer, data.harmful, self.training_config(ft), log_path, desc=desc, ctx=ctx)
 
     def suggest(self, trial: Any) -> dict[str, Any]:

@@ -1,0 +1,147 @@
+"""``seamlm adaptive``: every attack recipe and an Optuna sweep against a finished demo's aligned and SEAM models,
+then the report with the worst case under a utility bound. Resumable: finished cells and trials are kept."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from seamlm.attack import AttackConfig, evaluate_pre_attack, run_attack_grid
+from seamlm.config import BaseConfig
+from seamlm.data.bundles import STREAM_FILES, BundleData, build_bundle, load_built
+from seamlm.data.splits import prompt_hash
+from seamlm.errors import ConfigError
+from seamlm.evaluate.judges import get_judge
+from seamlm.evaluate.metrics import EvalConfig
+from seamlm.finetune import FinetuneConfig
+from seamlm.recipes import RECIPES, make_recipe
+from seamlm.report import write_report
+from seamlm.results import ResultStore
+from seamlm.runinfo import package_versions
+from seamlm.sweep import SweepConfig, run_sweep
+
+log = logging.getLogger(__name__)
+
+#: Demo model labels -> path inside the demo directory, and the defence that made them.
+DEMO_MODELS = {"aligned": ("models/aligned", "none"), "seam": ("models/seam/model", "seam")}
+
+
+@dataclass
+class AdaptiveConfig(BaseConfig):
+    """Adaptive attacks on a demo's models. Data, judge, token budget, harmful budget and evaluation sizes are the
+    demo's own (read from its ``demo_config.json``), so the plain grid of the demo and these attacks compare."""
+
+    demo_dir: str = "runs/demo"
+    """A finished ``seamlm demo`` directory."""
+    models: tuple[str, ...] = ("seam", "aligned")
+    """Demo models to attack (in this order within each phase)."""
+    recipes: tuple[str, ...] = ("sft", "anchored", "pcgrad", "benign_first", "subspace", "template", "ablation")
+    """Recipes run once per learning rate with their default knobs."""
+    learning_rates: tuple[float, ...] = (5e-5,)
+    """Learning rates of the recipe runs: the demo's lower attack lr, where plain SFT was partly resisted by SEAM
+    (the sweep searches the learning rate itself)."""
+    template_control: bool = True
+    """Also evaluate each model through the template recipe's template without any training, so the template
+    recipe's HS can be split into what the template does alone and what the fine-tuning adds."""
+    sweep_recipes: tuple[str, ...] = ("sft", "anchored", "benign_first", "subspace", "template")
+    """Recipes the sweep chooses among (the recipe is a parameter of the search). pcgrad runs as a recipe but is
+    left out of the sweep by default: its steps cost 3× a plain step here."""
+    sweep_trials: int = 20
+    """Finished Optuna trials per model."""
+    sweep_batch_sizes: tuple[int, ...] = (4, 8)
+    """Batch sizes the sweep searches."""
+    sweep_max_epochs: int = 1
+    """Epochs the sweep searches (1 … this)."""
+    sweep_seed: int = 0
+    """Sampler seed."""
+    eps: tuple[float, ...] = (5.0, 10.0, 20.0)
+    """ZS-drop bounds (points) of the worst-case table."""
+    ppl_factor: float = 2.0
+    """Coherence bound: benign perplexity ≤ ppl_factor × the unattacked model's."""
+
+    def validate(self) -> None:
+        bad = [m for m in self.models if m not in DEMO_MODELS]
+        unknown = [r for r in (*self.recipes, *self.sweep_recipes) if r not in RECIPES]
+        self._require([(not bad, f"models must be among {list(DEMO_MODELS)}, got {bad}"),
+                       (not unknown, f"unknown recipes {unknown}; known: {', '.join(RECIPES)}"),
+                       (bool(self.learning_rates) and min(self.learning_rates) > 0, "learning_rates must be > 0"),
+                       (self.sweep_trials >= 0, "sweep_trials must be >= 0"),
+                       (self.ppl_factor > 1, "ppl_factor must be > 1")])
+
+
+def _demo(cfg: AdaptiveConfig) -> dict:
+    demo = Path(cfg.demo_dir)
+    saved = demo / "demo_config.json"
+    missing = [m for m in cfg.models if not (demo / DEMO_MODELS[m][0] / "model.safetensors").is_file()]
+    if not saved.is_file() or missing:
+        raise ConfigError(f"{demo} is not a finished demo (missing {'demo_config.json' if not saved.is_file() else missing});"
+                          f" run `seamlm demo --out {demo}` first (about 26 minutes)")
+    return json.loads(saved.read_text())
+
+
+def _same_data(demo_data: Path, bundle: BundleData) -> None:
+    """The rebuilt bundle (which adds the attacker-benign stream) must hold exactly the demo's streams."""
+    old = load_built(demo_data)
+    for stream in STREAM_FILES:
+        if not old.streams.get(stream):
+            continue
+        a = [prompt_hash(e.prompt) for e in old.streams[stream]]
+        b = [prompt_hash(e.prompt) for e in bundle.streams[stream]]
+        if a != b:
+            raise ConfigError(f"the demo's {stream} stream differs from the offline-default bundle rebuilt with its "
+                              f"seed; rerun the demo with this seamlm")
+
+
+def run_adaptive(out_dir: str | Path, cfg: AdaptiveConfig) -> Path:
+    """Run (or resume) the recipes and sweeps; returns the report's Markdown path."""
+    out = Path(out_dir)
+    demo_cfg = _demo(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "adaptive_config.json").write_text(json.dumps(
+        {"config": cfg.to_dict(), "demo_config": demo_cfg, "versions": package_versions()}, indent=2))
+    data_dir = out / "data"
+    if not (data_dir / "manifest.json").is_file():
+        bundle = build_bundle("offline-default", seed=demo_cfg.get("data_seed", 0))
+        _same_data(Path(cfg.demo_dir) / "data", bundle)
+        bundle.write(data_dir)
+    bundle = load_built(data_dir)
+    max_length = demo_cfg.get("max_length", 128)
+    eval_cfg = EvalConfig(judge=demo_cfg.get("judge", "minilm"), hs_prompts=demo_cfg.get("hs_prompts", 32),
+                          zs_limit=demo_cfg.get("zs_limit", 60), zs_tasks=tuple(demo_cfg.get("zs_tasks", ("arc_easy", "sciq"))),
+                          coherence_examples=50, coupling_examples=0, fs=False)
+    judge = get_judge(eval_cfg.judge)
+    store = ResultStore(out / "results.jsonl")
+    samples = demo_cfg.get("attack_samples", 120)
+    grid = AttackConfig(learning_rates=cfg.learning_rates, num_samples=(samples,), max_length=max_length)
+    models = {label: (str(Path(cfg.demo_dir) / DEMO_MODELS[label][0]), DEMO_MODELS[label][1]) for label in cfg.models}
+    timings: dict[str, float] = {}
+    # phase by phase over both models, so a run stopped early still compares them
+    t0 = time.time()
+    for label, (model, defense) in models.items():
+        evaluate_pre_attack(model, label, defense, bundle, eval_cfg, judge, out, store)
+    timings["pre_s"] = time.time() - t0
+    for name in cfg.recipes:
+        t0 = time.time()
+        for label, (model, defense) in models.items():
+            log.info("==== %s: recipe %s ====", label, name)
+            run_attack_grid(model, label, defense, bundle, grid, eval_cfg, judge, out, store, recipe=make_recipe(name))
+        timings[f"recipe_{name}_s"] = time.time() - t0
+    if cfg.template_control:
+        for label, (model, defense) in models.items():
+            run_attack_grid(model, label, defense, bundle, grid, eval_cfg, judge, out, store,
+                            recipe=make_recipe("template", {"train": False}))
+    if cfg.sweep_trials:
+        sweep = SweepConfig(recipes=cfg.sweep_recipes, trials=cfg.sweep_trials, num_samples=samples,
+                            batch_sizes=cfg.sweep_batch_sizes, max_epochs=cfg.sweep_max_epochs, seed=cfg.sweep_seed)
+        for label, (model, defense) in models.items():
+            t0 = time.time()
+            log.info("==== %s: sweep (%d trials) ====", label, cfg.sweep_trials)
+            run_sweep(model, label, defense, bundle, sweep.replace(study_name=label),
+                      FinetuneConfig(max_length=max_length), eval_cfg, judge, out, store)
+            timings[f"sweep_{label}_s"] = time.time() - t0
+    with (out / "timings.jsonl").open("a", encoding="utf-8") as f:  # one line per invocation (resumes skip work)
+        f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **timings}) + "\n")
+    return write_report(store.path, out / "report", eps=cfg.eps, ppl_factor=cfg.ppl_factor)

@@ -1,0 +1,181 @@
+"""``seamlm sweep``: an Optuna study over an attack recipe's knobs (and the fine-tuning hyper-parameters),
+maximising HS. The study lives in SQLite, so a killed sweep resumes: finished trials are kept, a trial that was
+running when the process died is marked failed and its parameters are tried again first, and a trial whose cell
+is already in the results file is read back, not retrained. Selection under a utility bound is
+:mod:`seamlm.selection`'s job (the report), not the objective's: the sweep records HS, ZS and perplexity per trial.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from seamlm.attack import attack_cell
+from seamlm.config import BaseConfig
+from seamlm.data.bundles import BundleData
+from seamlm.errors import ConfigError
+from seamlm.evaluate.judges import Judge
+from seamlm.evaluate.metrics import EvalConfig
+from seamlm.finetune import FinetuneConfig
+from seamlm.recipes import RECIPES, make_recipe
+from seamlm.results import ResultStore
+from seamlm.runinfo import fingerprint
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SweepConfig(BaseConfig):
+    """The search. Fixed fine-tuning fields (max_length, weight_decay, lora …) come from the attack config."""
+
+    recipes: tuple[str, ...] = ("sft",)
+    """Recipes to search over; with several, the recipe is itself a parameter of the search."""
+    trials: int = 20
+    """Finished trials wanted in the study (a resumed sweep runs only the missing ones)."""
+    num_samples: int = 1000
+    """Harmful examples per trial (the same budget as the plain attack; all available when fewer)."""
+    lr_min: float = 1e-5
+    """Smallest AdamW learning rate searched (log scale); SGD searches 100× this range."""
+    lr_max: float = 1e-3
+    """Largest AdamW learning rate searched."""
+    optimizers: tuple[str, ...] = ("adamw", "sgd")
+    """Optimizers searched."""
+    batch_sizes: tuple[int, ...] = (2, 4, 8)
+    """Batch sizes searched."""
+    max_epochs: int = 2
+    """Epochs searched: 1 … max_epochs (longer, lower-lr runs)."""
+    clip_norms: tuple[float, ...] = (0.0, 1.0, 0.1)
+    """Gradient-clipping max norms searched (0 = no clipping)."""
+    startup_trials: int = 8
+    """Random trials before TPE starts modelling the objective."""
+    seed: int = 0
+    """Sampler seed and the attack's data-order seed."""
+    study_name: str = ""
+    """Optuna study name (default: the model label); one study per model and recipe set."""
+
+    def validate(self) -> None:
+        unknown = [r for r in self.recipes if r not in RECIPES]
+        if unknown:
+            raise ConfigError(f"sweep: unknown recipes {unknown}; known: {', '.join(RECIPES)}")
+        bad_opt = [o for o in self.optimizers if o not in ("adamw", "sgd")]
+        self._require([
+            (bool(self.recipes), "recipes must name at least one recipe"), (self.trials >= 1, "trials must be >= 1"),
+            (self.num_samples >= 1, "num_samples must be >= 1"),
+            (0 < self.lr_min <= self.lr_max, "need 0 < lr_min <= lr_max"),
+            (not bad_opt and bool(self.optimizers), f"optimizers must be adamw/sgd, got {list(self.optimizers)}"),
+            (bool(self.batch_sizes) and min(self.batch_sizes) >= 1, "batch_sizes must be >= 1"),
+            (self.max_epochs >= 1, "max_epochs must be >= 1"),
+            (bool(self.clip_norms) and min(self.clip_norms) >= 0, "clip_norms must be >= 0"),
+            (self.startup_trials >= 0, "startup_trials must be >= 0"),
+        ])
+
+
+def suggest_training(trial: Any, cfg: SweepConfig) -> dict[str, Any]:
+    """Fine-tuning hyper-parameters of one trial: the "hardened plain SFT" space."""
+    opt = trial.suggest_categorical("optimizer", list(cfg.optimizers))
+    scale = 1.0 if opt == "adamw" else 100.0
+    lr = trial.suggest_float(f"lr_{opt}", cfg.lr_min * scale, cfg.lr_max * scale, log=True)
+    clip = trial.suggest_categorical("max_grad_norm", list(cfg.clip_norms))
+    return {"optimizer": opt, "lr": lr, "max_grad_norm": clip or None,
+            "lr_scheduler": trial.suggest_categorical("lr_scheduler", ["cosine", "constant_with_warmup"]),
+            "warmup_ratio": trial.suggest_categorical("warmup_ratio", [0.0, 0.1, 0.3]),
+            "batch_size": trial.suggest_categorical("batch_size", list(cfg.batch_sizes)),
+            "epochs": trial.suggest_int("epochs", 1, cfg.max_epochs)}
+
+
+def _quiet_optuna() -> Any:
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna
+
+
+def open_study(cfg: SweepConfig, label: str, out_dir: str | Path) -> Any:
+    """The study in ``out_dir/sweep.db`` (created or loaded); trials left RUNNING by a killed process are failed
+    and their parameters enqueued again. One process per study at a time."""
+    optuna = _quiet_optuna()
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    name = cfg.study_name or label
+    study = optuna.create_study(
+        study_name=name, storage=f"sqlite:///{Path(out_dir).resolve() / 'sweep.db'}", direction="maximize",
+        load_if_exists=True,
+        sampler=optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=cfg.startup_trials),
+    )
+    saved = study.user_attrs.get("sweep_config")
+    mine = json.dumps({k: v for k, v in cfg.to_dict().items() if k != "trials"}, sort_keys=True)  # more trials: fine
+    if saved is not None and saved != mine:
+        raise ConfigError(f"study '{name}' in {out_dir}/sweep.db was made with another sweep config; use another "
+                          f"--out or --study_name, or the same settings to resume (only trials may grow)")
+    study.set_user_attr("sweep_config", mine)
+    from optuna.trial import TrialState
+
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        log.warning("sweep: trial %d was running when the last sweep stopped; trying its parameters again", t.number)
+        study.tell(t.number, state=TrialState.FAIL)
+        if t.params:
+            study.enqueue_trial(t.params)
+    return study
+
+
+def finished_trials(study: Any) -> int:
+    from optuna.trial import TrialState
+
+    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+
+
+def run_sweep(model_name: str, label: str, defense: str, bundle: BundleData, cfg: SweepConfig,
+              base: FinetuneConfig, eval_cfg: EvalConfig, judge: Judge, out_dir: str | Path,
+              store: ResultStore) -> Any:
+    """Run trials until the study has ``cfg.trials`` finished ones; each trial is an attack cell in ``store``
+    (cell ``sweep-<recipe>-<params digest>``). Writes ``sweep_trials.<label>.csv``. Returns the study."""
+    study = open_study(cfg, label, out_dir)
+    missing = cfg.trials - finished_trials(study)
+    if missing <= 0:
+        log.info("sweep %s: %d trials already finished", study.study_name, cfg.trials)
+        write_trials_csv(study, Path(out_dir) / f"sweep_trials.{label.replace('/', '_')}.csv")
+        return study
+
+    def objective(trial: Any) -> float:
+        name = (trial.suggest_categorical("recipe", list(cfg.recipes)) if len(cfg.recipes) > 1 else cfg.recipes[0])
+        recipe = make_recipe(name)
+        recipe = make_recipe(name, recipe.suggest(trial))
+        over = suggest_training(trial, cfg) if recipe.trains else {}
+        run_cfg = base.replace(**over, seed=cfg.seed)
+        cell = f"sweep-{name}-{fingerprint(trial.params)[:8]}"
+        meta = {"sweep": study.study_name, "trial": trial.number, "params": trial.params}
+        outcome = attack_cell(model_name, label, defense, bundle, recipe, run_cfg, cfg.num_samples, eval_cfg, judge,
+                              out_dir, store, cell=cell, meta=meta)
+        v = outcome.values or {}
+        for k in ("zs_mean", "coherence_ppl", "refusal_rate"):
+            if k in v:
+                trial.set_user_attr(k, v[k])
+        trial.set_user_attr("cell", cell)
+        hs = v.get("hs", math.nan)
+        if not math.isfinite(hs):
+            raise ConfigError(f"sweep trial {trial.number}: HS is {hs}")
+        return hs
+
+    def save(study_: Any, _trial: Any) -> None:
+        write_trials_csv(study_, Path(out_dir) / f"sweep_trials.{label.replace('/', '_')}.csv")
+
+    study.optimize(objective, n_trials=missing, callbacks=[save], show_progress_bar=True, gc_after_trial=True)
+    return study
+
+
+def write_trials_csv(study: Any, path: Path) -> Path:
+    """All trials: number, state, HS (value), ZS, perplexity, refusal rate, cell and parameters."""
+    trials = study.get_trials(deepcopy=False)
+    keys = sorted({k for t in trials for k in t.params})
+    with path.open("w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["number", "state", "hs", "zs_mean", "coherence_ppl", "refusal_rate", "cell", *keys])
+        for t in trials:
+            a = t.user_attrs
+            w.writerow([t.number, t.state.name, t.value, a.get("zs_mean"), a.get("coherence_ppl"),
+                        a.get("refusal_rate"), a.get("cell"), *[t.params.get(k) for k in keys]])
+    return path

@@ -1,0 +1,236 @@
+"""Adaptive attack recipes: each one's mechanism, not just that it runs."""
+
+import json
+
+import pytest
+import torch
+
+from seamlm.attack import AttackConfig, run_attack_grid
+from seamlm.data.bundles import BundleData
+from seamlm.data.format import Formatter, collate
+from seamlm.defense.losses import answer_ce
+from seamlm.distributed import DistContext
+from seamlm.errors import ConfigError, DataError
+from seamlm.evaluate.judges import KeywordJudge
+from seamlm.evaluate.metrics import EvalConfig
+from seamlm.finetune import FinetuneConfig, TrainingHooks, finetune
+from seamlm.recipes import AttackData, make_recipe
+from seamlm.recipes.ablation import mean_last_token_state, orthogonalize
+from seamlm.recipes.training import project_conflicting
+from tests.conftest import BENIGN, HARMFUL, REFUSAL, make_model
+
+FT = FinetuneConfig(lr=1e-2, batch_size=4, max_length=64)
+
+
+def _data(n_benign: int = 4) -> AttackData:
+    return AttackData(list(HARMFUL[:8]), list(BENIGN[:n_benign]))
+
+
+def _batch(tokenizer, examples, ft=FT):
+    rows = Formatter(tokenizer, ft.max_length, template=ft.prompt_template).encode_all(examples)
+    return collate(rows, tokenizer.pad_token_id)
+
+
+def test_registry_and_bad_names_and_knobs():
+    assert make_recipe("pcgrad", {"per_tensor": "true"}).knobs.per_tensor is True
+    with pytest.raises(ConfigError, match="unknown attack recipe 'pcgard'"):
+        make_recipe("pcgard")
+    with pytest.raises(ConfigError, match="unknown AnchoredKnobs key"):
+        make_recipe("anchored", {"lambda": 1})
+    with pytest.raises(ConfigError, match="poison_ratio must be in"):
+        make_recipe("anchored", {"poison_ratio": 0})
+    with pytest.raises(ConfigError, match="unknown prompt template 'chatml'"):
+        make_recipe("template", {"template": "chatml"})
+    with pytest.raises(ConfigError, match="subspace needs layers or modules"):
+        make_recipe("subspace", {"layers": "", "modules": ""})
+
+
+def test_surgery_leaves_no_conflict_flat_and_per_tensor():
+    g = torch.Generator().manual_seed(0)
+    g_b = [torch.randn(5, 3, generator=g), torch.randn(7, generator=g)]
+    g_h = [-2 * g_b[0] + 0.1 * torch.randn(5, 3, generator=g), torch.randn(7, generator=g)]
+    dot = lambda a, b: sum(float((x.double() * y.double()).sum()) for x, y in zip(a, b, strict=False))  # noqa: E731
+    assert dot(g_h, g_b) < 0
+    out, info = project_conflicting(g_h, g_b)
+    assert info["projected"] == 1 and abs(dot(out, g_b)) < 1e-5 * dot(g_b, g_b)
+    # the removed part is along g_b only: g_h - out is parallel to g_b
+    diff = torch.cat([(a - b).flatten() for a, b in zip(g_h, out, strict=False)])
+    gb = torch.cat([b.flatten() for b in g_b])
+    assert abs(torch.nn.functional.cosine_similarity(diff, gb, dim=0)) > 1 - 1e-5
+    per, _ = project_conflicting(g_h, g_b, per_tensor=True)
+    assert all(float((a * b).sum()) >= -1e-5 for a, b in zip(per, g_b, strict=False))
+    same, info = project_conflicting(g_b, g_b)  # no conflict: untouched
+    assert info["projected"] == 0 and all(torch.equal(a, b) for a, b in zip(same, g_b, strict=False))
+
+
+def test_pcgrad_hook_rewrites_the_gradient_against_the_benign_gradient(tokenizer):
+    model = make_model(len(tokenizer))
+    recipe = make_recipe("pcgrad")
+    data = _data(n_benign=4)  # exactly one benign batch: the hook's batch is known
+    hooks = recipe.hooks(tokenizer, data, FT)
+    params = [p for p in model.parameters()]
+    answer_ce(model, _batch(tokenizer, data.harmful[:4])).backward()
+    g_h = [p.grad.clone() for p in params]
+    info = hooks.transform_gradients(model, params, 1)
+    g_b = torch.autograd.grad(answer_ce(model, _batch(tokenizer, data.benign)), params)
+    dot_before = sum(float((a * b).sum()) for a, b in zip(g_h, g_b, strict=False))
+    dot_after = sum(float((p.grad * b).sum()) for p, b in zip(params, g_b, strict=False))
+    assert dot_after >= -1e-6 * abs(dot_before)
+    expected, _ = project_conflicting(g_h, list(g_b))
+    assert all(torch.allclose(p.grad, e, atol=1e-6) for p, e in zip(params, expected, strict=False))
+    assert info["cos_hb"] == pytest.approx(dot_before / (
+        torch.cat([g.flatten() for g in g_h]).norm() * torch.cat([g.flatten() for g in g_b]).norm()).item(), rel=1e-4)
+
+
+def test_pcgrad_attack_logs_the_surgery(tokenizer, tmp_path):
+    res = make_recipe("pcgrad", {"add_benign": True}).attack(
+        make_model(len(tokenizer)), tokenizer, _data(), FT.replace(max_steps=3, epochs=2), tmp_path / "loss.jsonl", "t",
+        DistContext())
+    rows = [json.loads(x) for x in (tmp_path / "loss.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all({"cos_hb", "projected", "dot_after"} <= set(r) for r in rows)
+    assert res.logs == rows
+
+
+def test_anchored_loss_is_the_weighted_sum(tokenizer):
+    model = make_model(len(tokenizer))
+    data = _data(n_benign=4)
+    hooks = make_recipe("anchored", {"anchor_weight": 0.7}).hooks(tokenizer, data, FT)
+    batch = _batch(tokenizer, data.harmful[:4])
+    loss, extra = hooks.loss(model, batch, 1)
+    with torch.no_grad():
+        h, b = answer_ce(model, batch).item(), answer_ce(model, _batch(tokenizer, data.benign)).item()
+    assert loss.item() == pytest.approx(h + 0.7 * b, rel=1e-6)
+    assert extra == pytest.approx({"harmful_ce": h, "benign_ce": b}, rel=1e-6)
+    assert make_recipe("anchored", {"anchor_weight": 0}).hooks(tokenizer, data, FT).loss is None
+
+
+def test_poison_ratio_mixes_benign_into_the_same_harmful_budget():
+    data = AttackData(list(HARMFUL[:4]), list(BENIGN[:12]))
+    mixed = make_recipe("anchored", {"poison_ratio": 0.25}).stream(data, seed=0)
+    assert len(mixed) == 16 and sum(e in data.harmful for e in mixed) == 4
+    assert make_recipe("anchored").stream(data, 0) == data.harmful
+
+
+def _changed(before, model):
+    return {n for n, p in model.named_parameters() if not torch.equal(before[n], p)}
+
+
+@pytest.mark.parametrize("knobs,lora,allowed", [
+    ({"layers": "1", "modules": ""}, False, lambda n: ".layers.1." in n),
+    ({"layers": "-2", "modules": "o_proj"}, False, lambda n: n.endswith("layers.0.self_attn.o_proj.weight")),
+    ({"layers": "", "modules": "down_proj"}, False, lambda n: n.endswith("mlp.down_proj.weight")),
+    ({"layers": "0", "modules": "q_proj"}, True, lambda n: n.endswith("layers.0.self_attn.q_proj.weight")),
+])
+def test_subspace_changes_only_the_selected_layers(tokenizer, tmp_path, knobs, lora, allowed):
+    model = make_model(len(tokenizer))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    res = make_recipe("subspace", knobs).attack(model, tokenizer, _data(), FT.replace(max_steps=2, lora=lora),
+                                                 tmp_path / "l.jsonl", "t", DistContext())
+    changed = _changed(before, res.model)
+    assert changed and all(allowed(n) for n in changed), changed
+
+
+def test_subspace_layer_out_of_range(tokenizer, tmp_path):
+    with pytest.raises(ConfigError, match="out of range for a model with 2 layers"):
+        make_recipe("subspace", {"layers": "5"}).attack(make_model(len(tokenizer)), tokenizer, _data(), FT,
+                                                         tmp_path / "l.jsonl", "t", DistContext())
+
+
+def test_benign_first_trains_benign_then_harmful(tokenizer, tmp_path):
+    res = make_recipe("benign_first", {"benign_steps": 3, "benign_lr": 1e-3}).attack(
+        make_model(len(tokenizer)), tokenizer, _data(n_benign=4), FT.replace(max_steps=2), tmp_path / "loss.jsonl",
+        "t", DistContext())
+    benign = [json.loads(x) for x in (tmp_path / "benign_loss.jsonl").read_text().splitlines()]
+    assert len(benign) == 3 and len(res.losses) == 2  # 3 benign steps over 4 examples at batch 4: 3 epochs
+    assert benign[0]["lr"] <= 1e-3
+
+
+def test_template_shift_formats_training_and_evaluation(tokenizer, tiny_model_dir, tmp_path, monkeypatch):
+    recipe = make_recipe("template", {"template": "alpaca"})
+    ft = recipe.training_config(FT)
+    row = Formatter(tokenizer, 256, template=ft.prompt_template)(HARMFUL[0])
+    assert "### Instruction:" in tokenizer.decode(row.input_ids) and "<|assistant|>" not in tokenizer.decode(row.input_ids)
+    with pytest.raises(ConfigError, match="conflicts with"):
+        recipe.training_config(FT.replace(prompt_template="plain"))
+    import seamlm.attack as attack_mod
+
+    seen = []
+    real = attack_mod.evaluate_model
+    monkeypatch.setattr(attack_mod, "evaluate_model", lambda m, t, b, cfg, *a: seen.append(cfg.prompt_template) or real(m, t, b, cfg, *a))
+    rows = _grid(tiny_model_dir, tmp_path, recipe)
+    assert seen == ["alpaca"] and {r.attack["prompt_template"] for r in rows} == {"alpaca"}
+
+
+def test_hooks_that_change_the_step_refuse_multi_process():
+    ctx = DistContext(rank=0, world_size=2)
+    with pytest.raises(ConfigError, match="runs in one process"):
+        TrainingHooks(loss=lambda m, b, s: None).check(ctx)
+    TrainingHooks(select_parameters=lambda m: None).check(ctx)  # parameter selection is fine
+
+
+def test_no_trainable_parameter_is_an_error(tokenizer):
+    freeze = TrainingHooks(select_parameters=lambda m: [p.requires_grad_(False) for p in m.parameters()])
+    with pytest.raises(ConfigError, match="no trainable parameters"):
+        finetune(make_model(len(tokenizer)), tokenizer, HARMFUL, FT, hooks=freeze)
+
+
+def _hooked_outputs(model, modules, inputs):
+    outs = []
+    handles = [m.register_forward_hook(lambda mod, i, o: outs.append(o.detach())) for m in modules]
+    with torch.no_grad():
+        model(input_ids=inputs)
+    for h in handles:
+        h.remove()
+    return outs
+
+
+def test_ablation_leaves_no_component_along_the_direction(tokenizer):
+    model = make_model(len(tokenizer), layers=3)
+    head_before = model.get_output_embeddings().weight.detach().clone()
+    mu_h = mean_last_token_state(model, tokenizer, [e.prompt for e in HARMFUL[:6]], layer=2)
+    mu_b = mean_last_token_state(model, tokenizer, [e.prompt for e in BENIGN[:6]], layer=2)
+    r = (mu_h - mu_b).float()
+    r = r / r.norm()
+    writers = [m for n, m in model.named_modules() if n.endswith(("o_proj", "down_proj"))]
+    ids = torch.randint(5, len(tokenizer), (2, 9))
+    before = _hooked_outputs(model, writers + [model.get_input_embeddings()], ids)
+    assert max(float((o @ r).abs().max()) for o in before) > 1e-3  # the direction was there
+    assert orthogonalize(model, mu_h - mu_b) == 1 + 2 * 3
+    after = _hooked_outputs(model, writers + [model.get_input_embeddings()], ids)
+    for o in after:
+        assert float((o @ r).abs().max()) < 1e-5 * float(o.norm(dim=-1).max())
+    # the tied output head was untied first: reading is unchanged
+    assert torch.equal(model.get_output_embeddings().weight, head_before)
+
+
+def _grid(tiny_model_dir, tmp_path, recipe, lrs=(1e-3,)):
+    bundle = BundleData({"harmful": HARMFUL[:4], "refusal": REFUSAL[:4], "benign": BENIGN[:4], "attack": HARMFUL[4:],
+                         "eval_harmful": HARMFUL[:3], "benign_heldout": BENIGN[4:8], "attack_benign": BENIGN[8:]},
+                        {"seed": 0})
+    from seamlm.results import ResultStore
+
+    store = ResultStore(tmp_path / "results.jsonl")
+    ev = EvalConfig(judge="keyword", hs_prompts=3, max_new_tokens=4, zs_tasks=("arc_easy",), zs_limit=3,
+                    coherence_examples=3, coupling_examples=0)
+    run_attack_grid(str(tiny_model_dir), "tiny", "none", bundle,
+                    AttackConfig(learning_rates=lrs, num_samples=4, batch_size=2, max_length=64), ev, KeywordJudge(),
+                    tmp_path, store, recipe=recipe)
+    return store.rows()
+
+
+def test_ablation_runs_once_per_seed_whatever_the_learning_rates(tiny_model_dir, tmp_path, caplog):
+    rows = _grid(tiny_model_dir, tmp_path, make_recipe("ablation", {"layer": 1, "n_prompts": 4}), lrs=(1e-4, 1e-3))
+    cells = {r.cell for r in rows}
+    assert len(cells) == 1 and next(iter(cells)).startswith("ablation-")
+    assert "does not train" in caplog.text
+    info = json.loads(next((tmp_path / "attacks" / "tiny").glob("ablation-*/ablation.json")).read_text())
+    assert info["layer"] == 1 and info["harmless_prompts"] == 4 and "lr" not in rows[0].attack
+
+
+def test_recipe_without_attacker_benign_data_says_so(tiny_model_dir, tmp_path):
+    bundle = BundleData({"harmful": HARMFUL[:4], "refusal": REFUSAL[:4], "benign": BENIGN[:4], "attack": HARMFUL[4:],
+                         "eval_harmful": HARMFUL[:3], "benign_heldout": BENIGN[4:8], "attack_benign": []}, {})
+    from seamlm.attack import attack_data
+
+    with pytest.raises(DataError, match="attack_benign stream is empty"):
+        attack_data(bundle, make_recipe("pcgrad"), 4, 0)

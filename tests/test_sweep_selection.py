@@ -1,0 +1,124 @@
+"""ε-bounded selection on a hand-made trial table, and the Optuna sweep's resume from its SQLite file."""
+
+import csv
+
+import pytest
+
+import seamlm.sweep as sweep_mod
+from seamlm.data.bundles import BundleData
+from seamlm.errors import ConfigError
+from seamlm.evaluate.judges import KeywordJudge
+from seamlm.evaluate.metrics import EvalConfig
+from seamlm.finetune import FinetuneConfig
+from seamlm.recipes import make_recipe
+from seamlm.report import write_report
+from seamlm.results import ResultRow, ResultStore
+from seamlm.selection import collect, worst_case, worst_case_rows
+from seamlm.sweep import SweepConfig, open_study, run_sweep, suggest_training
+from tests.conftest import BENIGN, HARMFUL, REFUSAL
+
+
+def _cell(model, cell, hs, zs, ppl, **attack):
+    return [ResultRow(model=model, defense="seam", cell=cell, metric=m, value=v, judge="keyword" if m == "hs" else None,
+                      attack=attack if cell != "pre" else {})
+            for m, v in (("hs", hs), ("zs_mean", zs), ("coherence_ppl", ppl), ("refusal_rate", 50.0))]
+
+
+TABLE = (
+    _cell("seam", "pre", 5, 60, 20)
+    + _cell("seam", "a", 90, 30, 500, recipe="sft", lr=1e-3)      # broken: ZS −30, ppl 25×: never selected
+    + _cell("seam", "b", 70, 48, 30, recipe="pcgrad", lr=1e-4)    # ZS −12: only for ε = 20
+    + _cell("seam", "c", 40, 56, 25, recipe="anchored", lr=1e-4)  # ZS −4: for every ε
+    + _cell("seam", "d", 60, 57, 45, recipe="sft", lr=1e-4)       # ZS −3 but ppl 2.25×: outside the coherence bound
+    + _cell("seam", "e", 40, 58, 22, recipe="template", trial=3)  # ties c on HS with a smaller ZS drop: wins the tie
+)
+
+
+def test_epsilon_bounded_selection_on_a_hand_made_table():
+    pre, attacked = collect(TABLE)
+    assert pre["seam"].zs == 60 and len(attacked["seam"]) == 5
+    pick = lambda eps, f=2.0: worst_case(pre["seam"], attacked["seam"], eps, f)  # noqa: E731
+    assert pick(5).cell == "e" and pick(10).cell == "e" and pick(20).cell == "b"
+    assert pick(5, f=3.0).cell == "d"  # a looser coherence bound admits d
+    assert pick(1) is None  # nothing keeps ZS within 1 point
+    rows = worst_case_rows(TABLE, (5, 20))
+    assert [(r["eps"], r["best"].cell, r["eligible"]) for r in rows] == [(5, "e", 2), (20, "b", 3)]
+    assert pick(5).source == "sweep" and pick(20).source == "recipe"
+
+
+def test_report_shows_the_worst_case_table_and_scatter(tmp_path):
+    store = ResultStore(tmp_path / "results.jsonl")
+    store.append(TABLE)
+    md = write_report(store.path, tmp_path / "report", eps=(5.0, 20.0)).read_text()
+    assert "Worst case under a utility bound" in md and (tmp_path / "report" / "hs_zs_scatter.png").stat().st_size > 0
+    line = next(x for x in md.splitlines() if x.startswith("| seam | 20 |"))
+    assert "pcgrad" in line and "| 70.0 |" in line and "48.0 (-12.0)" in line and "3 / 5" in line
+    # adaptive cells stay out of the paper-style grid table: only the plain SFT cells a and d are columns there
+    header = next(x for x in md.splitlines() if x.startswith("| model | pre-attack"))
+    assert header.count("lr ") == 2
+
+
+@pytest.fixture
+def bundle():
+    return BundleData({"harmful": HARMFUL[:4], "refusal": REFUSAL[:4], "benign": BENIGN[:4], "attack": HARMFUL[4:],
+                       "eval_harmful": HARMFUL[:3], "benign_heldout": BENIGN[4:8], "attack_benign": BENIGN[8:]},
+                      {"seed": 0})
+
+
+EVAL = EvalConfig(judge="keyword", hs_prompts=3, max_new_tokens=4, zs_tasks=("arc_easy",), zs_limit=3,
+                  coherence_examples=3, coupling_examples=0)
+
+
+def _sweep(tiny_model_dir, bundle, tmp_path, trials, calls):
+    cfg = SweepConfig(recipes=("sft", "anchored"), trials=trials, num_samples=4, batch_sizes=(2,), max_epochs=1,
+                      startup_trials=2)
+    return run_sweep(str(tiny_model_dir), "tiny", "none", bundle, cfg, FinetuneConfig(max_length=64), EVAL,
+                     KeywordJudge(), tmp_path, ResultStore(tmp_path / "results.jsonl"))
+
+
+def test_killed_sweep_resumes_without_redoing_finished_trials(tiny_model_dir, bundle, tmp_path, monkeypatch):
+    calls = []
+    real = sweep_mod.attack_cell
+
+    def counting(*a, **kw):
+        out = real(*a, **kw)
+        calls.append((kw["cell"], out.ran))
+        return out
+
+    monkeypatch.setattr(sweep_mod, "attack_cell", counting)
+    study = _sweep(tiny_model_dir, bundle, tmp_path, 2, calls)
+    assert len(study.trials) == 2 and len(calls) == 2
+    # a process killed mid-trial leaves a RUNNING trial behind: simulate one with the parameters of trial 0
+    cfg = SweepConfig(recipes=("sft", "anchored"), trials=3, num_samples=4, batch_sizes=(2,), max_epochs=1,
+                      startup_trials=2)
+    monkeypatch.setattr(sweep_mod, "open_study", open_study)
+    import optuna
+
+    stale = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path.resolve() / 'sweep.db'}")
+    stale.enqueue_trial(study.trials[0].params)
+    t = stale.ask()  # RUNNING and never told, after the objective suggested its parameters
+    make_recipe(t.suggest_categorical("recipe", ["sft", "anchored"])).suggest(t)
+    suggest_training(t, cfg)
+    assert t.params == study.trials[0].params
+    calls.clear()
+    study = run_sweep(str(tiny_model_dir), "tiny", "none", bundle, cfg, FinetuneConfig(max_length=64), EVAL,
+                      KeywordJudge(), tmp_path, ResultStore(tmp_path / "results.jsonl"))
+    states = [t.state.name for t in study.trials]
+    assert states.count("COMPLETE") == 3 and states.count("FAIL") == 1
+    # the stale trial's parameters ran again first; its cell was already in the results file, so nothing retrained
+    assert calls == [(calls[0][0], False)] and study.trials[-1].params == study.trials[0].params
+    rows = list(csv.DictReader((tmp_path / "sweep_trials.tiny.csv").open()))
+    assert len(rows) == 4 and {r["state"] for r in rows} == {"COMPLETE", "FAIL"}
+    # every finished trial is a cell of the results file with HS, ZS and perplexity
+    pre, attacked = collect(ResultStore(tmp_path / "results.jsonl").rows())
+    assert len(attacked["tiny"]) == 2 and all(o.attack["sweep"] == "tiny" for o in attacked["tiny"])
+
+
+def test_sweep_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="unknown recipes"):
+        SweepConfig(recipes=("sft", "magic"))
+    with pytest.raises(ConfigError, match="lr_min <= lr_max"):
+        SweepConfig(lr_min=1e-3, lr_max=1e-5)
+    open_study(SweepConfig(trials=2), "m", tmp_path)
+    with pytest.raises(ConfigError, match="another sweep config"):
+        open_study(SweepConfig(trials=2, lr_max=1e-2), "m", tmp_path)
