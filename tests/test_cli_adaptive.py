@@ -1,0 +1,91 @@
+"""Command line of the adaptive attacks: recipes on `seamlm attack`, `seamlm sweep`, `seamlm adaptive`, report bounds."""
+
+import json
+
+import pytest
+
+from seamlm.cli import main
+from tests.test_cli import TINY_EVAL
+
+
+def _rows(path):
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def test_attack_with_a_recipe_and_its_knobs(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "att"
+    rc = main(["attack", "--model", str(tiny_model_dir), "--label", "tiny", "--out", str(out), "--no-pre",
+               "--recipe", "anchored", "--recipe.anchor_weight", "0.5", "--learning_rates", "1e-3",
+               "--num_samples", "4", "--batch_size", "2", "--max_length", "64", *TINY_EVAL])
+    assert rc == 0, capsys.readouterr().err
+    rows = _rows(out / "results.jsonl")
+    assert {r["cell"].split("-")[0] for r in rows} == {"anchored"}
+    assert rows[0]["attack"]["knobs"] == {"anchor_weight": 0.5, "poison_ratio": 1.0}
+    log = _rows(out / "attacks" / "tiny" / rows[0]["cell"] / "loss.jsonl")
+    assert all({"harmful_ce", "benign_ce"} <= set(r) for r in log)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--recipe", "pcgard"], "unknown attack recipe 'pcgard'"),
+    (["--recipe", "pcgrad", "--recipe.per_layer", "true"], "unknown SurgeryKnobs key(s) 'per_layer'"),
+    (["--recipe", "anchored", "--recipe.poison_ratio", "1.5"], "poison_ratio must be in (0, 1]"),
+])
+def test_bad_recipe_names_and_knobs(tiny_model_dir, tmp_path, capsys, args, message):
+    rc = main(["attack", "--model", str(tiny_model_dir), "--out", str(tmp_path / "x"), *args])
+    assert rc == 2 and message in capsys.readouterr().err
+
+
+def test_list_recipes(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["attack", "--list-recipes"])
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0
+    assert all(name in out for name in ("sft", "anchored", "pcgrad", "benign_first", "subspace", "template", "ablation"))
+
+
+def test_sweep_command_and_its_errors(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "sw"
+    base = ["sweep", "--model", str(tiny_model_dir), "--label", "tiny", "--out", str(out), *TINY_EVAL]
+    assert main([*base, "--lr", "1e-4"]) == 2
+    assert "are searched by the sweep" in capsys.readouterr().err
+    assert main([*base, "--recipes", "sft,template", "--trials", "2", "--batch_sizes", "2", "--num_samples", "4",
+                 "--max_length", "64"]) == 0, capsys.readouterr().err
+    assert "sweep 'tiny': 2 trials" in capsys.readouterr().out
+    cells = {r["cell"] for r in _rows(out / "results.jsonl")}
+    assert "pre" in cells and sum(c.startswith("sweep-") for c in cells) >= 1
+    assert (out / "sweep.db").is_file() and (out / "sweep_trials.tiny.csv").is_file()
+    assert main(["report", str(out / "results.jsonl"), "--out", str(out / "rep"), "--eps", "5,10"]) == 0
+    assert "| tiny | 10 |" in (out / "rep" / "report.md").read_text()
+    assert main(["report", str(out / "results.jsonl"), "--out", str(out / "rep"), "--eps", "five"]) == 2
+
+
+def test_adaptive_needs_a_finished_demo(tmp_path, capsys):
+    assert main(["adaptive", "--out", str(tmp_path / "a"), "--demo_dir", str(tmp_path / "nodemo")]) == 2
+    assert "is not a finished demo" in capsys.readouterr().err
+    assert main(["adaptive", "--out", str(tmp_path / "a"), "--models", "raw"]) == 2
+
+
+@pytest.mark.slow
+def test_adaptive_on_a_shrunken_demo_runs_every_recipe_and_resumes(tiny_model_dir, tmp_path):
+    from seamlm.adaptive import AdaptiveConfig, run_adaptive
+    from seamlm.pipeline import DemoConfig, run_demo
+    from seamlm.results import ResultStore
+
+    demo = tmp_path / "demo"
+    run_demo(demo, DemoConfig(model=str(tiny_model_dir), align_steps=1, align_batch_size=2, defense_steps=1,
+                              defense_batch_size=2, max_length=48, attack_lrs=(1e-3,), attack_samples=4, hs_prompts=2,
+                              zs_limit=2, zs_tasks=("arc_easy",), fs=False, judge="keyword", coupling_examples=0))
+    cfg = AdaptiveConfig(demo_dir=str(demo), learning_rates=(1e-3,), sweep_trials=2, sweep_batch_sizes=(2,))
+    report = run_adaptive(tmp_path / "adaptive", cfg).read_text()
+    rows = ResultStore(tmp_path / "adaptive" / "results.jsonl").rows()
+    for model in ("aligned", "seam"):
+        recipes = {r.attack.get("recipe") for r in rows if r.model == model and "trial" not in r.attack}
+        assert recipes == {None, *cfg.recipes}  # None: the pre-attack cell
+        controls = [r for r in rows if r.model == model and r.attack.get("knobs", {}).get("train") is False]
+        assert controls and all(r.attack.get("prompt_template") is None for r in controls)
+        assert len({r.cell for r in rows if r.model == model and "trial" in r.attack}) >= 1
+    assert "| seam | 20 |" in report and "| aligned | 5 |" in report
+    assert (tmp_path / "adaptive" / "report" / "hs_zs_scatter.png").is_file()
+    n = len(rows)
+    run_adaptive(tmp_path / "adaptive", cfg)  # everything finished: nothing is redone
+    assert len(ResultStore(tmp_path / "adaptive" / "results.jsonl").rows()) == n
