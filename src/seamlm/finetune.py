@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -185,6 +186,7 @@ def finetune(
         for step, idx in enumerate(tqdm(plan, desc=desc, unit="step", dynamic_ncols=True, disable=not ctx.is_main), 1):
             local = idx[ctx.rank::ctx.world_size]
             extra: dict[str, float] = {}
+            t_step = time.perf_counter()
             if ctx.distributed:
                 value = _data_parallel_backward(model, params, rows, local, tokenizer.pad_token_id, device, ctx)
             else:
@@ -210,7 +212,8 @@ def finetune(
             sched.step()
             opt.zero_grad(set_to_none=True)
             losses.append(value)
-            logs.append({"step": step, "loss": value, "lr": sched.get_last_lr()[0], **extra})
+            logs.append({"step": step, "loss": value, "lr": sched.get_last_lr()[0], **extra,
+                         "step_time": time.perf_counter() - t_step})
             if logf:
                 logf.write(json.dumps(logs[-1]) + "\n")
                 logf.flush()
