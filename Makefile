@@ -1,7 +1,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup test test-fast demo defend-example attack-example lint bench
+.PHONY: setup test test-fast demo adaptive defend-example attack-example lint bench
 
 setup:
 	./scripts/setup.sh
@@ -16,6 +16,10 @@ test-fast: setup
 # The main job: align, defend with SEAM, attack both models, evaluate, report (quick preset, see README).
 demo: setup
 	$(VENV)/bin/seamlm demo --out runs/demo --preset quick
+
+# Every adaptive attack recipe and an Optuna sweep against the demo's aligned and SEAM models (needs `make demo`).
+adaptive: setup
+	$(VENV)/bin/seamlm adaptive --out runs/adaptive
 
 # A 5-step SEAM run on the bundled 16-row example files: the defence CLI in a minute.
 defend-example: setup

@@ -1,6 +1,7 @@
 """ε-bounded selection on a hand-made trial table, and the Optuna sweep's resume from its SQLite file."""
 
 import csv
+import json
 
 import pytest
 
@@ -71,7 +72,7 @@ EVAL = EvalConfig(judge="keyword", hs_prompts=3, max_new_tokens=4, zs_tasks=("ar
 
 def _sweep(tiny_model_dir, bundle, tmp_path, trials, calls):
     cfg = SweepConfig(recipes=("sft", "anchored"), trials=trials, num_samples=4, batch_sizes=(2,), max_epochs=1,
-                      startup_trials=2)
+                      startup_trials=10)
     return run_sweep(str(tiny_model_dir), "tiny", "none", bundle, cfg, FinetuneConfig(max_length=64), EVAL,
                      KeywordJudge(), tmp_path, ResultStore(tmp_path / "results.jsonl"))
 
@@ -90,7 +91,7 @@ def test_killed_sweep_resumes_without_redoing_finished_trials(tiny_model_dir, bu
     assert len(study.trials) == 2 and len(calls) == 2
     # a process killed mid-trial leaves a RUNNING trial behind: simulate one with the parameters of trial 0
     cfg = SweepConfig(recipes=("sft", "anchored"), trials=3, num_samples=4, batch_sizes=(2,), max_epochs=1,
-                      startup_trials=2)
+                      startup_trials=10)
     monkeypatch.setattr(sweep_mod, "open_study", open_study)
     import optuna
 
@@ -107,11 +108,17 @@ def test_killed_sweep_resumes_without_redoing_finished_trials(tiny_model_dir, bu
     assert states.count("COMPLETE") == 3 and states.count("FAIL") == 1
     # the stale trial's parameters ran again first; its cell was already in the results file, so nothing retrained
     assert calls == [(calls[0][0], False)] and study.trials[-1].params == study.trials[0].params
+    # the resumed sampler does not replay the first process's random parameters
+    calls.clear()
+    study = run_sweep(str(tiny_model_dir), "tiny", "none", bundle, cfg.replace(trials=5), FinetuneConfig(max_length=64),
+                      EVAL, KeywordJudge(), tmp_path, ResultStore(tmp_path / "results.jsonl"))
+    assert len(calls) == 2 and all(ran for _, ran in calls)
+    assert len({json.dumps(t.params, sort_keys=True) for t in study.trials if t.state.name == "COMPLETE"}) == 4
     rows = list(csv.DictReader((tmp_path / "sweep_trials.tiny.csv").open()))
-    assert len(rows) == 4 and {r["state"] for r in rows} == {"COMPLETE", "FAIL"}
+    assert len(rows) == 6 and {r["state"] for r in rows} == {"COMPLETE", "FAIL"}
     # every finished trial is a cell of the results file with HS, ZS and perplexity
     pre, attacked = collect(ResultStore(tmp_path / "results.jsonl").rows())
-    assert len(attacked["tiny"]) == 2 and all(o.attack["sweep"] == "tiny" for o in attacked["tiny"])
+    assert len(attacked["tiny"]) == 4 and all(o.attack["sweep"] == "tiny" for o in attacked["tiny"])
 
 
 def test_sweep_config_errors(tmp_path):

@@ -112,6 +112,10 @@ def open_study(cfg: SweepConfig, label: str, out_dir: str | Path) -> Any:
         raise ConfigError(f"study '{name}' in {out_dir}/sweep.db was made with another sweep config; use another "
                           f"--out or --study_name, or the same settings to resume (only trials may grow)")
     study.set_user_attr("sweep_config", mine)
+    if study.trials:
+        # a resumed study: a sampler seeded as before would replay the same random start-up parameters
+        study.sampler = optuna.samplers.TPESampler(seed=cfg.seed + len(study.trials),
+                                                   n_startup_trials=cfg.startup_trials)
     from optuna.trial import TrialState
 
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
