@@ -41,8 +41,8 @@ class AttackOutcome:
         if self.cell == "pre":
             return "no attack"
         a = self.attack
-        parts = [f"{k}={v}" for k, v in (a.get("knobs") or {}).items()]
-        parts += [f"{k}={a[k]:.3g}" if isinstance(a[k], float) else f"{k}={a[k]}" for k in _SHOWN if k in a]
+        shown = [*(a.get("knobs") or {}).items(), *((k, a[k]) for k in _SHOWN if k in a)]
+        parts = [f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown]
         if a.get("status", "ok") != "ok":
             parts.append(str(a["status"]))
         return f"{self.recipe}: " + ", ".join(parts)
