@@ -64,6 +64,8 @@ def main() -> None:
                "benign_first": {"benign_steps": args.steps + 1}, "ablation": {}}
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
+        # a discarded first run: the allocator and thread pools warm up on it, not on the first measured recipe
+        make_recipe("sft").attack(fresh(), tok, data, ft, Path(tmp) / "warm" / "loss.jsonl", "warm-up", DistContext())
         for name, knobs in recipes.items():
             recipe = make_recipe(name, knobs)
             log = Path(tmp) / name / "loss.jsonl"
