@@ -15,8 +15,8 @@ from seamlm.data.bundles import STREAM_FILES, BundleData, build_bundle, load_bui
 from seamlm.data.splits import prompt_hash
 from seamlm.errors import ConfigError
 from seamlm.evaluate.judges import get_judge
-from seamlm.evaluate.metrics import EvalConfig
 from seamlm.finetune import FinetuneConfig
+from seamlm.pipeline import DemoConfig
 from seamlm.recipes import RECIPES, make_recipe
 from seamlm.report import write_report
 from seamlm.results import ResultStore
@@ -72,14 +72,14 @@ class AdaptiveConfig(BaseConfig):
                        (self.ppl_factor > 1, "ppl_factor must be > 1")])
 
 
-def _demo(cfg: AdaptiveConfig) -> dict:
+def _demo(cfg: AdaptiveConfig) -> DemoConfig:
     demo = Path(cfg.demo_dir)
     saved = demo / "demo_config.json"
     missing = [m for m in cfg.models if not (demo / DEMO_MODELS[m][0] / "model.safetensors").is_file()]
     if not saved.is_file() or missing:
         raise ConfigError(f"{demo} is not a finished demo (missing {'demo_config.json' if not saved.is_file() else missing});"
                           f" run `seamlm demo --out {demo}` first (about 26 minutes)")
-    return json.loads(saved.read_text())
+    return DemoConfig.from_dict(json.loads(saved.read_text()), str(saved))
 
 
 def _same_data(demo_data: Path, bundle: BundleData) -> None:
@@ -101,20 +101,18 @@ def run_adaptive(out_dir: str | Path, cfg: AdaptiveConfig) -> Path:
     demo_cfg = _demo(cfg)
     out.mkdir(parents=True, exist_ok=True)
     (out / "adaptive_config.json").write_text(json.dumps(
-        {"config": cfg.to_dict(), "demo_config": demo_cfg, "versions": package_versions()}, indent=2))
+        {"config": cfg.to_dict(), "demo_config": demo_cfg.to_dict(), "versions": package_versions()}, indent=2))
     data_dir = out / "data"
     if not (data_dir / "manifest.json").is_file():
-        bundle = build_bundle("offline-default", seed=demo_cfg.get("data_seed", 0))
+        bundle = build_bundle("offline-default", seed=demo_cfg.data_seed)
         _same_data(Path(cfg.demo_dir) / "data", bundle)
         bundle.write(data_dir)
     bundle = load_built(data_dir)
-    max_length = demo_cfg.get("max_length", 128)
-    eval_cfg = EvalConfig(judge=demo_cfg.get("judge", "minilm"), hs_prompts=demo_cfg.get("hs_prompts", 32),
-                          zs_limit=demo_cfg.get("zs_limit", 60), zs_tasks=tuple(demo_cfg.get("zs_tasks", ("arc_easy", "sciq"))),
-                          coherence_examples=50, coupling_examples=0, fs=False)
+    max_length = demo_cfg.max_length
+    eval_cfg = demo_cfg.eval_config().replace(coupling_examples=0)  # the coupling figures cost a backward each
     judge = get_judge(eval_cfg.judge)
     store = ResultStore(out / "results.jsonl")
-    samples = demo_cfg.get("attack_samples", 120)
+    samples = demo_cfg.attack_samples
     grid = AttackConfig(learning_rates=cfg.learning_rates, num_samples=(samples,), max_length=max_length)
     models = {label: (str(Path(cfg.demo_dir) / DEMO_MODELS[label][0]), DEMO_MODELS[label][1]) for label in cfg.models}
     timings: dict[str, float] = {}

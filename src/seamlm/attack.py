@@ -101,9 +101,8 @@ def cell_key(run_cfg: FinetuneConfig, recipe: AttackRecipe, n: int) -> str:
     mode = f"lora-r{run_cfg.lora_r}" if run_cfg.lora else "full"
     key = f"{mode}-{run_cfg.optimizer}-lr{run_cfg.lr:g}-n{n}-ep{run_cfg.epochs}-b{run_cfg.batch_size}-s{run_cfg.seed}"
     key = f"sft-{key}" if recipe.name == "sft" else f"{recipe.name}-{fingerprint(recipe.knobs.to_dict())[:6]}-{key}"
-    default = FinetuneConfig()
-    changed = {k: v for k, v in run_cfg.to_dict().items() if k not in _KEYED and v != getattr(default, k)
-               and not (isinstance(v, list) and tuple(v) == getattr(default, k))}
+    defaults = FinetuneConfig().to_dict()
+    changed = {k: v for k, v in run_cfg.to_dict().items() if k not in _KEYED and v != defaults[k]}
     return f"{key}-h{fingerprint(changed)[:6]}" if changed else key
 
 

@@ -92,6 +92,12 @@ class DemoConfig(BaseConfig):
     def is_defense_key(key: str) -> bool:
         return key.startswith("defense_") or key == "baseline_from"
 
+    def eval_config(self) -> EvalConfig:
+        """The evaluation of every demo cell (HS, ZS, coherence, coupling; FS is switched on per model). Adaptive
+        attacks on the demo's models reuse it so their numbers compare."""
+        return EvalConfig(judge=self.judge, hs_prompts=self.hs_prompts, zs_limit=self.zs_limit, zs_tasks=self.zs_tasks,
+                          coherence_examples=50, coupling_examples=self.coupling_examples, fs=False)
+
 
 #: ``quick`` = the DemoConfig defaults (≤ 30 min on 2 CPU cores); ``full`` = the paper's lr grid, every attack
 #: example (the bundle holds 201), a LoRA attack, more SEAM steps and larger evaluations.
@@ -180,9 +186,7 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig, fresh: bool = False) -> Path:
     store = ResultStore(out / "results.jsonl")
     if cfg.baseline_from and not store.path.exists():
         store.append([r for r in ResultStore(base / "results.jsonl").rows() if r.model in ("raw", "aligned")])
-    eval_cfg = EvalConfig(judge=cfg.judge, hs_prompts=cfg.hs_prompts, zs_limit=cfg.zs_limit, zs_tasks=cfg.zs_tasks,
-                          fs_steps=cfg.fs_steps, fs_train=cfg.fs_train, fs_test=cfg.fs_test,
-                          coherence_examples=50, coupling_examples=cfg.coupling_examples, fs=False)
+    eval_cfg = cfg.eval_config().replace(fs_steps=cfg.fs_steps, fs_train=cfg.fs_train, fs_test=cfg.fs_test)
     judge = get_judge(cfg.judge)
     models = {"raw": (cfg.model, "none"), "aligned": (str(aligned), "none"), "seam": (str(seam / "model"), "seam")}
 

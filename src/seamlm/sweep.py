@@ -104,7 +104,6 @@ def open_study(cfg: SweepConfig, label: str, out_dir: str | Path) -> Any:
     study = optuna.create_study(
         study_name=name, storage=f"sqlite:///{Path(out_dir).resolve() / 'sweep.db'}", direction="maximize",
         load_if_exists=True,
-        sampler=optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=cfg.startup_trials),
     )
     saved = study.user_attrs.get("sweep_config")
     mine = json.dumps({k: v for k, v in cfg.to_dict().items() if k != "trials"}, sort_keys=True)  # more trials: fine
@@ -112,10 +111,8 @@ def open_study(cfg: SweepConfig, label: str, out_dir: str | Path) -> Any:
         raise ConfigError(f"study '{name}' in {out_dir}/sweep.db was made with another sweep config; use another "
                           f"--out or --study_name, or the same settings to resume (only trials may grow)")
     study.set_user_attr("sweep_config", mine)
-    if study.trials:
-        # a resumed study: a sampler seeded as before would replay the same random start-up parameters
-        study.sampler = optuna.samplers.TPESampler(seed=cfg.seed + len(study.trials),
-                                                   n_startup_trials=cfg.startup_trials)
+    # seeded by the trials so far: a resumed study seeded as before would replay its random start-up parameters
+    study.sampler = optuna.samplers.TPESampler(seed=cfg.seed + len(study.trials), n_startup_trials=cfg.startup_trials)
     from optuna.trial import TrialState
 
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -138,10 +135,11 @@ def run_sweep(model_name: str, label: str, defense: str, bundle: BundleData, cfg
     """Run trials until the study has ``cfg.trials`` finished ones; each trial is an attack cell in ``store``
     (cell ``sweep-<recipe>-<params digest>``). Writes ``sweep_trials.<label>.csv``. Returns the study."""
     study = open_study(cfg, label, out_dir)
+    csv_path = Path(out_dir) / f"sweep_trials.{label.replace('/', '_')}.csv"
     missing = cfg.trials - finished_trials(study)
     if missing <= 0:
         log.info("sweep %s: %d trials already finished", study.study_name, cfg.trials)
-        write_trials_csv(study, Path(out_dir) / f"sweep_trials.{label.replace('/', '_')}.csv")
+        write_trials_csv(study, csv_path)
         return study
 
     def objective(trial: Any) -> float:
@@ -165,7 +163,7 @@ def run_sweep(model_name: str, label: str, defense: str, bundle: BundleData, cfg
         return hs
 
     def save(study_: Any, _trial: Any) -> None:
-        write_trials_csv(study_, Path(out_dir) / f"sweep_trials.{label.replace('/', '_')}.csv")
+        write_trials_csv(study_, csv_path)
 
     study.optimize(objective, n_trials=missing, callbacks=[save], show_progress_bar=True, gc_after_trial=True)
     return study
