@@ -1,10 +1,16 @@
 """Cost of one SEAM step against one plain SFT step on the same model and batch size.
 
 Each configuration runs in its own process so that its peak memory is its own. Memory is reported as the peak
-resident memory above the loaded model, in units of the parameter memory (numel × 4 bytes for fp32).
+memory above the loaded model (resident memory on CPU, ``torch.cuda.max_memory_allocated`` on CUDA), in units of
+the parameter memory (numel × 4 bytes: the fp32 weights, which are the master weights under bf16 autocast).
 
     python benchmarks/step_cost.py                      # SmolLM2-135M, batch 4 x 128 tokens (≈ 5 min on 2 cores)
     python benchmarks/step_cost.py --model tiny --repeats 5   # a tiny random llama, seconds
+    python benchmarks/step_cost.py --device cuda --model random:smollm2-1.7b --batch-size 8   # GPU, bf16 autocast
+
+``random:ARCH`` builds a randomly initialised model of a known architecture (no weights needed: cost does not
+depend on the values) with a byte-level tokenizer; ARCH is one of ``RANDOM_ARCHS``. On CUDA the SFT step and SEAM
+compute in bf16 autocast with fp32 weights (SEAM's coupling gradients stay fp32, see the spec's precision trap).
 
 Modes: ``sft`` (HF loss, AdamW), ``seam-final_layer`` and ``seam-logit_lens`` (SEAMTrainer), and
 ``reference-logit_lens`` (the reference code's six-pass structure with full-sequence logits and lens, rebuilt
@@ -26,6 +32,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "examples" / "data"
 MODES = ["sft", "seam-final_layer", "seam-logit_lens", "reference-logit_lens"]
+#: Llama-family shapes for ``random:ARCH`` (hidden, intermediate, layers, heads, kv heads, vocab).
+RANDOM_ARCHS = {
+    "smollm2-135m": (576, 1536, 30, 9, 3, 49152),
+    "smollm2-360m": (960, 2560, 32, 15, 5, 49152),
+    "smollm2-1.7b": (2048, 8192, 24, 32, 32, 49152),
+}
 
 
 def _rss_bytes() -> int:
@@ -55,16 +67,55 @@ class PeakRSS:
         self._thread.join()
 
 
-def _load(model_name: str):
+class PeakCuda:
+    """Peak CUDA memory allocated by tensors between enter and exit (same interface as :class:`PeakRSS`)."""
+
+    def __enter__(self) -> PeakCuda:
+        import torch
+
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        self.peak = torch.cuda.memory_allocated()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import torch
+
+        torch.cuda.synchronize()
+        self.peak = torch.cuda.max_memory_allocated()
+
+
+def _load(model_name: str, device: str):
+    import torch
+
     from seamlm import load_model
 
-    if model_name != "tiny":
-        return load_model(model_name, dtype="float32", device="cpu")
+    if model_name != "tiny" and not model_name.startswith("random:"):
+        return load_model(model_name, dtype="float32", device=device)
     sys.path.insert(0, str(ROOT))
     from tests.conftest import make_model, make_tokenizer
 
     tok = make_tokenizer()
-    return make_model(len(tok), layers=4, hidden=64), tok
+    if model_name == "tiny":
+        return make_model(len(tok), layers=4, hidden=64).to(device), tok
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    arch = model_name.split(":", 1)[1]
+    if arch not in RANDOM_ARCHS:
+        sys.exit(f"unknown architecture {arch!r}; known: {', '.join(RANDOM_ARCHS)}")
+    hidden, inter, layers, heads, kv, vocab = RANDOM_ARCHS[arch]
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv, tie_word_embeddings=True, pad_token_id=0,
+                      eos_token_id=1, bos_token_id=None, attn_implementation="sdpa")
+    with torch.device(device):
+        return LlamaForCausalLM(cfg), tok
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 def reference_step(model, params, batches, opt, eps: float = 1e-3, beta: float = 0.1) -> None:
@@ -110,34 +161,42 @@ def worker(mode: str, args: argparse.Namespace) -> dict:
     from seamlm.data import Formatter, collate, load_examples
 
     torch.manual_seed(0)
-    model, tok = _load(args.model)
+    dev = args.device
+    model, tok = _load(args.model, dev)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     harmful = load_examples(DATA / "harmful.jsonl")
     times = []
-    with PeakRSS() as mem:
+    mixed = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.startswith("cuda"))
+    with PeakCuda() if dev.startswith("cuda") else PeakRSS() as mem:
         base = mem.peak
         if mode == "sft":
             model.train()
             fmt = Formatter(tok, args.max_length)
-            batch = collate([fmt(e) for e in harmful[: args.batch_size]], tok.pad_token_id)
+            batch = collate([fmt(e) for e in harmful[: args.batch_size]], tok.pad_token_id, device=dev)
             opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
             for i in range(args.warmup + args.repeats):
+                _sync(dev)
                 t0 = time.perf_counter()
-                model(**batch).loss.backward()
+                with mixed:
+                    loss = model(**batch).loss
+                loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
+                _sync(dev)
                 if i >= args.warmup:
                     times.append(time.perf_counter() - t0)
         elif mode.startswith("reference"):
             model.eval()
             fmt = Formatter(tok, args.max_length)
             streams = [harmful, load_examples(DATA / "refusal.jsonl"), load_examples(DATA / "benign.jsonl")]
-            batches = [collate([fmt(e) for e in s[: args.batch_size]], tok.pad_token_id) for s in streams]
+            batches = [collate([fmt(e) for e in s[: args.batch_size]], tok.pad_token_id, device=dev) for s in streams]
             params = [p for p in model.parameters() if p.requires_grad]
             opt = torch.optim.AdamW(params, lr=1e-5)
             for i in range(args.warmup + args.repeats):
+                _sync(dev)
                 t0 = time.perf_counter()
                 reference_step(model, params, batches, opt)
+                _sync(dev)
                 if i >= args.warmup:
                     times.append(time.perf_counter() - t0)
         else:
@@ -148,9 +207,11 @@ def worker(mode: str, args: argparse.Namespace) -> dict:
             )
             tr = SEAMTrainer(model, tok, cfg, harmful=harmful, refusal=DATA / "refusal.jsonl", benign=DATA / "benign.jsonl")
             for i in range(args.warmup + args.repeats):
+                _sync(dev)
                 t0 = time.perf_counter()
                 row = tr.compute_update(0)  # step 0 every time: the same batches
                 tr._apply_update(row["grad_norm"])
+                _sync(dev)
                 if i >= args.warmup:
                     times.append(time.perf_counter() - t0)
     return {
@@ -159,9 +220,17 @@ def worker(mode: str, args: argparse.Namespace) -> dict:
     }
 
 
+def _device_name(device: str) -> str:
+    import torch
+
+    return torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else device
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2-135m-instruct", help="alias/path, or 'tiny' for a random tiny llama")
+    ap.add_argument("--model", default="smollm2-135m-instruct",
+                    help="alias/path, 'tiny' for a random tiny llama, or random:ARCH (" + ", ".join(RANDOM_ARCHS) + ")")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (bf16 autocast, fp32 weights)")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--warmup", type=int, default=1)
@@ -177,7 +246,8 @@ def main() -> None:
     results = {}
     env = dict(os.environ, TQDM_DISABLE="1")
     for mode in args.modes:
-        cmd = [sys.executable, __file__, "--worker", mode, "--model", args.model, "--batch-size", str(args.batch_size),
+        cmd = [sys.executable, __file__, "--worker", mode, "--model", args.model, "--device", args.device,
+               "--batch-size", str(args.batch_size),
                "--max-length", str(args.max_length), "--warmup", str(args.warmup), "--repeats", str(args.repeats)]
         out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
         line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
@@ -187,8 +257,9 @@ def main() -> None:
         print(f"  {mode}: {results[mode]['step_s']:.2f} s/step", file=sys.stderr, flush=True)
 
     sft = results.get("sft", {}).get("step_s")
-    print(f"\nmodel={args.model}  batch={args.batch_size} x ≤{args.max_length} tokens  "
-          f"torch threads={os.cpu_count()}  median of {args.repeats} steps\n")
+    where = f"device={_device_name(args.device)}" if args.device != "cpu" else f"torch threads={os.cpu_count()}"
+    print(f"\nmodel={args.model}  batch={args.batch_size} x ≤{args.max_length} tokens  {where}  "
+          f"median of {args.repeats} steps\n")
     print("| step | time per step (s) | × SFT step | peak memory above the model (× parameter memory) |")
     print("|---|---|---|---|")
     for mode, r in results.items():

@@ -119,3 +119,39 @@ def test_gradient_coupling_on_attack_data(tokenizer):
     other = gradient_coupling(model, tokenizer, HARMFUL[:4], BENIGN[:4], batch_size=2, max_length=48)
     assert -1 <= other["coupling_cos"] < 0.999
     assert all(p.grad is None for p in model.parameters())  # no gradient left behind on the model
+
+
+_PRECISION_PROBE = """
+import sys, torch
+from seamlm.defense.coupling import FlatParams, hessian_free_cos_grad
+if sys.argv[1] == "legacy":
+    torch.set_float32_matmul_precision("high")
+    read = torch.get_float32_matmul_precision
+else:
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    read = lambda: torch.backends.cuda.matmul.fp32_precision
+p = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+flat, seen = FlatParams([p]), []
+def grad_fn(f):
+    def fn(buf):
+        seen.append(read())
+        with flat.grad_sink(buf):
+            f(p).backward()
+    return fn
+fa, fb = grad_fn(lambda q: (q ** 3).sum()), grad_fn(lambda q: q[0] * q[1] ** 2)
+g_a, g_b, out = flat.zeros(), flat.zeros(), flat.zeros()
+fa(g_a); fb(g_b); seen.clear()
+hessian_free_cos_grad(flat, g_a, g_b, fa, fb, 1e-3, out)
+print(seen, read())
+"""
+
+
+@pytest.mark.parametrize(("api", "inside", "after"), [("legacy", "highest", "high"), ("new", "ieee", "tf32")])
+def test_finite_differences_run_without_tf32_and_the_setting_is_restored(api, inside, after):
+    """TF32 (10-bit mantissa) would drown g(θ+εδ) − g(θ); both of torch's precision APIs are overridden inside
+    and restored after. A subprocess, because the new API makes the legacy getters raise for the process."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _PRECISION_PROBE, api], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == f"{[inside, inside]} {after}", out.stdout + out.stderr

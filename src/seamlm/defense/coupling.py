@@ -10,7 +10,8 @@ and each Hessian-vector product is a forward difference of gradients on the same
     H_a δ_a ≈ (g_a(θ + ε δ_a) − g_a(θ)) / ε        (error O(ε), paper Thm 1)
 
 θ is perturbed in the parameters' own dtype, which the trainer keeps at float32 (or float64) whatever the compute
-dtype, and restored by copying a saved copy back — bit-exact, unlike subtracting ε δ again.
+dtype, and restored by copying a saved copy back — bit-exact, unlike subtracting ε δ again. The gradients of the
+difference are computed with IEEE float32 matmuls (:func:`ieee_float32_matmul`), never TF32.
 """
 
 from __future__ import annotations
@@ -23,6 +24,43 @@ from dataclasses import dataclass
 import torch
 
 from seamlm.distributed import DistContext
+
+
+@contextmanager
+def ieee_float32_matmul() -> Iterator[None]:
+    """Inside: float32 matmuls at full float32 precision, whatever the process set (TF32 on CUDA, bf16 passes on
+    CPU); the setting is restored on exit.
+
+    Why: with ‖δ‖ = 1 each coordinate of θ moves by about ε/√n, so g(θ + εδ) − g(θ) is a relative change far
+    below TF32's 10-bit mantissa (relative error ≈ 1e-3): with TF32 on — ``torch.set_float32_matmul_precision
+    ("high")`` is a common default on Ampere and later — the difference would be rounding noise. Only the
+    API the process already uses is touched (mixing torch's legacy and new precision APIs makes later reads of
+    either raise), and nothing is touched when the precision is already full.
+    """
+    try:
+        legacy = torch.get_float32_matmul_precision()  # raises once the new per-backend API has been used
+    except RuntimeError:
+        legacy = None
+    if legacy is not None:
+        if legacy == "highest":
+            yield
+            return
+        torch.set_float32_matmul_precision("highest")
+        try:
+            yield
+        finally:
+            torch.set_float32_matmul_precision(legacy)
+        return
+    backends = [torch.backends.cuda.matmul, torch.backends.mkldnn.matmul]
+    saved = [b.fp32_precision for b in backends]
+    for b in backends:
+        b.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        for b, value in zip(backends, saved, strict=True):
+            b.fp32_precision = value
+
 
 #: A function that accumulates a gradient (at the model's current parameters) into the given flat buffer.
 GradFn = Callable[[torch.Tensor], None]
@@ -209,11 +247,21 @@ def hessian_free_cos_grad(
     """Add ``scale · ∇̂cos(g_a, g_b)`` to ``out`` with two extra gradient evaluations and no Hessian.
 
     ``g_a``/``g_b`` are the gradients at the current θ; ``grad_a``/``grad_b`` recompute them (same batches) at a
-    perturbed θ. The parameters are bit-identical to their input values on return, even on error.
+    perturbed θ. The parameters are bit-identical to their input values on return, even on error. The
+    recomputations run under :func:`ieee_float32_matmul`; compute ``g_a``/``g_b`` under it too, or the difference
+    mixes two precisions.
     """
     stats = cosine(g_a, g_b, flat)
     if not (stats.norm_a > 0 and stats.norm_b > 0):
         return stats
+    with ieee_float32_matmul():
+        _add_finite_differences(flat, g_a, g_b, grad_a, grad_b, eps, out, scale, stats, scratch, backup)
+    return stats
+
+
+def _add_finite_differences(flat: FlatParams, g_a: torch.Tensor, g_b: torch.Tensor, grad_a: GradFn, grad_b: GradFn,
+                            eps: float, out: torch.Tensor, scale: float, stats: CouplingStats,
+                            scratch: torch.Tensor | None, backup: torch.Tensor | None) -> None:
     scratch = flat.zeros() if scratch is None else scratch
     backup = flat.read(flat.zeros() if backup is None else backup)
     c = stats.cos
@@ -234,4 +282,3 @@ def hessian_free_cos_grad(
                 out.add_(scratch, alpha=scale / (eps * n_self))
     finally:
         flat.write(backup)
-    return stats

@@ -37,7 +37,13 @@ from seamlm.data.format import Formatter, TokenizedExample, collate
 from seamlm.data.sampling import StreamSampler
 from seamlm.data.splits import prompt_hash
 from seamlm.defense.config import RESUME_SAFE_KEYS, DefenseConfig
-from seamlm.defense.coupling import ShardedFlatParams, cosine, hessian_free_cos_grad, make_flat_params
+from seamlm.defense.coupling import (
+    ShardedFlatParams,
+    cosine,
+    hessian_free_cos_grad,
+    ieee_float32_matmul,
+    make_flat_params,
+)
 from seamlm.defense.losses import answer_ce, harmful_forward, unlearn_loss
 from seamlm.distributed import DistContext, current_context
 from seamlm.errors import CheckpointError, DataError, NonFiniteLossError
@@ -178,7 +184,14 @@ class SEAMTrainer:
 
     # ------------------------------------------------------------------ one step
     def compute_update(self, step: int) -> dict[str, Any]:
-        """Fill ``self.total`` with ∇L_ul + α∇L_up + β∇̂L_sd for ``step``; return the step's statistics."""
+        """Fill ``self.total`` with ∇L_ul + α∇L_up + β∇̂L_sd for ``step``; return the step's statistics.
+
+        float32 matmuls run at IEEE precision for the whole step (g_a, g_b and their perturbed recomputations
+        must share one precision, and TF32 would drown the difference); bf16/fp16 autocast is unaffected."""
+        with ieee_float32_matmul():
+            return self._compute_update(step)
+
+    def _compute_update(self, step: int) -> dict[str, Any]:
         cfg = self.config
         h_batches = self._micro_batches("harmful", step)
         r_batches = self._micro_batches("refusal", step)
