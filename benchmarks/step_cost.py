@@ -204,6 +204,7 @@ def worker(mode: str, args: argparse.Namespace) -> dict:
             cfg = DefenseConfig(
                 steps=args.warmup + args.repeats, batch_size=args.batch_size, max_length=args.max_length,
                 unlearn_loss=variant, beta=0.1, output_dir="/tmp/seamlm-bench", checkpoint_every=0,
+                coupling_precision=args.coupling_precision,
             )
             tr = SEAMTrainer(model, tok, cfg, harmful=harmful, refusal=DATA / "refusal.jsonl", benign=DATA / "benign.jsonl")
             for i in range(args.warmup + args.repeats):
@@ -231,6 +232,8 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m-instruct",
                     help="alias/path, 'tiny' for a random tiny llama, or random:ARCH (" + ", ".join(RANDOM_ARCHS) + ")")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (bf16 autocast, fp32 weights)")
+    ap.add_argument("--coupling-precision", default="ieee", choices=["ieee", "tf32"],
+                    help="DefenseConfig.coupling_precision of the SEAM modes (tf32: CUDA only)")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--warmup", type=int, default=1)
@@ -247,6 +250,7 @@ def main() -> None:
     env = dict(os.environ, TQDM_DISABLE="1")
     for mode in args.modes:
         cmd = [sys.executable, __file__, "--worker", mode, "--model", args.model, "--device", args.device,
+               "--coupling-precision", args.coupling_precision,
                "--batch-size", str(args.batch_size),
                "--max-length", str(args.max_length), "--warmup", str(args.warmup), "--repeats", str(args.repeats)]
         out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
@@ -259,7 +263,7 @@ def main() -> None:
     sft = results.get("sft", {}).get("step_s")
     where = f"device={_device_name(args.device)}" if args.device != "cpu" else f"torch threads={os.cpu_count()}"
     print(f"\nmodel={args.model}  batch={args.batch_size} x ≤{args.max_length} tokens  {where}  "
-          f"median of {args.repeats} steps\n")
+          f"coupling={args.coupling_precision}  median of {args.repeats} steps\n")
     print("| step | time per step (s) | × SFT step | peak memory above the model (× parameter memory) |")
     print("|---|---|---|---|")
     for mode, r in results.items():

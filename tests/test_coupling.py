@@ -124,11 +124,12 @@ def test_gradient_coupling_on_attack_data(tokenizer):
 _PRECISION_PROBE = """
 import sys, torch
 from seamlm.defense.coupling import FlatParams, hessian_free_cos_grad
-if sys.argv[1] == "legacy":
-    torch.set_float32_matmul_precision("high")
+api, start, precision = sys.argv[1:]
+if api == "legacy":
+    torch.set_float32_matmul_precision(start)
     read = torch.get_float32_matmul_precision
 else:
-    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    torch.backends.cuda.matmul.fp32_precision = start
     read = lambda: torch.backends.cuda.matmul.fp32_precision
 p = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
 flat, seen = FlatParams([p]), []
@@ -141,17 +142,22 @@ def grad_fn(f):
 fa, fb = grad_fn(lambda q: (q ** 3).sum()), grad_fn(lambda q: q[0] * q[1] ** 2)
 g_a, g_b, out = flat.zeros(), flat.zeros(), flat.zeros()
 fa(g_a); fb(g_b); seen.clear()
-hessian_free_cos_grad(flat, g_a, g_b, fa, fb, 1e-3, out)
+hessian_free_cos_grad(flat, g_a, g_b, fa, fb, 1e-3, out, precision=precision)
 print(seen, read())
 """
 
 
-@pytest.mark.parametrize(("api", "inside", "after"), [("legacy", "highest", "high"), ("new", "ieee", "tf32")])
-def test_finite_differences_run_without_tf32_and_the_setting_is_restored(api, inside, after):
-    """TF32 (10-bit mantissa) would drown g(θ+εδ) − g(θ); both of torch's precision APIs are overridden inside
-    and restored after. A subprocess, because the new API makes the legacy getters raise for the process."""
+@pytest.mark.parametrize(("api", "start", "precision", "inside"), [
+    ("legacy", "high", "ieee", "highest"),  # TF32 on in the process: off for the differences
+    ("new", "tf32", "ieee", "ieee"),
+    ("legacy", "highest", "tf32", "high"),  # asked for TF32: on for the differences only
+])
+def test_finite_differences_run_at_the_asked_precision_and_the_setting_is_restored(api, start, precision, inside):
+    """TF32 (10-bit mantissa) would drown g(θ+εδ) − g(θ) unless asked for; both of torch's precision APIs are set
+    inside and restored after. A subprocess, because the new API makes the legacy getters raise for the process."""
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-c", _PRECISION_PROBE, api], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == f"{[inside, inside]} {after}", out.stdout + out.stderr
+    out = subprocess.run([sys.executable, "-c", _PRECISION_PROBE, api, start, precision], capture_output=True,
+                         text=True, check=True)
+    assert out.stdout.strip() == f"{[inside, inside]} {start}", out.stdout + out.stderr

@@ -190,3 +190,10 @@ def test_h_and_r_files_with_repeated_rows_stay_aligned(tokenizer, tmp_path):
              "benign": write_jsonl(tmp_path / "b.jsonl", BENIGN)}
     tr = _trainer(tokenizer, files, tmp_path / "out")
     assert tr.data_sizes["refusal"] == 3 and tr.samplers["refusal"].key == "harmful"
+
+
+def test_tf32_coupling_is_refused_off_cuda(tokenizer, streams, tmp_path):
+    from seamlm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="coupling_precision=tf32 needs a CUDA device"):
+        _trainer(tokenizer, streams, tmp_path, coupling_precision="tf32")

@@ -48,6 +48,12 @@ class DefenseConfig(BaseConfig):
     """Autocast dtype of the L_ul and L_up passes. Parameters, perturbations and the coupling's gradients
     (g_a, g_b and their perturbed versions) stay float32: the bf16 precision trap. ``auto`` = float32 on CPU,
     bfloat16 on CUDA."""
+    coupling_precision: Literal["ieee", "tf32"] = "ieee"
+    """Matmul precision of the four float32 coupling passes (g_a, g_b and their recomputations at θ + εδ).
+    ``ieee``: full float32, whatever the process set — the estimate's error is then the O(ε) of the method.
+    ``tf32``: TensorFloat-32 on Ampere and later GPUs, several times faster but with a 10-bit mantissa, so the
+    difference g(θ + εδ) − g(θ) carries a rounding error ∝ 1/ε: raise ε with it (docs/gpu.md has the measured
+    error against ε). No effect on CPU, where it is refused."""
     seed: int = 42
     """Seeds data order and every RNG."""
     output_dir: str = "runs/defend"

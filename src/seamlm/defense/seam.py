@@ -40,13 +40,13 @@ from seamlm.defense.config import RESUME_SAFE_KEYS, DefenseConfig
 from seamlm.defense.coupling import (
     ShardedFlatParams,
     cosine,
+    float32_matmul,
     hessian_free_cos_grad,
-    ieee_float32_matmul,
     make_flat_params,
 )
 from seamlm.defense.losses import answer_ce, harmful_forward, unlearn_loss
 from seamlm.distributed import DistContext, current_context
-from seamlm.errors import CheckpointError, DataError, NonFiniteLossError
+from seamlm.errors import CheckpointError, ConfigError, DataError, NonFiniteLossError
 from seamlm.models import save_model
 from seamlm.runinfo import environment_info, fingerprint
 
@@ -126,6 +126,9 @@ class SEAMTrainer:
             log.warning("trainable parameters are %s; keeping float32 master weights", self.params[0].dtype)
             for p in self.params:
                 p.data = p.data.float()
+        if config.coupling_precision == "tf32" and self.device.type != "cuda":
+            raise ConfigError(f"coupling_precision=tf32 needs a CUDA device (the model is on {self.device}); "
+                              "TF32 does not exist there: use coupling_precision=ieee")
         if config.shard_gradients and not self.ctx.distributed:
             log.warning("shard_gradients has no effect in a single process: the full gradient buffers are used")
         self.flat = make_flat_params(self.params, self.ctx, sharded=config.shard_gradients)
@@ -186,9 +189,9 @@ class SEAMTrainer:
     def compute_update(self, step: int) -> dict[str, Any]:
         """Fill ``self.total`` with ∇L_ul + α∇L_up + β∇̂L_sd for ``step``; return the step's statistics.
 
-        float32 matmuls run at IEEE precision for the whole step (g_a, g_b and their perturbed recomputations
-        must share one precision, and TF32 would drown the difference); bf16/fp16 autocast is unaffected."""
-        with ieee_float32_matmul():
+        float32 matmuls run at ``coupling_precision`` for the whole step (g_a, g_b and their perturbed
+        recomputations must share one precision; TF32 unasked would drown the difference); autocast is unaffected."""
+        with float32_matmul(self.config.coupling_precision):
             return self._compute_update(step)
 
     def _compute_update(self, step: int) -> dict[str, Any]:
@@ -242,6 +245,7 @@ class SEAMTrainer:
                 grad_a=lambda buf: self._accumulate_ce(h_batches, buf, mixed=False),
                 grad_b=lambda buf: self._accumulate_ce(b_batches, buf, mixed=False),
                 eps=cfg.epsilon, out=self.total, scale=cfg.beta, scratch=self._scratch, backup=self._backup,
+                precision=cfg.coupling_precision,
             )
         else:
             stats = cosine(self.g_a, self.g_b, self.flat)
