@@ -54,3 +54,54 @@ def test_task_items_are_seeded_and_well_formed():
     assert mmlu.context(0).startswith("The following are multiple choice questions (with answers) about ")
     with pytest.raises(DataError, match="unknown zero-shot task"):
         task_items("nope", 1)
+
+
+_LM_EVAL_TASK = """task: seamlm_fixture_arc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{context}}}}"
+doc_to_choice: choices
+doc_to_target: gold
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+"""
+
+
+def test_built_in_scorer_agrees_with_lm_eval_itself(tokenizer, tmp_path, monkeypatch):
+    """The lm-eval adapter on a local task (offline: dataset_path json) and the built-in evaluator on the same
+    ARC-Easy items give the same acc and acc_norm."""
+    pytest.importorskip("lm_eval")
+    import json
+
+    from seamlm.evaluate.zeroshot import run_lm_eval
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    items = task_items("arc_easy", 40, seed=3)
+    data = tmp_path / "items.jsonl"
+    data.write_text("".join(json.dumps({"context": it.context(0), "choices": list(it.choices), "gold": it.gold}) + "\n"
+                            for it in items))
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "fixture.yaml").write_text(_LM_EVAL_TASK.format(data=data))
+    model = make_model(len(tokenizer), seed=4).eval()
+    ours = score_items(items, choice_loglikelihoods(model, tokenizer, items, batch_size=4))
+    theirs = run_lm_eval(model, tokenizer, ["seamlm_fixture_arc"], batch_size=4, include_path=tmp_path / "tasks")
+    got = theirs["seamlm_fixture_arc"]
+    assert got["acc,none"] == pytest.approx(ours["acc"]) and got["acc_norm,none"] == pytest.approx(ours["acc_norm"])
+    assert ours["acc"] != ours["acc_norm"]  # the two rules disagree on these items, so both were compared
+
+
+def test_lm_eval_adapter_names_unknown_tasks(tokenizer, tmp_path):
+    pytest.importorskip("lm_eval")
+    from seamlm.evaluate.zeroshot import run_lm_eval
+
+    with pytest.raises(DataError, match="does not know the task"):
+        run_lm_eval(make_model(len(tokenizer)), tokenizer, ["no_such_task_xyz"], include_path=tmp_path)
+    with pytest.raises(DataError, match="does not exist"):
+        run_lm_eval(make_model(len(tokenizer)), tokenizer, ["x"], include_path=tmp_path / "missing")

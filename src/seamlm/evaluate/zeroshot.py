@@ -12,6 +12,7 @@ import random
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -208,14 +209,25 @@ def evaluate_zero_shot(model: Any, tokenizer: Any, tasks: tuple[str, ...], limit
 
 
 def run_lm_eval(model: Any, tokenizer: Any, tasks: list[str], limit: int | None = None,
-                batch_size: int = 8) -> dict[str, Any]:
-    """Run lm-evaluation-harness's ``simple_evaluate`` on an already loaded model (needs ``lm_eval`` and its task
-    data, usually from the Hub)."""
+                batch_size: int = 8, include_path: str | Path | None = None) -> dict[str, Any]:
+    """Run lm-evaluation-harness's ``simple_evaluate`` on an already loaded model; returns its ``results``.
+
+    ``tasks`` are lm-eval task names: its own (their data usually come from the Hub) or tasks defined by YAML files
+    under ``include_path`` — e.g. a ``dataset_path: json`` task over local files, which runs offline.
+    """
     try:
         from lm_eval import simple_evaluate
         from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
     except ImportError as exc:
         raise DataError("run_lm_eval needs lm-evaluation-harness: pip install lm_eval (and Hub access for its "
                         "task data); the built-in evaluate_zero_shot works offline") from exc
+    if include_path is not None and not Path(include_path).exists():
+        raise DataError(f"lm-eval include_path {include_path} does not exist: give the folder of your task YAMLs")
+    manager = TaskManager(include_path=str(include_path) if include_path is not None else None)
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        raise DataError(f"lm-eval does not know the task(s) {', '.join(unknown)}; check the names "
+                        "(`lm_eval --tasks list`) or the YAMLs under include_path")
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    return simple_evaluate(model=lm, tasks=tasks, limit=limit)["results"]
+    return simple_evaluate(model=lm, tasks=tasks, limit=limit, task_manager=manager)["results"]
