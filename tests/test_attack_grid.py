@@ -120,3 +120,24 @@ def test_changed_settings_do_not_reuse_old_cells(tiny_model_dir, bundle, tmp_pat
     with pytest.raises(DataError, match="made with other settings"):
         evaluate_pre_attack(str(tiny_model_dir), "tiny", "none", bundle, EVAL.replace(hs_prompts=2), KeywordJudge(),
                             tmp_path, store)
+
+
+def test_lm_eval_tasks_add_rows_and_leave_older_results_resumable(tiny_model_dir, bundle, tmp_path, monkeypatch):
+    """An lm-eval task (local YAML, offline) adds an ``lmeval_<task>`` row; with no lm-eval task the settings
+    digest is the one of a config without those fields, so results from before them still resume."""
+    pytest.importorskip("lm_eval")
+    from tests.test_zeroshot import write_lm_eval_task
+
+    assert "lm_eval_tasks" not in EVAL.settings_dict() and "zs_tasks" in EVAL.settings_dict()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    tasks = write_lm_eval_task(tmp_path, n=6)
+    ev = EVAL.replace(lm_eval_tasks=("seamlm_fixture_arc",), lm_eval_include_path=str(tasks))
+    assert ev.settings_dict()["lm_eval_tasks"] == ["seamlm_fixture_arc"]
+    store = ResultStore(tmp_path / "results.jsonl")
+    evaluate_pre_attack(str(tiny_model_dir), "tiny", "none", bundle, ev, KeywordJudge(), tmp_path, store)
+    rows = {r.metric: r.value for r in store.rows()}
+    assert 0 <= rows["lmeval_seamlm_fixture_arc"] <= 100 and "zs_arc_easy" in rows
+    with pytest.raises(ConfigError, match="lm_eval_tasks is empty"):
+        EVAL.replace(lm_eval_include_path=str(tasks))

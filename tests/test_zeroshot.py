@@ -72,26 +72,34 @@ metric_list:
 """
 
 
+def write_lm_eval_task(folder, n: int, seed: int = 3):
+    """An lm-eval task YAML ``seamlm_fixture_arc`` over ``n`` offline ARC-Easy items (local JSONL) in
+    ``folder/tasks``; returns that folder."""
+    import json
+
+    items = task_items("arc_easy", n, seed=seed)
+    data = folder / "items.jsonl"
+    data.write_text("".join(json.dumps({"context": it.context(0), "choices": list(it.choices), "gold": it.gold}) + "\n"
+                            for it in items))
+    (folder / "tasks").mkdir(exist_ok=True)
+    (folder / "tasks" / "fixture.yaml").write_text(_LM_EVAL_TASK.format(data=data))
+    return folder / "tasks"
+
+
 def test_built_in_scorer_agrees_with_lm_eval_itself(tokenizer, tmp_path, monkeypatch):
     """The lm-eval adapter on a local task (offline: dataset_path json) and the built-in evaluator on the same
     ARC-Easy items give the same acc and acc_norm."""
     pytest.importorskip("lm_eval")
-    import json
-
     from seamlm.evaluate.zeroshot import run_lm_eval
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    tasks = write_lm_eval_task(tmp_path, n=40)
     items = task_items("arc_easy", 40, seed=3)
-    data = tmp_path / "items.jsonl"
-    data.write_text("".join(json.dumps({"context": it.context(0), "choices": list(it.choices), "gold": it.gold}) + "\n"
-                            for it in items))
-    (tmp_path / "tasks").mkdir()
-    (tmp_path / "tasks" / "fixture.yaml").write_text(_LM_EVAL_TASK.format(data=data))
     model = make_model(len(tokenizer), seed=4).eval()
     ours = score_items(items, choice_loglikelihoods(model, tokenizer, items, batch_size=4))
-    theirs = run_lm_eval(model, tokenizer, ["seamlm_fixture_arc"], batch_size=4, include_path=tmp_path / "tasks")
+    theirs = run_lm_eval(model, tokenizer, ["seamlm_fixture_arc"], batch_size=4, include_path=tasks)
     got = theirs["seamlm_fixture_arc"]
     assert got["acc,none"] == pytest.approx(ours["acc"]) and got["acc_norm,none"] == pytest.approx(ours["acc_norm"])
     assert ours["acc"] != ours["acc_norm"]  # the two rules disagree on these items, so both were compared

@@ -74,7 +74,7 @@ def evaluate_pre_attack(model_name: str, label: str, defense: str, bundle: Bundl
     Under several processes rank 0 evaluates and the others wait."""
     ctx = ctx or DistContext()
     digest = manifest_digest(bundle)
-    settings = settings_digest(model=model_name, eval=eval_cfg.to_dict(), judge=judge.name, data=digest)
+    settings = settings_digest(model=model_name, eval=eval_cfg.settings_dict(), judge=judge.name, data=digest)
     if store.done(label, "pre", settings):
         log.info("%s / pre: already in %s, skipped", label, store.path)
         return False
@@ -145,7 +145,7 @@ def attack_cell(model_name: str, label: str, defense: str, bundle: BundleData, r
     cell = cell or cell_key(run_cfg, recipe, len(data.harmful))
     cell_eval = eval_cfg.replace(prompt_template=train_cfg.prompt_template)
     digest = manifest_digest(bundle)
-    settings = settings_digest(model=model_name, eval=cell_eval.to_dict(), judge=judge.name, data=digest,
+    settings = settings_digest(model=model_name, eval=cell_eval.settings_dict(), judge=judge.name, data=digest,
                                recipe=recipe.describe(), train=train_cfg.to_dict() if recipe.trains else None,
                                samples=len(data.harmful))
     if store.done(label, cell, settings):

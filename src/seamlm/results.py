@@ -13,7 +13,8 @@ from typing import Any
 from seamlm.errors import DataError
 from seamlm.runinfo import package_versions
 
-#: metric -> unit. Zero-shot per-task metrics are ``zs_<task>`` (accuracy, %).
+#: metric -> unit. Zero-shot per-task metrics are ``zs_<task>`` (built-in) and ``lmeval_<task>`` (lm-eval's
+#: acc), accuracy in %.
 METRICS = {
     "hs": "%", "hs_binary": "%", "refusal_rate": "%", "zs_mean": "%", "zs_mean_norm": "%", "zs_chance": "%",
     "coherence_ppl": "perplexity", "coupling_cos": "cosine", "coupling_slope": "nats/step", "fs_accuracy": "%", "attack_final_loss": "nats", "attack_first_loss": "nats",
@@ -21,7 +22,7 @@ METRICS = {
 
 
 def known_metric(name: str) -> bool:
-    return name in METRICS or name.startswith("zs_")
+    return name in METRICS or name.startswith(("zs_", "lmeval_"))
 
 
 @dataclass
@@ -49,7 +50,7 @@ class ResultRow:
 
     def validate(self) -> None:
         if not known_metric(self.metric):
-            raise DataError(f"unknown metric '{self.metric}' (known: {', '.join(METRICS)}, zs_<task>)")
+            raise DataError(f"unknown metric '{self.metric}' (known: {', '.join(METRICS)}, zs_<task>, lmeval_<task>)")
         if not isinstance(self.value, (int, float)) or isinstance(self.value, bool):
             raise DataError(f"metric {self.metric}: value must be a number, got {self.value!r}")
         if math.isnan(self.value) and self.attack.get("status") != "diverged":

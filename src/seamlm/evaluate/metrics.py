@@ -42,6 +42,12 @@ class EvalConfig(BaseConfig):
     """Items per task, a seeded subsample (0 = all)."""
     zs_batch_size: int = 16
     """Sequences per zero-shot batch."""
+    lm_eval_tasks: tuple[str, ...] = ()
+    """Also run these lm-evaluation-harness tasks on the model (needs ``pip install lm_eval``; their data come
+    from the Hub unless the tasks are defined under ``lm_eval_include_path``); each adds ``lmeval_<task>`` = acc
+    (%), over ``zs_limit`` items per task (0 = all)."""
+    lm_eval_include_path: str = ""
+    """A folder of lm-eval task YAMLs (e.g. ``dataset_path: json`` tasks over local files, which run offline)."""
     coherence_examples: int = 100
     """Held-out benign answers for the perplexity figure (0 = skip)."""
     coupling_examples: int = 16
@@ -67,6 +73,20 @@ class EvalConfig(BaseConfig):
         if min(self.hs_prompts, self.zs_limit, self.coherence_examples, self.coupling_examples, self.fs_train, self.fs_test) < 0:
             raise ConfigError("sizes must be >= 0")
         check_template(self.prompt_template)
+        if self.lm_eval_include_path and not self.lm_eval_tasks:
+            raise ConfigError("lm_eval_include_path is set but lm_eval_tasks is empty: name the tasks to run")
+
+    #: Fields that only add metrics when set: left at their default they change no number, so they stay out of
+    #: the results' settings digest and results made before the field existed still resume.
+    ADD_ON_FIELDS = ("lm_eval_tasks", "lm_eval_include_path")
+
+    def settings_dict(self) -> dict[str, Any]:
+        """The fields that made the numbers, for the results' settings digest."""
+        d, default = self.to_dict(), type(self)().to_dict()
+        for name in self.ADD_ON_FIELDS:
+            if d[name] == default[name]:
+                d.pop(name)
+        return d
 
 
 def harmfulness(model: Any, tokenizer: Any, prompts: list[str], judge: Judge, max_new_tokens: int = 50,

@@ -18,7 +18,7 @@ from seamlm.evaluate.metrics import (
     harmfulness,
     sample_prompts,
 )
-from seamlm.evaluate.zeroshot import evaluate_zero_shot
+from seamlm.evaluate.zeroshot import evaluate_zero_shot, run_lm_eval
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,14 @@ def evaluate_model(model: Any, tokenizer: Any, bundle: BundleData, cfg: EvalConf
             out[f"zs_{task}"] = 100 * zs[task]["acc"]
         out.update(zs_mean=100 * zs["mean"]["acc"], zs_mean_norm=100 * zs["mean"]["acc_norm"],
                    zs_chance=100 * zs["mean"]["chance"])
+    if cfg.lm_eval_tasks:
+        results = run_lm_eval(model, tokenizer, list(cfg.lm_eval_tasks), cfg.zs_limit or None, cfg.zs_batch_size,
+                              cfg.lm_eval_include_path or None)
+        for task in cfg.lm_eval_tasks:
+            if "acc,none" not in results.get(task, {}):
+                raise ConfigError(f"lm-eval task {task} reports no acc metric ({sorted(results.get(task, {}))}); "
+                                  "lm_eval_tasks takes multiple-choice tasks scored by acc")
+            out[f"lmeval_{task}"] = 100 * results[task]["acc,none"]
     if cfg.coherence_examples:
         out["coherence_ppl"] = benign_perplexity(model, tokenizer, bundle.streams["benign_heldout"][: cfg.coherence_examples])
     if cfg.coupling_examples:
