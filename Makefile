@@ -40,3 +40,5 @@ bench: setup
 	$(PY) benchmarks/step_cost.py
 	$(PY) benchmarks/generation_throughput.py
 	$(PY) benchmarks/distributed_step.py
+	$(PY) benchmarks/recipe_step_cost.py
+	$(PY) benchmarks/coupling_precision.py
