@@ -238,7 +238,9 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--modes", nargs="+", default=MODES, choices=MODES)
+    ap.add_argument("--modes", nargs="+", default=MODES, choices=MODES,
+                    help="reference-logit_lens is the CPU comparison: on CUDA it runs in plain float32 (no autocast, "
+                         "no --coupling-precision), so it does not compare with the other modes there")
     ap.add_argument("--json", help="also write the results to this JSON file")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()

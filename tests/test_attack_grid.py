@@ -134,7 +134,10 @@ def test_lm_eval_tasks_add_rows_and_leave_older_results_resumable(tiny_model_dir
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     tasks = write_lm_eval_task(tmp_path, n=6)
     ev = EVAL.replace(lm_eval_tasks=("seamlm_fixture_arc",), lm_eval_include_path=str(tasks))
-    assert ev.settings_dict()["lm_eval_tasks"] == ["seamlm_fixture_arc"]
+    settings = ev.settings_dict()
+    assert settings["lm_eval_tasks"] == ["seamlm_fixture_arc"] and settings["lm_eval_version"]
+    (tasks / "fixture.yaml").write_text((tasks / "fixture.yaml").read_text() + "\n")
+    assert ev.settings_dict()["lm_eval_include_digest"] != settings["lm_eval_include_digest"]  # an edited task
     store = ResultStore(tmp_path / "results.jsonl")
     evaluate_pre_attack(str(tiny_model_dir), "tiny", "none", bundle, ev, KeywordJudge(), tmp_path, store)
     rows = {r.metric: r.value for r in store.rows()}

@@ -29,42 +29,37 @@ from seamlm.distributed import DistContext
 @contextmanager
 def float32_matmul(precision: str = "ieee") -> Iterator[None]:
     """Inside: float32 matmuls at ``precision`` — ``ieee`` (full float32) or ``tf32`` (TensorFloat-32 on CUDA) —
-    whatever the process set; the setting is restored on exit.
+    whatever the process set; the process's setting is restored exactly on exit.
 
     Why ``ieee`` by default: with ‖δ‖ = 1 each coordinate of θ moves by about ε/√n, so g(θ + εδ) − g(θ) is a
     relative change far below TF32's 10-bit mantissa (relative error ≈ 1e-3): with TF32 on —
-    ``torch.set_float32_matmul_precision("high")`` is a common default on Ampere and later — the difference would be
-    rounding noise (measured on an H200: 3 % → 11 % relative error at ε = 1e-3). Only the API the process already
-    uses is touched (mixing torch's legacy and new precision APIs makes later reads of either raise), and nothing is
-    touched when the precision is already the one asked for.
+    ``torch.set_float32_matmul_precision("high")`` or ``allow_tf32 = True``, common on Ampere and later (accelerate
+    sets the latter) — the difference would be rounding noise (measured on an H200: 0.3 % → 11 % relative error at
+    ε = 1e-3). On torch ≥ 2.9 the per-backend settings (CUDA, oneDNN) are saved and written back as they were (the
+    legacy getter folds them into one value, so restoring through it would not be exact); older torch has only the
+    legacy API.
     """
     if precision not in ("ieee", "tf32"):
         raise ValueError(f"float32 matmul precision must be 'ieee' or 'tf32', not {precision!r}")
-    try:
-        legacy = torch.get_float32_matmul_precision()  # raises once the new per-backend API has been used
-    except RuntimeError:
-        legacy = None
-    if legacy is not None:
-        wanted = "highest" if precision == "ieee" else "high"
-        if legacy == wanted:
-            yield
-            return
-        torch.set_float32_matmul_precision(wanted)
+    cuda_matmul = torch.backends.cuda.matmul
+    if not hasattr(cuda_matmul, "fp32_precision"):  # torch < 2.9
+        saved_legacy = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("highest" if precision == "ieee" else "high")
         try:
             yield
         finally:
-            torch.set_float32_matmul_precision(legacy)
+            torch.set_float32_matmul_precision(saved_legacy)
         return
-    # the new API: TF32 exists on CUDA only; CPU (oneDNN) matmuls stay IEEE either way
-    backends = {torch.backends.cuda.matmul: precision, torch.backends.mkldnn.matmul: "ieee"}
-    saved = {b: b.fp32_precision for b in backends}
-    for b, value in backends.items():
-        b.fp32_precision = value
+    # TF32 exists on CUDA only; CPU (oneDNN) matmuls stay IEEE either way
+    wanted = {cuda_matmul: precision, torch.backends.mkldnn.matmul: "ieee"}
+    saved = {backend: backend.fp32_precision for backend in wanted}
     try:
+        for backend, value in wanted.items():
+            backend.fp32_precision = value
         yield
     finally:
-        for b, value in saved.items():
-            b.fp32_precision = value
+        for backend, value in saved.items():
+            backend.fp32_precision = value
 
 
 #: A function that accumulates a gradient (at the model's current parameters) into the given flat buffer.

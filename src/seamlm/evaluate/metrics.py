@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 import random
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -45,9 +47,12 @@ class EvalConfig(BaseConfig):
     lm_eval_tasks: tuple[str, ...] = ()
     """Also run these lm-evaluation-harness tasks on the model (needs ``pip install lm_eval``; their data come
     from the Hub unless the tasks are defined under ``lm_eval_include_path``); each adds ``lmeval_<task>`` = acc
-    (%), over ``zs_limit`` items per task (0 = all)."""
+    (%). Multiple-choice tasks or groups scored by acc; name a tag's member tasks."""
     lm_eval_include_path: str = ""
     """A folder of lm-eval task YAMLs (e.g. ``dataset_path: json`` tasks over local files, which run offline)."""
+    lm_eval_limit: int = 0
+    """lm-eval's own ``limit``: the *first* N documents of each task (lm-eval: for testing only), not a seeded
+    subsample; 0 = the whole task, comparable with published scores."""
     coherence_examples: int = 100
     """Held-out benign answers for the perplexity figure (0 = skip)."""
     coupling_examples: int = 16
@@ -70,7 +75,7 @@ class EvalConfig(BaseConfig):
     def validate(self) -> None:
         if self.max_new_tokens < 1 or self.gen_batch_size < 1 or self.zs_batch_size < 1:
             raise ConfigError("max_new_tokens, gen_batch_size and zs_batch_size must be >= 1")
-        if min(self.hs_prompts, self.zs_limit, self.coherence_examples, self.coupling_examples, self.fs_train, self.fs_test) < 0:
+        if min(self.hs_prompts, self.zs_limit, self.lm_eval_limit, self.coherence_examples, self.coupling_examples, self.fs_train, self.fs_test) < 0:
             raise ConfigError("sizes must be >= 0")
         check_template(self.prompt_template)
         if self.lm_eval_include_path and not self.lm_eval_tasks:
@@ -78,14 +83,27 @@ class EvalConfig(BaseConfig):
 
     #: Fields that only add metrics when set: left at their default they change no number, so they stay out of
     #: the results' settings digest and results made before the field existed still resume.
-    ADD_ON_FIELDS = ("lm_eval_tasks", "lm_eval_include_path")
+    ADD_ON_FIELDS = ("lm_eval_tasks", "lm_eval_include_path", "lm_eval_limit")
 
     def settings_dict(self) -> dict[str, Any]:
-        """The fields that made the numbers, for the results' settings digest."""
+        """The fields that made the numbers, for the results' settings digest; with lm-eval tasks also its version
+        and a digest of the task YAMLs under ``lm_eval_include_path`` (an edited local task is a new setting)."""
         d, default = self.to_dict(), type(self)().to_dict()
         for name in self.ADD_ON_FIELDS:
             if d[name] == default[name]:
                 d.pop(name)
+        if self.lm_eval_tasks:
+            from importlib.metadata import PackageNotFoundError, version
+
+            try:
+                d["lm_eval_version"] = version("lm_eval")
+            except PackageNotFoundError:
+                d["lm_eval_version"] = None
+        if self.lm_eval_include_path:
+            folder = Path(self.lm_eval_include_path)
+            files = sorted(folder.rglob("*.yaml")) if folder.is_dir() else []
+            d["lm_eval_include_digest"] = hashlib.sha256(
+                b"".join(f.relative_to(folder).as_posix().encode() + f.read_bytes() for f in files)).hexdigest()[:16]
         return d
 
 

@@ -43,12 +43,14 @@ def evaluate_model(model: Any, tokenizer: Any, bundle: BundleData, cfg: EvalConf
         out.update(zs_mean=100 * zs["mean"]["acc"], zs_mean_norm=100 * zs["mean"]["acc_norm"],
                    zs_chance=100 * zs["mean"]["chance"])
     if cfg.lm_eval_tasks:
-        results = run_lm_eval(model, tokenizer, list(cfg.lm_eval_tasks), cfg.zs_limit or None, cfg.zs_batch_size,
-                              cfg.lm_eval_include_path or None)
+        results = run_lm_eval(model, tokenizer, list(cfg.lm_eval_tasks), cfg.lm_eval_limit or None,
+                              cfg.zs_batch_size, cfg.lm_eval_include_path or None)
         for task in cfg.lm_eval_tasks:
             if "acc,none" not in results.get(task, {}):
-                raise ConfigError(f"lm-eval task {task} reports no acc metric ({sorted(results.get(task, {}))}); "
-                                  "lm_eval_tasks takes multiple-choice tasks scored by acc")
+                got = sorted(results.get(task, {})) or f"nothing; results came for {sorted(results)}"
+                raise ConfigError(f"lm-eval task {task} reported no acc (it reported {got}). lm_eval_tasks takes "
+                                  "multiple-choice tasks or groups scored by acc; a tag's results come under its "
+                                  "member tasks: name those")
             out[f"lmeval_{task}"] = 100 * results[task]["acc,none"]
     if cfg.coherence_examples:
         out["coherence_ppl"] = benign_perplexity(model, tokenizer, bundle.streams["benign_heldout"][: cfg.coherence_examples])
