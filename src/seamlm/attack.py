@@ -148,9 +148,10 @@ def attack_cell(model_name: str, label: str, defense: str, bundle: BundleData, r
     settings = settings_digest(model=model_name, eval=cell_eval.settings_dict(), judge=judge.name, data=digest,
                                recipe=recipe.describe(), train=train_cfg.to_dict() if recipe.trains else None,
                                samples=len(data.harmful))
-    if store.done(label, cell, settings):
+    finished = store.cell_rows(label, cell, settings)
+    if finished:
         log.info("%s / %s: already in %s, skipped", label, cell, store.path)
-        return CellOutcome(cell, {r.metric: r.value for r in store.rows() if r.model == label and r.cell == cell}, False)
+        return CellOutcome(cell, {r.metric: r.value for r in finished}, False)
     cell_dir = out / "attacks" / label / cell
     if ctx.is_main:
         cell_dir.mkdir(parents=True, exist_ok=True)

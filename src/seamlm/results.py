@@ -109,8 +109,8 @@ class ResultStore:
             out.append(row)
         return out
 
-    def done(self, model: str, cell: str, settings: str | None = None) -> bool:
-        """Whether ``cell`` of ``model`` is in the store. Rows of that cell made with other ``settings`` are an
+    def cell_rows(self, model: str, cell: str, settings: str | None = None) -> list[ResultRow]:
+        """The rows of ``cell`` of ``model`` (empty: not done). Rows of that cell made with other ``settings`` are an
         error: silently reusing them would report numbers for a configuration that was never run."""
         found = [r for r in self.rows() if r.model == model and r.cell == cell]
         if settings is not None and any(r.settings != settings for r in found):
@@ -118,4 +118,8 @@ class ResultStore:
                 f"{self.path} already holds cell '{cell}' of model '{model}' made with other settings (data, model "
                 f"path, evaluation or attack options changed). Use another --out or --label, or remove those rows."
             )
-        return bool(found)
+        return found
+
+    def done(self, model: str, cell: str, settings: str | None = None) -> bool:
+        """Whether ``cell`` of ``model`` is in the store (see :meth:`cell_rows`)."""
+        return bool(self.cell_rows(model, cell, settings))
