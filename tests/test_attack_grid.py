@@ -113,13 +113,26 @@ def test_changed_settings_do_not_reuse_old_cells(tiny_model_dir, bundle, tmp_pat
     assert second[0].startswith(first[0] + "-h")
     # ... while other evaluation settings for an existing cell are an error, not a silent reuse
     cfg = AttackConfig(learning_rates=(1e-4,), num_samples=4, batch_size=2)
-    with pytest.raises(DataError, match="made with other settings"):
+    # the error names what changed (from the settings record kept next to the results)
+    with pytest.raises(DataError, match=r"made with other settings \(eval\.hs_prompts: 3 → 2\)"):
         run_attack_grid(str(tiny_model_dir), "tiny", "none", bundle, cfg, EVAL.replace(hs_prompts=2), KeywordJudge(),
                         tmp_path, store)
     evaluate_pre_attack(str(tiny_model_dir), "tiny", "none", bundle, EVAL, KeywordJudge(), tmp_path, store)
-    with pytest.raises(DataError, match="made with other settings"):
+    with pytest.raises(DataError, match=r"other settings \(eval\.judge: 'keyword' → 'minilm'; judge: 'keyword' → 'x'\)"):
+        evaluate_pre_attack(str(tiny_model_dir), "tiny", "none", bundle, EVAL.replace(judge="minilm"), _Named("x"),
+                            tmp_path, store)
+    # rows from before the settings records: the error says the change is unknown rather than guessing
+    for f in store.settings_dir.iterdir():
+        f.unlink()
+    with pytest.raises(DataError, match="predate seamlm's settings records"):
         evaluate_pre_attack(str(tiny_model_dir), "tiny", "none", bundle, EVAL.replace(hs_prompts=2), KeywordJudge(),
                             tmp_path, store)
+
+
+class _Named(KeywordJudge):
+    def __init__(self, name):
+        super().__init__()
+        self.name = name
 
 
 def test_lm_eval_tasks_add_rows_and_leave_older_results_resumable(tiny_model_dir, bundle, tmp_path, monkeypatch):

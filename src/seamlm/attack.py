@@ -74,8 +74,9 @@ def evaluate_pre_attack(model_name: str, label: str, defense: str, bundle: Bundl
     Under several processes rank 0 evaluates and the others wait."""
     ctx = ctx or DistContext()
     digest = manifest_digest(bundle)
-    settings = settings_digest(model=model_name, eval=eval_cfg.settings_dict(), judge=judge.name, data=digest)
-    if store.done(label, "pre", settings):
+    parts = dict(model=model_name, eval=eval_cfg.settings_dict(), judge=judge.name, data=digest)
+    settings = settings_digest(**parts)
+    if store.cell_rows(label, "pre", settings, parts):
         log.info("%s / pre: already in %s, skipped", label, store.path)
         return False
     if not ctx.is_main:
@@ -85,6 +86,7 @@ def evaluate_pre_attack(model_name: str, label: str, defense: str, bundle: Bundl
     values = evaluate_model(model, tok, bundle, eval_cfg, judge, Path(out_dir) / "samples" / label / "pre.jsonl")
     store.append(_rows(values, dict(model=label, defense=defense, cell="pre", seed=eval_cfg.seed,
                                     data_manifest=digest, settings=settings), judge))
+    store.record_settings(settings, parts)
     ctx.barrier()
     return True
 
@@ -145,10 +147,11 @@ def attack_cell(model_name: str, label: str, defense: str, bundle: BundleData, r
     cell = cell or cell_key(run_cfg, recipe, len(data.harmful))
     cell_eval = eval_cfg.replace(prompt_template=train_cfg.prompt_template)
     digest = manifest_digest(bundle)
-    settings = settings_digest(model=model_name, eval=cell_eval.settings_dict(), judge=judge.name, data=digest,
-                               recipe=recipe.describe(), train=train_cfg.to_dict() if recipe.trains else None,
-                               samples=len(data.harmful))
-    finished = store.cell_rows(label, cell, settings)
+    parts = dict(model=model_name, eval=cell_eval.settings_dict(), judge=judge.name, data=digest,
+                 recipe=recipe.describe(), train=train_cfg.to_dict() if recipe.trains else None,
+                 samples=len(data.harmful))
+    settings = settings_digest(**parts)
+    finished = store.cell_rows(label, cell, settings, parts)
     if finished:
         log.info("%s / %s: already in %s, skipped", label, cell, store.path)
         return CellOutcome(cell, {r.metric: r.value for r in finished}, False)
@@ -186,6 +189,7 @@ def attack_cell(model_name: str, label: str, defense: str, bundle: BundleData, r
     attack.update(meta or {})
     store.append(_rows(values, dict(model=label, defense=defense, cell=cell, seed=run_cfg.seed, attack=attack,
                                     data_manifest=digest, settings=settings), judge))
+    store.record_settings(settings, parts)
     ctx.barrier()
     return CellOutcome(cell, values, True)
 

@@ -61,6 +61,16 @@ class ResultRow:
             raise DataError("HS rows must name their judge")
 
 
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 class ResultStore:
     """``results.jsonl``: one JSON row per line, appended cell by cell (one write per cell)."""
 
@@ -109,16 +119,45 @@ class ResultStore:
             out.append(row)
         return out
 
-    def cell_rows(self, model: str, cell: str, settings: str | None = None) -> list[ResultRow]:
+    def cell_rows(self, model: str, cell: str, settings: str | None = None,
+                  parts: dict[str, Any] | None = None) -> list[ResultRow]:
         """The rows of ``cell`` of ``model`` (empty: not done). Rows of that cell made with other ``settings`` are an
-        error: silently reusing them would report numbers for a configuration that was never run."""
+        error: silently reusing them would report numbers for a configuration that was never run. With ``parts``
+        (what ``settings`` digests) the error names what changed, from the record :meth:`record_settings` kept."""
         found = [r for r in self.rows() if r.model == model and r.cell == cell]
-        if settings is not None and any(r.settings != settings for r in found):
+        other = next((r.settings for r in found if settings is not None and r.settings != settings), None)
+        if other is not None:
             raise DataError(
-                f"{self.path} already holds cell '{cell}' of model '{model}' made with other settings (data, model "
-                f"path, evaluation or attack options changed). Use another --out or --label, or remove those rows."
+                f"{self.path} already holds cell '{cell}' of model '{model}' made with other settings"
+                f"{self._what_changed(other, parts)}. Use another --out or --label, remove those rows, or (seamlm "
+                "demo) rerun with --fresh."
             )
         return found
+
+    @property
+    def settings_dir(self) -> Path:
+        """Where the parts of each settings digest are kept (``<results stem>.settings/<digest>.json``)."""
+        return self.path.with_name(self.path.stem + ".settings")
+
+    def record_settings(self, digest: str, parts: dict[str, Any]) -> None:
+        """Keep what ``digest`` was made of, so a later mismatch can say what changed."""
+        path = self.settings_dir / f"{digest}.json"
+        if not path.exists():
+            self.settings_dir.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(parts, indent=1, sort_keys=True, default=str), encoding="utf-8")
+
+    def _what_changed(self, old_digest: str | None, parts: dict[str, Any] | None) -> str:
+        path = self.settings_dir / f"{old_digest}.json"
+        if parts is None:
+            return " (data, model path, evaluation or attack options changed)"
+        if not path.is_file():
+            return " (which ones is not recorded: the rows predate seamlm's settings records)"
+        old = _flatten(json.loads(path.read_text(encoding="utf-8")))
+        new = _flatten(json.loads(json.dumps(parts, default=str)))
+        changed = [f"{k}: {old.get(k, '(absent)')!r} → {new.get(k, '(absent)')!r}"
+                   for k in sorted(set(old) | set(new)) if old.get(k, "(absent)") != new.get(k, "(absent)")]
+        more = f"; and {len(changed) - 6} more" if len(changed) > 6 else ""
+        return f" ({'; '.join(changed[:6])}{more})"
 
     def done(self, model: str, cell: str, settings: str | None = None) -> bool:
         """Whether ``cell`` of ``model`` is in the store (see :meth:`cell_rows`)."""
