@@ -23,10 +23,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tests.conftest import make_tokenizer  # noqa: E402
+from tests.test_coupling import estimate, exact_cos_grad  # noqa: E402
 
 from seamlm.data import Formatter, collate, load_examples  # noqa: E402
-from seamlm.defense.coupling import FlatParams, float32_matmul, hessian_free_cos_grad  # noqa: E402
-from seamlm.defense.losses import answer_ce  # noqa: E402
+from seamlm.defense.coupling import float32_matmul  # noqa: E402
 
 DATA = ROOT / "examples" / "data"
 
@@ -41,37 +41,16 @@ def _model(vocab: int, hidden: int, layers: int, device: str):
     return LlamaForCausalLM(cfg).to(device=device, dtype=torch.float64).eval()
 
 
-def _flat_grad(model, batch, create_graph: bool = False):
-    params = [p for p in model.parameters() if p.requires_grad]
-    return torch.cat([g.reshape(-1) for g in torch.autograd.grad(answer_ce(model, batch), params,
-                                                                  create_graph=create_graph)])
-
-
-def exact(model, bh, bb) -> torch.Tensor:
-    va, vb = _flat_grad(model, bh, True), _flat_grad(model, bb, True)
-    cos = torch.dot(va, vb) / (va.norm() * vb.norm())
-    params = [p for p in model.parameters() if p.requires_grad]
-    return torch.cat([g.reshape(-1) for g in torch.autograd.grad(cos, params)]).detach()
-
-
-def estimate(model, bh, bb, eps: float, precision: str) -> tuple[torch.Tensor, float]:
-    flat = FlatParams([p for p in model.parameters() if p.requires_grad])
-
-    def grad_of(batch):
-        def fn(buf):
-            with flat.grad_sink(buf):
-                answer_ce(model, batch).backward()
-        return fn
-
-    g_a, g_b, out = flat.zeros(), flat.zeros(), flat.zeros()
+def timed_estimate(model, bh, bb, eps: float, precision: str) -> tuple[torch.Tensor, float]:
+    """The estimate as the trainer computes it (g_a, g_b and the recomputations under one precision) and its
+    wall time."""
+    cuda = bh["input_ids"].is_cuda
     with float32_matmul(precision):
-        if bh["input_ids"].is_cuda:
+        if cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        grad_of(bh)(g_a)
-        grad_of(bb)(g_b)
-        hessian_free_cos_grad(flat, g_a, g_b, grad_of(bh), grad_of(bb), eps, out, precision=precision)
-        if bh["input_ids"].is_cuda:
+        out = estimate(model, list(model.parameters()), bh, bb, eps, precision)
+        if cuda:
             torch.cuda.synchronize()
     return out.double(), time.perf_counter() - t0
 
@@ -93,12 +72,12 @@ def main() -> None:
     bh, bb = (collate([fmt(e) for e in load_examples(DATA / f"{name}.jsonl")[: args.batch_size]], tok.pad_token_id,
                       device=args.device) for name in ("harmful", "benign"))
     m64 = _model(len(tok), args.hidden, args.layers, args.device)
-    ref = exact(m64, bh, bb)
+    ref = exact_cos_grad(m64, list(m64.parameters()), bh, bb)
     m32 = m64.float()  # same weights, rounded to float32
     rows = []
     for precision in precisions:
         for eps in args.eps:
-            est, seconds = estimate(m32, bh, bb, eps, precision)
+            est, seconds = timed_estimate(m32, bh, bb, eps, precision)
             rows.append({"precision": precision, "eps": eps, "relative_error": ((est - ref).norm() / ref.norm()).item(),
                          "seconds": seconds})
     n = sum(p.numel() for p in m32.parameters())

@@ -118,6 +118,19 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def _time_steps(step, args: argparse.Namespace) -> list[float]:
+    """Seconds of each of ``args.repeats`` calls of ``step`` after ``args.warmup`` untimed ones (CUDA: synchronised)."""
+    times = []
+    for i in range(args.warmup + args.repeats):
+        _sync(args.device)
+        t0 = time.perf_counter()
+        step()
+        _sync(args.device)
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t0)
+    return times
+
+
 def reference_step(model, params, batches, opt, eps: float = 1e-3, beta: float = 0.1) -> None:
     """The reference code's pass structure, for comparison: six separate passes, full-sequence logits, and the
     logit lens over every position (HF loss with -100 labels)."""
@@ -165,7 +178,6 @@ def worker(mode: str, args: argparse.Namespace) -> dict:
     model, tok = _load(args.model, dev)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     harmful = load_examples(DATA / "harmful.jsonl")
-    times = []
     mixed = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.startswith("cuda"))
     with PeakCuda() if dev.startswith("cuda") else PeakRSS() as mem:
         base = mem.peak
@@ -174,17 +186,15 @@ def worker(mode: str, args: argparse.Namespace) -> dict:
             fmt = Formatter(tok, args.max_length)
             batch = collate([fmt(e) for e in harmful[: args.batch_size]], tok.pad_token_id, device=dev)
             opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-            for i in range(args.warmup + args.repeats):
-                _sync(dev)
-                t0 = time.perf_counter()
+
+            def step() -> None:
                 with mixed:
                     loss = model(**batch).loss
                 loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-                _sync(dev)
-                if i >= args.warmup:
-                    times.append(time.perf_counter() - t0)
+
+            times = _time_steps(step, args)
         elif mode.startswith("reference"):
             model.eval()
             fmt = Formatter(tok, args.max_length)
@@ -192,13 +202,7 @@ def worker(mode: str, args: argparse.Namespace) -> dict:
             batches = [collate([fmt(e) for e in s[: args.batch_size]], tok.pad_token_id, device=dev) for s in streams]
             params = [p for p in model.parameters() if p.requires_grad]
             opt = torch.optim.AdamW(params, lr=1e-5)
-            for i in range(args.warmup + args.repeats):
-                _sync(dev)
-                t0 = time.perf_counter()
-                reference_step(model, params, batches, opt)
-                _sync(dev)
-                if i >= args.warmup:
-                    times.append(time.perf_counter() - t0)
+            times = _time_steps(lambda: reference_step(model, params, batches, opt), args)
         else:
             variant = mode.split("-", 1)[1]
             cfg = DefenseConfig(
@@ -207,14 +211,12 @@ def worker(mode: str, args: argparse.Namespace) -> dict:
                 coupling_precision=args.coupling_precision,
             )
             tr = SEAMTrainer(model, tok, cfg, harmful=harmful, refusal=DATA / "refusal.jsonl", benign=DATA / "benign.jsonl")
-            for i in range(args.warmup + args.repeats):
-                _sync(dev)
-                t0 = time.perf_counter()
+
+            def step() -> None:
                 row = tr.compute_update(0)  # step 0 every time: the same batches
                 tr._apply_update(row["grad_norm"])
-                _sync(dev)
-                if i >= args.warmup:
-                    times.append(time.perf_counter() - t0)
+
+            times = _time_steps(step, args)
     return {
         "mode": mode, "step_s": statistics.median(times), "n_params": n_params,
         "peak_over_model_bytes": mem.peak - base, "param_bytes": n_params * 4,

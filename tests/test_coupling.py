@@ -37,12 +37,13 @@ def exact_cos_grad(model, params, bh, bb) -> torch.Tensor:
     return torch.cat([g.reshape(-1) for g in torch.autograd.grad(cos, params)]).detach()
 
 
-def estimate(model, params, bh, bb, eps) -> torch.Tensor:
+def estimate(model, params, bh, bb, eps, precision: str = "ieee") -> torch.Tensor:
     flat = FlatParams(params)
     g_a, g_b, out = flat.zeros(), flat.zeros(), flat.zeros()
     _grad_fn(model, flat, bh)(g_a)
     _grad_fn(model, flat, bb)(g_b)
-    hessian_free_cos_grad(flat, g_a, g_b, _grad_fn(model, flat, bh), _grad_fn(model, flat, bb), eps, out)
+    hessian_free_cos_grad(flat, g_a, g_b, _grad_fn(model, flat, bh), _grad_fn(model, flat, bb), eps, out,
+                          precision=precision)
     return out
 
 
