@@ -85,8 +85,7 @@ def evaluate_pre_attack(model_name: str, label: str, defense: str, bundle: Bundl
     model, tok = load_model(model_name, dtype="float32")
     values = evaluate_model(model, tok, bundle, eval_cfg, judge, Path(out_dir) / "samples" / label / "pre.jsonl")
     store.append(_rows(values, dict(model=label, defense=defense, cell="pre", seed=eval_cfg.seed,
-                                    data_manifest=digest, settings=settings), judge))
-    store.record_settings(settings, parts)
+                                    data_manifest=digest, settings=settings), judge), settings_parts=parts)
     ctx.barrier()
     return True
 
@@ -188,8 +187,7 @@ def attack_cell(model_name: str, label: str, defense: str, bundle: BundleData, r
                       loss_log=str((cell_dir / "loss.jsonl").relative_to(out)))
     attack.update(meta or {})
     store.append(_rows(values, dict(model=label, defense=defense, cell=cell, seed=run_cfg.seed, attack=attack,
-                                    data_manifest=digest, settings=settings), judge))
-    store.record_settings(settings, parts)
+                                    data_manifest=digest, settings=settings), judge), settings_parts=parts)
     ctx.barrier()
     return CellOutcome(cell, values, True)
 

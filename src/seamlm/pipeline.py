@@ -185,7 +185,10 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig, fresh: bool = False) -> Path:
 
     store = ResultStore(out / "results.jsonl")
     if cfg.baseline_from and not store.path.exists():
-        store.append([r for r in ResultStore(base / "results.jsonl").rows() if r.model in ("raw", "aligned")])
+        base_store = ResultStore(base / "results.jsonl")
+        store.append([r for r in base_store.rows() if r.model in ("raw", "aligned")])
+        if base_store.settings_dir.is_dir():  # the copied rows' settings records, for a later mismatch message
+            shutil.copytree(base_store.settings_dir, store.settings_dir, dirs_exist_ok=True)
     eval_cfg = cfg.eval_config().replace(fs_steps=cfg.fs_steps, fs_train=cfg.fs_train, fs_test=cfg.fs_test)
     judge = get_judge(cfg.judge)
     models = {"raw": (cfg.model, "none"), "aligned": (str(aligned), "none"), "seam": (str(seam / "model"), "seam")}

@@ -77,7 +77,8 @@ class ResultStore:
     def __init__(self, path: str | Path):
         self.path = Path(path)
 
-    def append(self, rows: list[ResultRow]) -> None:
+    def append(self, rows: list[ResultRow], settings_parts: dict[str, Any] | None = None) -> None:
+        """Append ``rows``; ``settings_parts`` (what their ``settings`` digest was made of) is kept beside them."""
         for r in rows:
             r.validate()
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -86,6 +87,9 @@ class ResultStore:
         with self.path.open("a", encoding="utf-8") as f:
             f.write(blob)
             f.flush()
+        if settings_parts is not None:
+            for digest in {r.settings for r in rows if r.settings}:
+                self.record_settings(digest, settings_parts)
 
     def _drop_partial_tail(self) -> None:
         """A kill during a write can leave a last line without its newline: cut it so the next cell starts clean."""
