@@ -131,6 +131,16 @@ def test_eval_command_and_bad_eval_key(tiny_model_dir, tmp_path, capsys):
     assert rc == 2 and "unknown EvalConfig key(s) 'bogus'" in capsys.readouterr().err
 
 
+def test_attack_checks_lm_eval_task_names_before_any_model_runs(tmp_path, capsys):
+    """A misspelt lm-eval task stops the attack command at once: the model path does not even exist, so an error
+    about the task (not the model) shows the check ran first."""
+    pytest.importorskip("lm_eval")
+    rc = main(["attack", "--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "out"),
+               "--eval.lm_eval_tasks", "arc_easyy"])
+    assert rc != 0 and "does not know the task(s) arc_easyy" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "results.jsonl").exists()
+
+
 def test_single_process_commands_refuse_a_multi_process_launch(monkeypatch, capsys):
     from seamlm.cli import main
 

@@ -113,3 +113,8 @@ def test_lm_eval_adapter_names_unknown_tasks(tokenizer, tmp_path):
         run_lm_eval(make_model(len(tokenizer)), tokenizer, ["no_such_task_xyz"], include_path=tmp_path)
     with pytest.raises(DataError, match="does not exist"):
         run_lm_eval(make_model(len(tokenizer)), tokenizer, ["x"], include_path=tmp_path / "missing")
+    tasks = write_lm_eval_task(tmp_path, n=2)
+    yaml = tasks / "fixture.yaml"
+    yaml.write_text("tag: seamlm_fixture_tag\n" + yaml.read_text())
+    with pytest.raises(DataError, match="seamlm_fixture_tag: lm-eval tag"):
+        run_lm_eval(make_model(len(tokenizer)), tokenizer, ["seamlm_fixture_tag"], include_path=tasks)

@@ -190,6 +190,10 @@ def _eval_setup(args: argparse.Namespace, eval_over: dict[str, str]):
     from seamlm.results import ResultStore
 
     cfg = EvalConfig.from_yaml(args.eval_config, eval_over) if args.eval_config else EvalConfig.from_dict(eval_over, "command line")
+    if cfg.lm_eval_tasks:  # a wrong task name fails now, not after the first attack
+        from seamlm.evaluate.zeroshot import lm_eval_task_manager
+
+        lm_eval_task_manager(cfg.lm_eval_tasks, cfg.lm_eval_include_path or None)
     bundle = resolve_data(args.data, seed=args.data_seed)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "data_manifest.json").write_text(json.dumps(bundle.manifest, indent=2))

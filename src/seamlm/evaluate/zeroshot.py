@@ -208,19 +208,15 @@ def evaluate_zero_shot(model: Any, tokenizer: Any, tasks: tuple[str, ...], limit
     return results
 
 
-def run_lm_eval(model: Any, tokenizer: Any, tasks: list[str], limit: int | None = None,
-                batch_size: int = 8, include_path: str | Path | None = None) -> dict[str, Any]:
-    """Run lm-evaluation-harness's ``simple_evaluate`` on an already loaded model; returns its ``results``.
-
-    ``tasks`` are lm-eval task names: its own (their data usually come from the Hub) or tasks defined by YAML files
-    under ``include_path`` — e.g. a ``dataset_path: json`` task over local files, which runs offline.
-    """
+def lm_eval_task_manager(tasks: list[str] | tuple[str, ...], include_path: str | Path | None = None) -> Any:
+    """lm-eval's ``TaskManager`` (its index plus the YAMLs under ``include_path``) after checking that every name in
+    ``tasks`` is a task or a group lm-eval knows. Called before any model runs, so a wrong name costs seconds, not
+    an attack: a *tag* (e.g. ``ai2_arc``) is refused here since lm-eval reports its scores only under its member
+    tasks."""
     try:
-        from lm_eval import simple_evaluate
-        from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
     except ImportError as exc:
-        raise DataError("run_lm_eval needs lm-evaluation-harness: pip install lm_eval (and Hub access for its "
+        raise DataError("lm-eval tasks need lm-evaluation-harness: pip install lm_eval (and Hub access for its "
                         "task data); the built-in evaluate_zero_shot works offline") from exc
     if include_path is not None and not Path(include_path).exists():
         raise DataError(f"lm-eval include_path {include_path} does not exist: give the folder of your task YAMLs")
@@ -229,5 +225,24 @@ def run_lm_eval(model: Any, tokenizer: Any, tasks: list[str], limit: int | None 
     if unknown:
         raise DataError(f"lm-eval does not know the task(s) {', '.join(unknown)}; check the names "
                         "(`lm_eval --tasks list`) or the YAMLs under include_path")
+    tags = [t for t in tasks if t in manager.all_tags]
+    if tags:
+        raise DataError(f"{', '.join(tags)}: lm-eval tag(s), which have no score of their own (lm-eval reports "
+                        "each member task); name the member tasks instead (`lm_eval --tasks list`)")
+    return manager
+
+
+def run_lm_eval(model: Any, tokenizer: Any, tasks: list[str], limit: int | None = None,
+                batch_size: int = 8, include_path: str | Path | None = None) -> dict[str, Any]:
+    """Run lm-evaluation-harness's ``simple_evaluate`` on an already loaded model; returns its ``results``.
+
+    ``tasks`` are lm-eval task or group names (checked by :func:`lm_eval_task_manager`): its own (their data
+    usually come from the Hub) or tasks defined by YAML files under ``include_path`` — e.g. a
+    ``dataset_path: json`` task over local files, which runs offline.
+    """
+    manager = lm_eval_task_manager(tasks, include_path)
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     return simple_evaluate(model=lm, tasks=tasks, limit=limit, task_manager=manager)["results"]
