@@ -2,6 +2,7 @@
 
 import json
 import re
+import time
 
 import pytest
 
@@ -44,9 +45,14 @@ def test_shrunken_demo_end_to_end_and_resume(tiny_model_dir, tmp_path, monkeypat
     for name in ("finetune", "SEAMTrainer", "load_model"):
         monkeypatch.setattr(pipeline, name, fail)
     before = (out / "results.jsonl").read_text()
+    first = json.loads((out / "timings.json").read_text())
+    assert list(first) == ["data", "align", "defend", "evaluate", "attack", "report", "total"]
     run_demo(out, cfg)
     assert (out / "results.jsonl").read_text() == before
-    assert json.loads((out / "timings.json").read_text())["total"] >= 0
+    # the stage times add up over invocations: a resumed demo reports what the stages cost when they ran
+    again = json.loads((out / "timings.json").read_text())
+    assert again["align"] >= first["align"] > 0 and again["total"] >= first["total"]
+    assert len((out / "timings.jsonl").read_text().splitlines()) == 12  # two invocations of six stages
     with pytest.raises(ConfigError, match="other settings \\(defense_steps changed\\)"):
         run_demo(out, cfg.replace(defense_steps=3))
 
@@ -76,3 +82,20 @@ def test_demo_reuses_a_baseline_for_other_defense_settings(tiny_model_dir, tmp_p
     assert len(seam_log) == 3
     with pytest.raises(ConfigError, match="attack_samples"):
         run_demo(tmp_path / "bad", cfg.replace(attack_samples=5, baseline_from=str(base)))
+
+
+def test_stage_clock_sums_stages_over_invocations(tmp_path):
+    from seamlm.runinfo import StageClock
+
+    path = tmp_path / "timings.jsonl"
+    path.write_text(json.dumps({"time": "x", "pre_s": 99.0}) + "\n")  # an older seamlm's line: not a stage
+    first = StageClock(path)
+    time.sleep(0.05)
+    a1, b1 = first.lap("a"), first.lap("b")
+    assert a1 >= 0.05 > b1
+    a2 = StageClock(path).lap("a")  # a resumed invocation that only redid stage a
+    totals = StageClock.totals(path)
+    assert list(totals) == ["a", "b", "total"]
+    assert totals["a"] == pytest.approx(a1 + a2, abs=0.01) and totals["b"] == pytest.approx(b1, abs=0.01)
+    assert totals["total"] == pytest.approx(a1 + a2 + b1, abs=0.02)
+    assert StageClock.totals(tmp_path / "none.jsonl") == {"total": 0.0}

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from seamlm.pipeline import DemoConfig
 from seamlm.recipes import RECIPES, make_recipe
 from seamlm.report import write_report
 from seamlm.results import ResultStore
-from seamlm.runinfo import package_versions
+from seamlm.runinfo import StageClock, package_versions
 from seamlm.sweep import SweepConfig, run_sweep
 
 log = logging.getLogger(__name__)
@@ -115,31 +114,27 @@ def run_adaptive(out_dir: str | Path, cfg: AdaptiveConfig) -> Path:
     samples = demo_cfg.attack_samples
     grid = AttackConfig(learning_rates=cfg.learning_rates, num_samples=(samples,), max_length=max_length)
     models = {label: (str(Path(cfg.demo_dir) / DEMO_MODELS[label][0]), DEMO_MODELS[label][1]) for label in cfg.models}
-    timings: dict[str, float] = {}
+    clock = StageClock(out / "timings.jsonl")  # seconds per stage, summed over resumed invocations
     # phase by phase over both models, so a run stopped early still compares them
-    t0 = time.time()
     for label, (model, defense) in models.items():
         evaluate_pre_attack(model, label, defense, bundle, eval_cfg, judge, out, store)
-    timings["pre_s"] = time.time() - t0
+    clock.lap("pre")
     for name in cfg.recipes:
-        t0 = time.time()
         for label, (model, defense) in models.items():
             log.info("==== %s: recipe %s ====", label, name)
             run_attack_grid(model, label, defense, bundle, grid, eval_cfg, judge, out, store, recipe=make_recipe(name))
-        timings[f"recipe_{name}_s"] = time.time() - t0
+        clock.lap(f"recipe_{name}")
     if cfg.template_control:
         for label, (model, defense) in models.items():
             run_attack_grid(model, label, defense, bundle, grid, eval_cfg, judge, out, store,
                             recipe=make_recipe("template", {"train": False}))
+        clock.lap("template_control")
     if cfg.sweep_trials:
         sweep = SweepConfig(recipes=cfg.sweep_recipes, trials=cfg.sweep_trials, num_samples=samples,
                             batch_sizes=cfg.sweep_batch_sizes, max_epochs=cfg.sweep_max_epochs, seed=cfg.sweep_seed)
         for label, (model, defense) in models.items():
-            t0 = time.time()
             log.info("==== %s: sweep (%d trials) ====", label, cfg.sweep_trials)
             run_sweep(model, label, defense, bundle, sweep.replace(study_name=label),
                       FinetuneConfig(max_length=max_length), eval_cfg, judge, out, store)
-            timings[f"sweep_{label}_s"] = time.time() - t0
-    with (out / "timings.jsonl").open("a", encoding="utf-8") as f:  # one line per invocation (resumes skip work)
-        f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **timings}) + "\n")
+            clock.lap(f"sweep_{label}")
     return write_report(store.path, out / "report", eps=cfg.eps, ppl_factor=cfg.ppl_factor)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from seamlm.finetune import FinetuneConfig, finetune
 from seamlm.models import load_model, save_model
 from seamlm.report import write_report
 from seamlm.results import ResultStore
+from seamlm.runinfo import StageClock
 
 log = logging.getLogger(__name__)
 
@@ -147,8 +147,7 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig, fresh: bool = False) -> Path:
             raise ConfigError(f"{out} holds a demo run with other settings ({', '.join(changed)} changed): its finished "
                               f"stages would be reused. Pass --fresh to redo everything, or choose another --out.")
     saved.write_text(json.dumps(cfg.to_dict(), indent=2))
-    t0 = time.time()
-    timings: dict[str, float] = {}
+    clock = StageClock(out / "timings.jsonl")
 
     base = _check_baseline(cfg) if cfg.baseline_from else out
 
@@ -157,7 +156,7 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig, fresh: bool = False) -> Path:
     if not (data_dir / "manifest.json").is_file():
         build_bundle("offline-default", seed=cfg.data_seed).write(data_dir)
     bundle = load_built(data_dir)
-    timings["data"] = time.time() - t0
+    clock.lap("data")
 
     _banner("2/6 align (refusal + benign SFT)")
     aligned = base / "models" / "aligned"
@@ -168,7 +167,7 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig, fresh: bool = False) -> Path:
         examples = bundle.streams["refusal"] + bundle.streams["benign"]
         res = finetune(model, tok, examples, align_cfg, out / "logs" / "align.jsonl", desc="align")
         save_model(res.model, tok, aligned, {"stage": "align", "config": align_cfg.to_dict(), "base": cfg.model})
-    timings["align"] = time.time() - t0
+    clock.lap("align")
 
     _banner("3/6 defend (SEAM)")
     seam = out / "models" / "seam"
@@ -181,7 +180,7 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig, fresh: bool = False) -> Path:
         trainer = SEAMTrainer(model, tok, dcfg, harmful=bundle.streams["harmful"], refusal=bundle.streams["refusal"],
                               benign=bundle.streams["benign"], run_info={"model": str(aligned)})
         trainer.train(resume=latest_checkpoint(seam / "checkpoints") is not None)
-    timings["defend"] = time.time() - t0
+    clock.lap("defend")
 
     store = ResultStore(out / "results.jsonl")
     if cfg.baseline_from and not store.path.exists():
@@ -197,7 +196,7 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig, fresh: bool = False) -> Path:
     for label, (path, defense) in models.items():
         fs_cfg = eval_cfg.replace(fs=cfg.fs and label != "raw")
         evaluate_pre_attack(path, label, defense, bundle, fs_cfg, judge, out, store)
-    timings["evaluate"] = time.time() - t0
+    clock.lap("evaluate")
 
     _banner("5/6 attack and evaluate")
     attack = AttackConfig(learning_rates=cfg.attack_lrs, num_samples=(cfg.attack_samples,), max_length=cfg.max_length)
@@ -208,10 +207,11 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig, fresh: bool = False) -> Path:
         path, defense = models[label]
         for grid in grids:
             run_attack_grid(path, label, defense, bundle, grid, eval_cfg, judge, out, store)
-    timings["attack"] = time.time() - t0
+    clock.lap("attack")
 
     _banner("6/6 report")
     report = write_report(store.path, out / "report")
-    timings["total"] = time.time() - t0
-    (out / "timings.json").write_text(json.dumps(timings, indent=2))
+    clock.lap("report")
+    # seconds per stage over every invocation: a killed and resumed demo reports what it really cost
+    (out / "timings.json").write_text(json.dumps(StageClock.totals(clock.path), indent=2))
     return report

@@ -8,6 +8,7 @@ import platform
 import sys
 import time
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,3 +38,36 @@ def fingerprint(obj: Any) -> str:
     """Short stable hash of JSON-serialisable data (used to check that a resumed run sees the same data)."""
     blob = json.dumps(obj, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+class StageClock:
+    """Wall time per stage of a resumable job, one JSON line per finished stage in ``path``.
+
+    A stage's line is written the moment it ends, so a killed job keeps the stages it finished and a resumed one
+    adds its own lines: :meth:`totals` sums them into what the job really cost, however many invocations it took.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.invocation = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        self._t = time.time()
+
+    def lap(self, stage: str) -> float:
+        """Record the seconds since the previous lap (or since this clock started) under ``stage``."""
+        now = time.time()
+        seconds, self._t = now - self._t, now
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps({"invocation": self.invocation, "stage": stage, "seconds": round(seconds, 2)}) + "\n")
+        return seconds
+
+    @staticmethod
+    def totals(path: str | Path) -> dict[str, float]:
+        """Seconds per stage summed over every invocation in ``path``, in first-seen order, plus ``total``; lines
+        of another format (older seamlm) are skipped."""
+        out: dict[str, float] = {}
+        for line in Path(path).read_text(encoding="utf-8").splitlines() if Path(path).is_file() else []:
+            rec = json.loads(line)
+            if "stage" in rec and "seconds" in rec:
+                out[rec["stage"]] = out.get(rec["stage"], 0.0) + rec["seconds"]
+        return out | {"total": sum(out.values())}
