@@ -40,6 +40,20 @@ def test_resume_flag_finishes_a_killed_run(tiny_model_dir, data_files, tmp_path)
     assert main(args) == 1  # refuses to overwrite a run silently
     assert main([*args, "--resume"]) == 0
     assert (out / "model" / "model.safetensors").is_file()
+    finished = (out / "model" / "model.safetensors").read_bytes()
+    assert main(args) == 1 and main([*args, "--resume"]) == 1  # a finished run is neither redone nor resumed
+    assert (out / "model" / "model.safetensors").read_bytes() == finished
+
+
+def test_a_finished_run_without_checkpoints_is_not_overwritten(tiny_model_dir, data_files, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = _defend_args(tiny_model_dir, data_files, out, "--steps", "2", "--batch_size", "2")  # ends before a checkpoint
+    assert main(args) == 0 and not (out / "checkpoints").exists()
+    log_before = (out / "log.jsonl").read_text()
+    capsys.readouterr()
+    assert main(args) == 1
+    assert "already holds a finished run (model/)" in capsys.readouterr().err
+    assert (out / "log.jsonl").read_text() == log_before
 
 
 @pytest.mark.parametrize("case,match,code", [

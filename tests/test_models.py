@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from seamlm.errors import ModelLoadError
-from seamlm.models import load_model, resolve_dtype, resolve_model_source, save_model
+from seamlm.models import is_saved_model, load_model, resolve_dtype, resolve_model_source, save_model
 from tests.conftest import make_tokenizer
 
 
@@ -69,3 +69,24 @@ def test_saved_directory_loads_without_seamlm(tmp_path, tiny_model_dir):
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout.strip().splitlines()[-1]) == pytest.approx(expected, abs=1e-5)
+
+
+def test_a_save_that_fails_midway_leaves_the_previous_model(tmp_path, tiny_model_dir):
+    """save_model writes beside the target and renames: a kill or a full disk while saving never leaves half a
+    model where a finished one is expected (the demo treats a saved model as a finished stage)."""
+    model, tok = load_model(str(tiny_model_dir), device="cpu")
+    saves = tmp_path / "saves"
+    out = save_model(model, tok, saves / "m", {"version": 1})
+    assert is_saved_model(out) and not is_saved_model(saves / "missing")
+
+    class FullDisk:
+        def save_pretrained(self, path):
+            raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space"):
+        save_model(model, FullDisk(), out, {"version": 2})
+    assert json.loads((out / "seamlm_run.json").read_text())["version"] == 1  # the previous model, whole
+    assert not is_saved_model(saves / "m.partial")  # the half-written one has no completion marker
+    save_model(model, tok, out, {"version": 3})  # the next save cleans up and replaces it
+    assert json.loads((out / "seamlm_run.json").read_text())["version"] == 3
+    assert sorted(p.name for p in saves.iterdir()) == ["m"]

@@ -15,6 +15,7 @@ from seamlm.data.splits import prompt_hash
 from seamlm.errors import ConfigError
 from seamlm.evaluate.judges import get_judge
 from seamlm.finetune import FinetuneConfig
+from seamlm.models import is_saved_model
 from seamlm.pipeline import DemoConfig
 from seamlm.recipes import RECIPES, make_recipe
 from seamlm.report import write_report
@@ -74,7 +75,7 @@ class AdaptiveConfig(BaseConfig):
 def _demo(cfg: AdaptiveConfig) -> DemoConfig:
     demo = Path(cfg.demo_dir)
     saved = demo / "demo_config.json"
-    missing = [m for m in cfg.models if not (demo / DEMO_MODELS[m][0] / "model.safetensors").is_file()]
+    missing = [m for m in cfg.models if not is_saved_model(demo / DEMO_MODELS[m][0])]
     if not saved.is_file() or missing:
         raise ConfigError(f"{demo} is not a finished demo (missing {'demo_config.json' if not saved.is_file() else missing});"
                           f" run `seamlm demo --out {demo}` first (about 26 minutes)")

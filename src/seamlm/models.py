@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -138,26 +139,44 @@ def save_model(
     """Write a plain HF directory (safetensors + tokenizer + ``seamlm_run.json``).
 
     The result loads with ``AutoModelForCausalLM.from_pretrained(out_dir)`` without seamlm installed.
-    ``dtype`` (e.g. ``bfloat16``) casts a copy on the way out; the in-memory model is left as it is.
+    ``dtype`` (e.g. ``bfloat16``) casts a copy on the way out; the in-memory model is left as it is. The directory
+    is written beside ``out_dir`` and renamed into place, so ``out_dir`` is either the previous model or the whole
+    new one — never half a model after a kill or a full disk (:func:`is_saved_model` tells which).
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(out.name + ".partial")
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
     state_dict = None
     if dtype is not None:
         target = resolve_dtype(dtype, "cpu")
         state_dict = {k: v.to(target) if v.is_floating_point() else v for k, v in model.state_dict().items()}
-    model.save_pretrained(out, safe_serialization=True, state_dict=state_dict)
+    model.save_pretrained(partial, safe_serialization=True, state_dict=state_dict)
     if dtype is not None:
-        cfg_path = out / "config.json"
+        cfg_path = partial / "config.json"
         cfg = json.loads(cfg_path.read_text())
         cfg["dtype"] = str(resolve_dtype(dtype, "cpu")).replace("torch.", "")
         cfg_path.write_text(json.dumps(cfg, indent=2))
-    tokenizer.save_pretrained(out)
+    tokenizer.save_pretrained(partial)
     payload = {"seamlm_version": _version(), **(run_config or {})}
-    tmp = out / (RUN_CONFIG_FILE + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str), encoding="utf-8")
-    os.replace(tmp, out / RUN_CONFIG_FILE)
+    (partial / RUN_CONFIG_FILE).write_text(json.dumps(payload, indent=2, default=str), encoding="utf-8")
+    if out.exists():  # replace the previous model only once the new one is complete
+        old = out.with_name(out.name + ".old")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(out, old)
+        os.replace(partial, out)
+        shutil.rmtree(old)
+    else:
+        os.replace(partial, out)
     return out
+
+
+def is_saved_model(path: str | Path) -> bool:
+    """Whether ``path`` holds a model :func:`save_model` finished writing (its ``seamlm_run.json`` is written
+    last), whatever the weights' file layout (one safetensors file or shards)."""
+    return (Path(path) / RUN_CONFIG_FILE).is_file()
 
 
 def _version() -> str:

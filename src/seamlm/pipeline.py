@@ -22,7 +22,7 @@ from seamlm.errors import ConfigError
 from seamlm.evaluate.judges import get_judge
 from seamlm.evaluate.metrics import EvalConfig
 from seamlm.finetune import FinetuneConfig, finetune
-from seamlm.models import load_model, save_model
+from seamlm.models import is_saved_model, load_model, save_model
 from seamlm.report import write_report
 from seamlm.results import ResultStore
 from seamlm.runinfo import StageClock
@@ -122,7 +122,7 @@ def _changed(cfg: DemoConfig, saved: dict[str, Any]) -> list[str]:
 def _check_baseline(cfg: DemoConfig) -> Path:
     base = Path(cfg.baseline_from)
     saved = base / "demo_config.json"
-    if not saved.is_file() or not (base / "models" / "aligned" / "model.safetensors").is_file():
+    if not saved.is_file() or not is_saved_model(base / "models" / "aligned"):
         raise ConfigError(f"baseline_from={base}: not a demo directory with a finished alignment stage "
                           f"(run `seamlm demo --out {base}` first)")
     theirs = json.loads(saved.read_text())
@@ -160,7 +160,7 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig, fresh: bool = False) -> Path:
 
     _banner("2/6 align (refusal + benign SFT)")
     aligned = base / "models" / "aligned"
-    if not (aligned / "model.safetensors").is_file():
+    if not is_saved_model(aligned):
         model, tok = load_model(cfg.model, dtype="float32")
         align_cfg = FinetuneConfig(lr=cfg.align_lr, batch_size=cfg.align_batch_size, max_steps=cfg.align_steps,
                                    epochs=100, max_length=cfg.max_length, weight_decay=0.0, seed=cfg.data_seed)
@@ -171,7 +171,7 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig, fresh: bool = False) -> Path:
 
     _banner("3/6 defend (SEAM)")
     seam = out / "models" / "seam"
-    if not (seam / "model" / "model.safetensors").is_file():
+    if not is_saved_model(seam / "model"):
         model, tok = load_model(str(aligned), dtype="float32")
         dcfg = DefenseConfig(steps=cfg.defense_steps, beta=cfg.defense_beta, lr=cfg.defense_lr, epsilon=cfg.defense_epsilon,
                              batch_size=cfg.defense_batch_size, max_length=cfg.max_length,

@@ -281,14 +281,20 @@ class SEAMTrainer:
         if main:
             self.out.mkdir(parents=True, exist_ok=True)
         self.ctx.barrier()
+        finished = (self.out / "model" / "seamlm_run.json").is_file()
+        if resume and finished:  # resuming would redo its last steps from a checkpoint and overwrite model/
+            raise CheckpointError(f"{self.out} holds a finished run (model/): nothing to resume; choose another "
+                                  "--out for a new run")
         if resume:
             self._resume()
-        elif (self.out / "log.jsonl").exists() and latest_checkpoint(self.out / "checkpoints"):
-            raise CheckpointError(
-                f"{self.out} already holds a run with checkpoints; pass --resume to continue it "
-                f"or choose another --out"
-            )
+        elif finished or latest_checkpoint(self.out / "checkpoints"):
+            what = "a finished run (model/)" if finished else "an unfinished run with checkpoints"
+            raise CheckpointError(f"{self.out} already holds {what}; choose another --out (or delete it) for a new "
+                                  "run" + ("" if finished else ", or pass --resume to continue it"))
         elif main:
+            if (self.out / "log.jsonl").is_file() and (self.out / "log.jsonl").stat().st_size:
+                log.warning("%s: restarting a run that stopped before its first checkpoint (its log is replaced)",
+                            self.out)
             (self.out / "log.jsonl").write_text("")
         if main:
             self._write_run_info()
