@@ -46,13 +46,13 @@ def test_shrunken_demo_end_to_end_and_resume(tiny_model_dir, tmp_path, monkeypat
         monkeypatch.setattr(pipeline, name, fail)
     before = (out / "results.jsonl").read_text()
     first = json.loads((out / "timings.json").read_text())
-    assert list(first) == ["data", "align", "defend", "evaluate", "attack", "report", "total"]
+    assert list(first) == ["judge", "data", "align", "defend", "evaluate", "attack", "report", "total"]
     run_demo(out, cfg)
     assert (out / "results.jsonl").read_text() == before
     # the stage times add up over invocations: a resumed demo reports what the stages cost when they ran
     again = json.loads((out / "timings.json").read_text())
     assert again["align"] >= first["align"] > 0 and again["total"] >= first["total"]
-    assert len((out / "timings.jsonl").read_text().splitlines()) == 12  # two invocations of six stages
+    assert len((out / "timings.jsonl").read_text().splitlines()) == 14  # two invocations of seven stages
     with pytest.raises(ConfigError, match="other settings \\(defense_steps changed\\)"):
         run_demo(out, cfg.replace(defense_steps=3))
 
@@ -99,3 +99,23 @@ def test_stage_clock_sums_stages_over_invocations(tmp_path):
     assert totals["a"] == pytest.approx(a1 + a2, abs=0.01) and totals["b"] == pytest.approx(b1, abs=0.01)
     assert totals["total"] == pytest.approx(a1 + a2 + b1, abs=0.02)
     assert StageClock.totals(tmp_path / "none.jsonl") == {"total": 0.0}
+
+
+@pytest.mark.parametrize("bad,match", [
+    ({"defense_unlearn_loss": "logit-lens"}, "must be one of \\['logit_lens', 'final_layer'\\]"),
+    ({"zs_tasks": "arc_easyy"}, "unknown zero-shot task\\(s\\) arc_easyy"),
+    ({"judge": "gpt-judge"}, "unknown judge 'gpt-judge'"),
+    ({"fs_train": 0}, "fs_train, fs_test and fs_steps must be >= 1"),
+    ({"align_steps": 0}, "align_steps must be >= 1"),
+    ({"attack_lrs": "0"}, "learning rates > 0"),
+])
+def test_demo_settings_of_later_stages_fail_before_the_first(bad, match, tmp_path):
+    """A value only a later stage reads (SEAM, evaluation, attack) is refused when the config is built — before
+    alignment runs and before demo_config.json pins the output folder to it."""
+    from seamlm.cli import main
+
+    with pytest.raises(ConfigError, match=match):
+        DemoConfig.from_dict(bad)
+    key, value = next(iter(bad.items()))
+    assert main(["demo", "--out", str(tmp_path / "d"), f"--{key}", str(value)]) == 2
+    assert not (tmp_path / "d" / "demo_config.json").exists()

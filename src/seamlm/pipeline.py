@@ -92,6 +92,40 @@ class DemoConfig(BaseConfig):
     def is_defense_key(key: str) -> bool:
         return key.startswith("defense_") or key == "baseline_from"
 
+    def validate(self) -> None:
+        # build every stage's config now, so a bad value fails before the first stage runs (and before
+        # demo_config.json pins the directory to it), not after alignment and SEAM have spent their minutes
+        self._require([(self.align_steps >= 1, "align_steps must be >= 1")])
+        self.align_config()
+        self.defense_config("unused")
+        self.attack_grids()
+        self.demo_eval_config().replace(fs=self.fs)
+
+    def align_config(self) -> FinetuneConfig:
+        """The refusal + benign SFT that makes the undefended aligned baseline."""
+        return FinetuneConfig(lr=self.align_lr, batch_size=self.align_batch_size, max_steps=self.align_steps,
+                              epochs=100, max_length=self.max_length, weight_decay=0.0, seed=self.data_seed)
+
+    def defense_config(self, output_dir: str | Path) -> DefenseConfig:
+        """SEAM on the aligned model, with five checkpoints over the run."""
+        return DefenseConfig(steps=self.defense_steps, beta=self.defense_beta, lr=self.defense_lr,
+                             epsilon=self.defense_epsilon, batch_size=self.defense_batch_size,
+                             max_length=self.max_length, unlearn_loss=self.defense_unlearn_loss,
+                             output_dir=str(output_dir), checkpoint_every=max(1, self.defense_steps // 5),
+                             seed=self.data_seed)
+
+    def attack_grids(self) -> list[AttackConfig]:
+        """Full-parameter SFT at every attack lr, and with ``attack_lora`` a LoRA attack at 10x the highest."""
+        attack = AttackConfig(learning_rates=self.attack_lrs, num_samples=(self.attack_samples,),
+                              max_length=self.max_length)
+        if not self.attack_lora:
+            return [attack]
+        return [attack, attack.replace(lora=True, learning_rates=[max(self.attack_lrs) * 10])]
+
+    def demo_eval_config(self) -> EvalConfig:
+        """:meth:`eval_config` with the demo's FS sizes (FS itself is switched on per model)."""
+        return self.eval_config().replace(fs_steps=self.fs_steps, fs_train=self.fs_train, fs_test=self.fs_test)
+
     def eval_config(self) -> EvalConfig:
         """The evaluation of every demo cell (HS, ZS, coherence, coupling; FS is switched on per model). Adaptive
         attacks on the demo's models reuse it so their numbers compare."""
@@ -148,6 +182,8 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig, fresh: bool = False) -> Path:
                               f"stages would be reused. Pass --fresh to redo everything, or choose another --out.")
     saved.write_text(json.dumps(cfg.to_dict(), indent=2))
     clock = StageClock(out / "timings.jsonl")
+    judge = get_judge(cfg.judge)  # first: a judge that cannot load (no Hub) fails before any training
+    clock.lap("judge")
 
     base = _check_baseline(cfg) if cfg.baseline_from else out
 
@@ -162,8 +198,7 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig, fresh: bool = False) -> Path:
     aligned = base / "models" / "aligned"
     if not is_saved_model(aligned):
         model, tok = load_model(cfg.model, dtype="float32")
-        align_cfg = FinetuneConfig(lr=cfg.align_lr, batch_size=cfg.align_batch_size, max_steps=cfg.align_steps,
-                                   epochs=100, max_length=cfg.max_length, weight_decay=0.0, seed=cfg.data_seed)
+        align_cfg = cfg.align_config()
         examples = bundle.streams["refusal"] + bundle.streams["benign"]
         res = finetune(model, tok, examples, align_cfg, out / "logs" / "align.jsonl", desc="align")
         save_model(res.model, tok, aligned, {"stage": "align", "config": align_cfg.to_dict(), "base": cfg.model})
@@ -173,11 +208,7 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig, fresh: bool = False) -> Path:
     seam = out / "models" / "seam"
     if not is_saved_model(seam / "model"):
         model, tok = load_model(str(aligned), dtype="float32")
-        dcfg = DefenseConfig(steps=cfg.defense_steps, beta=cfg.defense_beta, lr=cfg.defense_lr, epsilon=cfg.defense_epsilon,
-                             batch_size=cfg.defense_batch_size, max_length=cfg.max_length,
-                             unlearn_loss=cfg.defense_unlearn_loss, output_dir=str(seam),
-                             checkpoint_every=max(1, cfg.defense_steps // 5), seed=cfg.data_seed)
-        trainer = SEAMTrainer(model, tok, dcfg, harmful=bundle.streams["harmful"], refusal=bundle.streams["refusal"],
+        trainer = SEAMTrainer(model, tok, cfg.defense_config(seam), harmful=bundle.streams["harmful"], refusal=bundle.streams["refusal"],
                               benign=bundle.streams["benign"], run_info={"model": str(aligned)})
         trainer.train(resume=latest_checkpoint(seam / "checkpoints") is not None)
     clock.lap("defend")
@@ -188,8 +219,7 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig, fresh: bool = False) -> Path:
         store.append([r for r in base_store.rows() if r.model in ("raw", "aligned")])
         if base_store.settings_dir.is_dir():  # the copied rows' settings records, for a later mismatch message
             shutil.copytree(base_store.settings_dir, store.settings_dir, dirs_exist_ok=True)
-    eval_cfg = cfg.eval_config().replace(fs_steps=cfg.fs_steps, fs_train=cfg.fs_train, fs_test=cfg.fs_test)
-    judge = get_judge(cfg.judge)
+    eval_cfg = cfg.demo_eval_config()
     models = {"raw": (cfg.model, "none"), "aligned": (str(aligned), "none"), "seam": (str(seam / "model"), "seam")}
 
     _banner("4/6 evaluate before attack")
@@ -199,13 +229,9 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig, fresh: bool = False) -> Path:
     clock.lap("evaluate")
 
     _banner("5/6 attack and evaluate")
-    attack = AttackConfig(learning_rates=cfg.attack_lrs, num_samples=(cfg.attack_samples,), max_length=cfg.max_length)
-    grids = [attack]
-    if cfg.attack_lora:
-        grids.append(attack.replace(lora=True, learning_rates=[max(cfg.attack_lrs) * 10]))
     for label in ("aligned", "seam"):
         path, defense = models[label]
-        for grid in grids:
+        for grid in cfg.attack_grids():
             run_attack_grid(path, label, defense, bundle, grid, eval_cfg, judge, out, store)
     clock.lap("attack")
 

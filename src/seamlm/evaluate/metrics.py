@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import logging
 import math
 import random
 from dataclasses import dataclass
@@ -20,10 +21,12 @@ from seamlm.data.sources import load_source
 from seamlm.data.splits import prompt_hash
 from seamlm.defense.losses import answer_ce
 from seamlm.errors import ConfigError
-from seamlm.evaluate.judges import Judge
-from seamlm.evaluate.zeroshot import MCItem, choice_loglikelihoods, score_items
+from seamlm.evaluate.judges import JUDGES, Judge
+from seamlm.evaluate.zeroshot import TASKS, MCItem, choice_loglikelihoods, score_items
 from seamlm.finetune import FinetuneConfig, finetune
 from seamlm.generation import generate_answers
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -78,6 +81,14 @@ class EvalConfig(BaseConfig):
         if min(self.hs_prompts, self.zs_limit, self.lm_eval_limit, self.coherence_examples, self.coupling_examples, self.fs_train, self.fs_test) < 0:
             raise ConfigError("sizes must be >= 0")
         check_template(self.prompt_template)
+        unknown = [t for t in self.zs_tasks if t not in TASKS]
+        if unknown:
+            raise ConfigError(f"unknown zero-shot task(s) {', '.join(unknown)}; built-in: {', '.join(TASKS)} "
+                              "(lm-eval's own tasks go in lm_eval_tasks)")
+        if self.judge not in JUDGES:
+            raise ConfigError(f"unknown judge '{self.judge}'; available: {', '.join(JUDGES)}")
+        if self.fs and min(self.fs_train, self.fs_test, self.fs_steps) < 1:
+            raise ConfigError("with fs on, fs_train, fs_test and fs_steps must be >= 1 (or set fs false)")
         if self.lm_eval_include_path and not self.lm_eval_tasks:
             raise ConfigError("lm_eval_include_path is set but lm_eval_tasks is empty: name the tasks to run")
 
@@ -185,6 +196,12 @@ def sst2_split(n_train: int, n_test: int, seed: int) -> tuple[list[Example], lis
 def benign_finetune_accuracy(model: Any, tokenizer: Any, cfg: EvalConfig) -> dict[str, float]:
     """FS: fine-tune a copy of the model on SST-2 and score the test sentences (answer 'positive'/'negative')."""
     train, test = sst2_split(cfg.fs_train, cfg.fs_test, cfg.seed)
+    if not test:
+        raise ConfigError(f"FS: SST-2 holds {len(train)} sentences, all taken by fs_train={cfg.fs_train}: lower it "
+                          "so that fs_test sentences remain")
+    if (len(train), len(test)) != (cfg.fs_train, cfg.fs_test):
+        log.warning("FS: SST-2 holds %d sentences: training on %d and scoring %d (asked for %d and %d)",
+                    len(train) + len(test), len(train), len(test), cfg.fs_train, cfg.fs_test)
     ft_cfg = FinetuneConfig(lr=2e-5, batch_size=8, max_steps=cfg.fs_steps, epochs=max(1, cfg.fs_steps * 8 // len(train) + 1),
                             lr_scheduler="constant", warmup_ratio=0.0, weight_decay=0.0, seed=cfg.seed, max_length=128)
     tuned = finetune(copy.deepcopy(model), tokenizer, train, ft_cfg, desc="FS (SST-2)").model
