@@ -157,3 +157,32 @@ def test_lm_eval_tasks_add_rows_and_leave_older_results_resumable(tiny_model_dir
     assert 0 <= rows["lmeval_seamlm_fixture_arc"] <= 100 and "zs_arc_easy" in rows
     with pytest.raises(ConfigError, match="lm_eval_tasks is empty"):
         EVAL.replace(lm_eval_include_path=str(tasks))
+
+
+def test_attack_and_eval_refuse_prompts_the_model_was_trained_on(tokenizer, bundle, tmp_path):
+    """A SEAM run lists its training prompts beside the model; attacking or evaluating that model (or one trained
+    from it) on data that contains them is refused, naming how many — disjoint data passes."""
+    from seamlm.defense import DefenseConfig, SEAMTrainer
+    from seamlm.models import save_model, trained_prompt_hashes
+    from tests.conftest import make_model
+
+    defended = tmp_path / "seam"
+    cfg = DefenseConfig(output_dir=str(defended), steps=1, batch_size=2, max_length=48, checkpoint_every=0)
+    SEAMTrainer(make_model(len(tokenizer)), tokenizer, cfg, harmful=bundle.streams["harmful"],
+                refusal=bundle.streams["refusal"], benign=bundle.streams["benign"]).train()
+    seam = defended / "model"
+    assert len(trained_prompt_hashes(seam)) == len({e.prompt for e in HARMFUL[:6] + BENIGN[:6]})
+    held_out = BundleData({**bundle.streams, "eval_harmful": HARMFUL[6:9]}, {"seed": 0})
+    attack_mod.check_held_out(str(seam), held_out)  # disjoint: fine
+
+    store = ResultStore(tmp_path / "results.jsonl")
+    with pytest.raises(DataError, match="3 of 3 eval_harmful"):  # the fixture bundle evaluates on HARMFUL[:3]
+        evaluate_pre_attack(str(seam), "seam", "seam", bundle, EVAL, KeywordJudge(), tmp_path, store)
+    leaky = BundleData({**held_out.streams, "attack": HARMFUL[4:10]}, {"seed": 0})
+    derived = tmp_path / "derived"  # a model trained from the SEAM one inherits its list
+    model, tok = attack_mod.load_model(str(seam))
+    save_model(model, tok, derived, {"stage": "test", "model": str(seam)})
+    with pytest.raises(DataError, match="2 of 6 attack"):
+        run_attack_grid(str(derived), "derived", "seam", leaky, AttackConfig(learning_rates=(1e-4,), num_samples=2),
+                        EVAL, KeywordJudge(), tmp_path, store)
+    assert not store.path.exists()

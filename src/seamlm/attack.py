@@ -10,13 +10,14 @@ from pathlib import Path
 from typing import Any
 
 from seamlm.data.bundles import BundleData
+from seamlm.data.splits import prompt_hash
 from seamlm.distributed import DistContext
-from seamlm.errors import ConfigError, NonFiniteLossError
+from seamlm.errors import ConfigError, DataError, NonFiniteLossError
 from seamlm.evaluate.judges import Judge
 from seamlm.evaluate.metrics import EvalConfig
 from seamlm.evaluate.run import evaluate_model
 from seamlm.finetune import FinetuneConfig
-from seamlm.models import load_model
+from seamlm.models import load_model, trained_prompt_hashes
 from seamlm.recipes import AttackData, AttackRecipe, make_recipe
 from seamlm.results import ResultRow, ResultStore
 from seamlm.runinfo import fingerprint
@@ -63,6 +64,25 @@ def settings_digest(**parts: Any) -> str:
     return fingerprint(parts)
 
 
+#: Bundle streams an attack or evaluation uses, which must hold no prompt the model was trained on.
+HELD_OUT_STREAMS = ("attack", "eval_harmful", "benign_heldout", "attack_benign")
+
+
+def check_held_out(model_name: str, bundle: BundleData) -> None:
+    """Refuse data whose attack or evaluation prompts the model (a seamlm-trained one, which lists them) saw in
+    its defence or alignment: a SEAM model attacked with its own defence data looks more robust than it is."""
+    seen = trained_prompt_hashes(model_name)
+    if not seen:
+        return
+    hits = {k: n for k in HELD_OUT_STREAMS
+            if (n := sum(prompt_hash(e.prompt) in seen for e in bundle.streams.get(k, [])))}
+    if hits:
+        where = ", ".join(f"{n} of {len(bundle.streams[k])} {k}" for k, n in hits.items())
+        raise DataError(f"{model_name} was trained on prompts of this data's held-out sets ({where}): attack and "
+                        "evaluate it with the bundle and --data-seed its defence used (their splits are disjoint), "
+                        "or build the data so that they are")
+
+
 def _rows(values: dict[str, float], base: dict[str, Any], judge: Judge) -> list[ResultRow]:
     return [ResultRow(metric=k, value=float(v), judge=judge.name if k in ("hs", "hs_binary") else None, **base)
             for k, v in values.items()]
@@ -79,6 +99,7 @@ def evaluate_pre_attack(model_name: str, label: str, defense: str, bundle: Bundl
     if store.cell_rows(label, "pre", settings, parts):
         log.info("%s / pre: already in %s, skipped", label, store.path)
         return False
+    check_held_out(model_name, bundle)
     if not ctx.is_main:
         ctx.barrier()
         return True
@@ -154,6 +175,7 @@ def attack_cell(model_name: str, label: str, defense: str, bundle: BundleData, r
     if finished:
         log.info("%s / %s: already in %s, skipped", label, cell, store.path)
         return CellOutcome(cell, {r.metric: r.value for r in finished}, False)
+    check_held_out(model_name, bundle)
     cell_dir = out / "attacks" / label / cell
     if ctx.is_main:
         cell_dir.mkdir(parents=True, exist_ok=True)

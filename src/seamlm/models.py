@@ -6,12 +6,14 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from seamlm.data.splits import prompt_hash
 from seamlm.errors import ModelLoadError
 from seamlm.packages import package_file
 
@@ -26,6 +28,7 @@ MODEL_ALIASES: dict[str, tuple[str, str]] = {
 FALLBACK_PROMPT_FORMAT = "Question: {prompt}\nAnswer: "
 
 RUN_CONFIG_FILE = "seamlm_run.json"
+TRAINED_PROMPTS_FILE = "trained_prompts.txt"
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -134,9 +137,12 @@ def load_model(
 
 def save_model(
     model: Any, tokenizer: Any, out_dir: str | Path, run_config: dict[str, Any] | None = None,
-    dtype: str | torch.dtype | None = None,
+    dtype: str | torch.dtype | None = None, trained_prompts: Iterable[str] = (),
 ) -> Path:
     """Write a plain HF directory (safetensors + tokenizer + ``seamlm_run.json``).
+
+    ``trained_prompts``: the prompts the run trained on; their hashes go to ``trained_prompts.txt`` so that an
+    attack or evaluation of this model can check its data are held out (:func:`trained_prompt_hashes`).
 
     The result loads with ``AutoModelForCausalLM.from_pretrained(out_dir)`` without seamlm installed.
     ``dtype`` (e.g. ``bfloat16``) casts a copy on the way out; the in-memory model is left as it is. The directory
@@ -159,6 +165,9 @@ def save_model(
         cfg["dtype"] = str(resolve_dtype(dtype, "cpu")).replace("torch.", "")
         cfg_path.write_text(json.dumps(cfg, indent=2))
     tokenizer.save_pretrained(partial)
+    hashes = sorted({prompt_hash(p) for p in trained_prompts})
+    if hashes:
+        (partial / TRAINED_PROMPTS_FILE).write_text("".join(h + "\n" for h in hashes), encoding="utf-8")
     payload = {"seamlm_version": _version(), **(run_config or {})}
     (partial / RUN_CONFIG_FILE).write_text(json.dumps(payload, indent=2, default=str), encoding="utf-8")
     if out.exists():  # replace the previous model only once the new one is complete
@@ -171,6 +180,21 @@ def save_model(
     else:
         os.replace(partial, out)
     return out
+
+
+def trained_prompt_hashes(model_name: str | Path, _depth: int = 0) -> set[str]:
+    """Hashes of the prompts a seamlm-saved model was trained on, with those of the seamlm models it was trained
+    from (its ``seamlm_run.json`` names them under ``model`` or ``base``); empty for any other model."""
+    path = Path(model_name)
+    if _depth > 8 or not is_saved_model(path):
+        return set()
+    listed = path / TRAINED_PROMPTS_FILE
+    hashes = set(listed.read_text(encoding="utf-8").split()) if listed.is_file() else set()
+    info = json.loads((path / RUN_CONFIG_FILE).read_text(encoding="utf-8"))
+    for key in ("model", "base"):
+        if isinstance(info.get(key), str) and Path(info[key]).resolve() != path.resolve():
+            hashes |= trained_prompt_hashes(info[key], _depth + 1)
+    return hashes
 
 
 def is_saved_model(path: str | Path) -> bool:

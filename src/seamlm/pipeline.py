@@ -201,7 +201,8 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig, fresh: bool = False) -> Path:
         align_cfg = cfg.align_config()
         examples = bundle.streams["refusal"] + bundle.streams["benign"]
         res = finetune(model, tok, examples, align_cfg, out / "logs" / "align.jsonl", desc="align")
-        save_model(res.model, tok, aligned, {"stage": "align", "config": align_cfg.to_dict(), "base": cfg.model})
+        save_model(res.model, tok, aligned, {"stage": "align", "config": align_cfg.to_dict(), "base": cfg.model},
+                   trained_prompts=[e.prompt for e in examples])
     clock.lap("align")
 
     _banner("3/6 defend (SEAM)")

@@ -100,6 +100,7 @@ class SEAMTrainer:
 
         streams = {"harmful": harmful, "refusal": refusal, "benign": benign}
         examples = {k: _as_examples(v, k) for k, v in streams.items()}
+        self.trained_prompts = sorted({e.prompt for v in examples.values() for e in v})
         answer_only = Formatter(tokenizer, config.max_length, mask_prompt=True)
         benign_fmt = Formatter(tokenizer, config.max_length, mask_prompt=config.mask_benign_prompt)
         self.data: dict[str, list[TokenizedExample]] = {
@@ -417,6 +418,7 @@ class SEAMTrainer:
             "data_sizes": self.data_sizes, "data_fingerprint": self.data_fingerprint, **self.run_info,
         }
         if self.ctx.is_main:
-            save_model(self.model, self.tokenizer, self.out / "model", run_config, dtype=dtype)
+            save_model(self.model, self.tokenizer, self.out / "model", run_config, dtype=dtype,
+                       trained_prompts=self.trained_prompts)
         self.ctx.barrier()
         return self.out / "model"
