@@ -161,3 +161,25 @@ def test_single_process_commands_refuse_a_multi_process_launch(monkeypatch, caps
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["report", "nothing.jsonl", "--out", "nowhere"]) == 2
     assert "runs in one process" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command,args,advice", [
+    ("defend", ["--model", "m", "--out", "x"], "rerun with --resume"),
+    ("attack", ["--model", "m", "--out", "x"], "rerun the same command: finished stages, cells and trials are kept"),
+])
+def test_interrupt_and_full_disk_say_how_to_continue_per_command(monkeypatch, capsys, command, args, advice):
+    import errno
+
+    import seamlm.cli as cli
+
+    def interrupted(*a):
+        raise KeyboardInterrupt
+
+    def full_disk(*a):
+        raise OSError(errno.ENOSPC, "No space left on device", "runs/x/results.jsonl")
+
+    for fail, rc in ((interrupted, 130), (full_disk, 1)):
+        monkeypatch.setitem(cli.COMMANDS, command, (cli.COMMANDS[command][0], fail))
+        assert main([command, *args]) == rc
+        err = capsys.readouterr().err
+        assert advice in err and ("--resume" in err) == (command == "defend")

@@ -24,6 +24,7 @@ def test_string_values_are_coerced_by_field_type():
     ({"unlearn_loss": "lens"}, "must be one of"),
     ({"epsilon": 0}, "epsilon must be > 0"),
     ({"warmup_ratio": 1.5}, "warmup_ratio"),
+    ({"compute_dtype": "float16"}, "must be one of \\[.auto., .float32., .bfloat16.\\]"),
 ])
 def test_bad_values(values, match):
     with pytest.raises(ConfigError, match=match):

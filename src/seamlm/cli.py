@@ -397,13 +397,20 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         if exc.errno != errno.ENOSPC:
             raise
-        print(f"seamlm {args.command}: error: the disk is full ({exc.filename or exc}). Free space and rerun "
-              f"with --resume to continue from the last checkpoint.", file=sys.stderr)
+        print(f"seamlm {args.command}: error: the disk is full ({exc.filename or exc}). Free space and "
+              f"{_how_to_continue(args.command)}.", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"seamlm {args.command}: interrupted; rerun with --resume to continue from the last checkpoint",
-              file=sys.stderr)
+        print(f"seamlm {args.command}: interrupted; {_how_to_continue(args.command)}", file=sys.stderr)
         return 130
+
+
+def _how_to_continue(command: str) -> str:
+    if command == "defend":
+        return "rerun with --resume to continue from the last checkpoint"
+    if command in ("demo", "attack", "sweep", "adaptive", "eval"):
+        return "rerun the same command: finished stages, cells and trials are kept and skipped"
+    return "rerun the same command"
 
 
 if __name__ == "__main__":

@@ -44,10 +44,11 @@ class DefenseConfig(BaseConfig):
     """Maximum tokens per example; longer prompts are cut from the left, keeping the answer."""
     mask_benign_prompt: bool = True
     """Train CE(B) on answer tokens only (True) or on all tokens like the reference code (False)."""
-    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    compute_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """Autocast dtype of the L_ul and L_up passes. Parameters, perturbations and the coupling's gradients
     (g_a, g_b and their perturbed versions) stay float32: the bf16 precision trap. ``auto`` = float32 on CPU,
-    bfloat16 on CUDA."""
+    bfloat16 on CUDA. float16 is not offered: its small gradients underflow without loss scaling, which the SEAM
+    step does not do."""
     coupling_precision: Literal["ieee", "tf32"] = "ieee"
     """Matmul precision of the four float32 coupling passes (g_a, g_b and their recomputations at θ + εδ).
     ``ieee``: full float32, whatever the process set — the estimate's error is then the O(ε) of the method.

@@ -54,7 +54,7 @@ log = logging.getLogger(__name__)
 
 Batch = dict[str, torch.Tensor]
 StepCallback = Callable[["SEAMTrainer", dict[str, Any]], None]
-_AUTOCAST = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+_AUTOCAST = {"bfloat16": torch.bfloat16}
 
 
 def _as_examples(data: str | Path | list[Example], name: str) -> list[Example]:
