@@ -37,8 +37,11 @@ def test_resume_flag_finishes_a_killed_run(tiny_model_dir, data_files, tmp_path)
     import shutil
 
     shutil.rmtree(out / "model")
+    with (out / "log.jsonl").open("a") as f:
+        f.write('{"step": 5, "L_ul"')  # and was killed mid-write of a log row
     assert main(args) == 1  # refuses to overwrite a run silently
     assert main([*args, "--resume"]) == 0
+    assert [json.loads(x)["step"] for x in (out / "log.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
     assert (out / "model" / "model.safetensors").is_file()
     finished = (out / "model" / "model.safetensors").read_bytes()
     assert main(args) == 1 and main([*args, "--resume"]) == 1  # a finished run is neither redone nor resumed

@@ -26,6 +26,14 @@ def test_answers_are_cached_by_model_hash(tokenizer, tmp_path, monkeypatch):
     again = distill_answers(model, tokenizer, prompts, tmp_path, max_new_tokens=6)
     assert [e.response for e in again] == [e.response for e in first]
     assert json.loads(cache.read_text().splitlines()[0])["max_new_tokens"] == 6
+    monkeypatch.undo()
+
+    # a kill mid-write leaves half a line: that answer is generated again, on a clean line
+    lines = cache.read_text().splitlines()
+    cache.write_text(lines[0] + "\n" + lines[1][: len(lines[1]) // 2])
+    resumed = distill_answers(model, tokenizer, prompts, tmp_path, max_new_tokens=6, batch_size=2)
+    assert [e.response for e in resumed] == [e.response for e in first]
+    assert [json.loads(x) for x in cache.read_text().splitlines()] == [json.loads(x) for x in lines]
 
 
 def test_fingerprint_changes_with_the_weights(tokenizer):

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from seamlm.errors import DataError
+from seamlm.jsonl import drop_partial_tail, read_records
 from seamlm.runinfo import package_versions
 
 #: metric -> unit. Zero-shot per-task metrics are ``zs_<task>`` (built-in) and ``lmeval_<task>`` (lm-eval's
@@ -82,7 +83,7 @@ class ResultStore:
         for r in rows:
             r.validate()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._drop_partial_tail()
+        drop_partial_tail(self.path)
         blob = "".join(json.dumps(dataclasses.asdict(r)) + "\n" for r in rows)
         with self.path.open("a", encoding="utf-8") as f:
             f.write(blob)
@@ -91,30 +92,10 @@ class ResultStore:
             for digest in {r.settings for r in rows if r.settings}:
                 self.record_settings(digest, settings_parts)
 
-    def _drop_partial_tail(self) -> None:
-        """A kill during a write can leave a last line without its newline: cut it so the next cell starts clean."""
-        if not self.path.exists() or self.path.stat().st_size == 0:
-            return
-        data = self.path.read_bytes()
-        if not data.endswith(b"\n"):
-            self.path.write_bytes(data[: data.rfind(b"\n") + 1])
-
     def rows(self) -> list[ResultRow]:
-        if not self.path.exists():
-            return []
         out = []
         names = {f.name for f in dataclasses.fields(ResultRow)}
-        text = self.path.read_text(encoding="utf-8")
-        lines = text.splitlines()
-        for i, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                data = json.loads(line)
-            except json.JSONDecodeError:
-                if i == len(lines) and not text.endswith("\n"):
-                    continue  # a row cut off by a kill: that cell is redone
-                raise DataError(f"{self.path}:{i} is not valid JSON") from None
+        for i, data in read_records(self.path):  # a row cut off by a kill is skipped: that cell is redone
             unknown = set(data) - names
             if unknown:
                 raise DataError(f"{self.path}:{i} has unknown fields {sorted(unknown)}")

@@ -13,6 +13,7 @@ import torch
 from seamlm.data.files import Example
 from seamlm.data.splits import prompt_hash
 from seamlm.generation import generate_answers
+from seamlm.jsonl import drop_partial_tail, read_records
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +40,9 @@ def distill_answers(
     path = Path(cache_dir) / f"{key}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
     cached: dict[tuple[str, int], str] = {}
-    if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            row = json.loads(line)
-            cached[(row["prompt_hash"], row["max_new_tokens"])] = row["answer"]
+    for _, row in read_records(path):
+        cached[(row["prompt_hash"], row["max_new_tokens"])] = row["answer"]
+    drop_partial_tail(path)  # an answer cut off by a kill is generated again, on a line of its own
     todo = [p for p in dict.fromkeys(prompts) if (prompt_hash(p), max_new_tokens) not in cached]
     log.info("self-distillation with model %s: %d cached, %d to generate", key, len(prompts) - len(todo), len(todo))
     with path.open("a", encoding="utf-8") as f:

@@ -47,6 +47,7 @@ from seamlm.defense.coupling import (
 from seamlm.defense.losses import answer_ce, harmful_forward, unlearn_loss
 from seamlm.distributed import DistContext, current_context
 from seamlm.errors import CheckpointError, ConfigError, DataError, NonFiniteLossError
+from seamlm.jsonl import read_records
 from seamlm.models import save_model
 from seamlm.runinfo import environment_info, fingerprint
 
@@ -388,9 +389,8 @@ class SEAMTrainer:
             return
         # Drop log rows written after the checkpoint: those steps are recomputed.
         log_path = self.out / "log.jsonl"
-        rows = [ln for ln in log_path.read_text().splitlines() if ln.strip()] if log_path.exists() else []
-        kept = [ln for ln in rows if json.loads(ln)["step"] <= self.step]
-        log_path.write_text("".join(ln + "\n" for ln in kept))
+        kept = [row for _, row in read_records(log_path) if row["step"] <= self.step]
+        log_path.write_text("".join(json.dumps(row) + "\n" for row in kept))
         log.info("resumed from %s (step %d)", path, self.step)
 
     def _write_run_info(self) -> None:

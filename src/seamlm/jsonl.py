@@ -1,0 +1,41 @@
+"""Append-only JSON Lines files that a kill can cut mid-line (result rows, caches, per-step logs)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from seamlm.errors import DataError
+
+
+def drop_partial_tail(path: str | Path) -> None:
+    """Cut a last line that lacks its newline (a write cut off by a kill or a full disk), so the next append
+    starts on a line of its own."""
+    path = Path(path)
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    data = path.read_bytes()
+    if not data.endswith(b"\n"):
+        path.write_bytes(data[: data.rfind(b"\n") + 1])
+
+
+def read_records(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
+    """``(line number, object)`` for every non-blank line. A last line cut off before its newline is skipped (its
+    work is redone); any other line that is not JSON is an error naming the file and line."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    text = path.read_text(encoding="utf-8")
+    lines = text.splitlines()
+    out = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            out.append((i, json.loads(line)))
+        except json.JSONDecodeError:
+            if i == len(lines) and not text.endswith("\n"):
+                continue
+            raise DataError(f"{path}:{i} is not valid JSON: repair or delete that line") from None
+    return out
