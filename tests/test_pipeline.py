@@ -80,6 +80,12 @@ def test_demo_reuses_a_baseline_for_other_defense_settings(tiny_model_dir, tmp_p
     assert {r.cell for r in rows if r.model == "seam"} == {r.cell for r in base_rows if r.model == "seam"}
     seam_log = (trial / "models" / "seam" / "log.jsonl").read_text().splitlines()
     assert len(seam_log) == 3
+    # adaptive attacks on that demo find its aligned model and data in the baseline
+    from seamlm.adaptive import AdaptiveConfig, _demo
+
+    _, paths = _demo(AdaptiveConfig(demo_dir=str(trial)))
+    assert paths["aligned"] == base / "models" / "aligned" and paths["data"] == base / "data"
+    assert paths["seam"] == trial / "models" / "seam" / "model"
     with pytest.raises(ConfigError, match="attack_samples"):
         run_demo(tmp_path / "bad", cfg.replace(attack_samples=5, baseline_from=str(base)))
 

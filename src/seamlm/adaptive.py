@@ -16,7 +16,7 @@ from seamlm.errors import ConfigError
 from seamlm.evaluate.judges import get_judge
 from seamlm.finetune import FinetuneConfig
 from seamlm.models import is_saved_model
-from seamlm.pipeline import DemoConfig
+from seamlm.pipeline import DemoConfig, demo_paths
 from seamlm.recipes import RECIPES, make_recipe
 from seamlm.report import write_report
 from seamlm.results import ResultStore
@@ -25,8 +25,8 @@ from seamlm.sweep import SweepConfig, run_sweep
 
 log = logging.getLogger(__name__)
 
-#: Demo model labels -> path inside the demo directory, and the defence that made them.
-DEMO_MODELS = {"aligned": ("models/aligned", "none"), "seam": ("models/seam/model", "seam")}
+#: Demo model labels -> the defence that made them (their folders: ``pipeline.demo_paths``).
+DEMO_DEFENSES = {"aligned": "none", "seam": "seam"}
 
 
 @dataclass
@@ -63,23 +63,29 @@ class AdaptiveConfig(BaseConfig):
     """Coherence bound: benign perplexity ≤ ppl_factor × the unattacked model's."""
 
     def validate(self) -> None:
-        bad = [m for m in self.models if m not in DEMO_MODELS]
+        bad = [m for m in self.models if m not in DEMO_DEFENSES]
         unknown = [r for r in (*self.recipes, *self.sweep_recipes) if r not in RECIPES]
-        self._require([(not bad, f"models must be among {list(DEMO_MODELS)}, got {bad}"),
+        self._require([(not bad, f"models must be among {list(DEMO_DEFENSES)}, got {bad}"),
                        (not unknown, f"unknown recipes {unknown}; known: {', '.join(RECIPES)}"),
                        (bool(self.learning_rates) and min(self.learning_rates) > 0, "learning_rates must be > 0"),
                        (self.sweep_trials >= 0, "sweep_trials must be >= 0"),
                        (self.ppl_factor > 1, "ppl_factor must be > 1")])
 
 
-def _demo(cfg: AdaptiveConfig) -> DemoConfig:
+def _demo(cfg: AdaptiveConfig) -> tuple[DemoConfig, dict[str, Path]]:
+    """The finished demo's config and the paths of its data and models (which may live in its baseline)."""
     demo = Path(cfg.demo_dir)
     saved = demo / "demo_config.json"
-    missing = [m for m in cfg.models if not is_saved_model(demo / DEMO_MODELS[m][0])]
-    if not saved.is_file() or missing:
-        raise ConfigError(f"{demo} is not a finished demo (missing {'demo_config.json' if not saved.is_file() else missing});"
-                          f" run `seamlm demo --out {demo}` first (about 26 minutes)")
-    return DemoConfig.from_dict(json.loads(saved.read_text()), str(saved))
+    if not saved.is_file():
+        raise ConfigError(f"{demo} is not a demo directory (no demo_config.json); run `seamlm demo --out {demo}` "
+                          "first (about 26 minutes)")
+    demo_cfg = DemoConfig.from_dict(json.loads(saved.read_text()), str(saved))
+    paths = demo_paths(demo, demo_cfg)
+    missing = [str(paths[m]) for m in cfg.models if not is_saved_model(paths[m])]
+    if missing:
+        raise ConfigError(f"{demo} is not a finished demo (missing {', '.join(missing)}); run "
+                          f"`seamlm demo --out {demo}` to finish it")
+    return demo_cfg, paths
 
 
 def _same_data(demo_data: Path, bundle: BundleData) -> None:
@@ -98,14 +104,14 @@ def _same_data(demo_data: Path, bundle: BundleData) -> None:
 def run_adaptive(out_dir: str | Path, cfg: AdaptiveConfig) -> Path:
     """Run (or resume) the recipes and sweeps; returns the report's Markdown path."""
     out = Path(out_dir)
-    demo_cfg = _demo(cfg)
+    demo_cfg, paths = _demo(cfg)
     out.mkdir(parents=True, exist_ok=True)
     (out / "adaptive_config.json").write_text(json.dumps(
         {"config": cfg.to_dict(), "demo_config": demo_cfg.to_dict(), "versions": package_versions()}, indent=2))
     data_dir = out / "data"
     if not (data_dir / "manifest.json").is_file():
         bundle = build_bundle("offline-default", seed=demo_cfg.data_seed)
-        _same_data(Path(cfg.demo_dir) / "data", bundle)
+        _same_data(paths["data"], bundle)
         bundle.write(data_dir)
     bundle = load_built(data_dir)
     max_length = demo_cfg.max_length
@@ -114,7 +120,7 @@ def run_adaptive(out_dir: str | Path, cfg: AdaptiveConfig) -> Path:
     store = ResultStore(out / "results.jsonl")
     samples = demo_cfg.attack_samples
     grid = AttackConfig(learning_rates=cfg.learning_rates, num_samples=(samples,), max_length=max_length)
-    models = {label: (str(Path(cfg.demo_dir) / DEMO_MODELS[label][0]), DEMO_MODELS[label][1]) for label in cfg.models}
+    models = {label: (str(paths[label]), DEMO_DEFENSES[label]) for label in cfg.models}
     clock = StageClock(out / "timings.jsonl")  # seconds per stage, summed over resumed invocations
     # phase by phase over both models, so a run stopped early still compares them
     for label, (model, defense) in models.items():

@@ -143,6 +143,15 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def demo_paths(out_dir: str | Path, cfg: DemoConfig) -> dict[str, Path]:
+    """Where a demo keeps its data and models: the data and the aligned model live in the ``baseline_from`` demo
+    when it reuses one, the SEAM model always in its own folder."""
+    out = Path(out_dir)
+    base = Path(cfg.baseline_from) if cfg.baseline_from else out
+    return {"data": base / "data", "aligned": base / "models" / "aligned", "seam_run": out / "models" / "seam",
+            "seam": out / "models" / "seam" / "model"}
+
+
 def _banner(text: str) -> None:
     log.info("=" * 20 + f" {text} " + "=" * 20)
 
@@ -186,16 +195,17 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig, fresh: bool = False) -> Path:
     clock.lap("judge")
 
     base = _check_baseline(cfg) if cfg.baseline_from else out
+    paths = demo_paths(out, cfg)
 
     _banner("1/6 data")
-    data_dir = base / "data"
+    data_dir = paths["data"]
     if not (data_dir / "manifest.json").is_file():
         build_bundle("offline-default", seed=cfg.data_seed).write(data_dir)
     bundle = load_built(data_dir)
     clock.lap("data")
 
     _banner("2/6 align (refusal + benign SFT)")
-    aligned = base / "models" / "aligned"
+    aligned = paths["aligned"]
     if not is_saved_model(aligned):
         model, tok = load_model(cfg.model, dtype="float32")
         align_cfg = cfg.align_config()
@@ -206,7 +216,7 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig, fresh: bool = False) -> Path:
     clock.lap("align")
 
     _banner("3/6 defend (SEAM)")
-    seam = out / "models" / "seam"
+    seam = paths["seam_run"]
     if not is_saved_model(seam / "model"):
         model, tok = load_model(str(aligned), dtype="float32")
         trainer = SEAMTrainer(model, tok, cfg.defense_config(seam), harmful=bundle.streams["harmful"], refusal=bundle.streams["refusal"],
@@ -221,7 +231,7 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig, fresh: bool = False) -> Path:
         if base_store.settings_dir.is_dir():  # the copied rows' settings records, for a later mismatch message
             shutil.copytree(base_store.settings_dir, store.settings_dir, dirs_exist_ok=True)
     eval_cfg = cfg.demo_eval_config()
-    models = {"raw": (cfg.model, "none"), "aligned": (str(aligned), "none"), "seam": (str(seam / "model"), "seam")}
+    models = {"raw": (cfg.model, "none"), "aligned": (str(aligned), "none"), "seam": (str(paths["seam"]), "seam")}
 
     _banner("4/6 evaluate before attack")
     for label, (path, defense) in models.items():
