@@ -129,3 +129,10 @@ def test_sweep_config_errors(tmp_path):
     open_study(SweepConfig(trials=2), "m", tmp_path)
     with pytest.raises(ConfigError, match="another sweep config"):
         open_study(SweepConfig(trials=2, lr_max=1e-2), "m", tmp_path)
+    # the same sweep config over another training base or evaluation is another study too
+    context = {"model": "m", "train": {"max_length": 128}, "eval": {"hs_prompts": 32, "zs_tasks": ("arc_easy",)}}
+    open_study(SweepConfig(trials=2), "m", tmp_path, context)  # an older study adopts its context
+    open_study(SweepConfig(trials=3), "m", tmp_path, context)  # (tuples compare as stored lists)
+    with pytest.raises(ConfigError, match="run with other eval, train settings"):
+        open_study(SweepConfig(trials=3), "m", tmp_path, {**context, "train": {"max_length": 64},
+                                                          "eval": {"hs_prompts": 50, "zs_tasks": ("arc_easy",)}})

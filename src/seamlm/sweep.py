@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from seamlm.attack import attack_cell
+from seamlm.attack import attack_cell, manifest_digest
 from seamlm.config import BaseConfig
 from seamlm.data.bundles import BundleData
 from seamlm.errors import ConfigError
@@ -95,9 +95,13 @@ def _quiet_optuna() -> Any:
     return optuna
 
 
-def open_study(cfg: SweepConfig, label: str, out_dir: str | Path) -> Any:
+def open_study(cfg: SweepConfig, label: str, out_dir: str | Path, context: dict[str, Any] | None = None) -> Any:
     """The study in ``out_dir/sweep.db`` (created or loaded); trials left RUNNING by a killed process are failed
-    and their parameters enqueued again. One process per study at a time."""
+    and their parameters enqueued again. One process per study at a time.
+
+    ``context`` is what else made its trials' numbers (model, training base, evaluation, judge, data): a study is
+    resumed only with the same sweep config (``trials`` may grow) and the same context, so its trials and its best
+    trial never mix settings. A study from before contexts were stored adopts the current one."""
     optuna = _quiet_optuna()
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     name = cfg.study_name or label
@@ -111,6 +115,14 @@ def open_study(cfg: SweepConfig, label: str, out_dir: str | Path) -> Any:
         raise ConfigError(f"study '{name}' in {out_dir}/sweep.db was made with another sweep config; use another "
                           f"--out or --study_name, or the same settings to resume (only trials may grow)")
     study.set_user_attr("sweep_config", mine)
+    if context is not None:
+        context = json.loads(json.dumps(context, default=str))  # as storage returns it (tuples become lists)
+        before = study.user_attrs.get("sweep_context")
+        changed = sorted(k for k in {*(before or {}), *context} if (before or context).get(k) != context.get(k))
+        if changed:
+            raise ConfigError(f"study '{name}' in {out_dir}/sweep.db was run with other {', '.join(changed)} "
+                              f"settings; use another --out or --study_name, or the same settings to resume")
+        study.set_user_attr("sweep_context", context)
     # seeded by the trials so far: a resumed study seeded as before would replay its random start-up parameters
     study.sampler = optuna.samplers.TPESampler(seed=cfg.seed + len(study.trials), n_startup_trials=cfg.startup_trials)
     from optuna.trial import TrialState
@@ -134,7 +146,9 @@ def run_sweep(model_name: str, label: str, defense: str, bundle: BundleData, cfg
               store: ResultStore) -> Any:
     """Run trials until the study has ``cfg.trials`` finished ones; each trial is an attack cell in ``store``
     (cell ``sweep-<recipe>-<params digest>``). Writes ``sweep_trials.<label>.csv``. Returns the study."""
-    study = open_study(cfg, label, out_dir)
+    context = {"model": model_name, "train": base.to_dict(), "eval": eval_cfg.settings_dict(), "judge": judge.name,
+               "data": manifest_digest(bundle)}
+    study = open_study(cfg, label, out_dir, context)
     csv_path = Path(out_dir) / f"sweep_trials.{label.replace('/', '_')}.csv"
     missing = cfg.trials - finished_trials(study)
     if missing <= 0:
