@@ -74,6 +74,23 @@ def test_report_tables_and_plots_come_from_the_rows(tmp_path):
         assert num in values, num
 
 
+def test_columns_tell_apart_every_attack_setting_and_divergence_is_per_model():
+    """Two SFT attacks at one lr that differ in optimizer get two headers that say so; an attack that diverged on
+    one model marks that model's cells only."""
+    from seamlm.report import build_tables
+
+    rows = []
+    for model in ("aligned", "seam"):
+        for opt in ("adamw", "sgd"):
+            status = "diverged" if (model, opt) == ("seam", "sgd") else "ok"
+            att = {"lr": 2e-5, "seed": 0, "samples": 10, "optimizer": opt, "batch_size": 4, "status": status}
+            rows += [_row(model, f"sft-full-{opt}-lr2e-05", m, 1.0, attack=att) for m in ("hs", "zs_mean")]
+    table = next(iter(build_tables(rows).values()))
+    assert table[0] == ["model", "lr 2e-05 opt=adamw", "lr 2e-05 opt=sgd"]
+    assert table[1] == ["aligned", "1.0 / 1.0", "1.0 / 1.0"]
+    assert table[2] == ["seam", "1.0 / 1.0", "1.0 / 1.0 (diverged)"]
+
+
 def test_report_without_rows(tmp_path):
     with pytest.raises(DataError, match="no result rows"):
         write_report(tmp_path / "none.jsonl", tmp_path / "r")

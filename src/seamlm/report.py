@@ -24,38 +24,44 @@ def _fmt(v: float | None, digits: int = 1) -> str:
     return "nan" if math.isnan(v) else f"{v:.{digits}f}"
 
 
+#: Attack settings a column header names when they differ between the columns (lr and LoRA always show).
+_VARYING = (("samples", "n"), ("epochs", "ep"), ("seed", "seed"), ("optimizer", "opt"), ("batch_size", "b"),
+            ("max_grad_norm", "clip"), ("lr_scheduler", "sched"), ("warmup_ratio", "warmup"), ("lora_r", "r"))
+
+
 def _cells(rows: list[ResultRow]) -> list[tuple[str, dict]]:
-    """Columns in order: pre first, then attacks by (lora, lr, seed)."""
+    """Columns in order: pre first, then attacks by (lora, lr, the other settings). A cell's settings are the same
+    for every model (its key is made of them); its status is not, and is read per model."""
     attacks = {r.cell: r.attack for r in rows if r.cell != "pre"}
-    order = sorted(attacks, key=lambda c: (bool(attacks[c].get("lora")), attacks[c].get("lr", 0), attacks[c].get("seed", 0)))
+    order = sorted(attacks, key=lambda c: (bool(attacks[c].get("lora")), attacks[c].get("lr", 0),
+                                           [str(attacks[c].get(k)) for k, _ in _VARYING]))
     return ([("pre", {})] if any(r.cell == "pre" for r in rows) else []) + [(c, attacks[c]) for c in order]
 
 
 def _label(cell: str, attack: dict, varies: frozenset[str] = frozenset()) -> str:
-    """Column label; ``varies`` names the attack settings that differ between columns (samples, epochs, seed)."""
+    """Column label; ``varies`` names the attack settings that differ between columns (``_VARYING``)."""
     if cell == "pre":
         return "pre-attack"
     lab = f"lr {attack.get('lr', '?'):g}"
-    for key, short in (("samples", "n"), ("epochs", "ep"), ("seed", "seed")):
+    for key, short in _VARYING:
         if key in varies:
             lab += f" {short}={attack.get(key)}"
-    if attack.get("lora"):
-        lab = f"LoRA {lab}"
-    if attack.get("status") == "diverged":
-        lab += " (diverged)"
-    return lab
+    return f"LoRA {lab}" if attack.get("lora") else lab
 
 
 def build_tables(rows: list[ResultRow]) -> dict[str, list[list[str]]]:
     values: dict[tuple[str, str, str], float] = {(r.model, r.cell, r.metric): r.value for r in rows}
+    diverged = {(r.model, r.cell) for r in rows if r.attack.get("status") == "diverged"}
     models = list(dict.fromkeys(r.model for r in rows))
     cells = _cells(rows)
     judges = sorted({r.judge for r in rows if r.judge})
-    varies = frozenset(k for k in ("samples", "epochs", "seed") if len({a.get(k) for c, a in cells if c != "pre"}) > 1)
+    varies = frozenset(k for k, _ in _VARYING if len({str(a.get(k)) for c, a in cells if c != "pre"}) > 1)
     header = ["model"] + [_label(c, a, varies) for c, a in cells]
 
     def table(fmt) -> list[list[str]]:
-        return [header] + [[m] + [fmt(m, c) for c, _ in cells] for m in models]
+        # an attack whose loss went NaN is evaluated as it stands: its cells say so, for that model only
+        return [header] + [[m] + [fmt(m, c) + (" (diverged)" if (m, c) in diverged else "") for c, _ in cells]
+                           for m in models]
 
     def get(m, c, k):
         return values.get((m, c, k))
@@ -206,7 +212,8 @@ def _plots(rows: list[ResultRow], results_dir: Path, out: Path) -> list[str]:
             smooth = [sum(losses[max(0, i - w + 1):i + 1]) / len(losses[max(0, i - w + 1):i + 1]) for i in range(len(losses))]
             line, = ax.plot(range(1, len(losses) + 1), losses, linewidth=0.6, alpha=0.35)
             ax.plot(range(1, len(losses) + 1), smooth, color=line.get_color(), linewidth=1.5,
-                    label=f"{r.model} {_label(r.cell, r.attack)} (mean of last {w})")
+                    label=f"{r.model} {_label(r.cell, r.attack)} (mean of last {w})"
+                    + (" diverged" if r.attack.get("status") == "diverged" else ""))
     if seen:
         ax.set_xlabel("attack step")
         ax.set_ylabel("harmful answer CE")
