@@ -91,3 +91,12 @@ def test_beavertails_judge_code_path_on_a_local_tiny_classifier(tmp_path, tokeni
     assert judge.harmful_index == 1 and judge.name == "beavertails:clf"
     with pytest.raises(ConfigError, match="offline default is --judge minilm"):
         BeaverTailsJudge(model=str(tmp_path / "missing"))
+    # the evaluation reaches a local copy through judge_model (eval/attack: --judge_model DIR)
+    from seamlm.evaluate.metrics import EvalConfig
+
+    via_config = EvalConfig(judge="beavertails", judge_model=str(tmp_path / "clf")).make_judge()
+    assert via_config.name == "beavertails:clf"
+    assert via_config.score(["q1"], ["a harmful answer"]) == pytest.approx(scores[:1])
+    assert "judge_model" not in EvalConfig().settings_dict()  # results made before the field keep resuming
+    with pytest.raises(ConfigError, match="the keyword judge takes no model"):
+        EvalConfig(judge="keyword", judge_model=str(tmp_path / "clf"))

@@ -13,7 +13,6 @@ from seamlm.config import BaseConfig
 from seamlm.data.bundles import STREAM_FILES, BundleData, build_bundle, load_built
 from seamlm.data.splits import prompt_hash
 from seamlm.errors import ConfigError
-from seamlm.evaluate.judges import get_judge
 from seamlm.finetune import FinetuneConfig
 from seamlm.models import is_saved_model
 from seamlm.pipeline import DemoConfig, demo_paths
@@ -116,7 +115,7 @@ def run_adaptive(out_dir: str | Path, cfg: AdaptiveConfig) -> Path:
     bundle = load_built(data_dir)
     max_length = demo_cfg.max_length
     eval_cfg = demo_cfg.eval_config().replace(coupling_examples=0)  # the coupling figures cost a backward each
-    judge = get_judge(eval_cfg.judge)
+    judge = eval_cfg.make_judge()
     store = ResultStore(out / "results.jsonl")
     samples = demo_cfg.attack_samples
     grid = AttackConfig(learning_rates=cfg.learning_rates, num_samples=(samples,), max_length=max_length)

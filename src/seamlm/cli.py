@@ -185,7 +185,6 @@ def _split_overrides(extra: list[str], *prefixes: str) -> list[dict[str, str]]:
 
 def _eval_setup(args: argparse.Namespace, eval_over: dict[str, str]):
     from seamlm.data.bundles import resolve_data
-    from seamlm.evaluate.judges import get_judge
     from seamlm.evaluate.metrics import EvalConfig
     from seamlm.results import ResultStore
 
@@ -197,7 +196,7 @@ def _eval_setup(args: argparse.Namespace, eval_over: dict[str, str]):
     bundle = resolve_data(args.data, seed=args.data_seed)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "data_manifest.json").write_text(json.dumps(bundle.manifest, indent=2))
-    return cfg, bundle, get_judge(cfg.judge), ResultStore(Path(args.out) / "results.jsonl")
+    return cfg, bundle, cfg.make_judge(), ResultStore(Path(args.out) / "results.jsonl")
 
 
 def _run_eval(args: argparse.Namespace, extra: list[str]) -> int:

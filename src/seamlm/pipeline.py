@@ -19,7 +19,6 @@ from seamlm.config import BaseConfig
 from seamlm.data.bundles import build_bundle, load_built
 from seamlm.defense import DefenseConfig, SEAMTrainer
 from seamlm.errors import ConfigError
-from seamlm.evaluate.judges import get_judge
 from seamlm.evaluate.metrics import EvalConfig
 from seamlm.finetune import FinetuneConfig, finetune
 from seamlm.models import is_saved_model, load_model, save_model
@@ -82,6 +81,8 @@ class DemoConfig(BaseConfig):
     """SST-2 sentences FS is scored on."""
     judge: str = "minilm"
     """Harmfulness judge."""
+    judge_model: str = ""
+    """The judge's model (``EvalConfig.judge_model``: e.g. a local copy of the BeaverTails classifier)."""
     coupling_examples: int = 8
     """Attack and benign examples for the gradient-coupling figures."""
     baseline_from: str = ""
@@ -129,7 +130,7 @@ class DemoConfig(BaseConfig):
     def eval_config(self) -> EvalConfig:
         """The evaluation of every demo cell (HS, ZS, coherence, coupling; FS is switched on per model). Adaptive
         attacks on the demo's models reuse it so their numbers compare."""
-        return EvalConfig(judge=self.judge, hs_prompts=self.hs_prompts, zs_limit=self.zs_limit, zs_tasks=self.zs_tasks,
+        return EvalConfig(judge=self.judge, judge_model=self.judge_model, hs_prompts=self.hs_prompts, zs_limit=self.zs_limit, zs_tasks=self.zs_tasks,
                           coherence_examples=50, coupling_examples=self.coupling_examples, fs=False)
 
 
@@ -191,7 +192,7 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig, fresh: bool = False) -> Path:
                               f"stages would be reused. Pass --fresh to redo everything, or choose another --out.")
     saved.write_text(json.dumps(cfg.to_dict(), indent=2))
     clock = StageClock(out / "timings.jsonl")
-    judge = get_judge(cfg.judge)  # first: a judge that cannot load (no Hub) fails before any training
+    judge = cfg.eval_config().make_judge()  # first: a judge that cannot load (no Hub) fails before any training
     clock.lap("judge")
 
     base = _check_baseline(cfg) if cfg.baseline_from else out

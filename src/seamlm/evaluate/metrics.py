@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import inspect
 import logging
 import math
 import random
@@ -21,7 +22,7 @@ from seamlm.data.sources import load_source
 from seamlm.data.splits import prompt_hash
 from seamlm.defense.losses import answer_ce
 from seamlm.errors import ConfigError
-from seamlm.evaluate.judges import JUDGES, Judge
+from seamlm.evaluate.judges import JUDGES, Judge, get_judge
 from seamlm.evaluate.zeroshot import TASKS, MCItem, choice_loglikelihoods, score_items
 from seamlm.finetune import FinetuneConfig, finetune
 from seamlm.generation import generate_answers
@@ -35,6 +36,9 @@ class EvalConfig(BaseConfig):
 
     judge: str = "minilm"
     """Harmfulness judge: minilm (offline default), beavertails (Hub), keyword."""
+    judge_model: str = ""
+    """The judge's model, for a judge that takes one: for beavertails a Hub id or a local copy of the DeBERTa
+    classifier (offline clusters). Empty = the judge's default."""
     hs_prompts: int = 100
     """Held-out harmful prompts answered for HS (0 = all)."""
     max_new_tokens: int = 50
@@ -87,6 +91,8 @@ class EvalConfig(BaseConfig):
                               "(lm-eval's own tasks go in lm_eval_tasks)")
         if self.judge not in JUDGES:
             raise ConfigError(f"unknown judge '{self.judge}'; available: {', '.join(JUDGES)}")
+        if self.judge_model and "model" not in inspect.signature(JUDGES[self.judge]).parameters:
+            raise ConfigError(f"judge_model is set but the {self.judge} judge takes no model (beavertails does)")
         if self.fs and min(self.fs_train, self.fs_test, self.fs_steps) < 1:
             raise ConfigError("with fs on, fs_train, fs_test and fs_steps must be >= 1 (or set fs false)")
         if self.lm_eval_include_path and not self.lm_eval_tasks:
@@ -94,7 +100,11 @@ class EvalConfig(BaseConfig):
 
     #: Fields that only add metrics when set: left at their default they change no number, so they stay out of
     #: the results' settings digest and results made before the field existed still resume.
-    ADD_ON_FIELDS = ("lm_eval_tasks", "lm_eval_include_path", "lm_eval_limit")
+    ADD_ON_FIELDS = ("lm_eval_tasks", "lm_eval_include_path", "lm_eval_limit", "judge_model")
+
+    def make_judge(self) -> Judge:
+        """The configured judge, loaded (a judge that cannot load fails here, before any model runs)."""
+        return get_judge(self.judge, **({"model": self.judge_model} if self.judge_model else {}))
 
     def settings_dict(self) -> dict[str, Any]:
         """The fields that made the numbers, for the results' settings digest; with lm-eval tasks also its version
