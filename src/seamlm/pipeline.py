@@ -130,8 +130,9 @@ class DemoConfig(BaseConfig):
     def eval_config(self) -> EvalConfig:
         """The evaluation of every demo cell (HS, ZS, coherence, coupling; FS is switched on per model). Adaptive
         attacks on the demo's models reuse it so their numbers compare."""
-        return EvalConfig(judge=self.judge, judge_model=self.judge_model, hs_prompts=self.hs_prompts, zs_limit=self.zs_limit, zs_tasks=self.zs_tasks,
-                          coherence_examples=50, coupling_examples=self.coupling_examples, fs=False)
+        return EvalConfig(judge=self.judge, judge_model=self.judge_model, hs_prompts=self.hs_prompts,
+                          zs_limit=self.zs_limit, zs_tasks=self.zs_tasks, coherence_examples=50,
+                          coupling_examples=self.coupling_examples, fs=False)
 
 
 #: ``quick`` = the DemoConfig defaults (≤ 30 min on 2 CPU cores); ``full`` = the paper's lr grid, every attack
@@ -191,12 +192,11 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig, fresh: bool = False) -> Path:
             raise ConfigError(f"{out} holds a demo run with other settings ({', '.join(changed)} changed): its finished "
                               f"stages would be reused. Pass --fresh to redo everything, or choose another --out.")
     saved.write_text(json.dumps(cfg.to_dict(), indent=2))
+    base = _check_baseline(cfg) if cfg.baseline_from else out
+    paths = demo_paths(out, cfg)
     clock = StageClock(out / "timings.jsonl")
     judge = cfg.eval_config().make_judge()  # first: a judge that cannot load (no Hub) fails before any training
     clock.lap("judge")
-
-    base = _check_baseline(cfg) if cfg.baseline_from else out
-    paths = demo_paths(out, cfg)
 
     _banner("1/6 data")
     data_dir = paths["data"]
@@ -218,10 +218,11 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig, fresh: bool = False) -> Path:
 
     _banner("3/6 defend (SEAM)")
     seam = paths["seam_run"]
-    if not is_saved_model(seam / "model"):
+    if not is_saved_model(paths["seam"]):
         model, tok = load_model(str(aligned), dtype="float32")
-        trainer = SEAMTrainer(model, tok, cfg.defense_config(seam), harmful=bundle.streams["harmful"], refusal=bundle.streams["refusal"],
-                              benign=bundle.streams["benign"], run_info={"model": str(aligned)})
+        trainer = SEAMTrainer(model, tok, cfg.defense_config(seam), harmful=bundle.streams["harmful"],
+                              refusal=bundle.streams["refusal"], benign=bundle.streams["benign"],
+                              run_info={"model": str(aligned)})
         trainer.train(resume=latest_checkpoint(seam / "checkpoints") is not None)
     clock.lap("defend")
 
