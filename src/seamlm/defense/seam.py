@@ -48,7 +48,7 @@ from seamlm.defense.losses import answer_ce, harmful_forward, unlearn_loss
 from seamlm.distributed import DistContext, current_context
 from seamlm.errors import CheckpointError, ConfigError, DataError, NonFiniteLossError
 from seamlm.jsonl import read_records
-from seamlm.models import save_model
+from seamlm.models import is_saved_model, save_model
 from seamlm.runinfo import environment_info, fingerprint
 
 log = logging.getLogger(__name__)
@@ -283,7 +283,7 @@ class SEAMTrainer:
         if main:
             self.out.mkdir(parents=True, exist_ok=True)
         self.ctx.barrier()
-        finished = (self.out / "model" / "seamlm_run.json").is_file()
+        finished = is_saved_model(self.out / "model")
         if resume and finished:  # resuming would redo its last steps from a checkpoint and overwrite model/
             raise CheckpointError(f"{self.out} holds a finished run (model/): nothing to resume; choose another "
                                   "--out for a new run")
