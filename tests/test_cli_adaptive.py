@@ -61,7 +61,11 @@ def test_sweep_command_and_its_errors(tiny_model_dir, tmp_path, capsys):
 
 def test_adaptive_needs_a_finished_demo(tmp_path, capsys):
     assert main(["adaptive", "--out", str(tmp_path / "a"), "--demo_dir", str(tmp_path / "nodemo")]) == 2
-    assert "is not a finished demo" in capsys.readouterr().err
+    assert "is not a demo directory (no demo_config.json)" in capsys.readouterr().err
+    (tmp_path / "nodemo").mkdir()
+    (tmp_path / "nodemo" / "demo_config.json").write_text("{}")  # a demo stopped before its models were saved
+    assert main(["adaptive", "--out", str(tmp_path / "a"), "--demo_dir", str(tmp_path / "nodemo")]) == 2
+    assert "is not a finished demo (missing" in capsys.readouterr().err
     assert main(["adaptive", "--out", str(tmp_path / "a"), "--models", "raw"]) == 2
 
 
