@@ -1,6 +1,7 @@
 """SEAMTrainer on tiny random llamas: the coupling works, resume is exact, NaN stops cleanly."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -93,6 +94,7 @@ def test_resume_continues_the_same_trajectory(tokenizer, streams, tmp_path, unle
 
 def test_resume_with_changed_config_is_refused(tokenizer, streams, tmp_path):
     _trainer(tokenizer, streams, tmp_path, steps=4, checkpoint_every=2).train()
+    shutil.rmtree(tmp_path / "model")  # killed after its step-2 checkpoint
     with pytest.raises(CheckpointError, match="beta"):
         _trainer(tokenizer, streams, tmp_path, steps=4, checkpoint_every=2, beta=0.3).train(resume=True)
     with pytest.raises(CheckpointError, match="--resume"):
