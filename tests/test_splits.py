@@ -43,6 +43,26 @@ def test_category_holdout_keeps_categories_out_of_defense():
         assign_splits(_examples(9), {"defense": 1.0}, seed=0, holdout_categories=["a"])
 
 
+def test_category_holdout_is_by_prompt_and_refuses_unknown_categories():
+    """A prompt with rows in a held-out and a kept category is held out whole (else its rows would straddle the
+    split); a category that matches nothing (a typo) is an error listing the real ones."""
+    rows = [Example("Same prompt?", "x", "bias"), Example("same prompt", "y", "representational"),
+            Example("Other?", "z", "representational")]
+    s = assign_splits(rows, {"defense": 0.5, "attack": 0.5}, seed=0, holdout_categories=["bias"])
+    assert [e.response for e in s["defense"]] == ["z"] and sorted(e.response for e in s["attack"]) == ["x", "y"]
+    check_disjoint(s)
+    with pytest.raises(DataError, match="\\['self-harm'\\] match no row; the categories are: bias, representational"):
+        assign_splits(rows, {"defense": 0.5, "attack": 0.5}, seed=0, holdout_categories=["self-harm"])
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_offline_default_builds_disjoint_for_other_seeds(seed):
+    """PIQA repeats goals: the held-out and attacker benign sets skip those of B whatever the shuffle."""
+    b = build_bundle("offline-default", seed=seed)
+    assert len(b.streams["benign_heldout"]) == 100 and len(b.streams["attack_benign"]) == 200
+    check_disjoint({k: b.streams[k] for k in ("benign", "benign_heldout", "attack_benign")})
+
+
 def test_check_disjoint_detects_leakage():
     with pytest.raises(DataError, match="defense&eval"):
         check_disjoint({"defense": [Example("How?", "x")], "eval": [Example("how", "")]})

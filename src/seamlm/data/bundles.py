@@ -153,10 +153,16 @@ def _offline_default(seed: int = 0, holdout_categories: tuple[str, ...] = (),
     piqa = load_source("piqa-benign")
     random.Random(seed).shuffle(piqa)
     benign = load_source("forgelm-chat") + piqa[:benign_piqa]
-    heldout = piqa[benign_piqa:benign_piqa + benign_heldout]
-    seen_benign = hashes(benign) | hashes(heldout)  # PIQA repeats some goals: skip those
-    attacker_benign = [e for e in piqa[benign_piqa + benign_heldout:]
-                       if prompt_hash(e.prompt) not in seen_benign][:attack_benign]
+    # PIQA repeats some goals: each later set skips the goals of the sets before it
+    seen_benign, heldout, rest = hashes(benign), [], piqa[benign_piqa:]
+    for i, e in enumerate(rest):
+        if len(heldout) == benign_heldout:
+            rest = rest[i:]
+            break
+        if prompt_hash(e.prompt) not in seen_benign:
+            heldout.append(e)
+    seen_benign |= hashes(heldout)
+    attacker_benign = [e for e in rest if prompt_hash(e.prompt) not in seen_benign][:attack_benign]
 
     streams = {
         "harmful": split["defense"],

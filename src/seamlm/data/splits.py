@@ -42,8 +42,9 @@ def assign_splits(
     """Partition examples into named splits by prompt (never splitting one prompt's rows across splits).
 
     Without ``holdout_categories`` each prompt lands in split s with probability ``fractions[s]``. With them (the
-    paper's cross-category test) prompts of a held-out category never reach ``train_split``; they are shared among
-    the other splits in proportion to their fractions, and all other prompts go to ``train_split``.
+    paper's cross-category test) prompts with a row of a held-out category never reach ``train_split``; they are
+    shared among the other splits in proportion to their fractions, and all other prompts go to ``train_split``. A
+    held-out category that matches no row is an error (a typo would otherwise hold nothing out).
     """
     total = sum(fractions.values())
     if not fractions or total <= 0 or any(f < 0 for f in fractions.values()):
@@ -53,10 +54,18 @@ def assign_splits(
     if holdout and (train_split not in fractions or not others or sum(others.values()) <= 0):
         raise DataError(f"a category hold-out needs '{train_split}' and at least one other split with a fraction > 0")
     out: dict[str, list[Example]] = {k: [] for k in fractions}
+    examples = list(examples)
+    held: set[str] = set()  # prompts with a row in a held-out category: all their rows are held out
+    if holdout:
+        known = {(e.category or "").casefold() for e in examples}
+        if holdout - known:
+            raise DataError(f"held-out categor(ies) {sorted(holdout - known)} match no row; the categories are: "
+                            f"{', '.join(sorted(c for c in known if c))}")
+        held = {prompt_hash(e.prompt) for e in examples if (e.category or "").casefold() in holdout}
     for e in examples:
         h = prompt_hash(e.prompt)
         if holdout:
-            if (e.category or "").casefold() in holdout:
+            if h in held:
                 out[_pick(others, _unit(seed, h))].append(e)
             else:
                 out[train_split].append(e)
