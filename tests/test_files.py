@@ -35,6 +35,15 @@ def test_bad_files(tmp_path, name, content, match):
     assert name in str(info.value)
 
 
+def test_byte_order_mark_and_unicode_line_separators(tmp_path):
+    """Excel's "CSV UTF-8" starts with a BOM (the first column is still ``prompt``); a JSON string may hold U+2028,
+    which is not a JSONL line break."""
+    (tmp_path / "excel.csv").write_bytes("prompt,response\nq,a\n".encode("utf-8-sig"))
+    assert [(e.prompt, e.response) for e in load_examples(tmp_path / "excel.csv")] == [("q", "a")]
+    (tmp_path / "sep.jsonl").write_text('{"prompt": "line\u2028two", "response": "r\u0085s"}\n', encoding="utf-8")
+    assert [(e.prompt, e.response) for e in load_examples(tmp_path / "sep.jsonl")] == [("line\u2028two", "r\u0085s")]
+
+
 def test_non_utf8(tmp_path):
     path = tmp_path / "latin1.csv"
     path.write_bytes("prompt,response\ncafé,ok\n".encode("latin-1"))

@@ -108,9 +108,17 @@ def test_bundle_write_and_reload_round_trip(bundle, tmp_path):
         load_built(tmp_path)
 
 
-def test_not_a_bundle_dir(tmp_path):
+def test_not_a_bundle_dir(tmp_path, bundle):
+    from seamlm.data.bundles import resolve_data
+
     with pytest.raises(DataError, match="seamlm data build"):
         load_built(tmp_path)
+    with pytest.raises(DataError, match="data/offline-defualt: no such directory, and not a bundle name"):
+        resolve_data("data/offline-defualt")
+    bundle.write(tmp_path / "b")
+    (tmp_path / "b" / "manifest.json").write_text('{"seed": 0,')  # cut off
+    with pytest.raises(DataError, match="manifest.json is not valid JSON"):
+        load_built(tmp_path / "b")
 
 
 def test_refusal_templates_are_varied_deterministic_and_detected():

@@ -27,7 +27,7 @@ def read_records(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
     if not path.exists():
         return []
     text = path.read_text(encoding="utf-8")
-    lines = text.splitlines()
+    lines = text.split("\n")  # not splitlines(): U+2028 and U+0085 are legal inside a JSON string
     out = []
     for i, line in enumerate(lines, 1):
         if not line.strip():

@@ -95,7 +95,11 @@ def load_built(directory: str | Path) -> BundleData:
     if len(h) != len(r) or any(prompt_hash(a.prompt) != prompt_hash(b.prompt) for a, b in zip(h, r, strict=False)):
         raise DataError(f"{d}: {STREAM_FILES['refusal']} must hold the prompts of {STREAM_FILES['harmful']} row by "
                         f"row; rebuild the bundle")
-    return BundleData(streams, json.loads((d / MANIFEST).read_text()))
+    try:
+        manifest = json.loads((d / MANIFEST).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{d / MANIFEST} is not valid JSON ({exc}); rebuild the bundle with `seamlm data build`") from None
+    return BundleData(streams, manifest)
 
 
 def resolve_data(spec: str, seed: int = 0) -> BundleData:
@@ -106,6 +110,9 @@ def resolve_data(spec: str, seed: int = 0) -> BundleData:
     """
     if Path(spec).is_dir():
         return load_built(spec)
+    if spec not in BUNDLES:
+        raise DataError(f"--data {spec}: no such directory, and not a bundle name (available: "
+                        f"{', '.join(sorted(BUNDLES))}); give a folder written by `seamlm data build` or a name")
     return build_bundle(spec, seed=seed)
 
 

@@ -40,7 +40,7 @@ def read_rows(path: str | Path) -> list[dict]:
         except Exception as exc:  # pyarrow raises several types for corrupt files
             raise DataError(f"{path} is not a readable Parquet file ({exc})") from None
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # -sig: Excel's "CSV UTF-8" starts with a byte-order mark
     except UnicodeDecodeError as exc:
         raise DataError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}); re-save it as UTF-8") from None
     if suffix == ".json" and text.lstrip().startswith("["):
@@ -53,7 +53,7 @@ def read_rows(path: str | Path) -> list[dict]:
         return rows
     if suffix in (".jsonl", ".json"):
         rows = []
-        for lineno, line in enumerate(text.splitlines(), 1):
+        for lineno, line in enumerate(text.split("\n"), 1):  # not splitlines(): U+2028 may sit inside a string
             if not line.strip():
                 continue
             try:
