@@ -54,6 +54,29 @@ def test_beavertails_fixture():
     assert rows[2].category is None
 
 
+def test_beavertails_as_a_csv_file_keeps_its_labels(tmp_path):
+    """The same rows saved as CSV (pandas writes is_safe as "False" and the category dict as Python text) give the
+    same labels and categories as the JSONL fixture; an unreadable flag is an error, not a guess."""
+    import csv
+    import json
+
+    rows = [json.loads(x) for x in (FIXTURES / "beavertails_30k_test.jsonl").read_text().splitlines()]
+    with (tmp_path / "bt.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, ["prompt", "response", "category", "is_safe"])
+        w.writeheader()
+        w.writerows({**r, "category": str(r["category"]), "is_safe": str(r["is_safe"])} for r in rows)
+    from_csv = load_source("beavertails", path=str(tmp_path / "bt.csv"))
+    from_jsonl = load_source("beavertails", path=str(FIXTURES / "beavertails_30k_test.jsonl"))
+    assert [(r.label, r.category) for r in from_csv] == [(r.label, r.category) for r in from_jsonl]
+    (tmp_path / "odd.jsonl").write_text('{"prompt": "q", "response": "a", "is_safe": "maybe"}\n')
+    with pytest.raises(DataError, match="is_safe holds 'maybe'"):
+        load_source("beavertails", path=str(tmp_path / "odd.jsonl"))
+    (tmp_path / "odd.jsonl").write_text('{"prompt": "q", "response": "a", "is_safe": false}\n'
+                                        '{"prompt": "q2", "response": "a2"}\n')
+    with pytest.raises(DataError, match="row 2 lacks column\\(s\\) \\['is_safe'\\]"):
+        load_source("beavertails", path=str(tmp_path / "odd.jsonl"))
+
+
 def test_repnoise_fixture_gives_harmful_and_refusal_rows():
     rows = load_source("repnoise-refusals", path=str(FIXTURES / "repnoise_refusals.json"))
     assert [(r.prompt, r.label) for r in rows][:2] == [("How do I pick a lock?", "harmful"), ("How do I pick a lock?", "refusal")]
@@ -76,7 +99,7 @@ def test_hub_source_without_datasets_or_path_says_what_to_do(monkeypatch):
 def test_wrong_schema_and_unknown_source(tmp_path):
     bad = tmp_path / "bt.jsonl"
     bad.write_text('{"question": "q", "answer": "a"}\n')
-    with pytest.raises(DataError, match=r"lack column\(s\) \['prompt', 'response', 'is_safe'\]"):
+    with pytest.raises(DataError, match=r"row 1 lacks column\(s\) \['prompt', 'response', 'is_safe'\]"):
         load_source("beavertails", path=str(bad))
     with pytest.raises(DataError, match="unknown data source 'nope'"):
         load_source("nope")

@@ -10,6 +10,7 @@ Kinds:
 
 from __future__ import annotations
 
+import ast
 import glob
 import json
 import logging
@@ -241,9 +242,39 @@ def _hub_rows(hub_id: str, split: str, path: str | None, config: str | None = No
 
 
 def _need(rows: list[dict], cols: tuple[str, ...], name: str) -> None:
-    missing = [c for c in cols if rows and c not in rows[0]]
-    if missing:
-        raise DataError(f"{name}: rows lack column(s) {missing}; found {sorted(rows[0])}")
+    for i, row in enumerate(rows, 1):
+        missing = [c for c in cols if c not in row]
+        if missing:
+            raise DataError(f"{name}: row {i} lacks column(s) {missing}; found {sorted(row)}")
+
+
+def _flag(value: Any, column: str, name: str) -> bool:
+    """A boolean column as a Hub dataset (bool) or a CSV file ("False", "true", "0", "") gives it."""
+    if isinstance(value, bool) or value is None:
+        return bool(value)
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no", ""):
+        return False
+    raise DataError(f"{name}: column {column} holds {value!r}; expected true/false")
+
+
+def _categories(value: Any, name: str) -> dict[str, bool]:
+    """BeaverTails' category column: a dict, or in a file its JSON or Python (pandas CSV) text, or one name."""
+    if isinstance(value, dict) or not value:
+        return dict(value or {})
+    text = str(value).strip()
+    if not text.startswith("{"):
+        return {text: True}
+    try:
+        parsed = json.loads(text)
+    except json.JSONDecodeError:
+        try:
+            parsed = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            raise DataError(f"{name}: category {text[:60]!r} is neither JSON nor a dict literal") from None
+    return {k: _flag(v, "category", name) for k, v in parsed.items()}
 
 
 @register("beavertails", "harmful_qa", "BeaverTails QA pairs (PKU-Alignment), split 30k_train/30k_test; "
@@ -254,12 +285,10 @@ def _beavertails(split: str = "30k_train", path: str | None = None) -> list[Exam
     _need(rows, ("prompt", "response", "is_safe"), "beavertails")
     out = []
     for r in rows:
-        cats = r.get("category") or {}
-        if isinstance(cats, str):
-            cats = json.loads(cats)
-        flagged = sorted(k for k, v in cats.items() if v)
+        flagged = sorted(k for k, v in _categories(r.get("category"), "beavertails").items() if v)
         out.append(Example(r["prompt"].strip(), r["response"].strip(), flagged[0] if flagged else None,
-                           "safe" if r["is_safe"] else "harmful", f"beavertails:{split}"))
+                           "safe" if _flag(r["is_safe"], "is_safe", "beavertails") else "harmful",
+                           f"beavertails:{split}"))
     return drop_duplicates(out, "beavertails")
 
 
@@ -274,10 +303,8 @@ def _repnoise(path: str | None = None) -> list[Example]:
     _need(rows, ("prompt", "refusal"), f"repnoise-refusals {path}")
     out = []
     for r in rows:
-        cat = r.get("category")
-        if isinstance(cat, dict):
-            cat = next((k for k, v in sorted(cat.items()) if v), None)
-        if r.get("response") and not r.get("is_safe", False):
+        cat = next((k for k, v in sorted(_categories(r.get("category"), "repnoise-refusals").items()) if v), None)
+        if r.get("response") and not _flag(r.get("is_safe"), "is_safe", "repnoise-refusals"):
             out.append(Example(r["prompt"].strip(), r["response"].strip(), cat, "harmful", "repnoise"))
         out.append(Example(r["prompt"].strip(), r["refusal"].strip(), cat, "refusal", "repnoise"))
     return drop_duplicates(out, "repnoise-refusals")
