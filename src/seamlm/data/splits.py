@@ -18,7 +18,8 @@ _NON_WORD = re.compile(r"[^\w]+", re.UNICODE)
 
 
 def normalize_prompt(text: str) -> str:
-    """Case-, accent-width-, punctuation- and whitespace-insensitive form used for de-duplication and leakage checks."""
+    """Case-, width- (NFKC), punctuation- and whitespace-insensitive form (accents kept) used for de-duplication
+    and leakage checks."""
     text = unicodedata.normalize("NFKC", text).casefold()
     return _NON_WORD.sub(" ", text).strip()
 

@@ -113,7 +113,8 @@ class SEAMTrainer:
         self.data_fingerprint = fingerprint({k: [e.input_ids for e in v] for k, v in self.data.items()})
         aligned = _row_aligned(examples["harmful"], examples["refusal"])
         if not aligned:
-            log.info("H and R are not row-aligned (different prompts or lengths): they are sampled independently")
+            log.warning("H and R are not row-aligned (R row i does not refuse the prompt of H row i for every row): "
+                        "they are sampled independently; give R in H's order to pair them")
         self.samplers = {
             "harmful": StreamSampler(len(self.data["harmful"]), config.seed, "harmful"),
             "refusal": StreamSampler(len(self.data["refusal"]), config.seed, "harmful" if aligned else "refusal"),
