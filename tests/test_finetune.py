@@ -49,3 +49,43 @@ def test_bad_lora_targets_and_values(tokenizer):
         finetune(make_model(len(tokenizer)), tokenizer, HARMFUL, FinetuneConfig(lora=True, lora_target_modules=("c_attn",)))
     with pytest.raises(ConfigError, match="lr must be > 0"):
         FinetuneConfig.from_dict({"lr": 0})
+
+
+def test_a_non_finite_gradient_stops_before_the_update(tokenizer):
+    """A finite loss with an inf/NaN gradient (here injected at step 2) must not reach the weights: the error
+    carries the model as it was after step 1."""
+    from seamlm.finetune import TrainingHooks
+
+    snapshot = {}
+
+    def poison(model, params, step):
+        if step == 2:
+            snapshot.update({n: p.detach().clone() for n, p in model.named_parameters()})
+            params[0].grad[0, 0] = float("nan")
+        return {}
+
+    model = make_model(len(tokenizer))
+    with pytest.raises(NonFiniteLossError, match="gradient norm became nan at step 2") as info:
+        finetune(model, tokenizer, HARMFUL, FinetuneConfig(lr=1e-3, batch_size=2),
+                 hooks=TrainingHooks(transform_gradients=poison))
+    assert len(info.value.losses) == 1
+    assert all(torch.equal(p, snapshot[n]) for n, p in info.value.model.named_parameters())
+
+
+def test_logged_lr_is_the_rate_each_step_used_and_constant_refuses_warmup(tokenizer):
+    res = finetune(make_model(len(tokenizer)), tokenizer, HARMFUL,
+                   FinetuneConfig(lr=1e-3, batch_size=4, lr_scheduler="linear", warmup_ratio=0.0))
+    lrs = [r["lr"] for r in res.logs]
+    assert lrs[0] == pytest.approx(1e-3) and lrs[-1] > 0 and lrs == sorted(lrs, reverse=True)
+    with pytest.raises(ConfigError, match="constant has no warm-up"):
+        FinetuneConfig(lr_scheduler="constant", warmup_ratio=0.1)
+
+
+def test_fs_trains_every_weight_of_a_model_an_attack_left_frozen(tokenizer):
+    """A LoRA attack's merged model comes back with its weights frozen; FS must still fine-tune all of them."""
+    from seamlm.evaluate.metrics import EvalConfig, benign_finetune_accuracy
+
+    model = make_model(len(tokenizer)).requires_grad_(False)
+    out = benign_finetune_accuracy(model, tokenizer, EvalConfig(fs=True, fs_train=8, fs_test=4, fs_steps=1))
+    assert 0 <= out["fs_accuracy"] <= 100 and out["fs_test"] == 4
+    assert not any(p.requires_grad for p in model.parameters())  # the evaluated model itself is untouched

@@ -75,6 +75,9 @@ class FinetuneConfig(BaseConfig):
             (self.lr > 0, "lr must be > 0"), (self.epochs >= 1, "epochs must be >= 1"),
             (self.max_steps >= 0, "max_steps must be >= 0"), (self.batch_size >= 1, "batch_size must be >= 1"),
             (0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"), (self.max_length >= 16, "max_length must be >= 16"),
+            (self.lr_scheduler != "constant" or self.warmup_ratio == 0,
+             "lr_scheduler constant has no warm-up (transformers ignores it): set warmup_ratio 0 or use "
+             "constant_with_warmup"),
             (self.lora_r >= 1, "lora_r must be >= 1"),
             (self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm must be > 0 or None"),
             (all(i >= 0 for i in self.lora_layers), "lora_layers are layer indices >= 0"),
@@ -197,23 +200,24 @@ def finetune(
                     loss = answer_ce(model, batch)
                 value = loss.item()
             if not math.isfinite(value):
-                err = NonFiniteLossError(f"{desc}: loss became {value} at step {step} (lr={cfg.lr})")
-                # the weights before this step and the losses so far, so a caller can still evaluate the model
-                err.model = model.merge_and_unload() if cfg.lora else model
-                err.losses, err.logs = losses, logs
-                raise err
+                raise _diverged(f"{desc}: loss became {value} at step {step} (lr={cfg.lr})", model, cfg, losses, logs)
             if not ctx.distributed:
                 loss.backward()
             if hooks.transform_gradients:
                 extra.update(hooks.transform_gradients(model, params, step))
             if cfg.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            else:
+                norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+            if not torch.isfinite(norm):  # a finite loss can still give inf/NaN gradients: stop before the update
+                raise _diverged(f"{desc}: gradient norm became {norm.item()} at step {step} (lr={cfg.lr})", model,
+                                cfg, losses, logs)
+            lr = sched.get_last_lr()[0]  # the rate this step uses
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
             losses.append(value)
-            logs.append({"step": step, "loss": value, "lr": sched.get_last_lr()[0], **extra,
-                         "step_time": time.perf_counter() - t_step})
+            logs.append({"step": step, "loss": value, "lr": lr, **extra, "step_time": time.perf_counter() - t_step})
             if logf:
                 logf.write(json.dumps(logs[-1]) + "\n")
                 logf.flush()
@@ -229,6 +233,16 @@ def finetune(
         err.model, err.losses, err.logs = model, losses, logs
         raise err
     return FinetuneResult(model, losses, len(plan), logs)
+
+
+def _diverged(message: str, model: Any, cfg: FinetuneConfig, losses: list[float],
+              logs: list[dict[str, float]]) -> NonFiniteLossError:
+    """The error a diverged run raises, carrying the weights before the failed step and the losses so far, so a
+    caller can still evaluate the model."""
+    err = NonFiniteLossError(message)
+    err.model = model.merge_and_unload() if cfg.lora else model
+    err.losses, err.logs = losses, logs
+    return err
 
 
 def _data_parallel_backward(model: Any, params: list[torch.nn.Parameter], rows: list, local: list[int], pad: int,

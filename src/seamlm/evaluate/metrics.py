@@ -214,7 +214,8 @@ def benign_finetune_accuracy(model: Any, tokenizer: Any, cfg: EvalConfig) -> dic
                     len(train) + len(test), len(train), len(test), cfg.fs_train, cfg.fs_test)
     ft_cfg = FinetuneConfig(lr=2e-5, batch_size=8, max_steps=cfg.fs_steps, epochs=max(1, cfg.fs_steps * 8 // len(train) + 1),
                             lr_scheduler="constant", warmup_ratio=0.0, weight_decay=0.0, seed=cfg.seed, max_length=128)
-    tuned = finetune(copy.deepcopy(model), tokenizer, train, ft_cfg, desc="FS (SST-2)").model
+    copy_ = copy.deepcopy(model).requires_grad_(True)  # FS trains every weight, whatever an attack froze (LoRA)
+    tuned = finetune(copy_, tokenizer, train, ft_cfg, desc="FS (SST-2)").model
     items = [MCItem((prompt_text(tokenizer, SST2_QUESTION.format(sentence=r["sentence"].strip())),),
                     ("negative", "positive"), int(r["label"]), delimiter="") for r in test]
     acc = score_items(items, choice_loglikelihoods(tuned, tokenizer, items, cfg.zs_batch_size, desc="FS scoring"))["acc"]
