@@ -5,6 +5,7 @@ plain ``python`` for the single-process reference. Usage: ``dist_worker.py OUT O
 """
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -35,6 +36,20 @@ def main() -> int:
     if overrides.pop("_mode", None) == "finetune":
         return finetune_main(out, overrides)
     kill_at = int(sys.argv[3]) if len(sys.argv) > 3 and sys.argv[3] != "--resume" else 0
+    fail = overrides.pop("_fail_rank_save_at", None)  # [rank, step]: that rank's checkpoint write hits a full disk
+    if fail is not None and int(os.environ.get("RANK", "0")) == fail[0]:
+        import errno
+
+        import seamlm.checkpoint as checkpoint
+
+        real_save = checkpoint.torch.save
+
+        def full_disk(obj, path, *a, **k):
+            if Path(path).name.startswith("rank-") and f"{fail[1]:07d}" in str(path):
+                raise OSError(errno.ENOSPC, "No space left on device", str(path))
+            return real_save(obj, path, *a, **k)
+
+        checkpoint.torch.save = full_disk
     tok = make_tokenizer()
     model = make_model(len(tok), dtype=torch.float64)
     cfg = DefenseConfig(**{"steps": 3, "beta": 1.0, "lr": 1e-3, "batch_size": 2, "max_length": 48, "epsilon": 1e-4,

@@ -87,8 +87,22 @@ def test_two_process_run_resumes_after_a_kill(tmp_path, sharded):
     for a, b in zip(_log(whole), _log(killed), strict=True):
         assert b["cos_g_a_g_b"] == pytest.approx(a["cos_g_a_g_b"], rel=1e-9)
     # a checkpoint of 2 processes cannot be resumed by 1: a clear error, not a silent mix
+    shutil.rmtree(killed / "run" / "model")  # (as if the run had died again after step 2; a finished one is not resumed)
     with pytest.raises(AssertionError, match="written by 2 process"):
         _run(killed, cfg, 1, "--resume")
+
+
+def test_a_checkpoint_failing_on_one_rank_stops_every_rank_and_keeps_the_last_one(tmp_path):
+    """Rank 1's part of the step-4 checkpoint hits a full disk: both ranks stop with the checkpoint error (none
+    hangs at a barrier), the step-2 checkpoint stays whole, and the run resumes from it. The replicated optimizer
+    state is stored once, by rank 0."""
+    _run(tmp_path, {"steps": 6, "checkpoint_every": 2, "_fail_rank_save_at": [1, 4]}, 2, expect_rc=1)
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-0000002"]
+    assert "optimizer" not in torch.load(ckpts / "step-0000002" / "rank-00001.pt", weights_only=False)
+    assert "optimizer" in torch.load(ckpts / "step-0000002" / "checkpoint.pt", weights_only=False)
+    _run(tmp_path, {"steps": 6, "checkpoint_every": 2}, 2, "--resume")
+    assert [r["step"] for r in _log(tmp_path)] == list(range(1, 7))
 
 
 def test_defend_cli_runs_unchanged_under_accelerate_launch(tiny_model_dir, data_files, tmp_path):

@@ -63,16 +63,35 @@ def save_checkpoint(root: Path, step: int, state: dict[str, Any] | None, keep: i
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
         ctx.barrier()
-        torch.save(rank_state, tmp / rank_file(ctx.rank))
-        ctx.barrier()
-        if ctx.is_main:
-            _commit(root, step, state, keep, tmp, final)
-        ctx.barrier()
+        failure: Exception | None = None
+        try:
+            torch.save(rank_state, tmp / rank_file(ctx.rank))
+        except OSError as exc:
+            failure = _write_error(root, step, exc)
+        # every rank learns of a failure on any rank, so none waits at a barrier for a checkpoint that never comes
+        if not ctx.any(failure is not None) and ctx.is_main:
+            try:
+                _commit(root, step, state, keep, tmp, final)
+            except CheckpointError as exc:
+                failure = exc
+        if ctx.any(failure is not None):
+            if ctx.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise failure or CheckpointError(f"the checkpoint for step {step} failed on another rank (see its "
+                                             f"error); earlier checkpoints are intact")
         return final
     root.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     return _commit(root, step, state, keep, tmp, final)
+
+
+def _write_error(root: Path, step: int, exc: OSError) -> CheckpointError:
+    last = latest_checkpoint(root)
+    reason = "the disk is full" if exc.errno == errno.ENOSPC else str(exc)
+    return CheckpointError(f"could not write the checkpoint for step {step} to {root}: {reason}. "
+                           f"Earlier checkpoints are intact (latest: {last or 'none'}); free space and rerun with "
+                           "--resume.")
 
 
 def _commit(root: Path, step: int, state: dict[str, Any] | None, keep: int, tmp: Path, final: Path) -> Path:
@@ -83,12 +102,7 @@ def _commit(root: Path, step: int, state: dict[str, Any] | None, keep: int, tmp:
         os.replace(tmp, final)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        last = latest_checkpoint(root)
-        reason = "the disk is full" if exc.errno == errno.ENOSPC else str(exc)
-        raise CheckpointError(
-            f"could not write the checkpoint for step {step} to {root}: {reason}. "
-            f"Earlier checkpoints are intact (latest: {last or 'none'}); free space and rerun with --resume."
-        ) from exc
+        raise _write_error(root, step, exc) from exc
     for old in list_checkpoints(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -52,6 +52,10 @@ class DistContext:
         t = torch.tensor([value], dtype=torch.float64, device=self._wire_device())
         return self.all_reduce_mean_(t).item()
 
+    def any(self, flag: bool) -> bool:
+        """Whether ``flag`` is true on any rank (every rank gets the answer: a collective, so also a barrier)."""
+        return self.mean(1.0 if flag else 0.0) > 0
+
     def all_gather_into(self, out: torch.Tensor, shard: torch.Tensor) -> torch.Tensor:
         """``out`` (``world_size × shard.numel()``) ← every rank's ``shard``, in rank order."""
         if self.distributed:

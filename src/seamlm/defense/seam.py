@@ -353,8 +353,10 @@ class SEAMTrainer:
         per_rank = {"rng": rng_state(), "optimizer": self.optimizer.state_dict()}
         if not self.ctx.distributed:
             state.update(per_rank)
-        elif self.ctx.is_main and not self.sharded:
-            state["optimizer"] = per_rank.pop("optimizer")  # identical on every rank: stored once
+        elif not self.sharded:
+            optimizer = per_rank.pop("optimizer")  # identical on every rank: stored once, by rank 0
+            if self.ctx.is_main:
+                state["optimizer"] = optimizer
         self.last_checkpoint = save_checkpoint(self.out / "checkpoints", self.step, state,
                                                self.config.keep_checkpoints, ctx=self.ctx, rank_state=per_rank)
         return self.last_checkpoint
