@@ -102,6 +102,10 @@ def test_anchored_loss_is_the_weighted_sum(tokenizer):
     assert loss.item() == pytest.approx(h + 0.7 * b, rel=1e-6)
     assert extra == pytest.approx({"harmful_ce": h, "benign_ce": b}, rel=1e-6)
     assert make_recipe("anchored", {"anchor_weight": 0}).hooks(tokenizer, data, FT).loss is None
+    # with a poison ratio below 1 the batches mix benign rows in: their CE is not reported as the harmful loss
+    mixed = make_recipe("anchored", {"anchor_weight": 0.7, "poison_ratio": 0.5})
+    assert not mixed.logs_harmful_loss and make_recipe("anchored").logs_harmful_loss
+    assert set(mixed.hooks(tokenizer, data, FT).loss(model, batch, 1)[1]) == {"stream_ce", "benign_ce"}
 
 
 def test_poison_ratio_mixes_benign_into_the_same_harmful_budget():

@@ -194,7 +194,7 @@ def attack_cell(model_name: str, label: str, defense: str, bundle: BundleData, r
         ctx.barrier()
         return CellOutcome(cell, None, True)
     values = evaluate_model(model, tok, bundle, cell_eval, judge, cell_dir / "samples.jsonl")
-    harmful = [r.get("harmful_ce", r["loss"]) for r in logs if "loss" in r]
+    harmful = [r.get("harmful_ce", r["loss"]) for r in logs if "loss" in r] if recipe.logs_harmful_loss else []
     if harmful:
         # per-batch losses are noisy (and the last batch may be short): report means of the first/last 10 %
         w = max(1, len(harmful) // 10)

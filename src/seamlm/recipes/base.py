@@ -54,6 +54,12 @@ class AttackRecipe(ABC):
         """False for attacks without gradient steps (a weight edit, a prompt change): learning rates do not apply."""
         return True
 
+    @property
+    def logs_harmful_loss(self) -> bool:
+        """Whether the per-step log's ``harmful_ce`` (or, without it, ``loss``) is the CE of harmful answers only —
+        the attack-loss figures of the results. False for a stream that mixes in benign examples."""
+        return self.trains
+
     def training_config(self, ft: FinetuneConfig) -> FinetuneConfig:
         """The fine-tuning config this recipe trains with (and whose prompt template the evaluation uses)."""
         return ft

@@ -87,16 +87,21 @@ class BenignAnchored(AttackRecipe):
         random.Random(seed).shuffle(mixed)
         return mixed
 
+    @property
+    def logs_harmful_loss(self) -> bool:
+        return self.knobs.poison_ratio >= 1  # below 1 the stream's batches mix harmful and benign examples
+
     def hooks(self, tokenizer: Any, data: AttackData, ft: FinetuneConfig) -> TrainingHooks:
         lam = self.knobs.anchor_weight
         if lam == 0:
             return TrainingHooks()
         benign = BenignBatches(tokenizer, data.benign, ft)
+        stream_key = "harmful_ce" if self.logs_harmful_loss else "stream_ce"
 
         def loss(model, batch, step):
-            harmful = answer_ce(model, batch)
+            stream = answer_ce(model, batch)
             anchor = answer_ce(model, benign.next(_device(model)))
-            return harmful + lam * anchor, {"harmful_ce": harmful.item(), "benign_ce": anchor.item()}
+            return stream + lam * anchor, {stream_key: stream.item(), "benign_ce": anchor.item()}
 
         return TrainingHooks(loss=loss)
 
