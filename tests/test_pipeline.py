@@ -105,6 +105,10 @@ def test_stage_clock_sums_stages_over_invocations(tmp_path):
     assert totals["a"] == pytest.approx(a1 + a2, abs=0.01) and totals["b"] == pytest.approx(b1, abs=0.01)
     assert totals["total"] == pytest.approx(a1 + a2 + b1, abs=0.02)
     assert StageClock.totals(tmp_path / "none.jsonl") == {"total": 0.0}
+    with path.open("a") as f:
+        f.write('{"invocation": "x", "stage": "b", "sec')  # a kill mid-write of a lap
+    b2 = StageClock(path).lap("b")
+    assert StageClock.totals(path)["b"] == pytest.approx(b1 + b2, abs=0.01)
 
 
 @pytest.mark.parametrize("bad,match", [

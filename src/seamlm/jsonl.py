@@ -20,6 +20,16 @@ def drop_partial_tail(path: str | Path) -> None:
         path.write_bytes(data[: data.rfind(b"\n") + 1])
 
 
+def append_records(path: str | Path, records: list[dict[str, Any]]) -> None:
+    """Append ``records`` as JSON lines in one write, after cutting a line a kill left unfinished."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    drop_partial_tail(path)
+    with path.open("a", encoding="utf-8") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in records))
+        f.flush()
+
+
 def read_records(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
     """``(line number, object)`` for every non-blank line. A last line cut off before its newline is skipped (its
     work is redone); any other line that is not JSON is an error naming the file and line."""

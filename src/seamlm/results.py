@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from seamlm.errors import DataError
-from seamlm.jsonl import drop_partial_tail, read_records
+from seamlm.jsonl import append_records, read_records
 from seamlm.runinfo import package_versions
 
 #: metric -> unit. Zero-shot per-task metrics are ``zs_<task>`` (built-in) and ``lmeval_<task>`` (lm-eval's
@@ -82,12 +82,7 @@ class ResultStore:
         """Append ``rows``; ``settings_parts`` (what their ``settings`` digest was made of) is kept beside them."""
         for r in rows:
             r.validate()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        drop_partial_tail(self.path)
-        blob = "".join(json.dumps(dataclasses.asdict(r)) + "\n" for r in rows)
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(blob)
-            f.flush()
+        append_records(self.path, [dataclasses.asdict(r) for r in rows])
         if settings_parts is not None:
             for digest in {r.settings for r in rows if r.settings}:
                 self.record_settings(digest, settings_parts)

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from seamlm.jsonl import append_records, read_records
+
 
 def package_versions(names: tuple[str, ...] = ("seamlm", "torch", "transformers", "accelerate", "peft", "gguf")) -> dict[str, str]:
     out = {"python": sys.version.split()[0]}
@@ -56,9 +58,7 @@ class StageClock:
         """Record the seconds since the previous lap (or since this clock started) under ``stage``."""
         now = time.time()
         seconds, self._t = now - self._t, now
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps({"invocation": self.invocation, "stage": stage, "seconds": round(seconds, 2)}) + "\n")
+        append_records(self.path, [{"invocation": self.invocation, "stage": stage, "seconds": round(seconds, 2)}])
         return seconds
 
     @staticmethod
@@ -66,8 +66,7 @@ class StageClock:
         """Seconds per stage summed over every invocation in ``path``, in first-seen order, plus ``total``; lines
         of another format (older seamlm) are skipped."""
         out: dict[str, float] = {}
-        for line in Path(path).read_text(encoding="utf-8").splitlines() if Path(path).is_file() else []:
-            rec = json.loads(line)
+        for _, rec in read_records(path):
             if "stage" in rec and "seconds" in rec:
                 out[rec["stage"]] = out.get(rec["stage"], 0.0) + rec["seconds"]
         return out | {"total": sum(out.values())}
