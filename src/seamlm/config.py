@@ -162,3 +162,10 @@ def parse_overrides(tokens: list[str]) -> dict[str, str]:
             i += 2
         out[key.replace("-", "_")] = value
     return out
+
+
+def warmup_check(lr_scheduler: str, warmup_ratio: float) -> tuple[bool, str]:
+    """A ``_require`` check for configs with a schedule: transformers' ``constant`` schedule ignores warm-up."""
+    return (lr_scheduler != "constant" or warmup_ratio == 0,
+            "lr_scheduler constant has no warm-up (transformers ignores it): set warmup_ratio 0 or use "
+            "constant_with_warmup")

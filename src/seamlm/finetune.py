@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from seamlm.checkpoint import seed_everything
-from seamlm.config import BaseConfig
+from seamlm.config import BaseConfig, warmup_check
 from seamlm.data.files import Example
 from seamlm.data.format import Formatter, answer_token_count, check_template, collate
 from seamlm.defense.losses import answer_ce
@@ -75,9 +75,7 @@ class FinetuneConfig(BaseConfig):
             (self.lr > 0, "lr must be > 0"), (self.epochs >= 1, "epochs must be >= 1"),
             (self.max_steps >= 0, "max_steps must be >= 0"), (self.batch_size >= 1, "batch_size must be >= 1"),
             (0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"), (self.max_length >= 16, "max_length must be >= 16"),
-            (self.lr_scheduler != "constant" or self.warmup_ratio == 0,
-             "lr_scheduler constant has no warm-up (transformers ignores it): set warmup_ratio 0 or use "
-             "constant_with_warmup"),
+            warmup_check(self.lr_scheduler, self.warmup_ratio),
             (self.lora_r >= 1, "lora_r must be >= 1"),
             (self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm must be > 0 or None"),
             (all(i >= 0 for i in self.lora_layers), "lora_layers are layer indices >= 0"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from seamlm.config import BaseConfig
+from seamlm.config import BaseConfig, warmup_check
 
 #: Keys that may differ between a checkpoint and the run resuming it (they do not change the trajectory).
 RESUME_SAFE_KEYS = frozenset({"output_dir", "checkpoint_every", "keep_checkpoints", "log_every"})
@@ -79,9 +79,7 @@ class DefenseConfig(BaseConfig):
             (self.epsilon > 0, "epsilon must be > 0"),
             (self.lr > 0, "lr must be > 0"),
             (0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),
-            (self.lr_scheduler != "constant" or self.warmup_ratio == 0,
-             "lr_scheduler constant has no warm-up (transformers ignores it): set warmup_ratio 0 or use "
-             "constant_with_warmup"),
+            warmup_check(self.lr_scheduler, self.warmup_ratio),
             (self.weight_decay >= 0, "weight_decay must be >= 0"),
             (self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm must be > 0 or None"),
             (self.steps > 0, "steps must be > 0"),
