@@ -117,8 +117,8 @@ def open_study(cfg: SweepConfig, label: str, out_dir: str | Path, context: dict[
     study.set_user_attr("sweep_config", mine)
     if context is not None:
         context = json.loads(json.dumps(context, default=str))  # as storage returns it (tuples become lists)
-        before = study.user_attrs.get("sweep_context")
-        changed = sorted(k for k in {*(before or {}), *context} if (before or context).get(k) != context.get(k))
+        before = study.user_attrs.get("sweep_context", context)
+        changed = sorted(k for k in {*before, *context} if before.get(k) != context.get(k))
         if changed:
             raise ConfigError(f"study '{name}' in {out_dir}/sweep.db was run with other {', '.join(changed)} "
                               f"settings; use another --out or --study_name, or the same settings to resume")

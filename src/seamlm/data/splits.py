@@ -55,16 +55,15 @@ def assign_splits(
     if holdout and (train_split not in fractions or not others or sum(others.values()) <= 0):
         raise DataError(f"a category hold-out needs '{train_split}' and at least one other split with a fraction > 0")
     out: dict[str, list[Example]] = {k: [] for k in fractions}
-    examples = list(examples)
+    hashed = [(prompt_hash(e.prompt), e) for e in examples]
     held: set[str] = set()  # prompts with a row in a held-out category: all their rows are held out
     if holdout:
-        known = {(e.category or "").casefold() for e in examples}
+        known = {(e.category or "").casefold() for _, e in hashed}
         if holdout - known:
             raise DataError(f"held-out categor(ies) {sorted(holdout - known)} match no row; the categories are: "
                             f"{', '.join(sorted(c for c in known if c))}")
-        held = {prompt_hash(e.prompt) for e in examples if (e.category or "").casefold() in holdout}
-    for e in examples:
-        h = prompt_hash(e.prompt)
+        held = {h for h, e in hashed if (e.category or "").casefold() in holdout}
+    for h, e in hashed:
         if holdout:
             if h in held:
                 out[_pick(others, _unit(seed, h))].append(e)
