@@ -89,6 +89,9 @@ def test_columns_tell_apart_every_attack_setting_and_divergence_is_per_model():
     assert table[0] == ["model", "lr 2e-05 opt=adamw", "lr 2e-05 opt=sgd"]
     assert table[1] == ["aligned", "1.0 / 1.0", "1.0 / 1.0"]
     assert table[2] == ["seam", "1.0 / 1.0", "1.0 / 1.0 (diverged)"]
+    # seeds (numbers) sort as numbers, not as text
+    seeded = [_row("m", f"c{seed}", "hs", 1.0, attack={"lr": 2e-5, "seed": seed}) for seed in (10, 2)]
+    assert next(iter(build_tables(seeded).values()))[0] == ["model", "lr 2e-05 seed=2", "lr 2e-05 seed=10"]
 
 
 def test_report_without_rows(tmp_path):

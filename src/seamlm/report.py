@@ -29,12 +29,19 @@ _VARYING = (("samples", "n"), ("epochs", "ep"), ("seed", "seed"), ("optimizer", 
             ("max_grad_norm", "clip"), ("lr_scheduler", "sched"), ("warmup_ratio", "warmup"), ("lora_r", "r"))
 
 
+def _sort_value(v: object) -> tuple[int, float, str]:
+    """Numbers in numeric order (seed 2 before seed 10), then text, then missing values."""
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return (0, float(v), "")
+    return (1, 0.0, str(v)) if v is not None else (2, 0.0, "")
+
+
 def _cells(rows: list[ResultRow]) -> list[tuple[str, dict]]:
     """Columns in order: pre first, then attacks by (lora, lr, the other settings). A cell's settings are the same
     for every model (its key is made of them); its status is not, and is read per model."""
     attacks = {r.cell: r.attack for r in rows if r.cell != "pre"}
     order = sorted(attacks, key=lambda c: (bool(attacks[c].get("lora")), attacks[c].get("lr", 0),
-                                           [str(attacks[c].get(k)) for k, _ in _VARYING]))
+                                           [_sort_value(attacks[c].get(k)) for k, _ in _VARYING]))
     return ([("pre", {})] if any(r.cell == "pre" for r in rows) else []) + [(c, attacks[c]) for c in order]
 
 
