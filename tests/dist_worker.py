@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from seamlm.defense import DefenseConfig, SEAMTrainer  # noqa: E402
+from seamlm.distributed import full_state_dict  # noqa: E402
 from tests.conftest import BENIGN, HARMFUL, REFUSAL, make_model, make_tokenizer  # noqa: E402
 
 
@@ -62,13 +63,16 @@ def main() -> int:
     trainer = SEAMTrainer(model, tok, cfg, harmful=HARMFUL, refusal=REFUSAL, benign=BENIGN, callbacks=[kill])
     trainer.train(resume="--resume" in sys.argv)
     opt_state = [v.numel() for st in trainer.optimizer.state.values() for v in st.values() if v.dim() > 0]
+    local = [p.to_local() if trainer.fsdp else p for p in model.parameters()]
     info = {
         "world": trainer.ctx.world_size, "numel": trainer.flat.total_numel, "optimizer_state_numel": opt_state,
         "buffers": {n: getattr(trainer, n).numel() for n in ("total", "g_a", "g_b", "_scratch", "_backup")},
+        "param_numel_held": sum(t.numel() for t in local),
     }
     (out / f"rank{trainer.ctx.rank}.json").write_text(json.dumps(info))
+    weights = full_state_dict(trainer.answer_losses, "model.") if trainer.fsdp else dict(model.named_parameters())
     if trainer.ctx.is_main:
-        torch.save({n: p.detach().clone() for n, p in model.named_parameters()}, out / "params.pt")
+        torch.save({n: weights[n].detach().clone() for n, _ in model.named_parameters()}, out / "params.pt")
     return 0
 
 

@@ -1,6 +1,7 @@
 """`seamlm defend` end to end on a tiny model, and the errors users see for bad input."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -164,6 +165,22 @@ def test_single_process_commands_refuse_a_multi_process_launch(monkeypatch, caps
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["report", "nothing.jsonl", "--out", "nowhere"]) == 2
     assert "runs in one process" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("env,match", [
+    ({"ACCELERATE_USE_FSDP": "true"}, "asks for FSDP .*--shard_parameters true"),
+    ({"ACCELERATE_USE_DEEPSPEED": "true"}, "asks for DeepSpeed"),
+    ({"ACCELERATE_MIXED_PRECISION": "fp16"}, "fp16 mixed precision"),
+])
+def test_accelerate_options_seamlm_would_not_apply_are_refused(monkeypatch, tiny_model_dir, data_files, tmp_path,
+                                                                capsys, env, match):
+    """An accelerate config with its FSDP/DeepSpeed plugin or fp16 is an error before the model loads, not a run
+    that silently ignores it."""
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    rc = main(_defend_args(tiny_model_dir, data_files, tmp_path / "out", "--steps", "1"))
+    assert rc == 2 and re.search(match, capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("command,args,advice", [

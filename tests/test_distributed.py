@@ -54,33 +54,58 @@ def single(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("sharded", [False, True], ids=["replicated", "sharded"])
-def test_two_processes_give_the_single_process_update(single, tmp_path, sharded):
-    _run(tmp_path, {"shard_gradients": sharded}, 2)
+#: the three ways to run on several processes: replicated buffers, ZeRO-2 buffers, FSDP2 parameters (ZeRO-3)
+SHARDING = {"replicated": {}, "sharded": {"shard_gradients": True}, "fsdp": {"shard_parameters": True}}
+
+
+@pytest.mark.parametrize("mode", SHARDING)
+def test_two_processes_give_the_single_process_update(single, tmp_path, mode):
+    _run(tmp_path, SHARDING[mode], 2)
     assert _max_diff(_params(single), _params(tmp_path)) < 1e-10
     for a, b in zip(_log(single), _log(tmp_path), strict=True):
         for key in ("ce_harmful", "ce_benign", "L_up", "cos_g_a_g_b", "norm_g_a", "grad_norm"):
             assert b[key] == pytest.approx(a[key], rel=1e-9, abs=1e-12), key
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    numel = ranks[0]["numel"]
     for info in ranks:
-        assert info["world"] == 2
-        expected = -(-info["numel"] // 2) if sharded else info["numel"]
-        assert set(info["buffers"].values()) == {expected}
-        assert sum(info["optimizer_state_numel"]) == 2 * expected  # AdamW: exp_avg and exp_avg_sq
-        if sharded:  # no rank ever holds a full-length gradient buffer or full optimizer state
-            assert max(info["buffers"].values()) < info["numel"]
-            assert info["optimizer_state_numel"] == [expected, expected]
+        assert info["world"] == 2 and info["numel"] == numel
+        held = info["buffers"]["total"]
+        assert set(info["buffers"].values()) == {held}
+        assert sum(info["optimizer_state_numel"]) == 2 * held  # AdamW: exp_avg and exp_avg_sq
+    if mode == "replicated":
+        assert all(info["buffers"]["total"] == info["param_numel_held"] == numel for info in ranks)
+        return
+    # no rank ever holds a full-length gradient buffer or full optimizer state; together they hold each element once
+    assert all(info["buffers"]["total"] < numel for info in ranks)
+    if mode == "sharded":
+        assert [info["buffers"]["total"] for info in ranks] == [-(-numel // 2)] * 2
+        assert all(info["param_numel_held"] == numel for info in ranks)  # ZeRO-2: weights replicated
+    else:  # FSDP: each rank holds its rows of every parameter and nothing else
+        assert sum(info["buffers"]["total"] for info in ranks) == numel
+        assert all(info["param_numel_held"] == info["buffers"]["total"] for info in ranks)
 
 
-@pytest.mark.parametrize("sharded", [False, True], ids=["replicated", "sharded"])
-def test_two_process_run_resumes_after_a_kill(tmp_path, sharded):
-    cfg = {"steps": 4, "checkpoint_every": 2, "shard_gradients": sharded}
+def test_fsdp_run_writes_a_whole_model_loadable_without_seamlm(single, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    _run(tmp_path, {"shard_parameters": True}, 2)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model", dtype=torch.float64)
+    assert _max_diff(_params(single), dict(model.named_parameters())) < 1e-10
+
+
+@pytest.mark.parametrize("mode", SHARDING)
+def test_two_process_run_resumes_after_a_kill(tmp_path, mode):
+    cfg = {"steps": 4, "checkpoint_every": 2, **SHARDING[mode]}
     whole = tmp_path / "whole"
     _run(whole, cfg, 2)
     killed = tmp_path / "killed"
     _run(killed, cfg, 2, "3", expect_rc=1)  # both ranks die after step 3; the last checkpoint is step 2
     ckpt = killed / "run" / "checkpoints" / "step-0000002"
     assert sorted(p.name for p in ckpt.iterdir()) == ["checkpoint.pt", "rank-00000.pt", "rank-00001.pt"]
+    if mode == "fsdp":  # the weights are stored as each rank's rows, never gathered
+        assert "model" not in torch.load(ckpt / "checkpoint.pt", weights_only=False)
+        rows = [torch.load(ckpt / f"rank-0000{r}.pt", weights_only=False)["model_shard"] for r in range(2)]
+        assert sum(t.numel() for shard in rows for t in shard.values()) == sum(t.numel() for t in _params(whole).values())
     _run(killed, cfg, 2, "--resume")
     assert _max_diff(_params(whole), _params(killed)) < 1e-10
     assert [r["step"] for r in _log(killed)] == [1, 2, 3, 4]
@@ -105,17 +130,23 @@ def test_a_checkpoint_failing_on_one_rank_stops_every_rank_and_keeps_the_last_on
     assert [r["step"] for r in _log(tmp_path)] == list(range(1, 7))
 
 
-def test_defend_cli_runs_unchanged_under_accelerate_launch(tiny_model_dir, data_files, tmp_path):
+@pytest.mark.parametrize("option", ["shard_gradients", "shard_parameters"])
+def test_defend_cli_runs_unchanged_under_accelerate_launch(tiny_model_dir, data_files, tmp_path, option):
     config = Path(__file__).parents[1] / "examples" / "accelerate" / "cpu_2proc.yaml"
     out = tmp_path / "out"
     cmd = [_bin("accelerate"), "launch", "--config_file", str(config), "--main_process_port", "0", _bin("seamlm"), "defend",
            "--model", str(tiny_model_dir), "--out", str(out), "--steps", "2", "--batch_size", "2",
-           "--max_length", "48", "--beta", "1", "--shard_gradients", "true", "--checkpoint_every", "1",
+           "--max_length", "48", "--beta", "1", f"--{option}", "true", "--checkpoint_every", "1",
            *[a for k in ("harmful", "refusal", "benign") for a in (f"--{k}", str(data_files[k]))]]
     proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     info = json.loads((out / "run.json").read_text())
-    assert info["world_size"] == 2 and info["gradient_buffer_numel_per_rank"] == -(-info["num_trainable_params"] // 2)
+    half = -(-info["num_trainable_params"] // 2)
+    assert info["world_size"] == 2
+    if option == "shard_gradients":
+        assert info["gradient_buffer_numel_per_rank"] == half
+    else:  # FSDP splits each parameter's rows: rank 0 holds about half (a row more for each odd-sized tensor)
+        assert half <= info["gradient_buffer_numel_per_rank"] < info["num_trainable_params"]
     assert len((out / "log.jsonl").read_text().splitlines()) == 2
     assert (out / "model" / "model.safetensors").is_file()
     assert proc.stdout.count("SEAM model written to") == 1  # rank 0 reports, not every rank

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from seamlm.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class DistContext:
@@ -86,10 +88,32 @@ def launched_distributed() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+#: accelerate plugins that would wrap a model in ``Accelerator.prepare``, which seamlm's trainers do not call
+_ACCELERATE_PLUGINS = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed",
+                       "ACCELERATE_USE_MEGATRON_LM": "Megatron-LM"}
+
+
+def check_launcher_options() -> None:
+    """Refuse what an ``accelerate`` config asks for and seamlm would not do, rather than ignore it: the FSDP,
+    DeepSpeed and Megatron plugins (seamlm shards SEAM itself: ``--shard_parameters`` is FSDP2) and fp16."""
+    plugins = [name for var, name in _ACCELERATE_PLUGINS.items() if os.environ.get(var, "").lower() == "true"]
+    if plugins:
+        raise ConfigError(
+            f"the accelerate config asks for {plugins[0]} (distributed_type: {plugins[0].upper()}), which seamlm "
+            "does not apply: launch with a MULTI_GPU config (examples/accelerate/) and shard with seamlm's own "
+            "options: --shard_parameters true (FSDP2, ZeRO-3) or --shard_gradients true (ZeRO-2)")
+    if os.environ.get("ACCELERATE_MIXED_PRECISION", "no") == "fp16":
+        raise ConfigError("the accelerate config asks for fp16 mixed precision, which seamlm does not offer (its "
+                          "gradients would need loss scaling): set mixed_precision to bf16 or no; the compute dtype "
+                          "is --compute_dtype (auto = bf16 on GPUs)")
+
+
 def current_context(device: str | torch.device | None = None) -> DistContext:
     """The context of this process. Under a multi-process launcher the process group is initialised through
     ``accelerate`` (which also chooses ``cuda:<local_rank>`` or the CPU); a process group the caller initialised
-    itself is used as is; otherwise a single-process context."""
+    itself is used as is; otherwise a single-process context. Launcher options seamlm would not honour are
+    refused (:func:`check_launcher_options`)."""
+    check_launcher_options()
     dev = torch.device(device) if device is not None else None
     if dist.is_available() and dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
@@ -121,3 +145,34 @@ def main_process_first(ctx: DistContext) -> Iterator[None]:
     yield
     if ctx.is_main:
         ctx.barrier()
+
+
+def fully_shard_model(model: torch.nn.Module, ctx: DistContext, root: torch.nn.Module | None = None) -> int:
+    """Shard ``model``'s parameters over the ranks with FSDP2 (``fully_shard``, ZeRO-3), in place.
+
+    Every block named in the model's ``_no_split_modules`` (the decoder layers of a transformers model: the same
+    policy as accelerate's transformer auto-wrap) becomes its own FSDP unit, gathered only while it computes; the
+    rest (embeddings, final norm, head) forms the root unit, placed on ``root`` (a module that contains ``model``
+    and whose forward is the one called) when given. Returns the number of wrapped blocks (0: the whole
+    model is gathered at once for every forward, which saves optimizer and gradient memory but not activations').
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    for block in blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(root if root is not None else model, mesh=mesh)
+    return len(blocks)
+
+
+def full_state_dict(module: torch.nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The whole state dict of an FSDP-sharded module, on the CPU of rank 0 (empty on the other ranks), keys
+    starting with ``prefix`` only and without it. Every rank must call it: the shards are gathered one tensor at a
+    time, so no GPU ever holds the whole model."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}

@@ -138,6 +138,7 @@ def load_model(
 def save_model(
     model: Any, tokenizer: Any, out_dir: str | Path, run_config: dict[str, Any] | None = None,
     dtype: str | torch.dtype | None = None, trained_prompts: Iterable[str] = (),
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write a plain HF directory (safetensors + tokenizer + ``seamlm_run.json``).
 
@@ -145,7 +146,8 @@ def save_model(
     attack or evaluation of this model can check its data are held out (:func:`trained_prompt_hashes`).
 
     The result loads with ``AutoModelForCausalLM.from_pretrained(out_dir)`` without seamlm installed.
-    ``dtype`` (e.g. ``bfloat16``) casts a copy on the way out; the in-memory model is left as it is. The directory
+    ``dtype`` (e.g. ``bfloat16``) casts a copy on the way out; the in-memory model is left as it is.
+    ``state_dict`` replaces the model's own weights (an FSDP-sharded model's gathered full state dict). The directory
     is written beside ``out_dir`` and renamed into place, so ``out_dir`` is either the previous model or the whole
     new one — never half a model after a kill or a full disk (:func:`is_saved_model` tells which).
     """
@@ -154,10 +156,10 @@ def save_model(
     if partial.exists():
         shutil.rmtree(partial)
     partial.mkdir(parents=True)
-    state_dict = None
     if dtype is not None:
         target = resolve_dtype(dtype, "cpu")
-        state_dict = {k: v.to(target) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+        weights = model.state_dict() if state_dict is None else state_dict
+        state_dict = {k: v.to(target) if v.is_floating_point() else v for k, v in weights.items()}
     model.save_pretrained(partial, safe_serialization=True, state_dict=state_dict)
     if dtype is not None:
         cfg_path = partial / "config.json"

@@ -75,6 +75,9 @@ class FlatParams:
     (mean of identical old content + each rank's new gradient) adds exactly the global gradient.
     """
 
+    #: whether this rank's buffers hold only its own part of the vector (the optimizer then works on that part)
+    holds_shard = False
+
     def __init__(self, params: list[torch.nn.Parameter], ctx: DistContext | None = None):
         if not params:
             raise ValueError("no trainable parameters")
@@ -150,6 +153,8 @@ class ShardedFlatParams(FlatParams):
     forward); :meth:`write` rebuilds them from every rank's shard with one all-gather.
     """
 
+    holds_shard = True
+
     def __init__(self, params: list[torch.nn.Parameter], ctx: DistContext):
         super().__init__(params, ctx)
         w, r = ctx.world_size, ctx.rank
@@ -208,8 +213,84 @@ class ShardedFlatParams(FlatParams):
             p.copy_(full[o:o + n].view_as(p))
 
 
+class FSDPFlatParams(FlatParams):
+    """Parameters sharded by FSDP2 (``torch.distributed.fsdp.fully_shard``, ZeRO-3): each is a ``DTensor`` of
+    which this rank holds a block of rows, and the flat vector of this rank is the concatenation of its local
+    blocks. Nothing is ever gathered by this class: FSDP all-gathers one wrapped block (a decoder layer) at a time
+    for its forward and backward, and its reduce-scatter leaves each rank the *global* (mean over ranks) gradient
+    of its own rows. Perturbing θ is a write to the local rows, which the next forward's all-gather picks up; dot
+    products and norms are shard-local sums, all-reduced — the same global cosine as one process.
+    """
+
+    holds_shard = True
+
+    def __init__(self, params: list[torch.nn.Parameter], ctx: DistContext):
+        if not params:
+            raise ValueError("no trainable parameters")
+        super().__init__(params, ctx)
+        self._offsets, offset = [], 0
+        for p in params:
+            n = p.to_local().numel()
+            self._offsets.append((offset, n))
+            offset += n
+        self.local_numel = offset
+
+    @property
+    def numel(self) -> int:
+        return self.local_numel
+
+    def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        # to_local() each time: the local rows are FSDP's storage, not a copy to cache
+        return [flat[o:o + n].view_as(p.to_local()) for (o, n), p in zip(self._offsets, self.params, strict=True)]
+
+    def dot(self, a: torch.Tensor, b: torch.Tensor) -> float:
+        return self.ctx.all_reduce_sum_(torch.dot(a, b).double().reshape(1)).item()
+
+    @contextmanager
+    def grad_sink(self, flat: torch.Tensor) -> Iterator[None]:
+        # FSDP owns p.grad (a sharded DTensor it reduce-scatters into and accumulates over backward calls): let it,
+        # then add the local rows into the flat buffer — already the global gradient, so no collective here.
+        for p in self.params:
+            p.grad = None
+        try:
+            yield
+            with torch.no_grad():
+                for p, v in zip(self.params, self.views(flat), strict=True):
+                    if p.grad is not None:
+                        v.add_(p.grad.to_local())
+        finally:
+            for p in self.params:
+                p.grad = None
+
+    @torch.no_grad()
+    def read(self, out: torch.Tensor) -> torch.Tensor:
+        for p, v in zip(self.params, self.views(out), strict=True):
+            v.copy_(p.to_local())
+        return out
+
+    @torch.no_grad()
+    def write(self, flat: torch.Tensor) -> None:
+        for p, v in zip(self.params, self.views(flat), strict=True):
+            p.to_local().copy_(v)
+
+
+def is_fsdp_param(p: torch.Tensor) -> bool:
+    """Whether ``p`` is sharded by FSDP2 (a ``DTensor``)."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(p, DTensor)
+
+
 def make_flat_params(params: list[torch.nn.Parameter], ctx: DistContext | None = None,
                      sharded: bool = False) -> FlatParams:
+    """The flat view that fits ``params``: FSDP-sharded parameters (DTensors) get :class:`FSDPFlatParams`;
+    replicated ones :class:`ShardedFlatParams` when ``sharded`` under several processes, else :class:`FlatParams`."""
+    if params and is_fsdp_param(params[0]):
+        if ctx is None:
+            raise ValueError("FSDP-sharded parameters need the process group's DistContext")
+        return FSDPFlatParams(params, ctx)
     if sharded and ctx is not None and ctx.distributed:
         return ShardedFlatParams(params, ctx)
     return FlatParams(params, ctx)

@@ -112,6 +112,24 @@ def harmful_forward(model: Any, batch: dict[str, torch.Tensor], variant: Unlearn
     return HarmfulForward(ce_final, ce_lens)
 
 
+class AnswerLosses(torch.nn.Module):
+    """:func:`harmful_forward` as the forward of one module around ``model``.
+
+    The losses call the decoder and the head separately (the head only at answer positions), never the model's own
+    forward, so an FSDP root placed on the model would not gather its embeddings, norm and head. With this module
+    as the FSDP root they are gathered for the call and their gradients reduce-scattered after backward. Returns
+    ``(ce_final, *ce_lens)``: plain tensors, which FSDP finds to hook its backward onto.
+    """
+
+    def __init__(self, model: Any):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict[str, torch.Tensor], variant: UnlearnVariant) -> tuple[torch.Tensor, ...]:
+        hf = harmful_forward(self.model, batch, variant)
+        return (hf.ce_final, *hf.ce_lens)
+
+
 def unlearn_loss(mean_ce: torch.Tensor) -> torch.Tensor:
     """L_ul = -log(m + 1): bounded gradient ascent on the harmful answers (RepNoise / SEAM reference form)."""
     return -torch.log(mean_ce + 1.0)

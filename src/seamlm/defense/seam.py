@@ -38,14 +38,13 @@ from seamlm.data.sampling import StreamSampler
 from seamlm.data.splits import prompt_hash
 from seamlm.defense.config import RESUME_SAFE_KEYS, DefenseConfig
 from seamlm.defense.coupling import (
-    ShardedFlatParams,
     cosine,
     float32_matmul,
     hessian_free_cos_grad,
     make_flat_params,
 )
-from seamlm.defense.losses import answer_ce, harmful_forward, unlearn_loss
-from seamlm.distributed import DistContext, current_context
+from seamlm.defense.losses import AnswerLosses, HarmfulForward, unlearn_loss
+from seamlm.distributed import DistContext, current_context, full_state_dict, fully_shard_model
 from seamlm.errors import CheckpointError, ConfigError, DataError, NonFiniteLossError
 from seamlm.jsonl import read_records
 from seamlm.models import is_saved_model, save_model
@@ -123,19 +122,26 @@ class SEAMTrainer:
 
         self.device = next(model.parameters()).device
         self.original_dtype = next(model.parameters()).dtype
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        if self.params and self.params[0].dtype not in (torch.float32, torch.float64):
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        if trainable and trainable[0].dtype not in (torch.float32, torch.float64):
             # fp32 master weights: perturbation and differencing below bf16 resolution would be rounding noise.
-            log.warning("trainable parameters are %s; keeping float32 master weights", self.params[0].dtype)
-            for p in self.params:
+            log.warning("trainable parameters are %s; keeping float32 master weights", trainable[0].dtype)
+            for p in trainable:
                 p.data = p.data.float()
         if config.coupling_precision == "tf32" and self.device.type != "cuda":
             raise ConfigError(f"coupling_precision=tf32 needs a CUDA device (the model is on {self.device}); "
                               "TF32 does not exist there: use coupling_precision=ieee")
-        if config.shard_gradients and not self.ctx.distributed:
-            log.warning("shard_gradients has no effect in a single process: the full gradient buffers are used")
+        for option in ("shard_gradients", "shard_parameters"):
+            if getattr(config, option) and not self.ctx.distributed:
+                log.warning("%s has no effect in a single process: the whole model and full buffers are used", option)
+        self.fsdp = config.shard_parameters and self.ctx.distributed
+        self.answer_losses = AnswerLosses(model)
+        if self.fsdp:  # after the float32 cast: FSDP shards the parameters as they are
+            blocks = fully_shard_model(model, self.ctx, root=self.answer_losses)
+            log.info("FSDP: parameters sharded over %d ranks in %d blocks + the root", self.ctx.world_size, blocks)
+        self.params = [p for p in model.parameters() if p.requires_grad]
         self.flat = make_flat_params(self.params, self.ctx, sharded=config.shard_gradients)
-        self.sharded = isinstance(self.flat, ShardedFlatParams)
+        self.sharded = self.flat.holds_shard
         self.autocast_dtype = self._autocast_dtype()
 
         # Sharded: each rank updates an fp32 master copy of its own shard and all-gathers the parameters.
@@ -165,6 +171,10 @@ class SEAMTrainer:
         starts = range(self.ctx.rank * cfg.batch_size, per_step, cfg.batch_size * w)
         return [collate(rows[i:i + cfg.batch_size], pad, device=self.device) for i in starts]
 
+    def _losses(self, batch: Batch, variant: str) -> HarmfulForward:
+        ce_final, *ce_lens = self.answer_losses(batch, variant)
+        return HarmfulForward(ce_final, ce_lens)
+
     def _autocast_dtype(self) -> torch.dtype | None:
         name = self.config.compute_dtype
         if name == "auto":
@@ -183,7 +193,7 @@ class SEAMTrainer:
         with self.flat.grad_sink(into):
             for b in batches:
                 with self._autocast() if mixed else contextlib.nullcontext():
-                    ce = answer_ce(self.model, b)
+                    ce = self._losses(b, "final_layer").ce_final
                 (ce * (weight / len(batches))).backward()
                 total += ce.item() / len(batches)
         return self.ctx.mean(total)
@@ -214,7 +224,7 @@ class SEAMTrainer:
         m, ce_h, n_terms = 0.0, 0.0, 1
         for b in h_batches:
             with self._autocast():
-                hf = harmful_forward(self.model, b, cfg.unlearn_loss)
+                hf = self._losses(b, cfg.unlearn_loss)
             n_terms = hf.num_terms
             if shared:
                 with self.flat.grad_sink(self.g_a):
@@ -344,13 +354,16 @@ class SEAMTrainer:
         scheduler, every rank its RNG state and — when sharded — its optimizer shard."""
         state = {
             "step": self.step,
-            "model": {n: p.detach().cpu() for n, p in self.model.state_dict().items()},
             "scheduler": self.scheduler.state_dict(),
             "config": self.config.to_dict(),
             "data_fingerprint": self.data_fingerprint,
             "world_size": self.ctx.world_size,
         } if self.ctx.is_main else None
         per_rank = {"rng": rng_state(), "optimizer": self.optimizer.state_dict()}
+        if self.fsdp:  # every rank its own rows of every parameter
+            per_rank["model_shard"] = {n: p.to_local().detach().cpu() for n, p in self.model.named_parameters()}
+        elif self.ctx.is_main:
+            state["model"] = {n: p.detach().cpu() for n, p in self.model.state_dict().items()}
         if not self.ctx.distributed:
             state.update(per_rank)
         elif not self.sharded:
@@ -379,7 +392,12 @@ class SEAMTrainer:
                                   f"resume it with that many (this run has {self.ctx.world_size})")
         if self.ctx.distributed:
             state = {**state, **load_rank_state(path, self.ctx)}
-        self.model.load_state_dict(state["model"])
+        if self.fsdp:
+            with torch.no_grad():
+                for n, p in self.model.named_parameters():
+                    p.to_local().copy_(state["model_shard"][n])
+        else:
+            self.model.load_state_dict(state["model"])
         if self.sharded:
             self.flat.read(self.master.data)
         self.optimizer.load_state_dict(state["optimizer"])
@@ -414,14 +432,15 @@ class SEAMTrainer:
 
     def save_final(self) -> Path:
         dtype = None if self.config.save_dtype == "auto" else self.config.save_dtype
-        if dtype is None and self.original_dtype != next(self.model.parameters()).dtype:
+        if dtype is None and self.original_dtype != self.params[0].dtype:
             dtype = self.original_dtype
         run_config = {
             "stage": "defend", "method": "seam", "defense_config": self.config.to_dict(), "steps_done": self.step,
             "data_sizes": self.data_sizes, "data_fingerprint": self.data_fingerprint, **self.run_info,
         }
+        weights = full_state_dict(self.answer_losses, "model.") if self.fsdp else None  # every rank takes part
         if self.ctx.is_main:
             save_model(self.model, self.tokenizer, self.out / "model", run_config, dtype=dtype,
-                       trained_prompts=self.trained_prompts)
+                       trained_prompts=self.trained_prompts, state_dict=weights)
         self.ctx.barrier()
         return self.out / "model"
