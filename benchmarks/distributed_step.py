@@ -4,10 +4,12 @@
     python benchmarks/distributed_step.py --model tiny      # a tiny random llama, seconds
 
 Rows: ``1 process`` (2 micro-batches of 4, accumulated), ``2 processes`` (one micro-batch of 4 each, replicated
-flat buffers) and ``2 processes, sharded`` (``shard_gradients``: each rank holds half of every gradient buffer and
-of the AdamW state). Per-rank memory is counted from the tensors SEAM keeps between steps (parameters, the five
-flat buffers, the AdamW state, the sharded master copy) in units of the parameter memory, and measured as the
-peak resident memory above the loaded model. On a 2-core CPU the processes share the same two cores, so the
+flat buffers), ``2 processes, sharded`` (``shard_gradients``, ZeRO-2: each rank holds half of every gradient buffer
+and of the AdamW state) and ``2 processes, FSDP`` (``shard_parameters``, FSDP2/ZeRO-3: the weights too). Per-rank
+memory is counted from the tensors SEAM keeps between steps (this rank's parameters, the five flat buffers, the
+AdamW state, the sharded master copy) in units of the parameter memory, and measured as the peak resident memory
+above the loaded model (which every rank loads whole before FSDP shards it, so that figure understates FSDP's
+saving: the freed full weights are reused by the allocator). On a 2-core CPU the processes share the same two cores, so the
 time ratio shows the communication overhead, not a speed-up; on GPUs each rank brings its own device.
 """
 
@@ -35,7 +37,8 @@ def worker(args: argparse.Namespace) -> dict:
     from seamlm.data import load_examples
 
     torch.manual_seed(0)
-    model, tok = _load(args.model)
+    device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
+    model, tok = _load(args.model, device)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     times = []
@@ -44,7 +47,8 @@ def worker(args: argparse.Namespace) -> dict:
         cfg = DefenseConfig(steps=args.warmup + args.repeats, batch_size=args.batch_size, max_length=args.max_length,
                             gradient_accumulation_steps=args.global_micro_batches // world, beta=1.0,
                             unlearn_loss="final_layer", output_dir=tempfile.mkdtemp(), checkpoint_every=0,
-                            shard_gradients=args.sharded)
+                            shard_gradients=args.sharding == "gradients",
+                            shard_parameters=args.sharding == "parameters")
         tr = SEAMTrainer(model, tok, cfg, harmful=load_examples(DATA / "harmful.jsonl"),
                          refusal=DATA / "refusal.jsonl", benign=DATA / "benign.jsonl")
         for i in range(args.warmup + args.repeats):
@@ -56,19 +60,20 @@ def worker(args: argparse.Namespace) -> dict:
             if i >= args.warmup:
                 times.append(time.perf_counter() - t0)
     kept = [tr.total, tr.g_a, tr.g_b, tr._scratch, tr._backup] + ([tr.master] if tr.master is not None else [])
+    weights = sum(p.to_local().numel() if tr.fsdp else p.numel() for p in tr.params)
     opt_state = sum(v.numel() for st in tr.optimizer.state.values() for v in st.values() if v.dim() > 0)
     shutil.rmtree(cfg.output_dir, ignore_errors=True)
     return {
         "rank": tr.ctx.rank, "world": tr.ctx.world_size, "step_s": statistics.median(times), "n_params": n_params,
-        "buffer_numel": tr.flat.numel, "state_copies": 1 + (sum(t.numel() for t in kept) + opt_state) / n_params,
+        "buffer_numel": tr.flat.numel, "state_copies": (weights + sum(t.numel() for t in kept) + opt_state) / n_params,
         "peak_over_model_copies": (mem.peak - base) / (n_params * 4),
     }
 
 
-def _launch(args: argparse.Namespace, procs: int, sharded: bool) -> list[dict]:
+def _launch(args: argparse.Namespace, procs: int, sharding: str = "none") -> list[dict]:
     script = [__file__, "--worker", "--model", args.model, "--batch-size", str(args.batch_size),
               "--max-length", str(args.max_length), "--warmup", str(args.warmup), "--repeats", str(args.repeats),
-              "--global-micro-batches", str(args.global_micro_batches)] + (["--sharded"] if sharded else [])
+              "--global-micro-batches", str(args.global_micro_batches), "--sharding", sharding]
     if procs > 1:
         torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
         cmd = [torchrun, "--standalone", "--nproc_per_node", str(procs), *script]
@@ -91,7 +96,7 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--sharded", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--sharding", default="none", choices=["none", "gradients", "parameters"], help=argparse.SUPPRESS)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -101,8 +106,8 @@ def main() -> None:
         shutdown()
         return
 
-    runs = {"1 process": _launch(args, 1, False), "2 processes": _launch(args, 2, False),
-            "2 processes, sharded": _launch(args, 2, True)}
+    runs = {"1 process": _launch(args, 1), "2 processes": _launch(args, 2),
+            "2 processes, sharded": _launch(args, 2, "gradients"), "2 processes, FSDP": _launch(args, 2, "parameters")}
     one = runs["1 process"][0]["step_s"]
     print(f"\nmodel={args.model}  global batch {args.global_micro_batches} x {args.batch_size} examples x "
           f"≤{args.max_length} tokens per stream  cores={os.cpu_count()}  median of {args.repeats} steps\n")
