@@ -58,9 +58,22 @@ def single(tmp_path_factory):
 SHARDING = {"replicated": {}, "sharded": {"shard_gradients": True}, "fsdp": {"shard_parameters": True}}
 
 
-@pytest.mark.parametrize("mode", SHARDING)
-def test_two_processes_give_the_single_process_update(single, tmp_path, mode):
-    _run(tmp_path, SHARDING[mode], 2)
+# compute_dtype bfloat16 takes the other path of the step: g_a in a float32 pass of its own, L_ul and L_up under
+# autocast (no retain_graph); its reference is one process with the same setting
+MIXED = {"compute_dtype": "bfloat16"}
+
+
+@pytest.fixture(scope="module")
+def single_mixed(tmp_path_factory):
+    out = tmp_path_factory.mktemp("single_mixed")
+    _run(out, {"gradient_accumulation_steps": 2, **MIXED}, 1)
+    return out
+
+
+@pytest.mark.parametrize("mode", [*SHARDING, "fsdp-mixed"])
+def test_two_processes_give_the_single_process_update(request, tmp_path, mode):
+    single = request.getfixturevalue("single_mixed" if mode == "fsdp-mixed" else "single")
+    _run(tmp_path, SHARDING.get(mode, {**SHARDING["fsdp"], **MIXED}), 2)
     assert _max_diff(_params(single), _params(tmp_path)) < 1e-10
     for a, b in zip(_log(single), _log(tmp_path), strict=True):
         for key in ("ce_harmful", "ce_benign", "L_up", "cos_g_a_g_b", "norm_g_a", "grad_norm"):
