@@ -27,6 +27,9 @@ def finetune_main(out: Path, overrides: dict) -> int:
     cfg = FinetuneConfig(**{"lr": 1e-3, "batch_size": 5, "max_steps": 3, "max_length": 48, **overrides})
     ctx = current_context()
     res = finetune(model, tok, HARMFUL, cfg, out / "loss.jsonl", ctx=ctx)
+    held = [p.to_local() if hasattr(p, "to_local") else p for p in res.model.parameters()]
+    (out / f"rank{ctx.rank}.json").write_text(json.dumps({
+        "held": sum(t.numel() for t in held), "numel": sum(p.numel() for p in res.model.parameters())}))
     if ctx.is_main:
         torch.save({n: p.detach().clone() for n, p in res.model.named_parameters()}, out / "params.pt")
     return 0

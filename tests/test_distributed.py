@@ -165,26 +165,33 @@ def test_defend_cli_runs_unchanged_under_accelerate_launch(tiny_model_dir, data_
     assert proc.stdout.count("SEAM model written to") == 1  # rank 0 reports, not every rank
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
-def test_data_parallel_finetune_gives_the_single_process_model(tmp_path, optimizer):
-    # batch 5 over 2 ranks: 3 + 2 examples of different lengths; the token-weighted all-reduce must still give
-    # the one-process answer-token mean
-    cfg = {"_mode": "finetune", "optimizer": optimizer}
+@pytest.mark.parametrize("optimizer,sharded", [("adamw", False), ("sgd", False), ("adamw", True)],
+                         ids=["adamw", "sgd", "adamw-fsdp-clipped"])
+def test_data_parallel_finetune_gives_the_single_process_model(tmp_path, optimizer, sharded):
+    # batch 5 over 2 ranks: 3 + 2 examples of different lengths; the token-weighted all-reduce (FSDP: the
+    # token-weighted loss and its reduce-scatter) must still give the one-process answer-token mean. The FSDP case
+    # also clips (a global norm over sharded gradients) and gathers the trained model on rank 0.
+    cfg = {"_mode": "finetune", "optimizer": optimizer, **({"max_grad_norm": 0.5} if sharded else {})}
     _run(tmp_path / "one", cfg, 1)
-    _run(tmp_path / "two", cfg, 2)
+    _run(tmp_path / "two", {**cfg, "shard_parameters": sharded}, 2)
+    held = json.loads((tmp_path / "two" / "rank1.json").read_text())
+    assert (held["held"] < held["numel"]) == sharded  # rank 1 trained on its rows only
     assert _max_diff(_params(tmp_path / "one"), _params(tmp_path / "two")) < 1e-10
     one, two = ([json.loads(x)["loss"] for x in (tmp_path / d / "loss.jsonl").read_text().splitlines()]
                 for d in ("one", "two"))
     assert two == pytest.approx(one, rel=1e-12)
 
 
-def test_attack_cli_under_torchrun_evaluates_once(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("sharded", [False, True], ids=["replicated", "fsdp"])
+def test_attack_cli_under_torchrun_evaluates_once(tiny_model_dir, tmp_path, sharded):
+    """Rank 0 evaluates and writes each cell once; with --shard_parameters (an execution setting) the cell keys are
+    the same as without."""
     from tests.test_cli import TINY_EVAL
 
     out = tmp_path / "att"
     cmd = [_bin("torchrun"), "--standalone", "--nproc_per_node", "2", _bin("seamlm"), "attack", "--model", str(tiny_model_dir),
            "--label", "tiny", "--out", str(out), "--learning_rates", "1e-4,1e-3", "--num_samples", "4",
-           "--batch_size", "2", *TINY_EVAL]
+           "--batch_size", "2", "--shard_parameters", str(sharded).lower(), *TINY_EVAL]
     proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]

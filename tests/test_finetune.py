@@ -89,3 +89,18 @@ def test_fs_trains_every_weight_of_a_model_an_attack_left_frozen(tokenizer):
     out = benign_finetune_accuracy(model, tokenizer, EvalConfig(fs=True, fs_train=8, fs_test=4, fs_steps=1))
     assert 0 <= out["fs_accuracy"] <= 100 and out["fs_test"] == 4
     assert not any(p.requires_grad for p in model.parameters())  # the evaluated model itself is untouched
+
+
+def test_sharded_finetuning_refuses_lora_and_parameter_selection(tokenizer):
+    """FSDP shards full fine-tuning only: LoRA or a recipe's parameter selection under --shard_parameters is a clear
+    error before any collective (so no process group is needed to see it)."""
+    from seamlm.distributed import DistContext
+    from seamlm.finetune import TrainingHooks
+
+    two = DistContext(rank=0, world_size=2)
+    model = make_model(len(tokenizer))
+    with pytest.raises(ConfigError, match="LoRA and recipes that train chosen parameters"):
+        finetune(model, tokenizer, HARMFUL, FinetuneConfig(shard_parameters=True, lora=True), ctx=two)
+    with pytest.raises(ConfigError, match="drop --shard_parameters"):
+        finetune(model, tokenizer, HARMFUL, FinetuneConfig(shard_parameters=True), ctx=two,
+                 hooks=TrainingHooks(select_parameters=lambda m: None))

@@ -124,7 +124,7 @@ def cell_key(run_cfg: FinetuneConfig, recipe: AttackRecipe, n: int) -> str:
     key = f"{mode}-{run_cfg.optimizer}-lr{run_cfg.lr:g}-n{n}-ep{run_cfg.epochs}-b{run_cfg.batch_size}-s{run_cfg.seed}"
     key = f"sft-{key}" if recipe.name == "sft" else f"{recipe.name}-{fingerprint(recipe.knobs.to_dict())[:6]}-{key}"
     defaults = FinetuneConfig().to_dict()
-    changed = {k: v for k, v in run_cfg.to_dict().items() if k not in _KEYED and v != defaults[k]}
+    changed = {k: v for k, v in run_cfg.trajectory_dict().items() if k not in _KEYED and v != defaults[k]}
     return f"{key}-h{fingerprint(changed)[:6]}" if changed else key
 
 
@@ -168,7 +168,7 @@ def attack_cell(model_name: str, label: str, defense: str, bundle: BundleData, r
     cell_eval = eval_cfg.replace(prompt_template=train_cfg.prompt_template)
     digest = manifest_digest(bundle)
     parts = dict(model=model_name, eval=cell_eval.settings_dict(), judge=judge.name, data=digest,
-                 recipe=recipe.describe(), train=train_cfg.to_dict() if recipe.trains else None,
+                 recipe=recipe.describe(), train=train_cfg.trajectory_dict() if recipe.trains else None,
                  samples=len(data.harmful))
     settings = settings_digest(**parts)
     finished = store.cell_rows(label, cell, settings, parts)

@@ -20,8 +20,8 @@ from seamlm.checkpoint import seed_everything
 from seamlm.config import BaseConfig, warmup_check
 from seamlm.data.files import Example
 from seamlm.data.format import Formatter, answer_token_count, check_template, collate
-from seamlm.defense.losses import answer_ce
-from seamlm.distributed import DistContext
+from seamlm.defense.losses import AnswerLosses, answer_ce
+from seamlm.distributed import DistContext, full_state_dict, fully_shard_model
 from seamlm.errors import ConfigError, DataError, NonFiniteLossError
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,19 @@ class FinetuneConfig(BaseConfig):
     """Module names that get adapters."""
     lora_layers: tuple[int, ...] = ()
     """Decoder layers (indices) that get adapters; empty = all."""
+    shard_parameters: bool = False
+    """Under several processes, shard the weights, gradients and optimizer state with FSDP2 (``fully_shard``,
+    one unit per decoder layer): ≈ 16/world bytes per parameter per rank instead of 16 (fp32 AdamW), e.g. a 7B
+    full-parameter attack on 8 GPUs. Same model as one process; rank 0 gathers it for evaluation. Full
+    fine-tuning only (not with ``lora`` or a recipe that selects parameters). Ignored, with a warning, in a single
+    process. An execution setting: it does not change cell keys or results."""
+
+    #: fields that say how a run is executed, not what it computes: left out of cell keys and stored settings
+    EXECUTION_ONLY = frozenset({"shard_parameters"})
+
+    def trajectory_dict(self) -> dict[str, Any]:
+        """:meth:`to_dict` without the execution-only fields: equal for runs that train the same model."""
+        return {k: v for k, v in self.to_dict().items() if k not in self.EXECUTION_ONLY}
 
     def validate(self) -> None:
         self._require([
@@ -160,10 +173,18 @@ def finetune(
     rows = Formatter(tokenizer, cfg.max_length, mask_prompt=cfg.mask_prompt,
                      template=cfg.prompt_template).encode_all(examples, desc)
     device = next(model.parameters()).device
+    shard = cfg.shard_parameters and ctx.distributed
+    if cfg.shard_parameters and not ctx.distributed:
+        log.warning("shard_parameters has no effect in a single process: the whole model is trained")
+    if shard and (cfg.lora or hooks.select_parameters):
+        raise ConfigError("shard_parameters shards full-parameter fine-tuning; LoRA and recipes that train chosen "
+                          "parameters only run unsharded: drop --shard_parameters")
     if cfg.lora:
         model = _with_lora(model, cfg)
     if hooks.select_parameters:
         hooks.select_parameters(model)
+    forward = AnswerLosses(model)  # the FSDP root when sharded (see AnswerLosses)
+    gather = _FSDPGather(model, forward, ctx) if shard else None
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ConfigError(f"{desc}: no trainable parameters (the parameter selection matched nothing)")
@@ -185,20 +206,21 @@ def finetune(
     model.train()
     try:
         for step, idx in enumerate(tqdm(plan, desc=desc, unit="step", dynamic_ncols=True, disable=not ctx.is_main), 1):
-            local = idx[ctx.rank::ctx.world_size]
             extra: dict[str, float] = {}
             t_step = time.perf_counter()
             if ctx.distributed:
-                value = _data_parallel_backward(model, params, rows, local, tokenizer.pad_token_id, device, ctx)
+                value = _data_parallel_backward(forward, params, rows, idx, tokenizer.pad_token_id, device, ctx,
+                                                fsdp=shard)
             else:
-                batch = collate([rows[i] for i in local], tokenizer.pad_token_id, device=device)
+                batch = collate([rows[i] for i in idx], tokenizer.pad_token_id, device=device)
                 if hooks.loss:
                     loss, extra = hooks.loss(model, batch, step)
                 else:
                     loss = answer_ce(model, batch)
                 value = loss.item()
             if not math.isfinite(value):
-                raise _diverged(f"{desc}: loss became {value} at step {step} (lr={cfg.lr})", model, cfg, losses, logs)
+                raise _diverged(f"{desc}: loss became {value} at step {step} (lr={cfg.lr})", model, cfg, losses, logs,
+                                gather)
             if not ctx.distributed:
                 loss.backward()
             if hooks.transform_gradients:
@@ -207,9 +229,11 @@ def finetune(
                 norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             else:
                 norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+            if hasattr(norm, "full_tensor"):  # sharded gradients: the norm is a DTensor over the ranks
+                norm = norm.full_tensor()
             if not torch.isfinite(norm):  # a finite loss can still give inf/NaN gradients: stop before the update
                 raise _diverged(f"{desc}: gradient norm became {norm.item()} at step {step} (lr={cfg.lr})", model,
-                                cfg, losses, logs)
+                                cfg, losses, logs, gather)
             lr = sched.get_last_lr()[0]  # the rate this step uses
             opt.step()
             sched.step()
@@ -225,6 +249,10 @@ def finetune(
         model.eval()
     if cfg.lora:
         model = model.merge_and_unload()
+    if gather:
+        model = gather()
+        if not ctx.is_main:  # the other ranks hand back their shards; only rank 0 evaluates
+            return FinetuneResult(model, losses, len(plan), logs)
     if not all(torch.isfinite(p).all() for p in model.parameters()):
         # the last update produced inf/NaN weights although every loss was finite
         err = NonFiniteLossError(f"{desc}: non-finite weights after the last step (lr={cfg.lr})")
@@ -234,32 +262,69 @@ def finetune(
 
 
 def _diverged(message: str, model: Any, cfg: FinetuneConfig, losses: list[float],
-              logs: list[dict[str, float]]) -> NonFiniteLossError:
+              logs: list[dict[str, float]], gather: _FSDPGather | None = None) -> NonFiniteLossError:
     """The error a diverged run raises, carrying the weights before the failed step and the losses so far, so a
-    caller can still evaluate the model."""
+    caller can still evaluate the model. (Sharded: every rank sees the same global loss and norm, so all of them
+    get here and take part in the gather.)"""
     err = NonFiniteLossError(message)
-    err.model = model.merge_and_unload() if cfg.lora else model
+    err.model = gather() if gather else model.merge_and_unload() if cfg.lora else model
     err.losses, err.logs = losses, logs
     return err
 
 
-def _data_parallel_backward(model: Any, params: list[torch.nn.Parameter], rows: list, local: list[int], pad: int,
-                            device: torch.device, ctx: DistContext) -> float:
-    """This rank's share of one step: backward of its token-weighted loss, then the gradients' all-reduce.
-    Returns the global batch's answer-token mean CE."""
+def _data_parallel_backward(forward: AnswerLosses, params: list[torch.nn.Parameter], rows: list, idx: list[int],
+                            pad: int, device: torch.device, ctx: DistContext, fsdp: bool = False) -> float:
+    """This rank's share of one step (every world-th example of the batch ``idx``): backward of its token-weighted
+    loss, then the gradients' all-reduce (under FSDP its reduce-scatter does the mean). Returns the global batch's
+    answer-token mean CE."""
+    local = idx[ctx.rank::ctx.world_size]
     tokens = 0
     if local:
         batch = collate([rows[i] for i in local], pad, device=device)
         tokens = answer_token_count(batch)
     total = int(ctx.all_reduce_sum_(torch.tensor([tokens], dtype=torch.float64, device=ctx.device)).item())
     value = 0.0
-    if tokens:
-        loss = answer_ce(model, batch)
+    if tokens or fsdp:
+        if not tokens:  # FSDP's collectives need every rank in every pass: a zero-weight pass on a real example
+            batch = collate([rows[idx[0]]], pad, device=device)
+        loss = forward(batch, "final_layer")[0]
         # mean over ranks of (tokens_r · world / total) · CE_r  =  Σ_r tokens_r · CE_r / total
-        (loss * (tokens * ctx.world_size / total)).backward()
-        value = loss.item() * tokens * ctx.world_size / total
+        weight = tokens * ctx.world_size / total if tokens else 0.0
+        (loss * weight).backward()
+        value = loss.item() * weight
+    if fsdp:
+        return ctx.mean(value)
     for p in params:  # the same order on every rank; a rank without examples contributes zeros
         if p.grad is None:
             p.grad = torch.zeros_like(p)
         ctx.all_reduce_mean_(p.grad)
     return ctx.mean(value)
+
+
+class _FSDPGather:
+    """Shards ``model`` with FSDP2 (root: ``forward``) and, when called after training, gathers the trained weights
+    into an ordinary model on rank 0 for evaluation — built on the meta device beforehand and filled from the full
+    state dict; buffers (rotary tables, not in the state dict) are copied from the sharded model, which keeps them
+    whole. The other ranks get their sharded model back."""
+
+    def __init__(self, model: Any, forward: AnswerLosses, ctx: DistContext):
+        self.model, self.forward, self.ctx = model, forward, ctx
+        self.dtype = next(model.parameters()).dtype
+        self.skeleton = None
+        if ctx.is_main:
+            with torch.device("meta"):
+                self.skeleton = type(model)(model.config).to(self.dtype)
+        fully_shard_model(model, ctx, root=forward)
+
+    def __call__(self) -> Any:
+        weights = full_state_dict(self.forward, "model.")  # a collective: every rank takes part
+        if not self.ctx.is_main:
+            return self.model
+        whole = self.skeleton.to_empty(device=self.ctx.device)
+        whole.load_state_dict(weights)
+        with torch.no_grad():
+            for name, buf in self.model.named_buffers():
+                whole.get_buffer(name).copy_(buf)
+        whole.generation_config = self.model.generation_config
+        whole.tie_weights()
+        return whole.eval()
