@@ -170,12 +170,13 @@ def test_single_process_commands_refuse_a_multi_process_launch(monkeypatch, caps
 @pytest.mark.parametrize("env,match", [
     ({"ACCELERATE_USE_FSDP": "true"}, "asks for FSDP .*--shard_parameters true"),
     ({"ACCELERATE_USE_DEEPSPEED": "true"}, "asks for DeepSpeed"),
-    ({"ACCELERATE_MIXED_PRECISION": "fp16"}, "fp16 mixed precision"),
+    ({"ACCELERATE_MIXED_PRECISION": "fp16"}, "mixed_precision: fp16, which .*--compute_dtype"),
+    ({"ACCELERATE_MIXED_PRECISION": "bf16"}, "mixed_precision: bf16"),
 ])
 def test_accelerate_options_seamlm_would_not_apply_are_refused(monkeypatch, tiny_model_dir, data_files, tmp_path,
                                                                 capsys, env, match):
-    """An accelerate config with its FSDP/DeepSpeed plugin or fp16 is an error before the model loads, not a run
-    that silently ignores it."""
+    """An accelerate config with its FSDP/DeepSpeed plugin or mixed precision is an error before the model loads,
+    not a run that silently ignores it."""
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     rc = main(_defend_args(tiny_model_dir, data_files, tmp_path / "out", "--steps", "1"))

@@ -238,3 +238,12 @@ def test_recipe_without_attacker_benign_data_says_so(tiny_model_dir, tmp_path):
 
     with pytest.raises(DataError, match="attack_benign stream is empty"):
         attack_data(bundle, make_recipe("pcgrad"), 4, 0)
+
+
+def test_benign_first_refuses_fsdp_sharding(tokenizer):
+    """Its two phases would re-shard an already sharded model: a clear error before any collective."""
+    from seamlm.finetune import FinetuneConfig
+
+    with pytest.raises(ConfigError, match="benign_first .* drop --shard_parameters"):
+        make_recipe("benign_first").attack(make_model(len(tokenizer)), tokenizer, _data(), FinetuneConfig(
+            shard_parameters=True), None, "t", DistContext(rank=0, world_size=2))

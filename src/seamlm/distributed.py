@@ -95,17 +95,20 @@ _ACCELERATE_PLUGINS = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED"
 
 def check_launcher_options() -> None:
     """Refuse what an ``accelerate`` config asks for and seamlm would not do, rather than ignore it: the FSDP,
-    DeepSpeed and Megatron plugins (seamlm shards SEAM itself: ``--shard_parameters`` is FSDP2) and fp16."""
+    DeepSpeed and Megatron plugins (seamlm shards itself: ``--shard_parameters`` is FSDP2) and mixed precision
+    (seamlm's compute dtype is its own ``--compute_dtype``)."""
     plugins = [name for var, name in _ACCELERATE_PLUGINS.items() if os.environ.get(var, "").lower() == "true"]
     if plugins:
         raise ConfigError(
             f"the accelerate config asks for {plugins[0]} (distributed_type: {plugins[0].upper()}), which seamlm "
             "does not apply: launch with a MULTI_GPU config (examples/accelerate/) and shard with seamlm's own "
-            "options: --shard_parameters true (FSDP2, ZeRO-3) or --shard_gradients true (ZeRO-2)")
-    if os.environ.get("ACCELERATE_MIXED_PRECISION", "no") == "fp16":
-        raise ConfigError("the accelerate config asks for fp16 mixed precision, which seamlm does not offer (its "
-                          "gradients would need loss scaling): set mixed_precision to bf16 or no; the compute dtype "
-                          "is --compute_dtype (auto = bf16 on GPUs)")
+            "option --shard_parameters true (FSDP2, ZeRO-3; defend and attack), or --shard_gradients true (ZeRO-2, "
+            "defend)")
+    precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if precision not in ("no", ""):
+        raise ConfigError(f"the accelerate config asks for mixed_precision: {precision}, which accelerate would "
+                          "apply only through Accelerator.prepare, which seamlm does not call: set mixed_precision: "
+                          "no; SEAM's compute dtype is --compute_dtype (auto = bf16 autocast on GPUs, fp32 weights)")
 
 
 def current_context(device: str | torch.device | None = None) -> DistContext:
@@ -145,6 +148,20 @@ def main_process_first(ctx: DistContext) -> Iterator[None]:
     yield
     if ctx.is_main:
         ctx.barrier()
+
+
+def model_placement(ctx: DistContext, dtype: str = "auto", device: str | None = None,
+                    shard_parameters: bool = False) -> dict[str, object]:
+    """``load_model`` arguments for this rank: its own device under several processes, except that a model about to
+    be FSDP-sharded is loaded on the CPU (``fully_shard`` moves each rank's rows to its device, so no GPU ever
+    holds the whole model), in the dtype ``auto`` gives on that device."""
+    if not ctx.distributed:
+        return {"dtype": dtype, "device": device}
+    if shard_parameters:
+        from seamlm.models import resolve_dtype
+
+        return {"dtype": resolve_dtype(dtype, str(ctx.device)), "device": "cpu"}
+    return {"dtype": dtype, "device": str(ctx.device)}
 
 
 def fully_shard_model(model: torch.nn.Module, ctx: DistContext, root: torch.nn.Module | None = None) -> int:

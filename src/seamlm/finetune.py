@@ -185,6 +185,7 @@ def finetune(
         hooks.select_parameters(model)
     forward = AnswerLosses(model)  # the FSDP root when sharded (see AnswerLosses)
     gather = _FSDPGather(model, forward, ctx) if shard else None
+    device = next(model.parameters()).device  # (FSDP moves a model loaded on the CPU to the rank's device)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ConfigError(f"{desc}: no trainable parameters (the parameter selection matched nothing)")

@@ -71,9 +71,11 @@ class DefenseConfig(BaseConfig):
     Same update as unsharded. Ignored, with a warning, in a single process."""
     shard_parameters: bool = False
     """Under several processes, shard the parameters too, with FSDP2 (``fully_shard``, ZeRO-3): each decoder
-    layer is gathered only while it computes, and the gradient buffers, AdamW state and master copy hold this
-    rank's rows only: ≈ (1 + 8)/world parameter copies per rank plus one gathered layer — the way to fit 70B.
-    Same update as one process. Implies ``shard_gradients``. Ignored, with a warning, in a single process."""
+    layer is gathered only while it computes, and the weights, gradient buffers, AdamW state and master copy hold
+    this rank's rows only: ≈ (1 + 8)/world parameter copies per rank, plus the gathered root unit (embeddings,
+    head) and layer(s) of the pass in flight. The CLI loads the model on the CPU and FSDP moves each rank's rows to
+    its device (every rank still holds the whole model in CPU memory once). Same update as one process. Implies
+    ``shard_gradients``. Ignored, with a warning, in a single process."""
     save_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """dtype of the saved model; ``auto`` = the dtype the model was given in."""
 

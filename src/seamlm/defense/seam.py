@@ -77,6 +77,9 @@ class SEAMTrainer:
     ``harmful``/``refusal``/``benign`` are lists of :class:`~seamlm.data.Example` or paths to JSONL/CSV files
     with ``prompt``/``response`` columns. When R holds H's prompts row by row they are index-aligned and each step
     draws the same rows from both; otherwise the two streams are sampled independently.
+
+    Under ``shard_parameters`` the model is FSDP-sharded in place and its forward runs through
+    ``trainer.answer_losses`` (the FSDP root): a callback must not call ``trainer.model`` directly.
     """
 
     def __init__(
@@ -134,11 +137,13 @@ class SEAMTrainer:
         for option in ("shard_gradients", "shard_parameters"):
             if getattr(config, option) and not self.ctx.distributed:
                 log.warning("%s has no effect in a single process: the whole model and full buffers are used", option)
+        del trainable  # under FSDP a reference to an unsharded parameter would keep the whole model alive
         self.fsdp = config.shard_parameters and self.ctx.distributed
         self.answer_losses = AnswerLosses(model)
         if self.fsdp:  # after the float32 cast: FSDP shards the parameters as they are
             blocks = fully_shard_model(model, self.ctx, root=self.answer_losses)
             log.info("FSDP: parameters sharded over %d ranks in %d blocks + the root", self.ctx.world_size, blocks)
+            self.device = next(model.parameters()).device  # FSDP moved a model loaded on the CPU to the rank's device
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.flat = make_flat_params(self.params, self.ctx, sharded=config.shard_gradients)
         self.sharded = self.flat.holds_shard
@@ -350,8 +355,9 @@ class SEAMTrainer:
 
     # ------------------------------------------------------------------ persistence
     def save_checkpoint(self) -> Path:
-        """Every rank calls this. One process: one file. Several: rank 0 writes the (replicated) weights and
-        scheduler, every rank its RNG state and — when sharded — its optimizer shard."""
+        """Every rank calls this. One process: one file. Several: rank 0 writes the scheduler and the replicated
+        weights, every rank its RNG state and — when sharded — its optimizer shard and (FSDP) its rows of the
+        weights."""
         state = {
             "step": self.step,
             "scheduler": self.scheduler.state_dict(),

@@ -195,6 +195,9 @@ class BenignFirst(AttackRecipe):
     needs_benign = True
 
     def attack(self, model, tokenizer, data, ft, log_path, desc, ctx) -> FinetuneResult:
+        if ft.shard_parameters and ctx is not None and ctx.distributed:
+            raise ConfigError("benign_first runs two fine-tuning phases on one model, which --shard_parameters "
+                              "(FSDP2) does not chain: drop --shard_parameters for this recipe")
         k = self.knobs
         epochs = max(1, math.ceil(k.benign_steps * ft.batch_size / len(data.benign)))
         warm = ft.replace(lr=k.benign_lr or ft.lr, max_steps=k.benign_steps, epochs=epochs)
