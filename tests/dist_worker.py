@@ -55,7 +55,18 @@ def main() -> int:
 
         checkpoint.torch.save = full_disk
     tok = make_tokenizer()
-    model = make_model(len(tok), dtype=torch.float64)
+    untied = overrides.pop("_meta_untied", False)  # forget tie_weights(): rank 1's model then differs from rank 0's
+    if overrides.pop("_meta_init", False) and int(os.environ.get("RANK", "0")) != 0:
+        # as load_model_for_rank builds it: only rank 0 has the weights
+        from accelerate import init_empty_weights
+
+        with init_empty_weights(include_buffers=False):
+            model = make_model(len(tok), dtype=torch.float64)
+        if not untied:
+            model.tie_weights()
+        assert all(p.is_meta for p in model.parameters())
+    else:
+        model = make_model(len(tok), dtype=torch.float64)
     cfg = DefenseConfig(**{"steps": 3, "beta": 1.0, "lr": 1e-3, "batch_size": 2, "max_length": 48, "epsilon": 1e-4,
                            "output_dir": str(out / "run"), "checkpoint_every": 0, "seed": 0, **overrides})
 

@@ -23,7 +23,7 @@ def _bin(name: str) -> str:
     return shutil.which(name, path=str(Path(sys.executable).parent)) or name
 
 
-def _run(out: Path, overrides: dict, procs: int, *extra: str, expect_rc: int = 0) -> None:
+def _run(out: Path, overrides: dict, procs: int, *extra: str, expect_rc: int = 0) -> subprocess.CompletedProcess:
     out.mkdir(parents=True, exist_ok=True)
     args = [str(WORKER), str(out), json.dumps(overrides), *extra]
     if procs > 1:
@@ -32,6 +32,7 @@ def _run(out: Path, overrides: dict, procs: int, *extra: str, expect_rc: int = 0
         cmd = [sys.executable, *args]
     proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=180)
     assert proc.returncode == expect_rc, proc.stderr[-3000:]
+    return proc
 
 
 def _params(out: Path) -> dict[str, torch.Tensor]:
@@ -70,10 +71,15 @@ def single_mixed(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("mode", [*SHARDING, "fsdp-mixed"])
+#: FSDP variants checked against one process too: the mixed-precision path, and weights read by rank 0 only (the
+#: other ranks start from a meta-device skeleton and get their rows by broadcast)
+VARIANTS = {"fsdp-mixed": {**SHARDING["fsdp"], **MIXED}, "fsdp-from-rank0": {**SHARDING["fsdp"], "_meta_init": True}}
+
+
+@pytest.mark.parametrize("mode", [*SHARDING, *VARIANTS])
 def test_two_processes_give_the_single_process_update(request, tmp_path, mode):
     single = request.getfixturevalue("single_mixed" if mode == "fsdp-mixed" else "single")
-    _run(tmp_path, SHARDING.get(mode, {**SHARDING["fsdp"], **MIXED}), 2)
+    _run(tmp_path, SHARDING.get(mode) or VARIANTS[mode], 2)
     assert _max_diff(_params(single), _params(tmp_path)) < 1e-10
     for a, b in zip(_log(single), _log(tmp_path), strict=True):
         for key in ("ce_harmful", "ce_benign", "L_up", "cos_g_a_g_b", "norm_g_a", "grad_norm"):
@@ -96,6 +102,13 @@ def test_two_processes_give_the_single_process_update(request, tmp_path, mode):
     else:  # FSDP: each rank holds its rows of every parameter and nothing else
         assert sum(info["buffers"]["total"] for info in ranks) == numel
         assert all(info["param_numel_held"] == info["buffers"]["total"] for info in ranks)
+
+
+def test_a_meta_skeleton_unlike_rank_0s_model_is_a_clear_error(tmp_path):
+    """Untied weights on one rank would make FSDP's collectives mismatch, which gloo/NCCL answer with an abort:
+    the layouts are compared first."""
+    proc = _run(tmp_path, {**VARIANTS["fsdp-from-rank0"], "_meta_untied": True}, 2, expect_rc=1)
+    assert "does not have rank 0's parameters" in proc.stderr
 
 
 def test_fsdp_run_writes_a_whole_model_loadable_without_seamlm(single, tmp_path):
@@ -199,3 +212,14 @@ def test_attack_cli_under_torchrun_evaluates_once(tiny_model_dir, tmp_path, shar
     assert sorted(cells) == ["pre", "sft-full-adamw-lr0.0001-n4-ep1-b2-s0", "sft-full-adamw-lr0.001-n4-ep1-b2-s0"]
     losses = (out / "attacks" / "tiny" / "sft-full-adamw-lr0.001-n4-ep1-b2-s0" / "loss.jsonl").read_text().splitlines()
     assert len(losses) == 2  # 4 samples / batch 2, logged once (by rank 0)
+
+
+def test_a_model_rank_0_cannot_load_stops_every_rank(data_files, tmp_path):
+    """Under --shard_parameters only rank 0 reads the weights: its load error reaches the other ranks (which would
+    otherwise wait for the weights forever) and every rank exits with the message."""
+    cmd = [_bin("torchrun"), "--standalone", "--nproc_per_node", "2", _bin("seamlm"), "defend", "--model",
+           str(tmp_path / "no-such-model"), "--out", str(tmp_path / "out"), "--shard_parameters", "true",
+           *[a for k in ("harmful", "refusal", "benign") for a in (f"--{k}", str(data_files[k]))]]
+    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "rank 0 could not load the model" in proc.stderr and "no-such-model" in proc.stderr

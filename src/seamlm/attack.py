@@ -11,7 +11,7 @@ from typing import Any
 
 from seamlm.data.bundles import BundleData
 from seamlm.data.splits import prompt_hash
-from seamlm.distributed import DistContext, model_placement
+from seamlm.distributed import DistContext, load_model_for_rank
 from seamlm.errors import ConfigError, DataError, NonFiniteLossError
 from seamlm.evaluate.judges import Judge
 from seamlm.evaluate.metrics import EvalConfig
@@ -180,7 +180,7 @@ def attack_cell(model_name: str, label: str, defense: str, bundle: BundleData, r
     if ctx.is_main:
         cell_dir.mkdir(parents=True, exist_ok=True)
     # fp32 master weights: bf16 updates at 2e-5 round away
-    model, tok = load_model(model_name, **model_placement(ctx, "float32", shard_parameters=train_cfg.shard_parameters))
+    model, tok = load_model_for_rank(model_name, ctx, "float32", shard_parameters=train_cfg.shard_parameters)
     status, logs = "ok", []
     try:
         result = recipe.attack(model, tok, data, run_cfg, cell_dir / "loss.jsonl",

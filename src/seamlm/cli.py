@@ -40,8 +40,7 @@ def _defend_parser(sub: argparse._SubParsersAction) -> None:
 
 def _run_defend(args: argparse.Namespace, extra: list[str]) -> int:
     from seamlm.defense import DefenseConfig, SEAMTrainer
-    from seamlm.distributed import current_context, model_placement
-    from seamlm.models import load_model
+    from seamlm.distributed import current_context, load_model_for_rank
 
     ctx = current_context(args.device)  # one process, or this rank under accelerate launch / torchrun
     overrides: dict[str, object] = dict(parse_overrides(extra))
@@ -68,7 +67,7 @@ def _run_defend(args: argparse.Namespace, extra: list[str]) -> int:
             raise ConfigError(f"missing {', '.join(missing)} (or pass --data offline-default)")
         streams = dict(files)
         run_info["data_files"] = files
-    model, tokenizer = load_model(args.model, **model_placement(ctx, args.dtype, args.device, config.shard_parameters))
+    model, tokenizer = load_model_for_rank(args.model, ctx, args.dtype, args.device, config.shard_parameters)
     trainer = SEAMTrainer(model, tokenizer, config, run_info=run_info, ctx=ctx, **streams)
     out = trainer.train(resume=args.resume)
     if ctx.is_main:

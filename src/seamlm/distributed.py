@@ -11,11 +11,12 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from seamlm.errors import ConfigError
+from seamlm.errors import ConfigError, ModelLoadError, SeamError
 
 
 @dataclass(frozen=True)
@@ -150,22 +151,52 @@ def main_process_first(ctx: DistContext) -> Iterator[None]:
         ctx.barrier()
 
 
-def model_placement(ctx: DistContext, dtype: str = "auto", device: str | None = None,
-                    shard_parameters: bool = False) -> dict[str, object]:
-    """``load_model`` arguments for this rank: its own device under several processes, except that a model about to
-    be FSDP-sharded is loaded on the CPU (``fully_shard`` moves each rank's rows to its device, so no GPU ever
-    holds the whole model), in the dtype ``auto`` gives on that device."""
-    if not ctx.distributed:
-        return {"dtype": dtype, "device": device}
-    if shard_parameters:
-        from seamlm.models import resolve_dtype
+def load_model_for_rank(name: str, ctx: DistContext, dtype: str | torch.dtype = "auto", device: str | None = None,
+                        shard_parameters: bool = False) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` for this rank: one process loads on ``device``; several load on their own device.
 
-        return {"dtype": resolve_dtype(dtype, str(ctx.device)), "device": "cpu"}
-    return {"dtype": dtype, "device": str(ctx.device)}
+    A model about to be FSDP-sharded (``shard_parameters``) is read once per job: rank 0 loads it on the CPU, in
+    the dtype ``auto`` gives on the ranks' device, and sends the config and tokenizer; the other ranks build the
+    same architecture with their parameters on the meta device (no memory; buffers real), and
+    :func:`fully_shard_model` later gives every rank its rows of rank 0's weights. A load error on rank 0 stops every
+    rank with its message.
+    """
+    from seamlm.models import load_model, resolve_dtype
+
+    if not ctx.distributed:
+        return load_model(name, dtype=dtype, device=device)
+    if not shard_parameters:
+        return load_model(name, dtype=dtype, device=str(ctx.device))
+    torch_dtype = resolve_dtype(dtype, str(ctx.device))
+    model = tokenizer = failure = None
+    if ctx.is_main:
+        try:
+            model, tokenizer = load_model(name, dtype=torch_dtype, device="cpu")
+        except SeamError as exc:
+            failure = exc
+    config, tok, error = ctx.broadcast_object(
+        (None, None, str(failure)) if failure else (model.config, tokenizer, None) if ctx.is_main else None)
+    if failure is not None:
+        raise failure
+    if error is not None:
+        raise ModelLoadError(f"rank 0 could not load the model: {error}")
+    if ctx.is_main:
+        return model, tokenizer
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):
+        skeleton = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    skeleton.tie_weights()  # built on meta, tied weights come out as separate parameters
+    return skeleton.eval(), tok
 
 
 def fully_shard_model(model: torch.nn.Module, ctx: DistContext, root: torch.nn.Module | None = None) -> int:
     """Shard ``model``'s parameters over the ranks with FSDP2 (``fully_shard``, ZeRO-3), in place.
+
+    When some rank holds its parameters on the meta device (:func:`load_model_for_rank`), rank 0's weights are
+    broadcast into every rank's rows after sharding (``set_model_state_dict`` with ``broadcast_from_rank0``), one
+    tensor at a time; the meta ranks' buffers (rotary tables: not in the state dict) are kept as they were built.
 
     Every block named in the model's ``_no_split_modules`` (the decoder layers of a transformers model: the same
     policy as accelerate's transformer auto-wrap) becomes its own FSDP unit, gathered only while it computes; the
@@ -176,12 +207,37 @@ def fully_shard_model(model: torch.nn.Module, ctx: DistContext, root: torch.nn.M
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    target = root if root is not None else model
+    prefix = next(n for n, m in target.named_modules() if m is model)
+    prefix = prefix + "." if prefix else ""
+    on_meta = any(p.is_meta for p in model.parameters())
+    from_rank0 = ctx.any(on_meta)
+    if from_rank0 and ctx.is_main and on_meta:
+        raise ValueError("rank 0 must hold the real weights to broadcast them")
+    if from_rank0:  # the same parameters everywhere, or FSDP's collectives would mismatch (and abort, not raise)
+        layout = [(n, tuple(p.shape), p.dtype) for n, p in model.named_parameters()]
+        if ctx.any(layout != ctx.broadcast_object(layout)):
+            raise ValueError("the meta-device model on some rank does not have rank 0's parameters (names, shapes, "
+                             "dtypes, tied weights): build it from rank 0's config and call tie_weights()")
+    full = {prefix + k: v for k, v in model.state_dict().items()} if from_rank0 and ctx.is_main else {}
+    buffers = {n: b.detach().clone() for n, b in model.named_buffers()} if on_meta else {}
+
     mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
     names = set(getattr(model, "_no_split_modules", None) or ())
     blocks = [m for m in model.modules() if type(m).__name__ in names]
     for block in blocks:
         fully_shard(block, mesh=mesh)
-    fully_shard(root if root is not None else model, mesh=mesh)
+    fully_shard(target, mesh=mesh)
+    if from_rank0:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        if on_meta:
+            target.to_empty(device=ctx.device)
+            with torch.no_grad():
+                for name, buf in buffers.items():
+                    model.get_buffer(name).copy_(buf)
+        set_model_state_dict(target, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        del full
     return len(blocks)
 
 

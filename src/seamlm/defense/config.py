@@ -73,8 +73,8 @@ class DefenseConfig(BaseConfig):
     """Under several processes, shard the parameters too, with FSDP2 (``fully_shard``, ZeRO-3): each decoder
     layer is gathered only while it computes, and the weights, gradient buffers, AdamW state and master copy hold
     this rank's rows only: ≈ (1 + 8)/world parameter copies per rank, plus the gathered root unit (embeddings,
-    head) and layer(s) of the pass in flight. The CLI loads the model on the CPU and FSDP moves each rank's rows to
-    its device (every rank still holds the whole model in CPU memory once). Same update as one process. Implies
+    head) and layer(s) of the pass in flight. The CLI reads the weights on rank 0 only (CPU) and broadcasts each
+    rank's rows after sharding; no GPU holds the whole model. Same update as one process. Implies
     ``shard_gradients``. Ignored, with a warning, in a single process."""
     save_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """dtype of the saved model; ``auto`` = the dtype the model was given in."""
