@@ -172,7 +172,6 @@ def finetune(
     seed_everything(cfg.seed)
     rows = Formatter(tokenizer, cfg.max_length, mask_prompt=cfg.mask_prompt,
                      template=cfg.prompt_template).encode_all(examples, desc)
-    device = next(model.parameters()).device
     shard = cfg.shard_parameters and ctx.distributed
     if cfg.shard_parameters and not ctx.distributed:
         log.warning("shard_parameters has no effect in a single process: the whole model is trained")
