@@ -79,7 +79,7 @@ VARIANTS = {"fsdp-mixed": {**SHARDING["fsdp"], **MIXED}, "fsdp-from-rank0": {**S
 @pytest.mark.parametrize("mode", [*SHARDING, *VARIANTS])
 def test_two_processes_give_the_single_process_update(request, tmp_path, mode):
     single = request.getfixturevalue("single_mixed" if mode == "fsdp-mixed" else "single")
-    _run(tmp_path, SHARDING.get(mode) or VARIANTS[mode], 2)
+    _run(tmp_path, SHARDING[mode] if mode in SHARDING else VARIANTS[mode], 2)
     assert _max_diff(_params(single), _params(tmp_path)) < 1e-10
     for a, b in zip(_log(single), _log(tmp_path), strict=True):
         for key in ("ce_harmful", "ce_benign", "L_up", "cos_g_a_g_b", "norm_g_a", "grad_norm"):
