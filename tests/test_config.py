@@ -68,3 +68,19 @@ def test_tuple_fields_parse_comma_lists():
         Grid.from_dict({"lrs": "fast"})
     with pytest.raises(ConfigError, match="comma-separated"):
         Grid.from_dict({"lrs": "1e-4,"})
+
+
+def test_collective_timeout_comes_from_the_environment_and_bad_values_are_errors(monkeypatch):
+    from datetime import timedelta
+
+    from seamlm.distributed import TIMEOUT_ENV, collective_timeout
+    from seamlm.errors import ConfigError
+
+    monkeypatch.delenv(TIMEOUT_ENV, raising=False)
+    assert collective_timeout() == timedelta(hours=2)
+    monkeypatch.setenv(TIMEOUT_ENV, "90")
+    assert collective_timeout() == timedelta(seconds=90)
+    for bad in ("0", "-5", "ten"):
+        monkeypatch.setenv(TIMEOUT_ENV, bad)
+        with pytest.raises(ConfigError, match="positive number of seconds"):
+            collective_timeout()

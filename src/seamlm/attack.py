@@ -180,7 +180,9 @@ def attack_cell(model_name: str, label: str, defense: str, bundle: BundleData, r
     if ctx.is_main:
         cell_dir.mkdir(parents=True, exist_ok=True)
     # fp32 master weights: bf16 updates at 2e-5 round away
-    model, tok = load_model_for_rank(model_name, ctx, "float32", shard_parameters=train_cfg.shard_parameters)
+    # only a training recipe shards (and so fills the other ranks' meta skeletons from rank 0)
+    model, tok = load_model_for_rank(model_name, ctx, "float32",
+                                     shard_parameters=train_cfg.shard_parameters and recipe.trains)
     status, logs = "ok", []
     try:
         result = recipe.attack(model, tok, data, run_cfg, cell_dir / "loss.jsonl",

@@ -11,12 +11,13 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from seamlm.errors import ConfigError, ModelLoadError, SeamError
+from seamlm.errors import ConfigError, ModelLoadError
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,23 @@ class DistContext:
         return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
+#: how long a rank may wait in one collective; long by default, since under --shard_parameters the other ranks wait
+#: while rank 0 alone reads a whole checkpoint (NCCL's own default, 10 minutes, is too short for 70B on slow disks)
+TIMEOUT_ENV = "SEAMLM_COLLECTIVE_TIMEOUT_S"
+
+
+def collective_timeout() -> timedelta:
+    """The process group's collective timeout: ``$SEAMLM_COLLECTIVE_TIMEOUT_S`` seconds, default 2 hours."""
+    raw = os.environ.get(TIMEOUT_ENV, "7200")
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise ConfigError(f"{TIMEOUT_ENV}={raw!r}: give the collective timeout as a positive number of seconds")
+    return timedelta(seconds=seconds)
+
+
 def launched_distributed() -> bool:
     """Whether this process was started by ``accelerate launch``/``torchrun`` with more than one process."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -129,7 +147,8 @@ def current_context(device: str | torch.device | None = None) -> DistContext:
         return DistContext(device=dev or torch.device("cpu"))
     from accelerate import PartialState
 
-    state = PartialState(cpu=(dev is not None and dev.type == "cpu") or not torch.cuda.is_available())
+    state = PartialState(cpu=(dev is not None and dev.type == "cpu") or not torch.cuda.is_available(),
+                         timeout=collective_timeout())
     return DistContext(rank=state.process_index, world_size=state.num_processes,
                        local_rank=state.local_process_index, device=torch.device(state.device))
 
@@ -172,7 +191,7 @@ def load_model_for_rank(name: str, ctx: DistContext, dtype: str | torch.dtype = 
     if ctx.is_main:
         try:
             model, tokenizer = load_model(name, dtype=torch_dtype, device="cpu")
-        except SeamError as exc:
+        except Exception as exc:  # noqa: BLE001 — any failure must reach the ranks waiting for the weights
             failure = exc
     config, tok, error = ctx.broadcast_object(
         (None, None, str(failure)) if failure else (model.config, tokenizer, None) if ctx.is_main else None)
@@ -212,7 +231,7 @@ def fully_shard_model(model: torch.nn.Module, ctx: DistContext, root: torch.nn.M
     prefix = prefix + "." if prefix else ""
     on_meta = any(p.is_meta for p in model.parameters())
     from_rank0 = ctx.any(on_meta)
-    if from_rank0 and ctx.is_main and on_meta:
+    if from_rank0 and ctx.any(ctx.is_main and on_meta):  # collective: every rank raises, none waits
         raise ValueError("rank 0 must hold the real weights to broadcast them")
     if from_rank0:  # the same parameters everywhere, or FSDP's collectives would mismatch (and abort, not raise)
         layout = [(n, tuple(p.shape), p.dtype) for n, p in model.named_parameters()]
@@ -220,7 +239,9 @@ def fully_shard_model(model: torch.nn.Module, ctx: DistContext, root: torch.nn.M
             raise ValueError("the meta-device model on some rank does not have rank 0's parameters (names, shapes, "
                              "dtypes, tied weights): build it from rank 0's config and call tie_weights()")
     full = {prefix + k: v for k, v in model.state_dict().items()} if from_rank0 and ctx.is_main else {}
-    buffers = {n: b.detach().clone() for n, b in model.named_buffers()} if on_meta else {}
+    # buffers built at init (rotary tables) survive to_empty through this copy; meta ones (made from a meta weight)
+    # are persistent state and come with rank 0's state dict
+    buffers = {n: b.detach().clone() for n, b in model.named_buffers() if not b.is_meta} if on_meta else {}
 
     mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
     names = set(getattr(model, "_no_split_modules", None) or ())

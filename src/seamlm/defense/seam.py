@@ -95,7 +95,8 @@ class SEAMTrainer:
         ctx: DistContext | None = None,
     ):
         self.model, self.tokenizer, self.config = model, tokenizer, config
-        self.ctx = ctx or current_context(next(model.parameters()).device)
+        first = next(model.parameters())
+        self.ctx = ctx or current_context(None if first.is_meta else first.device)
         self.callbacks = list(callbacks or [])
         self.run_info = dict(run_info or {})
         self.out = Path(config.output_dir)
@@ -131,8 +132,10 @@ class SEAMTrainer:
             log.warning("trainable parameters are %s; keeping float32 master weights", trainable[0].dtype)
             for p in trainable:
                 p.data = p.data.float()
-        if config.coupling_precision == "tf32" and self.device.type != "cuda":
-            raise ConfigError(f"coupling_precision=tf32 needs a CUDA device (the model is on {self.device}); "
+        # (a model about to be FSDP-sharded sits on the CPU or the meta device; it will run on the rank's device)
+        runs_on = self.ctx.device if config.shard_parameters and self.ctx.distributed else self.device
+        if config.coupling_precision == "tf32" and runs_on.type != "cuda":
+            raise ConfigError(f"coupling_precision=tf32 needs a CUDA device (the model runs on {runs_on}); "
                               "TF32 does not exist there: use coupling_precision=ieee")
         for option in ("shard_gradients", "shard_parameters"):
             if getattr(config, option) and not self.ctx.distributed:
