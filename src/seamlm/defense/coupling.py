@@ -94,21 +94,31 @@ class FlatParams:
         self._offsets = []
         offset = 0
         for p in params:
-            self._offsets.append((offset, p.numel()))
-            offset += p.numel()
+            n = self._local(p).numel()
+            self._offsets.append((offset, n))
+            offset += n
+        self.local_numel = offset
+
+    @staticmethod
+    def _local(p: torch.Tensor) -> torch.Tensor:
+        """The part of ``p`` this rank holds and its buffers lay out: all of it, unless FSDP shards it."""
+        return p
 
     @property
     def numel(self) -> int:
         """Length of this rank's buffers."""
-        return self.total_numel
+        return self.local_numel
 
     def zeros(self) -> torch.Tensor:
         return torch.zeros(self.numel, dtype=self.dtype, device=self.device)
 
     def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        return [flat[o:o + n].view_as(p) for (o, n), p in zip(self._offsets, self.params, strict=True)]
+        return [flat[o:o + n].view_as(self._local(p)) for (o, n), p in zip(self._offsets, self.params, strict=True)]
 
     def dot(self, a: torch.Tensor, b: torch.Tensor) -> float:
+        """Global dot product: over the whole vector, or (sharded) the sum of the shard-local ones."""
+        if self.holds_shard:
+            return self.ctx.all_reduce_sum_(torch.dot(a, b).double().reshape(1)).item()
         return torch.dot(a, b).item()
 
     def norm(self, a: torch.Tensor) -> float:
@@ -134,13 +144,13 @@ class FlatParams:
     @torch.no_grad()
     def read(self, out: torch.Tensor) -> torch.Tensor:
         for p, v in zip(self.params, self.views(out), strict=True):
-            v.copy_(p)
+            v.copy_(self._local(p))
         return out
 
     @torch.no_grad()
     def write(self, flat: torch.Tensor) -> None:
         for p, v in zip(self.params, self.views(flat), strict=True):
-            p.copy_(v)
+            self._local(p).copy_(v)
 
 
 class ShardedFlatParams(FlatParams):
@@ -174,9 +184,6 @@ class ShardedFlatParams(FlatParams):
 
     def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
         raise NotImplementedError("a shard has no per-parameter views; use read/write")
-
-    def dot(self, a: torch.Tensor, b: torch.Tensor) -> float:
-        return self.ctx.all_reduce_sum_(torch.dot(a, b).double().reshape(1)).item()
 
     @contextmanager
     def grad_sink(self, flat: torch.Tensor) -> Iterator[None]:
@@ -224,27 +231,10 @@ class FSDPFlatParams(FlatParams):
 
     holds_shard = True
 
-    def __init__(self, params: list[torch.nn.Parameter], ctx: DistContext):
-        if not params:
-            raise ValueError("no trainable parameters")
-        super().__init__(params, ctx)
-        self._offsets, offset = [], 0
-        for p in params:
-            n = p.to_local().numel()
-            self._offsets.append((offset, n))
-            offset += n
-        self.local_numel = offset
-
-    @property
-    def numel(self) -> int:
-        return self.local_numel
-
-    def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+    @staticmethod
+    def _local(p: torch.Tensor) -> torch.Tensor:
         # to_local() each time: the local rows are FSDP's storage, not a copy to cache
-        return [flat[o:o + n].view_as(p.to_local()) for (o, n), p in zip(self._offsets, self.params, strict=True)]
-
-    def dot(self, a: torch.Tensor, b: torch.Tensor) -> float:
-        return self.ctx.all_reduce_sum_(torch.dot(a, b).double().reshape(1)).item()
+        return p.to_local()
 
     @contextmanager
     def grad_sink(self, flat: torch.Tensor) -> Iterator[None]:
@@ -261,17 +251,6 @@ class FSDPFlatParams(FlatParams):
         finally:
             for p in self.params:
                 p.grad = None
-
-    @torch.no_grad()
-    def read(self, out: torch.Tensor) -> torch.Tensor:
-        for p, v in zip(self.params, self.views(out), strict=True):
-            v.copy_(p.to_local())
-        return out
-
-    @torch.no_grad()
-    def write(self, flat: torch.Tensor) -> None:
-        for p, v in zip(self.params, self.views(flat), strict=True):
-            p.to_local().copy_(v)
 
 
 def is_fsdp_param(p: torch.Tensor) -> bool:
