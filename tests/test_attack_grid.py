@@ -186,3 +186,28 @@ def test_attack_and_eval_refuse_prompts_the_model_was_trained_on(tokenizer, bund
         run_attack_grid(str(derived), "derived", "seam", leaky, AttackConfig(learning_rates=(1e-4,), num_samples=2),
                         EVAL, KeywordJudge(), tmp_path, store)
     assert not store.path.exists()
+
+
+def test_trajectory_probes_add_the_peak_perplexity_and_leave_pre_attack_cells_alone(tiny_model_dir, bundle, tmp_path):
+    from seamlm.report import write_report
+
+    store = ResultStore(tmp_path / "results.jsonl")
+    plain = EVAL.replace(coupling_examples=2)
+    assert evaluate_pre_attack(str(tiny_model_dir), "tiny", "none", bundle, plain, KeywordJudge(), tmp_path, store)
+    probed = plain.replace(trajectory_every=1, trajectory_examples=2)
+    # the probes belong to attacks: the unattacked cell stays done
+    assert not evaluate_pre_attack(str(tiny_model_dir), "tiny", "none", bundle, probed, KeywordJudge(), tmp_path,
+                                   store)
+    cfg = AttackConfig(learning_rates=(1e-2,), num_samples=4, batch_size=2)
+    run_attack_grid(str(tiny_model_dir), "tiny", "none", bundle, cfg, probed, KeywordJudge(), tmp_path, store)
+    rows = {r.metric: r for r in store.rows() if r.cell != "pre"}
+    probes = [json.loads(x) for x in (tmp_path / rows["hs"].attack["probe_log"]).read_text().splitlines()]
+    assert [p["updates"] for p in probes] == [0, 1, 2]
+    assert all({"benign_ppl", "coupling_cos", "coupling_slope"} <= set(p) for p in probes)
+    assert rows["attack_peak_ppl"].value == max(p["benign_ppl"] for p in probes)
+    # the same attack without probes lacks a metric: not a silent reuse
+    with pytest.raises(DataError, match="trajectory_every"):
+        run_attack_grid(str(tiny_model_dir), "tiny", "none", bundle, cfg, plain, KeywordJudge(), tmp_path, store)
+    md = write_report(store.path, tmp_path / "report").read_text()
+    assert "highest benign perplexity during the attack" in md and "attack_trajectory.png" in md
+    assert (tmp_path / "report" / "attack_trajectory.png").stat().st_size > 0

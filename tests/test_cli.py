@@ -147,6 +147,8 @@ def test_eval_command_and_bad_eval_key(tiny_model_dir, tmp_path, capsys):
     assert json.loads((out / "results.jsonl").read_text().splitlines()[0])["cell"] == "pre"
     rc = main(["attack", "--model", str(tiny_model_dir), "--out", str(out), "--eval.bogus", "1"])
     assert rc == 2 and "unknown EvalConfig key(s) 'bogus'" in capsys.readouterr().err
+    rc = main(["eval", "--model", str(tiny_model_dir), "--out", str(out), "--trajectory_every", "5"])
+    assert rc == 2 and "seamlm eval` runs none" in capsys.readouterr().err
 
 
 def test_attack_checks_lm_eval_task_names_before_any_model_runs(tmp_path, capsys):

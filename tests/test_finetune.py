@@ -104,3 +104,41 @@ def test_sharded_finetuning_refuses_lora_and_parameter_selection(tokenizer):
     with pytest.raises(ConfigError, match="drop --shard_parameters"):
         finetune(model, tokenizer, HARMFUL, FinetuneConfig(shard_parameters=True), ctx=two,
                  hooks=TrainingHooks(select_parameters=lambda m: None))
+
+
+def test_a_probe_measures_the_model_along_the_run_without_changing_it(tokenizer, tmp_path):
+    """Probes after 0, 2, 4 updates and after the last (5), each of the model as it is at that point; the trained
+    model and the losses are the same as without the probe."""
+    from seamlm.evaluate.metrics import benign_perplexity
+    from seamlm.finetune import Probe, probing
+
+    cfg = FinetuneConfig(lr=5e-3, batch_size=2, max_steps=5, epochs=2)
+    plain = finetune(make_model(len(tokenizer)), tokenizer, HARMFUL, cfg)
+    model = make_model(len(tokenizer))
+    before = benign_perplexity(model, tokenizer, HARMFUL[:3])
+    seen = []
+
+    def measure(m):
+        assert not m.training and all(p.grad is None for p in m.parameters())
+        seen.append(1)
+        return {"benign_ppl": benign_perplexity(m, tokenizer, HARMFUL[:3])}
+
+    with probing(Probe(measure, every=2)):
+        probed = finetune(model, tokenizer, HARMFUL, cfg, tmp_path / "loss.jsonl")
+    finetune(make_model(len(tokenizer)), tokenizer, HARMFUL, cfg)  # outside the block: no probe
+    assert len(seen) == 4
+    assert [p["updates"] for p in probed.probes] == [0, 2, 4, 5]
+    assert probed.probes[0]["benign_ppl"] == before
+    assert probed.probes[-1]["benign_ppl"] == pytest.approx(benign_perplexity(probed.model, tokenizer, HARMFUL[:3]))
+    assert probed.probes[-1]["benign_ppl"] < before  # trained on these very answers
+    assert probed.losses == plain.losses
+    assert all(torch.equal(a, b) for a, b in zip(probed.model.parameters(), plain.model.parameters(), strict=True))
+    rows = [json.loads(x) for x in (tmp_path / "loss.probe.jsonl").read_text().splitlines()]
+    assert rows == probed.probes
+
+
+def test_a_probe_refuses_a_bad_interval():
+    from seamlm.finetune import Probe
+
+    with pytest.raises(ConfigError, match="every=0"):
+        Probe(lambda m: {}, every=0)

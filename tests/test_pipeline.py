@@ -55,6 +55,16 @@ def test_shrunken_demo_end_to_end_and_resume(tiny_model_dir, tmp_path, monkeypat
     assert len((out / "timings.jsonl").read_text().splitlines()) == 14  # two invocations of seven stages
     with pytest.raises(ConfigError, match="other settings \\(defense_steps changed\\)"):
         run_demo(out, cfg.replace(defense_steps=3))
+    assert "attack_trajectory.png" in md and "highest benign perplexity during the attack" in md
+    # a demo saved before trajectory probes existed ran without them: resuming it with probes is a change
+    saved = json.loads((out / "demo_config.json").read_text())
+    del saved["trajectory_every"]
+    (out / "demo_config.json").write_text(json.dumps(saved))
+    with pytest.raises(ConfigError, match="trajectory_every changed"):
+        run_demo(out, cfg)
+    from seamlm.pipeline import _changed
+
+    assert _changed(cfg.replace(trajectory_every=0), saved) == []  # what that demo ran with
 
 
 def test_demo_reuses_a_baseline_for_other_defense_settings(tiny_model_dir, tmp_path, monkeypatch):

@@ -114,7 +114,8 @@ def run_adaptive(out_dir: str | Path, cfg: AdaptiveConfig) -> Path:
         bundle.write(data_dir)
     bundle = load_built(data_dir)
     max_length = demo_cfg.max_length
-    eval_cfg = demo_cfg.eval_config().replace(coupling_examples=0)  # the coupling figures cost a backward each
+    # the coupling figures and trajectory probes cost backward passes in every trial
+    eval_cfg = demo_cfg.eval_config().replace(coupling_examples=0, trajectory_every=0)
     judge = eval_cfg.make_judge()
     store = ResultStore(out / "results.jsonl")
     samples = demo_cfg.attack_samples

@@ -15,8 +15,8 @@ from seamlm.distributed import DistContext, load_model_for_rank
 from seamlm.errors import ConfigError, DataError, NonFiniteLossError
 from seamlm.evaluate.judges import Judge
 from seamlm.evaluate.metrics import EvalConfig
-from seamlm.evaluate.run import evaluate_model
-from seamlm.finetune import FinetuneConfig
+from seamlm.evaluate.run import attack_probe, evaluate_model
+from seamlm.finetune import FinetuneConfig, probe_log_path, probing
 from seamlm.models import load_model, trained_prompt_hashes
 from seamlm.recipes import AttackData, AttackRecipe, make_recipe
 from seamlm.results import ResultRow, ResultStore
@@ -93,6 +93,7 @@ def evaluate_pre_attack(model_name: str, label: str, defense: str, bundle: Bundl
     """Evaluate the unattacked model (cell ``pre``) unless the store has it. Returns True when it ran.
     Under several processes rank 0 evaluates and the others wait."""
     ctx = ctx or DistContext()
+    eval_cfg = eval_cfg.replace(trajectory_every=0)  # no attack, no trajectory: not part of this cell's settings
     digest = manifest_digest(bundle)
     parts = dict(model=model_name, eval=eval_cfg.settings_dict(), judge=judge.name, data=digest)
     settings = settings_digest(**parts)
@@ -183,15 +184,17 @@ def attack_cell(model_name: str, label: str, defense: str, bundle: BundleData, r
     # only a training recipe shards (and so fills the other ranks' meta skeletons from rank 0)
     model, tok = load_model_for_rank(model_name, ctx, "float32",
                                      shard_parameters=train_cfg.shard_parameters and recipe.trains)
-    status, logs = "ok", []
+    status, logs, probes = "ok", [], []
     try:
-        result = recipe.attack(model, tok, data, run_cfg, cell_dir / "loss.jsonl",
-                               f"attack {label} {recipe.name} lr={run_cfg.lr:g}" if recipe.trains
-                               else f"attack {label} {recipe.name}", ctx)
-        model, logs = result.model, result.logs
+        with probing(attack_probe(tok, bundle, cell_eval) if recipe.trains else None):
+            result = recipe.attack(model, tok, data, run_cfg, cell_dir / "loss.jsonl",
+                                   f"attack {label} {recipe.name} lr={run_cfg.lr:g}" if recipe.trains
+                                   else f"attack {label} {recipe.name}", ctx)
+        model, logs, probes = result.model, result.logs, result.probes
     except NonFiniteLossError as exc:
         log.warning("%s: %s", cell, exc)
         status, model, logs = "diverged", exc.model, getattr(exc, "logs", [])
+        probes = getattr(exc, "probes", [])
     if not ctx.is_main:
         ctx.barrier()
         return CellOutcome(cell, None, True)
@@ -201,6 +204,8 @@ def attack_cell(model_name: str, label: str, defense: str, bundle: BundleData, r
         # per-batch losses are noisy (and the last batch may be short): report means of the first/last 10 %
         w = max(1, len(harmful) // 10)
         values.update(attack_first_loss=sum(harmful[:w]) / w, attack_final_loss=sum(harmful[-w:]) / w)
+    if probes:
+        values["attack_peak_ppl"] = max(p["benign_ppl"] for p in probes)
     attack: dict[str, Any] = {**recipe.describe(), "seed": run_cfg.seed, "samples": len(data.harmful), "status": status}
     if recipe.trains:
         attack.update(lr=run_cfg.lr, epochs=run_cfg.epochs, batch_size=train_cfg.batch_size,
@@ -209,6 +214,8 @@ def attack_cell(model_name: str, label: str, defense: str, bundle: BundleData, r
                       lr_scheduler=train_cfg.lr_scheduler, warmup_ratio=train_cfg.warmup_ratio,
                       prompt_template=train_cfg.prompt_template,
                       loss_log=str((cell_dir / "loss.jsonl").relative_to(out)))
+        if probes:
+            attack["probe_log"] = str(probe_log_path(cell_dir / "loss.jsonl").relative_to(out))
     attack.update(meta or {})
     store.append(_rows(values, dict(model=label, defense=defense, cell=cell, seed=run_cfg.seed, attack=attack,
                                     data_manifest=digest, settings=settings), judge), settings_parts=parts)

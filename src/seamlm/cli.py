@@ -202,6 +202,9 @@ def _run_eval(args: argparse.Namespace, extra: list[str]) -> int:
     from seamlm.attack import evaluate_pre_attack
 
     cfg, bundle, judge, store = _eval_setup(args, parse_overrides(extra))
+    if cfg.trajectory_every:
+        raise ConfigError("trajectory_every probes the model during an attack; `seamlm eval` runs none: set it "
+                          "on `seamlm attack` (--eval.trajectory_every N)")
     ran = evaluate_pre_attack(args.model, args.label or args.model, args.defense, bundle, cfg, judge, args.out, store)
     print(f"{'evaluated' if ran else 'already evaluated'}: results in {store.path}")
     return 0

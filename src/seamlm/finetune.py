@@ -8,7 +8,9 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -118,12 +120,49 @@ class TrainingHooks:
 
 
 @dataclass
+class Probe:
+    """A measurement of the model along a training run that no update depends on (e.g. the benign perplexity
+    during an attack: does SEAM's trap fire on the way even where the end point has recovered?). Taken after 0,
+    ``every``, 2·``every``, … updates and after the last; rows go to ``<log>.probe.jsonl`` (``updates`` + the
+    measured values) and to :attr:`FinetuneResult.probes`."""
+
+    measure: Callable[[Any], dict[str, float]]
+    """(model) -> values. Called in eval mode, gradients cleared; it must not change the weights or draw from the
+    random generators (the trajectory is then the same as without the probe)."""
+    every: int
+
+    def __post_init__(self) -> None:
+        if self.every < 1:
+            raise ConfigError(f"probe every={self.every}: must be >= 1")
+
+
+_PROBE: ContextVar[Probe | None] = ContextVar("seamlm_probe", default=None)
+
+
+@contextmanager
+def probing(probe: Probe | None) -> Iterator[None]:
+    """Run ``probe`` in every :func:`finetune` inside the block (none when ``probe`` is None). A context rather than
+    an argument: it measures whatever loop an attack recipe runs without every recipe passing it on."""
+    token = _PROBE.set(probe)
+    try:
+        yield
+    finally:
+        _PROBE.reset(token)
+
+
+def probe_log_path(log_path: str | Path) -> Path:
+    return Path(log_path).with_suffix(".probe.jsonl")
+
+
+@dataclass
 class FinetuneResult:
     model: Any
     losses: list[float]
     steps: int
     logs: list[dict[str, float]] = field(default_factory=list)
     """Per-step log rows (step, loss, lr and the hooks' fields), as in the JSONL log."""
+    probes: list[dict[str, float]] = field(default_factory=list)
+    """The :class:`Probe` rows of the run (empty without one)."""
 
 
 def _batches(n: int, cfg: FinetuneConfig) -> list[list[int]]:
@@ -175,6 +214,10 @@ def finetune(
     shard = cfg.shard_parameters and ctx.distributed
     if cfg.shard_parameters and not ctx.distributed:
         log.warning("shard_parameters has no effect in a single process: the whole model is trained")
+    probe = _PROBE.get()
+    if probe and shard:
+        raise ConfigError("trajectory probes measure a whole model and shard_parameters splits it over the ranks: "
+                          "drop one of them (e.g. --eval.trajectory_every 0)")
     if shard and (cfg.lora or hooks.select_parameters):
         raise ConfigError("shard_parameters shards full-parameter fine-tuning; LoRA and recipes that train chosen "
                           "parameters only run unsharded: drop --shard_parameters")
@@ -203,9 +246,12 @@ def finetune(
     if log_path:
         Path(log_path).parent.mkdir(parents=True, exist_ok=True)
     logf = open(log_path, "w", encoding="utf-8") if log_path else None  # noqa: SIM115 (closed in finally)
+    # under several processes rank 0 measures (its model is whole) while the others wait at the next all-reduce
+    probes = _ProbeRecorder(probe if ctx.is_main else None, probe_log_path(log_path) if log_path else None)
     model.train()
     try:
         for step, idx in enumerate(tqdm(plan, desc=desc, unit="step", dynamic_ncols=True, disable=not ctx.is_main), 1):
+            probes.maybe(model, step - 1)
             extra: dict[str, float] = {}
             t_step = time.perf_counter()
             if ctx.distributed:
@@ -243,6 +289,10 @@ def finetune(
             if logf:
                 logf.write(json.dumps(logs[-1]) + "\n")
                 logf.flush()
+        probes.maybe(model, len(plan), last=True)
+    except NonFiniteLossError as err:
+        err.probes = probes.rows
+        raise
     finally:
         if logf:
             logf.close()
@@ -256,9 +306,30 @@ def finetune(
     if not all(torch.isfinite(p).all() for p in model.parameters()):
         # the last update produced inf/NaN weights although every loss was finite
         err = NonFiniteLossError(f"{desc}: non-finite weights after the last step (lr={cfg.lr})")
-        err.model, err.losses, err.logs = model, losses, logs
+        err.model, err.losses, err.logs, err.probes = model, losses, logs, probes.rows
         raise err
-    return FinetuneResult(model, losses, len(plan), logs)
+    return FinetuneResult(model, losses, len(plan), logs, probes.rows)
+
+
+class _ProbeRecorder:
+    """Takes a :class:`Probe`'s measurements when due and appends them to its file (nothing without a probe)."""
+
+    def __init__(self, probe: Probe | None, path: Path | None):
+        self.probe, self.path, self.rows = probe, path, []
+        if probe and path:
+            path.write_text("", encoding="utf-8")
+
+    def maybe(self, model: Any, updates: int, last: bool = False) -> None:
+        if not self.probe or not (last or updates % self.probe.every == 0):
+            return
+        model.eval()
+        try:
+            self.rows.append({"updates": updates, **self.probe.measure(model)})
+        finally:
+            model.train()
+        if self.path:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(self.rows[-1]) + "\n")
 
 
 def _diverged(message: str, model: Any, cfg: FinetuneConfig, losses: list[float],

@@ -85,6 +85,10 @@ def build_tables(rows: list[ResultRow]) -> dict[str, list[list[str]]]:
         tables["gradient coupling on the attack data: cos(g_harmful, g_benign) / benign-loss slope along a harmful "
                "step (> 0: the attack raises the benign loss)"] = table(
             lambda m, c: f"{_fmt(get(m, c, 'coupling_cos'), 3)} / {_fmt(get(m, c, 'coupling_slope'), 3)}")
+    if any(r.metric == "attack_peak_ppl" for r in rows):
+        tables["highest benign perplexity during the attack (trajectory probes; a trap that fired and then healed "
+               "shows here, not in the end point)"] = table(
+            lambda m, c: "–" if c == "pre" else _fmt(get(m, c, "attack_peak_ppl"), 2))
     if any(r.metric == "fs_accuracy" for r in rows):
         tables["FS: SST-2 accuracy % after benign fine-tuning"] = table(lambda m, c: _fmt(get(m, c, "fs_accuracy")))
     if {"aligned", "seam"} <= set(models):
@@ -229,7 +233,40 @@ def _plots(rows: list[ResultRow], results_dir: Path, out: Path) -> list[str]:
         fig.savefig(out / "attack_loss.png", dpi=120)
         made.append("attack_loss.png")
     plt.close(fig)
+    made += _trajectory_plot(rows, results_dir, out, plt)
     return made
+
+
+def _trajectory_plot(rows: list[ResultRow], results_dir: Path, out: Path, plt) -> list[str]:
+    """Benign perplexity and cos(g_harmful, g_benign) at the attacks' probe points, one line per model and cell."""
+    runs = {}
+    for r in rows:
+        path = results_dir / r.attack["probe_log"] if r.attack.get("probe_log") else None
+        if path and path.is_file() and (r.model, r.cell) not in runs:
+            runs[(r.model, r.cell)] = (r.attack, [json.loads(x) for x in path.read_text().splitlines() if x.strip()])
+    if not runs:
+        return []
+    models = list(dict.fromkeys(m for m, _ in runs))
+    cells = list(dict.fromkeys(c for _, c in runs))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for (m, c), (attack, probes) in runs.items():
+        style = dict(color=f"C{models.index(m)}", linestyle=("-", "--", ":", "-.")[cells.index(c) % 4], marker="o",
+                     markersize=3, label=f"{m} {_label(c, attack)}")
+        x = [p["updates"] for p in probes]
+        axes[0].plot(x, [p["benign_ppl"] for p in probes], **style)
+        if all("coupling_cos" in p for p in probes):
+            axes[1].plot(x, [p["coupling_cos"] for p in probes], **style)
+    axes[0].set_yscale("log")
+    axes[0].set_ylabel("benign perplexity (probe set)")
+    axes[1].set_ylabel("cos(g_harmful, g_benign) on attack data")
+    axes[1].axhline(0, color="grey", linewidth=0.6)
+    for ax in axes:
+        ax.set_xlabel("attack steps taken")
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(out / "attack_trajectory.png", dpi=120)
+    plt.close(fig)
+    return ["attack_trajectory.png"]
 
 
 def write_report(results: str | Path, out_dir: str | Path, eps: tuple[float, ...] = (5.0, 10.0, 20.0),

@@ -19,6 +19,7 @@ from seamlm.runinfo import package_versions
 METRICS = {
     "hs": "%", "hs_binary": "%", "refusal_rate": "%", "zs_mean": "%", "zs_mean_norm": "%", "zs_chance": "%",
     "coherence_ppl": "perplexity", "coupling_cos": "cosine", "coupling_slope": "nats/step", "fs_accuracy": "%", "attack_final_loss": "nats", "attack_first_loss": "nats",
+    "attack_peak_ppl": "perplexity",
 }
 
 
@@ -30,7 +31,8 @@ def known_metric(name: str) -> bool:
 class ResultRow:
     model: str
     """Label of the evaluated model before any attack (e.g. aligned, seam). ``attack_first_loss`` and
-    ``attack_final_loss`` are means over the first and last 10 % of the attack's steps."""
+    ``attack_final_loss`` are means over the first and last 10 % of the attack's steps; ``attack_peak_ppl`` is
+    the highest benign perplexity the attack's trajectory probes saw (``EvalConfig.trajectory_every``)."""
     defense: str
     """Defence that produced the model: none, seam, …"""
     cell: str

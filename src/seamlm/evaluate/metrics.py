@@ -65,6 +65,14 @@ class EvalConfig(BaseConfig):
     coupling_examples: int = 16
     """Attack-set and held-out benign examples for the gradient-coupling figures (0 = skip): cos(g_h, g_b) and
     the benign-loss slope −g_h·g_b/‖g_h‖ along a harmful descent step (> 0: the attack raises the benign loss)."""
+    trajectory_every: int = 0
+    """Also measure the model *during* each attack, after every N optimizer steps (and before the first and after
+    the last): the benign perplexity on ``trajectory_examples`` held-out benign answers and, with
+    ``coupling_examples`` > 0, the gradient coupling. Rows go to the attack's ``loss.probe.jsonl``; adds
+    ``attack_peak_ppl``. Shows whether SEAM's trap fired on the way even where the attacked end point recovered.
+    0 = off. Costs a forward (and two backward) passes per probe; it does not change the attack's trajectory."""
+    trajectory_examples: int = 16
+    """Held-out benign answers of each trajectory probe (the first ones of the coherence set)."""
     prompt_template: str = "chat"
     """Template of the HS prompts (``seamlm.data.format.PROMPT_TEMPLATES``); a template-shift attack is measured
     through the template it trained with."""
@@ -82,8 +90,11 @@ class EvalConfig(BaseConfig):
     def validate(self) -> None:
         if self.max_new_tokens < 1 or self.gen_batch_size < 1 or self.zs_batch_size < 1:
             raise ConfigError("max_new_tokens, gen_batch_size and zs_batch_size must be >= 1")
-        if min(self.hs_prompts, self.zs_limit, self.lm_eval_limit, self.coherence_examples, self.coupling_examples, self.fs_train, self.fs_test) < 0:
+        if min(self.hs_prompts, self.zs_limit, self.lm_eval_limit, self.coherence_examples, self.coupling_examples,
+               self.fs_train, self.fs_test, self.trajectory_every) < 0:
             raise ConfigError("sizes must be >= 0")
+        if self.trajectory_every and self.trajectory_examples < 1:
+            raise ConfigError("with trajectory_every set, trajectory_examples must be >= 1")
         check_template(self.prompt_template)
         unknown = [t for t in self.zs_tasks if t not in TASKS]
         if unknown:
@@ -100,7 +111,7 @@ class EvalConfig(BaseConfig):
 
     #: Fields that only add metrics when set: left at their default they change no number, so they stay out of
     #: the results' settings digest and results made before the field existed still resume.
-    ADD_ON_FIELDS = ("lm_eval_tasks", "lm_eval_include_path", "lm_eval_limit", "judge_model")
+    ADD_ON_FIELDS = ("lm_eval_tasks", "lm_eval_include_path", "lm_eval_limit", "judge_model", "trajectory_every")
 
     def make_judge(self) -> Judge:
         """The configured judge, loaded (a judge that cannot load fails here, before any model runs)."""
@@ -113,6 +124,8 @@ class EvalConfig(BaseConfig):
         for name in self.ADD_ON_FIELDS:
             if d[name] == default[name]:
                 d.pop(name)
+        if not self.trajectory_every:
+            d.pop("trajectory_examples")
         if self.lm_eval_tasks:
             from importlib.metadata import PackageNotFoundError, version
 

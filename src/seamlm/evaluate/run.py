@@ -19,6 +19,7 @@ from seamlm.evaluate.metrics import (
     sample_prompts,
 )
 from seamlm.evaluate.zeroshot import evaluate_zero_shot, run_lm_eval
+from seamlm.finetune import Probe
 
 log = logging.getLogger(__name__)
 
@@ -60,3 +61,22 @@ def evaluate_model(model: Any, tokenizer: Any, bundle: BundleData, cfg: EvalConf
     if cfg.fs:
         out["fs_accuracy"] = benign_finetune_accuracy(model, tokenizer, cfg)["fs_accuracy"]
     return out
+
+
+def attack_probe(tokenizer: Any, bundle: BundleData, cfg: EvalConfig) -> Probe | None:
+    """The measurement taken along an attack (``cfg.trajectory_every``; None when off): benign perplexity on the
+    first ``trajectory_examples`` held-out benign answers and, with ``coupling_examples``, the gradient coupling
+    on the attack data — the figures of :func:`evaluate_model`, at points of the attack's trajectory."""
+    if not cfg.trajectory_every:
+        return None
+    benign = bundle.streams["benign_heldout"][: cfg.trajectory_examples]
+    n = cfg.coupling_examples
+
+    def measure(model: Any) -> dict[str, float]:
+        out = {"benign_ppl": benign_perplexity(model, tokenizer, benign)}
+        if n:
+            out.update(gradient_coupling(model, tokenizer, bundle.streams["attack"][:n],
+                                         bundle.streams["benign_heldout"][:n]))
+        return out
+
+    return Probe(measure, cfg.trajectory_every)
