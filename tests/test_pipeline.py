@@ -14,7 +14,7 @@ from seamlm.results import ResultStore
 def test_shrunken_demo_end_to_end_and_resume(tiny_model_dir, tmp_path, monkeypatch):
     cfg = DemoConfig(model=str(tiny_model_dir), align_steps=2, align_batch_size=2, defense_steps=2, defense_batch_size=2,
                      max_length=48, attack_lrs=(1e-4, 1e-3), attack_samples=4, hs_prompts=2, zs_limit=2,
-                     zs_tasks=("arc_easy",), fs=False, judge="keyword", attack_lora=True)
+                     zs_tasks=("arc_easy",), fs=False, judge="keyword", attack_lora=True, trajectory_every=1)
     out = tmp_path / "demo"
     report = run_demo(out, cfg)
     assert (out / "models" / "aligned" / "model.safetensors").is_file()
@@ -56,15 +56,6 @@ def test_shrunken_demo_end_to_end_and_resume(tiny_model_dir, tmp_path, monkeypat
     with pytest.raises(ConfigError, match="other settings \\(defense_steps changed\\)"):
         run_demo(out, cfg.replace(defense_steps=3))
     assert "attack_trajectory.png" in md and "highest benign perplexity during the attack" in md
-    # a demo saved before trajectory probes existed ran without them: resuming it with probes is a change
-    saved = json.loads((out / "demo_config.json").read_text())
-    del saved["trajectory_every"]
-    (out / "demo_config.json").write_text(json.dumps(saved))
-    with pytest.raises(ConfigError, match="trajectory_every changed"):
-        run_demo(out, cfg)
-    from seamlm.pipeline import _changed
-
-    assert _changed(cfg.replace(trajectory_every=0), saved) == []  # what that demo ran with
 
 
 def test_demo_reuses_a_baseline_for_other_defense_settings(tiny_model_dir, tmp_path, monkeypatch):

@@ -161,10 +161,17 @@ def _scatter(rows: list[ResultRow], out: Path, eps: tuple[float, ...]) -> list[s
     ax.set_xlabel(f"ZS mean accuracy (%)  — dotted: unattacked ZS − {max(eps):g}")
     ax.set_ylabel("HS (%)")
     ax.legend(fontsize=7)
+    return [_save(fig, out / "hs_zs_scatter.png")]
+
+
+def _save(fig, path: Path) -> str:
+    """Write a figure as PNG, free it, return its file name."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
-    fig.savefig(out / "hs_zs_scatter.png", dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
-    return ["hs_zs_scatter.png"]
+    return path.name
 
 
 def _markdown(tables: dict[str, list[list[str]]]) -> str:
@@ -205,10 +212,7 @@ def _plots(rows: list[ResultRow], results_dir: Path, out: Path) -> list[str]:
         ax.set_xlabel("attack learning rate")
         ax.set_ylabel(ylabel)
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / fname, dpi=120)
-        plt.close(fig)
-        made.append(fname)
+        made.append(_save(fig, out / fname))
     fig, ax = plt.subplots(figsize=(6, 4))
     seen = set()
     for r in rows:
@@ -229,10 +233,9 @@ def _plots(rows: list[ResultRow], results_dir: Path, out: Path) -> list[str]:
         ax.set_xlabel("attack step")
         ax.set_ylabel("harmful answer CE")
         ax.legend(fontsize=6)
-        fig.tight_layout()
-        fig.savefig(out / "attack_loss.png", dpi=120)
-        made.append("attack_loss.png")
-    plt.close(fig)
+        made.append(_save(fig, out / "attack_loss.png"))
+    else:
+        plt.close(fig)
     made += _trajectory_plot(rows, results_dir, out, plt)
     return made
 
@@ -263,10 +266,7 @@ def _trajectory_plot(rows: list[ResultRow], results_dir: Path, out: Path, plt) -
     for ax in axes:
         ax.set_xlabel("attack steps taken")
         ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(out / "attack_trajectory.png", dpi=120)
-    plt.close(fig)
-    return ["attack_trajectory.png"]
+    return [_save(fig, out / "attack_trajectory.png")]
 
 
 def write_report(results: str | Path, out_dir: str | Path, eps: tuple[float, ...] = (5.0, 10.0, 20.0),
