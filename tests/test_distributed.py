@@ -204,7 +204,8 @@ def test_attack_cli_under_torchrun_evaluates_once(tiny_model_dir, tmp_path, shar
     out = tmp_path / "att"
     cmd = [_bin("torchrun"), "--standalone", "--nproc_per_node", "2", _bin("seamlm"), "attack", "--model", str(tiny_model_dir),
            "--label", "tiny", "--out", str(out), "--learning_rates", "1e-4,1e-3", "--num_samples", "4",
-           "--batch_size", "2", "--shard_parameters", str(sharded).lower(), *TINY_EVAL]
+           "--batch_size", "2", "--shard_parameters", str(sharded).lower(), *TINY_EVAL,
+           *([] if sharded else ["--eval.trajectory_every", "1"])]  # rank 0 probes while rank 1 waits
     proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
@@ -212,6 +213,9 @@ def test_attack_cli_under_torchrun_evaluates_once(tiny_model_dir, tmp_path, shar
     assert sorted(cells) == ["pre", "sft-full-adamw-lr0.0001-n4-ep1-b2-s0", "sft-full-adamw-lr0.001-n4-ep1-b2-s0"]
     losses = (out / "attacks" / "tiny" / "sft-full-adamw-lr0.001-n4-ep1-b2-s0" / "loss.jsonl").read_text().splitlines()
     assert len(losses) == 2  # 4 samples / batch 2, logged once (by rank 0)
+    if not sharded:
+        probes = (out / "attacks" / "tiny" / "sft-full-adamw-lr0.001-n4-ep1-b2-s0" / "loss.probe.jsonl").read_text()
+        assert [json.loads(x)["updates"] for x in probes.splitlines()] == [0, 1, 2]
 
 
 def test_a_model_rank_0_cannot_load_stops_every_rank(data_files, tmp_path):
