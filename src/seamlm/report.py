@@ -236,12 +236,15 @@ def _plots(rows: list[ResultRow], results_dir: Path, out: Path) -> list[str]:
         made.append(_save(fig, out / "attack_loss.png"))
     else:
         plt.close(fig)
-    made += _trajectory_plot(rows, results_dir, out, plt)
+    made += _trajectory_plot(rows, results_dir, out)
     return made
 
 
-def _trajectory_plot(rows: list[ResultRow], results_dir: Path, out: Path, plt) -> list[str]:
-    """Benign perplexity and cos(g_harmful, g_benign) at the attacks' probe points, one line per model and cell."""
+def _trajectory_plot(rows: list[ResultRow], results_dir: Path, out: Path) -> list[str]:
+    """Benign perplexity and (when probed) cos(g_harmful, g_benign) at the attacks' probe points, one line per model
+    and cell."""
+    import matplotlib.pyplot as plt
+
     runs = {}
     for r in rows:
         path = results_dir / r.attack["probe_log"] if r.attack.get("probe_log") else None
@@ -251,18 +254,21 @@ def _trajectory_plot(rows: list[ResultRow], results_dir: Path, out: Path, plt) -
         return []
     models = list(dict.fromkeys(m for m, _ in runs))
     cells = list(dict.fromkeys(c for _, c in runs))
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    coupled = any(all("coupling_cos" in p for p in probes) for _, probes in runs.values())
+    fig, axes = plt.subplots(1, 2 if coupled else 1, figsize=(10 if coupled else 6, 4), squeeze=False)
+    axes = axes[0]
     for (m, c), (attack, probes) in runs.items():
         style = dict(color=f"C{models.index(m)}", linestyle=("-", "--", ":", "-.")[cells.index(c) % 4], marker="o",
                      markersize=3, label=f"{m} {_label(c, attack)}")
         x = [p["updates"] for p in probes]
         axes[0].plot(x, [p["benign_ppl"] for p in probes], **style)
-        if all("coupling_cos" in p for p in probes):
+        if coupled and all("coupling_cos" in p for p in probes):
             axes[1].plot(x, [p["coupling_cos"] for p in probes], **style)
     axes[0].set_yscale("log")
     axes[0].set_ylabel("benign perplexity (probe set)")
-    axes[1].set_ylabel("cos(g_harmful, g_benign) on attack data")
-    axes[1].axhline(0, color="grey", linewidth=0.6)
+    if coupled:
+        axes[1].set_ylabel("cos(g_harmful, g_benign) on attack data")
+        axes[1].axhline(0, color="grey", linewidth=0.6)
     for ax in axes:
         ax.set_xlabel("attack steps taken")
         ax.legend(fontsize=6)
