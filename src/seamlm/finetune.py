@@ -25,6 +25,7 @@ from seamlm.data.format import Formatter, answer_token_count, check_template, co
 from seamlm.defense.losses import AnswerLosses, answer_ce
 from seamlm.distributed import DistContext, full_state_dict, fully_shard_model
 from seamlm.errors import ConfigError, DataError, NonFiniteLossError
+from seamlm.jsonl import append_records
 
 log = logging.getLogger(__name__)
 
@@ -328,8 +329,7 @@ class _ProbeRecorder:
         finally:
             model.train()
         if self.path:
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(self.rows[-1]) + "\n")
+            append_records(self.path, self.rows[-1:])
 
 
 def _diverged(message: str, model: Any, cfg: FinetuneConfig, losses: list[float],

@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 from seamlm.errors import DataError
+from seamlm.jsonl import read_records
 from seamlm.results import ResultRow, ResultStore
 from seamlm.selection import collect, within_bound, worst_case_rows
 from seamlm.verdict import check_bar
@@ -222,7 +223,7 @@ def _plots(rows: list[ResultRow], results_dir: Path, out: Path) -> list[str]:
         seen.add((r.model, r.cell))
         path = results_dir / log_path
         if path.is_file():
-            losses = [json.loads(x)["loss"] for x in path.read_text().splitlines() if x.strip()]
+            losses = [row["loss"] for _, row in read_records(path)]
             w = max(1, min(10, len(losses) // 5))
             smooth = [sum(losses[max(0, i - w + 1):i + 1]) / len(losses[max(0, i - w + 1):i + 1]) for i in range(len(losses))]
             line, = ax.plot(range(1, len(losses) + 1), losses, linewidth=0.6, alpha=0.35)
@@ -249,7 +250,7 @@ def _trajectory_plot(rows: list[ResultRow], results_dir: Path, out: Path) -> lis
     for r in rows:
         path = results_dir / r.attack["probe_log"] if r.attack.get("probe_log") else None
         if path and path.is_file() and (r.model, r.cell) not in runs:
-            runs[(r.model, r.cell)] = (r.attack, [json.loads(x) for x in path.read_text().splitlines() if x.strip()])
+            runs[(r.model, r.cell)] = (r.attack, [row for _, row in read_records(path)])
     if not runs:
         return []
     models = list(dict.fromkeys(m for m, _ in runs))

@@ -56,8 +56,7 @@ def evaluate_model(model: Any, tokenizer: Any, bundle: BundleData, cfg: EvalConf
     if cfg.coherence_examples:
         out["coherence_ppl"] = benign_perplexity(model, tokenizer, bundle.streams["benign_heldout"][: cfg.coherence_examples])
     if cfg.coupling_examples:
-        n = cfg.coupling_examples
-        out.update(gradient_coupling(model, tokenizer, bundle.streams["attack"][:n], bundle.streams["benign_heldout"][:n]))
+        out.update(_coupling(model, tokenizer, bundle, cfg.coupling_examples))
     if cfg.fs:
         out["fs_accuracy"] = benign_finetune_accuracy(model, tokenizer, cfg)["fs_accuracy"]
     return out
@@ -70,13 +69,16 @@ def attack_probe(tokenizer: Any, bundle: BundleData, cfg: EvalConfig) -> Probe |
     if not cfg.trajectory_every:
         return None
     benign = bundle.streams["benign_heldout"][: cfg.trajectory_examples]
-    n = cfg.coupling_examples
 
     def measure(model: Any) -> dict[str, float]:
         out = {"benign_ppl": benign_perplexity(model, tokenizer, benign)}
-        if n:
-            out.update(gradient_coupling(model, tokenizer, bundle.streams["attack"][:n],
-                                         bundle.streams["benign_heldout"][:n]))
+        if cfg.coupling_examples:
+            out.update(_coupling(model, tokenizer, bundle, cfg.coupling_examples))
         return out
 
     return Probe(measure, cfg.trajectory_every)
+
+
+def _coupling(model: Any, tokenizer: Any, bundle: BundleData, n: int) -> dict[str, float]:
+    """The gradient-coupling figures on the first ``n`` attack and held-out benign examples."""
+    return gradient_coupling(model, tokenizer, bundle.streams["attack"][:n], bundle.streams["benign_heldout"][:n])
