@@ -25,6 +25,9 @@ def test_string_values_are_coerced_by_field_type():
     ({"epsilon": 0}, "epsilon must be > 0"),
     ({"warmup_ratio": 1.5}, "warmup_ratio"),
     ({"compute_dtype": "float16"}, "must be one of \\[.auto., .float32., .bfloat16.\\]"),
+    ({"lookahead_lr": 1e-4, "beta": 0}, "beta = 0 switches L_sd off"),
+    ({"lookahead_lr": -1e-4}, "lookahead_lr must be >= 0"),
+    ({"lookahead_steps": 3}, "lookahead_steps needs lookahead_lr > 0"),
 ])
 def test_bad_values(values, match):
     with pytest.raises(ConfigError, match=match):

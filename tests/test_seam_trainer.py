@@ -8,8 +8,10 @@ import torch
 
 from seamlm import DefenseConfig, SEAMTrainer
 from seamlm.checkpoint import list_checkpoints
+from seamlm.defense.losses import answer_ce
 from seamlm.errors import CheckpointError, NonFiniteLossError
 from tests.conftest import make_model
+from tests.test_coupling import exact_cos_grad
 
 
 def _rows(out):
@@ -64,6 +66,39 @@ def test_seam_step_changes_parameters_in_the_expected_direction(tokenizer, strea
     tr._apply_update(tr.total.norm().item())
     after = tr.compute_update(0)["ce_harmful"]
     assert after > before
+
+
+@pytest.mark.parametrize("lookahead_steps", [1, 2])
+def test_lookahead_coupling_is_the_gradient_of_cos_at_the_simulated_attack_point(tokenizer, streams, tmp_path,
+                                                                                 lookahead_steps):
+    """lookahead_lr = η: the coupling term is β·∇cos(g_a, g_b) at θ' = θ − η·Σ sign(g_a) (exact gradient by double
+    back-prop, float64), not at θ; the rest of the update and the parameters at θ are untouched."""
+    eta, beta = 2e-2, 0.5
+    model = make_model(len(tokenizer), dtype=torch.float64, seed=5)
+    theta = [p.detach().clone() for p in model.parameters()]
+    common = {"alpha": 0.5, "epsilon": 1e-4, "unlearn_loss": "final_layer", "warmup_ratio": 0.0}
+    plain = _trainer(tokenizer, streams, tmp_path / "plain", model=model, beta=0.0, **common)
+    plain.compute_update(0)
+    rest = plain.total.clone()  # ∇L_ul + α∇L_up at θ
+    ahead = _trainer(tokenizer, streams, tmp_path / "ahead", model=model, beta=beta, lookahead_lr=eta,
+                     lookahead_steps=lookahead_steps, **common)
+    row = ahead.compute_update(0)
+    assert all(torch.equal(p, t) for p, t in zip(model.parameters(), theta, strict=True))  # θ restored bit-exactly
+
+    params = list(model.parameters())
+    bh, bb = ahead._micro_batches("harmful", 0)[0], ahead._micro_batches("benign", 0)[0]
+    at_theta = exact_cos_grad(model, params, bh, bb)
+    for _ in range(lookahead_steps):
+        grads = torch.autograd.grad(answer_ce(model, bh), params)
+        with torch.no_grad():
+            for p, g in zip(params, grads, strict=True):
+                p.sub_(torch.sign(g), alpha=eta)
+    at_ahead = exact_cos_grad(model, params, bh, bb)
+    got = (ahead.total - rest) / beta
+    assert ((got - at_ahead).norm() / at_ahead.norm()).item() < 5e-3  # the O(ε) of the estimate
+    assert ((at_theta - at_ahead).norm() / at_ahead.norm()).item() > 0.1  # so the test tells θ' from θ
+    assert row["L_sd"] == row["cos_lookahead"] != row["cos_g_a_g_b"]
+    assert row["ce_harmful_lookahead"] < row["ce_harmful"]  # the simulated attacker descended on H
 
 
 @pytest.mark.parametrize("unlearn", ["final_layer", "logit_lens"])

@@ -56,6 +56,11 @@ class DemoConfig(BaseConfig):
     """L_ul variant (final_layer is 2x cheaper per step on CPU)."""
     defense_epsilon: float = 1e-3
     """ε of the Hessian-free estimate."""
+    defense_lookahead_lr: float = 0.0
+    """Take L_sd where a simulated attacker's first AdamW updates at this lr land (``DefenseConfig.lookahead_lr``,
+    not in the paper); 0 = at θ, as in the paper."""
+    defense_lookahead_steps: int = 1
+    """Simulated attacker updates of the look-ahead (``DefenseConfig.lookahead_steps``)."""
     max_length: int = 128
     """Token budget per example in every training stage."""
     attack_lrs: tuple[float, ...] = (5e-5, 2e-4)
@@ -113,7 +118,8 @@ class DemoConfig(BaseConfig):
     def defense_config(self, output_dir: str | Path) -> DefenseConfig:
         """SEAM on the aligned model, with five checkpoints over the run."""
         return DefenseConfig(steps=self.defense_steps, beta=self.defense_beta, lr=self.defense_lr,
-                             epsilon=self.defense_epsilon, batch_size=self.defense_batch_size,
+                             epsilon=self.defense_epsilon, lookahead_lr=self.defense_lookahead_lr,
+                             lookahead_steps=self.defense_lookahead_steps, batch_size=self.defense_batch_size,
                              max_length=self.max_length, unlearn_loss=self.defense_unlearn_loss,
                              output_dir=str(output_dir), checkpoint_every=max(1, self.defense_steps // 5),
                              seed=self.data_seed)

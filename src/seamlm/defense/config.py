@@ -21,6 +21,16 @@ class DefenseConfig(BaseConfig):
     """β, weight of L_sd = cos(g_a, g_b), the self-destruction coupling (paper default 0.01)."""
     epsilon: float = 1e-3
     """ε, finite-difference step of the Hessian-free estimate of ∇L_sd (error is first order in ε)."""
+    lookahead_lr: float = 0.0
+    """Not in the paper. > 0: take L_sd at θ' = θ − η·Σ sign(g_a), the first ``lookahead_steps`` updates of an
+    AdamW attacker at learning rate η (AdamW's first update is η·sign(g)), instead of at θ; its gradient is applied
+    at θ to first order (the Jacobian of θ' is taken as the identity, as in first-order MAML). The paper's L_sd
+    holds the coupling at θ only, and an attack's first steps undo it (docs/demo-tuning.md); this trains it where
+    the attack goes. Costs 2 + ``lookahead_steps`` passes and one parameter-sized buffer more per step.
+    0 = at θ (paper)."""
+    lookahead_steps: int = 1
+    """Simulated attacker updates on the step's harmful batch, each a sign step of ``lookahead_lr`` at the point
+    the previous one reached."""
     unlearn_loss: Literal["logit_lens", "final_layer"] = "logit_lens"
     """L_ul variant: ``logit_lens`` averages answer CE over the final head and the logit lens of every earlier
     hidden state (RepNoise / reference form); ``final_layer`` uses the final head only (much cheaper)."""
@@ -84,6 +94,12 @@ class DefenseConfig(BaseConfig):
             (self.alpha >= 0, "alpha must be >= 0"),
             (self.beta >= 0, "beta must be >= 0"),
             (self.epsilon > 0, "epsilon must be > 0"),
+            (self.lookahead_lr >= 0, "lookahead_lr must be >= 0 (0 = the paper's L_sd at θ)"),
+            (self.lookahead_steps >= 1, "lookahead_steps must be >= 1"),
+            (self.lookahead_lr == 0 or self.beta > 0, "lookahead_lr moves where L_sd is taken, but beta = 0 "
+             "switches L_sd off: set beta > 0 or lookahead_lr = 0"),
+            (self.lookahead_steps == 1 or self.lookahead_lr > 0, "lookahead_steps needs lookahead_lr > 0 (with 0 "
+             "L_sd is taken at θ)"),
             (self.lr > 0, "lr must be > 0"),
             (0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),
             warmup_check(self.lr_scheduler, self.warmup_ratio),

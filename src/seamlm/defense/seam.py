@@ -5,6 +5,8 @@ One step (5 forward passes; the reference needs 6 plus a separate logit-lens pas
   2.   R: ∇L_up = ∇CE(R)
   4.   B: g_b = ∇CE(B)
   5,6. g_a at θ + εδ_a on the same H batch, g_b at θ + εδ_b on the same B batch  (coupling.py)
+       (``lookahead_lr`` > 0, not in the paper: 4 + lookahead_steps passes take g_a, g_b and 5, 6 at
+       θ' = θ − η·Σ sign(g_a), where a simulated attacker's first updates land)
   θ ← AdamW(∇L_ul + α∇L_up + β∇̂L_sd)
 The model runs in eval mode (no dropout): the finite differences need the same function at θ and θ + εδ.
 """
@@ -38,6 +40,7 @@ from seamlm.data.sampling import StreamSampler
 from seamlm.data.splits import prompt_hash
 from seamlm.defense.config import RESUME_SAFE_KEYS, DefenseConfig
 from seamlm.defense.coupling import (
+    CouplingStats,
     cosine,
     float32_matmul,
     hessian_free_cos_grad,
@@ -165,6 +168,7 @@ class SEAMTrainer:
         # Persistent flat buffers (each one parameter vector): update direction, g_a, g_b, and two work buffers.
         self.total, self.g_a, self.g_b = self.flat.zeros(), self.flat.zeros(), self.flat.zeros()
         self._scratch, self._backup = self.flat.zeros(), self.flat.zeros()
+        self._origin: torch.Tensor | None = None  # θ while the look-ahead moves the parameters (lookahead_lr > 0)
         self.step = 0
         self.last_checkpoint: Path | None = None
 
@@ -259,24 +263,56 @@ class SEAMTrainer:
         # 4: g_b (float32, like every coupling gradient)
         ce_b = self._accumulate_ce(b_batches, self.g_b, mixed=False)
 
-        # 5, 6: + β ∇̂cos(g_a, g_b)
-        if cfg.beta > 0:
-            stats = hessian_free_cos_grad(
-                self.flat, self.g_a, self.g_b,
-                grad_a=lambda buf: self._accumulate_ce(h_batches, buf, mixed=False),
-                grad_b=lambda buf: self._accumulate_ce(b_batches, buf, mixed=False),
-                eps=cfg.epsilon, out=self.total, scale=cfg.beta, scratch=self._scratch, backup=self._backup,
-                precision=cfg.coupling_precision,
-            )
-        else:
-            stats = cosine(self.g_a, self.g_b, self.flat)
+        # 5, 6: + β ∇̂cos(g_a, g_b), at θ or (look-ahead) at the simulated attacker's θ'
+        stats = cosine(self.g_a, self.g_b, self.flat)
+        ahead: dict[str, float] = {}
+        if cfg.beta > 0 and cfg.lookahead_lr > 0:
+            ahead = self._lookahead_coupling(h_batches, b_batches)
+        elif cfg.beta > 0:
+            self._add_coupling_grad(h_batches, b_batches)
         grad_norm = self.flat.norm(self.total)
+        l_sd = ahead.get("cos_lookahead", stats.cos)
         return {
-            "loss": l_ul + cfg.alpha * l_up + cfg.beta * stats.cos,
-            "L_ul": l_ul, "L_up": l_up, "L_sd": stats.cos, "ce_harmful": ce_h, "ce_benign": ce_b,
+            "loss": l_ul + cfg.alpha * l_up + cfg.beta * l_sd,
+            "L_ul": l_ul, "L_up": l_up, "L_sd": l_sd, "ce_harmful": ce_h, "ce_benign": ce_b,
             "mean_ce_lens": m, "norm_g_a": stats.norm_a, "norm_g_b": stats.norm_b, "cos_g_a_g_b": stats.cos,
-            "grad_norm": grad_norm,
+            **ahead, "grad_norm": grad_norm,
         }
+
+    def _add_coupling_grad(self, h_batches: list[Batch], b_batches: list[Batch]) -> CouplingStats:
+        """Add β·∇̂cos(g_a, g_b) at the current parameters to ``self.total`` (``self.g_a``/``self.g_b`` hold the
+        gradients there); returns the cosine and norms."""
+        return hessian_free_cos_grad(
+            self.flat, self.g_a, self.g_b,
+            grad_a=lambda buf: self._accumulate_ce(h_batches, buf, mixed=False),
+            grad_b=lambda buf: self._accumulate_ce(b_batches, buf, mixed=False),
+            eps=self.config.epsilon, out=self.total, scale=self.config.beta, scratch=self._scratch,
+            backup=self._backup, precision=self.config.coupling_precision,
+        )
+
+    def _lookahead_coupling(self, h_batches: list[Batch], b_batches: list[Batch]) -> dict[str, float]:
+        """Move to θ' = θ − η·Σ sign(g_a) (``lookahead_steps`` AdamW-like first updates on the harmful batch), add
+        β·∇̂cos(g_a, g_b) taken there to ``self.total``, and restore θ bit-exactly (even on error)."""
+        cfg = self.config
+        if self._origin is None:
+            self._origin = self.flat.zeros()
+        self.flat.read(self._origin)
+        try:
+            for i in range(cfg.lookahead_steps):
+                if i:  # g_a where the previous simulated update landed
+                    self.g_a.zero_()
+                    self._accumulate_ce(h_batches, self.g_a, mixed=False)
+                with torch.no_grad():
+                    self.flat.read(self._scratch).sub_(torch.sign(self.g_a), alpha=cfg.lookahead_lr)
+                self.flat.write(self._scratch)
+            self.g_a.zero_()
+            self.g_b.zero_()
+            ce_h = self._accumulate_ce(h_batches, self.g_a, mixed=False)
+            ce_b = self._accumulate_ce(b_batches, self.g_b, mixed=False)
+            stats = self._add_coupling_grad(h_batches, b_batches)
+        finally:
+            self.flat.write(self._origin)
+        return {"cos_lookahead": stats.cos, "ce_harmful_lookahead": ce_h, "ce_benign_lookahead": ce_b}
 
     def _apply_update(self, grad_norm: float) -> None:
         if self.config.max_grad_norm is not None and grad_norm > self.config.max_grad_norm:
