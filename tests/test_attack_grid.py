@@ -1,6 +1,7 @@
 """The attack grid on a tiny model: cells evaluated and appended, a stopped grid resumes, bad configs."""
 
 import json
+import shutil
 
 import pytest
 
@@ -182,6 +183,7 @@ def test_attack_and_eval_refuse_prompts_the_model_was_trained_on(tokenizer, bund
     derived = tmp_path / "derived"  # a model trained from the SEAM one inherits its list
     model, tok = attack_mod.load_model(str(seam))
     save_model(model, tok, derived, {"stage": "test", "model": str(seam)})
+    shutil.move(seam, tmp_path / "moved")  # the list was carried over: the check needs no path to the SEAM model
     with pytest.raises(DataError, match="2 of 6 attack"):
         run_attack_grid(str(derived), "derived", "seam", leaky, AttackConfig(learning_rates=(1e-4,), num_samples=2),
                         EVAL, KeywordJudge(), tmp_path, store)
@@ -211,3 +213,21 @@ def test_trajectory_probes_add_the_peak_perplexity_and_leave_pre_attack_cells_al
     md = write_report(store.path, tmp_path / "report").read_text()
     assert "highest benign perplexity during the attack" in md and "attack_trajectory.png" in md
     assert (tmp_path / "report" / "attack_trajectory.png").stat().st_size > 0
+
+
+def test_a_moved_model_folder_keeps_its_finished_cells(tokenizer, bundle, tmp_path):
+    """Cells name a seamlm-saved model by its weights, not its path: a demo folder moved elsewhere (or a path spelled
+    another way) reuses its results; other weights under the old path do not."""
+    from seamlm.models import save_model
+    from tests.conftest import make_model
+
+    store = ResultStore(tmp_path / "results.jsonl")
+    first = save_model(make_model(len(tokenizer)), tokenizer, tmp_path / "a" / "model", {"stage": "test"})
+    assert evaluate_pre_attack(str(first), "m", "none", bundle, EVAL, KeywordJudge(), tmp_path, store)
+    moved = tmp_path / "b" / "model"
+    shutil.move(tmp_path / "a", tmp_path / "b")
+    assert not evaluate_pre_attack(f"{tmp_path}/b/../b/model", "m", "none", bundle, EVAL, KeywordJudge(), tmp_path,
+                                   store)
+    save_model(make_model(len(tokenizer), seed=9), tokenizer, moved, {"stage": "test"})
+    with pytest.raises(DataError, match="other settings .*model: 'sha256:"):
+        evaluate_pre_attack(str(moved), "m", "none", bundle, EVAL, KeywordJudge(), tmp_path, store)

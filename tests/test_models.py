@@ -1,6 +1,7 @@
 """Model resolution, loading and saving as a plain HF directory."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -8,8 +9,15 @@ import pytest
 import torch
 
 from seamlm.errors import ModelLoadError
-from seamlm.models import is_saved_model, load_model, resolve_dtype, resolve_model_source, save_model
-from tests.conftest import make_tokenizer
+from seamlm.models import (
+    is_saved_model,
+    load_model,
+    model_identity,
+    resolve_dtype,
+    resolve_model_source,
+    save_model,
+)
+from tests.conftest import make_model, make_tokenizer
 
 
 def test_alias_resolves_to_the_packaged_gguf_without_importing_it():
@@ -90,3 +98,18 @@ def test_a_save_that_fails_midway_leaves_the_previous_model(tmp_path, tiny_model
     save_model(model, tok, out, {"version": 3})  # the next save cleans up and replaces it
     assert json.loads((out / "seamlm_run.json").read_text())["version"] == 3
     assert sorted(p.name for p in saves.iterdir()) == ["m"]
+
+
+def test_a_saved_model_is_named_by_its_weights_wherever_it_lies(tmp_path, tokenizer, tiny_model_dir):
+    model = make_model(len(tokenizer))
+    name = model_identity(save_model(model, tokenizer, tmp_path / "a", {"stage": "test"}))
+    assert name.startswith("sha256:")
+    shutil.copytree(tmp_path / "a", tmp_path / "elsewhere" / "b")
+    assert model_identity(tmp_path / "elsewhere" / "b") == name
+    with torch.no_grad():
+        next(model.parameters()).add_(1e-3)
+    assert model_identity(save_model(model, tokenizer, tmp_path / "c", {"stage": "test"})) != name
+    # a directory seamlm did not write, a hub id and an alias are named as given
+    assert model_identity(tiny_model_dir) == str(tiny_model_dir)
+    assert model_identity("org/model") == "org/model"
+    assert model_identity("smollm2-135m-instruct") == "smollm2-135m-instruct"

@@ -17,7 +17,7 @@ from seamlm.evaluate.judges import Judge
 from seamlm.evaluate.metrics import EvalConfig
 from seamlm.evaluate.run import attack_probe, evaluate_model
 from seamlm.finetune import FinetuneConfig, probe_log_path, probing
-from seamlm.models import load_model, trained_prompt_hashes
+from seamlm.models import load_model, model_identity, trained_prompt_hashes
 from seamlm.recipes import AttackData, AttackRecipe, make_recipe
 from seamlm.results import ResultRow, ResultStore
 from seamlm.runinfo import fingerprint
@@ -95,7 +95,7 @@ def evaluate_pre_attack(model_name: str, label: str, defense: str, bundle: Bundl
     ctx = ctx or DistContext()
     eval_cfg = eval_cfg.replace(trajectory_every=0)  # no attack, no trajectory: not part of this cell's settings
     digest = manifest_digest(bundle)
-    parts = dict(model=model_name, eval=eval_cfg.settings_dict(), judge=judge.name, data=digest)
+    parts = dict(model=model_identity(model_name), eval=eval_cfg.settings_dict(), judge=judge.name, data=digest)
     settings = settings_digest(**parts)
     if store.cell_rows(label, "pre", settings, parts):
         log.info("%s / pre: already in %s, skipped", label, store.path)
@@ -168,7 +168,7 @@ def attack_cell(model_name: str, label: str, defense: str, bundle: BundleData, r
     cell = cell or cell_key(run_cfg, recipe, len(data.harmful))
     cell_eval = eval_cfg.replace(prompt_template=train_cfg.prompt_template)
     digest = manifest_digest(bundle)
-    parts = dict(model=model_name, eval=cell_eval.settings_dict(), judge=judge.name, data=digest,
+    parts = dict(model=model_identity(model_name), eval=cell_eval.settings_dict(), judge=judge.name, data=digest,
                  recipe=recipe.describe(), train=train_cfg.trajectory_dict() if recipe.trains else None,
                  samples=len(data.harmful))
     settings = settings_digest(**parts)

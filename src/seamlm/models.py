@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -29,6 +30,7 @@ FALLBACK_PROMPT_FORMAT = "Question: {prompt}\nAnswer: "
 
 RUN_CONFIG_FILE = "seamlm_run.json"
 TRAINED_PROMPTS_FILE = "trained_prompts.txt"
+WEIGHTS_DIGEST_KEY = "weights_sha256"
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -167,10 +169,13 @@ def save_model(
         cfg["dtype"] = str(resolve_dtype(dtype, "cpu")).replace("torch.", "")
         cfg_path.write_text(json.dumps(cfg, indent=2))
     tokenizer.save_pretrained(partial)
-    hashes = sorted({prompt_hash(p) for p in trained_prompts})
+    hashes = {prompt_hash(p) for p in trained_prompts}
+    for key in ("model", "base"):  # carried over, so the check needs no path that a moved folder would break
+        if isinstance((run_config or {}).get(key), str):
+            hashes |= trained_prompt_hashes(run_config[key])
     if hashes:
-        (partial / TRAINED_PROMPTS_FILE).write_text("".join(h + "\n" for h in hashes), encoding="utf-8")
-    payload = {"seamlm_version": _version(), **(run_config or {})}
+        (partial / TRAINED_PROMPTS_FILE).write_text("".join(h + "\n" for h in sorted(hashes)), encoding="utf-8")
+    payload = {"seamlm_version": _version(), **(run_config or {}), WEIGHTS_DIGEST_KEY: weights_digest(partial)}
     (partial / RUN_CONFIG_FILE).write_text(json.dumps(payload, indent=2, default=str), encoding="utf-8")
     if out.exists():  # replace the previous model only once the new one is complete
         old = out.with_name(out.name + ".old")
@@ -182,6 +187,29 @@ def save_model(
     else:
         os.replace(partial, out)
     return out
+
+
+def weights_digest(model_dir: str | Path) -> str:
+    """SHA-256 of a saved model's weight files (``*.safetensors``, by name), read in chunks."""
+    digest = hashlib.sha256()
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        digest.update(f.name.encode())
+        with f.open("rb") as fh:
+            while chunk := fh.read(1 << 24):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def model_identity(model_name: str | Path) -> str:
+    """What names a model in result settings: a seamlm-saved directory by the digest of its weights (so a moved
+    or renamed folder, or a path spelled another way, is the same model), anything else (a hub id, an alias, a
+    .gguf file, a directory saved by an older seamlm or by another tool) by the name as given."""
+    path = Path(model_name)
+    if is_saved_model(path):
+        info = json.loads((path / RUN_CONFIG_FILE).read_text(encoding="utf-8"))
+        if isinstance(info.get(WEIGHTS_DIGEST_KEY), str):
+            return f"sha256:{info[WEIGHTS_DIGEST_KEY][:16]}"
+    return str(model_name)
 
 
 def trained_prompt_hashes(model_name: str | Path, _depth: int = 0) -> set[str]:

@@ -22,6 +22,7 @@ from seamlm.errors import ConfigError
 from seamlm.evaluate.judges import Judge
 from seamlm.evaluate.metrics import EvalConfig
 from seamlm.finetune import FinetuneConfig
+from seamlm.models import model_identity
 from seamlm.recipes import RECIPES, make_recipe
 from seamlm.results import ResultStore
 from seamlm.runinfo import fingerprint
@@ -146,7 +147,7 @@ def run_sweep(model_name: str, label: str, defense: str, bundle: BundleData, cfg
               store: ResultStore) -> Any:
     """Run trials until the study has ``cfg.trials`` finished ones; each trial is an attack cell in ``store``
     (cell ``sweep-<recipe>-<params digest>``). Writes ``sweep_trials.<label>.csv``. Returns the study."""
-    context = {"model": model_name, "train": base.trajectory_dict(), "eval": eval_cfg.settings_dict(), "judge": judge.name,
+    context = {"model": model_identity(model_name), "train": base.trajectory_dict(), "eval": eval_cfg.settings_dict(), "judge": judge.name,
                "data": manifest_digest(bundle)}
     study = open_study(cfg, label, out_dir, context)
     csv_path = Path(out_dir) / f"sweep_trials.{label.replace('/', '_')}.csv"
