@@ -12,7 +12,8 @@ the parameter memory (numel × 4 bytes: the fp32 weights, which are the master w
 depend on the values) with a byte-level tokenizer; ARCH is one of ``RANDOM_ARCHS``. On CUDA the SFT step and SEAM
 compute in bf16 autocast with fp32 weights (SEAM's coupling gradients stay fp32, see the spec's precision trap).
 
-Modes: ``sft`` (HF loss, AdamW), ``seam-final_layer`` and ``seam-logit_lens`` (SEAMTrainer), and
+Modes: ``sft`` (HF loss, AdamW), ``seam-final_layer`` and ``seam-logit_lens`` (SEAMTrainer),
+``seam-final_layer+lookahead`` (the look-ahead coupling, one simulated attacker update: 2 passes more), and
 ``reference-logit_lens`` (the reference code's six-pass structure with full-sequence logits and lens, rebuilt
 from the same primitives) to show what sharing the H forward and answer-only heads save.
 """
@@ -31,7 +32,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "examples" / "data"
-MODES = ["sft", "seam-final_layer", "seam-logit_lens", "reference-logit_lens"]
+MODES = ["sft", "seam-final_layer", "seam-final_layer+lookahead", "seam-logit_lens", "reference-logit_lens"]
 #: Llama-family shapes for ``random:ARCH`` (hidden, intermediate, layers, heads, kv heads, vocab).
 RANDOM_ARCHS = {
     "smollm2-135m": (576, 1536, 30, 9, 3, 49152),
@@ -204,11 +205,11 @@ def worker(mode: str, args: argparse.Namespace) -> dict:
             opt = torch.optim.AdamW(params, lr=1e-5)
             times = _time_steps(lambda: reference_step(model, params, batches, opt), args)
         else:
-            variant = mode.split("-", 1)[1]
+            variant, _, option = mode.removeprefix("seam-").partition("+")
             cfg = DefenseConfig(
                 steps=args.warmup + args.repeats, batch_size=args.batch_size, max_length=args.max_length,
                 unlearn_loss=variant, beta=0.1, output_dir="/tmp/seamlm-bench", checkpoint_every=0,
-                coupling_precision=args.coupling_precision,
+                coupling_precision=args.coupling_precision, lookahead_lr=1e-4 if option == "lookahead" else 0.0,
             )
             tr = SEAMTrainer(model, tok, cfg, harmful=harmful, refusal=DATA / "refusal.jsonl", benign=DATA / "benign.jsonl")
 

@@ -20,6 +20,15 @@ def _fmt(v: float | None, digits: int = 1) -> str:
     return "–" if v is None else f"{v:.{digits}f}"
 
 
+def _lookahead(cfg: dict) -> str:
+    lr = cfg.get("defense_lookahead_lr", 0.0)  # absent from demos run before the option existed
+    return f"{lr:g} × {cfg.get('defense_lookahead_steps', 1)}" if lr else "–"
+
+
+def _mean_or_blank(rows: list[dict], key: str, fmt: str) -> str:
+    return fmt.format(statistics.mean(r[key] for r in rows)) if all(key in r for r in rows) else ""
+
+
 def summarize(run: Path) -> str | None:
     cfg_path, log_path = run / "demo_config.json", run / "models" / "seam" / "log.jsonl"
     if not cfg_path.is_file() or not log_path.is_file():
@@ -38,8 +47,8 @@ def summarize(run: Path) -> str | None:
     lrs = cfg["attack_lrs"]
     parts = [
         run.name, str(cfg["defense_steps"]), f"{cfg['defense_beta']:g}", f"{cfg['defense_lr']:g}",
-        cfg["defense_unlearn_loss"], f"{cfg['defense_epsilon']:g}",
-        f"{statistics.mean(r['cos_g_a_g_b'] for r in tail):+.2f}",
+        cfg["defense_unlearn_loss"], f"{cfg['defense_epsilon']:g}", _lookahead(cfg),
+        f"{statistics.mean(r['cos_g_a_g_b'] for r in tail):+.2f}" + _mean_or_blank(tail, "cos_lookahead", " (θ': {:+.2f})"),
         f"{statistics.mean(r['ce_harmful'] for r in tail):.2f}", f"{statistics.mean(r['ce_benign'] for r in tail):.2f}",
         cell("aligned", "pre"), cell("seam", "pre"),
         *[f"{cell('aligned', lr)} → {cell('seam', lr)}" for lr in lrs],
@@ -51,7 +60,7 @@ def main() -> None:
     runs = [Path(a) for a in sys.argv[1:]]
     lrs = next((json.loads((r / "demo_config.json").read_text())["attack_lrs"] for r in runs
                 if (r / "demo_config.json").is_file()), [])
-    head = ["run", "steps", "β", "lr", "L_ul", "ε", "cos (last 5)", "CE(H) (last 5)", "CE(B) (last 5)",
+    head = ["run", "steps", "β", "lr", "L_ul", "ε", "look-ahead η × k", "cos (last 5)", "CE(H) (last 5)", "CE(B) (last 5)",
             "aligned pre", "SEAM pre", *[f"attack lr {lr:g}: aligned → SEAM" for lr in lrs]]
     print("Cells: HS % / refusal % / ZS % / benign perplexity.\n")
     print("| " + " | ".join(head) + " |")
