@@ -53,7 +53,7 @@ class DemoConfig(BaseConfig):
     defense_batch_size: int = 4
     """SEAM batch per stream."""
     defense_unlearn_loss: str = "final_layer"
-    """L_ul variant (final_layer is 2x cheaper per step on CPU)."""
+    """L_ul variant (final_layer is 1.6-2x cheaper per step on CPU)."""
     defense_epsilon: float = 1e-3
     """ε of the Hessian-free estimate."""
     defense_lookahead_lr: float = 0.0
