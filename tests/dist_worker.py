@@ -80,7 +80,8 @@ def main() -> int:
     local = [p.to_local() if trainer.fsdp else p for p in model.parameters()]
     info = {
         "world": trainer.ctx.world_size, "numel": trainer.flat.total_numel, "optimizer_state_numel": opt_state,
-        "buffers": {n: getattr(trainer, n).numel() for n in ("total", "g_a", "g_b", "_scratch", "_backup")},
+        "buffers": {n: getattr(trainer, n).numel() for n in ("total", "g_a", "g_b", "_scratch", "_backup", "_origin")
+                    if getattr(trainer, n) is not None},
         "param_numel_held": sum(t.numel() for t in local),
     }
     (out / f"rank{trainer.ctx.rank}.json").write_text(json.dumps(info))

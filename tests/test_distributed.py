@@ -71,18 +71,32 @@ def single_mixed(tmp_path_factory):
     return out
 
 
-#: FSDP variants checked against one process too: the mixed-precision path, and weights read by rank 0 only (the
-#: other ranks start from a meta-device skeleton and get their rows by broadcast)
-VARIANTS = {"fsdp-mixed": {**SHARDING["fsdp"], **MIXED}, "fsdp-from-rank0": {**SHARDING["fsdp"], "_meta_init": True}}
+# the look-ahead moves θ by sign steps of the global g_a before the coupling: on local shards under FSDP
+LOOKAHEAD = {"lookahead_lr": 1e-3, "lookahead_steps": 2}
+
+
+@pytest.fixture(scope="module")
+def single_lookahead(tmp_path_factory):
+    out = tmp_path_factory.mktemp("single_lookahead")
+    _run(out, {"gradient_accumulation_steps": 2, **LOOKAHEAD}, 1)
+    return out
+
+
+#: FSDP variants checked against one process too: the mixed-precision path, weights read by rank 0 only (the
+#: other ranks start from a meta-device skeleton and get their rows by broadcast), and the look-ahead coupling
+VARIANTS = {"fsdp-mixed": {**SHARDING["fsdp"], **MIXED}, "fsdp-from-rank0": {**SHARDING["fsdp"], "_meta_init": True},
+            "fsdp-lookahead": {**SHARDING["fsdp"], **LOOKAHEAD}}
+_REFERENCE = {"fsdp-mixed": "single_mixed", "fsdp-lookahead": "single_lookahead"}
 
 
 @pytest.mark.parametrize("mode", [*SHARDING, *VARIANTS])
 def test_two_processes_give_the_single_process_update(request, tmp_path, mode):
-    single = request.getfixturevalue("single_mixed" if mode == "fsdp-mixed" else "single")
+    single = request.getfixturevalue(_REFERENCE.get(mode, "single"))
     _run(tmp_path, SHARDING[mode] if mode in SHARDING else VARIANTS[mode], 2)
     assert _max_diff(_params(single), _params(tmp_path)) < 1e-10
+    keys = ("ce_harmful", "ce_benign", "L_up", "cos_g_a_g_b", "norm_g_a", "grad_norm")
     for a, b in zip(_log(single), _log(tmp_path), strict=True):
-        for key in ("ce_harmful", "ce_benign", "L_up", "cos_g_a_g_b", "norm_g_a", "grad_norm"):
+        for key in keys + (("cos_lookahead", "ce_benign_lookahead") if mode == "fsdp-lookahead" else ()):
             assert b[key] == pytest.approx(a[key], rel=1e-9, abs=1e-12), key
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     numel = ranks[0]["numel"]
