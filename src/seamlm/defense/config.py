@@ -26,7 +26,7 @@ class DefenseConfig(BaseConfig):
     AdamW attacker at learning rate η (AdamW's first update is η·sign(g)), instead of at θ; its gradient is applied
     at θ to first order (the Jacobian of θ' is taken as the identity, as in first-order MAML). The paper's L_sd
     holds the coupling at θ only, and an attack's first steps undo it (docs/demo-tuning.md); this trains it where
-    the attack goes. Costs 2 + ``lookahead_steps`` passes and one parameter-sized buffer more per step.
+    the attack goes. Costs 1 + ``lookahead_steps`` passes and one parameter-sized buffer more per step.
     0 = at θ (paper)."""
     lookahead_steps: int = 1
     """Simulated attacker updates on the step's harmful batch, each a sign step of ``lookahead_lr`` at the point

@@ -5,8 +5,8 @@ One step (5 forward passes; the reference needs 6 plus a separate logit-lens pas
   2.   R: ∇L_up = ∇CE(R)
   4.   B: g_b = ∇CE(B)
   5,6. g_a at θ + εδ_a on the same H batch, g_b at θ + εδ_b on the same B batch  (coupling.py)
-       (``lookahead_lr`` > 0, not in the paper: 4 + lookahead_steps passes take g_a, g_b and 5, 6 at
-       θ' = θ − η·Σ sign(g_a), where a simulated attacker's first updates land)
+       (``lookahead_lr`` > 0, not in the paper: 3 + lookahead_steps passes replace 5, 6 — g_a for each simulated
+       update after the first, then g_a, g_b and 5, 6 at θ' = θ − η·Σ sign(g_a), where those updates land)
   θ ← AdamW(∇L_ul + α∇L_up + β∇̂L_sd)
 The model runs in eval mode (no dropout): the finite differences need the same function at θ and θ + εδ.
 """
@@ -382,8 +382,9 @@ class SEAMTrainer:
     def _check_finite(self, row: dict[str, Any]) -> None:
         keys = ("L_ul", "L_up", "ce_harmful", "ce_benign", "grad_norm")
         bad = [k for k in keys if not math.isfinite(row[k])]
-        if self.config.beta > 0 and not math.isfinite(row["cos_g_a_g_b"]):
-            bad.append("cos_g_a_g_b (a zero gradient?)")
+        for key in ("cos_g_a_g_b", "cos_lookahead"):
+            if self.config.beta > 0 and key in row and not math.isfinite(row[key]):
+                bad.append(f"{key} (a zero gradient?)")
         if bad:
             where = self.last_checkpoint or "none written yet"
             raise NonFiniteLossError(
