@@ -263,13 +263,14 @@ class SEAMTrainer:
         # 4: g_b (float32, like every coupling gradient)
         ce_b = self._accumulate_ce(b_batches, self.g_b, mixed=False)
 
-        # 5, 6: + β ∇̂cos(g_a, g_b), at θ or (look-ahead) at the simulated attacker's θ'
-        stats = cosine(self.g_a, self.g_b, self.flat)
+        # 5, 6: + β ∇̂cos(g_a, g_b), at θ or (look-ahead) at the simulated attacker's θ'; stats are at θ
         ahead: dict[str, float] = {}
-        if cfg.beta > 0 and cfg.lookahead_lr > 0:
-            ahead = self._lookahead_coupling(h_batches, b_batches)
-        elif cfg.beta > 0:
-            self._add_coupling_grad(h_batches, b_batches)
+        if cfg.beta > 0 and cfg.lookahead_lr == 0:
+            stats = self._add_coupling_grad(h_batches, b_batches)
+        else:
+            stats = cosine(self.g_a, self.g_b, self.flat)  # before the look-ahead overwrites g_a, g_b
+            if cfg.beta > 0:
+                ahead = self._lookahead_coupling(h_batches, b_batches)
         grad_norm = self.flat.norm(self.total)
         l_sd = ahead.get("cos_lookahead", stats.cos)
         return {
