@@ -164,3 +164,29 @@ def test_tf32_coupling_runs_the_coupling_passes_in_tf32_and_stays_close_at_a_lar
     similarity = torch.nn.functional.cosine_similarity(u_tf32, u_ieee, dim=0).item()
     print(f"tf32 vs ieee SEAM update at eps=1e-2: cosine {similarity:.4f}")
     assert similarity > 0.9
+
+
+def test_lookahead_step_on_cuda_agrees_with_cpu_and_puts_theta_back_bit_exactly(tokenizer, streams, tmp_path):
+    """The look-ahead coupling moves the GPU parameters to θ' and back: θ is bit-identical after the step, the step
+    equals the CPU one (float32), and under bf16 autocast the look-ahead point and cos at θ' are the float32 ones
+    (sign(g_a) comes from the float32 coupling gradient)."""
+    common = {"beta": 0.5, "lookahead_lr": 1e-2, "lookahead_steps": 2, "unlearn_loss": "final_layer"}
+    cpu = _trainer(tokenizer, streams, tmp_path / "cpu", **common)
+    r_cpu = cpu.compute_update(0)
+    runs = {}
+    for dtype in ("float32", "bfloat16"):
+        model = make_model(len(tokenizer), seed=5).to(CUDA)
+        theta = [p.detach().clone() for p in model.parameters()]
+        tr = _trainer(tokenizer, streams, tmp_path / dtype, model=model, compute_dtype=dtype, **common)
+        row = tr.compute_update(0)
+        assert all(torch.equal(p, t) for p, t in zip(model.parameters(), theta, strict=True)), dtype
+        assert row["ce_harmful_lookahead"] < row["ce_harmful"], row  # the simulated attacker descended on H
+        runs[dtype] = (row, tr.total.clone())
+    (r32, u32), (r16, u16) = runs["float32"], runs["bfloat16"]
+    print("cos_lookahead cpu / cuda fp32 / cuda bf16:", r_cpu["cos_lookahead"], r32["cos_lookahead"],
+          r16["cos_lookahead"])
+    assert r32["cos_lookahead"] == pytest.approx(r_cpu["cos_lookahead"], abs=1e-3)
+    assert torch.nn.functional.cosine_similarity(u32.cpu(), cpu.total, dim=0) > 0.999
+    assert r16["cos_lookahead"] == pytest.approx(r32["cos_lookahead"], abs=1e-3)
+    assert r16["ce_harmful_lookahead"] == pytest.approx(r32["ce_harmful_lookahead"], rel=1e-3)
+    assert torch.nn.functional.cosine_similarity(u16, u32, dim=0) > 0.99
