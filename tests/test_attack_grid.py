@@ -215,6 +215,30 @@ def test_trajectory_probes_add_the_peak_perplexity_and_leave_pre_attack_cells_al
     assert (tmp_path / "report" / "attack_trajectory.png").stat().st_size > 0
 
 
+def test_a_trajectory_probe_measures_what_the_metrics_do_and_tokenises_once(tokenizer, bundle, monkeypatch):
+    from seamlm.data.format import Formatter
+    from seamlm.evaluate.metrics import benign_perplexity, gradient_coupling
+    from seamlm.evaluate.run import attack_probe
+    from tests.conftest import make_model
+
+    model = make_model(len(tokenizer), seed=4)
+    cfg = EVAL.replace(trajectory_every=2, trajectory_examples=3, coupling_examples=2)
+    encoded = []
+    real_call = Formatter.__call__
+    monkeypatch.setattr(Formatter, "__call__", lambda self, e: encoded.append(e) or real_call(self, e))
+    probe = attack_probe(tokenizer, bundle, cfg)
+    assert probe.every == 2 and len(encoded) == 3 + 2 + 2  # trajectory benign + coupling harmful and benign
+    first = probe.measure(model)
+    second = probe.measure(model)
+    assert len(encoded) == 7  # the probes themselves tokenise nothing
+    assert first == second
+    assert first["benign_ppl"] == pytest.approx(benign_perplexity(model, tokenizer, bundle.streams["benign_heldout"][:3]))
+    coupling = gradient_coupling(model, tokenizer, bundle.streams["attack"][:2], bundle.streams["benign_heldout"][:2])
+    assert first["coupling_cos"] == pytest.approx(coupling["coupling_cos"])
+    assert first["coupling_slope"] == pytest.approx(coupling["coupling_slope"])
+    assert attack_probe(tokenizer, bundle, cfg.replace(trajectory_every=0)) is None
+
+
 def test_a_moved_model_folder_keeps_its_finished_cells(tokenizer, bundle, tmp_path):
     """Cells name a seamlm-saved model by its weights, not its path: a demo folder moved elsewhere (or a path spelled
     another way) reuses its results; other weights under the old path do not."""

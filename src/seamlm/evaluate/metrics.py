@@ -16,7 +16,14 @@ import torch
 
 from seamlm.config import BaseConfig
 from seamlm.data.files import Example
-from seamlm.data.format import Formatter, answer_token_count, check_template, collate, prompt_text
+from seamlm.data.format import (
+    Formatter,
+    TokenizedExample,
+    answer_token_count,
+    check_template,
+    collate,
+    prompt_text,
+)
 from seamlm.data.refusals import is_refusal
 from seamlm.data.sources import load_source
 from seamlm.data.splits import prompt_hash
@@ -156,16 +163,25 @@ def harmfulness(model: Any, tokenizer: Any, prompts: list[str], judge: Judge, ma
     }
 
 
-@torch.no_grad()
+#: token budget of the coherence and coupling measurements (prompt cut from the left beyond it)
+METRIC_MAX_LENGTH = 256
+
+
 def benign_perplexity(model: Any, tokenizer: Any, examples: list[Example], batch_size: int = 16,
-                      max_length: int = 256) -> float:
+                      max_length: int = METRIC_MAX_LENGTH) -> float:
     """exp(token-weighted mean answer CE) on held-out benign answers: tells "refuses" from "broken"."""
     rows = Formatter(tokenizer, max_length).encode_all(examples, "coherence")
+    return perplexity_of_rows(model, rows, tokenizer.pad_token_id, batch_size)
+
+
+@torch.no_grad()
+def perplexity_of_rows(model: Any, rows: list[TokenizedExample], pad_token_id: int, batch_size: int = 16) -> float:
+    """:func:`benign_perplexity` on already tokenised rows (a probe taken many times along an attack encodes once)."""
     device = next(model.parameters()).device
     total, count = 0.0, 0
     model.eval()
     for i in range(0, len(rows), batch_size):
-        batch = collate(rows[i:i + batch_size], tokenizer.pad_token_id, device=device)
+        batch = collate(rows[i:i + batch_size], pad_token_id, device=device)
         n = answer_token_count(batch)
         total += answer_ce(model, batch).item() * n  # answer_ce is the token mean over the batch
         count += n
@@ -174,10 +190,18 @@ def benign_perplexity(model: Any, tokenizer: Any, examples: list[Example], batch
 
 
 def gradient_coupling(model: Any, tokenizer: Any, harmful: list[Example], benign: list[Example],
-                      batch_size: int = 8, max_length: int = 256) -> dict[str, float]:
+                      batch_size: int = 8, max_length: int = METRIC_MAX_LENGTH) -> dict[str, float]:
     """cos(g_h, g_b) of the answer-CE gradients on ``harmful`` and ``benign`` (all trainable parameters as one
     vector), and the benign-loss slope along the harmful descent direction, −g_h·g_b/‖g_h‖ (nats per unit step):
     what SEAM's trap relies on, measured on the attacker's data rather than the defence's."""
+    fmt = Formatter(tokenizer, max_length)
+    return coupling_of_rows(model, fmt.encode_all(harmful, "coupling harmful"), fmt.encode_all(benign, "coupling benign"),
+                            tokenizer.pad_token_id, batch_size)
+
+
+def coupling_of_rows(model: Any, harmful: list[TokenizedExample], benign: list[TokenizedExample], pad_token_id: int,
+                     batch_size: int = 8) -> dict[str, float]:
+    """:func:`gradient_coupling` on already tokenised rows."""
     from seamlm.defense.coupling import FlatParams, cosine
 
     params = list(model.parameters())  # all of them: a merged LoRA model comes back with requires_grad off
@@ -188,13 +212,12 @@ def gradient_coupling(model: Any, tokenizer: Any, harmful: list[Example], benign
     try:
         for p in params:
             p.requires_grad_(True)
-        for name, examples in (("coupling harmful", harmful), ("coupling benign", benign)):
-            rows = Formatter(tokenizer, max_length).encode_all(examples, name)
+        for rows in (harmful, benign):
             buf = flat.zeros()
             chunks = range(0, len(rows), batch_size)
             with flat.grad_sink(buf):
                 for i in chunks:
-                    batch = collate(rows[i:i + batch_size], tokenizer.pad_token_id, device=flat.device)
+                    batch = collate(rows[i:i + batch_size], pad_token_id, device=flat.device)
                     (answer_ce(model, batch) / len(chunks)).backward()
             grads.append(buf)
     finally:

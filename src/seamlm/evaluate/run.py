@@ -8,14 +8,18 @@ from pathlib import Path
 from typing import Any
 
 from seamlm.data.bundles import BundleData
+from seamlm.data.format import Formatter
 from seamlm.errors import ConfigError
 from seamlm.evaluate.judges import Judge
 from seamlm.evaluate.metrics import (
+    METRIC_MAX_LENGTH,
     EvalConfig,
     benign_finetune_accuracy,
     benign_perplexity,
+    coupling_of_rows,
     gradient_coupling,
     harmfulness,
+    perplexity_of_rows,
     sample_prompts,
 )
 from seamlm.evaluate.zeroshot import evaluate_zero_shot, run_lm_eval
@@ -68,12 +72,18 @@ def attack_probe(tokenizer: Any, bundle: BundleData, cfg: EvalConfig) -> Probe |
     on the attack data — the figures of :func:`evaluate_model`, at points of the attack's trajectory."""
     if not cfg.trajectory_every:
         return None
-    benign = bundle.streams["benign_heldout"][: cfg.trajectory_examples]
+    # encoded once, not at every probe (and their truncation warnings logged once)
+    fmt, pad = Formatter(tokenizer, METRIC_MAX_LENGTH), tokenizer.pad_token_id
+    benign = fmt.encode_all(bundle.streams["benign_heldout"][: cfg.trajectory_examples], "trajectory benign")
+    n = cfg.coupling_examples
+    if n:
+        coupling_h = fmt.encode_all(bundle.streams["attack"][:n], "coupling harmful")
+        coupling_b = fmt.encode_all(bundle.streams["benign_heldout"][:n], "coupling benign")
 
     def measure(model: Any) -> dict[str, float]:
-        out = {"benign_ppl": benign_perplexity(model, tokenizer, benign)}
-        if cfg.coupling_examples:
-            out.update(_coupling(model, tokenizer, bundle, cfg.coupling_examples))
+        out = {"benign_ppl": perplexity_of_rows(model, benign, pad)}
+        if n:
+            out.update(coupling_of_rows(model, coupling_h, coupling_b, pad))
         return out
 
     return Probe(measure, cfg.trajectory_every)
