@@ -22,7 +22,10 @@ def _fmt(v: float | None, digits: int = 1) -> str:
 
 def _lookahead(cfg: dict) -> str:
     lr = cfg.get("defense_lookahead_lr", 0.0)  # absent from demos run before the option existed
-    return f"{lr:g} × {cfg.get('defense_lookahead_steps', 1)}" if lr else "–"
+    if not lr:
+        return "–"
+    weight = cfg.get("defense_lookahead_weight", 1.0)
+    return f"{lr:g} × {cfg.get('defense_lookahead_steps', 1)}" + (f", w {weight:g}" if weight != 1 else "")
 
 
 def _mean_or_blank(rows: list[dict], key: str, fmt: str) -> str:

@@ -28,6 +28,9 @@ def test_string_values_are_coerced_by_field_type():
     ({"lookahead_lr": 1e-4, "beta": 0}, "beta = 0 switches L_sd off"),
     ({"lookahead_lr": -1e-4}, "lookahead_lr must be >= 0"),
     ({"lookahead_steps": 3}, "lookahead_steps needs lookahead_lr > 0"),
+    ({"lookahead_weight": 0.5}, "lookahead_weight splits L_sd"),
+    ({"lookahead_lr": 1e-4, "lookahead_weight": 0.0}, r"lookahead_weight must be in \(0, 1\]"),
+    ({"lookahead_lr": 1e-4, "lookahead_weight": 1.5}, r"lookahead_weight must be in \(0, 1\]"),
 ])
 def test_bad_values(values, match):
     with pytest.raises(ConfigError, match=match):

@@ -68,11 +68,12 @@ def test_seam_step_changes_parameters_in_the_expected_direction(tokenizer, strea
     assert after > before
 
 
-@pytest.mark.parametrize("lookahead_steps", [1, 2])
+@pytest.mark.parametrize(("lookahead_steps", "weight"), [(1, 1.0), (2, 1.0), (1, 0.25)])
 def test_lookahead_coupling_is_the_gradient_of_cos_at_the_simulated_attack_point(tokenizer, streams, tmp_path,
-                                                                                 lookahead_steps):
+                                                                                 lookahead_steps, weight):
     """lookahead_lr = η: the coupling term is β·∇cos(g_a, g_b) at θ' = θ − η·Σ sign(g_a) (exact gradient by double
-    back-prop, float64), not at θ; the rest of the update and the parameters at θ are untouched."""
+    back-prop, float64), not at θ — or, with lookahead_weight w < 1, β·((1 − w)·∇cos at θ + w·∇cos at θ'); the rest
+    of the update and the parameters at θ are untouched."""
     eta, beta = 2e-2, 0.5
     model = make_model(len(tokenizer), dtype=torch.float64, seed=5)
     theta = [p.detach().clone() for p in model.parameters()]
@@ -81,7 +82,7 @@ def test_lookahead_coupling_is_the_gradient_of_cos_at_the_simulated_attack_point
     plain.compute_update(0)
     rest = plain.total.clone()  # ∇L_ul + α∇L_up at θ
     ahead = _trainer(tokenizer, streams, tmp_path / "ahead", model=model, beta=beta, lookahead_lr=eta,
-                     lookahead_steps=lookahead_steps, **common)
+                     lookahead_steps=lookahead_steps, lookahead_weight=weight, **common)
     row = ahead.compute_update(0)
     assert all(torch.equal(p, t) for p, t in zip(model.parameters(), theta, strict=True))  # θ restored bit-exactly
 
@@ -95,9 +96,11 @@ def test_lookahead_coupling_is_the_gradient_of_cos_at_the_simulated_attack_point
                 p.sub_(torch.sign(g), alpha=eta)
     at_ahead = exact_cos_grad(model, params, bh, bb)
     got = (ahead.total - rest) / beta
-    assert ((got - at_ahead).norm() / at_ahead.norm()).item() < 5e-3  # the O(ε) of the estimate
+    want = (1 - weight) * at_theta + weight * at_ahead
+    assert ((got - want).norm() / want.norm()).item() < 5e-3  # the O(ε) of the estimate
     assert ((at_theta - at_ahead).norm() / at_ahead.norm()).item() > 0.1  # so the test tells θ' from θ
-    assert row["L_sd"] == row["cos_lookahead"] != row["cos_g_a_g_b"]
+    assert row["L_sd"] == pytest.approx((1 - weight) * row["cos_g_a_g_b"] + weight * row["cos_lookahead"])
+    assert row["cos_lookahead"] != row["cos_g_a_g_b"]
     assert row["ce_harmful_lookahead"] < row["ce_harmful"]  # the simulated attacker descended on H
 
 

@@ -61,6 +61,8 @@ class DemoConfig(BaseConfig):
     not in the paper); 0 = at θ, as in the paper."""
     defense_lookahead_steps: int = 1
     """Simulated attacker updates of the look-ahead (``DefenseConfig.lookahead_steps``)."""
+    defense_lookahead_weight: float = 1.0
+    """Share of L_sd taken at the look-ahead point, the rest at θ (``DefenseConfig.lookahead_weight``)."""
     max_length: int = 128
     """Token budget per example in every training stage."""
     attack_lrs: tuple[float, ...] = (5e-5, 2e-4)
@@ -119,7 +121,8 @@ class DemoConfig(BaseConfig):
         """SEAM on the aligned model, with five checkpoints over the run."""
         return DefenseConfig(steps=self.defense_steps, beta=self.defense_beta, lr=self.defense_lr,
                              epsilon=self.defense_epsilon, lookahead_lr=self.defense_lookahead_lr,
-                             lookahead_steps=self.defense_lookahead_steps, batch_size=self.defense_batch_size,
+                             lookahead_steps=self.defense_lookahead_steps,
+                             lookahead_weight=self.defense_lookahead_weight, batch_size=self.defense_batch_size,
                              max_length=self.max_length, unlearn_loss=self.defense_unlearn_loss,
                              output_dir=str(output_dir), checkpoint_every=max(1, self.defense_steps // 5),
                              seed=self.data_seed)

@@ -31,6 +31,9 @@ class DefenseConfig(BaseConfig):
     lookahead_steps: int = 1
     """Simulated attacker updates on the step's harmful batch, each a sign step of ``lookahead_lr`` at the point
     the previous one reached."""
+    lookahead_weight: float = 1.0
+    """w, share of L_sd taken at θ' with the look-ahead: L_sd = (1 − w)·cos at θ + w·cos at θ'. 1 = at θ' only;
+    below 1 the trap must also hold at the defended point (2 passes more: the coupling's pair at θ too)."""
     unlearn_loss: Literal["logit_lens", "final_layer"] = "logit_lens"
     """L_ul variant: ``logit_lens`` averages answer CE over the final head and the logit lens of every earlier
     hidden state (RepNoise / reference form); ``final_layer`` uses the final head only (much cheaper)."""
@@ -100,6 +103,10 @@ class DefenseConfig(BaseConfig):
              "switches L_sd off: set beta > 0 or lookahead_lr = 0"),
             (self.lookahead_steps == 1 or self.lookahead_lr > 0, "lookahead_steps needs lookahead_lr > 0 (with 0 "
              "L_sd is taken at θ)"),
+            (0 < self.lookahead_weight <= 1, "lookahead_weight must be in (0, 1] (for L_sd at θ alone set "
+             "lookahead_lr = 0)"),
+            (self.lookahead_weight == 1 or self.lookahead_lr > 0, "lookahead_weight splits L_sd between θ and the "
+             "look-ahead point, but lookahead_lr = 0 takes none: set lookahead_lr > 0 or drop lookahead_weight"),
             (self.lr > 0, "lr must be > 0"),
             (0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),
             warmup_check(self.lr_scheduler, self.warmup_ratio),

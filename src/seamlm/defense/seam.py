@@ -263,16 +263,18 @@ class SEAMTrainer:
         # 4: g_b (float32, like every coupling gradient)
         ce_b = self._accumulate_ce(b_batches, self.g_b, mixed=False)
 
-        # 5, 6: + β ∇̂cos(g_a, g_b), at θ or (look-ahead) at the simulated attacker's θ'; stats are at θ
+        # 5, 6: + β ∇̂cos(g_a, g_b) at θ (paper), and/or (look-ahead) at the simulated attacker's θ' with weight
+        # w: L_sd = (1 − w)·cos(θ) + w·cos(θ'); stats are at θ
         ahead: dict[str, float] = {}
-        if cfg.beta > 0 and cfg.lookahead_lr == 0:
-            stats = self._add_coupling_grad(h_batches, b_batches)
+        w = cfg.lookahead_weight if cfg.lookahead_lr > 0 else 0.0
+        if cfg.beta > 0 and w < 1:
+            stats = self._add_coupling_grad(h_batches, b_batches, cfg.beta * (1.0 - w))  # keeps g_a, g_b
         else:
             stats = cosine(self.g_a, self.g_b, self.flat)  # before the look-ahead overwrites g_a, g_b
-            if cfg.beta > 0:
-                ahead = self._lookahead_coupling(h_batches, b_batches)
+        if cfg.beta > 0 and w > 0:
+            ahead = self._lookahead_coupling(h_batches, b_batches, cfg.beta * w)
         grad_norm = self.flat.norm(self.total)
-        l_sd = ahead.get("cos_lookahead", stats.cos)
+        l_sd = (1.0 - w) * stats.cos + w * ahead["cos_lookahead"] if ahead else stats.cos
         return {
             "loss": l_ul + cfg.alpha * l_up + cfg.beta * l_sd,
             "L_ul": l_ul, "L_up": l_up, "L_sd": l_sd, "ce_harmful": ce_h, "ce_benign": ce_b,
@@ -280,20 +282,20 @@ class SEAMTrainer:
             **ahead, "grad_norm": grad_norm,
         }
 
-    def _add_coupling_grad(self, h_batches: list[Batch], b_batches: list[Batch]) -> CouplingStats:
-        """Add β·∇̂cos(g_a, g_b) at the current parameters to ``self.total`` (``self.g_a``/``self.g_b`` hold the
-        gradients there); returns the cosine and norms."""
+    def _add_coupling_grad(self, h_batches: list[Batch], b_batches: list[Batch], scale: float) -> CouplingStats:
+        """Add scale·∇̂cos(g_a, g_b) at the current parameters to ``self.total`` (``self.g_a``/``self.g_b`` hold the
+        gradients there, and still do on return); returns the cosine and norms."""
         return hessian_free_cos_grad(
             self.flat, self.g_a, self.g_b,
             grad_a=lambda buf: self._accumulate_ce(h_batches, buf, mixed=False),
             grad_b=lambda buf: self._accumulate_ce(b_batches, buf, mixed=False),
-            eps=self.config.epsilon, out=self.total, scale=self.config.beta, scratch=self._scratch,
+            eps=self.config.epsilon, out=self.total, scale=scale, scratch=self._scratch,
             backup=self._backup, precision=self.config.coupling_precision,
         )
 
-    def _lookahead_coupling(self, h_batches: list[Batch], b_batches: list[Batch]) -> dict[str, float]:
+    def _lookahead_coupling(self, h_batches: list[Batch], b_batches: list[Batch], scale: float) -> dict[str, float]:
         """Move to θ' = θ − η·Σ sign(g_a) (``lookahead_steps`` AdamW-like first updates on the harmful batch), add
-        β·∇̂cos(g_a, g_b) taken there to ``self.total``, and restore θ bit-exactly (even on error)."""
+        scale·∇̂cos(g_a, g_b) taken there to ``self.total``, and restore θ bit-exactly (even on error)."""
         cfg = self.config
         if self._origin is None:
             self._origin = self.flat.zeros()
@@ -310,7 +312,7 @@ class SEAMTrainer:
             self.g_b.zero_()
             ce_h = self._accumulate_ce(h_batches, self.g_a, mixed=False)
             ce_b = self._accumulate_ce(b_batches, self.g_b, mixed=False)
-            stats = self._add_coupling_grad(h_batches, b_batches)
+            stats = self._add_coupling_grad(h_batches, b_batches, scale)
         finally:
             self.flat.write(self._origin)
         return {"cos_lookahead": stats.cos, "ce_harmful_lookahead": ce_h, "ce_benign_lookahead": ce_b}
