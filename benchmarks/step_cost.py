@@ -13,7 +13,8 @@ depend on the values) with a byte-level tokenizer; ARCH is one of ``RANDOM_ARCHS
 compute in bf16 autocast with fp32 weights (SEAM's coupling gradients stay fp32, see the spec's precision trap).
 
 Modes: ``sft`` (HF loss, AdamW), ``seam-final_layer`` and ``seam-logit_lens`` (SEAMTrainer),
-``seam-final_layer+lookahead`` (the look-ahead coupling, one simulated attacker update: 2 passes more), and
+``seam-final_layer+lookahead`` (the look-ahead coupling, one simulated attacker update: 2 passes more),
+``seam-final_layer+lookahead_both`` (L_sd half at θ, half at θ': ``lookahead_weight`` 0.5, 2 passes more again), and
 ``reference-logit_lens`` (the reference code's six-pass structure with full-sequence logits and lens, rebuilt
 from the same primitives) to show what sharing the H forward and answer-only heads save.
 """
@@ -32,7 +33,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "examples" / "data"
-MODES = ["sft", "seam-final_layer", "seam-final_layer+lookahead", "seam-logit_lens", "reference-logit_lens"]
+MODES = ["sft", "seam-final_layer", "seam-final_layer+lookahead", "seam-final_layer+lookahead_both", "seam-logit_lens",
+         "reference-logit_lens"]
 #: Llama-family shapes for ``random:ARCH`` (hidden, intermediate, layers, heads, kv heads, vocab).
 RANDOM_ARCHS = {
     "smollm2-135m": (576, 1536, 30, 9, 3, 49152),
@@ -209,7 +211,8 @@ def worker(mode: str, args: argparse.Namespace) -> dict:
             cfg = DefenseConfig(
                 steps=args.warmup + args.repeats, batch_size=args.batch_size, max_length=args.max_length,
                 unlearn_loss=variant, beta=0.1, output_dir="/tmp/seamlm-bench", checkpoint_every=0,
-                coupling_precision=args.coupling_precision, lookahead_lr=1e-4 if option == "lookahead" else 0.0,
+                coupling_precision=args.coupling_precision, lookahead_lr=1e-4 if option.startswith("lookahead") else 0.0,
+                lookahead_weight=0.5 if option == "lookahead_both" else 1.0,
             )
             tr = SEAMTrainer(model, tok, cfg, harmful=harmful, refusal=DATA / "refusal.jsonl", benign=DATA / "benign.jsonl")
 
