@@ -139,6 +139,24 @@ def test_resume_with_changed_config_is_refused(tokenizer, streams, tmp_path):
         _trainer(tokenizer, streams, tmp_path, steps=4, checkpoint_every=2).train()
 
 
+def test_resume_compares_a_field_the_checkpoint_predates_at_its_default(tokenizer, streams, tmp_path):
+    """A checkpoint written before a field existed ran with that field at its default: resuming with another value
+    changes the objective and is refused; resuming with the default is not."""
+    from seamlm.checkpoint import CHECKPOINT_FILE
+
+    common = {"steps": 4, "checkpoint_every": 2, "beta": 0.5, "lookahead_lr": 1e-2, "unlearn_loss": "final_layer"}
+    _trainer(tokenizer, streams, tmp_path, **common).train()
+    shutil.rmtree(tmp_path / "model")
+    for ckpt in list_checkpoints(tmp_path / "checkpoints"):  # as if written before lookahead_weight existed
+        state = torch.load(ckpt / CHECKPOINT_FILE, weights_only=False)
+        del state["config"]["lookahead_weight"]
+        torch.save(state, ckpt / CHECKPOINT_FILE)
+    with pytest.raises(CheckpointError, match=r"lookahead_weight: 1\.0 -> 0\.5"):
+        _trainer(tokenizer, streams, tmp_path, lookahead_weight=0.5, **common).train(resume=True)
+    _trainer(tokenizer, streams, tmp_path, **common).train(resume=True)
+    assert [r["step"] for r in _rows(tmp_path)][-1] == 4
+
+
 def test_resume_without_checkpoint_is_an_error(tokenizer, streams, tmp_path):
     with pytest.raises(CheckpointError, match="no checkpoint"):
         _trainer(tokenizer, streams, tmp_path).train(resume=True)

@@ -6,7 +6,8 @@ One step (5 forward passes; the reference needs 6 plus a separate logit-lens pas
   4.   B: g_b = ∇CE(B)
   5,6. g_a at θ + εδ_a on the same H batch, g_b at θ + εδ_b on the same B batch  (coupling.py)
        (``lookahead_lr`` > 0, not in the paper: 3 + lookahead_steps passes replace 5, 6 — g_a for each simulated
-       update after the first, then g_a, g_b and 5, 6 at θ' = θ − η·Σ sign(g_a), where those updates land)
+       update after the first, then g_a, g_b and 5, 6 at θ' = θ − η·Σ sign(g_a), where those updates land; with
+       ``lookahead_weight`` < 1, 5 and 6 are taken at θ as well, weighted 1 − w)
   θ ← AdamW(∇L_ul + α∇L_up + β∇̂L_sd)
 The model runs in eval mode (no dropout): the finite differences need the same function at θ and θ + εδ.
 """
@@ -428,11 +429,12 @@ class SEAMTrainer:
         if path is None:
             raise CheckpointError(f"--resume: no checkpoint under {self.out / 'checkpoints'}; start without --resume")
         state = load_checkpoint(path, map_location="cpu")  # RNG states must stay CPU tensors; loaders move the rest
-        changed = sorted(
-            k for k, v in state["config"].items() if k not in RESUME_SAFE_KEYS and getattr(self.config, k, None) != v
-        )
+        # a field added since the checkpoint was written counts at its default (it did not exist, so it was off)
+        saved, now, defaults = state["config"], self.config.to_dict(), DefenseConfig().to_dict()
+        was = {k: saved.get(k, defaults.get(k)) for k in {*saved, *now}}
+        changed = sorted(k for k in was if k not in RESUME_SAFE_KEYS and now.get(k) != was[k])
         if changed:
-            diffs = ", ".join(f"{k}: {state['config'][k]!r} -> {getattr(self.config, k)!r}" for k in changed)
+            diffs = ", ".join(f"{k}: {was[k]!r} -> {now.get(k)!r}" for k in changed)
             raise CheckpointError(f"cannot resume {path}: the config changed ({diffs}); resume with the same settings")
         if state["data_fingerprint"] != self.data_fingerprint:
             raise CheckpointError(f"cannot resume {path}: the training data differ from the checkpointed run's")
