@@ -149,13 +149,11 @@ def test_tf32_coupling_runs_the_coupling_passes_in_tf32_and_stays_close_at_a_lar
         seen.append(torch.backends.cuda.matmul.fp32_precision)
         return real_forward(model, batch, variant)
 
-    # every CE pass of a SEAM step (AnswerLosses.forward) goes through harmful_forward; patched before the skip
-    # below so that the CPU dry run fails if it is renamed
+    # every CE pass of a SEAM step (AnswerLosses.forward) goes through harmful_forward; the CPU dry run runs the
+    # IEEE half, so CI fails if the patch target is renamed or leaves the CE path
     monkeypatch.setattr(losses_mod, "harmful_forward", recording_forward)
-    if CUDA.type != "cuda":
-        pytest.skip("TF32 exists on CUDA only (the trainer refuses it elsewhere)")
     runs = {}
-    for precision in ("ieee", "tf32"):
+    for precision in ("ieee", "tf32") if CUDA.type == "cuda" else ("ieee",):
         seen.clear()
         model = make_model(len(tokenizer), seed=5, hidden=64).to(CUDA)
         tr = _trainer(tokenizer, streams, tmp_path / precision, model=model, beta=0.5, epsilon=1e-2,
@@ -164,6 +162,8 @@ def test_tf32_coupling_runs_the_coupling_passes_in_tf32_and_stays_close_at_a_lar
         runs[precision] = (tr.compute_update(0), tr.total.clone())
         # every CE pass of the step ran at the asked precision (5 without the look-ahead, 7 with one update)
         assert len(seen) == (7 if lookahead_lr else 5) and set(seen) == {precision}, seen
+    if CUDA.type != "cuda":
+        pytest.skip("TF32 exists on CUDA only (the trainer refuses it elsewhere)")
     (r_ieee, u_ieee), (r_tf32, u_tf32) = runs["ieee"], runs["tf32"]
     assert r_tf32["L_sd"] == pytest.approx(r_ieee["L_sd"], abs=1e-2)
     similarity = torch.nn.functional.cosine_similarity(u_tf32, u_ieee, dim=0).item()
@@ -171,11 +171,14 @@ def test_tf32_coupling_runs_the_coupling_passes_in_tf32_and_stays_close_at_a_lar
     assert similarity > 0.9
 
 
-def test_lookahead_step_on_cuda_agrees_with_cpu_and_puts_theta_back_bit_exactly(tokenizer, streams, tmp_path):
+@pytest.mark.parametrize("weight", [1.0, 0.5])
+def test_lookahead_step_on_cuda_agrees_with_cpu_and_puts_theta_back_bit_exactly(tokenizer, streams, tmp_path,
+                                                                               weight):
     """The look-ahead coupling moves the GPU parameters to θ' and back: θ is bit-identical after the step, the step
     equals the CPU one (float32), and under bf16 autocast the look-ahead point and cos at θ' are the float32 ones
-    (sign(g_a) comes from the float32 coupling gradient)."""
-    common = {"beta": 0.5, "lookahead_lr": 1e-2, "lookahead_steps": 2, "unlearn_loss": "final_layer"}
+    (sign(g_a) comes from the float32 coupling gradient). Also with L_sd split between θ and θ'."""
+    common = {"beta": 0.5, "lookahead_lr": 1e-2, "lookahead_steps": 2, "lookahead_weight": weight,
+              "unlearn_loss": "final_layer"}
     cpu = _trainer(tokenizer, streams, tmp_path / "cpu", **common)
     r_cpu = cpu.compute_update(0)
     runs = {}
@@ -183,6 +186,7 @@ def test_lookahead_step_on_cuda_agrees_with_cpu_and_puts_theta_back_bit_exactly(
         model = make_model(len(tokenizer), seed=5).to(CUDA)
         theta = [p.detach().clone() for p in model.parameters()]
         tr = _trainer(tokenizer, streams, tmp_path / dtype, model=model, compute_dtype=dtype, **common)
+        assert tr.total.device.type == CUDA.type
         row = tr.compute_update(0)
         assert all(torch.equal(p, t) for p, t in zip(model.parameters(), theta, strict=True)), dtype
         assert row["ce_harmful_lookahead"] < row["ce_harmful"], row  # the simulated attacker descended on H
@@ -195,3 +199,4 @@ def test_lookahead_step_on_cuda_agrees_with_cpu_and_puts_theta_back_bit_exactly(
     assert r16["cos_lookahead"] == pytest.approx(r32["cos_lookahead"], abs=1e-3)
     assert r16["ce_harmful_lookahead"] == pytest.approx(r32["ce_harmful_lookahead"], rel=1e-3)
     assert torch.nn.functional.cosine_similarity(u16, u32, dim=0) > 0.99
+    assert r16["L_ul"] != r32["L_ul"]  # autocast did run in bf16
