@@ -71,8 +71,9 @@ def single_mixed(tmp_path_factory):
     return out
 
 
-# the look-ahead moves θ by sign steps of the global g_a before the coupling: on local shards under FSDP
-LOOKAHEAD = {"lookahead_lr": 1e-3, "lookahead_steps": 2}
+# the look-ahead moves θ by sign steps of the global g_a before the coupling: on local shards under FSDP (L_sd
+# split between θ and θ', so the coupling is also taken at θ)
+LOOKAHEAD = {"lookahead_lr": 1e-3, "lookahead_steps": 2, "lookahead_weight": 0.5}
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +97,7 @@ def test_two_processes_give_the_single_process_update(request, tmp_path, mode):
     assert _max_diff(_params(single), _params(tmp_path)) < 1e-10
     keys = ("ce_harmful", "ce_benign", "L_up", "cos_g_a_g_b", "norm_g_a", "grad_norm")
     for a, b in zip(_log(single), _log(tmp_path), strict=True):
-        for key in keys + (("cos_lookahead", "ce_benign_lookahead") if mode == "fsdp-lookahead" else ()):
+        for key in keys + (("cos_lookahead", "ce_benign_lookahead", "L_sd") if mode == "fsdp-lookahead" else ()):
             assert b[key] == pytest.approx(a[key], rel=1e-9, abs=1e-12), key
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     numel = ranks[0]["numel"]
