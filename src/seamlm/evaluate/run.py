@@ -60,7 +60,7 @@ def evaluate_model(model: Any, tokenizer: Any, bundle: BundleData, cfg: EvalConf
     if cfg.coherence_examples:
         out["coherence_ppl"] = benign_perplexity(model, tokenizer, bundle.streams["benign_heldout"][: cfg.coherence_examples])
     if cfg.coupling_examples:
-        out.update(_coupling(model, tokenizer, bundle, cfg.coupling_examples))
+        out.update(gradient_coupling(model, tokenizer, *_coupling_sets(bundle, cfg.coupling_examples)))
     if cfg.fs:
         out["fs_accuracy"] = benign_finetune_accuracy(model, tokenizer, cfg)["fs_accuracy"]
     return out
@@ -77,8 +77,8 @@ def attack_probe(tokenizer: Any, bundle: BundleData, cfg: EvalConfig) -> Probe |
     benign = fmt.encode_all(bundle.streams["benign_heldout"][: cfg.trajectory_examples], "trajectory benign")
     n = cfg.coupling_examples
     if n:
-        coupling_h = fmt.encode_all(bundle.streams["attack"][:n], "coupling harmful")
-        coupling_b = fmt.encode_all(bundle.streams["benign_heldout"][:n], "coupling benign")
+        harmful, held_out = _coupling_sets(bundle, n)
+        coupling_h, coupling_b = fmt.encode_all(harmful, "coupling harmful"), fmt.encode_all(held_out, "coupling benign")
 
     def measure(model: Any) -> dict[str, float]:
         out = {"benign_ppl": perplexity_of_rows(model, benign, pad)}
@@ -89,6 +89,6 @@ def attack_probe(tokenizer: Any, bundle: BundleData, cfg: EvalConfig) -> Probe |
     return Probe(measure, cfg.trajectory_every)
 
 
-def _coupling(model: Any, tokenizer: Any, bundle: BundleData, n: int) -> dict[str, float]:
-    """The gradient-coupling figures on the first ``n`` attack and held-out benign examples."""
-    return gradient_coupling(model, tokenizer, bundle.streams["attack"][:n], bundle.streams["benign_heldout"][:n])
+def _coupling_sets(bundle: BundleData, n: int) -> tuple[list, list]:
+    """The examples of the gradient-coupling figures: the first ``n`` attack and held-out benign ones."""
+    return bundle.streams["attack"][:n], bundle.streams["benign_heldout"][:n]
