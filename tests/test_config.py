@@ -90,3 +90,14 @@ def test_collective_timeout_comes_from_the_environment_and_bad_values_are_errors
         monkeypatch.setenv(TIMEOUT_ENV, bad)
         with pytest.raises(ConfigError, match="positive number of seconds"):
             collective_timeout()
+
+
+def test_changed_from_a_saved_config_counts_new_fields_at_their_default():
+    cfg = DefenseConfig(beta=0.5)
+    saved = cfg.to_dict()
+    assert cfg.changed_from(saved) == {}
+    del saved["lookahead_weight"]  # written before the field existed: it was at its default
+    assert cfg.changed_from(saved) == {}
+    assert cfg.replace(lookahead_lr=1e-3, lookahead_weight=0.5).changed_from(saved) == {
+        "lookahead_lr": (0.0, 1e-3), "lookahead_weight": (1.0, 0.5)}
+    assert cfg.changed_from({**cfg.to_dict(), "beta": 0.1, "gone": 1}) == {"beta": (0.1, 0.5), "gone": (1, None)}

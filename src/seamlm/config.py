@@ -126,6 +126,16 @@ class BaseConfig:
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
+    def changed_from(self, saved: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+        """Fields whose value differs from ``saved`` (an earlier :meth:`to_dict`), as name -> (then, now). A field
+        added since ``saved`` was written counts at its default (it did not exist, so it was off); a key of
+        ``saved`` that is no field any more counts as changed."""
+        now = self.to_dict()
+        defaults = {f.name: f.default for f in dataclasses.fields(self) if f.default is not dataclasses.MISSING}
+        then = {k: saved.get(k, defaults.get(k)) for k in {*saved, *now}}
+        then = {k: list(v) if isinstance(v, tuple) else v for k, v in then.items()}  # as to_dict writes them
+        return {k: (then[k], now.get(k)) for k in sorted(then) if then[k] != now.get(k)}
+
     def to_yaml(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False), encoding="utf-8")
 

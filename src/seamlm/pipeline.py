@@ -171,12 +171,6 @@ def _banner(text: str) -> None:
     log.info("=" * 20 + f" {text} " + "=" * 20)
 
 
-def _changed(cfg: DemoConfig, saved: dict[str, Any]) -> list[str]:
-    """Fields whose value differs from a saved demo config (a field added since then counts at its default)."""
-    defaults = DemoConfig().to_dict()
-    return sorted(k for k, v in cfg.to_dict().items() if saved.get(k, defaults[k]) != v)
-
-
 def _check_baseline(cfg: DemoConfig) -> Path:
     base = Path(cfg.baseline_from)
     saved = base / "demo_config.json"
@@ -184,7 +178,7 @@ def _check_baseline(cfg: DemoConfig) -> Path:
         raise ConfigError(f"baseline_from={base}: not a demo directory with a finished alignment stage "
                           f"(run `seamlm demo --out {base}` first)")
     theirs = json.loads(saved.read_text())
-    changed = [k for k in _changed(cfg, theirs) if not cfg.is_defense_key(k)]
+    changed = [k for k in cfg.changed_from(theirs) if not cfg.is_defense_key(k)]
     if changed:
         raise ConfigError(f"baseline_from={base} was run with other settings ({', '.join(changed)}): only the "
                           f"defense_* settings may differ from the baseline's")
@@ -200,7 +194,7 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig, fresh: bool = False) -> Path:
     saved = out / "demo_config.json"
     if saved.is_file():
         before = json.loads(saved.read_text())
-        changed = _changed(cfg, before)
+        changed = list(cfg.changed_from(before))
         if changed:
             raise ConfigError(f"{out} holds a demo run with other settings ({', '.join(changed)} changed): its finished "
                               f"stages would be reused. Pass --fresh to redo everything, or choose another --out.")

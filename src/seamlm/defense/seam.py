@@ -429,12 +429,9 @@ class SEAMTrainer:
         if path is None:
             raise CheckpointError(f"--resume: no checkpoint under {self.out / 'checkpoints'}; start without --resume")
         state = load_checkpoint(path, map_location="cpu")  # RNG states must stay CPU tensors; loaders move the rest
-        # a field added since the checkpoint was written counts at its default (it did not exist, so it was off)
-        saved, now, defaults = state["config"], self.config.to_dict(), DefenseConfig().to_dict()
-        was = {k: saved.get(k, defaults.get(k)) for k in {*saved, *now}}
-        changed = sorted(k for k in was if k not in RESUME_SAFE_KEYS and now.get(k) != was[k])
+        changed = {k: v for k, v in self.config.changed_from(state["config"]).items() if k not in RESUME_SAFE_KEYS}
         if changed:
-            diffs = ", ".join(f"{k}: {was[k]!r} -> {now.get(k)!r}" for k in changed)
+            diffs = ", ".join(f"{k}: {then!r} -> {now!r}" for k, (then, now) in changed.items())
             raise CheckpointError(f"cannot resume {path}: the config changed ({diffs}); resume with the same settings")
         if state["data_fingerprint"] != self.data_fingerprint:
             raise CheckpointError(f"cannot resume {path}: the training data differ from the checkpointed run's")
