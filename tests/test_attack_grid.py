@@ -239,6 +239,31 @@ def test_a_trajectory_probe_measures_what_the_metrics_do_and_tokenises_once(toke
     assert attack_probe(tokenizer, bundle, cfg.replace(trajectory_every=0)) is None
 
 
+def test_a_trajectory_probe_truncates_long_examples_as_the_metrics_do(tokenizer, bundle):
+    """A held-out answer longer than the metrics' max length: the probe, which encodes once up front, cuts it where
+    benign_perplexity and gradient_coupling do (a different cut would make the probe's step-0 figure disagree with
+    the pre-attack row it is plotted beside)."""
+    from seamlm.data.files import Example
+    from seamlm.evaluate.metrics import METRIC_MAX_LENGTH, benign_perplexity, gradient_coupling
+    from seamlm.evaluate.run import attack_probe
+    from tests.conftest import make_model
+
+    long_answer = " ".join(f"word{i}" for i in range(2 * METRIC_MAX_LENGTH))
+    assert len(tokenizer(long_answer)["input_ids"]) > METRIC_MAX_LENGTH
+    heldout = [Example("Tell me a long story.", long_answer)] + bundle.streams["benign_heldout"]
+    attack = [Example("Write a long harmful text.", long_answer)] + bundle.streams["attack"]
+    long_bundle = BundleData({**bundle.streams, "benign_heldout": heldout, "attack": attack}, bundle.manifest)
+    model = make_model(len(tokenizer), seed=5)
+    cfg = EVAL.replace(trajectory_every=1, trajectory_examples=2, coupling_examples=2)
+    got = attack_probe(tokenizer, long_bundle, cfg).measure(model)
+    assert got["benign_ppl"] == pytest.approx(benign_perplexity(model, tokenizer, heldout[:2]))
+    coupling = gradient_coupling(model, tokenizer, attack[:2], heldout[:2])
+    assert got["coupling_cos"] == pytest.approx(coupling["coupling_cos"])
+    # and the cut matters: the long example alone, untruncated, gives another perplexity
+    assert benign_perplexity(model, tokenizer, heldout[:1]) != pytest.approx(
+        benign_perplexity(model, tokenizer, heldout[:1], max_length=4 * METRIC_MAX_LENGTH))
+
+
 def test_a_moved_model_folder_keeps_its_finished_cells(tokenizer, bundle, tmp_path):
     """Cells name a seamlm-saved model by its weights, not its path: a demo folder moved elsewhere (or a path spelled
     another way) reuses its results; other weights under the old path do not."""
