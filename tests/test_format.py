@@ -67,3 +67,57 @@ def test_warns_when_the_answer_cannot_keep_its_minimum(tokenizer, caplog):
     row = fmt.encode_all([Example("a question", "y" * 100)], "tiny")[0]
     assert len(row.input_ids) == 16 and row.labels[0] == IGNORE_INDEX  # still one prompt token, rest answer
     assert fmt.answer_lost == 1 and "fewer than 20 answer tokens" in caplog.text
+
+
+def _bos_tokenizer(add_bos: bool, template_writes_bos: bool):
+    tok = make_tokenizer()
+    tok.add_special_tokens({"bos_token": "<bos>"})
+    tok.add_bos_token = add_bos  # as Llama/Gemma tokenizers set it
+    if template_writes_bos:  # like the Llama-2/3 chat templates
+        tok.chat_template = "{{ bos_token }}" + tok.chat_template
+    return tok
+
+
+@pytest.mark.parametrize("template_writes_bos", [False, True])
+@pytest.mark.parametrize("template", ["chat", "plain", "alpaca"])
+def test_a_bos_tokenizer_gets_exactly_one_bos_in_training_generation_and_scoring(template, template_writes_bos):
+    """Training rows, generation prompts and zero-shot/FS contexts all start with one BOS where the tokenizer adds
+    one to text, whether the prompt text brought its own (a chat template writing {{ bos_token }}) or not."""
+    from seamlm.data.format import encode_prompts
+    from seamlm.evaluate.zeroshot import _encode_pair
+
+    tok = _bos_tokenizer(True, template_writes_bos)
+    bos = tok.bos_token_id
+    row = Formatter(tok, max_length=512, template=template)(Example("Q?", "A."))
+    batch = encode_prompts(tok, ["Q?", "A much longer question?"], template)
+    first_real = [ids[mask.bool()][:2].tolist() for ids, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True)]
+    ctx, _ = _encode_pair(tok, prompt_text(tok, "Q?", template), "positive")
+    # and a prompt cut from the left (training, generation) keeps its BOS
+    long = "x" * 60 + "?"
+    cut = Formatter(tok, max_length=24, template=template)(Example(long, "A."))
+    cut_prompt = encode_prompts(tok, [long], template, max_tokens=12)["input_ids"][0].tolist()
+    for start in (row.input_ids[:2], *first_real, ctx[:2], cut.input_ids[:2], cut_prompt[:2]):
+        assert start[0] == bos and start[1] != bos
+    assert row.labels[0] == IGNORE_INDEX  # the BOS belongs to the masked prompt
+    assert len(cut.input_ids) == 24 and len(cut_prompt) == 12
+    assert cut_prompt[1:] == encode_prompts(tok, [long], template)["input_ids"][0].tolist()[-11:]
+
+
+def test_no_bos_where_the_tokenizer_adds_none(tokenizer):
+    from seamlm.data.format import encode_prompts
+    from seamlm.evaluate.zeroshot import _encode_pair
+
+    tok = _bos_tokenizer(False, False)
+    row = Formatter(tok, max_length=128)(Example("Q?", "A."))
+    batch = encode_prompts(tok, ["Q?"])
+    ctx, _ = _encode_pair(tok, "Question: Q?", " yes")
+    assert tok.bos_token_id not in row.input_ids + batch["input_ids"][0].tolist() + ctx
+    # and nothing changes for a tokenizer that has no BOS at all (SmolLM2's): the ids are the plain encoding
+    assert Formatter(tokenizer, 128)(Example("Q?", "A.")).input_ids[:3] == tokenizer(prompt_text(tokenizer, "Q?"))["input_ids"][:3]
+
+
+def test_the_truncation_warning_counts_answers_cut_at_their_end(tokenizer, caplog):
+    fmt = Formatter(tokenizer, max_length=40, min_answer_tokens=8)
+    fmt.encode_all([Example("x" * 100, "y"), Example("q", "y" * 100)], "t")
+    assert (fmt.truncated, fmt.answer_cut, fmt.answer_lost) == (2, 1, 0)
+    assert "2 of 2 examples exceeded" in caplog.text and "in 1 of them the answer's end too" in caplog.text

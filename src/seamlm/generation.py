@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from seamlm.data.format import prompt_text
+from seamlm.data.format import encode_prompts
 
 
 @torch.no_grad()
@@ -21,14 +21,9 @@ def generate_answers(
     model.eval()
     device = next(model.parameters()).device
     answers: list[str] = []
-    old_side, old_trunc = tokenizer.padding_side, tokenizer.truncation_side
-    # left padding for batched generation; a too-long prompt loses its start, never the generation prompt
-    tokenizer.padding_side = tokenizer.truncation_side = "left"
     try:
         for i in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch", disable=len(prompts) <= batch_size):
-            texts = [prompt_text(tokenizer, p, template) for p in prompts[i:i + batch_size]]
-            enc = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_prompt_tokens,
-                            add_special_tokens=False).to(device)
+            enc = encode_prompts(tokenizer, prompts[i:i + batch_size], template, max_prompt_tokens, device)
             out = model.generate(
                 **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
                 use_cache=True,
@@ -36,6 +31,5 @@ def generate_answers(
             new = out[:, enc["input_ids"].shape[1]:]
             answers.extend(t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True))
     finally:
-        tokenizer.padding_side, tokenizer.truncation_side = old_side, old_trunc
         model.train(was_training)
     return answers

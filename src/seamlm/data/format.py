@@ -52,6 +52,45 @@ def prompt_text(tokenizer: Any, prompt: str, template: str = "chat") -> str:
     return FALLBACK_PROMPT_FORMAT.format(prompt=prompt)
 
 
+def with_bos(tokenizer: Any, ids: list[int]) -> list[int]:
+    """``ids`` started as the model's tokenizer starts text: with BOS where it adds one (``add_bos_token``: Llama,
+    Mistral, Gemma) and the text brought none (a chat template that writes ``{{ bos_token }}`` brings its own).
+    Every prompt is encoded with ``add_special_tokens=False`` and then this, so training, generation and scoring
+    see the same single BOS whatever the template."""
+    bos = tokenizer.bos_token_id
+    if bos is None or not getattr(tokenizer, "add_bos_token", False) or (ids and ids[0] == bos):
+        return list(ids)
+    return [bos, *ids]
+
+
+def encode_text(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of a prompt text (:func:`prompt_text`), with the model's BOS rule (:func:`with_bos`)."""
+    return with_bos(tokenizer, tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def keep_last(ids: list[int], n: int, bos_token_id: int | None) -> list[int]:
+    """The last ``n`` of a prompt's ids — a too-long prompt loses its start, never the generation prompt at its
+    end — with its BOS kept in front where it began with one."""
+    if len(ids) <= n:
+        return list(ids)
+    if n > 1 and bos_token_id is not None and ids[0] == bos_token_id:
+        return [ids[0], *ids[len(ids) - n + 1:]]
+    return list(ids[len(ids) - n:])
+
+
+def encode_prompts(tokenizer: Any, prompts: list[str], template: str = "chat", max_tokens: int | None = None,
+                   device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+    """A left-padded batch of formatted prompts (``input_ids``, ``attention_mask``) whose last position is each
+    prompt's last token: for generation and last-token states. A prompt longer than ``max_tokens`` loses its start,
+    never the generation prompt at its end."""
+    ids = [encode_text(tokenizer, prompt_text(tokenizer, p, template)) for p in prompts]
+    if max_tokens:
+        ids = [keep_last(x, max_tokens, tokenizer.bos_token_id) for x in ids]
+    batch = collate([TokenizedExample(x, x) for x in ids], tokenizer.pad_token_id, "left", device)
+    del batch["labels"]
+    return batch
+
+
 @dataclass
 class TokenizedExample:
     input_ids: list[int]
@@ -64,7 +103,8 @@ class Formatter:
 
     ``mask_prompt=False`` trains on every token (the reference code does this for the benign stream).
     ``template`` names the prompt template (:data:`PROMPT_TEMPLATES`; ``chat`` = the model's own).
-    Truncation keeps at least ``min_answer_tokens`` of the answer by cutting the prompt from the left;
+    Truncation keeps at least ``min_answer_tokens`` of the answer by cutting the prompt from the left (after its
+    BOS, if it has one);
     ``truncated``/``answer_lost`` count what was cut so callers can log it.
     """
 
@@ -74,11 +114,12 @@ class Formatter:
     min_answer_tokens: int = 8
     template: str = "chat"
     truncated: int = field(default=0, init=False)
+    answer_cut: int = field(default=0, init=False)
     answer_lost: int = field(default=0, init=False)
 
     def __call__(self, example: Example) -> TokenizedExample:
         tok = self.tokenizer
-        p_ids = tok(prompt_text(tok, example.prompt, self.template), add_special_tokens=False)["input_ids"]
+        p_ids = encode_text(tok, prompt_text(tok, example.prompt, self.template))
         a_ids = tok(example.response, add_special_tokens=False)["input_ids"]
         if tok.eos_token_id is not None:
             a_ids = a_ids + [tok.eos_token_id]
@@ -86,20 +127,23 @@ class Formatter:
             self.truncated += 1
             keep_answer = min(len(a_ids), max(self.min_answer_tokens, self.max_length - len(p_ids)))
             keep_answer = min(keep_answer, self.max_length - 1)  # at least one prompt token
-            if keep_answer < len(a_ids) and keep_answer < self.min_answer_tokens:
-                self.answer_lost += 1
+            if keep_answer < len(a_ids):
+                self.answer_cut += 1
+                # only when max_length leaves no room for min_answer_tokens after one prompt token
+                self.answer_lost += keep_answer < self.min_answer_tokens
             a_ids = a_ids[:keep_answer]
-            p_ids = p_ids[len(p_ids) - (self.max_length - len(a_ids)):]
+            p_ids = keep_last(p_ids, self.max_length - len(a_ids), tok.bos_token_id)
         labels = ([IGNORE_INDEX] * len(p_ids) if self.mask_prompt else list(p_ids)) + list(a_ids)
         return TokenizedExample(list(p_ids) + list(a_ids), labels)
 
     def encode_all(self, examples: list[Example], name: str = "data") -> list[TokenizedExample]:
-        before, lost_before = self.truncated, self.answer_lost
+        before, cut_before, lost_before = self.truncated, self.answer_cut, self.answer_lost
         out = [self(e) for e in examples]
         if self.truncated > before:
             log.warning(
-                "%s: %d of %d examples exceeded max_length=%d and were truncated (prompt cut from the left)",
-                name, self.truncated - before, len(examples), self.max_length,
+                "%s: %d of %d examples exceeded max_length=%d and were truncated (prompt cut from the left; in %d "
+                "of them the answer's end too)",
+                name, self.truncated - before, len(examples), self.max_length, self.answer_cut - cut_before,
             )
         if self.answer_lost > lost_before:
             log.warning(

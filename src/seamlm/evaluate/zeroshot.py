@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from seamlm.data.format import with_bos
 from seamlm.data.sources import load_source
 from seamlm.defense.losses import ModelParts
 from seamlm.errors import DataError
@@ -135,8 +136,7 @@ def _encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[
     whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
     ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
     cont = whole[len(ctx):]
-    prefix = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False) else []
-    ctx = prefix + ctx
+    ctx = with_bos(tokenizer, ctx)  # one BOS, also when a chat-formatted context (FS) brings its own
     return (ctx or [tokenizer.eos_token_id]), cont
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from seamlm.data.format import prompt_text
+from seamlm.data.format import encode_prompts
 from seamlm.errors import ConfigError
 from seamlm.finetune import FinetuneResult
 from seamlm.recipes.base import AttackRecipe, RecipeKnobs, register
@@ -38,17 +38,12 @@ def mean_last_token_state(model: Any, tokenizer: Any, prompts: list[str], layer:
                           template: str = "chat") -> torch.Tensor:
     """Mean residual-stream vector entering ``layer`` at the last prompt token (the position that answers)."""
     device = next(model.parameters()).device
-    old = tokenizer.padding_side
-    tokenizer.padding_side = "left"  # the last position is the last real token of every row
     total = None
-    try:
-        for i in range(0, len(prompts), batch_size):
-            texts = [prompt_text(tokenizer, p, template) for p in prompts[i:i + batch_size]]
-            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            states = model(**enc, output_hidden_states=True).hidden_states[layer][:, -1].double()
-            total = states.sum(0) if total is None else total + states.sum(0)
-    finally:
-        tokenizer.padding_side = old
+    for i in range(0, len(prompts), batch_size):
+        # left padded: the last position is the last real token of every row
+        enc = encode_prompts(tokenizer, prompts[i:i + batch_size], template, device=device)
+        states = model(**enc, output_hidden_states=True).hidden_states[layer][:, -1].double()
+        total = states.sum(0) if total is None else total + states.sum(0)
     return total / len(prompts)
 
 
