@@ -29,6 +29,29 @@ def test_lora_trains_adapters_then_merges_them(tokenizer):
     assert changed and all(n.endswith(("q_proj.weight", "v_proj.weight")) for n in changed)
 
 
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_weight_decay_spares_norm_weights_as_the_hf_trainer_does(tokenizer, optimizer):
+    """With the gradients zeroed, one step is the decay alone: every weight matrix (and the embedding) shrinks by
+    exactly lr·wd, no RMSNorm weight moves — the HF Trainer's grouping, which the paper's attack ran with."""
+    from seamlm.finetune import TrainingHooks
+
+    def no_grad(model, params, step):
+        for p in params:
+            p.grad.zero_()
+        return {}
+
+    model = make_model(len(tokenizer))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cfg = FinetuneConfig(lr=0.1, weight_decay=0.5, optimizer=optimizer, max_steps=1, batch_size=2,
+                         lr_scheduler="constant", warmup_ratio=0.0)
+    tuned = finetune(model, tokenizer, HARMFUL, cfg, hooks=TrainingHooks(transform_gradients=no_grad)).model
+    norms = [n for n, _ in tuned.named_parameters() if "norm" in n]
+    assert norms and all(torch.equal(dict(tuned.named_parameters())[n], before[n]) for n in norms)
+    for n, p in tuned.named_parameters():
+        if n not in norms:
+            torch.testing.assert_close(p.detach(), before[n] * (1 - 0.1 * 0.5), rtol=1e-6, atol=1e-7)
+
+
 def test_sgd_and_max_steps(tokenizer):
     res = finetune(make_model(len(tokenizer)), tokenizer, HARMFUL,
                    FinetuneConfig(lr=1e-2, optimizer="sgd", max_steps=2, batch_size=2))

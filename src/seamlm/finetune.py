@@ -49,7 +49,7 @@ class FinetuneConfig(BaseConfig):
     warmup_ratio: float = 0.1
     """Fraction of the steps spent warming up."""
     weight_decay: float = 0.01
-    """Weight decay (AdamW) / L2 (SGD)."""
+    """Weight decay (AdamW) / L2 (SGD), on the weights the HF Trainer decays: not biases or norm weights."""
     max_grad_norm: float | None = None
     """Gradient clipping; None = off (the paper's attack does not clip)."""
     max_length: int = 256
@@ -190,6 +190,18 @@ def _with_lora(model: Any, cfg: FinetuneConfig) -> Any:
     return get_peft_model(model, lora)
 
 
+def decay_groups(model: Any, weight_decay: float) -> list[dict[str, Any]]:
+    """The trainable parameters as optimizer groups the way the HF ``Trainer`` builds them — the attack the paper
+    ran —: ``weight_decay`` on the weights, none on biases and LayerNorm/RMSNorm weights."""
+    from transformers import Trainer
+
+    decayed = set(Trainer.get_decay_parameter_names(None, model))  # uses no trainer state: the rule alone
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for n, p in named if n in decayed], "weight_decay": weight_decay},
+              {"params": [p for n, p in named if n not in decayed], "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
 def finetune(
     model: Any, tokenizer: Any, examples: list[Example], cfg: FinetuneConfig,
     log_path: str | Path | None = None, desc: str = "fine-tuning", ctx: DistContext | None = None,
@@ -232,10 +244,8 @@ def finetune(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ConfigError(f"{desc}: no trainable parameters (the parameter selection matched nothing)")
-    if cfg.optimizer == "adamw":
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    else:
-        opt = torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    groups = decay_groups(model, cfg.weight_decay)
+    opt = (torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.SGD)(groups, lr=cfg.lr)
     plan = _batches(len(rows), cfg)
     from transformers import get_scheduler
 
