@@ -1,6 +1,7 @@
 """SEAMTrainer on tiny random llamas: the coupling works, resume is exact, NaN stops cleanly."""
 
 import json
+import math
 import shutil
 
 import pytest
@@ -52,7 +53,7 @@ def test_log_has_every_field_and_model_is_saved(tokenizer, streams, tmp_path):
     for key in ("L_ul", "L_up", "ce_harmful", "ce_benign", "norm_g_a", "norm_g_b", "cos_g_a_g_b", "step_time_s", "lr"):
         assert all(isinstance(r[key], float) for r in rows), key
     # L_ul = −log(m + 1) with m the lens mean, so L_ul ≤ −log(CE_H/(L+1) + 1) is not guaranteed; check the identity
-    assert all(r["L_ul"] == pytest.approx(-torch.log(torch.tensor(r["mean_ce_lens"] + 1)).item(), rel=1e-6) for r in rows)
+    assert all(r["L_ul"] == pytest.approx(-math.log(r["mean_ce_lens"] + 1), rel=1e-12) for r in rows)  # float64, as m
     run = json.loads((tmp_path / "run.json").read_text())
     assert run["seed"] == 1 and "torch" in run["versions"] and run["data_sizes"]["harmful"] == 12
     assert (out / "model.safetensors").is_file() and (out / "seamlm_run.json").is_file()

@@ -257,7 +257,7 @@ class SEAMTrainer:
         self.total.mul_(-1.0 / (n_terms * (m + 1.0)))
         if not shared:
             self._accumulate_ce(h_batches, self.g_a, mixed=False)
-        l_ul = unlearn_loss(torch.tensor(m)).item()
+        l_ul = unlearn_loss(torch.tensor(m, dtype=torch.float64)).item()  # logged at the precision m has
 
         # 2: + α ∇CE(R)
         l_up = self._accumulate_ce(r_batches, self.total, weight=cfg.alpha)
