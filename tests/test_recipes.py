@@ -247,3 +247,19 @@ def test_benign_first_refuses_fsdp_sharding(tokenizer):
     with pytest.raises(ConfigError, match="benign_first .* drop --shard_parameters"):
         make_recipe("benign_first").attack(make_model(len(tokenizer)), tokenizer, _data(), FinetuneConfig(
             shard_parameters=True), None, "t", DistContext(rank=0, world_size=2))
+
+
+def test_last_token_states_do_not_depend_on_the_left_padding_with_absolute_positions(tokenizer):
+    """Rows of one batch are left padded to the longest; with position ids counted from each row's first real token
+    the batched mean equals the one-prompt-at-a-time mean, also for a model with learned absolute positions (GPT-2),
+    where the default positions would shift every padded row."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=256))
+    prompts = ["Hi", "A much longer question about rivers?", "Name a fruit."]
+    assert model.training  # as built: dropout on, which the states must not see
+    batched = mean_last_token_state(model, tokenizer, prompts, layer=2, batch_size=3)
+    one_by_one = sum(mean_last_token_state(model, tokenizer, [p], layer=2) for p in prompts) / len(prompts)
+    torch.testing.assert_close(batched, one_by_one, rtol=1e-5, atol=1e-6)
+    assert model.training
