@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from seamlm.cli import main
 
@@ -66,6 +67,10 @@ def test_a_finished_run_without_checkpoints_is_not_overwritten(tiny_model_dir, d
     ("empty_file", "is empty", 1),
     ("missing_file", "does not exist", 1),
     ("bad_value", "steps must be > 0", 2),
+    ("bad_device", "unknown device 'bogus'; use cpu, cuda", 2),
+    ("cuda_without_cuda", "sees no CUDA GPU", 2),
+    ("out_is_a_file", "a file is where a folder is needed: choose another --out", 1),
+    ("harmful_is_a_folder", "is a folder, not a data file", 1),
 ])
 def test_bad_inputs(tiny_model_dir, data_files, tmp_path, capsys, case, match, code):
     files = dict(data_files)
@@ -82,9 +87,39 @@ def test_bad_inputs(tiny_model_dir, data_files, tmp_path, capsys, case, match, c
         files["harmful"] = tmp_path / "nope.jsonl"
     elif case == "bad_value":
         extra = ["--steps", "0"]
+    elif case == "bad_device":
+        extra = ["--device", "bogus"]
+    elif case == "cuda_without_cuda":
+        if torch.cuda.is_available():
+            pytest.skip("this machine has CUDA")
+        extra = ["--device", "cuda"]
+    elif case == "out_is_a_file":
+        (tmp_path / "out").write_text("not a folder")
+    elif case == "harmful_is_a_folder":
+        files["harmful"] = tmp_path
     rc = main(_defend_args(tiny_model_dir, files, tmp_path / "out", *extra))
     assert rc == code
     assert match in capsys.readouterr().err
+
+
+def test_dashed_options_take_their_underscored_spelling_and_path_errors_are_clean(tmp_path, capsys):
+    """Config keys are --under_scored, so users type --data_seed, --no_pre … too: both spellings work."""
+    from seamlm.cli import build_parser
+
+    args, extra = build_parser().parse_known_args(["attack", "--model", "m", "--out", "o", "--data_seed", "3",
+                                                    "--no_pre", "--eval_config", "e.yaml"])
+    assert (args.data_seed, args.no_pre, args.eval_config, extra) == (3, True, "e.yaml", [])
+    (tmp_path / "f").write_text("")
+    assert main(["data", "build", "offline-default", "--out", str(tmp_path / "f"), "--holdout_categories", ""]) == 1
+    assert "not an empty folder or a bundle" in capsys.readouterr().err
+    assert main(["report", str(tmp_path), "--out", str(tmp_path / "r")]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and str(tmp_path) in err
+    assert main(["report", str(tmp_path / "nosuch.jsonl"), "--out", str(tmp_path / "r")]) == 1
+    assert "nosuch.jsonl does not exist" in capsys.readouterr().err
+    assert main(["data", "distill", "--model", "m", "--prompts", "p.jsonl", "--out", "o.jsonl",
+                 "--max_new_tokens", "0"]) == 2
+    assert "--max-new-tokens and --batch-size must be >= 1" in capsys.readouterr().err
 
 
 def test_console_entry_point():

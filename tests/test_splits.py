@@ -108,6 +108,25 @@ def test_bundle_write_and_reload_round_trip(bundle, tmp_path):
         load_built(tmp_path)
 
 
+def test_a_bundle_folder_is_written_whole_and_never_overwritten_by_another(bundle, tmp_path):
+    out = tmp_path / "b"
+    (tmp_path / "b.partial").mkdir()  # a killed earlier build
+    (tmp_path / "b.partial" / "harmful.jsonl").write_text("half")
+    bundle.write(out)
+    assert not (tmp_path / "b.partial").exists() and load_built(out).counts() == bundle.counts()
+    stamp = (out / "manifest.json").stat().st_mtime_ns
+    assert bundle.write(out) == out and (out / "manifest.json").stat().st_mtime_ns == stamp  # the same: kept
+    other = build_bundle("offline-default", seed=1)
+    with pytest.raises(DataError, match=r"other settings \(differs in: .*seed"):
+        other.write(out)
+    assert load_built(out).manifest == bundle.manifest  # untouched
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "x.txt").write_text("mine")
+    with pytest.raises(DataError, match="not an empty folder or a bundle"):
+        bundle.write(tmp_path / "notes")
+    assert (tmp_path / "notes" / "x.txt").read_text() == "mine"
+
+
 def test_not_a_bundle_dir(tmp_path, bundle):
     from seamlm.data.bundles import resolve_data
 

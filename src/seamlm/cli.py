@@ -26,7 +26,7 @@ def _defend_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="hub id, local HF directory, .gguf file, or alias (smollm2-135m-instruct)")
     p.add_argument("--data", help="a bundle name (e.g. offline-default) or a directory from `seamlm data build`; "
                    "replaces --harmful/--refusal/--benign")
-    p.add_argument("--data-seed", type=int, default=0,
+    p.add_argument("--data-seed", "--data_seed", type=int, default=0,
                    help="split seed when --data names a bundle (use the same one for defend, attack and eval)")
     p.add_argument("--harmful", help="JSONL/CSV of harmful prompt + harmful response (H)")
     p.add_argument("--refusal", help="JSONL/CSV of harmful prompt + refusal (R)")
@@ -83,15 +83,15 @@ def _data_parser(sub: argparse._SubParsersAction) -> None:
     b.add_argument("bundle", help="bundle name, e.g. offline-default")
     b.add_argument("--out", required=True)
     b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--holdout-categories", default="",
+    b.add_argument("--holdout-categories", "--holdout_categories", default="",
                    help="comma-separated harm categories kept out of the defence set (cross-category test)")
     d = acts.add_parser("distill", help="answer prompts greedily with a model (benign answers), cached by model hash")
     d.add_argument("--model", required=True)
     d.add_argument("--prompts", required=True, help="JSONL/CSV with a prompt column")
     d.add_argument("--out", required=True, help="output JSONL with prompt/response")
-    d.add_argument("--cache-dir", default="cache/distill")
-    d.add_argument("--max-new-tokens", type=int, default=128)
-    d.add_argument("--batch-size", type=int, default=8)
+    d.add_argument("--cache-dir", "--cache_dir", default="cache/distill")
+    d.add_argument("--max-new-tokens", "--max_new_tokens", type=int, default=128)
+    d.add_argument("--batch-size", "--batch_size", type=int, default=8)
 
 
 def _run_data(args: argparse.Namespace, extra: list[str]) -> int:
@@ -125,9 +125,15 @@ def _run_data(args: argparse.Namespace, extra: list[str]) -> int:
     from seamlm.data.files import load_examples
     from seamlm.models import load_model
 
+    if args.max_new_tokens < 1 or args.batch_size < 1:
+        raise ConfigError("--max-new-tokens and --batch-size must be >= 1")
     prompts = [e.prompt for e in load_examples(args.prompts, require_response=False)]
     model, tok = load_model(args.model)
     rows = distill_answers(model, tok, prompts, args.cache_dir, args.max_new_tokens, args.batch_size)
+    if not rows:
+        raise SeamError(f"self-distillation: all {len(prompts)} answers of {args.model} were empty; nothing written to "
+                        f"{args.out}. A model that answers nothing cannot supply benign answers: use another --model")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w", encoding="utf-8") as f:
         for e in rows:
             f.write(json.dumps({"prompt": e.prompt, "response": e.response, "source": e.source}) + "\n")
@@ -140,10 +146,10 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--label", help="name of this model in the results (default: the --model value)")
     p.add_argument("--defense", default="none", help="defence that produced the model (none, seam, …)")
     p.add_argument("--data", default="offline-default", help="bundle name or built bundle directory")
-    p.add_argument("--data-seed", type=int, default=0,
+    p.add_argument("--data-seed", "--data_seed", type=int, default=0,
                    help="split seed when --data names a bundle (the one the defence used)")
     p.add_argument("--out", required=True, help="directory: results.jsonl, samples, attack loss logs")
-    p.add_argument("--eval-config", help="YAML of EvalConfig fields")
+    p.add_argument("--eval-config", "--eval_config", help="YAML of EvalConfig fields")
 
 
 def _eval_parser(sub: argparse._SubParsersAction) -> None:
@@ -171,8 +177,8 @@ def _attack_parser(sub: argparse._SubParsersAction) -> None:
     _model_args(p)
     p.add_argument("--config", help="YAML of AttackConfig fields")
     p.add_argument("--recipe", default="sft", help="attack recipe (default sft; --list-recipes shows them all)")
-    p.add_argument("--list-recipes", nargs=0, action=_ListRecipes, help="list the attack recipes and their knobs")
-    p.add_argument("--no-pre", action="store_true", help="skip the pre-attack evaluation")
+    p.add_argument("--list-recipes", "--list_recipes", nargs=0, action=_ListRecipes, help="list the attack recipes and their knobs")
+    p.add_argument("--no-pre", "--no_pre", action="store_true", help="skip the pre-attack evaluation")
 
 
 def _split_overrides(extra: list[str], *prefixes: str) -> list[dict[str, str]]:
@@ -243,7 +249,7 @@ def _sweep_parser(sub: argparse._SubParsersAction) -> None:
                        " fixed fine-tuning fields as --key value (e.g. --max_length 128 --lora true); EvalConfig fields "
                        "as --eval.key value. The study is OUT/sweep.db; rerunning resumes it.")
     _model_args(p)
-    p.add_argument("--no-pre", action="store_true", help="skip the pre-attack evaluation (needed for the ε-bounded table)")
+    p.add_argument("--no-pre", "--no_pre", action="store_true", help="skip the pre-attack evaluation (needed for the ε-bounded table)")
 
 
 def _run_sweep(args: argparse.Namespace, extra: list[str]) -> int:
@@ -292,7 +298,7 @@ def _report_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("results", help="results.jsonl")
     p.add_argument("--out", required=True)
     p.add_argument("--eps", default="5,10,20", help="ZS-drop bounds (points) of the worst-case table")
-    p.add_argument("--ppl-factor", type=float, default=2.0,
+    p.add_argument("--ppl-factor", "--ppl_factor", type=float, default=2.0,
                    help="coherence bound of the worst-case table: perplexity ≤ this × the unattacked model's")
 
 
@@ -316,7 +322,7 @@ def _run_report(args: argparse.Namespace, extra: list[str]) -> int:
 def _judge_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("judge", help="train the offline harmfulness judge and print its held-out accuracy/AUC")
     p.add_argument("action", choices=["train"])
-    p.add_argument("--cache-dir", default="cache/judges")
+    p.add_argument("--cache-dir", "--cache_dir", default="cache/judges")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -396,14 +402,30 @@ def main(argv: list[str] | None = None) -> int:
         print(f"seamlm {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:
-        if exc.errno != errno.ENOSPC:
-            raise
-        print(f"seamlm {args.command}: error: the disk is full ({exc.filename or exc}). Free space and "
-              f"{_how_to_continue(args.command)}.", file=sys.stderr)
-        return 1
+        if exc.errno == errno.ENOSPC:
+            print(f"seamlm {args.command}: error: the disk is full ({exc.filename or exc}). Free space and "
+                  f"{_how_to_continue(args.command)}.", file=sys.stderr)
+            return 1
+        if exc.errno in _PATH_ERRORS and exc.filename:
+            print(f"seamlm {args.command}: error: {exc.filename}: {exc.strerror} ({_PATH_ERRORS[exc.errno]})",
+                  file=sys.stderr)
+            return 1
+        raise
+
     except KeyboardInterrupt:
         print(f"seamlm {args.command}: interrupted; {_how_to_continue(args.command)}", file=sys.stderr)
         return 130
+
+
+#: File-system errors on a path the user gave, with what to do.
+_PATH_ERRORS = {
+    errno.ENOENT: "check the path; a missing parent folder is not created for a file",
+    errno.EEXIST: "a file is where a folder is needed: choose another --out",
+    errno.ENOTDIR: "a file is where a folder is needed: choose another --out",
+    errno.EISDIR: "a folder is where a file is needed: name the file",
+    errno.EACCES: "no permission: choose a path you can write or read",
+    errno.EROFS: "read-only file system: choose a writable path",
+}
 
 
 def _how_to_continue(command: str) -> str:

@@ -135,8 +135,10 @@ def current_context(device: str | torch.device | None = None) -> DistContext:
     ``accelerate`` (which also chooses ``cuda:<local_rank>`` or the CPU); a process group the caller initialised
     itself is used as is; otherwise a single-process context. Launcher options seamlm would not honour are
     refused (:func:`check_launcher_options`)."""
+    from seamlm.models import check_device
+
     check_launcher_options()
-    dev = torch.device(device) if device is not None else None
+    dev = torch.device(check_device(device)) if device is not None else None
     if dist.is_available() and dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
         local = int(os.environ.get("LOCAL_RANK", rank))

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from seamlm.data.splits import prompt_hash
-from seamlm.errors import ModelLoadError
+from seamlm.errors import ConfigError, ModelLoadError
 from seamlm.packages import package_file
 
 log = logging.getLogger(__name__)
@@ -61,13 +61,36 @@ def resolve_model_source(name: str) -> ModelSource:
                 f"(as written by save_pretrained) or a .gguf file"
             )
         return ModelSource(str(path.resolve()), None, "dir")
-    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
+    if path.exists():
+        raise ModelLoadError(f"model path {name} is a file, not a model: give a Hugging Face model folder (with "
+                             "config.json), a .gguf file, a hub id or an alias")
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise ModelLoadError(f"model path {name} does not exist")
     return ModelSource(name, None, "hub")
 
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check_device(device: str | torch.device | None) -> str | torch.device | None:
+    """``device`` if this torch can run on it (None stays None); else a :class:`ConfigError` that says what to use."""
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {str(device)!r}; use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {str(device)!r}: this torch ({torch.__version__}) sees no CUDA GPU (a CPU-only "
+                              "build, or no GPU/driver here); use --device cpu or install a CUDA build of torch")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {str(device)!r}: only {torch.cuda.device_count()} CUDA GPU(s) here "
+                              f"(cuda:0 … cuda:{torch.cuda.device_count() - 1})")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device {str(device)!r}: MPS is not available here; use --device cpu")
+    return device
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
@@ -94,7 +117,7 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    device = device or default_device()
+    device = check_device(device) or default_device()
     source = resolve_model_source(name)
     torch_dtype = resolve_dtype(dtype, device)
     kwargs: dict[str, Any] = {}

@@ -282,6 +282,10 @@ def write_report(results: str | Path, out_dir: str | Path, eps: tuple[float, ...
     The paper-style tables and plots show the plain grid; adaptive attacks get the worst-case table (bounds ``eps``
     and ``ppl_factor``), a table of every attack and the HS–ZS scatter."""
     results = Path(results)
+    if results.is_dir() and (results / "results.jsonl").is_file():
+        results = results / "results.jsonl"  # a run folder: its results file
+    if not results.exists():
+        raise DataError(f"{results} does not exist; give the results.jsonl that `seamlm eval`/`attack`/`demo` wrote")
     rows = ResultStore(results).rows()
     if not rows:
         raise DataError(f"{results} holds no result rows; run `seamlm eval` or `seamlm attack` first")

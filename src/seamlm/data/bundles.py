@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,15 +47,37 @@ class BundleData:
         return {k: len(v) for k, v in self.streams.items()}
 
     def write(self, out_dir: str | Path) -> Path:
+        """Write one JSONL per stream + ``manifest.json``, atomically (into ``<out>.partial``, then renamed): a
+        killed build leaves no half bundle. The same bundle already there (the manifest holds each split's digest)
+        is kept; another one is refused, not overwritten, since runs trained on it name it by path."""
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
+        if (out / MANIFEST).is_file():
+            try:
+                old = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
+            except json.JSONDecodeError:
+                raise DataError(f"{out / MANIFEST} is not valid JSON (a cut-off write?); delete {out} to rebuild "
+                                "the bundle there") from None
+            if old == self.manifest:
+                return out
+            changed = sorted(k for k in {*old, *self.manifest} if old.get(k) != self.manifest.get(k))
+            raise DataError(f"{out} holds a bundle built with other settings (differs in: {', '.join(changed)}); "
+                            "choose another --out, or delete that folder to rebuild it")
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise DataError(f"{out} exists and is not an empty folder or a bundle; choose a new --out")
+        partial = out.with_name(out.name + ".partial")
+        if partial.exists():
+            shutil.rmtree(partial)
+        partial.mkdir(parents=True)
         for stream, fname in STREAM_FILES.items():
-            with (out / fname).open("w", encoding="utf-8") as f:
+            with (partial / fname).open("w", encoding="utf-8") as f:
                 for e in self.streams[stream]:
                     row = {"prompt": e.prompt, "response": e.response, "category": e.category,
                            "label": e.label, "source": e.source}
                     f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        (out / MANIFEST).write_text(json.dumps(self.manifest, indent=2), encoding="utf-8")
+        (partial / MANIFEST).write_text(json.dumps(self.manifest, indent=2), encoding="utf-8")
+        if out.exists():
+            out.rmdir()
+        os.replace(partial, out)
         return out
 
 

@@ -29,6 +29,9 @@ class Example:
 def read_rows(path: str | Path) -> list[dict]:
     """Rows of a JSONL, JSON (a list of objects), CSV or Parquet file as dicts; errors name the file."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path} is a folder, not a data file: name a JSONL/JSON/CSV/Parquet file (a folder built by "
+                        "`seamlm data build` goes to --data)")
     if not path.is_file():
         raise DataError(f"data file {path} does not exist")
     suffix = path.suffix.lower()
