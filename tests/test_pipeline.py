@@ -130,3 +130,18 @@ def test_demo_settings_of_later_stages_fail_before_the_first(bad, match, tmp_pat
     key, value = next(iter(bad.items()))
     assert main(["demo", "--out", str(tmp_path / "d"), f"--{key}", str(value)]) == 2
     assert not (tmp_path / "d" / "demo_config.json").exists()
+
+
+def test_a_refused_demo_leaves_its_folder_as_it_was(tmp_path, capsys):
+    """A check that fails (here a --baseline_from that is no demo) writes no demo_config.json that would pin the
+    folder to the refused settings, and --fresh deletes nothing before the checks pass."""
+    from seamlm.cli import main
+
+    out = tmp_path / "d"
+    assert main(["demo", "--out", str(out), "--baseline_from", str(tmp_path / "nowhere")]) == 2
+    assert "not a demo directory" in capsys.readouterr().err
+    assert not (out / "demo_config.json").exists()
+    out.mkdir()
+    (out / "keep.txt").write_text("an earlier run's file")
+    assert main(["demo", "--out", str(out), "--fresh", "--baseline_from", str(tmp_path / "nowhere")]) == 2
+    assert (out / "keep.txt").is_file() and not (out / "demo_config.json").exists()

@@ -188,21 +188,22 @@ def _check_baseline(cfg: DemoConfig) -> Path:
 def run_demo(out_dir: str | Path, cfg: DemoConfig, fresh: bool = False) -> Path:
     """Run (or resume) every stage; returns the report's Markdown path."""
     out = Path(out_dir)
-    if fresh and out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
     saved = out / "demo_config.json"
-    if saved.is_file():
+    if saved.is_file() and not fresh:
         before = json.loads(saved.read_text())
         changed = list(cfg.changed_from(before))
         if changed:
             raise ConfigError(f"{out} holds a demo run with other settings ({', '.join(changed)} changed): its finished "
                               f"stages would be reused. Pass --fresh to redo everything, or choose another --out.")
-    saved.write_text(json.dumps(cfg.to_dict(), indent=2))
+    # every check before anything is written or deleted: a refused command leaves --out as it was
     base = _check_baseline(cfg) if cfg.baseline_from else out
-    paths = demo_paths(out, cfg)
     clock = StageClock(out / "timings.jsonl")
-    judge = cfg.eval_config().make_judge()  # first: a judge that cannot load (no Hub) fails before any training
+    judge = cfg.eval_config().make_judge()  # a judge that cannot load (no Hub) fails before any training
+    if fresh and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    saved.write_text(json.dumps(cfg.to_dict(), indent=2))
+    paths = demo_paths(out, cfg)
     clock.lap("judge")
 
     _banner("1/6 data")
