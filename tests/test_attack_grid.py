@@ -280,3 +280,25 @@ def test_a_moved_model_folder_keeps_its_finished_cells(tokenizer, bundle, tmp_pa
     save_model(make_model(len(tokenizer), seed=9), tokenizer, moved, {"stage": "test"})
     with pytest.raises(DataError, match="other settings .*model: 'sha256:"):
         evaluate_pre_attack(str(moved), "m", "none", bundle, EVAL, KeywordJudge(), tmp_path, store)
+
+
+def test_an_eval_template_the_attack_cells_would_not_use_is_refused(tiny_model_dir, bundle, tmp_path):
+    """Attack cells are measured through the attack's training template: an eval.prompt_template naming another one
+    would hold for the pre-attack cell only (pre and post in one table through different templates)."""
+    from seamlm.attack import check_eval_template
+    from seamlm.recipes import make_recipe
+    from seamlm.results import ResultStore
+
+    cfg = AttackConfig(learning_rates=(1e-4,), num_samples=4, batch_size=2)
+    alpaca = EVAL.replace(prompt_template="alpaca")
+    with pytest.raises(ConfigError, match="eval.prompt_template=alpaca but the attack trains .* with the chat template"):
+        check_eval_template(cfg, alpaca)
+    check_eval_template(cfg.replace(prompt_template="alpaca"), alpaca)  # attack and measure in alpaca: fine
+    check_eval_template(cfg, alpaca, make_recipe("template", {"template": "alpaca"}))
+    with pytest.raises(ConfigError, match="with the raw template"):
+        check_eval_template(cfg, alpaca, make_recipe("template", {"template": "raw"}))
+    check_eval_template(cfg, EVAL)  # the default (chat) is always fine
+    store = ResultStore(tmp_path / "r.jsonl")
+    with pytest.raises(ConfigError, match="eval.prompt_template"):
+        run_attack_grid(str(tiny_model_dir), "tiny", "none", bundle, cfg, alpaca, KeywordJudge(), tmp_path, store)
+    assert not store.rows()

@@ -223,6 +223,20 @@ def attack_cell(model_name: str, label: str, defense: str, bundle: BundleData, r
     return CellOutcome(cell, values, True)
 
 
+def check_eval_template(cfg: AttackConfig, eval_cfg: EvalConfig, recipe: AttackRecipe | None = None) -> None:
+    """An attack cell is measured through the template its attack trained with (the model's chat template unless
+    ``prompt_template`` or the template recipe says otherwise); an ``eval.prompt_template`` that names another one
+    would hold for the pre-attack cell only, so pre and post numbers of one table would use different templates."""
+    if eval_cfg.prompt_template == "chat":
+        return
+    run_cfg = FinetuneConfig.from_dict({k: v for k, v in cfg.to_dict().items() if k in FinetuneConfig.field_names()})
+    trained = (recipe or make_recipe("sft")).training_config(run_cfg).prompt_template
+    if eval_cfg.prompt_template != trained:
+        raise ConfigError(f"eval.prompt_template={eval_cfg.prompt_template} but the attack trains (and its cells are "
+                          f"measured) with the {trained} template: set --prompt_template {eval_cfg.prompt_template} to "
+                          "attack and measure in it, or drop --eval.prompt_template")
+
+
 def run_attack_grid(model_name: str, label: str, defense: str, bundle: BundleData, cfg: AttackConfig,
                     eval_cfg: EvalConfig, judge: Judge, out_dir: str | Path, store: ResultStore,
                     ctx: DistContext | None = None, recipe: AttackRecipe | None = None) -> list[str]:
@@ -232,6 +246,7 @@ def run_attack_grid(model_name: str, label: str, defense: str, bundle: BundleDat
     rank trains its share of each batch (data parallel) and rank 0 evaluates and writes the cell.
     """
     recipe = recipe or make_recipe("sft")
+    check_eval_template(cfg, eval_cfg, recipe)
     cells = cfg.cells()
     if not recipe.trains:
         if len(cfg.learning_rates) > 1 or len(cfg.num_epochs) > 1:

@@ -217,7 +217,7 @@ def _run_eval(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def _run_attack(args: argparse.Namespace, extra: list[str]) -> int:
-    from seamlm.attack import AttackConfig, evaluate_pre_attack, run_attack_grid
+    from seamlm.attack import AttackConfig, check_eval_template, evaluate_pre_attack, run_attack_grid
     from seamlm.distributed import current_context, main_process_first
     from seamlm.recipes import make_recipe
 
@@ -227,6 +227,7 @@ def _run_attack(args: argparse.Namespace, extra: list[str]) -> int:
     cfg = AttackConfig.from_yaml(args.config, attack_over) if args.config else AttackConfig.from_dict(attack_over, "command line")
     with main_process_first(ctx):  # rank 0 writes the manifest and trains/caches the judge first
         eval_cfg, bundle, judge, store = _eval_setup(args, eval_over)
+    check_eval_template(cfg, eval_cfg, recipe)  # before the pre-attack evaluation runs in it
     label = args.label or args.model
     if ctx.is_main:
         cfg.to_yaml(Path(args.out) / f"attack_config.{label.replace('/', '_')}.yaml")
