@@ -95,8 +95,24 @@ def test_columns_tell_apart_every_attack_setting_and_divergence_is_per_model():
 
 
 def test_report_without_rows(tmp_path):
-    with pytest.raises(DataError, match="no result rows"):
+    with pytest.raises(DataError, match="none.jsonl does not exist"):
         write_report(tmp_path / "none.jsonl", tmp_path / "r")
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(DataError, match="no result rows"):
+        write_report(tmp_path / "empty.jsonl", tmp_path / "r")
+
+
+def test_columns_that_no_label_tells_apart_carry_their_cell_key():
+    """Attacks that differ only in a setting no header names (weight decay here) would get equal headers; the
+    cell key makes them distinct. A LoRA rank shows on LoRA columns only."""
+    from seamlm.report import build_tables
+
+    rows = [_row("m", cell, "hs", 1.0, attack={"lr": 1e-2, "seed": 0}) for cell in ("sft-a", "sft-a-h1b2c3d")]
+    header = next(iter(build_tables(rows).values()))[0]
+    assert header == ["model", "lr 0.01 [sft-a]", "lr 0.01 [sft-a-h1b2c3d]"]
+    rows = [_row("m", "full", "hs", 1.0, attack={"lr": 1e-4, "lora": False, "lora_r": None}),
+            _row("m", "lora", "hs", 1.0, attack={"lr": 2e-3, "lora": True, "lora_r": 8})]
+    assert next(iter(build_tables(rows).values()))[0] == ["model", "lr 0.0001", "LoRA lr 0.002 r=8"]
 
 
 def test_columns_name_the_settings_that_vary():

@@ -52,7 +52,7 @@ def _label(cell: str, attack: dict, varies: frozenset[str] = frozenset()) -> str
         return "pre-attack"
     lab = f"lr {attack.get('lr', '?'):g}"
     for key, short in _VARYING:
-        if key in varies:
+        if key in varies and (key != "lora_r" or attack.get("lora")):
             lab += f" {short}={attack.get(key)}"
     return f"LoRA {lab}" if attack.get("lora") else lab
 
@@ -64,7 +64,9 @@ def build_tables(rows: list[ResultRow]) -> dict[str, list[list[str]]]:
     cells = _cells(rows)
     judges = sorted({r.judge for r in rows if r.judge})
     varies = frozenset(k for k, _ in _VARYING if len({str(a.get(k)) for c, a in cells if c != "pre"}) > 1)
-    header = ["model"] + [_label(c, a, varies) for c, a in cells]
+    labels = [_label(c, a, varies) for c, a in cells]
+    # columns that differ only in settings no label shows (weight decay, max_steps …): the cell key tells them apart
+    header = ["model"] + [f"{lab} [{c}]" if labels.count(lab) > 1 else lab for lab, (c, _) in zip(labels, cells, strict=True)]
 
     def table(fmt) -> list[list[str]]:
         # an attack whose loss went NaN is evaluated as it stands: its cells say so, for that model only
