@@ -109,7 +109,14 @@ def test_a_saved_model_is_named_by_its_weights_wherever_it_lies(tmp_path, tokeni
     with torch.no_grad():
         next(model.parameters()).add_(1e-3)
     assert model_identity(save_model(model, tokenizer, tmp_path / "c", {"stage": "test"})) != name
-    # a directory seamlm did not write, a hub id and an alias are named as given
-    assert model_identity(tiny_model_dir) == str(tiny_model_dir)
+    # a directory seamlm did not write is named by its weights too: its path spelled two ways is one model, and
+    # weights overwritten in place are another
+    other = tmp_path / "plain"
+    shutil.copytree(tiny_model_dir, other)
+    plain = model_identity(other)
+    assert plain.startswith("sha256:") and model_identity(f"{tmp_path}/./plain") == plain
+    model.save_pretrained(other)
+    assert model_identity(other) not in (plain, name)
+    # a hub id and an alias are named as given
     assert model_identity("org/model") == "org/model"
     assert model_identity("smollm2-135m-instruct") == "smollm2-135m-instruct"

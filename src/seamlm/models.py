@@ -224,15 +224,40 @@ def weights_digest(model_dir: str | Path) -> str:
 
 
 def model_identity(model_name: str | Path) -> str:
-    """What names a model in result settings: a seamlm-saved directory by the digest of its weights (so a moved
-    or renamed folder, or a path spelled another way, is the same model), anything else (a hub id, an alias, a
-    .gguf file, a directory saved by an older seamlm or by another tool) by the name as given."""
+    """What names a model in result settings: a local model — a directory of safetensors weights, seamlm-saved or
+    not, or a .gguf file — by the digest of its weights (so a moved or renamed folder, or a path spelled another
+    way, is the same model, and weights overwritten in place are not); a hub id or an alias (a pinned package's
+    file) by the name as given."""
     path = Path(model_name)
     if is_saved_model(path):
         info = json.loads((path / RUN_CONFIG_FILE).read_text(encoding="utf-8"))
         if isinstance(info.get(WEIGHTS_DIGEST_KEY), str):
             return f"sha256:{info[WEIGHTS_DIGEST_KEY][:16]}"
+    if str(model_name) not in MODEL_ALIASES and (
+            (path.is_dir() and any(path.glob("*.safetensors"))) or (path.is_file() and path.suffix == ".gguf")):
+        return f"sha256:{_cached_digest(path)[:16]}"  # weights overwritten in place are another model
     return str(model_name)
+
+
+_DIGESTS: dict[tuple[str, tuple], str] = {}
+
+
+def _cached_digest(path: Path) -> str:
+    """:func:`weights_digest` of a folder (or a single weights file), computed once per process for unchanged files
+    (a grid names its model once per cell; a 7B folder takes seconds to hash)."""
+    files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
+    stamp = tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    key = (str(path.resolve()), stamp)
+    if key not in _DIGESTS:
+        if path.is_dir():
+            _DIGESTS[key] = weights_digest(path)
+        else:
+            digest = hashlib.sha256(path.name.encode())
+            with path.open("rb") as fh:
+                while chunk := fh.read(1 << 24):
+                    digest.update(chunk)
+            _DIGESTS[key] = digest.hexdigest()
+    return _DIGESTS[key]
 
 
 def trained_prompt_hashes(model_name: str | Path, _depth: int = 0) -> set[str]:
