@@ -26,6 +26,9 @@ def test_round_trip(tiny_model_dir, data_files, tmp_path):
     assert len(rows) == 3  # --steps overrode the YAML
     run = json.loads((out / "run.json").read_text())
     assert run["config"]["beta"] == 0.5 and run["config"]["lr"] == 1e-3 and run["model"] == str(tiny_model_dir)
+    # what reproduces the run: the model's weights digest, the load dtype and the command line
+    assert run["model_identity"].startswith("sha256:") and run["dtype"] == "float32" and "--lr" in run["argv"]
+    assert run["device"] == "cpu"
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(out / "model")

@@ -158,6 +158,18 @@ def test_resume_compares_a_field_the_checkpoint_predates_at_its_default(tokenize
     assert [r["step"] for r in _rows(tmp_path)][-1] == 4
 
 
+def test_resume_with_the_model_in_another_dtype_is_refused(tokenizer, streams, tmp_path):
+    """The load dtype is part of the run (save_dtype auto saves back in it): a resume that loads the model in
+    another one would silently save another model."""
+    _trainer(tokenizer, streams, tmp_path, steps=4, checkpoint_every=2).train()
+    shutil.rmtree(tmp_path / "model")
+    with pytest.raises(CheckpointError, match="loaded the model in torch.float32, this one in torch.bfloat16"):
+        _trainer(tokenizer, streams, tmp_path, steps=4, checkpoint_every=2,
+                 model=make_model(len(tokenizer), dtype=torch.bfloat16)).train(resume=True)
+    _trainer(tokenizer, streams, tmp_path, steps=4, checkpoint_every=2).train(resume=True)
+    assert (tmp_path / "model").is_dir()
+
+
 def test_resume_without_checkpoint_is_an_error(tokenizer, streams, tmp_path):
     with pytest.raises(CheckpointError, match="no checkpoint"):
         _trainer(tokenizer, streams, tmp_path).train(resume=True)

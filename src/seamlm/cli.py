@@ -44,6 +44,8 @@ def _run_defend(args: argparse.Namespace, extra: list[str]) -> int:
 
     ctx = current_context(args.device)  # one process, or this rank under accelerate launch / torchrun
     overrides: dict[str, object] = dict(parse_overrides(extra))
+    if "output_dir" in overrides:
+        raise ConfigError("give the output folder as --out, not --output_dir")
     overrides["output_dir"] = args.out
     config = (
         DefenseConfig.from_yaml(args.config, overrides) if args.config else DefenseConfig.from_dict(overrides, "command line")
@@ -51,17 +53,23 @@ def _run_defend(args: argparse.Namespace, extra: list[str]) -> int:
     files = {"harmful": args.harmful, "refusal": args.refusal, "benign": args.benign}
     if args.data and any(files.values()):
         raise ConfigError("give either --data or --harmful/--refusal/--benign, not both")
-    run_info: dict[str, object] = {"model": args.model}
+    from seamlm.models import model_identity
+
+    run_info: dict[str, object] = {"model": args.model, "model_identity": model_identity(args.model),
+                                   "dtype": args.dtype, "device_option": args.device, "argv": args.argv}
     if args.data:
         from seamlm.data.bundles import resolve_data
 
+        _warn_unused_data_seed(args)
         bundle = resolve_data(args.data, seed=args.data_seed)
         streams: dict[str, object] = {k: bundle.streams[k] for k in files}
-        run_info.update(data=args.data, data_counts=bundle.counts())
+        run_info.update(data=args.data, data_seed=bundle.manifest.get("seed"), data_counts=bundle.counts())
         if ctx.is_main:
             Path(args.out).mkdir(parents=True, exist_ok=True)
             (Path(args.out) / "data_manifest.json").write_text(json.dumps(bundle.manifest, indent=2))
     else:
+        if args.data_seed:
+            log.warning("--data-seed %d is not used: --harmful/--refusal/--benign are taken as given", args.data_seed)
         missing = [f"--{k}" for k, v in files.items() if not v]
         if missing:
             raise ConfigError(f"missing {', '.join(missing)} (or pass --data offline-default)")
@@ -73,6 +81,12 @@ def _run_defend(args: argparse.Namespace, extra: list[str]) -> int:
     if ctx.is_main:
         print(f"SEAM model written to {out}; per-step log: {Path(args.out) / 'log.jsonl'}")
     return 0
+
+
+def _warn_unused_data_seed(args: argparse.Namespace) -> None:
+    if args.data_seed and Path(args.data).is_dir():
+        log.warning("--data-seed %d is not used: %s is a built bundle, split when it was built (its manifest's seed "
+                    "holds)", args.data_seed, args.data)
 
 
 def _data_parser(sub: argparse._SubParsersAction) -> None:
@@ -198,6 +212,7 @@ def _eval_setup(args: argparse.Namespace, eval_over: dict[str, str]):
         from seamlm.evaluate.zeroshot import lm_eval_task_manager
 
         lm_eval_task_manager(cfg.lm_eval_tasks, cfg.lm_eval_include_path or None)
+    _warn_unused_data_seed(args)
     bundle = resolve_data(args.data, seed=args.data_seed)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "data_manifest.json").write_text(json.dumps(bundle.manifest, indent=2))
@@ -379,6 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # the command line, recorded with a run
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )

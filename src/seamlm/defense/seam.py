@@ -408,6 +408,7 @@ class SEAMTrainer:
             "config": self.config.to_dict(),
             "data_fingerprint": self.data_fingerprint,
             "world_size": self.ctx.world_size,
+            "model_dtype": str(self.original_dtype),  # what the model came in: save_dtype auto saves in it
         } if self.ctx.is_main else None
         per_rank = {"rng": rng_state(), "optimizer": self.optimizer.state_dict()}
         if self.fsdp:  # every rank its own rows of every parameter
@@ -435,6 +436,9 @@ class SEAMTrainer:
             raise CheckpointError(f"cannot resume {path}: the config changed ({diffs}); resume with the same settings")
         if state["data_fingerprint"] != self.data_fingerprint:
             raise CheckpointError(f"cannot resume {path}: the training data differ from the checkpointed run's")
+        if state.get("model_dtype", str(self.original_dtype)) != str(self.original_dtype):
+            raise CheckpointError(f"cannot resume {path}: the run loaded the model in {state['model_dtype']}, this one "
+                                  f"in {self.original_dtype}; resume with the same --dtype")
         if state.get("world_size", 1) != self.ctx.world_size:
             raise CheckpointError(f"checkpoint {path} was written by {state.get('world_size', 1)} process(es); "
                                   f"resume it with that many (this run has {self.ctx.world_size})")
