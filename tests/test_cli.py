@@ -244,3 +244,17 @@ def test_interrupt_and_full_disk_say_how_to_continue_per_command(monkeypatch, ca
         assert main([command, *args]) == rc
         err = capsys.readouterr().err
         assert advice in err and ("--resume" in err) == (command == "defend")
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["sweep", "--model", "m", "--out", "o", "--trial", "2"], "unknown sweep key(s) 'trial' (did you mean 'trials'?)"),
+    (["demo", "--out", "o", "--defense_unlearn_loss", "foo"], "config key 'defense_unlearn_loss' must be one of"),
+    (["attack", "--model", "m", "--out", "o", "--recipe.per_tensor", "true"],
+     "unknown RecipeKnobs key(s) 'per_tensor'. It takes no keys."),
+    (["defend", "--model", "m", "--out", "o", "--output_dir", "p"], "give the output folder as --out"),
+])
+def test_config_errors_name_the_option_the_user_typed(argv, match, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    assert match in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

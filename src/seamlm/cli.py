@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import errno
 import json
 import logging
@@ -265,7 +266,7 @@ def _sweep_parser(sub: argparse._SubParsersAction) -> None:
                        " fixed fine-tuning fields as --key value (e.g. --max_length 128 --lora true); EvalConfig fields "
                        "as --eval.key value. The study is OUT/sweep.db; rerunning resumes it.")
     _model_args(p)
-    p.add_argument("--no-pre", "--no_pre", action="store_true", help="skip the pre-attack evaluation (needed for the ε-bounded table)")
+    p.add_argument("--no-pre", "--no_pre", action="store_true", help="skip the pre-attack evaluation (the ε-bounded table needs it: skip only when it is in the results already)")
 
 
 def _run_sweep(args: argparse.Namespace, extra: list[str]) -> int:
@@ -274,6 +275,13 @@ def _run_sweep(args: argparse.Namespace, extra: list[str]) -> int:
     from seamlm.sweep import SweepConfig, run_sweep
 
     over, eval_over = _split_overrides(extra, "eval.")
+    valid = SweepConfig.field_names() + FinetuneConfig.field_names()
+    unknown = [k for k in over if k not in valid]
+    if unknown:
+        hints = [f"'{k}'" + "".join(f" (did you mean '{c}'?)" for c in difflib.get_close_matches(k, valid, n=1))
+                 for k in unknown]
+        raise ConfigError(f"unknown sweep key(s) {', '.join(hints)}. Sweep keys: {', '.join(SweepConfig.field_names())}; "
+                          f"fixed fine-tuning keys: {', '.join(FinetuneConfig.field_names())}")
     sweep_over = {k: v for k, v in over.items() if k in SweepConfig.field_names()}
     ft_over = {k: v for k, v in over.items() if k not in sweep_over}
     searched = [k for k in ft_over if k in SEARCHED]

@@ -92,7 +92,7 @@ class BaseConfig:
                 hints.append(f"'{k}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
             raise ConfigError(
                 f"{source}: unknown {cls.__name__} key(s) {', '.join(hints)}. "
-                f"Valid keys: {', '.join(cls.field_names())}"
+                + (f"Valid keys: {', '.join(cls.field_names())}" if cls.field_names() else "It takes no keys.")
             )
         return cls(**values)
 

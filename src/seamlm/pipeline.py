@@ -11,7 +11,7 @@ import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from seamlm.attack import AttackConfig, evaluate_pre_attack, run_attack_grid
 from seamlm.checkpoint import latest_checkpoint
@@ -52,7 +52,7 @@ class DemoConfig(BaseConfig):
     """SEAM learning rate."""
     defense_batch_size: int = 4
     """SEAM batch per stream."""
-    defense_unlearn_loss: str = "final_layer"
+    defense_unlearn_loss: Literal["logit_lens", "final_layer"] = "final_layer"
     """L_ul variant (final_layer is 1.6-2x cheaper per step on CPU)."""
     defense_epsilon: float = 1e-3
     """ε of the Hessian-free estimate."""

@@ -113,8 +113,11 @@ def open_study(cfg: SweepConfig, label: str, out_dir: str | Path, context: dict[
     saved = study.user_attrs.get("sweep_config")
     mine = json.dumps({k: v for k, v in cfg.to_dict().items() if k != "trials"}, sort_keys=True)  # more trials: fine
     if saved is not None and saved != mine:
-        raise ConfigError(f"study '{name}' in {out_dir}/sweep.db was made with another sweep config; use another "
-                          f"--out or --study_name, or the same settings to resume (only trials may grow)")
+        then, now = json.loads(saved), json.loads(mine)
+        diffs = ", ".join(f"{k}: {then.get(k, '(absent)')!r} → {now.get(k, '(absent)')!r}"
+                          for k in sorted({*then, *now}) if then.get(k) != now.get(k))
+        raise ConfigError(f"study '{name}' in {out_dir}/sweep.db was made with another sweep config ({diffs}); use "
+                          f"another --out or --study_name, or the same settings to resume (only trials may grow)")
     study.set_user_attr("sweep_config", mine)
     if context is not None:
         context = json.loads(json.dumps(context, default=str))  # as storage returns it (tuples become lists)
