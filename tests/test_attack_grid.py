@@ -156,8 +156,10 @@ def test_lm_eval_tasks_add_rows_and_leave_older_results_resumable(tiny_model_dir
     evaluate_pre_attack(str(tiny_model_dir), "tiny", "none", bundle, ev, KeywordJudge(), tmp_path, store)
     rows = {r.metric: r.value for r in store.rows()}
     assert 0 <= rows["lmeval_seamlm_fixture_arc"] <= 100 and "zs_arc_easy" in rows
-    with pytest.raises(ConfigError, match="lm_eval_tasks is empty"):
+    with pytest.raises(ConfigError, match="lm_eval_include_path is set but lm_eval_tasks is empty"):
         EVAL.replace(lm_eval_include_path=str(tasks))
+    with pytest.raises(ConfigError, match="lm_eval_limit is set but lm_eval_tasks is empty"):
+        EVAL.replace(lm_eval_limit=5)
 
 
 def test_attack_and_eval_refuse_prompts_the_model_was_trained_on(tokenizer, bundle, tmp_path):

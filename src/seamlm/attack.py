@@ -249,7 +249,8 @@ def run_attack_grid(model_name: str, label: str, defense: str, bundle: BundleDat
     check_eval_template(cfg, eval_cfg, recipe)
     cells = cfg.cells()
     if not recipe.trains:
-        if len(cfg.learning_rates) > 1 or len(cfg.num_epochs) > 1:
+        user_set = cfg.learning_rates != AttackConfig().learning_rates or cfg.num_epochs != AttackConfig().num_epochs
+        if user_set and (len(cfg.learning_rates) > 1 or len(cfg.num_epochs) > 1):
             log.warning("recipe %s does not train: learning_rates and num_epochs are not used (one cell per seed "
                         "and sample count)", recipe.name)
         cells = list({(c["seed"], c["num_samples"]): c for c in cells}.values())

@@ -113,8 +113,9 @@ class EvalConfig(BaseConfig):
             raise ConfigError(f"judge_model is set but the {self.judge} judge takes no model (beavertails does)")
         if self.fs and min(self.fs_train, self.fs_test, self.fs_steps) < 1:
             raise ConfigError("with fs on, fs_train, fs_test and fs_steps must be >= 1 (or set fs false)")
-        if self.lm_eval_include_path and not self.lm_eval_tasks:
-            raise ConfigError("lm_eval_include_path is set but lm_eval_tasks is empty: name the tasks to run")
+        for name in ("lm_eval_include_path", "lm_eval_limit"):
+            if getattr(self, name) and not self.lm_eval_tasks:
+                raise ConfigError(f"{name} is set but lm_eval_tasks is empty: name the tasks to run")
 
     #: Fields that only add metrics when set: left at their default they change no number, so they stay out of
     #: the results' settings digest and results made before the field existed still resume.
