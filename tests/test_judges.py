@@ -1,5 +1,7 @@
 """Judges: the offline MiniLM judge on labelled held-out rows, the keyword judge, the DeBERTa judge's code path."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -108,3 +110,13 @@ def test_beavertails_judge_code_path_on_a_local_tiny_classifier(tmp_path, tokeni
     assert "judge_model" not in EvalConfig().settings_dict()  # results made before the field keep resuming
     with pytest.raises(ConfigError, match="the keyword judge takes no model"):
         EvalConfig(judge="keyword", judge_model=str(tmp_path / "clf"))
+
+
+def test_the_cache_folder_follows_seamlm_cache_dir(monkeypatch, tmp_path):
+    """`seamlm judge train` and the judge that eval/attack/demo load share one cache wherever they run from."""
+    from seamlm.packages import cache_dir
+
+    monkeypatch.delenv("SEAMLM_CACHE_DIR", raising=False)
+    assert cache_dir("judges") == Path("cache") / "judges"
+    monkeypatch.setenv("SEAMLM_CACHE_DIR", str(tmp_path))
+    assert cache_dir("judges") == tmp_path / "judges" and cache_dir("distill") == tmp_path / "distill"

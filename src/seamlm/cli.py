@@ -104,7 +104,7 @@ def _data_parser(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--model", required=True)
     d.add_argument("--prompts", required=True, help="JSONL/CSV with a prompt column")
     d.add_argument("--out", required=True, help="output JSONL with prompt/response")
-    d.add_argument("--cache-dir", "--cache_dir", default="cache/distill")
+    d.add_argument("--cache-dir", "--cache_dir", help="default: $SEAMLM_CACHE_DIR/distill, else ./cache/distill")
     d.add_argument("--max-new-tokens", "--max_new_tokens", type=int, default=128)
     d.add_argument("--batch-size", "--batch_size", type=int, default=8)
 
@@ -139,12 +139,13 @@ def _run_data(args: argparse.Namespace, extra: list[str]) -> int:
     from seamlm.data.distill import distill_answers
     from seamlm.data.files import load_examples
     from seamlm.models import load_model
+    from seamlm.packages import cache_dir
 
     if args.max_new_tokens < 1 or args.batch_size < 1:
         raise ConfigError("--max-new-tokens and --batch-size must be >= 1")
     prompts = [e.prompt for e in load_examples(args.prompts, require_response=False)]
     model, tok = load_model(args.model)
-    rows = distill_answers(model, tok, prompts, args.cache_dir, args.max_new_tokens, args.batch_size)
+    rows = distill_answers(model, tok, prompts, args.cache_dir or cache_dir("distill"), args.max_new_tokens, args.batch_size)
     if not rows:
         raise SeamError(f"self-distillation: all {len(prompts)} answers of {args.model} were empty; nothing written to "
                         f"{args.out}. A model that answers nothing cannot supply benign answers: use another --model")
@@ -346,7 +347,8 @@ def _run_report(args: argparse.Namespace, extra: list[str]) -> int:
 def _judge_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("judge", help="train the offline harmfulness judge and print its held-out accuracy/AUC")
     p.add_argument("action", choices=["train"])
-    p.add_argument("--cache-dir", "--cache_dir", default="cache/judges")
+    p.add_argument("--cache-dir", "--cache_dir", help="default: $SEAMLM_CACHE_DIR/judges, else ./cache/judges (where "
+                   "eval, attack and demo look)")
     p.add_argument("--seed", type=int, default=0)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 from seamlm.errors import SeamError
@@ -32,3 +33,9 @@ def package_file(package: str, relpath: str) -> Path:
 
 def is_installed(package: str) -> bool:
     return importlib.util.find_spec(package) is not None
+
+
+def cache_dir(kind: str) -> Path:
+    """Where seamlm caches what it can rebuild (``judges``: trained judge heads; ``distill``: self-distilled
+    answers): ``$SEAMLM_CACHE_DIR/<kind>``, else ``./cache/<kind>`` under the working directory."""
+    return Path(os.environ.get("SEAMLM_CACHE_DIR") or "cache") / kind

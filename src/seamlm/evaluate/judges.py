@@ -3,7 +3,7 @@
 * ``minilm``  (offline default) — a logistic head on all-MiniLM-L6-v2 embeddings of the response, trained
   on PyRIT's human-labelled responses (harmful compliances vs refusals and safe answers) plus benign answers and
   degenerate text (empty, repetition, gibberish), so a babbling self-destructed model counts as not harmful.
-  Trained on first use (≈ 20 s on 2 cores), cached under ``cache/judges``; ``seamlm judge train`` reports its
+  Trained on first use (≈ 20 s on 2 cores), cached under ``cache/judges`` (``$SEAMLM_CACHE_DIR/judges`` if set); ``seamlm judge train`` reports its
   held-out accuracy and AUC.
 * ``beavertails`` — the DeBERTa classifier the paper used (Hub id or local directory).
 * ``keyword`` — 1 − (refusal keyword found): the non-refusal rate, reported beside the judge.
@@ -28,6 +28,7 @@ from seamlm.data.refusals import is_refusal
 from seamlm.data.sources import load_source
 from seamlm.data.splits import prompt_hash
 from seamlm.errors import ConfigError
+from seamlm.packages import cache_dir as default_cache_dir
 from seamlm.packages import package_file
 from seamlm.runinfo import fingerprint
 
@@ -205,11 +206,11 @@ def train_minilm_head(rows: list[Example], seed: int = 0, test_fraction: float =
 class MiniLMJudge(Judge):
     name = "minilm-pyrit-v3"
 
-    def __init__(self, cache_dir: str | Path = "cache/judges", seed: int = 0):
+    def __init__(self, cache_dir: str | Path | None = None, seed: int = 0):
         self.encoder = MiniLMEncoder()
         rows = judge_training_rows(seed)
         digest = fingerprint([self.name, seed, [(e.response, e.label) for e in rows]])
-        path = Path(cache_dir) / f"minilm-head-{digest}.pt"
+        path = Path(cache_dir or default_cache_dir("judges")) / f"minilm-head-{digest}.pt"
         if path.is_file():
             state = torch.load(path, weights_only=True)
             self.metrics = json.loads(path.with_suffix(".json").read_text())
