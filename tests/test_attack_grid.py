@@ -304,3 +304,22 @@ def test_an_eval_template_the_attack_cells_would_not_use_is_refused(tiny_model_d
     with pytest.raises(ConfigError, match="eval.prompt_template"):
         run_attack_grid(str(tiny_model_dir), "tiny", "none", bundle, cfg, alpaca, KeywordJudge(), tmp_path, store)
     assert not store.rows()
+
+
+def test_cells_an_older_seamlm_recorded_under_the_models_path_still_count(tiny_model_dir, tokenizer, bundle, tmp_path,
+                                                                          monkeypatch):
+    """Before local folders were named by their weights, results named them by path: such rows are the same cell
+    for the folder at that path (no forced rerun), and still not for other weights at another path."""
+    from seamlm.results import ResultStore
+    from tests.conftest import make_model
+
+    store = ResultStore(tmp_path / "r.jsonl")
+    with monkeypatch.context() as m:
+        m.setattr(attack_mod, "model_identity", str)  # as recorded before 2026-11-26
+        assert evaluate_pre_attack(str(tiny_model_dir), "m", "none", bundle, EVAL, KeywordJudge(), tmp_path, store)
+    assert not evaluate_pre_attack(str(tiny_model_dir), "m", "none", bundle, EVAL, KeywordJudge(), tmp_path, store)
+    other = tmp_path / "other"
+    shutil.copytree(tiny_model_dir, other)
+    make_model(len(tokenizer), seed=7).save_pretrained(other)
+    with pytest.raises(DataError, match="other settings"):
+        evaluate_pre_attack(str(other), "m", "none", bundle, EVAL, KeywordJudge(), tmp_path, store)

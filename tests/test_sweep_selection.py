@@ -136,3 +136,9 @@ def test_sweep_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="run with other eval, train settings"):
         open_study(SweepConfig(trials=3), "m", tmp_path, {**context, "train": {"max_length": 64},
                                                           "eval": {"hs_prompts": 50, "zs_tasks": ("arc_easy",)}})
+    # a study that named its model by path (older seamlm) goes on under the weights' digest, not for another model
+    named = {**context, "model": "sha256:0123"}
+    with pytest.raises(ConfigError, match="run with other model settings"):
+        open_study(SweepConfig(trials=3), "m", tmp_path, named, same_models={"elsewhere"})
+    open_study(SweepConfig(trials=3), "m", tmp_path, named, same_models={"m"})
+    open_study(SweepConfig(trials=3), "m", tmp_path, named)  # and the study now holds the new name

@@ -17,7 +17,7 @@ from seamlm.evaluate.judges import Judge
 from seamlm.evaluate.metrics import EvalConfig
 from seamlm.evaluate.run import attack_probe, evaluate_model
 from seamlm.finetune import FinetuneConfig, probe_log_path, probing
-from seamlm.models import load_model, model_identity, trained_prompt_hashes
+from seamlm.models import legacy_identities, load_model, model_identity, trained_prompt_hashes
 from seamlm.recipes import AttackData, AttackRecipe, make_recipe
 from seamlm.results import ResultRow, ResultStore
 from seamlm.runinfo import fingerprint
@@ -64,6 +64,11 @@ def settings_digest(**parts: Any) -> str:
     return fingerprint(parts)
 
 
+def legacy_digests(parts: dict[str, Any], model_name: str | Path) -> set[str]:
+    """Digests of ``parts`` under the names older results gave the model (:func:`legacy_identities`)."""
+    return {settings_digest(**{**parts, "model": name}) for name in legacy_identities(model_name)}
+
+
 #: Bundle streams an attack or evaluation uses, which must hold no prompt the model was trained on.
 HELD_OUT_STREAMS = ("attack", "eval_harmful", "benign_heldout", "attack_benign")
 
@@ -97,7 +102,7 @@ def evaluate_pre_attack(model_name: str, label: str, defense: str, bundle: Bundl
     digest = manifest_digest(bundle)
     parts = dict(model=model_identity(model_name), eval=eval_cfg.settings_dict(), judge=judge.name, data=digest)
     settings = settings_digest(**parts)
-    if store.cell_rows(label, "pre", settings, parts):
+    if store.cell_rows(label, "pre", settings, parts, legacy_digests(parts, model_name)):
         log.info("%s / pre: already in %s, skipped", label, store.path)
         return False
     check_held_out(model_name, bundle)
@@ -172,7 +177,7 @@ def attack_cell(model_name: str, label: str, defense: str, bundle: BundleData, r
                  recipe=recipe.describe(), train=train_cfg.trajectory_dict() if recipe.trains else None,
                  samples=len(data.harmful))
     settings = settings_digest(**parts)
-    finished = store.cell_rows(label, cell, settings, parts)
+    finished = store.cell_rows(label, cell, settings, parts, legacy_digests(parts, model_name))
     if finished:
         log.info("%s / %s: already in %s, skipped", label, cell, store.path)
         return CellOutcome(cell, {r.metric: r.value for r in finished}, False)

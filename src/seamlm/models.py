@@ -228,7 +228,7 @@ def model_identity(model_name: str | Path) -> str:
     not, or a .gguf file — by the digest of its weights (so a moved or renamed folder, or a path spelled another
     way, is the same model, and weights overwritten in place are not); a hub id or an alias (a pinned package's
     file) by the name as given."""
-    path = Path(model_name)
+    path = Path(model_name).expanduser()
     if is_saved_model(path):
         info = json.loads((path / RUN_CONFIG_FILE).read_text(encoding="utf-8"))
         if isinstance(info.get(WEIGHTS_DIGEST_KEY), str):
@@ -237,6 +237,13 @@ def model_identity(model_name: str | Path) -> str:
             (path.is_dir() and any(path.glob("*.safetensors"))) or (path.is_file() and path.suffix == ".gguf")):
         return f"sha256:{_cached_digest(path)[:16]}"  # weights overwritten in place are another model
     return str(model_name)
+
+
+def legacy_identities(model_name: str | Path) -> set[str]:
+    """Other names results may have recorded for this model: before 2026-11-26 a local folder without a stored
+    weights digest was named by its path as given. Rows recorded under them still count as this model's."""
+    now = model_identity(model_name)
+    return {n for n in (str(model_name), str(Path(model_name).expanduser().resolve())) if n != now}
 
 
 _DIGESTS: dict[tuple[str, tuple], str] = {}

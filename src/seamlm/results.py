@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -102,12 +103,14 @@ class ResultStore:
         return out
 
     def cell_rows(self, model: str, cell: str, settings: str | None = None,
-                  parts: dict[str, Any] | None = None) -> list[ResultRow]:
+                  parts: dict[str, Any] | None = None, same: Collection[str] = ()) -> list[ResultRow]:
         """The rows of ``cell`` of ``model`` (empty: not done). Rows of that cell made with other ``settings`` are an
         error: silently reusing them would report numbers for a configuration that was never run. With ``parts``
-        (what ``settings`` digests) the error names what changed, from the record :meth:`record_settings` kept."""
+        (what ``settings`` digests) the error names what changed, from the record :meth:`record_settings` kept.
+        ``same``: other digests of these very settings (as an older seamlm recorded them)."""
         found = [r for r in self.rows() if r.model == model and r.cell == cell]
-        other = next((r.settings for r in found if settings is not None and r.settings != settings), None)
+        other = next((r.settings for r in found if settings is not None and r.settings != settings
+                      and r.settings not in same), None)
         if other is not None:
             raise DataError(
                 f"{self.path} already holds cell '{cell}' of model '{model}' made with other settings"

@@ -11,6 +11,7 @@ import csv
 import json
 import logging
 import math
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from seamlm.errors import ConfigError
 from seamlm.evaluate.judges import Judge
 from seamlm.evaluate.metrics import EvalConfig
 from seamlm.finetune import FinetuneConfig
-from seamlm.models import model_identity
+from seamlm.models import legacy_identities, model_identity
 from seamlm.recipes import RECIPES, make_recipe
 from seamlm.results import ResultStore
 from seamlm.runinfo import fingerprint
@@ -96,7 +97,8 @@ def _quiet_optuna() -> Any:
     return optuna
 
 
-def open_study(cfg: SweepConfig, label: str, out_dir: str | Path, context: dict[str, Any] | None = None) -> Any:
+def open_study(cfg: SweepConfig, label: str, out_dir: str | Path, context: dict[str, Any] | None = None,
+               same_models: Collection[str] = ()) -> Any:
     """The study in ``out_dir/sweep.db`` (created or loaded); trials left RUNNING by a killed process are failed
     and their parameters enqueued again. One process per study at a time.
 
@@ -121,7 +123,9 @@ def open_study(cfg: SweepConfig, label: str, out_dir: str | Path, context: dict[
     study.set_user_attr("sweep_config", mine)
     if context is not None:
         context = json.loads(json.dumps(context, default=str))  # as storage returns it (tuples become lists)
-        before = study.user_attrs.get("sweep_context", context)
+        before = dict(study.user_attrs.get("sweep_context", context))
+        if before.get("model") in same_models:  # the model as an older seamlm named it (its path)
+            before["model"] = context.get("model")
         changed = sorted(k for k in {*before, *context} if before.get(k) != context.get(k))
         if changed:
             raise ConfigError(f"study '{name}' in {out_dir}/sweep.db was run with other {', '.join(changed)} "
@@ -152,7 +156,7 @@ def run_sweep(model_name: str, label: str, defense: str, bundle: BundleData, cfg
     (cell ``sweep-<recipe>-<params digest>``). Writes ``sweep_trials.<label>.csv``. Returns the study."""
     context = {"model": model_identity(model_name), "train": base.trajectory_dict(), "eval": eval_cfg.settings_dict(), "judge": judge.name,
                "data": manifest_digest(bundle)}
-    study = open_study(cfg, label, out_dir, context)
+    study = open_study(cfg, label, out_dir, context, legacy_identities(model_name))
     csv_path = Path(out_dir) / f"sweep_trials.{label.replace('/', '_')}.csv"
     missing = cfg.trials - finished_trials(study)
     if missing <= 0:
