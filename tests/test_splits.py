@@ -108,7 +108,7 @@ def test_bundle_write_and_reload_round_trip(bundle, tmp_path):
         load_built(tmp_path)
 
 
-def test_a_bundle_folder_is_written_whole_and_never_overwritten_by_another(bundle, tmp_path):
+def test_a_bundle_folder_is_written_whole_and_never_overwritten_by_another(bundle, tmp_path, monkeypatch):
     out = tmp_path / "b"
     (tmp_path / "b.partial").mkdir()  # a killed earlier build
     (tmp_path / "b.partial" / "harmful.jsonl").write_text("half")
@@ -125,6 +125,19 @@ def test_a_bundle_folder_is_written_whole_and_never_overwritten_by_another(bundl
     with pytest.raises(DataError, match="not an empty folder or a bundle"):
         bundle.write(tmp_path / "notes")
     assert (tmp_path / "notes" / "x.txt").read_text() == "mine"
+    # an existing empty folder reached as '.' or through a link, and one holding a killed build's files, are
+    # written in place
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    assert bundle.write(".") == (tmp_path / "here").resolve() and load_built(".").counts() == bundle.counts()
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    bundle.write(tmp_path / "link")
+    assert load_built(tmp_path / "real").counts() == bundle.counts() and not (tmp_path / "link.partial").exists()
+    (tmp_path / "killed").mkdir()
+    (tmp_path / "killed" / "defense_harmful.jsonl").write_text("half a file")
+    bundle.write(tmp_path / "killed")
+    assert load_built(tmp_path / "killed").counts() == bundle.counts()
 
 
 def test_not_a_bundle_dir(tmp_path, bundle):

@@ -47,10 +47,11 @@ class BundleData:
         return {k: len(v) for k, v in self.streams.items()}
 
     def write(self, out_dir: str | Path) -> Path:
-        """Write one JSONL per stream + ``manifest.json``, atomically (into ``<out>.partial``, then renamed): a
-        killed build leaves no half bundle. The same bundle already there (the manifest holds each split's digest)
-        is kept; another one is refused, not overwritten, since runs trained on it name it by path."""
-        out = Path(out_dir)
+        """Write one JSONL per stream, then ``manifest.json`` — the mark of a complete bundle, so a killed build
+        leaves none (a new folder is written beside it and renamed into place; an existing empty one, or one holding
+        only a killed build's files, in place). The same bundle already there (the manifest holds each split's
+        digest) is kept; another one is refused, not overwritten, since runs trained on it name it by path."""
+        out = Path(out_dir).expanduser().resolve()  # '.', a symlink: the folder itself
         if (out / MANIFEST).is_file():
             try:
                 old = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
@@ -62,22 +63,22 @@ class BundleData:
             changed = sorted(k for k in {*old, *self.manifest} if old.get(k) != self.manifest.get(k))
             raise DataError(f"{out} holds a bundle built with other settings (differs in: {', '.join(changed)}); "
                             "choose another --out, or delete that folder to rebuild it")
-        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        ours = set(STREAM_FILES.values())
+        if out.exists() and (not out.is_dir() or any(p.name not in ours for p in out.iterdir())):
             raise DataError(f"{out} exists and is not an empty folder or a bundle; choose a new --out")
-        partial = out.with_name(out.name + ".partial")
-        if partial.exists():
-            shutil.rmtree(partial)
-        partial.mkdir(parents=True)
+        target = out if out.is_dir() else out.with_name(out.name + ".partial")
+        if target != out and target.exists():
+            shutil.rmtree(target)
+        target.mkdir(parents=True, exist_ok=True)
         for stream, fname in STREAM_FILES.items():
-            with (partial / fname).open("w", encoding="utf-8") as f:
+            with (target / fname).open("w", encoding="utf-8") as f:
                 for e in self.streams[stream]:
                     row = {"prompt": e.prompt, "response": e.response, "category": e.category,
                            "label": e.label, "source": e.source}
                     f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        (partial / MANIFEST).write_text(json.dumps(self.manifest, indent=2), encoding="utf-8")
-        if out.exists():
-            out.rmdir()
-        os.replace(partial, out)
+        (target / MANIFEST).write_text(json.dumps(self.manifest, indent=2), encoding="utf-8")
+        if target != out:
+            os.replace(target, out)
         return out
 
 
