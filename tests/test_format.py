@@ -121,3 +121,22 @@ def test_the_truncation_warning_counts_answers_cut_at_their_end(tokenizer, caplo
     fmt.encode_all([Example("x" * 100, "y"), Example("q", "y" * 100)], "t")
     assert (fmt.truncated, fmt.answer_cut, fmt.answer_lost) == (2, 1, 0)
     assert "2 of 2 examples exceeded" in caplog.text and "in 1 of them the answer's end too" in caplog.text
+
+
+def test_bos_is_detected_from_what_the_tokenizer_does_not_only_its_flag():
+    """Llama-3-style files add BOS in the tokenizer.json post-processor while add_bos_token reads False: the
+    prompt still gets its one BOS."""
+    from tokenizers import processors
+
+    from seamlm.data.format import adds_bos, encode_text
+
+    tok = _bos_tokenizer(False, False)
+    bos = tok.bos_token_id
+    assert not adds_bos(tok)
+    tok = _bos_tokenizer(False, False)
+    tok._tokenizer.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", bos)])
+    assert not tok.add_bos_token and tok("hi")["input_ids"][0] == bos
+    assert adds_bos(tok)
+    ids = encode_text(tok, prompt_text(tok, "Q?", "plain"))
+    assert ids[0] == bos and ids[1] != bos

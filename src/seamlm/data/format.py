@@ -7,7 +7,9 @@ and no special meaning for token id 0.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,9 +60,27 @@ def with_bos(tokenizer: Any, ids: list[int]) -> list[int]:
     Every prompt is encoded with ``add_special_tokens=False`` and then this, so training, generation and scoring
     see the same single BOS whatever the template."""
     bos = tokenizer.bos_token_id
-    if bos is None or not getattr(tokenizer, "add_bos_token", False) or (ids and ids[0] == bos):
+    if bos is None or not adds_bos(tokenizer) or (ids and ids[0] == bos):
         return list(ids)
     return [bos, *ids]
+
+
+_ADDS_BOS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def adds_bos(tokenizer: Any) -> bool:
+    """Whether the tokenizer starts encoded text with BOS — by what it does (``add_bos_token`` may be unset where the
+    ``tokenizer.json`` post-processor adds it, as in Llama-3-style files), checked once per tokenizer."""
+    try:
+        return _ADDS_BOS[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    with_special = tokenizer("a")["input_ids"]
+    adds = bool(with_special) and with_special[0] == tokenizer.bos_token_id and \
+        len(with_special) > len(tokenizer("a", add_special_tokens=False)["input_ids"])
+    with contextlib.suppress(TypeError):  # not weak-referenceable: checked again next time
+        _ADDS_BOS[tokenizer] = adds
+    return adds
 
 
 def encode_text(tokenizer: Any, text: str) -> list[int]:
