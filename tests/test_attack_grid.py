@@ -297,8 +297,18 @@ def test_an_eval_template_the_attack_cells_would_not_use_is_refused(tiny_model_d
         check_eval_template(cfg, alpaca)
     check_eval_template(cfg.replace(prompt_template="alpaca"), alpaca)  # attack and measure in alpaca: fine
     check_eval_template(cfg, alpaca, make_recipe("template", {"template": "alpaca"}))
-    with pytest.raises(ConfigError, match="with the raw template"):
+    with pytest.raises(ConfigError, match="with the raw template: set --recipe.template alpaca"):
         check_eval_template(cfg, alpaca, make_recipe("template", {"template": "raw"}))
+    # a sweep: every recipe's template, and the template recipe (whose trials choose one) not at all
+    from seamlm.finetune import FinetuneConfig
+    from seamlm.sweep import SweepConfig, check_sweep_template
+
+    check_sweep_template(SweepConfig(recipes=("sft", "template")), FinetuneConfig(), EVAL)
+    check_sweep_template(SweepConfig(recipes=("sft",)), FinetuneConfig(prompt_template="alpaca"), alpaca)
+    with pytest.raises(ConfigError, match="with the chat template: set --prompt_template alpaca"):
+        check_sweep_template(SweepConfig(recipes=("sft",)), FinetuneConfig(), alpaca)
+    with pytest.raises(ConfigError, match="template recipe's trials each choose"):
+        check_sweep_template(SweepConfig(recipes=("template",)), FinetuneConfig(), alpaca)
     check_eval_template(cfg, EVAL)  # the default (chat) is always fine
     store = ResultStore(tmp_path / "r.jsonl")
     with pytest.raises(ConfigError, match="eval.prompt_template"):

@@ -228,18 +228,25 @@ def attack_cell(model_name: str, label: str, defense: str, bundle: BundleData, r
     return CellOutcome(cell, values, True)
 
 
-def check_eval_template(cfg: AttackConfig, eval_cfg: EvalConfig, recipe: AttackRecipe | None = None) -> None:
-    """An attack cell is measured through the template its attack trained with (the model's chat template unless
-    ``prompt_template`` or the template recipe says otherwise); an ``eval.prompt_template`` that names another one
-    would hold for the pre-attack cell only, so pre and post numbers of one table would use different templates."""
+def check_eval_template(cfg: FinetuneConfig | AttackConfig, eval_cfg: EvalConfig,
+                        recipe: AttackRecipe | None = None) -> None:
+    """The pre-attack cell is measured through ``eval.prompt_template`` (default: the chat template, the model as
+    deployed); an attack cell through the template its attack trained with (so a template-shift attack is measured
+    in its own template; its no-training control separates what the template alone does). An
+    ``eval.prompt_template`` set to another template than the attack's would reach the pre-attack cell only: pre
+    and post of one table would silently use different templates, so it is refused."""
     if eval_cfg.prompt_template == "chat":
         return
-    run_cfg = FinetuneConfig.from_dict({k: v for k, v in cfg.to_dict().items() if k in FinetuneConfig.field_names()})
-    trained = (recipe or make_recipe("sft")).training_config(run_cfg).prompt_template
+    run_cfg = cfg if isinstance(cfg, FinetuneConfig) else FinetuneConfig.from_dict(
+        {k: v for k, v in cfg.to_dict().items() if k in FinetuneConfig.field_names()})
+    recipe = recipe or make_recipe("sft")
+    trained = recipe.training_config(run_cfg).prompt_template
     if eval_cfg.prompt_template != trained:
+        how = (f"--recipe.template {eval_cfg.prompt_template}" if recipe.name == "template"
+               else f"--prompt_template {eval_cfg.prompt_template}")
         raise ConfigError(f"eval.prompt_template={eval_cfg.prompt_template} but the attack trains (and its cells are "
-                          f"measured) with the {trained} template: set --prompt_template {eval_cfg.prompt_template} to "
-                          "attack and measure in it, or drop --eval.prompt_template")
+                          f"measured) with the {trained} template: set {how} to attack and measure in it, or drop "
+                          "--eval.prompt_template")
 
 
 def run_attack_grid(model_name: str, label: str, defense: str, bundle: BundleData, cfg: AttackConfig,

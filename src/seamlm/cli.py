@@ -273,7 +273,7 @@ def _sweep_parser(sub: argparse._SubParsersAction) -> None:
 def _run_sweep(args: argparse.Namespace, extra: list[str]) -> int:
     from seamlm.attack import evaluate_pre_attack
     from seamlm.finetune import FinetuneConfig
-    from seamlm.sweep import SweepConfig, run_sweep
+    from seamlm.sweep import SweepConfig, check_sweep_template, run_sweep
 
     over, eval_over = _split_overrides(extra, "eval.")
     valid = SweepConfig.field_names() + FinetuneConfig.field_names()
@@ -292,6 +292,7 @@ def _run_sweep(args: argparse.Namespace, extra: list[str]) -> int:
     cfg = SweepConfig.from_dict(sweep_over, "command line")
     base = FinetuneConfig.from_dict(ft_over, "command line")
     eval_cfg, bundle, judge, store = _eval_setup(args, eval_over)
+    check_sweep_template(cfg, base, eval_cfg)  # before the pre-attack evaluation runs in it
     label = args.label or args.model
     if not args.no_pre:
         evaluate_pre_attack(args.model, label, args.defense, bundle, eval_cfg, judge, args.out, store)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from seamlm.attack import attack_cell, manifest_digest
+from seamlm.attack import attack_cell, check_eval_template, manifest_digest
 from seamlm.config import BaseConfig
 from seamlm.data.bundles import BundleData
 from seamlm.errors import ConfigError
@@ -149,11 +149,24 @@ def finished_trials(study: Any) -> int:
     return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
 
 
+def check_sweep_template(cfg: SweepConfig, base: FinetuneConfig, eval_cfg: EvalConfig) -> None:
+    """:func:`seamlm.attack.check_eval_template` for every recipe of the sweep; the template recipe's trials choose
+    their own template, so no single ``eval.prompt_template`` can match them."""
+    if eval_cfg.prompt_template == "chat":
+        return
+    if "template" in cfg.recipes:
+        raise ConfigError("eval.prompt_template is set, but the template recipe's trials each choose a template to "
+                          "attack and measure in: drop --eval.prompt_template, or the template recipe")
+    for name in cfg.recipes:
+        check_eval_template(base, eval_cfg, make_recipe(name))
+
+
 def run_sweep(model_name: str, label: str, defense: str, bundle: BundleData, cfg: SweepConfig,
               base: FinetuneConfig, eval_cfg: EvalConfig, judge: Judge, out_dir: str | Path,
               store: ResultStore) -> Any:
     """Run trials until the study has ``cfg.trials`` finished ones; each trial is an attack cell in ``store``
     (cell ``sweep-<recipe>-<params digest>``). Writes ``sweep_trials.<label>.csv``. Returns the study."""
+    check_sweep_template(cfg, base, eval_cfg)
     context = {"model": model_identity(model_name), "train": base.trajectory_dict(), "eval": eval_cfg.settings_dict(), "judge": judge.name,
                "data": manifest_digest(bundle)}
     study = open_study(cfg, label, out_dir, context, legacy_identities(model_name))
