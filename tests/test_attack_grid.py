@@ -60,7 +60,7 @@ def test_grid_cells_rows_and_resume(tiny_model_dir, bundle, tmp_path, monkeypatc
         by_cell.setdefault(r.cell, {})[r.metric] = r
     for cell, metrics in by_cell.items():
         assert {"hs", "refusal_rate", "zs_mean", "zs_arc_easy", "coherence_ppl"} <= set(metrics), cell
-        assert metrics["hs"].judge == "keyword"
+        assert metrics["hs"].judge == "keyword-v2"
         if cell != "pre":
             att = metrics["hs"].attack
             assert att["samples"] == 4 and att["status"] == "ok"
@@ -119,7 +119,7 @@ def test_changed_settings_do_not_reuse_old_cells(tiny_model_dir, bundle, tmp_pat
         run_attack_grid(str(tiny_model_dir), "tiny", "none", bundle, cfg, EVAL.replace(hs_prompts=2), KeywordJudge(),
                         tmp_path, store)
     evaluate_pre_attack(str(tiny_model_dir), "tiny", "none", bundle, EVAL, KeywordJudge(), tmp_path, store)
-    with pytest.raises(DataError, match=r"other settings \(eval\.judge: 'keyword' → 'minilm'; judge: 'keyword' → 'x'\)"):
+    with pytest.raises(DataError, match=r"other settings \(eval\.judge: 'keyword' → 'minilm'; judge: 'keyword-v2' → 'x'\)"):
         evaluate_pre_attack(str(tiny_model_dir), "tiny", "none", bundle, EVAL.replace(judge="minilm"), _Named("x"),
                             tmp_path, store)
     # rows from before the settings records: the error says the change is unknown rather than guessing
