@@ -72,7 +72,7 @@ def test_a_finished_run_without_checkpoints_is_not_overwritten(tiny_model_dir, d
     ("bad_value", "steps must be > 0", 2),
     ("bad_device", "unknown device 'bogus'; use cpu, cuda", 2),
     ("cuda_without_cuda", "sees no CUDA GPU", 2),
-    ("out_is_a_file", "a file is where a folder is needed: choose another --out", 1),
+    ("out_is_a_file", "a file is where a folder is needed: choose another path", 1),
     ("harmful_is_a_folder", "is a folder, not a data file", 1),
 ])
 def test_bad_inputs(tiny_model_dir, data_files, tmp_path, capsys, case, match, code):

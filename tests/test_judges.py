@@ -112,11 +112,21 @@ def test_beavertails_judge_code_path_on_a_local_tiny_classifier(tmp_path, tokeni
         EvalConfig(judge="keyword", judge_model=str(tmp_path / "clf"))
 
 
-def test_the_cache_folder_follows_seamlm_cache_dir(monkeypatch, tmp_path):
-    """`seamlm judge train` and the judge that eval/attack/demo load share one cache wherever they run from."""
+def test_the_judge_eval_loads_is_the_one_judge_train_cached_under_seamlm_cache_dir(minilm, judge_cache, monkeypatch,
+                                                                                     tmp_path, capsys):
+    """`seamlm judge train` and the judge that eval/attack/demo build (no cache_dir given) share
+    $SEAMLM_CACHE_DIR/judges wherever they run from."""
+    import shutil
+
+    from seamlm import cli
+    from seamlm.evaluate import judges
     from seamlm.packages import cache_dir
 
     monkeypatch.delenv("SEAMLM_CACHE_DIR", raising=False)
     assert cache_dir("judges") == Path("cache") / "judges"
     monkeypatch.setenv("SEAMLM_CACHE_DIR", str(tmp_path))
-    assert cache_dir("judges") == tmp_path / "judges" and cache_dir("distill") == tmp_path / "distill"
+    shutil.copytree(judge_cache, tmp_path / "judges")  # as `seamlm judge train` leaves it
+    monkeypatch.chdir(tmp_path / "judges")  # anywhere but the cache's parent
+    monkeypatch.setattr(judges, "train_minilm_head", lambda *a, **k: pytest.fail("retrained: the cache was not used"))
+    assert torch.equal(judges.get_judge("minilm").head.weight, minilm.head.weight)
+    assert cli.main(["judge", "train"]) == 0 and '"heldout_auc"' in capsys.readouterr().out

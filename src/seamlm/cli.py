@@ -56,7 +56,8 @@ def _run_defend(args: argparse.Namespace, extra: list[str]) -> int:
         raise ConfigError("give either --data or --harmful/--refusal/--benign, not both")
     from seamlm.models import model_identity
 
-    run_info: dict[str, object] = {"model": args.model, "model_identity": model_identity(args.model),
+    run_info: dict[str, object] = {"model": args.model,  # (the weights digest only where run.json is written)
+                                   "model_identity": model_identity(args.model) if ctx.is_main else None,
                                    "dtype": args.dtype, "device_option": args.device, "argv": args.argv}
     if args.data:
         from seamlm.data.bundles import resolve_data
@@ -448,8 +449,8 @@ def main(argv: list[str] | None = None) -> int:
 #: File-system errors on a path the user gave, with what to do.
 _PATH_ERRORS = {
     errno.ENOENT: "check the path; a missing parent folder is not created for a file",
-    errno.EEXIST: "a file is where a folder is needed: choose another --out",
-    errno.ENOTDIR: "a file is where a folder is needed: choose another --out",
+    errno.EEXIST: "a file is where a folder is needed: choose another path",
+    errno.ENOTDIR: "a file is where a folder is needed: choose another path",
     errno.EISDIR: "a folder is where a file is needed: name the file",
     errno.EACCES: "no permission: choose a path you can write or read",
     errno.EROFS: "read-only file system: choose a writable path",

@@ -41,13 +41,16 @@ def mean_last_token_state(model: Any, tokenizer: Any, prompts: list[str], layer:
     total = None
     was_training = model.training
     model.eval()  # no dropout in the states the direction is taken from
-    for i in range(0, len(prompts), batch_size):
-        # left padded: the last position is the last real token of every row
-        enc = encode_prompts(tokenizer, prompts[i:i + batch_size], template, device=device)
-        positions = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)  # from 0 at each row's first real token
-        states = model(**enc, position_ids=positions, output_hidden_states=True).hidden_states[layer][:, -1].double()
-        total = states.sum(0) if total is None else total + states.sum(0)
-    model.train(was_training)
+    try:
+        for i in range(0, len(prompts), batch_size):
+            # left padded: the last position is the last real token of every row
+            enc = encode_prompts(tokenizer, prompts[i:i + batch_size], template, device=device)
+            positions = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)  # from 0 at each row's first token
+            hidden = model(**enc, position_ids=positions, output_hidden_states=True).hidden_states
+            states = hidden[layer][:, -1].double()
+            total = states.sum(0) if total is None else total + states.sum(0)
+    finally:
+        model.train(was_training)
     return total / len(prompts)
 
 
