@@ -440,7 +440,6 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             return 1
         raise
-
     except KeyboardInterrupt:
         print(f"seamlm {args.command}: interrupted; {_how_to_continue(args.command)}", file=sys.stderr)
         return 130

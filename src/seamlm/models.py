@@ -243,7 +243,9 @@ def legacy_identities(model_name: str | Path) -> set[str]:
     """Other names results may have recorded for this model: before 2026-11-26 a local folder without a stored
     weights digest was named by its path as given. Rows recorded under them still count as this model's."""
     now = model_identity(model_name)
-    return {n for n in (str(model_name), str(Path(model_name).expanduser().resolve())) if n != now}
+    if not now.startswith("sha256:"):  # a hub id or an alias: always named as given
+        return set()
+    return {str(model_name), str(Path(model_name).expanduser().resolve())}
 
 
 _DIGESTS: dict[tuple[str, tuple], str] = {}
