@@ -140,3 +140,17 @@ def test_bos_is_detected_from_what_the_tokenizer_does_not_only_its_flag():
     assert adds_bos(tok)
     ids = encode_text(tok, prompt_text(tok, "Q?", "plain"))
     assert ids[0] == bos and ids[1] != bos
+
+
+def test_a_token_only_named_bos_is_cut_like_any_other():
+    """SmolLM2 names <|im_start|> its BOS: every chat turn starts with it but the tokenizer never adds it. A prompt
+    cut from the left keeps no such token in front (which would change every long prompt's encoding)."""
+    from seamlm.data.format import encode_prompts
+
+    tok = _bos_tokenizer(False, True)  # the template writes the BOS token, the tokenizer does not add it
+    long = "x" * 60 + "?"
+    full = encode_prompts(tok, [long])["input_ids"][0].tolist()
+    assert full[0] == tok.bos_token_id
+    assert encode_prompts(tok, [long], max_tokens=12)["input_ids"][0].tolist() == full[-12:]
+    cut = Formatter(tok, max_length=24)(Example(long, "A."))
+    assert cut.input_ids[0] != tok.bos_token_id and len(cut.input_ids) == 24

@@ -88,12 +88,13 @@ def encode_text(tokenizer: Any, text: str) -> list[int]:
     return with_bos(tokenizer, tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def keep_last(ids: list[int], n: int, bos_token_id: int | None) -> list[int]:
+def keep_last(tokenizer: Any, ids: list[int], n: int) -> list[int]:
     """The last ``n`` of a prompt's ids — a too-long prompt loses its start, never the generation prompt at its
-    end — with its BOS kept in front where it began with one."""
+    end — with its BOS kept in front where the tokenizer adds one (:func:`adds_bos`). A token that is only *named*
+    BOS and starts every chat turn (SmolLM2's ``<|im_start|>``) is cut like any other."""
     if len(ids) <= n:
         return list(ids)
-    if n > 1 and bos_token_id is not None and ids[0] == bos_token_id:
+    if n > 1 and ids and ids[0] == tokenizer.bos_token_id and adds_bos(tokenizer):
         return [ids[0], *ids[len(ids) - n + 1:]]
     return list(ids[len(ids) - n:])
 
@@ -105,7 +106,7 @@ def encode_prompts(tokenizer: Any, prompts: list[str], template: str = "chat", m
     never the generation prompt at its end."""
     ids = [encode_text(tokenizer, prompt_text(tokenizer, p, template)) for p in prompts]
     if max_tokens:
-        ids = [keep_last(x, max_tokens, tokenizer.bos_token_id) for x in ids]
+        ids = [keep_last(tokenizer, x, max_tokens) for x in ids]
     batch = collate([TokenizedExample(x, x) for x in ids], tokenizer.pad_token_id, "left", device)
     del batch["labels"]
     return batch
@@ -152,7 +153,7 @@ class Formatter:
                 # only when max_length leaves no room for min_answer_tokens after one prompt token
                 self.answer_lost += keep_answer < self.min_answer_tokens
             a_ids = a_ids[:keep_answer]
-            p_ids = keep_last(p_ids, self.max_length - len(a_ids), tok.bos_token_id)
+            p_ids = keep_last(tok, p_ids, self.max_length - len(a_ids))
         labels = ([IGNORE_INDEX] * len(p_ids) if self.mask_prompt else list(p_ids)) + list(a_ids)
         return TokenizedExample(list(p_ids) + list(a_ids), labels)
 
