@@ -50,6 +50,11 @@ class AttackConfig(FinetuneConfig):
         if (min(self.num_samples) < 1 or min(self.num_epochs) < 1 or min(self.learning_rates) <= 0):
             raise ConfigError("AttackConfig: num_samples and num_epochs >= 1, learning rates > 0")
 
+    def run_config(self, **grid: Any) -> FinetuneConfig:
+        """The fine-tuning config of one cell: this config's fine-tuning fields with ``grid``'s (lr, seed, epochs)."""
+        names = FinetuneConfig.field_names()
+        return FinetuneConfig.from_dict({k: v for k, v in self.to_dict().items() if k in names} | grid)
+
     def cells(self) -> list[dict[str, float | int]]:
         return [{"lr": lr, "num_samples": n, "epochs": ep, "seed": s}
                 for s in self.seeds for n in self.num_samples for ep in self.num_epochs for lr in self.learning_rates]
@@ -237,8 +242,7 @@ def check_eval_template(cfg: FinetuneConfig | AttackConfig, eval_cfg: EvalConfig
     and post of one table would silently use different templates, so it is refused."""
     if eval_cfg.prompt_template == "chat":
         return
-    run_cfg = cfg if isinstance(cfg, FinetuneConfig) else FinetuneConfig.from_dict(
-        {k: v for k, v in cfg.to_dict().items() if k in FinetuneConfig.field_names()})
+    run_cfg = cfg.run_config() if isinstance(cfg, AttackConfig) else cfg
     recipe = recipe or make_recipe("sft")
     trained = recipe.training_config(run_cfg).prompt_template
     if eval_cfg.prompt_template != trained:
@@ -261,15 +265,15 @@ def run_attack_grid(model_name: str, label: str, defense: str, bundle: BundleDat
     check_eval_template(cfg, eval_cfg, recipe)
     cells = cfg.cells()
     if not recipe.trains:
-        user_set = cfg.learning_rates != AttackConfig().learning_rates or cfg.num_epochs != AttackConfig().num_epochs
+        default = AttackConfig()
+        user_set = cfg.learning_rates != default.learning_rates or cfg.num_epochs != default.num_epochs
         if user_set and (len(cfg.learning_rates) > 1 or len(cfg.num_epochs) > 1):
             log.warning("recipe %s does not train: learning_rates and num_epochs are not used (one cell per seed "
                         "and sample count)", recipe.name)
         cells = list({(c["seed"], c["num_samples"]): c for c in cells}.values())
     ran = []
     for grid in cells:
-        run_cfg = FinetuneConfig.from_dict({k: v for k, v in cfg.to_dict().items() if k in FinetuneConfig.field_names()}
-                                           | {"lr": grid["lr"], "seed": grid["seed"], "epochs": grid["epochs"]})
+        run_cfg = cfg.run_config(lr=grid["lr"], seed=grid["seed"], epochs=grid["epochs"])
         outcome = attack_cell(model_name, label, defense, bundle, recipe, run_cfg, int(grid["num_samples"]), eval_cfg,
                               judge, out_dir, store, ctx)
         if outcome.ran:
