@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import difflib
 import errno
 import json
 import logging
@@ -11,7 +10,7 @@ import sys
 from pathlib import Path
 
 from seamlm import __version__
-from seamlm.config import parse_overrides
+from seamlm.config import parse_overrides, unknown_keys
 from seamlm.errors import ConfigError, SeamError
 
 log = logging.getLogger("seamlm")
@@ -280,9 +279,7 @@ def _run_sweep(args: argparse.Namespace, extra: list[str]) -> int:
     valid = SweepConfig.field_names() + FinetuneConfig.field_names()
     unknown = [k for k in over if k not in valid]
     if unknown:
-        hints = [f"'{k}'" + "".join(f" (did you mean '{c}'?)" for c in difflib.get_close_matches(k, valid, n=1))
-                 for k in unknown]
-        raise ConfigError(f"unknown sweep key(s) {', '.join(hints)}. Sweep keys: {', '.join(SweepConfig.field_names())}; "
+        raise ConfigError(f"unknown sweep key(s) {unknown_keys(unknown, valid)}. Sweep keys: {', '.join(SweepConfig.field_names())}; "
                           f"fixed fine-tuning keys: {', '.join(FinetuneConfig.field_names())}")
     sweep_over = {k: v for k, v in over.items() if k in SweepConfig.field_names()}
     ft_over = {k: v for k, v in over.items() if k not in sweep_over}

@@ -74,6 +74,15 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
     return value
 
 
+def unknown_keys(unknown: list[str], valid: list[str]) -> str:
+    """``'k' (did you mean 'key'?)``, … for keys that are not among ``valid``."""
+    hints = []
+    for k in unknown:
+        close = difflib.get_close_matches(k, valid, n=1)
+        hints.append(f"'{k}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+    return ", ".join(hints)
+
+
 @dataclasses.dataclass
 class BaseConfig:
     """Shared behaviour of every seamlm config: strict construction, YAML, overrides, validation."""
@@ -86,12 +95,8 @@ class BaseConfig:
     def from_dict(cls: type[C], values: dict[str, Any], source: str = "config") -> C:
         unknown = [k for k in values if k not in cls.field_names()]
         if unknown:
-            hints = []
-            for k in unknown:
-                close = difflib.get_close_matches(k, cls.field_names(), n=1)
-                hints.append(f"'{k}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
             raise ConfigError(
-                f"{source}: unknown {cls.__name__} key(s) {', '.join(hints)}. "
+                f"{source}: unknown {cls.__name__} key(s) {unknown_keys(unknown, cls.field_names())}. "
                 + (f"Valid keys: {', '.join(cls.field_names())}" if cls.field_names() else "It takes no keys.")
             )
         return cls(**values)
