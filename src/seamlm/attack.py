@@ -71,7 +71,7 @@ def settings_digest(**parts: Any) -> str:
 
 def legacy_digests(parts: dict[str, Any], model_name: str | Path) -> set[str]:
     """Digests of ``parts`` under the names older results gave the model (:func:`legacy_identities`)."""
-    return {settings_digest(**{**parts, "model": name}) for name in legacy_identities(model_name)}
+    return {settings_digest(**{**parts, "model": name}) for name in legacy_identities(model_name, parts["model"])}
 
 
 #: Bundle streams an attack or evaluation uses, which must hold no prompt the model was trained on.

@@ -214,8 +214,13 @@ def save_model(
 
 def weights_digest(model_dir: str | Path) -> str:
     """SHA-256 of a saved model's weight files (``*.safetensors``, by name), read in chunks."""
+    return _files_digest(sorted(Path(model_dir).glob("*.safetensors")))
+
+
+def _files_digest(files: list[Path]) -> str:
+    """SHA-256 over each file's name then its bytes, in the order given."""
     digest = hashlib.sha256()
-    for f in sorted(Path(model_dir).glob("*.safetensors")):
+    for f in files:
         digest.update(f.name.encode())
         with f.open("rb") as fh:
             while chunk := fh.read(1 << 24):
@@ -239,10 +244,11 @@ def model_identity(model_name: str | Path) -> str:
     return str(model_name)
 
 
-def legacy_identities(model_name: str | Path) -> set[str]:
+def legacy_identities(model_name: str | Path, identity: str | None = None) -> set[str]:
     """Other names results may have recorded for this model: before 2026-11-26 a local folder without a stored
-    weights digest was named by its path as given. Rows recorded under them still count as this model's."""
-    now = model_identity(model_name)
+    weights digest was named by its path as given. Rows recorded under them still count as this model's.
+    ``identity``: its :func:`model_identity`, where the caller has it already."""
+    now = identity or model_identity(model_name)
     if not now.startswith("sha256:"):  # a hub id or an alias: always named as given
         return set()
     return {str(model_name), str(Path(model_name).expanduser().resolve())}
@@ -258,14 +264,7 @@ def _cached_digest(path: Path) -> str:
     stamp = tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files)
     key = (str(path.resolve()), stamp)
     if key not in _DIGESTS:
-        if path.is_dir():
-            _DIGESTS[key] = weights_digest(path)
-        else:
-            digest = hashlib.sha256(path.name.encode())
-            with path.open("rb") as fh:
-                while chunk := fh.read(1 << 24):
-                    digest.update(chunk)
-            _DIGESTS[key] = digest.hexdigest()
+        _DIGESTS[key] = _files_digest(files)
     return _DIGESTS[key]
 
 

@@ -169,7 +169,7 @@ def run_sweep(model_name: str, label: str, defense: str, bundle: BundleData, cfg
     check_sweep_template(cfg, base, eval_cfg)
     context = {"model": model_identity(model_name), "train": base.trajectory_dict(), "eval": eval_cfg.settings_dict(), "judge": judge.name,
                "data": manifest_digest(bundle)}
-    study = open_study(cfg, label, out_dir, context, legacy_identities(model_name))
+    study = open_study(cfg, label, out_dir, context, legacy_identities(model_name, context["model"]))
     csv_path = Path(out_dir) / f"sweep_trials.{label.replace('/', '_')}.csv"
     missing = cfg.trials - finished_trials(study)
     if missing <= 0:
