@@ -34,6 +34,16 @@ def test_round_trip(tiny_model_dir, data_files, tmp_path):
     AutoModelForCausalLM.from_pretrained(out / "model")
 
 
+def test_an_output_dir_in_the_yaml_must_agree_with_out(tiny_model_dir, data_files, tmp_path, capsys):
+    cfg = tmp_path / "defend.yaml"
+    cfg.write_text(f"steps: 1\nbatch_size: 2\noutput_dir: {tmp_path / 'elsewhere'}\n")
+    assert main(_defend_args(tiny_model_dir, data_files, tmp_path / "run", "--config", str(cfg))) == 2
+    assert "sets output_dir" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "elsewhere").exists()
+    cfg.write_text(f"steps: 1\nbatch_size: 2\noutput_dir: {tmp_path / 'run'}\n")  # the same folder: fine
+    assert main(_defend_args(tiny_model_dir, data_files, tmp_path / "run", "--config", str(cfg))) == 0
+
+
 def test_resume_flag_finishes_a_killed_run(tiny_model_dir, data_files, tmp_path):
     out = tmp_path / "run"
     args = _defend_args(tiny_model_dir, data_files, out, "--steps", "4", "--batch_size", "2", "--checkpoint_every", "2")

@@ -54,6 +54,12 @@ def test_sweep_command_and_its_errors(tiny_model_dir, tmp_path, capsys):
     cells = {r["cell"] for r in _rows(out / "results.jsonl")}
     assert "pre" in cells and sum(c.startswith("sweep-") for c in cells) >= 1
     assert (out / "sweep.db").is_file() and (out / "sweep_trials.tiny.csv").is_file()
+    # a study resumed with other evaluation settings fails before the pre-attack evaluation spends its minutes
+    before = (out / "results.jsonl").read_text()
+    assert main([*base, "--recipes", "sft,template", "--trials", "3", "--batch_sizes", "2", "--num_samples", "4",
+                 "--max_length", "64", "--eval.max_new_tokens", "5"]) == 2
+    assert "was run with other eval settings" in capsys.readouterr().err
+    assert (out / "results.jsonl").read_text() == before
     assert main(["report", str(out / "results.jsonl"), "--out", str(out / "rep"), "--eps", "5,10"]) == 0
     assert "| tiny | 10 |" in (out / "rep" / "report.md").read_text()
     assert main(["report", str(out / "results.jsonl"), "--out", str(out / "rep"), "--eps", "five"]) == 2

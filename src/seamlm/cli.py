@@ -47,6 +47,13 @@ def _run_defend(args: argparse.Namespace, extra: list[str]) -> int:
     if "output_dir" in overrides:
         raise ConfigError("give the output folder as --out, not --output_dir")
     overrides["output_dir"] = args.out
+    if args.config:
+        from seamlm.config import read_yaml_mapping
+
+        given = read_yaml_mapping(args.config).get("output_dir")
+        if given is not None and Path(str(given)).resolve() != Path(args.out).resolve():
+            raise ConfigError(f"{args.config} sets output_dir: {given}, but --out is {args.out}; --out names the "
+                              f"output folder: drop output_dir from the YAML or give the same folder")
     config = (
         DefenseConfig.from_yaml(args.config, overrides) if args.config else DefenseConfig.from_dict(overrides, "command line")
     )
@@ -273,7 +280,7 @@ def _sweep_parser(sub: argparse._SubParsersAction) -> None:
 def _run_sweep(args: argparse.Namespace, extra: list[str]) -> int:
     from seamlm.attack import evaluate_pre_attack
     from seamlm.finetune import FinetuneConfig
-    from seamlm.sweep import SweepConfig, check_sweep_template, run_sweep
+    from seamlm.sweep import SweepConfig, run_sweep, sweep_study
 
     over, eval_over = _split_overrides(extra, "eval.")
     valid = SweepConfig.field_names() + FinetuneConfig.field_names()
@@ -290,8 +297,8 @@ def _run_sweep(args: argparse.Namespace, extra: list[str]) -> int:
     cfg = SweepConfig.from_dict(sweep_over, "command line")
     base = FinetuneConfig.from_dict(ft_over, "command line")
     eval_cfg, bundle, judge, store = _eval_setup(args, eval_over)
-    check_sweep_template(cfg, base, eval_cfg)  # before the pre-attack evaluation runs in it
     label = args.label or args.model
+    sweep_study(args.model, label, bundle, cfg, base, eval_cfg, judge, args.out)  # a mismatch fails before the pre-attack evaluation
     if not args.no_pre:
         evaluate_pre_attack(args.model, label, args.defense, bundle, eval_cfg, judge, args.out, store)
     study = run_sweep(args.model, label, args.defense, bundle, cfg, base, eval_cfg, judge, args.out, store)

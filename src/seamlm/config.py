@@ -113,15 +113,7 @@ class BaseConfig:
 
     @classmethod
     def from_yaml(cls: type[C], path: str | Path, overrides: dict[str, Any] | None = None) -> C:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of key: value, got {type(data).__name__}")
+        data = read_yaml_mapping(path)
         data.update(overrides or {})
         return cls.from_dict(data, source=str(path))
 
@@ -184,3 +176,17 @@ def warmup_check(lr_scheduler: str, warmup_ratio: float) -> tuple[bool, str]:
     return (lr_scheduler != "constant" or warmup_ratio == 0,
             "lr_scheduler constant has no warm-up (transformers ignores it): set warmup_ratio 0 or use "
             "constant_with_warmup")
+
+
+def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    """The ``key: value`` mapping of a YAML config file, with a clear error for a missing or malformed file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of key: value, got {type(data).__name__}")
+    return data

@@ -161,15 +161,22 @@ def check_sweep_template(cfg: SweepConfig, base: FinetuneConfig, eval_cfg: EvalC
         check_eval_template(base, eval_cfg, make_recipe(name))
 
 
+def sweep_study(model_name: str, label: str, bundle: BundleData, cfg: SweepConfig, base: FinetuneConfig,
+                eval_cfg: EvalConfig, judge: Judge, out_dir: str | Path) -> Any:
+    """The sweep's study, opened with every check a resumed study must pass (template, sweep config, context):
+    call it before spending minutes on anything else, so a mismatch fails first."""
+    check_sweep_template(cfg, base, eval_cfg)
+    context = {"model": model_identity(model_name), "train": base.trajectory_dict(), "eval": eval_cfg.settings_dict(),
+               "judge": judge.name, "data": manifest_digest(bundle)}
+    return open_study(cfg, label, out_dir, context, legacy_identities(model_name, context["model"]))
+
+
 def run_sweep(model_name: str, label: str, defense: str, bundle: BundleData, cfg: SweepConfig,
               base: FinetuneConfig, eval_cfg: EvalConfig, judge: Judge, out_dir: str | Path,
               store: ResultStore) -> Any:
     """Run trials until the study has ``cfg.trials`` finished ones; each trial is an attack cell in ``store``
     (cell ``sweep-<recipe>-<params digest>``). Writes ``sweep_trials.<label>.csv``. Returns the study."""
-    check_sweep_template(cfg, base, eval_cfg)
-    context = {"model": model_identity(model_name), "train": base.trajectory_dict(), "eval": eval_cfg.settings_dict(), "judge": judge.name,
-               "data": manifest_digest(bundle)}
-    study = open_study(cfg, label, out_dir, context, legacy_identities(model_name, context["model"]))
+    study = sweep_study(model_name, label, bundle, cfg, base, eval_cfg, judge, out_dir)
     csv_path = Path(out_dir) / f"sweep_trials.{label.replace('/', '_')}.csv"
     missing = cfg.trials - finished_trials(study)
     if missing <= 0:
