@@ -325,12 +325,15 @@ def _run_adaptive(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def _report_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("report", help="Markdown/HTML report with tables and plots from a results file")
-    p.add_argument("results", help="results.jsonl")
+    p = sub.add_parser("report", help="Markdown/HTML report with tables and plots from a results file, or mean ± sd "
+                       "over several runs of one setup")
+    p.add_argument("results", nargs="+", help="results.jsonl (or its run folder); several: one setup's runs (e.g. "
+                   "demos with different --data_seed) -> mean ± sd tables, the bar run by run, error-bar plots")
     p.add_argument("--out", required=True)
-    p.add_argument("--eps", default="5,10,20", help="ZS-drop bounds (points) of the worst-case table")
-    p.add_argument("--ppl-factor", "--ppl_factor", type=float, default=2.0,
-                   help="coherence bound of the worst-case table: perplexity ≤ this × the unattacked model's")
+    p.add_argument("--eps", default=None, help="ZS-drop bounds (points) of the worst-case table (default 5,10,20)")
+    p.add_argument("--ppl-factor", "--ppl_factor", type=float, default=None,
+                   help="coherence bound of the worst-case table: perplexity ≤ this × the unattacked model's "
+                   "(default 2)")
 
 
 def _run_report(args: argparse.Namespace, extra: list[str]) -> int:
@@ -338,13 +341,23 @@ def _run_report(args: argparse.Namespace, extra: list[str]) -> int:
 
     if extra:
         raise ConfigError(f"unexpected arguments {extra}")
-    try:
-        eps = tuple(float(e) for e in args.eps.split(","))
-    except ValueError:
-        raise ConfigError(f"--eps needs comma-separated numbers, got {args.eps!r}") from None
-    if args.ppl_factor <= 1 or min(eps) < 0:
-        raise ConfigError("--ppl-factor must be > 1 and --eps values >= 0")
-    path = write_report(args.results, args.out, eps=eps, ppl_factor=args.ppl_factor)
+    if len(args.results) > 1:
+        from seamlm.across_runs import write_across_runs_report
+
+        if args.eps is not None or args.ppl_factor is not None:
+            raise ConfigError("--eps and --ppl-factor bound the worst-case table of one results file's adaptive "
+                              "attacks; the report across runs has none: drop them, or report one file")
+        path = write_across_runs_report(args.results, args.out)
+    else:
+        eps_text = args.eps if args.eps is not None else "5,10,20"
+        ppl_factor = args.ppl_factor if args.ppl_factor is not None else 2.0
+        try:
+            eps = tuple(float(e) for e in eps_text.split(","))
+        except ValueError:
+            raise ConfigError(f"--eps needs comma-separated numbers, got {eps_text!r}") from None
+        if ppl_factor <= 1 or min(eps) < 0:
+            raise ConfigError("--ppl-factor must be > 1 and --eps values >= 0")
+        path = write_report(args.results[0], args.out, eps=eps, ppl_factor=ppl_factor)
     print(path.read_text())
     print(f"report written to {path} and {path.with_suffix('.html')}")
     return 0

@@ -57,16 +57,21 @@ def _label(cell: str, attack: dict, varies: frozenset[str] = frozenset()) -> str
     return f"LoRA {lab}" if attack.get("lora") else lab
 
 
+def column_header(cells: list[tuple[str, dict]]) -> list[str]:
+    """``model`` and one label per cell of :func:`_cells`, naming the attack settings that differ between them."""
+    varies = frozenset(k for k, _ in _VARYING if len({str(a.get(k)) for c, a in cells if c != "pre"}) > 1)
+    labels = [_label(c, a, varies) for c, a in cells]
+    # columns that differ only in settings no label shows (weight decay, max_steps …): the cell key tells them apart
+    return ["model"] + [f"{lab} [{c}]" if labels.count(lab) > 1 else lab for lab, (c, _) in zip(labels, cells, strict=True)]
+
+
 def build_tables(rows: list[ResultRow]) -> dict[str, list[list[str]]]:
     values: dict[tuple[str, str, str], float] = {(r.model, r.cell, r.metric): r.value for r in rows}
     diverged = {(r.model, r.cell) for r in rows if r.attack.get("status") == "diverged"}
     models = list(dict.fromkeys(r.model for r in rows))
     cells = _cells(rows)
     judges = sorted({r.judge for r in rows if r.judge})
-    varies = frozenset(k for k, _ in _VARYING if len({str(a.get(k)) for c, a in cells if c != "pre"}) > 1)
-    labels = [_label(c, a, varies) for c, a in cells]
-    # columns that differ only in settings no label shows (weight decay, max_steps …): the cell key tells them apart
-    header = ["model"] + [f"{lab} [{c}]" if labels.count(lab) > 1 else lab for lab, (c, _) in zip(labels, cells, strict=True)]
+    header = column_header(cells)
 
     def table(fmt) -> list[list[str]]:
         # an attack whose loss went NaN is evaluated as it stands: its cells say so, for that model only
@@ -297,17 +302,25 @@ def write_report(results: str | Path, out_dir: str | Path, eps: tuple[float, ...
     tables = {**build_tables(grid), **adaptive_tables(rows, eps, ppl_factor)}
     plots = _plots(grid, results.parent, out) + _scatter(rows, out, eps)
     meta = sorted({(r.data_manifest or "–", json.dumps(r.versions, sort_keys=True)) for r in rows})
-    md = ["# seamlm report", "", f"Results: `{results}` ({len(rows)} rows). Data manifest digest(s): "
-          + ", ".join(sorted({m for m, _ in meta})) + ".", "", _markdown(tables)]
+    intro = [f"Results: `{results}` ({len(rows)} rows). Data manifest digest(s): "
+             + ", ".join(sorted({m for m, _ in meta})) + "."]
+    return write_documents(out, "seamlm report", intro, tables, plots, sorted({v for _, v in meta}))
+
+
+def write_documents(out: Path, title: str, intro: list[str], tables: dict[str, list[list[str]]], plots: list[str],
+                    versions: list[str]) -> Path:
+    """``report.md`` and ``report.html`` in ``out``: a title, intro paragraphs, the tables, the plots (file names in
+    ``out``) and the package versions of the rows. Returns the Markdown path."""
+    md = [f"# {title}", "", *[line + "\n" for line in intro], _markdown(tables)]
     md += [f"![{p}]({p})" for p in plots]
-    md += ["", "Versions: " + "; ".join(sorted({v for _, v in meta}))]
+    md += ["", "Versions: " + "; ".join(versions)]
     (out / "report.md").write_text("\n".join(md) + "\n", encoding="utf-8")
-    body = [f"<h1>seamlm report</h1><p>Results: <code>{html.escape(str(results))}</code> ({len(rows)} rows)</p>"]
-    for title, t in tables.items():
-        body.append(f"<h3>{html.escape(title)}</h3><table border=1 cellpadding=4><tr>"
+    body = [f"<h1>{html.escape(title)}</h1>"] + [f"<p>{html.escape(line)}</p>" for line in intro]
+    for name, t in tables.items():
+        body.append(f"<h3>{html.escape(name)}</h3><table border=1 cellpadding=4><tr>"
                     + "".join(f"<th>{html.escape(h)}</th>" for h in t[0]) + "</tr>"
                     + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in t[1:])
                     + "</table>")
-    body += [f'<p><img src="{p}" alt="{p}"></p>' for p in plots]
+    body += [f'<p><img src="{html.escape(p)}" alt="{html.escape(p)}"></p>' for p in plots]
     (out / "report.html").write_text("<html><body>" + "\n".join(body) + "</body></html>\n", encoding="utf-8")
     return out / "report.md"

@@ -1,0 +1,144 @@
+"""Several results files of one setup (e.g. demos with different ``--data_seed``) -> mean ± sd tables, the bar's
+verdict run by run, and HS/ZS-vs-lr plots with error bars. One run of a 135M model on 32 HS prompts moves by several
+points with the seed: a claim about SEAM at this scale should come with the spread."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+from seamlm.errors import DataError
+from seamlm.results import ResultRow, ResultStore
+from seamlm.verdict import check_bar
+
+#: (metric, what the table calls it, decimals) of the across-runs tables
+METRICS = (("hs", "HS %", 1), ("refusal_rate", "refusal rate % (keyword)", 1), ("zs_mean", "ZS % (mean accuracy)", 1),
+           ("coherence_ppl", "benign perplexity", 1), ("coupling_cos", "cos(g_harmful, g_benign) on the attack data", 3),
+           ("fs_accuracy", "FS: SST-2 accuracy %", 1))
+
+
+@dataclass
+class Run:
+    path: Path
+    rows: list[ResultRow]
+
+
+def load_runs(paths: list[str | Path]) -> list[Run]:
+    """Each results file's plain-grid rows (pre-attack and the plain SFT grid); every run must use one judge, the
+    same one, so the means never mix judges."""
+    from seamlm.report import is_plain_grid
+
+    runs = []
+    for p in paths:
+        path = Path(p)
+        if path.is_dir() and (path / "results.jsonl").is_file():
+            path = path / "results.jsonl"
+        if not path.is_file():
+            raise DataError(f"{path} does not exist; give the results.jsonl files (or run folders) to compare")
+        rows = [r for r in ResultStore(path).rows() if is_plain_grid(r)]
+        if not rows:
+            raise DataError(f"{path} holds no pre-attack or plain attack rows")
+        runs.append(Run(path, rows))
+    judges = {r.judge for run in runs for r in run.rows if r.metric == "hs"}
+    if len(judges) > 1:
+        raise DataError(f"the runs' HS rows come from different judges ({', '.join(sorted(map(str, judges)))}); "
+                        f"their mean would mix two scales: compare runs of one judge")
+    return runs
+
+
+def mean_sd(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _fmt(values: list[float], digits: int, runs: int) -> str:
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return "–"
+    m, s = mean_sd(values)
+    text = f"{m:.{digits}f} ± {s:.{digits}f}"
+    return text if len(values) == runs else f"{text} (n={len(values)})"
+
+
+def across_runs_tables(runs: list[Run]) -> dict[str, list[list[str]]]:
+    """Per metric, model × cell: mean ± sd over the runs that have it (``n=`` where some lack it); then the bar's
+    criteria with each run's verdict."""
+    from seamlm.report import _cells, column_header
+
+    n = len(runs)
+    rows = [r for run in runs for r in run.rows]
+    cells = _cells(rows)
+    models = list(dict.fromkeys(r.model for r in rows))
+    header = column_header(cells)
+    per_run = [{(r.model, r.cell, r.metric): r.value for r in run.rows} for run in runs]
+    tables: dict[str, list[list[str]]] = {}
+    for metric, title, digits in METRICS:
+        if not any(r.metric == metric for r in rows):
+            continue
+        body = [[m] + [_fmt([v[(m, c, metric)] for v in per_run if (m, c, metric) in v], digits, n) for c, _ in cells]
+                for m in models]
+        tables[f"{title}: mean ± sd over {n} runs"] = [header] + body
+    if {"aligned", "seam"} <= set(models):
+        verdicts = [check_bar(run.rows) for run in runs]
+        mark = {True: "yes", False: "no", None: "–"}
+        criteria = list(dict.fromkeys(c.criterion for checks in verdicts for c in checks))
+        table = [["criterion"] + [f"run {i + 1}" for i in range(n)] + ["met in"]]
+        for crit in criteria:
+            got = [next((c.passed for c in checks if c.criterion == crit), None) for checks in verdicts]
+            table.append([crit] + [mark[g] for g in got] + [f"{sum(g is True for g in got)} of {n}"])
+        tables["Does SEAM clear the bar? Run by run (criteria: seamlm/verdict.py)"] = table
+    return tables
+
+
+def _error_bar_plots(runs: list[Run], out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from seamlm.report import _save
+
+    rows = [r for run in runs for r in run.rows]
+    models = list(dict.fromkeys(r.model for r in rows))
+    made = []
+    for metric, ylabel, fname in (("hs", "HS (%)", "hs_vs_lr.png"), ("zs_mean", "ZS mean accuracy (%)", "zs_vs_lr.png")):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for i, m in enumerate(models):
+            by_lr: dict[float, list[float]] = {}
+            for r in rows:
+                if r.model == m and r.metric == metric and r.cell != "pre" and not r.attack.get("lora"):
+                    by_lr.setdefault(r.attack["lr"], []).append(r.value)
+            if by_lr:
+                lrs = sorted(by_lr)
+                stats = [mean_sd(by_lr[x]) for x in lrs]
+                ax.errorbar(lrs, [s[0] for s in stats], yerr=[s[1] for s in stats], fmt="o-", color=f"C{i}",
+                            capsize=3, label=f"{m} (attacked)")
+            pre = [r.value for r in rows if r.model == m and r.metric == metric and r.cell == "pre"]
+            if pre:
+                mu, sd = mean_sd(pre)
+                ax.axhline(mu, color=f"C{i}", linestyle="--", alpha=0.6, label=f"{m} (pre-attack)")
+                ax.axhspan(mu - sd, mu + sd, color=f"C{i}", alpha=0.1)
+        ax.set_xscale("log")
+        ax.set_xlabel("attack learning rate")
+        ax.set_ylabel(f"{ylabel}, mean ± sd over {len(runs)} runs")
+        ax.legend(fontsize=7)
+        made.append(_save(fig, out / fname))
+    return made
+
+
+def write_across_runs_report(paths: list[str | Path], out_dir: str | Path) -> Path:
+    """``report.md``/``report.html`` and error-bar plots for several runs; returns the Markdown path."""
+    from seamlm.report import write_documents
+
+    runs = load_runs(paths)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tables = across_runs_tables(runs)
+    plots = _error_bar_plots(runs, out)
+    listing = [f"run {i + 1}: `{run.path}` (data manifest "
+               + ", ".join(sorted({r.data_manifest or "–" for r in run.rows})) + ")" for i, run in enumerate(runs)]
+    return write_documents(out, f"seamlm report across {len(runs)} runs", listing, tables, plots,
+                           sorted({json.dumps(r.versions, sort_keys=True) for run in runs for r in run.rows}))
