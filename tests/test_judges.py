@@ -86,6 +86,28 @@ def test_degenerate_texts_cover_every_kind():
     assert len(set(texts)) >= 8
 
 
+@pytest.mark.parametrize("id2label,index", [
+    ({0: "LABEL_0", 1: "LABEL_1"}, 0),  # the BeaverTails checkpoint: the reference reads LABEL_0 as harmful
+    ({0: "harmless", 1: "harmful"}, 1),  # "harmless" contains "harm" but is the safe class
+    ({0: "unsafe", 1: "safe"}, 0),
+    ({"0": "safe", "1": "harmful"}, 1),
+    ({0: "benign", 1: "jailbroken"}, 1),
+])
+def test_the_harmful_class_of_a_classifier(id2label, index):
+    from seamlm.evaluate.judges import harmful_label_index
+
+    assert harmful_label_index(id2label) == index
+
+
+@pytest.mark.parametrize("id2label", [{0: "positive", 1: "negative"}, {0: "a", 1: "b", 2: "c"},
+                                      {0: "harmful", 1: "unsafe"}])
+def test_a_classifier_whose_harmful_class_is_unclear_is_refused(id2label):
+    from seamlm.evaluate.judges import harmful_label_index
+
+    with pytest.raises(ConfigError, match="harmful"):
+        harmful_label_index(id2label)
+
+
 def test_beavertails_judge_code_path_on_a_local_tiny_classifier(tmp_path, tokenizer):
     from transformers import DebertaV2Config, DebertaV2ForSequenceClassification
 
@@ -98,14 +120,14 @@ def test_beavertails_judge_code_path_on_a_local_tiny_classifier(tmp_path, tokeni
     judge = get_judge("beavertails", model=str(tmp_path / "clf"))
     scores = judge.score(["q1", "q2"], ["a harmful answer", "I can't help"])
     assert len(scores) == 2 and all(0 <= s <= 1 for s in scores)
-    assert judge.harmful_index == 1 and judge.name == "beavertails:clf"
+    assert judge.harmful_index == 1 and judge.name == "beavertails-v2:clf"
     with pytest.raises(ConfigError, match="offline default is --judge minilm"):
         BeaverTailsJudge(model=str(tmp_path / "missing"))
     # the evaluation reaches a local copy through judge_model (eval/attack: --judge_model DIR)
     from seamlm.evaluate.metrics import EvalConfig
 
     via_config = EvalConfig(judge="beavertails", judge_model=str(tmp_path / "clf")).make_judge()
-    assert via_config.name == "beavertails:clf"
+    assert via_config.name == "beavertails-v2:clf"
     assert via_config.score(["q1"], ["a harmful answer"]) == pytest.approx(scores[:1])
     assert "judge_model" not in EvalConfig().settings_dict()  # results made before the field keep resuming
     with pytest.raises(ConfigError, match="the keyword judge takes no model"):

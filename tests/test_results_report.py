@@ -23,6 +23,11 @@ def test_validation():
     with pytest.raises(DataError, match="NaN"):
         _row(value=float("nan")).validate()
     _row(value=float("nan"), cell="x", attack={"status": "diverged"}).validate()
+    # a cosine with a zero gradient, a perplexity that overflowed: undefined, not a bug
+    _row(metric="coupling_cos", value=float("nan")).validate()
+    _row(metric="coherence_ppl", value=float("inf")).validate()
+    with pytest.raises(DataError, match="zs_mean is inf"):
+        _row(metric="zs_mean", value=float("inf")).validate()
     _row(metric="zs_arc_easy", value=50.0).validate()
 
 
@@ -39,6 +44,20 @@ def test_store_append_done_and_partial_tail(tmp_path):
     store.path.write_text(store.path.read_text() + "not json\n")
     with pytest.raises(DataError, match="not valid JSON"):
         store.rows()
+
+
+def test_a_cell_whose_write_was_cut_short_is_not_done(tmp_path, caplog):
+    """A kill (or a full disk) after some complete lines of a cell's write: those rows must not make it done."""
+    store = ResultStore(tmp_path / "r.jsonl")
+    store.append([_row(), _row(metric="zs_mean", value=40.0)])
+    store.append([_row(cell="lr1", attack={"lr": 1e-4}, metric=m, value=1.0) for m in ("hs", "zs_mean", "coherence_ppl")])
+    assert store.done("aligned", "lr1") and len(store.rows()) == 5
+    lines = store.path.read_text().splitlines(keepends=True)
+    store.path.write_text("".join(lines[:3]) + lines[3][:20])  # 1 of the cell's 3 rows written, then half a line
+    assert not store.done("aligned", "lr1") and store.done("aligned", "pre")
+    assert "cut short" in caplog.text and "aligned/lr1" in caplog.text
+    store.append([_row(cell="lr1", attack={"lr": 1e-4}, metric=m, value=2.0) for m in ("hs", "zs_mean", "coherence_ppl")])
+    assert [r.value for r in store.rows() if r.cell == "lr1"] == [2.0, 2.0, 2.0]  # the redone cell only
 
 
 def test_report_tables_and_plots_come_from_the_rows(tmp_path):

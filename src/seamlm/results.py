@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import time
+import uuid
+from collections import Counter
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +18,8 @@ from seamlm.errors import DataError
 from seamlm.jsonl import append_records, read_records
 from seamlm.runinfo import package_versions
 
+log = logging.getLogger(__name__)
+
 #: metric -> unit. Zero-shot per-task metrics are ``zs_<task>`` (built-in) and ``lmeval_<task>`` (lm-eval's
 #: acc), accuracy in %.
 METRICS = {
@@ -22,6 +27,11 @@ METRICS = {
     "coherence_ppl": "perplexity", "coupling_cos": "cosine", "coupling_slope": "nats/step", "fs_accuracy": "%", "attack_final_loss": "nats", "attack_first_loss": "nats",
     "attack_peak_ppl": "perplexity",
 }
+
+#: Metrics a healthy run may leave undefined (NaN or inf): the cosine when a gradient is zero, a perplexity or loss
+#: that overflows in a broken model. Any other NaN is a bug unless the attack diverged.
+MAY_BE_UNDEFINED = {"coupling_cos", "coupling_slope", "coherence_ppl", "attack_peak_ppl", "attack_first_loss",
+                    "attack_final_loss"}
 
 
 def known_metric(name: str) -> bool:
@@ -51,14 +61,19 @@ class ResultRow:
     a rerun with other settings must not reuse the row."""
     versions: dict[str, str] = field(default_factory=package_versions)
     time: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    write: str | None = None
+    """``<id>/<n>``: the store's write this row came in and how many rows it held (set by :meth:`ResultStore.append`).
+    A write cut short by a kill or a full disk leaves fewer rows: they are ignored and their cell is redone."""
 
     def validate(self) -> None:
         if not known_metric(self.metric):
             raise DataError(f"unknown metric '{self.metric}' (known: {', '.join(METRICS)}, zs_<task>, lmeval_<task>)")
         if not isinstance(self.value, (int, float)) or isinstance(self.value, bool):
             raise DataError(f"metric {self.metric}: value must be a number, got {self.value!r}")
-        if math.isnan(self.value) and self.attack.get("status") != "diverged":
-            raise DataError(f"metric {self.metric} is NaN but the attack did not diverge")
+        if (not math.isfinite(self.value) and self.attack.get("status") != "diverged"
+                and self.metric not in MAY_BE_UNDEFINED):
+            raise DataError(f"metric {self.metric} is {'NaN' if math.isnan(self.value) else self.value} but the "
+                            f"attack did not diverge")
         if not self.model or not self.cell:
             raise DataError("result rows need a model label and a cell")
         if self.metric in ("hs", "hs_binary") and not self.judge:
@@ -80,26 +95,39 @@ class ResultStore:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self._warned: set[str] = set()  # cut-short writes already reported
 
     def append(self, rows: list[ResultRow], settings_parts: dict[str, Any] | None = None) -> None:
         """Append ``rows``; ``settings_parts`` (what their ``settings`` digest was made of) is kept beside them."""
         for r in rows:
             r.validate()
-        append_records(self.path, [dataclasses.asdict(r) for r in rows])
+        write = f"{uuid.uuid4().hex[:12]}/{len(rows)}"
+        append_records(self.path, [dataclasses.asdict(dataclasses.replace(r, write=write)) for r in rows])
         if settings_parts is not None:
             for digest in {r.settings for r in rows if r.settings}:
                 self.record_settings(digest, settings_parts)
 
     def rows(self) -> list[ResultRow]:
+        """Every complete write's rows (a row cut off by a kill, and the rest of its write, are left out: their
+        cell counts as not done and is redone)."""
         out = []
         names = {f.name for f in dataclasses.fields(ResultRow)}
-        for i, data in read_records(self.path):  # a row cut off by a kill is skipped: that cell is redone
+        for i, data in read_records(self.path):
             unknown = set(data) - names
             if unknown:
                 raise DataError(f"{self.path}:{i} has unknown fields {sorted(unknown)}")
             row = ResultRow(**data)
             row.validate()
             out.append(row)
+        held = Counter(r.write for r in out if r.write)
+        cut = {w for w, n in held.items() if n < int(w.rsplit("/", 1)[1])}
+        if cut - self._warned:
+            self._warned |= cut
+            cells = sorted({f"{r.model}/{r.cell}" for r in out if r.write in cut})
+            log.warning("%s: %d write(s) were cut short (a kill or a full disk); their rows are ignored and these "
+                        "cells will be redone: %s", self.path, len(cut), ", ".join(cells))
+        if cut:
+            out = [r for r in out if r.write not in cut]
         return out
 
     def cell_rows(self, model: str, cell: str, settings: str | None = None,
