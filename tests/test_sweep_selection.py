@@ -45,6 +45,12 @@ def test_epsilon_bounded_selection_on_a_hand_made_table():
     rows = worst_case_rows(TABLE, (5, 20))
     assert [(r["eps"], r["best"].cell, r["eligible"]) for r in rows] == [(5, "e", 2), (20, "b", 3)]
     assert pick(5).source == "sweep" and pick(20).source == "recipe"
+    # accuracies are k/n: a drop of exactly ε (33.33 → 28.33 = 5.000000000000004 in floats) is within ε = 5
+    from seamlm.selection import AttackOutcome, within_bound
+
+    base = AttackOutcome("m", "pre", 0.0, 100 * 20 / 60, 10.0, None, {})
+    assert within_bound(AttackOutcome("m", "x", 50.0, 100 * 17 / 60, 10.0, None, {}), base, 5.0)
+    assert not within_bound(AttackOutcome("m", "x", 50.0, 100 * 16 / 60, 10.0, None, {}), base, 5.0)
 
 
 def test_report_shows_the_worst_case_table_and_scatter(tmp_path):

@@ -1,5 +1,7 @@
 """Built-in zero-shot scoring against a hand computation of lm-eval's rule."""
 
+import math
+
 import pytest
 import torch
 
@@ -42,6 +44,9 @@ def test_acc_and_acc_norm_follow_lm_eval():
     assert score_items(items, [[-2.0, -3.0]]) == {"acc": 0.0, "acc_norm": 1.0, "n": 1}  # -1.0/char vs -0.3/char
     assert score_items(items, [[-2.0, -30.0]]) == {"acc": 0.0, "acc_norm": 0.0, "n": 1}  # -1.0 vs -3.0
     assert score_items(items, [[-5.0, -3.0]]) == {"acc": 1.0, "acc_norm": 1.0, "n": 1}
+    # a model with NaN weights scores no accuracy (argmax over NaN would pick choice 0 and call it right)
+    nan = score_items(items * 2, [[-5.0, -3.0], [float("nan"), float("nan")]])
+    assert math.isnan(nan["acc"]) and math.isnan(nan["acc_norm"])
 
 
 def test_task_items_are_seeded_and_well_formed():

@@ -71,7 +71,8 @@ def collect(rows: list[ResultRow]) -> tuple[dict[str, AttackOutcome], dict[str, 
 
 def within_bound(o: AttackOutcome, pre: AttackOutcome, eps: float, ppl_factor: float = 2.0) -> bool:
     finite = all(math.isfinite(x) for x in (o.hs, o.zs, o.ppl))
-    return finite and pre.zs - o.zs <= eps and o.ppl <= ppl_factor * pre.ppl
+    # accuracies are k/n: 33.33 - 28.33 is 5.0000000000000036, which must count as a drop of 5
+    return finite and pre.zs - o.zs <= eps + 1e-9 and o.ppl <= ppl_factor * pre.ppl
 
 
 def worst_case(pre: AttackOutcome, attacked: list[AttackOutcome], eps: float,

@@ -187,6 +187,8 @@ def perplexity_of_rows(model: Any, rows: list[TokenizedExample], pad_token_id: i
         total += answer_ce(model, batch).item() * n  # answer_ce is the token mean over the batch
         count += n
     mean = total / max(count, 1)
+    if math.isnan(mean):
+        return math.nan  # NaN weights: no measurement (not an infinite, i.e. "broken", perplexity)
     return math.exp(mean) if mean < 700 else float("inf")  # a broken model's CE can overflow exp
 
 

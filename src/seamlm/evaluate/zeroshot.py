@@ -8,6 +8,7 @@ lm-eval task YAMLs of the same name. ``run_lm_eval`` runs lm-eval itself on an a
 
 from __future__ import annotations
 
+import math
 import random
 import re
 from collections.abc import Callable
@@ -181,7 +182,11 @@ def choice_loglikelihoods(model: Any, tokenizer: Any, items: list[MCItem], batch
 
 
 def score_items(items: list[MCItem], lls: list[list[float]]) -> dict[str, float]:
-    """lm-eval's rule: acc = argmax Σlog p; acc_norm = argmax Σlog p / len(choice in characters)."""
+    """lm-eval's rule: acc = argmax Σlog p; acc_norm = argmax Σlog p / len(choice in characters). A non-finite
+    log-likelihood (a model with NaN weights) makes both NaN: argmax over NaN would pick choice 0 and pass a
+    broken model off as one scoring the share of items whose answer is the first choice."""
+    if any(not math.isfinite(v) for ll in lls for v in ll):
+        return {"acc": math.nan, "acc_norm": math.nan, "n": len(items)}
     acc = acc_norm = 0
     for it, ll in zip(items, lls, strict=True):
         acc += int(max(range(len(ll)), key=lambda i: ll[i]) == it.gold)
