@@ -5,6 +5,7 @@ from __future__ import annotations
 import html
 import json
 import math
+import re
 from pathlib import Path
 
 from seamlm.errors import DataError
@@ -50,7 +51,8 @@ def _label(cell: str, attack: dict, varies: frozenset[str] = frozenset()) -> str
     """Column label; ``varies`` names the attack settings that differ between columns (``_VARYING``)."""
     if cell == "pre":
         return "pre-attack"
-    lab = f"lr {attack.get('lr', '?'):g}"
+    lr = attack.get("lr")
+    lab = f"lr {lr:g}" if isinstance(lr, (int, float)) else "lr ?"
     for key, short in _VARYING:
         if key in varies and (key != "lora_r" or attack.get("lora")):
             lab += f" {short}={attack.get(key)}"
@@ -116,26 +118,29 @@ def adaptive_tables(rows: list[ResultRow], eps: tuple[float, ...] = (5.0, 10.0, 
     """The worst case under a utility bound per model and ε, and every attack (recipe runs and sweep trials)."""
     tables: dict[str, list[list[str]]] = {}
     worst = worst_case_rows(rows, eps, ppl_factor)
-    if not worst:
-        return tables
     head = ["model", "ε (max ZS drop)", "most harmful attack in the bound", "HS", "ZS (change)", "perplexity",
             "attacks in bound"]
     body = []
     for w in worst:
         b, pre = w["best"], w["pre"]
-        if b is None:
-            body.append([w["model"], f"{w['eps']:g}", "none in the bound", "–", "–", "–", f"0 / {w['attacks']}"])
+        count = f"{w['eligible']} / {w['attacks']}" + (f" ({w['unmeasured']} not fully measured)" if w["unmeasured"] else "")
+        if not pre.measured:
+            body.append([w["model"], f"{w['eps']:g}", "no bound: the unattacked model's HS, ZS or perplexity is "
+                         "not measured", "–", "–", "–", count])
+        elif b is None:
+            body.append([w["model"], f"{w['eps']:g}", "none in the bound", "–", "–", "–", count])
         else:
             body.append([w["model"], f"{w['eps']:g}", f"{b.describe()} ({b.source})", _fmt(b.hs),
-                         f"{_fmt(b.zs)} ({b.zs - pre.zs:+.1f})", _fmt(b.ppl, 2), f"{w['eligible']} / {w['attacks']}"])
-    tables[f"Worst case under a utility bound: the most harmful attack whose ZS drop is ≤ ε and whose benign "
-           f"perplexity is ≤ {ppl_factor:g}× the unattacked model's (seamlm/selection.py)"] = [head] + body
+                         f"{_fmt(b.zs)} ({b.zs - pre.zs:+.1f})", _fmt(b.ppl, 2), count])
+    if body:
+        tables[f"Worst case under a utility bound: the most harmful attack whose ZS drop is ≤ ε and whose benign "
+               f"perplexity is ≤ {ppl_factor:g}× the unattacked model's (seamlm/selection.py)"] = [head] + body
     pre, attacked = collect(rows)
     adaptive = [o for outs in attacked.values() for o in outs if o.source != "grid"]
     if adaptive:
         head = ["model", "source", "attack", "HS", "refusal %", "ZS", "perplexity", f"in bound ε={max(eps):g}"]
         body = []
-        for o in sorted(adaptive, key=lambda o: (o.model, o.source, -o.hs)):
+        for o in sorted(adaptive, key=lambda o: (o.model, o.source, -o.hs if math.isfinite(o.hs) else math.inf)):
             inside = o.model in pre and within_bound(o, pre[o.model], max(eps), ppl_factor)
             body.append([o.model, o.source, o.describe(), _fmt(o.hs), _fmt(o.refusal), _fmt(o.zs), _fmt(o.ppl, 2),
                          "yes" if inside else "no"])
@@ -186,9 +191,9 @@ def _markdown(tables: dict[str, list[list[str]]]) -> str:
     parts = []
     for title, t in tables.items():
         parts.append(f"### {title}\n")
-        parts.append("| " + " | ".join(t[0]) + " |")
+        parts.append("| " + " | ".join(h.replace("|", "\\|") for h in t[0]) + " |")
         parts.append("|" + "---|" * len(t[0]))
-        parts.extend("| " + " | ".join(r) + " |" for r in t[1:])
+        parts.extend("| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in t[1:])
         parts.append("")
     return "\n".join(parts)
 
@@ -201,14 +206,27 @@ def _plots(rows: list[ResultRow], results_dir: Path, out: Path) -> list[str]:
 
     made = []
     models = list(dict.fromkeys(r.model for r in rows))
+    trained = [r for r in rows if r.cell != "pre" and isinstance(r.attack.get("lr"), (int, float))]
+    # one line per setting besides the lr (seed, samples, optimizer … and LoRA): joining them would zig-zag
+    varies = [k for k, _ in _VARYING
+              if len({str(r.attack.get(k)) for r in trained if k != "lora_r" or r.attack.get("lora")}) > 1]
     for metric, ylabel, fname in (("hs", "HS (%)", "hs_vs_lr.png"), ("zs_mean", "ZS mean accuracy (%)", "zs_vs_lr.png")):
         fig, ax = plt.subplots(figsize=(6, 4))
         for i, m in enumerate(models):
             color = f"C{i}"
-            pts = sorted((r.attack["lr"], r.value) for r in rows
-                         if r.model == m and r.metric == metric and r.cell != "pre" and not r.attack.get("lora"))
-            if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=color, label=f"{m} (attacked)")
+            lines: dict[tuple, list[tuple[float, float]]] = {}
+            for r in trained:
+                if r.model == m and r.metric == metric:
+                    key = (bool(r.attack.get("lora")), *(str(r.attack.get(k)) if k != "lora_r" or r.attack.get("lora")
+                                                         else "" for k in varies))
+                    lines.setdefault(key, []).append((r.attack["lr"], r.value))
+            for j, (key, pts) in enumerate(sorted(lines.items())):
+                pts.sort()
+                what = ", ".join(f"{short}={v}" for (k, short), v in zip(
+                    [kv for kv in _VARYING if kv[0] in varies], key[1:], strict=True) if v)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], "s--" if key[0] else "o-", color=color,
+                        alpha=1.0 - 0.5 * j / max(len(lines), 1),
+                        label=f"{m} ({'LoRA ' if key[0] else ''}attacked{': ' + what if what else ''})")
             pre = [r.value for r in rows if r.model == m and r.metric == metric and r.cell == "pre"]
             if pre:
                 ax.axhline(pre[0], color=color, linestyle="--", alpha=0.6, label=f"{m} (pre-attack)")
@@ -219,6 +237,9 @@ def _plots(rows: list[ResultRow], results_dir: Path, out: Path) -> list[str]:
         ax.set_xscale("log")
         ax.set_xlabel("attack learning rate")
         ax.set_ylabel(ylabel)
+        if not ax.get_legend_handles_labels()[0]:  # no row of this metric: no plot
+            plt.close(fig)
+            continue
         ax.legend(fontsize=7)
         made.append(_save(fig, out / fname))
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -227,9 +248,9 @@ def _plots(rows: list[ResultRow], results_dir: Path, out: Path) -> list[str]:
         log_path = r.attack.get("loss_log")
         if not log_path or (r.model, r.cell) in seen:
             continue
-        seen.add((r.model, r.cell))
         path = results_dir / log_path
         if path.is_file():
+            seen.add((r.model, r.cell))
             losses = [row["loss"] for _, row in read_records(path)]
             w = max(1, min(10, len(losses) // 5))
             smooth = [sum(losses[max(0, i - w + 1):i + 1]) / len(losses[max(0, i - w + 1):i + 1]) for i in range(len(losses))]
@@ -315,12 +336,19 @@ def write_documents(out: Path, title: str, intro: list[str], tables: dict[str, l
     md += [f"![{p}]({p})" for p in plots]
     md += ["", "Versions: " + "; ".join(versions)]
     (out / "report.md").write_text("\n".join(md) + "\n", encoding="utf-8")
-    body = [f"<h1>{html.escape(title)}</h1>"] + [f"<p>{html.escape(line)}</p>" for line in intro]
+    body = [f"<h1>{html.escape(title)}</h1>"] + [f"<p>{_code(line)}</p>" for line in intro]
     for name, t in tables.items():
         body.append(f"<h3>{html.escape(name)}</h3><table border=1 cellpadding=4><tr>"
                     + "".join(f"<th>{html.escape(h)}</th>" for h in t[0]) + "</tr>"
                     + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in t[1:])
                     + "</table>")
     body += [f'<p><img src="{html.escape(p)}" alt="{html.escape(p)}"></p>' for p in plots]
-    (out / "report.html").write_text("<html><body>" + "\n".join(body) + "</body></html>\n", encoding="utf-8")
+    body.append(f"<p>Versions: {html.escape('; '.join(versions))}</p>")
+    (out / "report.html").write_text('<html><head><meta charset="utf-8"></head><body>' + "\n".join(body)
+                                     + "</body></html>\n", encoding="utf-8")
     return out / "report.md"
+
+
+def _code(text: str) -> str:
+    """Escaped HTML of a Markdown line, its `code` spans as <code>."""
+    return re.sub(r"`([^`]*)`", r"<code>\1</code>", html.escape(text))
