@@ -193,6 +193,12 @@ def test_eval_command_and_bad_eval_key(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "ev"
     assert main(["eval", "--model", str(tiny_model_dir), "--out", str(out), *[a.replace("--eval.", "--") for a in TINY_EVAL]]) == 0
     assert json.loads((out / "results.jsonl").read_text().splitlines()[0])["cell"] == "pre"
+    # the same label on other data (another split seed) would share a report row with the first: refused
+    before = (out / "results.jsonl").read_text()
+    assert main(["eval", "--model", str(tiny_model_dir), "--out", str(out), "--data-seed", "1",
+                 *[a.replace("--eval.", "--") for a in TINY_EVAL]]) == 1
+    assert "already holds cells of" in capsys.readouterr().err
+    assert (out / "results.jsonl").read_text() == before
     rc = main(["attack", "--model", str(tiny_model_dir), "--out", str(out), "--eval.bogus", "1"])
     assert rc == 2 and "unknown EvalConfig key(s) 'bogus'" in capsys.readouterr().err
     rc = main(["eval", "--model", str(tiny_model_dir), "--out", str(out), "--trajectory_every", "5"])

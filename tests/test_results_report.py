@@ -169,3 +169,15 @@ def test_lr_plots_draw_one_line_per_other_setting_and_markdown_cells_are_escaped
     md = write_report(store.path, tmp_path / "rep").read_text()
     assert "| a\\|b | 5.0 / – |" in md
     assert '<meta charset="utf-8">' in (tmp_path / "rep" / "report.html").read_text()
+
+
+def test_one_label_is_one_model_one_judge_one_data_bundle(tmp_path):
+    store = ResultStore(tmp_path / "r.jsonl")
+    parts = {"model": "sha256:aaa", "judge": "minilm-pyrit-v3", "data": "d1", "eval": {"hs_prompts": 32}}
+    store.append([_row(settings="s1")], settings_parts=parts)
+    store.check_label("aligned", {**parts, "eval": {"hs_prompts": 64}})  # other evaluation settings: another cell
+    store.check_label("seam", {**parts, "model": "sha256:bbb"})  # another label: fine
+    for key, value in (("model", "sha256:bbb"), ("judge", "keyword-v2"), ("data", "d2")):
+        with pytest.raises(DataError, match=f"already holds cells of 'aligned' made with another {key}"):
+            store.check_label("aligned", {**parts, key: value})
+    store.check_label("aligned", {**parts, "model": "sha256:bbb"}, same_models={"sha256:aaa"})  # an older name

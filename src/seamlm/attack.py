@@ -110,6 +110,7 @@ def evaluate_pre_attack(model_name: str, label: str, defense: str, bundle: Bundl
     if store.cell_rows(label, "pre", settings, parts, legacy_digests(parts, model_name)):
         log.info("%s / pre: already in %s, skipped", label, store.path)
         return False
+    store.check_label(label, parts, legacy_identities(model_name, parts["model"]))  # (a changed cell: named above)
     check_held_out(model_name, bundle)
     if not ctx.is_main:
         ctx.barrier()
@@ -186,6 +187,7 @@ def attack_cell(model_name: str, label: str, defense: str, bundle: BundleData, r
     if finished:
         log.info("%s / %s: already in %s, skipped", label, cell, store.path)
         return CellOutcome(cell, {r.metric: r.value for r in finished}, False)
+    store.check_label(label, parts, legacy_identities(model_name, parts["model"]))  # (a changed cell: named above)
     check_held_out(model_name, bundle)
     cell_dir = out / "attacks" / label / cell
     if ctx.is_main:

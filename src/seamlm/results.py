@@ -147,6 +147,23 @@ class ResultStore:
             )
         return found
 
+    def check_label(self, label: str, parts: dict[str, Any], same_models: Collection[str] = ()) -> None:
+        """Every cell of one model label must come from one model, judge and data bundle: otherwise its row of the
+        report would compare an attack on one model with the pre-attack figures of another (or mix judges).
+        ``parts``: what the new cell's settings digest is made of; ``same_models``: older names of its model."""
+        for digest in sorted({r.settings for r in self.rows() if r.model == label and r.settings}):
+            path = self.settings_dir / f"{digest}.json"
+            if not path.is_file():  # rows from before settings records: nothing to compare with
+                continue
+            old = json.loads(path.read_text(encoding="utf-8"))
+            new = json.loads(json.dumps(parts, default=str))
+            changed = [f"{k}: {old[k]!r} → {new.get(k)!r}" for k in ("model", "judge", "data")
+                       if k in old and old[k] != new.get(k) and not (k == "model" and old[k] in same_models)]
+            if changed:
+                raise DataError(f"{self.path} already holds cells of '{label}' made with another "
+                                f"{'; '.join(changed)}: one label is one model, judged one way on one data bundle. "
+                                f"Use another --label (or --out) for this one.")
+
     @property
     def settings_dir(self) -> Path:
         """Where the parts of each settings digest are kept (``<results stem>.settings/<digest>.json``)."""
