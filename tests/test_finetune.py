@@ -114,6 +114,34 @@ def test_fs_trains_every_weight_of_a_model_an_attack_left_frozen(tokenizer):
     assert not any(p.requires_grad for p in model.parameters())  # the evaluated model itself is untouched
 
 
+def test_fs_scores_the_tokens_it_trained_on(tokenizer, monkeypatch):
+    """FS scores each SST-2 answer as the Formatter encoded it for training (prompt ids, then the answer word
+    tokenised alone) — not lm-eval's split of the joined text, which differs for SentencePiece tokenizers."""
+    import seamlm.evaluate.metrics as metrics
+    from seamlm.data.files import Example
+    from seamlm.data.format import Formatter
+
+    seen = {}
+    real = metrics.choice_loglikelihoods
+
+    def spy(model, tok, items, batch_size, desc, encoded):
+        seen["items"], seen["encoded"] = items, encoded
+        return real(model, tok, items, batch_size, desc=desc, encoded=encoded)
+
+    monkeypatch.setattr(metrics, "choice_loglikelihoods", spy)
+    model = make_model(len(tokenizer))
+    metrics.benign_finetune_accuracy(model, tokenizer, metrics.EvalConfig(fs=True, fs_train=8, fs_test=4, fs_steps=1))
+    _, test = metrics.sst2_split(8, 4, 0)
+    fmt = Formatter(tokenizer, max_length=512)
+    pairs = iter(seen["encoded"])
+    for row, item in zip(test, seen["items"], strict=True):
+        for answer in item.choices:
+            ctx_ids, cont_ids = next(pairs)
+            trained = fmt(Example(metrics.SST2_QUESTION.format(sentence=row["sentence"].strip()), answer)).input_ids
+            assert ctx_ids + cont_ids + [tokenizer.eos_token_id] == trained
+    assert len(seen["encoded"]) == 2 * len(seen["items"])
+
+
 def test_sharded_finetuning_refuses_lora_and_parameter_selection(tokenizer):
     """FSDP shards full fine-tuning only: LoRA or a recipe's parameter selection under --shard_parameters is a clear
     error before any collective (so no process group is needed to see it)."""

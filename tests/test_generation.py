@@ -30,3 +30,21 @@ def test_long_prompts_keep_their_end(tokenizer):
     assert tokenizer.convert_ids_to_tokens(ids[-1]) == "<|assistant|>"
     out = model.generate(torch.tensor([ids]), max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     assert got == tokenizer.decode(out[0, len(ids):], skip_special_tokens=True).strip()
+
+
+def test_answers_stop_at_the_eos_training_appends_even_when_the_generation_config_names_another(tokenizer):
+    from seamlm.generation import stop_token_ids
+
+    model = make_model(len(tokenizer), seed=2).eval()
+    model.generation_config.eos_token_id = [7, 9]  # e.g. an end-of-turn token that differs from tokenizer.eos
+    assert stop_token_ids(model, tokenizer) == sorted({7, 9, tokenizer.eos_token_id})
+    seen = {}
+    real = model.generate
+
+    def spy(**kw):
+        seen.update(kw)
+        return real(**kw)
+
+    model.generate = spy
+    generate_answers(model, tokenizer, ["Hi"], max_new_tokens=2)
+    assert seen["eos_token_id"] == sorted({7, 9, tokenizer.eos_token_id})

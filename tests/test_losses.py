@@ -87,3 +87,24 @@ def test_batch_without_answer_tokens_is_an_error(tokenizer, batch):
     batch = dict(batch, labels=torch.full_like(batch["labels"], IGNORE_INDEX))
     with pytest.raises(ValueError, match="no answer tokens"):
         answer_ce(model, batch)
+
+
+@pytest.mark.parametrize("arch,kw", [("Granite", {"logits_scaling": 4.0}), ("Cohere", {"logit_scale": 0.25}),
+                                     ("Llama", {})])
+def test_the_head_the_losses_call_gives_the_models_own_logits(arch, kw):
+    """Losses and the zero-shot scorer call the output head directly: a model that scales its logits in its own
+    forward (Granite divides, Cohere multiplies) must get the same logits there."""
+    import transformers
+
+    from seamlm.defense.losses import ModelParts
+
+    cfg = getattr(transformers, f"{arch}Config")(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                                 num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                                                 eos_token_id=1, bos_token_id=0, pad_token_id=2, **kw)
+    torch.manual_seed(0)
+    model = getattr(transformers, f"{arch}ForCausalLM")(cfg).eval()
+    ids = torch.randint(0, 64, (1, 5))
+    parts = ModelParts.of(model)
+    with torch.no_grad():
+        ours = parts.logits(parts.decoder(input_ids=ids).last_hidden_state)
+        torch.testing.assert_close(ours, model(ids).logits)

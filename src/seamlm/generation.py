@@ -26,10 +26,19 @@ def generate_answers(
             enc = encode_prompts(tokenizer, prompts[i:i + batch_size], template, max_prompt_tokens, device)
             out = model.generate(
                 **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                use_cache=True,
+                eos_token_id=stop_token_ids(model, tokenizer), use_cache=True,
             )
             new = out[:, enc["input_ids"].shape[1]:]
             answers.extend(t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True))
     finally:
         model.train(was_training)
     return answers
+
+
+def stop_token_ids(model: Any, tokenizer: Any) -> list[int] | None:
+    """Where an answer ends: the model's generation-config end tokens and the tokenizer's EOS, which training
+    appends to every answer (they differ for some models; stopping at only one lets answers run on)."""
+    ids: list[int] = []
+    for v in (getattr(getattr(model, "generation_config", None), "eos_token_id", None), tokenizer.eos_token_id):
+        ids += [v] if isinstance(v, int) else list(v or [])
+    return sorted(set(ids)) or None

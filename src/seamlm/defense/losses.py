@@ -29,16 +29,23 @@ class ModelParts:
     final_norm: Any | None
     lm_head: Any
     softcap: float | None
+    scale: float = 1.0
+    """What the model's own forward multiplies its logits by (Cohere's ``logit_scale``, 1/Granite's
+    ``logits_scaling``): the losses and the zero-shot scorer call the head directly, so they must apply it too."""
 
     @classmethod
     def of(cls, model: Any) -> ModelParts:
         decoder = model.get_decoder()
         norm = next((getattr(decoder, n) for n in _FINAL_NORM_NAMES if hasattr(decoder, n)), None)
-        softcap = getattr(model.config, "final_logit_softcapping", None)
-        return cls(decoder, norm, model.get_output_embeddings(), softcap)
+        cfg = model.config
+        softcap = getattr(cfg, "final_logit_softcapping", None)
+        scale = (getattr(cfg, "logit_scale", None) or 1.0) / (getattr(cfg, "logits_scaling", None) or 1.0)
+        return cls(decoder, norm, model.get_output_embeddings(), softcap, float(scale))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         out = self.lm_head(hidden)
+        if self.scale != 1.0:
+            out = out * self.scale
         if self.softcap:
             out = torch.tanh(out / self.softcap) * self.softcap
         return out

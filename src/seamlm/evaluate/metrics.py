@@ -22,6 +22,7 @@ from seamlm.data.format import (
     answer_token_count,
     check_template,
     collate,
+    encode_text,
     prompt_text,
 )
 from seamlm.data.refusals import is_refusal
@@ -257,7 +258,12 @@ def benign_finetune_accuracy(model: Any, tokenizer: Any, cfg: EvalConfig) -> dic
     tuned = finetune(copy_, tokenizer, train, ft_cfg, desc="FS (SST-2)").model
     items = [MCItem((prompt_text(tokenizer, SST2_QUESTION.format(sentence=r["sentence"].strip())),),
                     ("negative", "positive"), int(r["label"]), delimiter="") for r in test]
-    acc = score_items(items, choice_loglikelihoods(tuned, tokenizer, items, cfg.zs_batch_size, desc="FS scoring"))["acc"]
+    # the tokens FS trained on: the prompt as the Formatter encodes it, the answer word tokenised alone (a
+    # SentencePiece tokenizer would give the word without its "▁" start marker if split from the joined text)
+    answers = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in items[0].choices]
+    encoded = [(encode_text(tokenizer, it.contexts[0]), a) for it in items for a in answers]
+    lls = choice_loglikelihoods(tuned, tokenizer, items, cfg.zs_batch_size, desc="FS scoring", encoded=encoded)
+    acc = score_items(items, lls)["acc"]
     del tuned
     return {"fs_accuracy": 100 * acc, "fs_train": len(train), "fs_test": len(test)}
 

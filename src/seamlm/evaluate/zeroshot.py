@@ -143,10 +143,16 @@ def _encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[
 
 @torch.no_grad()
 def choice_loglikelihoods(model: Any, tokenizer: Any, items: list[MCItem], batch_size: int = 16,
-                          desc: str = "zero-shot") -> list[list[float]]:
-    """Σ log P(continuation tokens | context) for every choice of every item (batched, right padded)."""
-    requests = [(it.context(i), it.delimiter + c) for it in items for i, c in enumerate(it.choices)]
-    encoded = [_encode_pair(tokenizer, ctx, cont) for ctx, cont in requests]
+                          desc: str = "zero-shot",
+                          encoded: list[tuple[list[int], list[int]]] | None = None) -> list[list[float]]:
+    """Σ log P(continuation tokens | context) for every choice of every item (batched, right padded).
+    ``encoded``: (context ids, continuation ids) per choice in item order, for callers that must score the tokens
+    they trained on (FS); default lm-eval's split of the text (:func:`_encode_pair`)."""
+    if encoded is None:
+        requests = [(it.context(i), it.delimiter + c) for it in items for i, c in enumerate(it.choices)]
+        encoded = [_encode_pair(tokenizer, ctx, cont) for ctx, cont in requests]
+    elif len(encoded) != sum(len(it.choices) for it in items):
+        raise ValueError(f"encoded holds {len(encoded)} pairs for {sum(len(it.choices) for it in items)} choices")
     device = next(model.parameters()).device
     model.eval()
     parts = ModelParts.of(model)
@@ -250,4 +256,5 @@ def run_lm_eval(model: Any, tokenizer: Any, tasks: list[str], limit: int | None 
     from lm_eval.models.huggingface import HFLM
 
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    return simple_evaluate(model=lm, tasks=tasks, limit=limit, task_manager=manager)["results"]
+    # (per-sample logs are not returned: keeping them costs memory on large groups such as MMLU)
+    return simple_evaluate(model=lm, tasks=tasks, limit=limit, task_manager=manager, log_samples=False)["results"]
