@@ -91,6 +91,27 @@ def test_demo_reuses_a_baseline_for_other_defense_settings(tiny_model_dir, tmp_p
         run_demo(tmp_path / "bad", cfg.replace(attack_samples=5, baseline_from=str(base)))
 
 
+@pytest.mark.slow
+def test_demo_over_several_seeds_reports_across_them(tiny_model_dir, tmp_path, capsys):
+    from seamlm.cli import main
+
+    args = ["demo", "--out", str(tmp_path / "d"), "--seeds", "0,1", "--model", str(tiny_model_dir),
+            "--align_steps", "2", "--align_batch_size", "2", "--defense_steps", "2", "--defense_batch_size", "2",
+            "--max_length", "48", "--attack_lrs", "1e-3", "--attack_samples", "4", "--hs_prompts", "2",
+            "--zs_limit", "2", "--zs_tasks", "arc_easy", "--fs", "false", "--judge", "keyword"]
+    assert main(args) == 0, capsys.readouterr().err
+    out = tmp_path / "d"
+    manifests = [json.loads((out / f"seed-{s}" / "data" / "manifest.json").read_text()) for s in (0, 1)]
+    assert [m["seed"] for m in manifests] == [0, 1]  # other splits
+    md = (out / "report" / "report.md").read_text()
+    assert "### HS %: mean ± sd over 2 runs" in md and "| met in |" in md
+    for s in (0, 1):
+        assert f"seed-{s}/results.jsonl" in md
+    assert main([*args, "--data_seed", "3"]) == 2
+    assert "either as --seeds or as --data_seed" in capsys.readouterr().err
+    assert main([*args[:4], "0,0", *args[5:]]) == 2
+
+
 def test_stage_clock_sums_stages_over_invocations(tmp_path):
     from seamlm.runinfo import StageClock
 

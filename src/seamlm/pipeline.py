@@ -262,3 +262,22 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig, fresh: bool = False) -> Path:
     # seconds per stage over every invocation: a killed and resumed demo reports what it really cost
     (out / "timings.json").write_text(json.dumps(StageClock.totals(clock.path), indent=2))
     return report
+
+
+def run_demo_seeds(out_dir: str | Path, cfg: DemoConfig, seeds: list[int], fresh: bool = False) -> Path:
+    """The demo once per data seed (its splits, alignment and SEAM seeds: ``out/seed-<s>``), then the report across
+    them (``out/report``: mean ± sd per cell, the bar run by run). Returns that report's Markdown path."""
+    from seamlm.across_runs import write_across_runs_report
+
+    if len(seeds) < 2 or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"seeds must be two or more different numbers, got {seeds}")
+    if cfg.baseline_from:
+        raise ConfigError("baseline_from reuses one demo's aligned model, which belongs to one data seed: run the "
+                          "seeds without it")
+    out = Path(out_dir)
+    runs = []
+    for i, seed in enumerate(seeds):
+        _banner(f"data seed {seed} ({i + 1} of {len(seeds)})")
+        run_demo(out / f"seed-{seed}", cfg.replace(data_seed=seed), fresh=fresh)
+        runs.append(out / f"seed-{seed}" / "results.jsonl")
+    return write_across_runs_report(runs, out / "report")
