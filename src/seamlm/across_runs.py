@@ -109,14 +109,17 @@ def _error_bar_plots(runs: list[Run], out: Path) -> list[str]:
         for i, m in enumerate(models):
             by_lr: dict[float, list[float]] = {}
             for r in rows:
-                if r.model == m and r.metric == metric and r.cell != "pre" and not r.attack.get("lora"):
-                    by_lr.setdefault(r.attack["lr"], []).append(r.value)
+                lr = r.attack.get("lr")
+                if (r.model == m and r.metric == metric and r.cell != "pre" and not r.attack.get("lora")
+                        and isinstance(lr, (int, float)) and math.isfinite(r.value)):
+                    by_lr.setdefault(lr, []).append(r.value)
             if by_lr:
                 lrs = sorted(by_lr)
                 stats = [mean_sd(by_lr[x]) for x in lrs]
                 ax.errorbar(lrs, [s[0] for s in stats], yerr=[s[1] for s in stats], fmt="o-", color=f"C{i}",
                             capsize=3, label=f"{m} (attacked)")
-            pre = [r.value for r in rows if r.model == m and r.metric == metric and r.cell == "pre"]
+            pre = [r.value for r in rows if r.model == m and r.metric == metric and r.cell == "pre"
+                   and math.isfinite(r.value)]
             if pre:
                 mu, sd = mean_sd(pre)
                 ax.axhline(mu, color=f"C{i}", linestyle="--", alpha=0.6, label=f"{m} (pre-attack)")
@@ -124,6 +127,9 @@ def _error_bar_plots(runs: list[Run], out: Path) -> list[str]:
         ax.set_xscale("log")
         ax.set_xlabel("attack learning rate")
         ax.set_ylabel(f"{ylabel}, mean ± sd over {len(runs)} runs")
+        if not ax.get_legend_handles_labels()[0]:  # no row of this metric
+            plt.close(fig)
+            continue
         ax.legend(fontsize=7)
         made.append(_save(fig, out / fname))
     return made
