@@ -181,3 +181,14 @@ def test_one_label_is_one_model_one_judge_one_data_bundle(tmp_path):
         with pytest.raises(DataError, match=f"already holds cells of 'aligned' made with another {key}"):
             store.check_label("aligned", {**parts, key: value})
     store.check_label("aligned", {**parts, "model": "sha256:bbb"}, same_models={"sha256:aaa"})  # an older name
+
+
+def test_a_file_of_sweep_trials_alone_reports_them_without_empty_grid_tables(tmp_path):
+    store = ResultStore(tmp_path / "results.jsonl")
+    att = {"recipe": "sft", "trial": 0, "lr": 1e-4, "status": "ok"}
+    store.append([_row("seam", "sweep-sft-a", m, v, attack=att)
+                  for m, v in (("hs", 40.0), ("zs_mean", 50.0), ("coherence_ppl", 9.0))])
+    md = write_report(store.path, tmp_path / "rep").read_text()
+    assert "judge: )" not in md and "HS % (judge" not in md
+    assert "Adaptive attacks: every recipe run and sweep trial" in md and "| seam | sweep |" in md
+    assert not (tmp_path / "rep" / "hs_vs_lr.png").exists()

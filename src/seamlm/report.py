@@ -320,8 +320,9 @@ def write_report(results: str | Path, out_dir: str | Path, eps: tuple[float, ...
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     grid = [r for r in rows if is_plain_grid(r)]
-    tables = {**build_tables(grid), **adaptive_tables(rows, eps, ppl_factor)}
-    plots = _plots(grid, results.parent, out) + _scatter(rows, out, eps)
+    # (a file of sweep trials alone has no grid: no paper-style table, no lr plots)
+    tables = {**(build_tables(grid) if grid else {}), **adaptive_tables(rows, eps, ppl_factor)}
+    plots = (_plots(grid, results.parent, out) if grid else []) + _scatter(rows, out, eps)
     meta = sorted({(r.data_manifest or "–", json.dumps(r.versions, sort_keys=True)) for r in rows})
     intro = [f"Results: `{results}` ({len(rows)} rows). Data manifest digest(s): "
              + ", ".join(sorted({m for m, _ in meta})) + "."]
