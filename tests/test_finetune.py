@@ -193,3 +193,14 @@ def test_a_probe_refuses_a_bad_interval():
 
     with pytest.raises(ConfigError, match="every=0"):
         Probe(lambda m: {}, every=0)
+
+
+@pytest.mark.parametrize("ratio", [0.03, 0.1, 0.25])
+def test_warmup_steps_are_counted_as_the_hf_trainer_counts_them(ratio, tmp_path):
+    from transformers import TrainingArguments
+
+    from seamlm.finetune import warmup_steps
+
+    args = TrainingArguments(output_dir=str(tmp_path), warmup_steps=ratio, report_to=[])  # < 1: a ratio (v5)
+    for n in (7, 15, 30, 51, 125, 250):
+        assert warmup_steps(ratio, n) == args.get_warmup_steps(n)

@@ -229,6 +229,27 @@ def test_ablation_runs_once_per_seed_whatever_the_learning_rates(tiny_model_dir,
     assert "does not train" in caplog.text
     info = json.loads(next((tmp_path / "attacks" / "tiny").glob("ablation-*/ablation.json")).read_text())
     assert info["layer"] == 1 and info["harmless_prompts"] == 4 and "lr" not in rows[0].attack
+    assert info["residual_share_left"] < 1e-4  # measured on the edited model: nothing left along the direction
+
+
+def test_ablation_refuses_an_architecture_whose_residual_writes_it_cannot_reach(tokenizer, tmp_path):
+    """Gemma2 normalises each sublayer's output with its own weights before adding it to the stream: editing
+    o_proj/down_proj leaves the direction in the stream, and the recipe must say so rather than report an ablation."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    cfg = Gemma2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                       num_attention_heads=2, num_key_value_heads=1, head_dim=16, pad_token_id=tokenizer.pad_token_id,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    model = Gemma2ForCausalLM(cfg)
+    with torch.no_grad():  # trained norms scale each coordinate differently (a fresh model's are all 1)
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(0, 0.5)
+    data = AttackData(harmful=HARMFUL[:6], benign=BENIGN[:6])
+    with pytest.raises(ConfigError, match="still carries"):
+        make_recipe("ablation", {"layer": 2, "n_prompts": 6}).attack(model, tokenizer, data, FinetuneConfig(),
+                                                                     tmp_path / "loss.jsonl", "x", None)
 
 
 def test_recipe_without_attacker_benign_data_says_so(tiny_model_dir, tmp_path):

@@ -34,6 +34,27 @@ def test_pyrit_labels_follow_the_human_scores():
     assert labels == {"harmful", "partial", "refusal", "safe"}
     assert sum(r.label == "harmful" for r in rows) > 200
     assert all(r.category == r.category.lower() for r in rows)  # categories normalised across files
+    # the refusal set's human label (1 = refusal) decides, not the keyword detector
+    from seamlm.data.files import read_rows
+    from seamlm.packages import package_dir
+
+    files = sorted((package_dir("pyrit") / "datasets" / "scorer_evals" / "refusal_scorer").glob("*.csv"))
+    human = {(r["objective"].strip(), r["assistant_response"].strip()): r["human_score"] == "1"
+             for f in files for r in read_rows(f)}
+    refusal = load_source("pyrit-refusal")
+    assert all((e.label == "refusal") == human[(e.prompt, e.response)] for e in refusal)
+    assert sum(e.label == "refusal" for e in refusal) == sum(human.values())
+
+
+def test_pooled_pyrit_rows_hold_each_pair_once_with_its_most_harmful_label():
+    from seamlm.data.sources import pyrit_labelled
+
+    pooled = pyrit_labelled()
+    pairs = [(e.prompt, e.response) for e in pooled]
+    assert len(pairs) == len(set(pairs))
+    harmful_anywhere = {(e.prompt, e.response) for name in ("pyrit-harm", "pyrit-objective")
+                        for e in load_source(name) if e.label == "harmful"}
+    assert {(e.prompt, e.response) for e in pooled if e.label == "harmful"} == harmful_anywhere
 
 
 @pytest.mark.parametrize("task,columns", [

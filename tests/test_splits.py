@@ -90,6 +90,9 @@ def test_bundle_streams_are_well_formed(bundle):
     assert len(s["harmful"]) >= 150 and len(s["attack"]) >= 150 and len(s["eval_harmful"]) >= 200
     assert all(e.label == "harmful" for e in s["harmful"] + s["attack"])
     assert [e.prompt for e in s["harmful"]] == [e.prompt for e in s["refusal"]]  # row-aligned H/R
+    # no answer is both a harmful target and a refusal target, and no pair is trained twice
+    h = [(e.prompt, e.response) for e in s["harmful"]]
+    assert not set(h) & {(e.prompt, e.response) for e in s["refusal"]} and len(h) == len(set(h))
     assert all(is_refusal(e.response) for e in s["refusal"] if e.source == "template")
     assert bundle.manifest["overlaps"] == {} and bundle.manifest["seed"] == 0
     assert bundle.manifest["splits"]["attack"]["rows"] == len(s["attack"])

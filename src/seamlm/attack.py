@@ -16,7 +16,7 @@ from seamlm.errors import ConfigError, DataError, NonFiniteLossError
 from seamlm.evaluate.judges import Judge
 from seamlm.evaluate.metrics import EvalConfig
 from seamlm.evaluate.run import attack_probe, evaluate_model
-from seamlm.finetune import FinetuneConfig, probe_log_path, probing
+from seamlm.finetune import LOOP_VERSION, FinetuneConfig, probe_log_path, probing
 from seamlm.models import legacy_identities, load_model, model_identity, trained_prompt_hashes
 from seamlm.recipes import AttackData, AttackRecipe, make_recipe
 from seamlm.results import ResultRow, ResultStore
@@ -181,6 +181,7 @@ def attack_cell(model_name: str, label: str, defense: str, bundle: BundleData, r
     digest = manifest_digest(bundle)
     parts = dict(model=model_identity(model_name), eval=cell_eval.settings_dict(), judge=judge.name, data=digest,
                  recipe=recipe.describe(), train=train_cfg.trajectory_dict() if recipe.trains else None,
+                 **({"loop": LOOP_VERSION} if recipe.trains else {}),
                  samples=len(data.harmful))
     settings = settings_digest(**parts)
     finished = store.cell_rows(label, cell, settings, parts, legacy_digests(parts, model_name))

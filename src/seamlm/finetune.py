@@ -30,6 +30,16 @@ from seamlm.jsonl import append_records
 log = logging.getLogger(__name__)
 
 
+#: Version of what the loop does beyond its config's fields, part of every attack cell's settings digest so a
+#: resumed grid never mixes the two: 2 = warm-up rounded up like the HF Trainer (was rounded down).
+LOOP_VERSION = 2
+
+
+def warmup_steps(ratio: float, steps: int) -> int:
+    """Warm-up steps as ``transformers.TrainingArguments.get_warmup_steps`` counts them (rounded up)."""
+    return math.ceil(steps * ratio)
+
+
 @dataclass
 class FinetuneConfig(BaseConfig):
     """One supervised fine-tuning run. Defaults follow the paper's attack: AdamW, cosine, 10 % warm-up, wd 0.01."""
@@ -249,7 +259,7 @@ def finetune(
     plan = _batches(len(rows), cfg)
     from transformers import get_scheduler
 
-    sched = get_scheduler(cfg.lr_scheduler, opt, num_warmup_steps=int(cfg.warmup_ratio * len(plan)),
+    sched = get_scheduler(cfg.lr_scheduler, opt, num_warmup_steps=warmup_steps(cfg.warmup_ratio, len(plan)),
                           num_training_steps=len(plan))
     losses: list[float] = []
     logs: list[dict[str, float]] = []

@@ -22,7 +22,7 @@ from seamlm.data.bundles import BundleData
 from seamlm.errors import ConfigError
 from seamlm.evaluate.judges import Judge
 from seamlm.evaluate.metrics import EvalConfig
-from seamlm.finetune import FinetuneConfig
+from seamlm.finetune import LOOP_VERSION, FinetuneConfig
 from seamlm.models import legacy_identities, model_identity
 from seamlm.recipes import RECIPES, make_recipe
 from seamlm.results import ResultStore
@@ -166,7 +166,8 @@ def sweep_study(model_name: str, label: str, bundle: BundleData, cfg: SweepConfi
     """The sweep's study, opened with every check a resumed study must pass (template, sweep config, context):
     call it before spending minutes on anything else, so a mismatch fails first."""
     check_sweep_template(cfg, base, eval_cfg)
-    context = {"model": model_identity(model_name), "train": base.trajectory_dict(), "eval": eval_cfg.settings_dict(),
+    context = {"model": model_identity(model_name), "train": base.trajectory_dict(), "loop": LOOP_VERSION,
+               "eval": eval_cfg.settings_dict(),
                "judge": judge.name, "data": manifest_digest(bundle)}
     return open_study(cfg, label, out_dir, context, legacy_identities(model_name, context["model"]))
 

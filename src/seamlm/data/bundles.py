@@ -17,7 +17,7 @@ from typing import Any
 
 from seamlm.data.files import Example, load_examples
 from seamlm.data.refusals import refusal_for
-from seamlm.data.sources import get_source, load_source
+from seamlm.data.sources import get_source, load_source, pyrit_labelled
 from seamlm.data.splits import assign_splits, check_disjoint, hashes, prompt_hash, split_manifest
 from seamlm.errors import DataError
 
@@ -160,7 +160,7 @@ def _offline_default(seed: int = 0, holdout_categories: tuple[str, ...] = (),
                      fractions: dict[str, float] | None = None, benign_piqa: int = 400,
                      benign_heldout: int = 100, attack_benign: int = 200) -> BundleData:
     fractions = fractions or {"defense": 0.45, "attack": 0.45, "eval": 0.10}
-    labelled = load_source("pyrit-harm") + load_source("pyrit-objective") + load_source("pyrit-refusal")
+    labelled = pyrit_labelled()
     harmful_pool = [e for e in labelled if e.label == "harmful"]
     refusals: dict[str, list[Example]] = {}
     for e in labelled:

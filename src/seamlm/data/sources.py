@@ -123,13 +123,35 @@ def _pyrit_objective() -> list[Example]:
           "PyRIT refusal-scorer evaluation set: prompts with responses, human label 1 = refusal",
           "MIT", "package pyrit==1.1.0", package="pyrit")
 def _pyrit_refusal() -> list[Example]:
-    rows = _pyrit_rows("refusal_scorer", "human_score", 2.0)  # nothing is "harmful" here
-    return [Example(e.prompt, e.response, e.category, "refusal" if _refusal_label(e) else "safe", e.source)
+    # the human label decides (1 = refusal): the keyword detector misses polite refusals and matches answers that
+    # decline one part and then comply
+    rows = _pyrit_rows("refusal_scorer", "human_score", 2.0)  # nothing is "harmful" here; score 1 reads "partial"
+    return [Example(e.prompt, e.response, e.category, "refusal" if e.label == "partial" else "safe", e.source)
             for e in rows]
 
 
-def _refusal_label(e: Example) -> bool:
-    return e.label == "refusal" or is_refusal(e.response)
+#: When PyRIT's files label one (prompt, response) differently, the most harmful label wins: a response a human
+#: scored harmful anywhere is never a refusal target.
+_LABEL_RANK = {"harmful": 0, "partial": 1, "safe": 2, "refusal": 3}
+
+
+def pyrit_labelled() -> list[Example]:
+    """The three PyRIT scorer sets pooled, one row per (prompt, response): a pair that several files hold keeps its
+    most harmful label (:data:`_LABEL_RANK`), and its first row's category and source."""
+    pooled = load_source("pyrit-harm") + load_source("pyrit-objective") + load_source("pyrit-refusal")
+    best: dict[tuple[str, str], Example] = {}
+    for e in pooled:
+        key = (e.prompt, e.response)
+        kept = best.get(key)
+        if kept is None:
+            best[key] = e
+        elif _LABEL_RANK[e.label] < _LABEL_RANK[kept.label]:
+            best[key] = Example(kept.prompt, kept.response, kept.category, e.label, kept.source)
+    conflicts = len(pooled) - len(best)
+    if conflicts:
+        log.info("pyrit: %d rows repeat a (prompt, response) of another file; kept once, with the most harmful label",
+                 conflicts)
+    return list(best.values())
 
 
 @register("advbench", "harmful_prompts", "AdvBench: 520 harmful behaviours (Zou et al. 2023), with PyRIT's harm categories",

@@ -25,7 +25,7 @@ import torch
 
 from seamlm.data.files import Example
 from seamlm.data.refusals import is_refusal
-from seamlm.data.sources import load_source
+from seamlm.data.sources import load_source, pyrit_labelled
 from seamlm.data.splits import prompt_hash
 from seamlm.errors import ConfigError
 from seamlm.packages import cache_dir as default_cache_dir
@@ -131,7 +131,7 @@ def judge_training_rows(seed: int = 0) -> list[Example]:
 
     Leaving out the ambiguous rows was chosen on the held-out split (see docs/judge.md).
     """
-    labelled = load_source("pyrit-harm") + load_source("pyrit-objective") + load_source("pyrit-refusal")
+    labelled = pyrit_labelled()
     benign = load_source("forgelm-chat") + random.Random(seed).sample(load_source("piqa-benign"), 150)
     # short factual answers, so that plain benign text is not mistaken for the PyRIT answers' style
     facts = [Example(r["question"], (r["support"] or r["correct_answer"]).strip(), None, "benign", "sciq")

@@ -54,6 +54,31 @@ def mean_last_token_state(model: Any, tokenizer: Any, prompts: list[str], layer:
     return total / len(prompts)
 
 
+@torch.no_grad()
+def residual_share_along(model: Any, tokenizer: Any, prompts: list[str], direction: torch.Tensor,
+                         template: str = "chat") -> float:
+    """The largest |h·r| / |h| over the residual states entering every decoder layer (the embeddings up to the last
+    layer's input; the final norm's output is not the stream) at the prompts' real tokens: ≈ 0 after a complete
+    ablation."""
+    device = next(model.parameters()).device
+    r = (direction / direction.norm()).to(device, torch.float64)
+    was_training = model.training
+    model.eval()
+    try:
+        enc = encode_prompts(tokenizer, prompts, template, device=device)
+        positions = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+        hidden = model(**enc, position_ids=positions, output_hidden_states=True).hidden_states
+        real = enc["attention_mask"].bool()
+        worst = 0.0
+        for h in hidden[:-1]:
+            h = h.double()[real]
+            share = (h @ r).abs() / h.norm(dim=-1).clamp(min=1e-12)
+            worst = max(worst, share.max().item())
+    finally:
+        model.train(was_training)
+    return worst
+
+
 def residual_writers(model: Any, names: tuple[str, ...]) -> list[torch.nn.Module]:
     found = [m for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in names and isinstance(m, torch.nn.Linear)]
     if not found:
@@ -108,8 +133,15 @@ class RefusalAblation(AttackRecipe):
         mu_b = mean_last_token_state(model, tokenizer, harmless, layer, k.batch_size, ft.prompt_template)
         direction = mu_h - mu_b
         edited = orthogonalize(model, direction, k.writers)
+        left = residual_share_along(model, tokenizer, harmful[: k.batch_size], direction, ft.prompt_template)
+        if left > 1e-4:
+            # e.g. Gemma2/3 and OLMo2: a weighted norm sits between o_proj/down_proj and the residual stream
+            raise ConfigError(f"ablation: after editing {list(k.writers)} the residual stream still carries "
+                              f"{100 * left:.2f} % of its norm along the direction: this architecture writes to the "
+                              f"residual stream through modules the edit cannot reach (a norm after each sublayer?); "
+                              f"name them in --recipe.writers or use a model without post-sublayer norms")
         info = {"layer": layer, "harmful_prompts": len(harmful), "harmless_prompts": len(harmless),
-                "direction_norm": direction.norm().item(), "edited_tensors": edited}
+                "direction_norm": direction.norm().item(), "edited_tensors": edited, "residual_share_left": left}
         Path(log_path).parent.mkdir(parents=True, exist_ok=True)
         Path(log_path).with_name("ablation.json").write_text(json.dumps(info, indent=2))
         return FinetuneResult(model, [], 0, [info])
