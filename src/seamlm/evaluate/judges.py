@@ -204,7 +204,7 @@ def train_minilm_head(rows: list[Example], seed: int = 0, test_fraction: float =
 
 @register_judge("minilm")
 class MiniLMJudge(Judge):
-    name = "minilm-pyrit-v3"
+    name = "minilm-pyrit-v4"  # v4: PyRIT pairs pooled once (v3 trained on 219 cross-file repeats, some on both sides of its held-out split)
 
     def __init__(self, cache_dir: str | Path | None = None, seed: int = 0):
         self.encoder = MiniLMEncoder()
