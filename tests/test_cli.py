@@ -149,6 +149,9 @@ def test_data_list_and_build(tmp_path, capsys):
     assert manifest["holdout_categories"] == ["violence"] and manifest["overlaps"] == {}
     harmful = [json.loads(x) for x in (tmp_path / "b" / "defense_harmful.jsonl").read_text().splitlines()]
     assert harmful and all(r["category"] != "violence" for r in harmful)
+    # HS measures the held-out category: HarmBench, which spans the trained ones, is left out
+    hs = [json.loads(x) for x in (tmp_path / "b" / "eval_harmful.jsonl").read_text().splitlines()]
+    assert hs and {r["category"] for r in hs} == {"violence"}
     assert main(["data", "build", "no-such-bundle", "--out", str(tmp_path / "c")]) == 1
     assert "unknown data bundle" in capsys.readouterr().err
 

@@ -16,7 +16,7 @@ def test_answers_are_cached_by_model_hash(tokenizer, tmp_path, monkeypatch):
     prompts = ["What is 2+2?", "Name a colour.", "What is 2+2?"]
     first = distill_answers(model, tokenizer, prompts, tmp_path, max_new_tokens=6, batch_size=2)
     assert len(first) == 3 and first[0].response == first[2].response
-    cache = tmp_path / f"{model_fingerprint(model)}.jsonl"
+    (cache,) = tmp_path.glob(f"{model_fingerprint(model)}-*.jsonl")  # weights digest + chat-template digest
     assert len(cache.read_text().splitlines()) == 2  # the repeated prompt is generated once
 
     def boom(*a, **k):
@@ -42,3 +42,19 @@ def test_fingerprint_changes_with_the_weights(tokenizer):
     with torch.no_grad():
         model.model.layers[0].mlp.up_proj.weight[0, 0] += 1e-3
     assert model_fingerprint(model) != before
+    # a 0-dim buffer (some architectures keep scalars) is hashed, not an error
+    model.register_buffer("scale", torch.tensor(2.0))
+    assert model_fingerprint(model) != model_fingerprint(make_model(len(tokenizer)))
+
+
+def test_prompts_differing_in_case_get_their_own_answers_and_another_template_misses_the_cache(tokenizer, tmp_path):
+    model = make_model(len(tokenizer)).eval()
+    distill_answers(model, tokenizer, ["What is 2+2?", "what is 2+2"], tmp_path, max_new_tokens=3)
+    (cache,) = tmp_path.glob("*.jsonl")
+    assert len(cache.read_text().splitlines()) == 2  # the split hash would have merged them
+    import copy
+
+    other = copy.deepcopy(tokenizer)  # (the fixture is shared by the session)
+    other.chat_template = "{% for m in messages %}Q: {{ m['content'] }}\nA:{% endfor %}"
+    distill_answers(model, other, ["What is 2+2?"], tmp_path, max_new_tokens=3)
+    assert len(list(tmp_path.glob("*.jsonl"))) == 2

@@ -24,6 +24,10 @@ def test_jsonl_and_csv(tmp_path):
         ("bad.jsonl", '{"prompt": "q", "response": "r"}\n{oops\n', r"bad.jsonl:2 is not valid JSON"),
         ("blank.jsonl", '{"prompt": "", "response": "r"}\n', "no row with a non-empty"),
         ("data.txt", "hello", "unsupported file type"),
+        # a stray quote would swallow the rows after it into one answer
+        ("quote.csv", 'prompt,response\nq1,"a1\nq2,a2\nq3,a3\n', "is not valid CSV"),
+        ("extra.csv", "prompt,response\nq1,a1\nq2,a, b\n", "row 2 has more fields than the header"),
+        ("list.jsonl", '{"prompt": ["hi"], "response": "r"}\n', "row 1 has a list in column 'prompt'"),
     ],
 )
 def test_bad_files(tmp_path, name, content, match):

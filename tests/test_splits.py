@@ -109,6 +109,13 @@ def test_bundle_write_and_reload_round_trip(bundle, tmp_path):
     (tmp_path / "defense_refusal.jsonl").write_text("\n".join(lines[1:]) + "\n")
     with pytest.raises(DataError, match="row by row"):
         load_built(tmp_path)
+    (tmp_path / "defense_refusal.jsonl").write_text("\n".join(lines) + "\n")
+    # a defence row pasted into the attack file is leakage, refused on load
+    harmful = (tmp_path / "defense_harmful.jsonl").read_text().splitlines()
+    with (tmp_path / "attack_harmful.jsonl").open("a") as f:
+        f.write(harmful[0] + "\n")
+    with pytest.raises(DataError, match="must share no prompt"):
+        load_built(tmp_path)
 
 
 def test_a_bundle_folder_is_written_whole_and_never_overwritten_by_another(bundle, tmp_path, monkeypatch):

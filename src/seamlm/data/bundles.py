@@ -18,7 +18,7 @@ from typing import Any
 from seamlm.data.files import Example, load_examples
 from seamlm.data.refusals import refusal_for
 from seamlm.data.sources import get_source, load_source, pyrit_labelled
-from seamlm.data.splits import assign_splits, check_disjoint, hashes, prompt_hash, split_manifest
+from seamlm.data.splits import assign_splits, check_disjoint, hashes, overlaps, prompt_hash, split_manifest
 from seamlm.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -124,6 +124,12 @@ def load_built(directory: str | Path) -> BundleData:
         manifest = json.loads((d / MANIFEST).read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DataError(f"{d / MANIFEST} is not valid JSON ({exc}); rebuild the bundle with `seamlm data build`") from None
+    # a folder edited by hand (a row pasted into the attack file …) must not leak into a run unseen
+    for group in manifest.get("disjoint_groups", []):
+        bad = overlaps({k: streams[k] for k in group if k in streams})
+        if bad:
+            raise DataError(f"{d}: streams that must share no prompt do ({bad}); the folder was changed after "
+                            f"`seamlm data build` — rebuild it")
     return BundleData(streams, manifest)
 
 
@@ -173,7 +179,10 @@ def _offline_default(seed: int = 0, holdout_categories: tuple[str, ...] = (),
 
     # HS prompts: the held-out pool prompts (one row per prompt) + HarmBench, minus anything seen in training.
     eval_rows: dict[str, Example] = {}
-    candidates = split["eval"] + load_source("harmbench")
+    # with a category hold-out, HS must measure the held-out categories: HarmBench's prompts span the trained ones
+    candidates = split["eval"] + ([] if holdout_categories else load_source("harmbench"))
+    if holdout_categories:
+        log.info("HS prompts: held-out categories only (HarmBench left out: its prompts cover the trained ones)")
     for e in candidates:
         h = prompt_hash(e.prompt)
         if h not in used and h not in eval_rows:

@@ -11,7 +11,6 @@ from typing import Any
 import torch
 
 from seamlm.data.files import Example
-from seamlm.data.splits import prompt_hash
 from seamlm.generation import generate_answers
 from seamlm.jsonl import drop_partial_tail, read_records
 
@@ -23,7 +22,7 @@ def model_fingerprint(model: Any) -> str:
     h = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
     for name, t in sorted(model.state_dict().items()):
         h.update(name.encode())
-        h.update(t.detach().to("cpu", copy=True).contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(t.detach().to("cpu", copy=True).contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
 
 
@@ -36,28 +35,35 @@ def distill_answers(
     The cache is ``cache_dir/<model hash>.jsonl`` (one line per prompt and ``max_new_tokens``), appended as answers
     are produced, so an interrupted run keeps what it finished.
     """
-    key = model_fingerprint(model)
+    # the answers depend on the weights and on the prompt format the tokenizer's chat template gives them
+    template = getattr(tokenizer, "chat_template", None) or ""
+    key = f"{model_fingerprint(model)}-{hashlib.sha256(str(template).encode()).hexdigest()[:8]}"
     path = Path(cache_dir) / f"{key}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
     cached: dict[tuple[str, int], str] = {}
     for _, row in read_records(path):
-        cached[(row["prompt_hash"], row["max_new_tokens"])] = row["answer"]
+        cached[(row["prompt_sha"], row["max_new_tokens"])] = row["answer"]
     drop_partial_tail(path)  # an answer cut off by a kill is generated again, on a line of its own
-    todo = [p for p in dict.fromkeys(prompts) if (prompt_hash(p), max_new_tokens) not in cached]
+    todo = [p for p in dict.fromkeys(prompts) if (_sha(p), max_new_tokens) not in cached]
     log.info("self-distillation with model %s: %d cached, %d to generate", key, len(prompts) - len(todo), len(todo))
     with path.open("a", encoding="utf-8") as f:
         for i in range(0, len(todo), batch_size * 4):
             chunk = todo[i:i + batch_size * 4]
             for p, a in zip(chunk, generate_answers(model, tokenizer, chunk, max_new_tokens, batch_size,
                                                     desc="self-distilling"), strict=True):
-                cached[(prompt_hash(p), max_new_tokens)] = a
-                f.write(json.dumps({"prompt_hash": prompt_hash(p), "max_new_tokens": max_new_tokens, "answer": a}) + "\n")
+                cached[(_sha(p), max_new_tokens)] = a
+                f.write(json.dumps({"prompt_sha": _sha(p), "max_new_tokens": max_new_tokens, "answer": a}) + "\n")
             f.flush()
     out = []
     for p in prompts:
-        answer = cached[(prompt_hash(p), max_new_tokens)]
+        answer = cached[(_sha(p), max_new_tokens)]
         if answer:
             out.append(Example(p, answer, None, "benign", f"distilled:{key}"))
     if len(out) < len(prompts):
         log.warning("self-distillation: %d of %d answers were empty and dropped", len(prompts) - len(out), len(prompts))
     return out
+
+
+def _sha(prompt: str) -> str:
+    """The cache key of a prompt: its exact text (the split hash ignores case and punctuation, which change answers)."""
+    return hashlib.sha256(prompt.encode("utf-8")).hexdigest()[:32]

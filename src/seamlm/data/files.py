@@ -14,6 +14,10 @@ from seamlm.errors import DataError
 log = logging.getLogger(__name__)
 
 
+#: Separates the harm categories of a row that has several (BeaverTails flags up to 14 per answer).
+CATEGORY_SEPARATOR = "|"
+
+
 @dataclass(frozen=True)
 class Example:
     """One prompt with its answer (a harmful answer, a refusal, or a benign answer, depending on the stream)."""
@@ -70,9 +74,20 @@ def read_rows(path: str | Path) -> list[dict]:
     if suffix == ".csv":
         # Leading '#' lines are metadata in some shipped CSVs (PyRIT's scorer evals).
         lines = text.splitlines(keepends=True)
+        skipped = 0
         while lines and lines[0].startswith("#"):
             lines.pop(0)
-        return list(csv.DictReader(io.StringIO("".join(lines))))
+            skipped += 1
+        reader = csv.DictReader(io.StringIO("".join(lines)), strict=True)
+        try:
+            rows = list(reader)
+        except csv.Error as exc:  # e.g. a stray quote that would swallow the rows after it
+            raise DataError(f"{path}:{reader.line_num + skipped} is not valid CSV ({exc}); check its quoting") from None
+        extra = next((i for i, r in enumerate(rows) if None in r), None)
+        if extra is not None:  # more fields than the header names: csv files them under the key None
+            raise DataError(f"{path}: data row {extra + 1} has more fields than the header "
+                            f"({', '.join(reader.fieldnames or [])}); quote fields that contain commas")
+        return rows
     raise DataError(
         f"{path}: unsupported file type '{suffix}'; use .jsonl, .json, .csv or .parquet with prompt/response columns"
     )
@@ -97,9 +112,13 @@ def load_examples(path: str | Path, require_response: bool = True, dedupe: bool 
             f"Rename your columns to prompt/response."
         )
     examples, empty = [], 0
-    for row in rows:
-        prompt = str(row.get("prompt") or "").strip()
-        response = str(row.get("response") or "").strip()
+    for i, row in enumerate(rows, 1):
+        bad = [c for c in ("prompt", "response", "category") if not isinstance(row.get(c), (str, type(None)))]
+        if bad:  # str() of a list would train on its Python repr
+            raise DataError(f"{path}: row {i} has a {type(row[bad[0]]).__name__} in column '{bad[0]}'; every "
+                            f"prompt/response/category must be text")
+        prompt = (row.get("prompt") or "").strip()
+        response = (row.get("response") or "").strip()
         if not prompt or (require_response and not response):
             empty += 1
             continue

@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import yaml
 
-from seamlm.data.files import Example, drop_duplicates, read_rows
+from seamlm.data.files import CATEGORY_SEPARATOR, Example, drop_duplicates, read_rows
 from seamlm.data.refusals import is_refusal
 from seamlm.errors import DataError
 from seamlm.packages import is_installed, package_dir
@@ -306,18 +306,28 @@ def _categories(value: Any, name: str) -> dict[str, bool]:
 
 
 @register("beavertails", "harmful_qa", "BeaverTails QA pairs (PKU-Alignment), split 30k_train/30k_test; "
-          "is_safe=False -> harmful; category = first flagged harm category", "CC-BY-NC-4.0",
+          "is_safe=False -> harmful; category = every flagged harm category, joined by |", "CC-BY-NC-4.0",
           "hub PKU-Alignment/BeaverTails", hub_id="PKU-Alignment/BeaverTails")
 def _beavertails(split: str = "30k_train", path: str | None = None) -> list[Example]:
     rows = _hub_rows("PKU-Alignment/BeaverTails", split, path)
     _need(rows, ("prompt", "response", "is_safe"), "beavertails")
     out = []
-    for r in rows:
+    for r in _with_text(rows, ("prompt", "response"), "beavertails"):
+        # every flagged category: a held-out category must hold out an answer flagged with it among others
         flagged = sorted(k for k, v in _categories(r.get("category"), "beavertails").items() if v)
-        out.append(Example(r["prompt"].strip(), r["response"].strip(), flagged[0] if flagged else None,
+        out.append(Example(r["prompt"].strip(), r["response"].strip(), CATEGORY_SEPARATOR.join(flagged) or None,
                            "safe" if _flag(r["is_safe"], "is_safe", "beavertails") else "harmful",
                            f"beavertails:{split}"))
     return drop_duplicates(out, "beavertails")
+
+
+def _with_text(rows: list[dict], cols: tuple[str, ...], name: str) -> list[dict]:
+    """The rows whose ``cols`` all hold non-empty text; the others are dropped with a logged count."""
+    kept = [r for r in rows if all(isinstance(r.get(c), str) and r[c].strip() for c in cols)]
+    if len(kept) < len(rows):
+        log.warning("%s: dropped %d of %d rows with an empty or missing %s", name, len(rows) - len(kept), len(rows),
+                    "/".join(cols))
+    return kept
 
 
 @register("repnoise-refusals", "harmful_qa", "RepNoise's BeaverTails-with-refusals JSON (prompt, response, refusal): "
@@ -328,12 +338,14 @@ def _repnoise(path: str | None = None) -> list[Example]:
     if not path:
         raise DataError("repnoise-refusals needs path= the RepNoise refusal JSON file (not on the Hub as a dataset)")
     rows = read_rows(path)
-    _need(rows, ("prompt", "refusal"), f"repnoise-refusals {path}")
+    _need(rows, ("prompt", "refusal", "is_safe"), f"repnoise-refusals {path}")  # a missing is_safe is not "unsafe"
     out = []
-    for r in rows:
-        cat = next((k for k, v in sorted(_categories(r.get("category"), "repnoise-refusals").items()) if v), None)
-        if r.get("response") and not _flag(r.get("is_safe"), "is_safe", "repnoise-refusals"):
-            out.append(Example(r["prompt"].strip(), r["response"].strip(), cat, "harmful", "repnoise"))
+    for r in _with_text(rows, ("prompt", "refusal"), f"repnoise-refusals {path}"):
+        cat = CATEGORY_SEPARATOR.join(
+            sorted(k for k, v in _categories(r.get("category"), "repnoise-refusals").items() if v)) or None
+        answer = r.get("response") if isinstance(r.get("response"), str) else ""
+        if answer.strip() and not _flag(r["is_safe"], "is_safe", "repnoise-refusals"):
+            out.append(Example(r["prompt"].strip(), answer.strip(), cat, "harmful", "repnoise"))
         out.append(Example(r["prompt"].strip(), r["refusal"].strip(), cat, "refusal", "repnoise"))
     return drop_duplicates(out, "repnoise-refusals")
 
@@ -344,8 +356,9 @@ def _alpaca(split: str = "train", path: str | None = None) -> list[Example]:
     rows = _hub_rows("yahma/alpaca-cleaned", split, path)
     _need(rows, ("instruction", "input", "output"), "alpaca-cleaned")
     out = []
-    for r in rows:
-        prompt = r["instruction"].strip() + (f"\n\n{r['input'].strip()}" if (r.get("input") or "").strip() else "")
+    for r in _with_text(rows, ("instruction", "output"), "alpaca-cleaned"):
+        extra = r.get("input") if isinstance(r.get("input"), str) else ""
+        prompt = r["instruction"].strip() + (f"\n\n{extra.strip()}" if extra.strip() else "")
         if prompt and r["output"].strip():
             out.append(Example(prompt, r["output"].strip(), None, "benign", "alpaca-cleaned"))
     if len(out) < len(rows):

@@ -11,7 +11,7 @@ import re
 import unicodedata
 from collections.abc import Iterable
 
-from seamlm.data.files import Example
+from seamlm.data.files import CATEGORY_SEPARATOR, Example
 from seamlm.errors import DataError
 
 _NON_WORD = re.compile(r"[^\w]+", re.UNICODE)
@@ -33,6 +33,11 @@ def _unit(seed: int, key: str) -> float:
     return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "big") / 2**64
 
 
+def categories_of(e: Example) -> set[str]:
+    """The row's harm categories, case-folded: a row with several holds them joined by ``|``."""
+    return {c.strip().casefold() for c in (e.category or "").split(CATEGORY_SEPARATOR) if c.strip()}
+
+
 def assign_splits(
     examples: Iterable[Example],
     fractions: dict[str, float],
@@ -43,7 +48,8 @@ def assign_splits(
     """Partition examples into named splits by prompt (never splitting one prompt's rows across splits).
 
     Without ``holdout_categories`` each prompt lands in split s with probability ``fractions[s]``. With them (the
-    paper's cross-category test) prompts with a row of a held-out category never reach ``train_split``; they are
+    paper's cross-category test) prompts with a row in a held-out category (any one of a row's categories) never
+    reach ``train_split``; they are
     shared among the other splits in proportion to their fractions, and all other prompts go to ``train_split``. A
     held-out category that matches no row is an error (a typo would otherwise hold nothing out).
     """
@@ -58,11 +64,11 @@ def assign_splits(
     hashed = [(prompt_hash(e.prompt), e) for e in examples]
     held: set[str] = set()  # prompts with a row in a held-out category: all their rows are held out
     if holdout:
-        known = {(e.category or "").casefold() for _, e in hashed}
+        known = {c for _, e in hashed for c in categories_of(e)}
         if holdout - known:
             raise DataError(f"held-out categor(ies) {sorted(holdout - known)} match no row; the categories are: "
                             f"{', '.join(sorted(c for c in known if c))}")
-        held = {h for h, e in hashed if (e.category or "").casefold() in holdout}
+        held = {h for h, e in hashed if categories_of(e) & holdout}
     for h, e in hashed:
         if holdout:
             if h in held:
