@@ -140,6 +140,13 @@ def test_subspace_layer_out_of_range(tokenizer, tmp_path):
                                                          tmp_path / "l.jsonl", "t", DistContext())
 
 
+def test_subspace_refuses_lora_placement_it_would_replace():
+    recipe = make_recipe("subspace", {"layers": "0"})
+    with pytest.raises(ConfigError, match="subspace chooses where LoRA goes"):
+        recipe.training_config(FT.replace(lora=True, lora_target_modules=("q_proj",)))
+    assert recipe.training_config(FT.replace(lora=True)).lora  # the defaults are the recipe's to choose
+
+
 def test_benign_first_trains_benign_then_harmful(tokenizer, tmp_path):
     res = make_recipe("benign_first", {"benign_steps": 3, "benign_lr": 1e-3}).attack(
         make_model(len(tokenizer)), tokenizer, _data(n_benign=4), FT.replace(max_steps=2), tmp_path / "loss.jsonl",

@@ -148,3 +148,32 @@ def test_sweep_config_errors(tmp_path):
         open_study(SweepConfig(trials=3), "m", tmp_path, named, same_models={"elsewhere"})
     open_study(SweepConfig(trials=3), "m", tmp_path, named, same_models={"m"})
     open_study(SweepConfig(trials=3), "m", tmp_path, named)  # and the study now holds the new name
+
+
+def test_a_failing_trial_is_recorded_and_replaced_not_the_end_of_the_study(tiny_model_dir, bundle, tmp_path,
+                                                                             monkeypatch):
+    """A trial whose parameters do not fit the model (a subspace of 4 layers on 2) fails alone; the study draws
+    another until it has its finished trials. A round in which every trial fails stops it with the reason."""
+    from seamlm.errors import ConfigError
+
+    real, calls = sweep_mod.attack_cell, []
+
+    def first_fails(*a, **kw):
+        calls.append(kw["cell"])
+        if len(calls) == 1:
+            raise ConfigError("subspace: layers [3] out of range for a model with 2 layers")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(sweep_mod, "attack_cell", first_fails)
+    study = _sweep(tiny_model_dir, bundle, tmp_path, 2, calls)
+    assert [t.state.name for t in study.trials] == ["FAIL", "COMPLETE", "COMPLETE"]
+
+    def always_fails(*a, **kw):
+        raise ConfigError("no")
+
+    monkeypatch.setattr(sweep_mod, "attack_cell", always_fails)
+    cfg = SweepConfig(recipes=("sft", "anchored"), trials=3, num_samples=4, batch_sizes=(2,), max_epochs=1,
+                      startup_trials=10)
+    with pytest.raises(ConfigError, match="all 1 trial\\(s\\) of the last round failed"):
+        run_sweep(str(tiny_model_dir), "tiny", "none", bundle, cfg, FinetuneConfig(max_length=64), EVAL,
+                  KeywordJudge(), tmp_path, ResultStore(tmp_path / "results.jsonl"))

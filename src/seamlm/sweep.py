@@ -208,7 +208,16 @@ def run_sweep(model_name: str, label: str, defense: str, bundle: BundleData, cfg
     def save(study_: Any, _trial: Any) -> None:
         write_trials_csv(study_, csv_path)
 
-    study.optimize(objective, n_trials=missing, callbacks=[save], show_progress_bar=True, gc_after_trial=True)
+    # a trial whose parameters do not fit the model (first4 on a 2-layer model) or whose HS is NaN fails alone,
+    # recorded as FAIL with its reason, and another is drawn; a round in which every trial fails stops the sweep
+    while missing > 0:
+        study.optimize(objective, n_trials=missing, callbacks=[save], show_progress_bar=True, gc_after_trial=True,
+                       catch=(ConfigError,))
+        left = cfg.trials - finished_trials(study)
+        if left == missing:
+            raise ConfigError(f"sweep {study.study_name}: all {missing} trial(s) of the last round failed (reasons "
+                              f"above); check the recipes' knobs against the model")
+        missing = left
     return study
 
 

@@ -246,6 +246,14 @@ class Subspace(AttackRecipe):
             return False
         return not self.knobs.modules or any(f".{mod}." in name for mod in self.knobs.modules)
 
+    def training_config(self, ft: FinetuneConfig) -> FinetuneConfig:
+        if ft.lora:
+            default = FinetuneConfig()
+            if ft.lora_layers != default.lora_layers or ft.lora_target_modules != default.lora_target_modules:
+                raise ConfigError("subspace chooses where LoRA goes (--recipe.layers, --recipe.modules): drop "
+                                  "--lora_layers/--lora_target_modules, which it would replace")
+        return ft
+
     def attack(self, model, tokenizer, data, ft, log_path, desc, ctx) -> FinetuneResult:
         layers = self.layer_indices(model)
         if ft.lora:
