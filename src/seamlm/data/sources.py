@@ -81,10 +81,13 @@ def load_source(name: str, **kwargs: Any) -> list[Any]:
 # --------------------------------------------------------------------------- PyRIT scorer evaluations
 def _pyrit_rows(subdir: str, score_col: str, harmful_at: float) -> list[Example]:
     root = package_dir("pyrit") / "datasets" / "scorer_evals" / subdir
-    out, incomplete = [], 0
+    out, incomplete, unused = [], 0, 0
     for path in sorted(root.glob("*.csv")):
         if "multi_score" in path.name or path.name.startswith("mini_"):
-            continue  # re-scorings / subsets of the same rows
+            # mini_*: subsets of the other files; *_multi_score: other rows, each scored by three humans who may
+            # disagree (not used: one label per row is what the splits and the judge need; counted below)
+            unused += len(read_rows(path)) if "multi_score" in path.name else 0
+            continue
         for row in read_rows(path):
             prompt, response = (row.get("objective") or "").strip(), (row.get("assistant_response") or "").strip()
             score = row.get(score_col) or row.get("human_score")
@@ -102,6 +105,8 @@ def _pyrit_rows(subdir: str, score_col: str, harmful_at: float) -> list[Example]
             out.append(Example(prompt, response, category, label, f"pyrit:{subdir}/{path.name}"))
     if incomplete:
         log.info("pyrit %s: skipped %d rows without an objective, a response or a human score", subdir, incomplete)
+    if unused:
+        log.info("pyrit %s: %d rows of the three-rater *_multi_score files are not used", subdir, unused)
     return drop_duplicates(out, f"pyrit {subdir}", logging.INFO)  # known repeats in the shipped files
 
 
