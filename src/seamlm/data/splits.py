@@ -51,7 +51,9 @@ def assign_splits(
     paper's cross-category test) prompts with a row in a held-out category (any one of a row's categories) never
     reach ``train_split``; they are
     shared among the other splits in proportion to their fractions, and all other prompts go to ``train_split``. A
-    held-out category that matches no row is an error (a typo would otherwise hold nothing out).
+    held-out category that matches no row is an error (a typo would otherwise hold nothing out). The order of
+    ``fractions`` is part of the split (each prompt's uniform number is cut into intervals in that order): the same
+    fractions listed in another order give another split.
     """
     total = sum(fractions.values())
     if not fractions or total <= 0 or any(f < 0 for f in fractions.values()):
