@@ -200,7 +200,8 @@ def test_eval_command_and_bad_eval_key(tiny_model_dir, tmp_path, capsys):
     before = (out / "results.jsonl").read_text()
     assert main(["eval", "--model", str(tiny_model_dir), "--out", str(out), "--data-seed", "1",
                  *[a.replace("--eval.", "--") for a in TINY_EVAL]]) == 1
-    assert "already holds cells of" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "already holds cell 'pre'" in err and "data:" in err
     assert (out / "results.jsonl").read_text() == before
     rc = main(["attack", "--model", str(tiny_model_dir), "--out", str(out), "--eval.bogus", "1"])
     assert rc == 2 and "unknown EvalConfig key(s) 'bogus'" in capsys.readouterr().err
