@@ -19,6 +19,8 @@ def test_shrunken_demo_end_to_end_and_resume(tiny_model_dir, tmp_path, monkeypat
     report = run_demo(out, cfg)
     assert (out / "models" / "aligned" / "model.safetensors").is_file()
     assert (out / "models" / "seam" / "model" / "model.safetensors").is_file()
+    assert not (out / "models" / "seam" / "checkpoints").exists()  # the finished stage's resume points are freed
+    assert (out / "models" / "seam" / "log.jsonl").is_file()
     rows = ResultStore(out / "results.jsonl").rows()
     cells = {(r.model, r.cell) for r in rows}
     assert {("raw", "pre"), ("aligned", "pre"), ("seam", "pre")} <= cells

@@ -232,6 +232,9 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig, fresh: bool = False) -> Path:
                               refusal=bundle.streams["refusal"], benign=bundle.streams["benign"],
                               run_info={"model": str(aligned)})
         trainer.train(resume=latest_checkpoint(seam / "checkpoints") is not None)
+    if (seam / "checkpoints").is_dir() and is_saved_model(paths["seam"]):
+        # only a killed SEAM stage resumes from them; a finished one is skipped (they hold ≈ 3 parameter copies each)
+        shutil.rmtree(seam / "checkpoints")
     clock.lap("defend")
 
     store = ResultStore(out / "results.jsonl")
