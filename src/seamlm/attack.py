@@ -74,6 +74,17 @@ def legacy_digests(parts: dict[str, Any], model_name: str | Path) -> set[str]:
     return {settings_digest(**{**parts, "model": name}) for name in legacy_identities(model_name, parts["model"])}
 
 
+def finished_rows(store: ResultStore, model_name: str, label: str, cell: str, settings: str,
+                  parts: dict[str, Any]) -> list[ResultRow]:
+    """The rows of ``cell`` of ``label`` made with ``settings`` (the digest of ``parts``; also as an older seamlm named
+    the model); none: the cell is to run, and only if the label's other cells come from the same model, judge and
+    data (a changed setting of this very cell is named by :meth:`ResultStore.cell_rows` first)."""
+    found = store.cell_rows(label, cell, settings, parts, legacy_digests(parts, model_name))
+    if not found:
+        store.check_label(label, parts, legacy_identities(model_name, parts["model"]))
+    return found
+
+
 #: Bundle streams an attack or evaluation uses, which must hold no prompt the model was trained on.
 HELD_OUT_STREAMS = ("attack", "eval_harmful", "benign_heldout", "attack_benign")
 
@@ -107,10 +118,9 @@ def evaluate_pre_attack(model_name: str, label: str, defense: str, bundle: Bundl
     digest = manifest_digest(bundle)
     parts = dict(model=model_identity(model_name), eval=eval_cfg.settings_dict(), judge=judge.name, data=digest)
     settings = settings_digest(**parts)
-    if store.cell_rows(label, "pre", settings, parts, legacy_digests(parts, model_name)):
+    if finished_rows(store, model_name, label, "pre", settings, parts):
         log.info("%s / pre: already in %s, skipped", label, store.path)
         return False
-    store.check_label(label, parts, legacy_identities(model_name, parts["model"]))  # (a changed cell: named above)
     check_held_out(model_name, bundle)
     if not ctx.is_main:
         ctx.barrier()
@@ -184,11 +194,10 @@ def attack_cell(model_name: str, label: str, defense: str, bundle: BundleData, r
                  **({"loop": LOOP_VERSION} if recipe.trains else {}),
                  samples=len(data.harmful))
     settings = settings_digest(**parts)
-    finished = store.cell_rows(label, cell, settings, parts, legacy_digests(parts, model_name))
+    finished = finished_rows(store, model_name, label, cell, settings, parts)
     if finished:
         log.info("%s / %s: already in %s, skipped", label, cell, store.path)
         return CellOutcome(cell, {r.metric: r.value for r in finished}, False)
-    store.check_label(label, parts, legacy_identities(model_name, parts["model"]))  # (a changed cell: named above)
     check_held_out(model_name, bundle)
     cell_dir = out / "attacks" / label / cell
     if ctx.is_main:

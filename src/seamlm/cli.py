@@ -50,13 +50,14 @@ def _run_defend(args: argparse.Namespace, extra: list[str]) -> int:
     if args.config:
         from seamlm.config import read_yaml_mapping
 
-        given = read_yaml_mapping(args.config).get("output_dir")
+        values = read_yaml_mapping(args.config)
+        given = values.get("output_dir")
         if given is not None and Path(str(given)).resolve() != Path(args.out).resolve():
             raise ConfigError(f"{args.config} sets output_dir: {given}, but --out is {args.out}; --out names the "
                               f"output folder: drop output_dir from the YAML or give the same folder")
-    config = (
-        DefenseConfig.from_yaml(args.config, overrides) if args.config else DefenseConfig.from_dict(overrides, "command line")
-    )
+        config = DefenseConfig.from_dict({**values, **overrides}, source=str(args.config))
+    else:
+        config = DefenseConfig.from_dict(overrides, "command line")
     files = {"harmful": args.harmful, "refusal": args.refusal, "benign": args.benign}
     if args.data and any(files.values()):
         raise ConfigError("give either --data or --harmful/--refusal/--benign, not both")
@@ -298,10 +299,11 @@ def _run_sweep(args: argparse.Namespace, extra: list[str]) -> int:
     base = FinetuneConfig.from_dict(ft_over, "command line")
     eval_cfg, bundle, judge, store = _eval_setup(args, eval_over)
     label = args.label or args.model
-    sweep_study(args.model, label, bundle, cfg, base, eval_cfg, judge, args.out)  # a mismatch fails before the pre-attack evaluation
+    # opened (and checked) first: a mismatch fails before the pre-attack evaluation
+    study = sweep_study(args.model, label, bundle, cfg, base, eval_cfg, judge, args.out)
     if not args.no_pre:
         evaluate_pre_attack(args.model, label, args.defense, bundle, eval_cfg, judge, args.out, store)
-    study = run_sweep(args.model, label, args.defense, bundle, cfg, base, eval_cfg, judge, args.out, store)
+    study = run_sweep(args.model, label, args.defense, bundle, cfg, base, eval_cfg, judge, args.out, store, study)
     best = study.best_trial
     print(f"sweep '{study.study_name}': {len(study.trials)} trials; highest HS {best.value:.1f} (trial {best.number}, "
           f"{best.params}); results in {store.path}; `seamlm report {store.path} --out DIR` for the ε-bounded table")

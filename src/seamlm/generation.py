@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -17,22 +19,30 @@ def generate_answers(
 ) -> list[str]:
     """Greedy answers to ``prompts`` (formatted with ``template``: the chat template by default), decoded without
     special tokens."""
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
+    stop = stop_token_ids(model, tokenizer)
     answers: list[str] = []
-    try:
+    with eval_mode(model):
         for i in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch", disable=len(prompts) <= batch_size):
             enc = encode_prompts(tokenizer, prompts[i:i + batch_size], template, max_prompt_tokens, device)
             out = model.generate(
                 **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=stop_token_ids(model, tokenizer), use_cache=True,
+                eos_token_id=stop, use_cache=True,
             )
             new = out[:, enc["input_ids"].shape[1]:]
             answers.extend(t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True))
+    return answers
+
+
+@contextmanager
+def eval_mode(model: Any) -> Iterator[None]:
+    """``model`` in eval mode (no dropout) for the block, then back in the mode it was in, also after an error."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
     finally:
         model.train(was_training)
-    return answers
 
 
 def stop_token_ids(model: Any, tokenizer: Any) -> list[int] | None:

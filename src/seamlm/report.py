@@ -6,6 +6,7 @@ import html
 import json
 import math
 import re
+from collections.abc import Collection
 from pathlib import Path
 
 from seamlm.errors import DataError
@@ -52,11 +53,14 @@ def _label(cell: str, attack: dict, varies: frozenset[str] = frozenset()) -> str
     if cell == "pre":
         return "pre-attack"
     lr = attack.get("lr")
-    lab = f"lr {lr:g}" if isinstance(lr, (int, float)) else "lr ?"
-    for key, short in _VARYING:
-        if key in varies and (key != "lora_r" or attack.get("lora")):
-            lab += f" {short}={attack.get(key)}"
+    lab = " ".join([f"lr {lr:g}" if isinstance(lr, (int, float)) else "lr ?", *_settings_shown(attack, varies)])
     return f"LoRA {lab}" if attack.get("lora") else lab
+
+
+def _settings_shown(attack: dict, keys: Collection[str]) -> list[str]:
+    """``short=value`` for each of the attack settings ``keys`` (``_VARYING`` order; the LoRA rank on LoRA only)."""
+    return [f"{short}={attack.get(key)}" for key, short in _VARYING
+            if key in keys and (key != "lora_r" or attack.get("lora"))]
 
 
 def column_header(cells: list[tuple[str, dict]]) -> list[str]:
@@ -214,19 +218,16 @@ def _plots(rows: list[ResultRow], results_dir: Path, out: Path) -> list[str]:
         fig, ax = plt.subplots(figsize=(6, 4))
         for i, m in enumerate(models):
             color = f"C{i}"
-            lines: dict[tuple, list[tuple[float, float]]] = {}
+            lines: dict[tuple[bool, str], list[tuple[float, float]]] = {}  # (LoRA, other settings) -> points
             for r in trained:
                 if r.model == m and r.metric == metric:
-                    key = (bool(r.attack.get("lora")), *(str(r.attack.get(k)) if k != "lora_r" or r.attack.get("lora")
-                                                         else "" for k in varies))
+                    key = (bool(r.attack.get("lora")), ", ".join(_settings_shown(r.attack, varies)))
                     lines.setdefault(key, []).append((r.attack["lr"], r.value))
-            for j, (key, pts) in enumerate(sorted(lines.items())):
+            for j, ((lora, what), pts) in enumerate(sorted(lines.items())):
                 pts.sort()
-                what = ", ".join(f"{short}={v}" for (k, short), v in zip(
-                    [kv for kv in _VARYING if kv[0] in varies], key[1:], strict=True) if v)
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], "s--" if key[0] else "o-", color=color,
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], "s--" if lora else "o-", color=color,
                         alpha=1.0 - 0.5 * j / max(len(lines), 1),
-                        label=f"{m} ({'LoRA ' if key[0] else ''}attacked{': ' + what if what else ''})")
+                        label=f"{m} ({'LoRA ' if lora else ''}attacked{': ' + what if what else ''})")
             pre = [r.value for r in rows if r.model == m and r.metric == metric and r.cell == "pre"]
             if pre:
                 ax.axhline(pre[0], color=color, linestyle="--", alpha=0.6, label=f"{m} (pre-attack)")

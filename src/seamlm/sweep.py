@@ -167,17 +167,17 @@ def sweep_study(model_name: str, label: str, bundle: BundleData, cfg: SweepConfi
     call it before spending minutes on anything else, so a mismatch fails first."""
     check_sweep_template(cfg, base, eval_cfg)
     context = {"model": model_identity(model_name), "train": base.trajectory_dict(), "loop": LOOP_VERSION,
-               "eval": eval_cfg.settings_dict(),
-               "judge": judge.name, "data": manifest_digest(bundle)}
+               "eval": eval_cfg.settings_dict(), "judge": judge.name, "data": manifest_digest(bundle)}
     return open_study(cfg, label, out_dir, context, legacy_identities(model_name, context["model"]))
 
 
 def run_sweep(model_name: str, label: str, defense: str, bundle: BundleData, cfg: SweepConfig,
               base: FinetuneConfig, eval_cfg: EvalConfig, judge: Judge, out_dir: str | Path,
-              store: ResultStore) -> Any:
+              store: ResultStore, study: Any | None = None) -> Any:
     """Run trials until the study has ``cfg.trials`` finished ones; each trial is an attack cell in ``store``
-    (cell ``sweep-<recipe>-<params digest>``). Writes ``sweep_trials.<label>.csv``. Returns the study."""
-    study = sweep_study(model_name, label, bundle, cfg, base, eval_cfg, judge, out_dir)
+    (cell ``sweep-<recipe>-<params digest>``). Writes ``sweep_trials.<label>.csv``. Returns the study.
+    ``study``: the one :func:`sweep_study` opened for these arguments (opened here when not given)."""
+    study = study or sweep_study(model_name, label, bundle, cfg, base, eval_cfg, judge, out_dir)
     csv_path = Path(out_dir) / f"sweep_trials.{label.replace('/', '_')}.csv"
     missing = cfg.trials - finished_trials(study)
     if missing <= 0:

@@ -13,6 +13,7 @@ import torch
 from seamlm.data.format import encode_prompts
 from seamlm.errors import ConfigError
 from seamlm.finetune import FinetuneResult
+from seamlm.generation import eval_mode
 from seamlm.recipes.base import AttackRecipe, RecipeKnobs, register
 
 
@@ -33,24 +34,24 @@ class AblationKnobs(RecipeKnobs):
                        (bool(self.writers), "writers must name at least one module")])
 
 
+def _residual_states(model: Any, tokenizer: Any, prompts: list[str], template: str) -> tuple[tuple, torch.Tensor]:
+    """``hidden_states`` of left-padded ``prompts`` (the stream entering each decoder layer, then the final norm's
+    output) and their attention mask; positions count from each row's first real token."""
+    enc = encode_prompts(tokenizer, prompts, template, device=next(model.parameters()).device)
+    positions = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    return model(**enc, position_ids=positions, output_hidden_states=True).hidden_states, enc["attention_mask"]
+
+
 @torch.no_grad()
 def mean_last_token_state(model: Any, tokenizer: Any, prompts: list[str], layer: int, batch_size: int = 16,
                           template: str = "chat") -> torch.Tensor:
     """Mean residual-stream vector entering ``layer`` at the last prompt token (the position that answers)."""
-    device = next(model.parameters()).device
     total = None
-    was_training = model.training
-    model.eval()  # no dropout in the states the direction is taken from
-    try:
+    with eval_mode(model):  # no dropout in the states the direction is taken from
         for i in range(0, len(prompts), batch_size):
             # left padded: the last position is the last real token of every row
-            enc = encode_prompts(tokenizer, prompts[i:i + batch_size], template, device=device)
-            positions = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)  # from 0 at each row's first token
-            hidden = model(**enc, position_ids=positions, output_hidden_states=True).hidden_states
-            states = hidden[layer][:, -1].double()
+            states = _residual_states(model, tokenizer, prompts[i:i + batch_size], template)[0][layer][:, -1].double()
             total = states.sum(0) if total is None else total + states.sum(0)
-    finally:
-        model.train(was_training)
     return total / len(prompts)
 
 
@@ -60,22 +61,13 @@ def residual_share_along(model: Any, tokenizer: Any, prompts: list[str], directi
     """The largest |h·r| / |h| over the residual states entering every decoder layer (the embeddings up to the last
     layer's input; the final norm's output is not the stream) at the prompts' real tokens: ≈ 0 after a complete
     ablation."""
-    device = next(model.parameters()).device
-    r = (direction / direction.norm()).to(device, torch.float64)
-    was_training = model.training
-    model.eval()
-    try:
-        enc = encode_prompts(tokenizer, prompts, template, device=device)
-        positions = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-        hidden = model(**enc, position_ids=positions, output_hidden_states=True).hidden_states
-        real = enc["attention_mask"].bool()
-        worst = 0.0
-        for h in hidden[:-1]:
-            h = h.double()[real]
-            share = (h @ r).abs() / h.norm(dim=-1).clamp(min=1e-12)
-            worst = max(worst, share.max().item())
-    finally:
-        model.train(was_training)
+    r = (direction / direction.norm()).to(next(model.parameters()).device, torch.float64)
+    with eval_mode(model):
+        hidden, mask = _residual_states(model, tokenizer, prompts, template)
+    worst = 0.0
+    for h in hidden[:-1]:
+        h = h.double()[mask.bool()]
+        worst = max(worst, ((h @ r).abs() / h.norm(dim=-1).clamp(min=1e-12)).max().item())
     return worst
 
 
