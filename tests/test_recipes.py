@@ -291,3 +291,14 @@ def test_last_token_states_do_not_depend_on_the_left_padding_with_absolute_posit
     one_by_one = sum(mean_last_token_state(model, tokenizer, [p], layer=2) for p in prompts) / len(prompts)
     torch.testing.assert_close(batched, one_by_one, rtol=1e-5, atol=1e-6)
     assert model.training
+
+
+def test_ablation_at_the_embeddings_of_a_chat_template_has_no_direction_and_says_so(tokenizer, tmp_path):
+    """Every chat prompt ends with the same template token, so the embeddings (layer 0) at the last position are
+    the same for harmful and harmless prompts: a zero direction must be an error, not NaN weights."""
+    model = make_model(len(tokenizer), layers=2)
+    data = AttackData(harmful=HARMFUL[:6], benign=BENIGN[:6])
+    with pytest.raises(ConfigError, match="same mean state at layer 0"):
+        make_recipe("ablation", {"layer": 0, "n_prompts": 6}).attack(model, tokenizer, data, FinetuneConfig(),
+                                                                     tmp_path / "loss.jsonl", "x", None)
+    assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -177,3 +177,17 @@ def test_a_failing_trial_is_recorded_and_replaced_not_the_end_of_the_study(tiny_
     with pytest.raises(ConfigError, match="all 1 trial\\(s\\) of the last round failed"):
         run_sweep(str(tiny_model_dir), "tiny", "none", bundle, cfg, FinetuneConfig(max_length=64), EVAL,
                   KeywordJudge(), tmp_path, ResultStore(tmp_path / "results.jsonl"))
+
+
+def test_a_sweep_searches_the_ablation_layer_without_training_knobs(tiny_model_dir, bundle, tmp_path):
+    cfg = SweepConfig(recipes=("ablation",), trials=3, num_samples=4, startup_trials=10)
+    study = run_sweep(str(tiny_model_dir), "tiny", "none", bundle, cfg, FinetuneConfig(max_length=64), EVAL,
+                      KeywordJudge(), tmp_path, ResultStore(tmp_path / "results.jsonl"))
+    done = [t for t in study.trials if t.state.name == "COMPLETE"]
+    assert len(done) == 3
+    for t in done:
+        assert set(t.params) == {"layer_fraction", "n_prompts"}  # a weight edit: no lr, optimizer or epochs
+        info = json.loads((tmp_path / "attacks" / "tiny" / t.user_attrs["cell"] / "ablation.json").read_text())
+        assert info["layer"] == min(1, round(2 * t.params["layer_fraction"]))  # the tiny model has 2 layers
+    with pytest.raises(ConfigError, match="layer_fraction"):
+        make_recipe("ablation", {"layer_fraction": 1.0})

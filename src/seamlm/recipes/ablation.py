@@ -20,7 +20,10 @@ from seamlm.recipes.base import AttackRecipe, RecipeKnobs, register
 @dataclass
 class AblationKnobs(RecipeKnobs):
     layer: int | None = None
-    """Residual stream entering this decoder layer (0 = the embeddings); None = 60 % of the depth."""
+    """Residual stream entering this decoder layer (0 = the embeddings); None = ``layer_fraction`` of the depth."""
+    layer_fraction: float = 0.6
+    """With ``layer`` None: the layer at this fraction of the depth, rounded (the knob a sweep searches, since it
+    means the same on any depth)."""
     n_prompts: int = 64
     """Harmful prompts (attack set) and harmless prompts (attacker benign set) averaged for the direction."""
     writers: tuple[str, ...] = ("o_proj", "down_proj")
@@ -31,6 +34,7 @@ class AblationKnobs(RecipeKnobs):
     def validate(self) -> None:
         self._require([(self.n_prompts >= 1, "n_prompts must be >= 1"), (self.batch_size >= 1, "batch_size >= 1"),
                        (self.layer is None or self.layer >= 0, "layer must be >= 0 or None"),
+                       (0 <= self.layer_fraction < 1, "layer_fraction must be in [0, 1)"),
                        (bool(self.writers), "writers must name at least one module")])
 
 
@@ -113,10 +117,16 @@ class RefusalAblation(AttackRecipe):
     trains = False  # type: ignore[assignment]  (a weight edit: no gradient step)
     needs_benign = True
 
+    def suggest(self, trial: Any) -> dict[str, Any]:
+        # the direction's layer moves the result most (Arditi et al. sweep it too); fractions, not indices, because
+        # the recipe does not know the model's depth here
+        return {"layer_fraction": trial.suggest_categorical("layer_fraction", [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]),
+                "n_prompts": trial.suggest_categorical("n_prompts", [16, 32, 64])}
+
     def attack(self, model, tokenizer, data, ft, log_path, desc, ctx) -> FinetuneResult:
         k = self.knobs
         n_layers = model.config.num_hidden_layers
-        layer = round(0.6 * n_layers) if k.layer is None else k.layer
+        layer = min(n_layers - 1, round(k.layer_fraction * n_layers)) if k.layer is None else k.layer
         if layer >= n_layers:
             raise ConfigError(f"ablation: layer {layer} >= the model's {n_layers} layers")
         harmful = [e.prompt for e in data.harmful[: k.n_prompts]]
@@ -124,6 +134,10 @@ class RefusalAblation(AttackRecipe):
         mu_h = mean_last_token_state(model, tokenizer, harmful, layer, k.batch_size, ft.prompt_template)
         mu_b = mean_last_token_state(model, tokenizer, harmless, layer, k.batch_size, ft.prompt_template)
         direction = mu_h - mu_b
+        if direction.norm() <= 1e-6 * max(mu_h.norm(), mu_b.norm()):
+            # layer 0 is the embeddings, and a chat template ends every prompt with the same token
+            raise ConfigError(f"ablation: harmful and harmless prompts have the same mean state at layer {layer} "
+                              f"(no direction to ablate): choose a later --recipe.layer / --recipe.layer_fraction")
         edited = orthogonalize(model, direction, k.writers)
         left = residual_share_along(model, tokenizer, harmful[: k.batch_size], direction, ft.prompt_template)
         if left > 1e-4:
