@@ -18,7 +18,15 @@ from typing import Any
 from seamlm.data.files import Example, load_examples
 from seamlm.data.refusals import refusal_for
 from seamlm.data.sources import get_source, load_source, pyrit_labelled
-from seamlm.data.splits import assign_splits, check_disjoint, hashes, overlaps, prompt_hash, split_manifest
+from seamlm.data.splits import (
+    assign_splits,
+    check_disjoint,
+    hashes,
+    near_duplicates,
+    overlaps,
+    prompt_hash,
+    split_manifest,
+)
 from seamlm.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -220,6 +228,10 @@ def _offline_default(seed: int = 0, holdout_categories: tuple[str, ...] = (),
     groups = [["harmful", "attack", "eval_harmful"], ["benign", "benign_heldout", "attack_benign"]]
     for group in groups:
         check_disjoint({k: streams[k] for k in group})
+        near = near_duplicates({k: streams[k] for k in group})
+        if near:
+            log.info("near-duplicate prompts across disjoint streams (word Jaccard >= 0.8, another normalised text; "
+                     "counted in the second stream): %s", near)
     manifest = split_manifest(
         streams, seed, disjoint=groups,
         bundle="offline-default", fractions=fractions, holdout_categories=list(holdout_categories),

@@ -7,6 +7,7 @@ prompt to another split, and every response of a prompt stays with it.
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 import unicodedata
 from collections.abc import Iterable
@@ -102,6 +103,36 @@ def overlaps(splits: dict[str, list[Example]]) -> dict[str, int]:
     for i, a in enumerate(names):
         for b in names[i + 1:]:
             n = len(hs[a] & hs[b])
+            if n:
+                found[f"{a}&{b}"] = n
+    return found
+
+
+def near_duplicates(splits: dict[str, list[Example]], threshold: float = 0.8) -> dict[str, int]:
+    """For every pair of splits (``"a&b": n``, zero pairs omitted), how many prompts of b have a prompt in a whose
+    word sets (of the normalised text) have Jaccard similarity >= ``threshold`` but a different normalised text:
+    the reworded repeats the exact-hash split cannot see. Prefix filtering (Chaudhuri et al. 2006) keeps it near
+    linear: two sets with J >= t share a word among the first |A| - ceil(t|A|) + 1 of each one's rarest words."""
+    words = {k: [frozenset(normalize_prompt(e.prompt).split()) for e in v] for k, v in splits.items()}
+    df: dict[str, int] = {}
+    for sets in words.values():
+        for w in {w for ws in sets for w in ws}:
+            df[w] = df.get(w, 0) + 1
+
+    def prefix(ws: frozenset) -> list[str]:
+        return sorted(ws, key=lambda w: (df[w], w))[: len(ws) - math.ceil(threshold * len(ws) - 1e-9) + 1]
+
+    names, found = list(splits), {}
+    for i, a in enumerate(names):
+        index: dict[str, list[frozenset]] = {}
+        for ws in set(words[a]):
+            for w in prefix(ws):
+                index.setdefault(w, []).append(ws)
+        for b in names[i + 1:]:
+            n = 0
+            for ws in words[b]:
+                cands = {c for w in prefix(ws) for c in index.get(w, ())}
+                n += any(c != ws and len(c & ws) >= threshold * len(c | ws) for c in cands)
             if n:
                 found[f"{a}&{b}"] = n
     return found
