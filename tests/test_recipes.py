@@ -302,3 +302,12 @@ def test_ablation_at_the_embeddings_of_a_chat_template_has_no_direction_and_says
         make_recipe("ablation", {"layer": 0, "n_prompts": 6}).attack(model, tokenizer, data, FinetuneConfig(),
                                                                      tmp_path / "loss.jsonl", "x", None)
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_a_benign_phase_that_diverges_is_tagged_and_lends_no_attack_loss(tiny_model_dir, tmp_path):
+    """benign_first's benign phase blowing up (lr 1e30) is the cell's divergence: the rows say it happened in the
+    benign phase and carry no attack-loss figures read off the benign log."""
+    rows = _grid(tiny_model_dir, tmp_path, make_recipe("benign_first", {"benign_steps": 3, "benign_lr": 1e30}))
+    assert rows and all(r.attack["status"] == "diverged" and r.attack["diverged_in"] == "benign phase" for r in rows)
+    assert not {"attack_first_loss", "attack_final_loss"} & {r.metric for r in rows}
+    assert (next((tmp_path / "attacks" / "tiny").glob("benign_first-*")) / "benign_loss.jsonl").stat().st_size > 0

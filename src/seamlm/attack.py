@@ -206,7 +206,7 @@ def attack_cell(model_name: str, label: str, defense: str, bundle: BundleData, r
     # only a training recipe shards (and so fills the other ranks' meta skeletons from rank 0)
     model, tok = load_model_for_rank(model_name, ctx, "float32",
                                      shard_parameters=train_cfg.shard_parameters and recipe.trains)
-    status, logs, probes = "ok", [], []
+    status, logs, probes, diverged_in = "ok", [], [], None
     try:
         with probing(attack_probe(tok, bundle, cell_eval) if recipe.trains else None):
             result = recipe.attack(model, tok, data, run_cfg, cell_dir / "loss.jsonl",
@@ -216,7 +216,7 @@ def attack_cell(model_name: str, label: str, defense: str, bundle: BundleData, r
     except NonFiniteLossError as exc:
         log.warning("%s: %s", cell, exc)
         status, model, logs = "diverged", exc.model, getattr(exc, "logs", [])
-        probes = getattr(exc, "probes", [])
+        probes, diverged_in = getattr(exc, "probes", []), getattr(exc, "phase", None)
     if not ctx.is_main:
         ctx.barrier()
         return CellOutcome(cell, None, True)
@@ -229,6 +229,8 @@ def attack_cell(model_name: str, label: str, defense: str, bundle: BundleData, r
     if probes:
         values["attack_peak_ppl"] = max(p["benign_ppl"] for p in probes)
     attack: dict[str, Any] = {**recipe.describe(), "seed": run_cfg.seed, "samples": len(data.harmful), "status": status}
+    if diverged_in:
+        attack["diverged_in"] = diverged_in
     if recipe.trains:
         attack.update(lr=run_cfg.lr, epochs=run_cfg.epochs, batch_size=train_cfg.batch_size,
                       optimizer=train_cfg.optimizer, lora=train_cfg.lora,

@@ -15,7 +15,7 @@ import torch
 
 from seamlm.data.format import PROMPT_TEMPLATES, Formatter, TokenizedExample, check_template, collate
 from seamlm.defense.losses import answer_ce
-from seamlm.errors import ConfigError
+from seamlm.errors import ConfigError, NonFiniteLossError
 from seamlm.finetune import FinetuneConfig, FinetuneResult, TrainingHooks, finetune
 from seamlm.recipes.base import AttackData, AttackRecipe, RecipeKnobs, register
 
@@ -201,8 +201,13 @@ class BenignFirst(AttackRecipe):
         k = self.knobs
         epochs = max(1, math.ceil(k.benign_steps * ft.batch_size / len(data.benign)))
         warm = ft.replace(lr=k.benign_lr or ft.lr, max_steps=k.benign_steps, epochs=epochs)
-        first = finetune(model, tokenizer, data.benign, warm, Path(log_path).with_name("benign_loss.jsonl"),
-                         desc=f"{desc} (benign phase)", ctx=ctx)
+        try:
+            first = finetune(model, tokenizer, data.benign, warm, Path(log_path).with_name("benign_loss.jsonl"),
+                             desc=f"{desc} (benign phase)", ctx=ctx)
+        except NonFiniteLossError as exc:
+            # no harmful step ran: the cell's attack-loss figures must not be read off the benign phase's log
+            exc.logs, exc.probes, exc.phase = [], [], "benign phase"
+            raise
         return finetune(first.model, tokenizer, data.harmful, ft, log_path, desc=desc, ctx=ctx)
 
     def suggest(self, trial: Any) -> dict[str, Any]:
