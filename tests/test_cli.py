@@ -192,6 +192,20 @@ def test_attack_then_report(tiny_model_dir, tmp_path, capsys):
     assert (out / "report" / "hs_vs_lr.png").is_file()
 
 
+def test_attack_without_a_label_keeps_its_files_under_out(tiny_model_dir, tmp_path, capsys):
+    """The label defaults to the --model value, here an absolute path: its folders must not be joined to --out as
+    a path (which would write the attack's logs into the model's own folder and then fail)."""
+    before = sorted(p.name for p in tiny_model_dir.iterdir())
+    out = tmp_path / "att"
+    rc = main(["attack", "--model", str(tiny_model_dir.resolve()), "--out", str(out), "--learning_rates", "1e-3",
+               "--num_samples", "4", "--batch_size", "2", "--no-pre", *TINY_EVAL])
+    assert rc == 0, capsys.readouterr().err
+    assert sorted(p.name for p in tiny_model_dir.iterdir()) == before
+    rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    assert {r["model"] for r in rows} == {str(tiny_model_dir.resolve())}
+    assert (out / rows[0]["attack"]["loss_log"]).is_file() and len(list((out / "attacks").iterdir())) == 1
+
+
 def test_eval_command_and_bad_eval_key(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "ev"
     assert main(["eval", "--model", str(tiny_model_dir), "--out", str(out), *[a.replace("--eval.", "--") for a in TINY_EVAL]]) == 0

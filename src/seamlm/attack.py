@@ -20,7 +20,7 @@ from seamlm.finetune import LOOP_VERSION, FinetuneConfig, probe_log_path, probin
 from seamlm.models import legacy_identities, load_model, model_identity, trained_prompt_hashes
 from seamlm.recipes import AttackData, AttackRecipe, make_recipe
 from seamlm.results import ResultRow, ResultStore
-from seamlm.runinfo import fingerprint
+from seamlm.runinfo import fingerprint, path_part
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ def evaluate_pre_attack(model_name: str, label: str, defense: str, bundle: Bundl
         ctx.barrier()
         return True
     model, tok = load_model(model_name, dtype="float32")
-    values = evaluate_model(model, tok, bundle, eval_cfg, judge, Path(out_dir) / "samples" / label / "pre.jsonl")
+    values = evaluate_model(model, tok, bundle, eval_cfg, judge, Path(out_dir) / "samples" / path_part(label) / "pre.jsonl")
     store.append(_rows(values, dict(model=label, defense=defense, cell="pre", seed=eval_cfg.seed,
                                     data_manifest=digest, settings=settings), judge), settings_parts=parts)
     ctx.barrier()
@@ -199,7 +199,7 @@ def attack_cell(model_name: str, label: str, defense: str, bundle: BundleData, r
         log.info("%s / %s: already in %s, skipped", label, cell, store.path)
         return CellOutcome(cell, {r.metric: r.value for r in finished}, False)
     check_held_out(model_name, bundle)
-    cell_dir = out / "attacks" / label / cell
+    cell_dir = out / "attacks" / path_part(label) / cell
     if ctx.is_main:
         cell_dir.mkdir(parents=True, exist_ok=True)
     # fp32 master weights: bf16 updates at 2e-5 round away

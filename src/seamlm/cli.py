@@ -7,7 +7,9 @@ import errno
 import json
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from seamlm import __version__
 from seamlm.config import parse_overrides, unknown_keys
@@ -212,12 +214,16 @@ def _split_overrides(extra: list[str], *prefixes: str) -> list[dict[str, str]]:
     return [{k: v for k, v in over.items() if not k.startswith(prefixes)}, *parts]
 
 
-def _eval_setup(args: argparse.Namespace, eval_over: dict[str, str]):
+def _eval_setup(args: argparse.Namespace, eval_over: dict[str, str], check: Callable[[Any], None] | None = None):
+    """The evaluation config, data bundle, judge and results store; ``check`` vets the config first, before the
+    judge (which may train for minutes) or any file is made."""
     from seamlm.data.bundles import resolve_data
     from seamlm.evaluate.metrics import EvalConfig
     from seamlm.results import ResultStore
 
     cfg = EvalConfig.from_yaml(args.eval_config, eval_over) if args.eval_config else EvalConfig.from_dict(eval_over, "command line")
+    if check is not None:
+        check(cfg)
     if cfg.lm_eval_tasks:  # a wrong task name fails now, not after the first attack
         from seamlm.evaluate.zeroshot import lm_eval_task_manager
 
@@ -232,10 +238,12 @@ def _eval_setup(args: argparse.Namespace, eval_over: dict[str, str]):
 def _run_eval(args: argparse.Namespace, extra: list[str]) -> int:
     from seamlm.attack import evaluate_pre_attack
 
-    cfg, bundle, judge, store = _eval_setup(args, parse_overrides(extra))
-    if cfg.trajectory_every:
-        raise ConfigError("trajectory_every probes the model during an attack; `seamlm eval` runs none: set it "
-                          "on `seamlm attack` (--eval.trajectory_every N)")
+    def no_trajectory(cfg: Any) -> None:
+        if cfg.trajectory_every:
+            raise ConfigError("trajectory_every probes the model during an attack; `seamlm eval` runs none: set it "
+                              "on `seamlm attack` (--eval.trajectory_every N)")
+
+    cfg, bundle, judge, store = _eval_setup(args, parse_overrides(extra), no_trajectory)
     ran = evaluate_pre_attack(args.model, args.label or args.model, args.defense, bundle, cfg, judge, args.out, store)
     print(f"{'evaluated' if ran else 'already evaluated'}: results in {store.path}")
     return 0
@@ -245,17 +253,18 @@ def _run_attack(args: argparse.Namespace, extra: list[str]) -> int:
     from seamlm.attack import AttackConfig, check_eval_template, evaluate_pre_attack, run_attack_grid
     from seamlm.distributed import current_context, main_process_first
     from seamlm.recipes import make_recipe
+    from seamlm.runinfo import path_part
 
     ctx = current_context()  # one process, or this rank under accelerate launch / torchrun (data-parallel attack)
     attack_over, eval_over, knobs = _split_overrides(extra, "eval.", "recipe.")
     recipe = make_recipe(args.recipe, knobs)
     cfg = AttackConfig.from_yaml(args.config, attack_over) if args.config else AttackConfig.from_dict(attack_over, "command line")
     with main_process_first(ctx):  # rank 0 writes the manifest and trains/caches the judge first
-        eval_cfg, bundle, judge, store = _eval_setup(args, eval_over)
-    check_eval_template(cfg, eval_cfg, recipe)  # before the pre-attack evaluation runs in it
+        # the template check before the pre-attack evaluation runs in it (and before the judge is made)
+        eval_cfg, bundle, judge, store = _eval_setup(args, eval_over, lambda ev: check_eval_template(cfg, ev, recipe))
     label = args.label or args.model
     if ctx.is_main:
-        cfg.to_yaml(Path(args.out) / f"attack_config.{label.replace('/', '_')}.yaml")
+        cfg.to_yaml(Path(args.out) / f"attack_config.{path_part(label)}.yaml")
     if not args.no_pre:
         evaluate_pre_attack(args.model, label, args.defense, bundle, eval_cfg, judge, args.out, store, ctx)
     ran = run_attack_grid(args.model, label, args.defense, bundle, cfg, eval_cfg, judge, args.out, store, ctx, recipe)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+import re
 import sys
 import time
 from importlib import metadata
@@ -34,6 +35,12 @@ def environment_info() -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+def path_part(label: str) -> str:
+    """``label`` as one folder or file-name part: a model label may be a hub id (``org/name``) or an absolute path,
+    which joined to the output folder as it is would nest folders or, absolute, write into the model's own."""
+    return re.sub(r"[^\w.-]+", "_", label).strip("._") or "model"
 
 
 def fingerprint(obj: Any) -> str:

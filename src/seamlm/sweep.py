@@ -26,7 +26,7 @@ from seamlm.finetune import LOOP_VERSION, FinetuneConfig
 from seamlm.models import legacy_identities, model_identity
 from seamlm.recipes import RECIPES, make_recipe
 from seamlm.results import ResultStore
-from seamlm.runinfo import fingerprint
+from seamlm.runinfo import fingerprint, path_part
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +178,7 @@ def run_sweep(model_name: str, label: str, defense: str, bundle: BundleData, cfg
     (cell ``sweep-<recipe>-<params digest>``). Writes ``sweep_trials.<label>.csv``. Returns the study.
     ``study``: the one :func:`sweep_study` opened for these arguments (opened here when not given)."""
     study = study or sweep_study(model_name, label, bundle, cfg, base, eval_cfg, judge, out_dir)
-    csv_path = Path(out_dir) / f"sweep_trials.{label.replace('/', '_')}.csv"
+    csv_path = Path(out_dir) / f"sweep_trials.{path_part(label)}.csv"
     missing = cfg.trials - finished_trials(study)
     if missing <= 0:
         log.info("sweep %s: %d trials already finished", study.study_name, cfg.trials)
