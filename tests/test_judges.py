@@ -66,6 +66,24 @@ def test_minilm_judge_is_cached(minilm, judge_cache, monkeypatch):
     assert len(list(judge_cache.glob("*.pt"))) == 1
 
 
+@pytest.mark.slow
+def test_a_cut_judge_cache_is_retrained_not_a_traceback(minilm, judge_cache, tmp_path, monkeypatch):
+    import shutil
+
+    import seamlm.evaluate.judges as judges
+
+    shutil.copytree(judge_cache, tmp_path / "c")
+    pt = next((tmp_path / "c").glob("*.pt"))
+    pt.write_bytes(pt.read_bytes()[:100])  # a save cut off by a kill
+    state = torch.load(next(judge_cache.glob("*.pt")), weights_only=True)
+    calls = []
+    monkeypatch.setattr(judges, "train_minilm_head", lambda *a, **k: calls.append(1) or (state, minilm.metrics))
+    again = MiniLMJudge(cache_dir=tmp_path / "c")
+    assert calls == [1] and again.metrics == minilm.metrics
+    assert MiniLMJudge(cache_dir=tmp_path / "c").metrics == minilm.metrics and calls == [1]  # now readable
+    assert sorted(p.suffix for p in (tmp_path / "c").iterdir()) == [".json", ".pt"]  # no temporary file left
+
+
 def test_keyword_judge():
     assert KeywordJudge().score(["q", "q"], ["I'm sorry, I can't help.", "Sure, step 1: ..."]) == [0.0, 1.0]
     # a broken model's empty or looping output is no successful attack; a short real answer still is

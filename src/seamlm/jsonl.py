@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,21 @@ def drop_partial_tail(path: str | Path) -> None:
         return
     data = path.read_bytes()
     if not data.endswith(b"\n"):
-        path.write_bytes(data[: data.rfind(b"\n") + 1])
+        # truncate in place (one call): rewriting the file would empty it first, and a second kill then loses it
+        os.truncate(path, data.rfind(b"\n") + 1)
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` through a temporary file renamed over it: a kill or a full disk leaves the
+    old file or the new one, never a cut one, for files a resumed run reads back."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
 
 
 def append_records(path: str | Path, records: list[dict[str, Any]]) -> None:

@@ -21,6 +21,7 @@ from seamlm.defense import DefenseConfig, SEAMTrainer
 from seamlm.errors import ConfigError
 from seamlm.evaluate.metrics import EvalConfig
 from seamlm.finetune import FinetuneConfig, finetune
+from seamlm.jsonl import write_text_atomic
 from seamlm.models import is_saved_model, load_model, save_model
 from seamlm.report import write_report
 from seamlm.results import ResultStore
@@ -202,7 +203,7 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig, fresh: bool = False) -> Path:
     if fresh and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    saved.write_text(json.dumps(cfg.to_dict(), indent=2))
+    write_text_atomic(saved, json.dumps(cfg.to_dict(), indent=2))
     paths = demo_paths(out, cfg)
     clock.lap("judge")
 

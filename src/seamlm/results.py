@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from seamlm.errors import DataError
-from seamlm.jsonl import append_records, read_records
+from seamlm.jsonl import append_records, read_records, write_text_atomic
 from seamlm.runinfo import package_versions
 
 log = logging.getLogger(__name__)
@@ -174,7 +174,7 @@ class ResultStore:
         path = self.settings_dir / f"{digest}.json"
         if not path.exists():
             self.settings_dir.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(parts, indent=1, sort_keys=True, default=str), encoding="utf-8")
+            write_text_atomic(path, json.dumps(parts, indent=1, sort_keys=True, default=str))
 
     def _what_changed(self, old_digest: str | None, parts: dict[str, Any] | None) -> str:
         path = self.settings_dir / f"{old_digest}.json"

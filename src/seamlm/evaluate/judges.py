@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import random
 import re
 from abc import ABC, abstractmethod
@@ -28,6 +29,7 @@ from seamlm.data.refusals import is_refusal
 from seamlm.data.sources import load_source, pyrit_labelled
 from seamlm.data.splits import prompt_hash
 from seamlm.errors import ConfigError
+from seamlm.jsonl import write_text_atomic
 from seamlm.packages import cache_dir as default_cache_dir
 from seamlm.packages import package_file
 from seamlm.runinfo import fingerprint
@@ -202,6 +204,18 @@ def train_minilm_head(rows: list[Example], seed: int = 0, test_fraction: float =
     return {"hidden": hidden, "state": head.state_dict()}, metrics
 
 
+def _read_cached_head(path: Path) -> tuple[dict, dict] | None:
+    """The cached head and its metrics, or None when either is missing or unreadable (a cache written by a killed
+    run before writes were atomic): the head is then retrained, as on a first run."""
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, weights_only=True), json.loads(path.with_suffix(".json").read_text())
+    except (OSError, RuntimeError, EOFError, json.JSONDecodeError) as exc:
+        log.warning("judge cache %s unreadable (%s): training the head again", path, exc)
+        return None
+
+
 @register_judge("minilm")
 class MiniLMJudge(Judge):
     name = "minilm-pyrit-v4"  # v4: PyRIT pairs pooled once (v3 trained on 219 cross-file repeats, some on both sides of its held-out split)
@@ -211,15 +225,18 @@ class MiniLMJudge(Judge):
         rows = judge_training_rows(seed)
         digest = fingerprint([self.name, seed, [(e.response, e.label) for e in rows]])
         path = Path(cache_dir or default_cache_dir("judges")) / f"minilm-head-{digest}.pt"
-        if path.is_file():
-            state = torch.load(path, weights_only=True)
-            self.metrics = json.loads(path.with_suffix(".json").read_text())
+        state = _read_cached_head(path)
+        if state is not None:
+            state, self.metrics = state
         else:
             log.info("training the offline judge head (cached at %s)", path)
             state, self.metrics = train_minilm_head(rows, seed, encoder=self.encoder)
             path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(state, path)
-            path.with_suffix(".json").write_text(json.dumps(self.metrics, indent=2))
+            # metrics first, then the head renamed into place: a head on disk always has its metrics beside it
+            write_text_atomic(path.with_suffix(".json"), json.dumps(self.metrics, indent=2))
+            tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+            torch.save(state, tmp)
+            os.replace(tmp, path)
         self.head = _head(384, state["hidden"])
         self.head.load_state_dict(state["state"])
         self.head.eval()
