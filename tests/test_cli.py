@@ -206,6 +206,18 @@ def test_attack_without_a_label_keeps_its_files_under_out(tiny_model_dir, tmp_pa
     assert (out / rows[0]["attack"]["loss_log"]).is_file() and len(list((out / "attacks").iterdir())) == 1
 
 
+def test_options_are_never_abbreviated_nor_grid_values_ignored(tmp_path, capsys):
+    from seamlm.cli import build_parser
+
+    args, extra = build_parser().parse_known_args(["demo", "--seed", "3"])
+    assert args.seeds is None and extra == ["--seed", "3"]  # not --seeds 3: a DemoConfig key, passed through
+    # --lr at its default value would have been silently ignored by the learning-rate grid
+    rc = main(["attack", "--model", "m", "--out", str(tmp_path / "a"), "--lr", "2e-5"])
+    assert rc == 2 and "--lr: one cell's value" in capsys.readouterr().err and not (tmp_path / "a").exists()
+    assert main(["judge", "train", "--typo", "3"]) == 2
+    assert "unexpected arguments ['--typo', '3']" in capsys.readouterr().err
+
+
 def test_eval_command_and_bad_eval_key(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "ev"
     assert main(["eval", "--model", str(tiny_model_dir), "--out", str(out), *[a.replace("--eval.", "--") for a in TINY_EVAL]]) == 0

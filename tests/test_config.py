@@ -16,11 +16,13 @@ def test_string_values_are_coerced_by_field_type():
     cfg = DefenseConfig.from_dict({"steps": "5", "beta": "1e-1", "max_grad_norm": "none",
                                    "mask_benign_prompt": "false", "unlearn_loss": "final_layer"})
     assert (cfg.steps, cfg.beta, cfg.max_grad_norm, cfg.mask_benign_prompt) == (5, 0.1, None, False)
+    assert DefenseConfig.from_dict({"steps": "1e3"}).steps == 1000  # scientific notation for a whole number
 
 
 @pytest.mark.parametrize("values,match", [
     ({"steps": "five"}, "expects int"),
     ({"steps": 2.5}, "expects int"),
+    ({"steps": "5e-1"}, "expects int"),  # was read as int(0.5) = 0
     ({"unlearn_loss": "lens"}, "must be one of"),
     ({"epsilon": 0}, "epsilon must be > 0"),
     ({"warmup_ratio": 1.5}, "warmup_ratio"),

@@ -233,7 +233,8 @@ def test_ablation_runs_once_per_seed_whatever_the_learning_rates(tiny_model_dir,
     rows = _grid(tiny_model_dir, tmp_path, make_recipe("ablation", {"layer": 1, "n_prompts": 4}), lrs=(1e-4, 1e-3))
     cells = {r.cell for r in rows}
     assert len(cells) == 1 and next(iter(cells)).startswith("ablation-")
-    assert "does not train" in caplog.text
+    warning = next(r.getMessage() for r in caplog.records if "does not train" in r.getMessage())
+    assert all(f in warning for f in ("learning_rates", "batch_size", "max_length")) and "prompt_template" not in warning
     info = json.loads(next((tmp_path / "attacks" / "tiny").glob("ablation-*/ablation.json")).read_text())
     assert info["layer"] == 1 and info["harmless_prompts"] == 4 and "lr" not in rows[0].attack
     assert info["residual_share_left"] < 1e-4  # measured on the edited model: nothing left along the direction

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from seamlm.data.bundles import BundleData
 from seamlm.data.splits import prompt_hash
@@ -41,10 +42,21 @@ class AttackConfig(FinetuneConfig):
     seeds: tuple[int, ...] = (0,)
     """Attack seeds (data order, LoRA init)."""
 
+    #: fine-tuning fields the grid sets per cell, and the grid field that holds them
+    GRID_OWNED: ClassVar[dict[str, str]] = {"lr": "learning_rates", "epochs": "num_epochs", "seed": "seeds"}
+
+    @classmethod
+    def refuse_grid_owned(cls, keys: Collection[str]) -> None:
+        """Command-line keys: ``--lr`` there, even at its default value (which :meth:`validate` cannot tell from
+        unset), would be ignored by the grid."""
+        given = [k for k in keys if k in cls.GRID_OWNED]
+        if given:
+            raise ConfigError(f"{', '.join('--' + k for k in given)}: one cell's value, which the attack grid sets; "
+                              f"use {', '.join('--' + cls.GRID_OWNED[k] for k in given)} (comma-separated)")
+
     def validate(self) -> None:
         super().validate()
-        grid_owned = {"lr": 2e-5, "epochs": 1, "seed": 0}
-        moved = [k for k, default in grid_owned.items() if getattr(self, k) != default]
+        moved = [k for k in self.GRID_OWNED if getattr(self, k) != getattr(FinetuneConfig(), k)]
         if moved:
             raise ConfigError(f"AttackConfig: set {moved} through the grid fields learning_rates / num_epochs / seeds")
         if (min(self.num_samples) < 1 or min(self.num_epochs) < 1 or min(self.learning_rates) <= 0):
@@ -280,10 +292,12 @@ def run_attack_grid(model_name: str, label: str, defense: str, bundle: BundleDat
     cells = cfg.cells()
     if not recipe.trains:
         default = AttackConfig()
-        user_set = cfg.learning_rates != default.learning_rates or cfg.num_epochs != default.num_epochs
-        if user_set and (len(cfg.learning_rates) > 1 or len(cfg.num_epochs) > 1):
-            log.warning("recipe %s does not train: learning_rates and num_epochs are not used (one cell per seed "
-                        "and sample count)", recipe.name)
+        # the prompt template is the one fine-tuning field a weight edit uses (it reads the prompts through it)
+        unused = [f for f in AttackConfig.field_names() if f not in ("prompt_template", "num_samples", "seeds")
+                  and getattr(cfg, f) != getattr(default, f)]
+        if unused:
+            log.warning("recipe %s does not train: %s set but not used (one cell per seed and sample count)",
+                        recipe.name, ", ".join(unused))
         cells = list({(c["seed"], c["num_samples"]): c for c in cells}.values())
     ran = []
     for grid in cells:

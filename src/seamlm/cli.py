@@ -258,6 +258,7 @@ def _run_attack(args: argparse.Namespace, extra: list[str]) -> int:
     ctx = current_context()  # one process, or this rank under accelerate launch / torchrun (data-parallel attack)
     attack_over, eval_over, knobs = _split_overrides(extra, "eval.", "recipe.")
     recipe = make_recipe(args.recipe, knobs)
+    AttackConfig.refuse_grid_owned(attack_over)
     cfg = AttackConfig.from_yaml(args.config, attack_over) if args.config else AttackConfig.from_dict(attack_over, "command line")
     with main_process_first(ctx):  # rank 0 writes the manifest and trains/caches the judge first
         # the template check before the pre-attack evaluation runs in it (and before the judge is made)
@@ -385,6 +386,8 @@ def _judge_parser(sub: argparse._SubParsersAction) -> None:
 def _run_judge(args: argparse.Namespace, extra: list[str]) -> int:
     from seamlm.evaluate.judges import MiniLMJudge
 
+    if extra:
+        raise ConfigError(f"unexpected arguments {extra} (`seamlm judge train --help`)")
     judge = MiniLMJudge(cache_dir=args.cache_dir, seed=args.seed)
     print(json.dumps({"judge": judge.name, **judge.metrics}, indent=2))
     return 0
@@ -440,7 +443,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for make, _ in COMMANDS.values():
         make(sub)
+    _no_abbreviations(parser)
     return parser
+
+
+def _no_abbreviations(parser: argparse.ArgumentParser) -> None:
+    """No prefix matching, in every sub-command: ``demo --seed 3`` must not be read as ``--seeds 3``, and a config
+    key (``--key value``, passed through) must never be taken for an option it starts."""
+    parser.allow_abbrev = False
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                _no_abbreviations(child)
 
 
 def main(argv: list[str] | None = None) -> int:

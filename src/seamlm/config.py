@@ -60,7 +60,11 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
         if inner is int:
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError(value)
-            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+            if isinstance(value, str) and "e" in value.lower():  # "1e3"; "5e-1" is not a whole number
+                value = float(value)
+                if not value.is_integer():
+                    raise ValueError(value)
+            return int(value)
         if inner is float:
             if isinstance(value, bool):
                 raise ValueError(value)
