@@ -98,6 +98,15 @@ def test_a_save_that_fails_midway_leaves_the_previous_model(tmp_path, tiny_model
     save_model(model, tok, out, {"version": 3})  # the next save cleans up and replaces it
     assert json.loads((out / "seamlm_run.json").read_text())["version"] == 3
     assert sorted(p.name for p in saves.iterdir()) == ["m"]
+    # a kill between moving the previous model aside and renaming the new one in: the next save puts it back first
+    import os
+
+    os.replace(out, saves / "m.old")
+    assert not is_saved_model(out)
+    with pytest.raises(OSError, match="No space"):
+        save_model(model, FullDisk(), out, {"version": 4})
+    assert json.loads((out / "seamlm_run.json").read_text())["version"] == 3
+    assert sorted(p.name for p in saves.iterdir()) == ["m", "m.partial"]
 
 
 def test_a_saved_model_is_named_by_its_weights_wherever_it_lies(tmp_path, tokenizer, tiny_model_dir):

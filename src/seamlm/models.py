@@ -177,7 +177,12 @@ def save_model(
     new one — never half a model after a kill or a full disk (:func:`is_saved_model` tells which).
     """
     out = Path(out_dir)
-    partial = out.with_name(out.name + ".partial")
+    partial, old = out.with_name(out.name + ".partial"), out.with_name(out.name + ".old")
+    if old.exists():  # a kill after the previous model was moved aside: put it back (or drop it, if the swap ended)
+        if out.exists():
+            shutil.rmtree(old)
+        else:
+            os.replace(old, out)
     if partial.exists():
         shutil.rmtree(partial)
     partial.mkdir(parents=True)
@@ -201,9 +206,6 @@ def save_model(
     payload = {"seamlm_version": _version(), **(run_config or {}), WEIGHTS_DIGEST_KEY: weights_digest(partial)}
     (partial / RUN_CONFIG_FILE).write_text(json.dumps(payload, indent=2, default=str), encoding="utf-8")
     if out.exists():  # replace the previous model only once the new one is complete
-        old = out.with_name(out.name + ".old")
-        if old.exists():
-            shutil.rmtree(old)
         os.replace(out, old)
         os.replace(partial, out)
         shutil.rmtree(old)
