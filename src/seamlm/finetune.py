@@ -230,7 +230,8 @@ def finetune(
     hooks = hooks or TrainingHooks()
     hooks.check(ctx)
     if not examples:
-        raise DataError(f"{desc}: no training examples")
+        raise DataError(f"{desc}: no training examples (the data stream or file it trains on is empty: check it, or "
+                        f"rebuild the bundle)")
     seed_everything(cfg.seed)
     rows = Formatter(tokenizer, cfg.max_length, mask_prompt=cfg.mask_prompt,
                      template=cfg.prompt_template).encode_all(examples, desc)
@@ -286,7 +287,7 @@ def finetune(
                     loss = answer_ce(model, batch)
                 value = loss.item()
             if not math.isfinite(value):
-                raise _diverged(f"{desc}: loss became {value} at step {step} (lr={cfg.lr})", model, cfg, losses, logs,
+                raise _diverged(f"{desc}: loss became {value} at step {step} (lr={cfg.lr}; {_DIVERGED_HINT})", model, cfg, losses, logs,
                                 gather)
             if not ctx.distributed:
                 loss.backward()
@@ -299,7 +300,7 @@ def finetune(
             if hasattr(norm, "full_tensor"):  # sharded gradients: the norm is a DTensor over the ranks
                 norm = norm.full_tensor()
             if not torch.isfinite(norm):  # a finite loss can still give inf/NaN gradients: stop before the update
-                raise _diverged(f"{desc}: gradient norm became {norm.item()} at step {step} (lr={cfg.lr})", model,
+                raise _diverged(f"{desc}: gradient norm became {norm.item()} at step {step} (lr={cfg.lr}; {_DIVERGED_HINT})", model,
                                 cfg, losses, logs, gather)
             lr = sched.get_last_lr()[0]  # the rate this step uses
             opt.step()
@@ -350,6 +351,9 @@ class _ProbeRecorder:
             model.train()
         if self.path:
             append_records(self.path, self.rows[-1:])
+
+
+_DIVERGED_HINT = "a lower learning rate or --max_grad_norm usually avoids it"
 
 
 def _diverged(message: str, model: Any, cfg: FinetuneConfig, losses: list[float],
