@@ -3,7 +3,8 @@
 The exact gradient comes from double back-propagation in float64 on the same random llama and batches; the
 estimate runs in float32 at IEEE precision or with TF32 (CUDA only), for each ε. The rounding error of a forward
 difference grows like u/ε (u: unit round-off, 2^-24 for float32, 2^-11 for TF32) while the method's own error
-shrinks like ε, so TF32 needs a larger ε; this prints where each precision's error is smallest.
+shrinks like ε (like ε² with central differences, ``fd_scheme: central``), so TF32 needs a larger ε; this prints
+where each precision's and scheme's error is smallest.
 
     python benchmarks/coupling_precision.py                          # CPU, IEEE only (seconds)
     python benchmarks/coupling_precision.py --device cuda --hidden 256 --layers 4
@@ -41,7 +42,7 @@ def _model(vocab: int, hidden: int, layers: int, device: str):
     return LlamaForCausalLM(cfg).to(device=device, dtype=torch.float64).eval()
 
 
-def timed_estimate(model, bh, bb, eps: float, precision: str) -> tuple[torch.Tensor, float]:
+def timed_estimate(model, bh, bb, eps: float, precision: str, scheme: str = "forward") -> tuple[torch.Tensor, float]:
     """The estimate as the trainer computes it (g_a, g_b and the recomputations under one precision) and its
     wall time."""
     cuda = bh["input_ids"].is_cuda
@@ -49,7 +50,7 @@ def timed_estimate(model, bh, bb, eps: float, precision: str) -> tuple[torch.Ten
         if cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        out = estimate(model, list(model.parameters()), bh, bb, eps, precision)
+        out = estimate(model, list(model.parameters()), bh, bb, eps, precision, scheme)
         if cuda:
             torch.cuda.synchronize()
     return out.double(), time.perf_counter() - t0
@@ -75,20 +76,21 @@ def main() -> None:
     ref = exact_cos_grad(m64, list(m64.parameters()), bh, bb)
     m32 = m64.float()  # same weights, rounded to float32
     rows = []
-    for precision in precisions:
+    runs = [(p, s) for p in precisions for s in ("forward", "central")]
+    for precision, scheme in runs:
         for eps in args.eps:
-            est, seconds = timed_estimate(m32, bh, bb, eps, precision)
-            rows.append({"precision": precision, "eps": eps, "relative_error": ((est - ref).norm() / ref.norm()).item(),
-                         "seconds": seconds})
+            est, seconds = timed_estimate(m32, bh, bb, eps, precision, scheme)
+            rows.append({"precision": precision, "scheme": scheme, "eps": eps,
+                         "relative_error": ((est - ref).norm() / ref.norm()).item(), "seconds": seconds})
     n = sum(p.numel() for p in m32.parameters())
     where = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     print(f"\nrandom llama hidden={args.hidden} layers={args.layers} ({n / 1e6:.1f} M params), batch {args.batch_size}, "
           f"device={where}; error = ‖estimate − exact‖ / ‖exact‖\n")
-    print("| precision | " + " | ".join(f"ε={e:g}" for e in args.eps) + " |")
-    print("|---|" + "---|" * len(args.eps))
-    for precision in precisions:
-        errs = [r["relative_error"] for r in rows if r["precision"] == precision]
-        print(f"| {precision} | " + " | ".join(f"{e:.2e}" for e in errs) + " |")
+    print("| precision | fd_scheme | " + " | ".join(f"ε={e:g}" for e in args.eps) + " |")
+    print("|---|---|" + "---|" * len(args.eps))
+    for precision, scheme in runs:
+        errs = [r["relative_error"] for r in rows if (r["precision"], r["scheme"]) == (precision, scheme)]
+        print(f"| {precision} | {scheme} | " + " | ".join(f"{e:.2e}" for e in errs) + " |")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "device": where, "rows": rows}, indent=2))
 

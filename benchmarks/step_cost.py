@@ -33,8 +33,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "examples" / "data"
-MODES = ["sft", "seam-final_layer", "seam-final_layer+lookahead", "seam-final_layer+lookahead_both", "seam-logit_lens",
-         "reference-logit_lens"]
+MODES = ["sft", "seam-final_layer", "seam-final_layer+lookahead", "seam-final_layer+lookahead_both",
+         "seam-final_layer+central", "seam-logit_lens", "reference-logit_lens"]
 #: Llama-family shapes for ``random:ARCH`` (hidden, intermediate, layers, heads, kv heads, vocab).
 RANDOM_ARCHS = {
     "smollm2-135m": (576, 1536, 30, 9, 3, 49152),
@@ -213,6 +213,7 @@ def worker(mode: str, args: argparse.Namespace) -> dict:
                 unlearn_loss=variant, beta=0.1, output_dir="/tmp/seamlm-bench", checkpoint_every=0,
                 coupling_precision=args.coupling_precision, lookahead_lr=1e-4 if option.startswith("lookahead") else 0.0,
                 lookahead_weight=0.5 if option == "lookahead_both" else 1.0,
+                fd_scheme="central" if option == "central" else "forward",
             )
             tr = SEAMTrainer(model, tok, cfg, harmful=harmful, refusal=DATA / "refusal.jsonl", benign=DATA / "benign.jsonl")
 

@@ -37,13 +37,13 @@ def exact_cos_grad(model, params, bh, bb) -> torch.Tensor:
     return torch.cat([g.reshape(-1) for g in torch.autograd.grad(cos, params)]).detach()
 
 
-def estimate(model, params, bh, bb, eps, precision: str = "ieee") -> torch.Tensor:
+def estimate(model, params, bh, bb, eps, precision: str = "ieee", scheme: str = "forward") -> torch.Tensor:
     flat = FlatParams(params)
     g_a, g_b, out = flat.zeros(), flat.zeros(), flat.zeros()
     _grad_fn(model, flat, bh)(g_a)
     _grad_fn(model, flat, bb)(g_b)
     hessian_free_cos_grad(flat, g_a, g_b, _grad_fn(model, flat, bh), _grad_fn(model, flat, bb), eps, out,
-                          precision=precision)
+                          precision=precision, scheme=scheme)
     return out
 
 
@@ -72,10 +72,23 @@ def test_estimate_matches_exact_gradient_and_error_shrinks_linearly(setup64):
     assert errors[1e-3] / errors[1e-4] > 4, errors
 
 
+def test_central_differences_shrink_the_error_quadratically(setup64):
+    model, params, bh, bb = setup64
+    exact = exact_cos_grad(model, params, bh, bb)
+    err = {(eps, scheme): ((estimate(model, params, bh, bb, eps, scheme=scheme) - exact).norm() / exact.norm()).item()
+           for eps in (1e-1, 1e-2) for scheme in ("forward", "central")}
+    # second order: 10x smaller ε → roughly 100x smaller error (allow 30x); far below the forward one at one ε
+    assert err[1e-1, "central"] / err[1e-2, "central"] > 30, err
+    assert err[1e-2, "central"] < err[1e-2, "forward"] / 10, err
+    with pytest.raises(ValueError, match="'forward' or 'central'"):
+        estimate(model, params, bh, bb, 1e-2, scheme="backward")
+
+
 def test_parameters_restored_bit_exactly(setup64):
     model, params, bh, bb = setup64
     before = [p.detach().clone() for p in params]
     estimate(model, params, bh, bb, eps=1e-1)  # a large step makes any sloppy restore visible
+    estimate(model, params, bh, bb, eps=1e-1, scheme="central")
     for b, p in zip(before, params, strict=True):
         assert torch.equal(b, p.detach())
 

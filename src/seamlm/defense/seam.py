@@ -291,7 +291,7 @@ class SEAMTrainer:
             grad_a=lambda buf: self._accumulate_ce(h_batches, buf, mixed=False),
             grad_b=lambda buf: self._accumulate_ce(b_batches, buf, mixed=False),
             eps=self.config.epsilon, out=self.total, scale=scale, scratch=self._scratch,
-            backup=self._backup, precision=self.config.coupling_precision,
+            backup=self._backup, precision=self.config.coupling_precision, scheme=self.config.fd_scheme,
         )
 
     def _lookahead_coupling(self, h_batches: list[Batch], b_batches: list[Batch], scale: float) -> dict[str, float]:
