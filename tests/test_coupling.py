@@ -195,3 +195,36 @@ def test_finite_differences_run_at_the_asked_precision_and_the_setting_is_restor
     seen, restored, got_legacy_after = ast.literal_eval(out.stdout.strip().splitlines()[-1])
     assert seen == [inside, inside], out.stdout + out.stderr
     assert restored and got_legacy_after == legacy_after, out.stdout + out.stderr
+
+
+class _TwoRanks:
+    """Rank 0 of two, in one process: the all-gather hands back the padded global vector's pieces."""
+
+    rank, world_size, device, distributed = 0, 2, torch.device("cpu"), True
+
+    def __init__(self, padded: torch.Tensor):
+        self.padded, self.gathers = padded, 0
+
+    def all_gather_into(self, out, shard):
+        c, n, size = shard.storage_offset(), shard.numel(), self.padded.numel() // 2
+        for r in range(2):
+            out[r * n:(r + 1) * n] = self.padded[r * size + c:r * size + c + n]
+        self.gathers += 1
+        return out
+
+
+@pytest.mark.parametrize("chunk", [7, 1000, 1 << 22])
+def test_sharded_write_rebuilds_every_parameter_chunk_by_chunk(tokenizer, chunk):
+    """ZeRO-2's write gathers ``gather_chunk`` elements per rank at a time (never a full-length vector) and must
+    still land every element of both ranks' shards in its parameter, across chunk and parameter boundaries."""
+    from seamlm.defense.coupling import ShardedFlatParams
+
+    params = list(make_model(len(tokenizer)).parameters())
+    total = sum(p.numel() for p in params)
+    padded = torch.randn(2 * -(-total // 2))
+    ctx = _TwoRanks(padded)
+    flat = ShardedFlatParams(params, ctx)
+    flat.gather_chunk = chunk
+    flat.write(padded[: flat.shard_size].clone())
+    torch.testing.assert_close(torch.cat([p.detach().reshape(-1) for p in params]), padded[:total], rtol=0, atol=0)
+    assert ctx.gathers == -(-flat.shard_size // min(chunk, flat.shard_size))

@@ -21,6 +21,7 @@ difference are computed with IEEE float32 matmuls (:func:`float32_matmul`) unles
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -165,10 +166,13 @@ class ShardedFlatParams(FlatParams):
     the local shard, so no rank ever holds a full gradient vector: each parameter's gradient is all-reduced and
     sliced into the shard by a post-accumulate hook as soon as autograd produces it, then freed. Dot products and
     norms are shard-local sums, all-reduced. The parameters themselves stay replicated (each rank runs the full
-    forward); :meth:`write` rebuilds them from every rank's shard with one all-gather.
+    forward); :meth:`write` rebuilds them from every rank's shard, all-gathered ``gather_chunk`` elements per rank
+    at a time so that no full-length vector is ever allocated (a 7B model's would be 28 GB in float32).
     """
 
     holds_shard = True
+    #: elements per rank in one all-gather of :meth:`write` (the transient buffer is world × this)
+    gather_chunk: int = 1 << 22
 
     def __init__(self, params: list[torch.nn.Parameter], ctx: DistContext):
         super().__init__(params, ctx)
@@ -219,10 +223,25 @@ class ShardedFlatParams(FlatParams):
 
     @torch.no_grad()
     def write(self, flat: torch.Tensor) -> None:
-        full = torch.empty(self.shard_size * self.ctx.world_size, dtype=self.dtype, device=self.device)
-        self.ctx.all_gather_into(full, flat)
-        for (o, n), p in zip(self._offsets, self.params, strict=True):
-            p.copy_(full[o:o + n].view_as(p))
+        world, size = self.ctx.world_size, self.shard_size
+        chunk = min(self.gather_chunk, size)
+        buf = torch.empty(world * chunk, dtype=self.dtype, device=self.device)
+        starts = [o for o, _ in self._offsets]
+        for c in range(0, size, chunk):
+            n_c = min(chunk, size - c)
+            gathered = self.ctx.all_gather_into(buf[: world * n_c], flat[c:c + n_c])
+            for r in range(world):  # rank r's piece: global elements [r·S + c, r·S + c + n_c)
+                lo, hi = r * size + c, min(r * size + c + n_c, self.total_numel)
+                i = max(0, bisect.bisect_right(starts, lo) - 1)  # the parameter holding element lo
+                while i < len(self.params) and lo < hi:
+                    o, n = self._offsets[i]
+                    a, b = max(lo, o), min(hi, o + n)
+                    if a < b:
+                        self.params[i].view(-1)[a - o:b - o].copy_(gathered[r * n_c + a - r * size - c:
+                                                                            r * n_c + b - r * size - c])
+                    if o + n >= hi:
+                        break
+                    i += 1
 
 
 class FSDPFlatParams(FlatParams):
