@@ -129,6 +129,13 @@ def test_resume_continues_the_same_trajectory(tokenizer, streams, tmp_path, unle
     for ra, rb in zip(a, b, strict=True):
         for key in ("L_ul", "L_up", "ce_benign", "cos_g_a_g_b", "lr"):
             assert rb[key] == pytest.approx(ra[key], rel=1e-5, abs=1e-7), (ra["step"], key)
+    # and the same weights at the end, not only the same logged scalars
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(full / "model" / "model.safetensors"), load_file(part / "model" / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], msg=k)
 
 
 def test_resume_with_changed_config_is_refused(tokenizer, streams, tmp_path):
@@ -168,6 +175,24 @@ def test_resume_with_the_model_in_another_dtype_is_refused(tokenizer, streams, t
                  model=make_model(len(tokenizer), dtype=torch.bfloat16)).train(resume=True)
     _trainer(tokenizer, streams, tmp_path, steps=4, checkpoint_every=2).train(resume=True)
     assert (tmp_path / "model").is_dir()
+
+
+def test_resume_on_a_device_whose_auto_compute_dtype_differs_is_refused(tokenizer, streams, tmp_path):
+    """compute_dtype auto is bf16 on CUDA and fp32 on CPU: a CUDA run resumed here would change its objective's
+    precision without a word, so the checkpoint records what auto resolved to."""
+    from seamlm.checkpoint import CHECKPOINT_FILE
+
+    _trainer(tokenizer, streams, tmp_path, steps=4, checkpoint_every=2).train()
+    shutil.rmtree(tmp_path / "model")
+    for ckpt in list_checkpoints(tmp_path / "checkpoints"):  # as a CUDA run would have written it
+        state = torch.load(ckpt / CHECKPOINT_FILE, weights_only=False)
+        assert state["compute_dtype"] == "float32"
+        state["compute_dtype"] = "bfloat16"
+        torch.save(state, ckpt / CHECKPOINT_FILE)
+    with pytest.raises(CheckpointError, match="computed L_ul and L_up in bfloat16, this one would in float32"):
+        _trainer(tokenizer, streams, tmp_path, steps=4, checkpoint_every=2).train(resume=True)
+    _trainer(tokenizer, streams, tmp_path, steps=4, checkpoint_every=2, compute_dtype="bfloat16").train(resume=True)
+    assert [r["step"] for r in _rows(tmp_path)][-1] == 4
 
 
 def test_resume_without_checkpoint_is_an_error(tokenizer, streams, tmp_path):

@@ -194,6 +194,9 @@ class SEAMTrainer:
             name = "bfloat16" if self.device.type == "cuda" else "float32"
         return _AUTOCAST.get(name)
 
+    def _compute_dtype_name(self) -> str:
+        return str(self.autocast_dtype or torch.float32).removeprefix("torch.")
+
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
 
@@ -409,6 +412,7 @@ class SEAMTrainer:
             "data_fingerprint": self.data_fingerprint,
             "world_size": self.ctx.world_size,
             "model_dtype": str(self.original_dtype),  # what the model came in: save_dtype auto saves in it
+            "compute_dtype": self._compute_dtype_name(),  # compute_dtype auto resolves by device
         } if self.ctx.is_main else None
         per_rank = {"rng": rng_state(), "optimizer": self.optimizer.state_dict()}
         if self.fsdp:  # every rank its own rows of every parameter
@@ -439,6 +443,11 @@ class SEAMTrainer:
         if state.get("model_dtype", str(self.original_dtype)) != str(self.original_dtype):
             raise CheckpointError(f"cannot resume {path}: the run loaded the model in {state['model_dtype']}, this one "
                                   f"in {self.original_dtype}; resume with the same --dtype")
+        if state.get("compute_dtype", self._compute_dtype_name()) != self._compute_dtype_name():
+            raise CheckpointError(f"cannot resume {path}: the run computed L_ul and L_up in {state['compute_dtype']}, "
+                                  f"this one would in {self._compute_dtype_name()} (compute_dtype "
+                                  f"{self.config.compute_dtype} on {self.device.type}): resume on the same kind of "
+                                  f"device, set compute_dtype to {state['compute_dtype']}, or start a new run")
         if state.get("world_size", 1) != self.ctx.world_size:
             raise CheckpointError(f"checkpoint {path} was written by {state.get('world_size', 1)} process(es); "
                                   f"resume it with that many (this run has {self.ctx.world_size})")
