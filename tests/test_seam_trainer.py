@@ -227,6 +227,18 @@ def test_bf16_model_gets_fp32_master_weights_and_is_saved_back_in_bf16(tokenizer
     assert AutoModelForCausalLM.from_pretrained(out).dtype == torch.bfloat16
 
 
+def test_a_bf16_model_with_frozen_layers_trains_in_float32(tokenizer, streams, tmp_path):
+    """Frozen bf16 weights would meet float32 activations in the coupling passes (no autocast there)."""
+    model = make_model(len(tokenizer), dtype=torch.bfloat16)
+    for p in model.model.layers[0].parameters():
+        p.requires_grad_(False)
+    tr = _trainer(tokenizer, streams, tmp_path, steps=1, model=model)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    frozen = [p.detach().clone() for p in model.model.layers[0].parameters()]
+    tr.train()
+    assert all(torch.equal(a, b) for a, b in zip(frozen, model.model.layers[0].parameters(), strict=True))
+
+
 def test_gradient_accumulation_matches_one_big_batch_when_batches_are_uniform(tokenizer, streams, tmp_path):
     """Equal-length rows make the token-mean of one batch equal the mean of micro-batch means."""
     from seamlm.data.files import Example

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -97,9 +98,14 @@ def _write_error(root: Path, step: int, exc: OSError) -> CheckpointError:
 def _commit(root: Path, step: int, state: dict[str, Any] | None, keep: int, tmp: Path, final: Path) -> Path:
     try:
         torch.save(state, tmp / CHECKPOINT_FILE)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        if final.exists():  # the same step saved again: move the old one aside first, never a moment with neither
+            aside = final.with_name("replaced-" + final.name)  # not a step-* name: never listed
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(final, aside)
+            os.replace(tmp, final)
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         raise _write_error(root, step, exc) from exc
@@ -133,5 +139,5 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu", file: 
     try:
         # Our own file, holding Python RNG tuples as well as tensors.
         return torch.load(path / file, map_location=map_location, weights_only=False)
-    except (OSError, RuntimeError, EOFError) as exc:
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
         raise CheckpointError(f"checkpoint {path} is unreadable ({exc}); delete it to resume from an earlier one") from exc

@@ -130,11 +130,13 @@ class SEAMTrainer:
 
         self.device = next(model.parameters()).device
         self.original_dtype = next(model.parameters()).dtype
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        if trainable and trainable[0].dtype not in (torch.float32, torch.float64):
-            # fp32 master weights: perturbation and differencing below bf16 resolution would be rounding noise.
-            log.warning("trainable parameters are %s; keeping float32 master weights", trainable[0].dtype)
-            for p in trainable:
+        low = [p for p in model.parameters() if p.is_floating_point() and p.dtype not in (torch.float32, torch.float64)]
+        if low:
+            # fp32 master weights: perturbation and differencing below bf16 resolution would be rounding noise; the
+            # frozen ones too, since the coupling passes run in float32 without autocast
+            log.warning("%d parameters are %s; keeping float32 master weights", len(low),
+                        "/".join(sorted({str(p.dtype).removeprefix("torch.") for p in low})))
+            for p in low:
                 p.data = p.data.float()
         # (a model about to be FSDP-sharded sits on the CPU or the meta device; it will run on the rank's device)
         runs_on = self.ctx.device if config.shard_parameters and self.ctx.distributed else self.device
@@ -144,7 +146,7 @@ class SEAMTrainer:
         for option in ("shard_gradients", "shard_parameters"):
             if getattr(config, option) and not self.ctx.distributed:
                 log.warning("%s has no effect in a single process: the whole model and full buffers are used", option)
-        del trainable  # under FSDP a reference to an unsharded parameter would keep the whole model alive
+        del low  # under FSDP a reference to an unsharded parameter would keep the whole model alive
         self.fsdp = config.shard_parameters and self.ctx.distributed
         self.answer_losses = AnswerLosses(model)
         if self.fsdp:  # after the float32 cast: FSDP shards the parameters as they are
