@@ -87,7 +87,7 @@ class DefenseConfig(BaseConfig):
     """Write a JSONL log row every N steps."""
     shard_gradients: bool = False
     """Under several processes, shard the flat gradient buffers and the optimizer state across ranks (ZeRO-2 /
-    FSDP-style memory: ≈ 1 + 8/world parameter copies per rank instead of ≈ 9, plus a world × 16 MB buffer for
+    FSDP-style memory: ≈ 1 + 8/world parameter copies per rank instead of ≈ 8, plus a world × 16 MB buffer for
     writing θ back chunk by chunk); parameters stay replicated.
     Same update as unsharded. Ignored, with a warning, in a single process."""
     shard_parameters: bool = False
