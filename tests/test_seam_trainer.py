@@ -298,6 +298,16 @@ def test_h_and_r_files_with_repeated_rows_stay_aligned(tokenizer, tmp_path):
              "benign": write_jsonl(tmp_path / "b.jsonl", BENIGN)}
     tr = _trainer(tokenizer, files, tmp_path / "out")
     assert tr.data_sizes["refusal"] == 3 and tr.samplers["refusal"].key == "harmful"
+    # every step's H and R batches hold the same prompts, row by row (the refusal of the prompt being unlearned)
+    from seamlm.data.format import IGNORE_INDEX
+
+    def prompts(batch):
+        return [ids[labels == IGNORE_INDEX][mask[labels == IGNORE_INDEX] == 1].tolist()
+                for ids, labels, mask in zip(batch["input_ids"], batch["labels"], batch["attention_mask"], strict=True)]
+
+    for step in range(5):
+        h_batches, r_batches = tr._micro_batches("harmful", step), tr._micro_batches("refusal", step)
+        assert [prompts(b) for b in h_batches] == [prompts(b) for b in r_batches], step
 
 
 def test_tf32_coupling_is_refused_off_cuda(tokenizer, streams, tmp_path):
