@@ -56,7 +56,8 @@ class AttackConfig(FinetuneConfig):
 
     def validate(self) -> None:
         super().validate()
-        moved = [k for k in self.GRID_OWNED if getattr(self, k) != getattr(FinetuneConfig(), k)]
+        base = FinetuneConfig()
+        moved = [k for k in self.GRID_OWNED if getattr(self, k) != getattr(base, k)]
         if moved:
             raise ConfigError(f"AttackConfig: set {moved} through the grid fields learning_rates / num_epochs / seeds")
         if (min(self.num_samples) < 1 or min(self.num_epochs) < 1 or min(self.learning_rates) <= 0):

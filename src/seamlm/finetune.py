@@ -287,8 +287,7 @@ def finetune(
                     loss = answer_ce(model, batch)
                 value = loss.item()
             if not math.isfinite(value):
-                raise _diverged(f"{desc}: loss became {value} at step {step} (lr={cfg.lr}; {_DIVERGED_HINT})", model, cfg, losses, logs,
-                                gather)
+                raise _diverged(f"{desc}: loss became {value} at step {step}", model, cfg, losses, logs, gather)
             if not ctx.distributed:
                 loss.backward()
             if hooks.transform_gradients:
@@ -300,8 +299,8 @@ def finetune(
             if hasattr(norm, "full_tensor"):  # sharded gradients: the norm is a DTensor over the ranks
                 norm = norm.full_tensor()
             if not torch.isfinite(norm):  # a finite loss can still give inf/NaN gradients: stop before the update
-                raise _diverged(f"{desc}: gradient norm became {norm.item()} at step {step} (lr={cfg.lr}; {_DIVERGED_HINT})", model,
-                                cfg, losses, logs, gather)
+                raise _diverged(f"{desc}: gradient norm became {norm.item()} at step {step}", model, cfg, losses,
+                                logs, gather)
             lr = sched.get_last_lr()[0]  # the rate this step uses
             opt.step()
             sched.step()
@@ -353,15 +352,12 @@ class _ProbeRecorder:
             append_records(self.path, self.rows[-1:])
 
 
-_DIVERGED_HINT = "a lower learning rate or --max_grad_norm usually avoids it"
-
-
 def _diverged(message: str, model: Any, cfg: FinetuneConfig, losses: list[float],
               logs: list[dict[str, float]], gather: _FSDPGather | None = None) -> NonFiniteLossError:
     """The error a diverged run raises, carrying the weights before the failed step and the losses so far, so a
     caller can still evaluate the model. (Sharded: every rank sees the same global loss and norm, so all of them
-    get here and take part in the gather.)"""
-    err = NonFiniteLossError(message)
+    get here and take part in the gather.) The message gains the learning rate and what usually avoids it."""
+    err = NonFiniteLossError(f"{message} (lr={cfg.lr}; a lower learning rate or --max_grad_norm usually avoids it)")
     err.model = gather() if gather else model.merge_and_unload() if cfg.lora else model
     err.losses, err.logs = losses, logs
     return err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,17 +23,22 @@ def drop_partial_tail(path: str | Path) -> None:
         os.truncate(path, data.rfind(b"\n") + 1)
 
 
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write ``text`` (UTF-8) to ``path`` through a temporary file renamed over it: a kill or a full disk leaves the
-    old file or the new one, never a cut one, for files a resumed run reads back."""
+def replace_atomically(path: str | Path, write: Callable[[Path], Any]) -> Path:
+    """``write`` a temporary file beside ``path``, then rename it over ``path``: a kill or a full disk leaves the old
+    file or the new one, never a cut one, for files a resumed run reads back."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        tmp.write_text(text, encoding="utf-8")
+        write(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` with :func:`replace_atomically`."""
+    return replace_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def append_records(path: str | Path, records: list[dict[str, Any]]) -> None:

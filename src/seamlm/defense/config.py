@@ -8,8 +8,8 @@ from typing import Literal
 from seamlm.config import BaseConfig, warmup_check
 
 #: Keys that may differ between a checkpoint and the run resuming it (they do not change the trajectory).
-#: config keys a resume may change. compute_dtype is compared as resolved (``auto`` is bf16 on CUDA, fp32 on CPU)
-#: against the checkpoint's record instead, so ``auto`` → ``bfloat16`` on another device is a valid resume.
+#: compute_dtype is compared as resolved (``auto`` is bf16 on CUDA, fp32 on CPU) against the checkpoint's record
+#: instead, so ``auto`` → ``bfloat16`` on another device is a valid resume.
 RESUME_SAFE_KEYS = frozenset({"output_dir", "checkpoint_every", "keep_checkpoints", "log_every", "compute_dtype"})
 
 

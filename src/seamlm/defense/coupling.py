@@ -230,17 +230,15 @@ class ShardedFlatParams(FlatParams):
         for c in range(0, size, chunk):
             n_c = min(chunk, size - c)
             gathered = self.ctx.all_gather_into(buf[: world * n_c], flat[c:c + n_c])
-            for r in range(world):  # rank r's piece: global elements [r·S + c, r·S + c + n_c)
+            for r in range(world):  # rank r's piece: global elements [lo, hi), at gathered[r·n_c ...]
                 lo, hi = r * size + c, min(r * size + c + n_c, self.total_numel)
+                shift = r * n_c - lo  # global element g sits at gathered[g + shift]
                 i = max(0, bisect.bisect_right(starts, lo) - 1)  # the parameter holding element lo
-                while i < len(self.params) and lo < hi:
+                while i < len(self.params) and starts[i] < hi:  # (a padding-only piece copies nothing)
                     o, n = self._offsets[i]
                     a, b = max(lo, o), min(hi, o + n)
                     if a < b:
-                        self.params[i].view(-1)[a - o:b - o].copy_(gathered[r * n_c + a - r * size - c:
-                                                                            r * n_c + b - r * size - c])
-                    if o + n >= hi:
-                        break
+                        self.params[i].view(-1)[a - o:b - o].copy_(gathered[a + shift:b + shift])
                     i += 1
 
 

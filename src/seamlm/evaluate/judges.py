@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import random
 import re
 from abc import ABC, abstractmethod
@@ -29,7 +28,7 @@ from seamlm.data.refusals import is_refusal
 from seamlm.data.sources import load_source, pyrit_labelled
 from seamlm.data.splits import prompt_hash
 from seamlm.errors import ConfigError
-from seamlm.jsonl import write_text_atomic
+from seamlm.jsonl import replace_atomically, write_text_atomic
 from seamlm.packages import cache_dir as default_cache_dir
 from seamlm.packages import package_file
 from seamlm.runinfo import fingerprint
@@ -234,9 +233,7 @@ class MiniLMJudge(Judge):
             path.parent.mkdir(parents=True, exist_ok=True)
             # metrics first, then the head renamed into place: a head on disk always has its metrics beside it
             write_text_atomic(path.with_suffix(".json"), json.dumps(self.metrics, indent=2))
-            tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-            torch.save(state, tmp)
-            os.replace(tmp, path)
+            replace_atomically(path, lambda tmp: torch.save(state, tmp))
         self.head = _head(384, state["hidden"])
         self.head.load_state_dict(state["state"])
         self.head.eval()
