@@ -12,11 +12,15 @@ CELL = "sft-full-adamw-lr0.0002-n10-ep1-s0"
 ATTACK = {"lr": 2e-4, "seed": 0, "lora": False, "status": "ok"}
 
 
-def _run(path, hs_seam_attacked, judge="minilm-pyrit-v3", with_seam_attack=True):
+def _run(path, hs_seam_attacked, judge="minilm-pyrit-v3", with_seam_attack=True, hs_prompts=None,
+         seam_ppl=30.0, seam_status="ok", eval_seed=0):
+    parts = None if hs_prompts is None else {"eval": {"hs_prompts": hs_prompts, "seed": eval_seed}, "judge": judge}
+
     def row(model, cell, metric, value):
         return ResultRow(model=model, defense="seam" if model == "seam" else "none", cell=cell, metric=metric,
                          value=value, judge=judge if metric == "hs" else None,
-                         attack={} if cell == "pre" else ATTACK)
+                         attack={} if cell == "pre" else {**ATTACK, "status": seam_status if model == "seam" else "ok"},
+                         settings=None if parts is None else f"digest{hs_prompts}")
 
     rows = [row("raw", "pre", "hs", 50.0)]
     for m, hs, zs in (("aligned", 10.0, 60.0), ("seam", 8.0, 59.0)):
@@ -26,8 +30,8 @@ def _run(path, hs_seam_attacked, judge="minilm-pyrit-v3", with_seam_attack=True)
              row("aligned", CELL, "coherence_ppl", 22.0)]
     if with_seam_attack:
         rows += [row("seam", CELL, "hs", hs_seam_attacked), row("seam", CELL, "zs_mean", 58.0),
-                 row("seam", CELL, "coherence_ppl", 30.0)]
-    ResultStore(path).append(rows)
+                 row("seam", CELL, "coherence_ppl", seam_ppl)]
+    ResultStore(path).append(rows, settings_parts=parts)
     return path
 
 
@@ -68,3 +72,39 @@ def test_runs_of_different_judges_or_bad_options_are_refused(tmp_path, capsys):
     assert main(["report", str(a), str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "r")]) == 1
     assert "missing.jsonl does not exist" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_infinite_values_are_counted_not_averaged_and_divergence_is_marked(tmp_path):
+    from seamlm.across_runs import across_runs_tables, load_runs
+
+    # a broken model's perplexity overflows to inf (statistics.stdev raises on it): the finite runs are averaged
+    # and the inf ones counted; a diverged attack is named in every metric's cell
+    runs = load_runs([_run(tmp_path / "a.jsonl", 5.0, seam_ppl=float("inf")), _run(tmp_path / "b.jsonl", 9.0),
+                      _run(tmp_path / "c.jsonl", 7.0, seam_ppl=50.0, seam_status="diverged")])
+    tables = across_runs_tables(runs)
+    ppl = tables["benign perplexity: mean ± sd over 3 runs"]
+    assert ppl[3][2] == f"40.0 ± {statistics.stdev([30.0, 50.0]):.1f} (n=2, inf in 1, diverged in 1)"
+    assert tables["HS %: mean ± sd over 3 runs"][3][2] == "7.0 ± 2.0 (diverged in 1)"
+    only_inf = load_runs([_run(tmp_path / "d.jsonl", 5.0, seam_ppl=float("inf"))])
+    assert across_runs_tables(only_inf)["benign perplexity: mean ± sd over 1 runs"][3][2] == "inf (inf in 1)"
+
+
+def test_the_same_run_twice_or_runs_of_other_evaluation_settings_are_refused(tmp_path, capsys):
+    from seamlm.across_runs import load_runs
+
+    a = _run(tmp_path / "a.jsonl", 5.0, hs_prompts=32)
+    with pytest.raises(DataError, match="given twice"):
+        load_runs([a, tmp_path / "." / "a.jsonl"])
+    # the sampling seed may differ (it is left out of the comparison); the number of HS prompts may not
+    load_runs([a, _run(tmp_path / "b.jsonl", 7.0, hs_prompts=32, eval_seed=1)])
+    with pytest.raises(DataError, match=r"'aligned' in .*c.jsonl was evaluated with other settings .*hs_prompts"):
+        load_runs([a, _run(tmp_path / "c.jsonl", 7.0, hs_prompts=100)])
+
+
+def test_a_folder_without_results_names_its_seed_runs(tmp_path, capsys):
+    for s in (0, 1):
+        (tmp_path / "demo" / f"seed-{s}").mkdir(parents=True)
+        _run(tmp_path / "demo" / f"seed-{s}" / "results.jsonl", 5.0)
+    assert main(["report", str(tmp_path / "demo"), "--out", str(tmp_path / "r")]) == 1
+    err = capsys.readouterr().err
+    assert "is a folder without a results.jsonl" in err and "seed-0" in err and "seed-1" in err

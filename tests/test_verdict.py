@@ -67,3 +67,23 @@ def test_tolerances_bound_a_cost_ties_pass_and_nan_or_divergence_is_no_verdict()
             r.attack = {**STRONG, "status": "diverged"}
     strong = next(c for c in check_bar(rows) if c.criterion.startswith("SEAM after strong"))
     assert strong.passed is None and "diverged" in strong.measured
+
+
+def test_divergence_is_read_from_the_seam_rows_whatever_the_row_order():
+    # a results file where the SEAM attack diverged and the aligned model's cell came after it (attack --label seam,
+    # then --label aligned into one file): the aligned row's status must not turn SEAM's NaN weights into a pass
+    table = {k: dict(v) for k, v in BASE.items()}
+    table[("seam", "strong")] = {"hs": 0.0, "zs_mean": 25.0, "coherence_ppl": float("inf")}
+    seam_first = {k: table[k] for k in sorted(table, key=lambda k: k[0] != "seam")}
+    rows = _rows(seam_first)
+    for r in rows:
+        if r.model == "seam" and r.cell == "strong":
+            r.attack = {**STRONG, "status": "diverged"}
+        elif r.cell == "strong":
+            r.attack = {**STRONG, "status": "ok"}
+    assert rows[-1].model != "seam"
+    strong = [c for c in check_bar(rows) if c.criterion.startswith("SEAM after strong")]
+    assert len(strong) == 1 and strong[0].passed is None and "diverged" in strong[0].measured
+    # the criterion's wording is the same diverged or not, so runs line up in the across-runs table
+    ok = next(c for c in check_bar(_rows(BASE)) if c.criterion.startswith("SEAM after strong"))
+    assert strong[0].criterion == ok.criterion

@@ -31,13 +31,16 @@ def load_runs(paths: list[str | Path]) -> list[Run]:
     same one, so the means never mix judges."""
     from seamlm.report import is_plain_grid
 
-    runs = []
+    runs: list[Run] = []
     for p in paths:
         path = Path(p)
         if path.is_dir() and (path / "results.jsonl").is_file():
             path = path / "results.jsonl"
         if not path.is_file():
             raise DataError(f"{path} does not exist; give the results.jsonl files (or run folders) to compare")
+        twin = next((run.path for run in runs if run.path.resolve() == path.resolve()), None)
+        if twin is not None:
+            raise DataError(f"{p} is {twin} again: one run given twice would count twice in the mean ± sd")
         rows = [r for r in ResultStore(path).rows() if is_plain_grid(r)]
         if not rows:
             raise DataError(f"{path} holds no pre-attack or plain attack rows")
@@ -46,7 +49,30 @@ def load_runs(paths: list[str | Path]) -> list[Run]:
     if len(judges) > 1:
         raise DataError(f"the runs' HS rows come from different judges ({', '.join(sorted(map(str, judges)))}); "
                         f"their mean would mix two scales: compare runs of one judge")
+    _check_same_evaluation(runs)
     return runs
+
+
+def _check_same_evaluation(runs: list[Run]) -> None:
+    """Each model's pre-attack rows must come from one evaluation setup in every run (the results files' settings
+    records; the sampling seed may differ): a mean over a quick and a full preset would mix 32 and 100 HS prompts
+    and two sets of ZS tasks. Rows from before settings records are not checked."""
+    first: dict[str, tuple[dict, Path]] = {}
+    for run in runs:
+        store = ResultStore(run.path)
+        for model, digest in sorted({(r.model, r.settings) for r in run.rows if r.cell == "pre" and r.settings}):
+            record = store.settings_dir / f"{digest}.json"
+            ev = json.loads(record.read_text(encoding="utf-8")).get("eval") if record.is_file() else None
+            if not isinstance(ev, dict):
+                continue
+            ev = {k: v for k, v in ev.items() if k != "seed"}
+            seen, where = first.setdefault(model, (ev, run.path))
+            if ev != seen:
+                changed = [k for k in sorted(set(seen) | set(ev)) if seen.get(k) != ev.get(k)]
+                raise DataError(f"'{model}' in {run.path} was evaluated with other settings than in {where} "
+                                f"({', '.join(changed[:6])}{' …' if len(changed) > 6 else ''} differ): its numbers "
+                                "are on another scale. Compare runs of one setup (same preset and eval options), "
+                                "varying only the seeds")
 
 
 def mean_sd(values: list[float]) -> tuple[float, float]:
@@ -54,13 +80,24 @@ def mean_sd(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def _fmt(values: list[float], digits: int, runs: int) -> str:
+def _fmt(values: list[float], digits: int, runs: int, diverged: int = 0) -> str:
+    """mean ± sd of the finite values; an infinite one (a perplexity that overflowed: a broken model) is counted
+    beside it, not averaged; ``diverged``: how many of the runs' attacks on this cell diverged."""
     values = [v for v in values if not math.isnan(v)]
-    if not values:
-        return "–"
-    m, s = mean_sd(values)
-    text = f"{m:.{digits}f} ± {s:.{digits}f}"
-    return text if len(values) == runs else f"{text} (n={len(values)})"
+    finite = [v for v in values if math.isfinite(v)]
+    notes = [f"inf in {len(values) - len(finite)}"] if len(finite) < len(values) else []
+    if diverged:
+        notes.append(f"diverged in {diverged}")
+    if finite:
+        m, s = mean_sd(finite)
+        text = f"{m:.{digits}f} ± {s:.{digits}f}"
+        if len(finite) != runs:
+            notes.insert(0, f"n={len(finite)}")
+    elif values:
+        text = "inf"
+    else:
+        text = "–"
+    return f"{text} ({', '.join(notes)})" if notes else text
 
 
 def across_runs_tables(runs: list[Run]) -> dict[str, list[list[str]]]:
@@ -74,11 +111,14 @@ def across_runs_tables(runs: list[Run]) -> dict[str, list[list[str]]]:
     models = list(dict.fromkeys(r.model for r in rows))
     header = column_header(cells)
     per_run = [{(r.model, r.cell, r.metric): r.value for r in run.rows} for run in runs]
+    diverged = {(m, c): len({id(run) for run in runs for r in run.rows if (r.model, r.cell) == (m, c)
+                             and r.attack.get("status") == "diverged"}) for m in models for c, _ in cells}
     tables: dict[str, list[list[str]]] = {}
     for metric, title, digits in METRICS:
         if not any(r.metric == metric for r in rows):
             continue
-        body = [[m] + [_fmt([v[(m, c, metric)] for v in per_run if (m, c, metric) in v], digits, n) for c, _ in cells]
+        body = [[m] + [_fmt([v[(m, c, metric)] for v in per_run if (m, c, metric) in v], digits, n, diverged[(m, c)])
+                       for c, _ in cells]
                 for m in models]
         tables[f"{title}: mean ± sd over {n} runs"] = [header] + body
     if {"aligned", "seam"} <= set(models):
@@ -99,25 +139,31 @@ def _error_bar_plots(runs: list[Run], out: Path) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from seamlm.report import _save
+    from seamlm.report import _save, varying_settings
 
     rows = [r for run in runs for r in run.rows]
     models = list(dict.fromkeys(r.model for r in rows))
+    # one line per setting besides the lr (seed, samples … and LoRA), as in the single-run report: a mean over
+    # cells of different attacks would mix the spread across settings into the spread across runs. Diverged
+    # attacks are left out (their numbers measure NaN weights); the tables count them.
+    trained = [r for r in rows if r.cell != "pre" and isinstance(r.attack.get("lr"), (int, float))
+               and r.attack.get("status") != "diverged" and math.isfinite(r.value)]
+    shown = varying_settings(trained)
     made = []
     for metric, ylabel, fname in (("hs", "HS (%)", "hs_vs_lr.png"), ("zs_mean", "ZS mean accuracy (%)", "zs_vs_lr.png")):
         fig, ax = plt.subplots(figsize=(6, 4))
         for i, m in enumerate(models):
-            by_lr: dict[float, list[float]] = {}
-            for r in rows:
-                lr = r.attack.get("lr")
-                if (r.model == m and r.metric == metric and r.cell != "pre" and not r.attack.get("lora")
-                        and isinstance(lr, (int, float)) and math.isfinite(r.value)):
-                    by_lr.setdefault(lr, []).append(r.value)
-            if by_lr:
+            lines: dict[tuple[bool, str], dict[float, list[float]]] = {}
+            for r in trained:
+                if r.model == m and r.metric == metric:
+                    key = (bool(r.attack.get("lora")), shown(r.attack))
+                    lines.setdefault(key, {}).setdefault(r.attack["lr"], []).append(r.value)
+            for j, ((lora, what), by_lr) in enumerate(sorted(lines.items())):
                 lrs = sorted(by_lr)
                 stats = [mean_sd(by_lr[x]) for x in lrs]
-                ax.errorbar(lrs, [s[0] for s in stats], yerr=[s[1] for s in stats], fmt="o-", color=f"C{i}",
-                            capsize=3, label=f"{m} (attacked)")
+                ax.errorbar(lrs, [s[0] for s in stats], yerr=[s[1] for s in stats], fmt="s--" if lora else "o-",
+                            color=f"C{i}", alpha=1.0 - 0.5 * j / len(lines), capsize=3,
+                            label=f"{m} ({'LoRA ' if lora else ''}attacked{': ' + what if what else ''})")
             pre = [r.value for r in rows if r.model == m and r.metric == metric and r.cell == "pre"
                    and math.isfinite(r.value)]
             if pre:

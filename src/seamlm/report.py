@@ -6,7 +6,7 @@ import html
 import json
 import math
 import re
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 from seamlm.errors import DataError
@@ -61,6 +61,14 @@ def _settings_shown(attack: dict, keys: Collection[str]) -> list[str]:
     """``short=value`` for each of the attack settings ``keys`` (``_VARYING`` order; the LoRA rank on LoRA only)."""
     return [f"{short}={attack.get(key)}" for key, short in _VARYING
             if key in keys and (key != "lora_r" or attack.get("lora"))]
+
+
+def varying_settings(rows: list[ResultRow]) -> Callable[[dict], str]:
+    """``attack -> "seed=1, n=50"``: the settings besides the lr that differ between ``rows``' attacks (one plot
+    line per combination)."""
+    varies = [k for k, _ in _VARYING
+              if len({str(r.attack.get(k)) for r in rows if k != "lora_r" or r.attack.get("lora")}) > 1]
+    return lambda attack: ", ".join(_settings_shown(attack, varies))
 
 
 def column_header(cells: list[tuple[str, dict]]) -> list[str]:
@@ -212,8 +220,7 @@ def _plots(rows: list[ResultRow], results_dir: Path, out: Path) -> list[str]:
     models = list(dict.fromkeys(r.model for r in rows))
     trained = [r for r in rows if r.cell != "pre" and isinstance(r.attack.get("lr"), (int, float))]
     # one line per setting besides the lr (seed, samples, optimizer … and LoRA): joining them would zig-zag
-    varies = [k for k, _ in _VARYING
-              if len({str(r.attack.get(k)) for r in trained if k != "lora_r" or r.attack.get("lora")}) > 1]
+    shown = varying_settings(trained)
     for metric, ylabel, fname in (("hs", "HS (%)", "hs_vs_lr.png"), ("zs_mean", "ZS mean accuracy (%)", "zs_vs_lr.png")):
         fig, ax = plt.subplots(figsize=(6, 4))
         for i, m in enumerate(models):
@@ -221,7 +228,7 @@ def _plots(rows: list[ResultRow], results_dir: Path, out: Path) -> list[str]:
             lines: dict[tuple[bool, str], list[tuple[float, float]]] = {}  # (LoRA, other settings) -> points
             for r in trained:
                 if r.model == m and r.metric == metric:
-                    key = (bool(r.attack.get("lora")), ", ".join(_settings_shown(r.attack, varies)))
+                    key = (bool(r.attack.get("lora")), shown(r.attack))
                     lines.setdefault(key, []).append((r.attack["lr"], r.value))
             for j, ((lora, what), pts) in enumerate(sorted(lines.items())):
                 pts.sort()
@@ -313,7 +320,13 @@ def write_report(results: str | Path, out_dir: str | Path, eps: tuple[float, ...
     results = Path(results)
     if results.is_dir() and (results / "results.jsonl").is_file():
         results = results / "results.jsonl"  # a run folder: its results file
-    if not results.exists():
+    if results.is_dir():
+        seeds = sorted(p.name for p in results.glob("seed-*") if (p / "results.jsonl").is_file())
+        hint = (f" (a `--seeds` demo: report its runs together, `seamlm report {' '.join(str(results / s) for s in seeds)}"
+                " --out DIR`)" if seeds else "")
+        raise DataError(f"{results} is a folder without a results.jsonl{hint}; give the results.jsonl that "
+                        "`seamlm eval`/`attack`/`demo` wrote, or its run folder")
+    if not results.is_file():
         raise DataError(f"{results} does not exist; give the results.jsonl that `seamlm eval`/`attack`/`demo` wrote")
     rows = ResultStore(results).rows()
     if not rows:
