@@ -15,7 +15,7 @@ from seamlm.recipes import make_recipe
 from seamlm.report import write_report
 from seamlm.results import ResultRow, ResultStore
 from seamlm.selection import collect, worst_case, worst_case_rows
-from seamlm.sweep import SweepConfig, open_study, run_sweep, suggest_training
+from seamlm.sweep import SweepConfig, open_study, run_sweep, suggest_training, sweep_study
 from tests.conftest import BENIGN, HARMFUL, REFUSAL
 
 
@@ -191,3 +191,24 @@ def test_a_sweep_searches_the_ablation_layer_without_training_knobs(tiny_model_d
         assert info["layer"] == min(1, round(2 * t.params["layer_fraction"]))  # the tiny model has 2 layers
     with pytest.raises(ConfigError, match="layer_fraction"):
         make_recipe("ablation", {"layer_fraction": 1.0})
+
+
+def test_a_second_study_of_another_seed_in_one_out_folder_runs_its_own_cells(tiny_model_dir, bundle, tmp_path):
+    # the ConfigError for a changed sweep config says "use another --study_name": that study, with another seed,
+    # draws other harmful prompts, so the same parameters must make a new cell, not read back the first study's
+    store = ResultStore(tmp_path / "results.jsonl")
+    runs = {}
+    for seed, name in ((0, "a"), (1, "b")):
+        cfg = SweepConfig(recipes=("ablation",), trials=1, num_samples=4, startup_trials=10, seed=seed,
+                          study_name=name)
+        study = sweep_study(str(tiny_model_dir), "tiny", bundle, cfg, FinetuneConfig(max_length=64), EVAL,
+                            KeywordJudge(), tmp_path)
+        study.enqueue_trial({"layer_fraction": 0.5, "n_prompts": 16})
+        runs[seed] = run_sweep(str(tiny_model_dir), "tiny", "none", bundle, cfg, FinetuneConfig(max_length=64),
+                               EVAL, KeywordJudge(), tmp_path, store, study=study).trials[0]
+    assert runs[0].params == runs[1].params
+    cells = {seed: t.user_attrs["cell"] for seed, t in runs.items()}
+    assert cells[0] != cells[1]
+    seeds = {r.cell: json.loads((store.settings_dir / f"{r.settings}.json").read_text())["seed"]
+             for r in store.rows() if r.cell in cells.values()}
+    assert seeds == {cells[0]: 0, cells[1]: 1}

@@ -204,7 +204,8 @@ def attack_cell(model_name: str, label: str, defense: str, bundle: BundleData, r
     digest = manifest_digest(bundle)
     parts = dict(model=model_identity(model_name), eval=cell_eval.settings_dict(), judge=judge.name, data=digest,
                  recipe=recipe.describe(), train=train_cfg.trajectory_dict() if recipe.trains else None,
-                 **({"loop": LOOP_VERSION} if recipe.trains else {}),
+                 # a weight edit trains nothing, but the seed still picks its harmful prompts (attack_data)
+                 **({"loop": LOOP_VERSION} if recipe.trains else {"seed": run_cfg.seed}),
                  samples=len(data.harmful))
     settings = settings_digest(**parts)
     finished = finished_rows(store, model_name, label, cell, settings, parts)

@@ -191,7 +191,9 @@ def run_sweep(model_name: str, label: str, defense: str, bundle: BundleData, cfg
         recipe = make_recipe(name, recipe.suggest(trial))
         over = suggest_training(trial, cfg) if recipe.trains else {}
         run_cfg = base.replace(**over, seed=cfg.seed)
-        cell = f"sweep-{name}-{fingerprint(trial.params)[:8]}"
+        # the seed picks the attack's examples: two studies of other seeds in one --out must not share a cell
+        # (seed 0 keeps the names sweeps had before the seed was named)
+        cell = f"sweep-{name}-{fingerprint({**trial.params, 'seed': cfg.seed} if cfg.seed else trial.params)[:8]}"
         meta = {"sweep": study.study_name, "trial": trial.number, "params": trial.params}
         outcome = attack_cell(model_name, label, defense, bundle, recipe, run_cfg, cfg.num_samples, eval_cfg, judge,
                               out_dir, store, cell=cell, meta=meta)
