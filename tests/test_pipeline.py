@@ -91,6 +91,15 @@ def test_demo_reuses_a_baseline_for_other_defense_settings(tiny_model_dir, tmp_p
     assert paths["seam"] == trial / "models" / "seam" / "model"
     with pytest.raises(ConfigError, match="attack_samples"):
         run_demo(tmp_path / "bad", cfg.replace(attack_samples=5, baseline_from=str(base)))
+    # the copied attack rows' loss curves are the baseline's, found from the new run's folder (its report plots them)
+    logs = {r.attack["loss_log"] for r in rows if r.model == "aligned" and r.cell != "pre"}
+    assert logs and all((trial / p).resolve() == (base / q).resolve() for p, q in zip(
+        sorted(logs), sorted({r.attack["loss_log"] for r in base_rows if r.model == "aligned" and r.cell != "pre"}),
+        strict=True))
+    assert all((trial / p).is_file() for p in logs)
+    # a baseline that itself reused one: the error names the demo that holds the aligned model
+    with pytest.raises(ConfigError, match=f"give baseline_from={base}"):
+        run_demo(tmp_path / "chain", cfg.replace(defense_steps=4, baseline_from=str(trial)))
 
 
 @pytest.mark.slow

@@ -46,6 +46,19 @@ def test_store_append_done_and_partial_tail(tmp_path):
         store.rows()
 
 
+def test_a_complete_row_missing_only_its_newline_is_not_done_yet(tmp_path, caplog):
+    """A kill between a row's closing brace and its newline: the line parses, but the next append cuts it (it has
+    no newline), so counting its cell as done now would skip the cell and then lose its row."""
+    store = ResultStore(tmp_path / "r.jsonl")
+    store.append([_row()])
+    store.append([_row(cell="lr1", attack={"lr": 1e-4})])
+    store.path.write_text(store.path.read_text()[:-1])  # the last write's newline never reached the disk
+    assert not store.done("aligned", "lr1") and store.done("aligned", "pre")
+    assert "no newline" in caplog.text
+    store.append([_row(cell="lr1", attack={"lr": 1e-4}, value=3.0)])
+    assert [r.value for r in store.rows() if r.cell == "lr1"] == [3.0]
+
+
 def test_a_cell_whose_write_was_cut_short_is_not_done(tmp_path, caplog):
     """A kill (or a full disk) after some complete lines of a cell's write: those rows must not make it done."""
     store = ResultStore(tmp_path / "r.jsonl")

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from seamlm.errors import DataError
+
+log = logging.getLogger(__name__)
 
 
 def drop_partial_tail(path: str | Path) -> None:
@@ -52,8 +55,10 @@ def append_records(path: str | Path, records: list[dict[str, Any]]) -> None:
 
 
 def read_records(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
-    """``(line number, object)`` for every non-blank line. A last line cut off before its newline is skipped (its
-    work is redone); any other line that is not JSON is an error naming the file and line."""
+    """``(line number, object)`` for every non-blank line. A last line without its newline is skipped even when it
+    parses (every writer here ends its lines, so the write was cut short; the next :func:`append_records` cuts it,
+    so counting it as done now would lose it then): its work is redone. Any other line that is not JSON is an error
+    naming the file and line."""
     path = Path(path)
     if not path.exists():
         return []
@@ -63,10 +68,12 @@ def read_records(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
     for i, line in enumerate(lines, 1):
         if not line.strip():
             continue
+        if i == len(lines):  # text does not end with a newline
+            log.warning("%s:%d: the last line has no newline (a write cut short by a kill or a full disk): ignored, "
+                        "its work is redone", path, i)
+            continue
         try:
             out.append((i, json.loads(line)))
         except json.JSONDecodeError:
-            if i == len(lines) and not text.endswith("\n"):
-                continue
             raise DataError(f"{path}:{i} is not valid JSON: repair or delete that line") from None
     return out

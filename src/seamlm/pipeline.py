@@ -6,8 +6,10 @@ output exists (``fresh=True`` redoes everything), so a killed demo resumes where
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +26,7 @@ from seamlm.finetune import FinetuneConfig, finetune
 from seamlm.jsonl import write_text_atomic
 from seamlm.models import is_saved_model, load_model, save_model
 from seamlm.report import write_report
-from seamlm.results import ResultStore
+from seamlm.results import ResultRow, ResultStore
 from seamlm.runinfo import StageClock
 
 log = logging.getLogger(__name__)
@@ -168,6 +170,13 @@ def demo_paths(out_dir: str | Path, cfg: DemoConfig) -> dict[str, Path]:
             "seam": out / "models" / "seam" / "model"}
 
 
+def _rebased(row: ResultRow, base: Path, out: Path) -> ResultRow:
+    """``row`` of the ``base`` demo with its log paths (relative to its results file) made relative to ``out``'s,
+    so this demo's report still finds the baseline's attack curves."""
+    moved = {k: os.path.relpath(base / row.attack[k], out) for k in ("loss_log", "probe_log") if row.attack.get(k)}
+    return dataclasses.replace(row, attack={**row.attack, **moved}) if moved else row
+
+
 def _banner(text: str) -> None:
     log.info("=" * 20 + f" {text} " + "=" * 20)
 
@@ -175,6 +184,10 @@ def _banner(text: str) -> None:
 def _check_baseline(cfg: DemoConfig) -> Path:
     base = Path(cfg.baseline_from)
     saved = base / "demo_config.json"
+    theirs_base = json.loads(saved.read_text()).get("baseline_from") if saved.is_file() else None
+    if theirs_base:
+        raise ConfigError(f"baseline_from={base} reuses the aligned model of {theirs_base} itself: give "
+                          f"baseline_from={theirs_base}")
     if not saved.is_file() or not is_saved_model(base / "models" / "aligned"):
         raise ConfigError(f"baseline_from={base}: not a demo directory with a finished alignment stage "
                           f"(run `seamlm demo --out {base}` first)")
@@ -241,9 +254,9 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig, fresh: bool = False) -> Path:
     store = ResultStore(out / "results.jsonl")
     if cfg.baseline_from and not store.path.exists():
         base_store = ResultStore(base / "results.jsonl")
-        store.append([r for r in base_store.rows() if r.model in ("raw", "aligned")])
         if base_store.settings_dir.is_dir():  # the copied rows' settings records, for a later mismatch message
             shutil.copytree(base_store.settings_dir, store.settings_dir, dirs_exist_ok=True)
+        store.append([_rebased(r, base, out) for r in base_store.rows() if r.model in ("raw", "aligned")])
     eval_cfg = cfg.demo_eval_config()
     models = {"raw": (cfg.model, "none"), "aligned": (str(aligned), "none"), "seam": (str(paths["seam"]), "seam")}
 

@@ -101,11 +101,12 @@ class ResultStore:
         """Append ``rows``; ``settings_parts`` (what their ``settings`` digest was made of) is kept beside them."""
         for r in rows:
             r.validate()
-        write = f"{uuid.uuid4().hex[:12]}/{len(rows)}"
-        append_records(self.path, [dataclasses.asdict(dataclasses.replace(r, write=write)) for r in rows])
+        # the settings record first: rows without theirs would escape check_label's model/judge/data check
         if settings_parts is not None:
             for digest in {r.settings for r in rows if r.settings}:
                 self.record_settings(digest, settings_parts)
+        write = f"{uuid.uuid4().hex[:12]}/{len(rows)}"
+        append_records(self.path, [dataclasses.asdict(dataclasses.replace(r, write=write)) for r in rows])
 
     def rows(self) -> list[ResultRow]:
         """Every complete write's rows (a row cut off by a kill, and the rest of its write, are left out: their
