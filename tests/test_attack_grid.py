@@ -106,6 +106,14 @@ def test_eval_refuses_a_zero_shot_task_that_feeds_training(tiny_model_dir, bundl
                             ResultStore(tmp_path / "r.jsonl"))
 
 
+def test_eval_refuses_an_lm_eval_task_that_feeds_training(tiny_model_dir, bundle, tmp_path):
+    # offline-default trains on PIQA's validation split, which lm-eval's piqa task scores
+    bundle.manifest["zero_shot_exclude"] = ["piqa"]
+    with pytest.raises(ConfigError, match=r"lm-eval tasks \['piqa'\] score the split that feeds"):
+        evaluate_pre_attack(str(tiny_model_dir), "tiny", "none", bundle, EVAL.replace(lm_eval_tasks=("piqa",)),
+                            KeywordJudge(), tmp_path, ResultStore(tmp_path / "r.jsonl"))
+
+
 def test_changed_settings_do_not_reuse_old_cells(tiny_model_dir, bundle, tmp_path):
     store = ResultStore(tmp_path / "results.jsonl")
     first = _grid(tiny_model_dir, bundle, tmp_path, store, lrs=(1e-4,))

@@ -228,3 +228,20 @@ def test_sharded_write_rebuilds_every_parameter_chunk_by_chunk(tokenizer, chunk)
     flat.write(padded[: flat.shard_size].clone())
     torch.testing.assert_close(torch.cat([p.detach().reshape(-1) for p in params]), padded[:total], rtol=0, atol=0)
     assert ctx.gathers == -(-flat.shard_size // min(chunk, flat.shard_size))
+
+
+def test_the_coupling_of_a_model_under_a_live_lora_adapter_is_the_base_weights(tokenizer):
+    """The attack probe measures a LoRA attack mid-way, adapters live: at update 0 (B = 0) its figure must be the
+    unattacked model's, i.e. the adapters' own gradients (non-zero for B) stay out of the vector."""
+    from peft import LoraConfig, get_peft_model
+
+    from seamlm.evaluate.metrics import gradient_coupling
+    from tests.conftest import BENIGN, HARMFUL
+
+    model = make_model(len(tokenizer))
+    before = gradient_coupling(model, tokenizer, HARMFUL[:4], BENIGN[:4], batch_size=2, max_length=48)
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    live = gradient_coupling(peft_model, tokenizer, HARMFUL[:4], BENIGN[:4], batch_size=2, max_length=48)
+    assert live["coupling_cos"] == pytest.approx(before["coupling_cos"], abs=1e-5)
+    assert live["coupling_slope"] == pytest.approx(before["coupling_slope"], rel=1e-4)
+    assert all(p.requires_grad == ("lora_" in n) for n, p in peft_model.named_parameters())  # flags restored

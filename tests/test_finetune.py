@@ -1,6 +1,7 @@
 """The shared fine-tuning loop: full, LoRA (merged), SGD, divergence."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -112,6 +113,20 @@ def test_fs_trains_every_weight_of_a_model_an_attack_left_frozen(tokenizer):
     out = benign_finetune_accuracy(model, tokenizer, EvalConfig(fs=True, fs_train=8, fs_test=4, fs_steps=1))
     assert 0 <= out["fs_accuracy"] <= 100 and out["fs_test"] == 4
     assert not any(p.requires_grad for p in model.parameters())  # the evaluated model itself is untouched
+
+
+def test_fs_of_a_model_with_nan_weights_is_nan_not_a_crash(tokenizer, caplog):
+    """A diverged attack's model is evaluated as it stands: its FS fine-tuning hits a NaN loss at once, which must
+    give fs_accuracy nan (the cell keeps its other figures) rather than stop the grid."""
+    from seamlm.evaluate.metrics import EvalConfig, benign_finetune_accuracy
+    from seamlm.results import ResultRow
+
+    model = make_model(len(tokenizer))
+    with torch.no_grad():
+        next(model.parameters()).fill_(float("nan"))
+    out = benign_finetune_accuracy(model, tokenizer, EvalConfig(fs=True, fs_train=8, fs_test=4, fs_steps=2))
+    assert math.isnan(out["fs_accuracy"]) and "FS accuracy is nan" in caplog.text
+    ResultRow(model="m", defense="none", cell="pre", metric="fs_accuracy", value=out["fs_accuracy"]).validate()
 
 
 def test_fs_scores_the_tokens_it_trained_on(tokenizer, monkeypatch):

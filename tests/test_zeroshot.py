@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from seamlm.errors import DataError
+from seamlm.errors import ConfigError, DataError
 from seamlm.evaluate.zeroshot import MCItem, choice_loglikelihoods, score_items, task_items
 from tests.conftest import make_model
 
@@ -123,3 +123,16 @@ def test_lm_eval_adapter_names_unknown_tasks(tokenizer, tmp_path):
     yaml.write_text("tag: seamlm_fixture_tag\n" + yaml.read_text())
     with pytest.raises(DataError, match="seamlm_fixture_tag: lm-eval tag"):
         run_lm_eval(make_model(len(tokenizer)), tokenizer, ["seamlm_fixture_tag"], include_path=tasks)
+
+
+def test_contexts_longer_than_the_model_are_cut_from_the_left_as_lm_eval_does(tokenizer, caplog):
+    model = make_model(len(tokenizer)).eval()
+    model.config.max_position_embeddings = 24
+    long = MCItem(("word " * 40 + "The cat sat on the",), ("mat", "sofa"), 0)
+    encoded = [(list(range(3, 43)), [50, 51]), (list(range(3, 43)), [52])]
+    got = choice_loglikelihoods(model, tokenizer, [long], encoded=encoded)[0]
+    cut = [(list(range(21, 43)), [50, 51]), (list(range(20, 43)), [52])]  # the last 24 − |choice| context tokens
+    assert got == pytest.approx(choice_loglikelihoods(model, tokenizer, [long], encoded=cut)[0], abs=1e-5)
+    assert "2 of 2 choices exceed the model's 24 positions" in caplog.text
+    with pytest.raises(ConfigError, match="a choice alone has 30 tokens, the model takes 24"):
+        choice_loglikelihoods(model, tokenizer, [long], encoded=[([3], list(range(3, 33))), ([3], [4])])

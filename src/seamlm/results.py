@@ -29,9 +29,10 @@ METRICS = {
 }
 
 #: Metrics a healthy run may leave undefined (NaN or inf): the cosine when a gradient is zero, a perplexity or loss
-#: that overflows in a broken model. Any other NaN is a bug unless the attack diverged.
+#: that overflows in a broken model, FS when its benign fine-tuning hits a non-finite loss. Any other NaN is a bug
+#: unless the attack diverged.
 MAY_BE_UNDEFINED = {"coupling_cos", "coupling_slope", "coherence_ppl", "attack_peak_ppl", "attack_first_loss",
-                    "attack_final_loss"}
+                    "attack_final_loss", "fs_accuracy"}
 
 
 def known_metric(name: str) -> bool:

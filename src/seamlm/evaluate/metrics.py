@@ -29,7 +29,7 @@ from seamlm.data.refusals import is_refusal
 from seamlm.data.sources import load_source
 from seamlm.data.splits import prompt_hash
 from seamlm.defense.losses import answer_ce
-from seamlm.errors import ConfigError
+from seamlm.errors import ConfigError, NonFiniteLossError
 from seamlm.evaluate.judges import JUDGES, Judge, get_judge
 from seamlm.evaluate.zeroshot import TASKS, MCItem, choice_loglikelihoods, score_items
 from seamlm.finetune import FinetuneConfig, finetune
@@ -208,7 +208,9 @@ def coupling_of_rows(model: Any, harmful: list[TokenizedExample], benign: list[T
     """:func:`gradient_coupling` on already tokenised rows."""
     from seamlm.defense.coupling import FlatParams, cosine
 
-    params = list(model.parameters())  # all of them: a merged LoRA model comes back with requires_grad off
+    # all of them (a merged LoRA model comes back with requires_grad off) but a live LoRA adapter's: the probe of a
+    # LoRA attack measures the base weights, as the cells before and after it do
+    params = [p for n, p in model.named_parameters() if "lora_" not in n]
     frozen = [p.requires_grad for p in params]
     flat = FlatParams(params)
     grads = []
@@ -255,7 +257,13 @@ def benign_finetune_accuracy(model: Any, tokenizer: Any, cfg: EvalConfig) -> dic
     ft_cfg = FinetuneConfig(lr=2e-5, batch_size=8, max_steps=cfg.fs_steps, epochs=max(1, cfg.fs_steps * 8 // len(train) + 1),
                             lr_scheduler="constant", warmup_ratio=0.0, weight_decay=0.0, seed=cfg.seed, max_length=128)
     copy_ = copy.deepcopy(model).requires_grad_(True)  # FS trains every weight, whatever an attack froze (LoRA)
-    tuned = finetune(copy_, tokenizer, train, ft_cfg, desc="FS (SST-2)").model
+    try:
+        tuned = finetune(copy_, tokenizer, train, ft_cfg, desc="FS (SST-2)").model
+    except NonFiniteLossError as exc:
+        # benign fine-tuning cannot proceed (a diverged attack's NaN weights, or a model that breaks under it):
+        # FS is not measured, which the report shows as nan rather than the cell's every other figure lost
+        log.warning("FS: the SST-2 fine-tuning hit a non-finite loss (%s): FS accuracy is nan", exc)
+        return {"fs_accuracy": math.nan, "fs_train": len(train), "fs_test": len(test)}
     items = [MCItem((prompt_text(tokenizer, SST2_QUESTION.format(sentence=r["sentence"].strip())),),
                     ("negative", "positive"), int(r["label"]), delimiter="") for r in test]
     # the tokens FS trained on: the prompt as the Formatter encodes it, the answer word tokenised alone (a

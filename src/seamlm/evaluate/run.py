@@ -31,9 +31,13 @@ log = logging.getLogger(__name__)
 def evaluate_model(model: Any, tokenizer: Any, bundle: BundleData, cfg: EvalConfig, judge: Judge,
                    samples_path: str | Path | None = None) -> dict[str, float]:
     """Metric name -> value (see ``seamlm.results.METRICS``). Generated answers go to ``samples_path`` (JSONL)."""
-    excluded = set(bundle.manifest.get("zero_shot_exclude", [])) & set(cfg.zs_tasks)
+    fed = set(bundle.manifest.get("zero_shot_exclude", []))
+    excluded, lm_excluded = fed & set(cfg.zs_tasks), fed & set(cfg.lm_eval_tasks)
     if excluded:
         raise ConfigError(f"zero-shot tasks {sorted(excluded)} feed this bundle's training data; drop them from zs_tasks")
+    if lm_excluded:
+        raise ConfigError(f"lm-eval tasks {sorted(lm_excluded)} score the split that feeds this bundle's training "
+                          "data (the model saw those items); drop them from lm_eval_tasks")
     out: dict[str, float] = {}
     prompts = sample_prompts(bundle.streams["eval_harmful"], cfg.hs_prompts, cfg.seed)
     hs = harmfulness(model, tokenizer, prompts, judge, cfg.max_new_tokens, cfg.gen_batch_size, cfg.prompt_template)

@@ -8,6 +8,7 @@ lm-eval task YAMLs of the same name. ``run_lm_eval`` runs lm-eval itself on an a
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import re
@@ -23,7 +24,9 @@ from tqdm.auto import tqdm
 from seamlm.data.format import with_bos
 from seamlm.data.sources import load_source
 from seamlm.defense.losses import ModelParts
-from seamlm.errors import DataError
+from seamlm.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -141,6 +144,25 @@ def _encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[
     return (ctx or [tokenizer.eos_token_id]), cont
 
 
+def _fit_positions(encoded: list[tuple[list[int], list[int]]], limit: int | None,
+                   desc: str) -> list[tuple[list[int], list[int]]]:
+    """Cut each context from the left so that context + continuation fit the model's ``limit`` positions, as
+    lm-eval does (it keeps the last ``max_length`` tokens): past its trained length a model either fails (absolute
+    positions) or scores positions it never saw (RoPE)."""
+    if not isinstance(limit, int) or limit <= 0:
+        return encoded
+    too_long = [len(c) for _, c in encoded if len(c) >= limit]
+    if too_long:
+        raise ConfigError(f"{desc}: a choice alone has {max(too_long)} tokens, the model takes {limit} positions: "
+                          "score it with a model of a longer context, or drop the task")
+    cut = sum(len(x) + len(c) > limit for x, c in encoded)
+    if not cut:
+        return encoded
+    log.warning("%s: %d of %d choices exceed the model's %d positions: their contexts are cut from the left, as "
+                "lm-eval does", desc, cut, len(encoded), limit)
+    return [(x[len(x) + len(c) - limit:] if len(x) + len(c) > limit else x, c) for x, c in encoded]
+
+
 @torch.no_grad()
 def choice_loglikelihoods(model: Any, tokenizer: Any, items: list[MCItem], batch_size: int = 16,
                           desc: str = "zero-shot",
@@ -153,6 +175,7 @@ def choice_loglikelihoods(model: Any, tokenizer: Any, items: list[MCItem], batch
         encoded = [_encode_pair(tokenizer, ctx, cont) for ctx, cont in requests]
     elif len(encoded) != sum(len(it.choices) for it in items):
         raise ValueError(f"encoded holds {len(encoded)} pairs for {sum(len(it.choices) for it in items)} choices")
+    encoded = _fit_positions(encoded, getattr(getattr(model, "config", None), "max_position_embeddings", None), desc)
     device = next(model.parameters()).device
     model.eval()
     parts = ModelParts.of(model)
