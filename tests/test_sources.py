@@ -55,6 +55,22 @@ def test_pooled_pyrit_rows_hold_each_pair_once_with_its_most_harmful_label():
     harmful_anywhere = {(e.prompt, e.response) for name in ("pyrit-harm", "pyrit-objective")
                         for e in load_source(name) if e.label == "harmful"}
     assert {(e.prompt, e.response) for e in pooled if e.label == "harmful"} == harmful_anywhere
+    # a pair two files hold under two categories keeps both: PyRIT's objective/bias rows are mostly also in
+    # harm/representational, and a hold-out of bias must hold them out too
+    from seamlm.data.splits import categories_of
+
+    cats = {(e.prompt, e.response): categories_of(e) for e in pooled}
+    for name in ("pyrit-harm", "pyrit-objective", "pyrit-refusal"):
+        for e in load_source(name):
+            assert categories_of(e) <= cats[(e.prompt, e.response)]
+    assert sum({"bias", "representational"} <= c for c in cats.values()) >= 20
+
+
+def test_repeated_rows_keep_every_category():
+    from seamlm.data.files import Example, drop_duplicates
+
+    rows = [Example("p", "r", "a"), Example("p", "r", "b|a"), Example("q", "r", None), Example("q", "r", "c")]
+    assert [(e.prompt, e.category) for e in drop_duplicates(rows, "t")] == [("p", "a|b"), ("q", "c")]
 
 
 @pytest.mark.parametrize("task,columns", [

@@ -55,6 +55,18 @@ def test_category_holdout_is_by_prompt_and_refuses_unknown_categories():
         assign_splits(rows, {"defense": 0.5, "attack": 0.5}, seed=0, holdout_categories=["self-harm"])
 
 
+def test_a_hold_out_that_would_leave_a_stream_empty_is_refused(caplog):
+    # PyRIT has one harmful phishing prompt: held out, it goes to attack or eval and leaves the other empty, a
+    # bundle that no run could load
+    with pytest.raises(DataError, match=r"holding out phishing \(1 harmful prompts\) leaves .* empty"):
+        build_bundle("offline-default", seed=0, holdout_categories=("phishing",))
+    bundle = build_bundle("offline-default", seed=0, holdout_categories=("bias",))
+    n_hs = len(bundle.streams["eval_harmful"])
+    assert 0 < n_hs < 20 and f"leaves {n_hs} HS prompts: each one moves HS by" in caplog.text
+    assert all(bundle.streams[k] for k in bundle.streams)
+    assert not any("bias" in (e.category or "") for e in bundle.streams["harmful"])
+
+
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_offline_default_builds_disjoint_for_other_seeds(seed):
     """PIQA repeats goals: the held-out and attacker benign sets skip those of B whatever the shuffle."""

@@ -20,6 +20,7 @@ from seamlm.data.refusals import refusal_for
 from seamlm.data.sources import get_source, load_source, pyrit_labelled
 from seamlm.data.splits import (
     assign_splits,
+    categories_of,
     check_disjoint,
     hashes,
     near_duplicates,
@@ -170,6 +171,25 @@ def _pair_refusals(harmful: list[Example], refusals_by_prompt: dict[str, list[Ex
     return out
 
 
+#: fewer HS prompts than this and one prompt moves HS by more than 5 points
+MIN_HS_PROMPTS = 20
+
+
+def _check_filled(streams: dict[str, list[Example]], holdout: tuple[str, ...], pool: list[Example]) -> None:
+    """A hold-out of a small category can leave the attack or HS set empty (a bundle no run could load) or HS on a
+    handful of prompts: refuse the first, warn about the second."""
+    empty = [k for k, rows in streams.items() if not rows]
+    held = [e for e in pool if categories_of(e) & {c.strip().casefold() for c in holdout}]
+    what = (f"holding out {', '.join(holdout)} ({len({prompt_hash(e.prompt) for e in held})} harmful prompts)"
+            if holdout else "this seed")
+    if empty:
+        raise DataError(f"offline-default: {what} leaves {', '.join(empty)} empty: hold out a category with more "
+                        "rows, or several (an unknown category's error lists them all)")
+    if len(streams["eval_harmful"]) < MIN_HS_PROMPTS:
+        log.warning("offline-default: %s leaves %d HS prompts: each one moves HS by %.0f points", what,
+                    len(streams["eval_harmful"]), 100 / len(streams["eval_harmful"]))
+
+
 def _offline_default(seed: int = 0, holdout_categories: tuple[str, ...] = (),
                      fractions: dict[str, float] | None = None, benign_piqa: int = 400,
                      benign_heldout: int = 100, attack_benign: int = 200) -> BundleData:
@@ -225,6 +245,7 @@ def _offline_default(seed: int = 0, holdout_categories: tuple[str, ...] = (),
         "benign_heldout": heldout,
         "attack_benign": attacker_benign,
     }
+    _check_filled(streams, holdout_categories, harmful_pool)
     groups = [["harmful", "attack", "eval_harmful"], ["benign", "benign_heldout", "attack_benign"]]
     for group in groups:
         check_disjoint({k: streams[k] for k in group})

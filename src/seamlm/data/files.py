@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import logging
@@ -132,15 +133,26 @@ def load_examples(path: str | Path, require_response: bool = True, dedupe: bool 
     return drop_duplicates(examples, str(path)) if dedupe else examples
 
 
+def merge_categories(*categories: str | None) -> str | None:
+    """The union of several rows' categories (``a|b``, first-seen order): a pair kept once for rows of two
+    categories belongs to both, so a hold-out of either holds it out."""
+    parts = [c.strip() for cat in categories if cat for c in cat.split(CATEGORY_SEPARATOR) if c.strip()]
+    return CATEGORY_SEPARATOR.join(dict.fromkeys(parts)) or None
+
+
 def drop_duplicates(examples: list[Example], name: str, level: int = logging.WARNING) -> list[Example]:
-    """Remove repeated (prompt, response) pairs, keeping the first, and log how many went."""
-    seen: set[tuple[str, str]] = set()
-    out = []
+    """Remove repeated (prompt, response) pairs, keeping the first (with every repeat's category too), and log how
+    many went."""
+    kept: dict[tuple[str, str], int] = {}
+    out: list[Example] = []
     for e in examples:
         key = (e.prompt, e.response)
-        if key not in seen:
-            seen.add(key)
+        if key not in kept:
+            kept[key] = len(out)
             out.append(e)
+        elif e.category and e.category != out[kept[key]].category:
+            first = out[kept[key]]
+            out[kept[key]] = dataclasses.replace(first, category=merge_categories(first.category, e.category))
     if len(out) < len(examples):
         log.log(level, "%s: dropped %d duplicate (prompt, response) rows of %d", name, len(examples) - len(out), len(examples))
     return out

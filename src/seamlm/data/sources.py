@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import yaml
 
-from seamlm.data.files import CATEGORY_SEPARATOR, Example, drop_duplicates, read_rows
+from seamlm.data.files import CATEGORY_SEPARATOR, Example, drop_duplicates, merge_categories, read_rows
 from seamlm.data.refusals import is_refusal
 from seamlm.errors import DataError
 from seamlm.packages import is_installed, package_dir
@@ -146,7 +146,8 @@ _LABEL_RANK = {"harmful": 0, "partial": 1, "safe": 2, "refusal": 3}
 
 def pyrit_labelled() -> list[Example]:
     """The three PyRIT scorer sets pooled, one row per (prompt, response): a pair that several files hold keeps its
-    most harmful label (:data:`_LABEL_RANK`), and its first row's category and source."""
+    most harmful label (:data:`_LABEL_RANK`), every file's category (a hold-out of any one holds it out) and its
+    first row's source."""
     pooled = load_source("pyrit-harm") + load_source("pyrit-objective") + load_source("pyrit-refusal")
     best: dict[tuple[str, str], Example] = {}
     for e in pooled:
@@ -154,8 +155,10 @@ def pyrit_labelled() -> list[Example]:
         kept = best.get(key)
         if kept is None:
             best[key] = e
-        elif _LABEL_RANK[e.label] < _LABEL_RANK[kept.label]:
-            best[key] = Example(kept.prompt, kept.response, kept.category, e.label, kept.source)
+        else:
+            label = e.label if _LABEL_RANK[e.label] < _LABEL_RANK[kept.label] else kept.label
+            best[key] = Example(kept.prompt, kept.response, merge_categories(kept.category, e.category), label,
+                                kept.source)
     conflicts = len(pooled) - len(best)
     if conflicts:
         log.info("pyrit: %d rows repeat a (prompt, response) of another file; kept once, with the most harmful label",
