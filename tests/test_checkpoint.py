@@ -28,3 +28,18 @@ def test_an_unreadable_checkpoint_names_itself_and_the_fix(tmp_path, garbage):
     (path / CHECKPOINT_FILE).write_bytes(garbage)
     with pytest.raises(CheckpointError, match="unreadable.*delete it to resume from an earlier one"):
         load_checkpoint(path)
+
+
+def test_rng_state_restores_the_gpus_it_has_when_fewer_are_visible(monkeypatch):
+    """Saved with two GPUs visible, resumed with one (CUDA_VISIBLE_DEVICES=0): set_rng_state_all would raise an
+    IndexError; each visible device gets its saved state. (No GPU here: torch.cuda's calls are recorded.)"""
+    from seamlm.checkpoint import rng_state, set_rng_state
+
+    state = rng_state()
+    state["cuda"] = [torch.zeros(8, dtype=torch.uint8), torch.ones(8, dtype=torch.uint8)]
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device: restored.append((device, s.sum().item())))
+    set_rng_state(state)
+    assert restored == [(0, 0)]

@@ -142,6 +142,15 @@ def test_beavertails_as_a_csv_file_keeps_its_labels(tmp_path):
                                         '{"prompt": "q2", "response": "a2"}\n')
     with pytest.raises(DataError, match="row 2 lacks column\\(s\\) \\['is_safe'\\]"):
         load_source("beavertails", path=str(tmp_path / "odd.jsonl"))
+    # a blank label (pandas writes a missing value as "", Parquet as null) is no "unsafe": it must not make H data
+    for blank in ("", None):
+        (tmp_path / "odd.jsonl").write_text(json.dumps({"prompt": "q", "response": "a", "is_safe": blank}) + "\n")
+        with pytest.raises(DataError, match="a row's is_safe is empty"):
+            load_source("beavertails", path=str(tmp_path / "odd.jsonl"))
+    # a category dict's flags are read like the column's ("False" is not flagged)
+    (tmp_path / "odd.jsonl").write_text('{"prompt": "q", "response": "a", "is_safe": false, '
+                                        '"category": {"violence": "False", "privacy": "True"}}\n')
+    assert load_source("beavertails", path=str(tmp_path / "odd.jsonl"))[0].category == "privacy"
 
 
 def test_repnoise_fixture_gives_harmful_and_refusal_rows():

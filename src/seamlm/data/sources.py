@@ -288,8 +288,12 @@ def _need(rows: list[dict], cols: tuple[str, ...], name: str) -> None:
             raise DataError(f"{name}: row {i} lacks column(s) {missing}; found {sorted(row)}")
 
 
-def _flag(value: Any, column: str, name: str) -> bool:
-    """A boolean column as a Hub dataset (bool) or a CSV file ("False", "true", "0", "") gives it."""
+def _flag(value: Any, column: str, name: str, required: bool = False) -> bool:
+    """A boolean column as a Hub dataset (bool) or a CSV file ("False", "true", "0", "") gives it. ``required``: a
+    blank is an error, not False (a missing ``is_safe`` must not make an answer harmful training data)."""
+    if required and (value is None or str(value).strip() == ""):
+        raise DataError(f"{name}: a row's {column} is empty; every row needs true/false there (fill it in or drop "
+                        "the row)")
     if isinstance(value, bool) or value is None:
         return bool(value)
     text = str(value).strip().lower()
@@ -303,7 +307,7 @@ def _flag(value: Any, column: str, name: str) -> bool:
 def _categories(value: Any, name: str) -> dict[str, bool]:
     """BeaverTails' category column: a dict, or in a file its JSON or Python (pandas CSV) text, or one name."""
     if isinstance(value, dict) or not value:
-        return dict(value or {})
+        return {k: _flag(v, "category", name) for k, v in (value or {}).items()}
     text = str(value).strip()
     if not text.startswith("{"):
         return {text: True}
@@ -328,7 +332,7 @@ def _beavertails(split: str = "30k_train", path: str | None = None) -> list[Exam
         # every flagged category: a held-out category must hold out an answer flagged with it among others
         flagged = sorted(k for k, v in _categories(r.get("category"), "beavertails").items() if v)
         out.append(Example(r["prompt"].strip(), r["response"].strip(), CATEGORY_SEPARATOR.join(flagged) or None,
-                           "safe" if _flag(r["is_safe"], "is_safe", "beavertails") else "harmful",
+                           "safe" if _flag(r["is_safe"], "is_safe", "beavertails", required=True) else "harmful",
                            f"beavertails:{split}"))
     return drop_duplicates(out, "beavertails")
 
@@ -356,7 +360,7 @@ def _repnoise(path: str | None = None) -> list[Example]:
         cat = CATEGORY_SEPARATOR.join(
             sorted(k for k, v in _categories(r.get("category"), "repnoise-refusals").items() if v)) or None
         answer = r.get("response") if isinstance(r.get("response"), str) else ""
-        if answer.strip() and not _flag(r["is_safe"], "is_safe", "repnoise-refusals"):
+        if answer.strip() and not _flag(r["is_safe"], "is_safe", "repnoise-refusals", required=True):
             out.append(Example(r["prompt"].strip(), answer.strip(), cat, "harmful", "repnoise"))
         out.append(Example(r["prompt"].strip(), r["refusal"].strip(), cat, "refusal", "repnoise"))
     return drop_duplicates(out, "repnoise-refusals")

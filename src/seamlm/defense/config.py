@@ -61,7 +61,8 @@ class DefenseConfig(BaseConfig):
     gradient_accumulation_steps: int = 1
     """Micro-batches per step; the effective batch is ``batch_size × gradient_accumulation_steps`` per stream."""
     max_length: int = 256
-    """Maximum tokens per example; longer prompts are cut from the left, keeping the answer."""
+    """Maximum tokens per example; a longer one keeps its prompt whole and loses the end of its answer, down to 8
+    answer tokens, then the start of its prompt (after its BOS); the log counts each cut."""
     mask_benign_prompt: bool = True
     """Train CE(B) on answer tokens only (True) or on all tokens like the reference code (False)."""
     compute_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
