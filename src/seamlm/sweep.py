@@ -175,7 +175,7 @@ def run_sweep(model_name: str, label: str, defense: str, bundle: BundleData, cfg
               base: FinetuneConfig, eval_cfg: EvalConfig, judge: Judge, out_dir: str | Path,
               store: ResultStore, study: Any | None = None) -> Any:
     """Run trials until the study has ``cfg.trials`` finished ones; each trial is an attack cell in ``store``
-    (cell ``sweep-<recipe>-<params digest>``). Writes ``sweep_trials.<label>.csv``. Returns the study.
+    (cell ``sweep-<recipe>-<digest of the params and a non-zero seed>``). Writes ``sweep_trials.<label>.csv``. Returns the study.
     ``study``: the one :func:`sweep_study` opened for these arguments (opened here when not given)."""
     study = study or sweep_study(model_name, label, bundle, cfg, base, eval_cfg, judge, out_dir)
     csv_path = Path(out_dir) / f"sweep_trials.{path_part(label)}.csv"
