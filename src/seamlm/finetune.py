@@ -57,7 +57,7 @@ class FinetuneConfig(BaseConfig):
     lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
     """Learning-rate schedule."""
     warmup_ratio: float = 0.1
-    """Fraction of the steps spent warming up."""
+    """Fraction of the steps spent warming up (rounded up; transformers' schedule: the first step's lr is 0)."""
     weight_decay: float = 0.01
     """Weight decay (AdamW) / L2 (SGD), on the weights the HF Trainer decays: not biases or norm weights."""
     max_grad_norm: float | None = None
