@@ -108,3 +108,25 @@ def test_a_folder_without_results_names_its_seed_runs(tmp_path, capsys):
     assert main(["report", str(tmp_path / "demo"), "--out", str(tmp_path / "r")]) == 1
     err = capsys.readouterr().err
     assert "is a folder without a results.jsonl" in err and "seed-0" in err and "seed-1" in err
+
+
+def test_error_bars_average_one_attack_setting_over_runs_never_two_settings(tmp_path):
+    from seamlm.across_runs import error_bar_lines, load_runs
+
+    # run a attacked at lr 2e-4 with seed 0 and seed 1 (two cells), run b with seed 0 only; a diverged cell and
+    # a LoRA cell at the same lr stay out of / apart from the full fine-tuning line
+    def rows_of(path, cells):
+        out = []
+        for cell, attack, hs in cells:
+            out.append(ResultRow(model="seam", defense="seam", cell=cell, metric="hs", value=hs, judge="j",
+                                 attack={"lr": 2e-4, "lora": False, "status": "ok", **attack}))
+        out.append(ResultRow(model="seam", defense="seam", cell="pre", metric="hs", value=5.0, judge="j"))
+        ResultStore(path).append(out)
+        return path
+
+    a = rows_of(tmp_path / "a.jsonl", [("s0", {"seed": 0}, 10.0), ("s1", {"seed": 1}, 50.0),
+                                       ("lora", {"seed": 0, "lora": True}, 70.0)])
+    b = rows_of(tmp_path / "b.jsonl", [("s0", {"seed": 0}, 20.0), ("s1", {"seed": 1, "status": "diverged"}, 90.0)])
+    lines = error_bar_lines([r for run in load_runs([a, b]) for r in run.rows], "hs")["seam"]
+    assert lines == {(False, "seed=0"): {2e-4: [10.0, 20.0]}, (False, "seed=1"): {2e-4: [50.0]},
+                     (True, "seed=0"): {2e-4: [70.0]}}

@@ -133,31 +133,40 @@ def across_runs_tables(runs: list[Run]) -> dict[str, list[list[str]]]:
     return tables
 
 
+def error_bar_lines(rows: list[ResultRow], metric: str) -> dict[str, dict[tuple[bool, str], dict[float, list[float]]]]:
+    """model -> (LoRA, the attack settings besides the lr that differ) -> lr -> the runs' values of ``metric``.
+    One line per setting, as in the single-run report: a mean over cells of different attacks would mix the spread
+    across settings into the spread across runs. Diverged attacks are left out (their numbers measure NaN
+    weights; the tables count them), and so are non-finite values."""
+    from seamlm.report import varying_settings
+
+    trained = [r for r in rows if r.cell != "pre" and isinstance(r.attack.get("lr"), (int, float))
+               and r.attack.get("status") != "diverged" and math.isfinite(r.value)]
+    shown = varying_settings(trained)
+    out: dict[str, dict[tuple[bool, str], dict[float, list[float]]]] = {}
+    for r in trained:
+        if r.metric == metric:
+            key = (bool(r.attack.get("lora")), shown(r.attack))
+            out.setdefault(r.model, {}).setdefault(key, {}).setdefault(r.attack["lr"], []).append(r.value)
+    return out
+
+
 def _error_bar_plots(runs: list[Run], out: Path) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from seamlm.report import _save, varying_settings
+    from seamlm.report import _save
 
     rows = [r for run in runs for r in run.rows]
     models = list(dict.fromkeys(r.model for r in rows))
-    # one line per setting besides the lr (seed, samples … and LoRA), as in the single-run report: a mean over
-    # cells of different attacks would mix the spread across settings into the spread across runs. Diverged
-    # attacks are left out (their numbers measure NaN weights); the tables count them.
-    trained = [r for r in rows if r.cell != "pre" and isinstance(r.attack.get("lr"), (int, float))
-               and r.attack.get("status") != "diverged" and math.isfinite(r.value)]
-    shown = varying_settings(trained)
     made = []
     for metric, ylabel, fname in (("hs", "HS (%)", "hs_vs_lr.png"), ("zs_mean", "ZS mean accuracy (%)", "zs_vs_lr.png")):
         fig, ax = plt.subplots(figsize=(6, 4))
+        per_model = error_bar_lines(rows, metric)
         for i, m in enumerate(models):
-            lines: dict[tuple[bool, str], dict[float, list[float]]] = {}
-            for r in trained:
-                if r.model == m and r.metric == metric:
-                    key = (bool(r.attack.get("lora")), shown(r.attack))
-                    lines.setdefault(key, {}).setdefault(r.attack["lr"], []).append(r.value)
+            lines = per_model.get(m, {})
             for j, ((lora, what), by_lr) in enumerate(sorted(lines.items())):
                 lrs = sorted(by_lr)
                 stats = [mean_sd(by_lr[x]) for x in lrs]
