@@ -113,10 +113,11 @@ def near_duplicates(splits: dict[str, list[Example]], threshold: float = 0.8) ->
     word sets (of the normalised text) have Jaccard similarity >= ``threshold`` but a different normalised text:
     the reworded repeats the exact-hash split cannot see. Prefix filtering (Chaudhuri et al. 2006) keeps it near
     linear: two sets with J >= t share a word among the first |A| - ceil(t|A|) + 1 of each one's rarest words."""
-    words = {k: [frozenset(normalize_prompt(e.prompt).split()) for e in v] for k, v in splits.items()}
+    texts = {k: [normalize_prompt(e.prompt) for e in v] for k, v in splits.items()}
+    words = {k: [(t, frozenset(t.split())) for t in v] for k, v in texts.items()}
     df: dict[str, int] = {}
     for sets in words.values():
-        for w in {w for ws in sets for w in ws}:
+        for w in {w for _, ws in sets for w in ws}:
             df[w] = df.get(w, 0) + 1
 
     def prefix(ws: frozenset) -> list[str]:
@@ -124,15 +125,16 @@ def near_duplicates(splits: dict[str, list[Example]], threshold: float = 0.8) ->
 
     names, found = list(splits), {}
     for i, a in enumerate(names):
-        index: dict[str, list[frozenset]] = {}
-        for ws in set(words[a]):
+        index: dict[str, list[tuple[str, frozenset]]] = {}
+        for text, ws in set(words[a]):
             for w in prefix(ws):
-                index.setdefault(w, []).append(ws)
+                index.setdefault(w, []).append((text, ws))
         for b in names[i + 1:]:
             n = 0
-            for ws in words[b]:
+            for text, ws in words[b]:
                 cands = {c for w in prefix(ws) for c in index.get(w, ())}
-                n += any(c != ws and len(c & ws) >= threshold * len(c | ws) for c in cands)
+                # another text (the same one is the exact split's business), even with the same words reordered
+                n += any(t != text and len(c & ws) >= threshold * len(c | ws) for t, c in cands)
             if n:
                 found[f"{a}&{b}"] = n
     return found
