@@ -193,3 +193,21 @@ def test_wrong_schema_and_unknown_source(tmp_path):
 def test_registry_documents_every_source():
     for src in SOURCES.values():
         assert src.licence and src.origin and src.description
+
+
+def test_forgelm_chats_without_both_turns_are_counted_not_silently_dropped(tmp_path, monkeypatch, caplog):
+    import json
+
+    import seamlm.data.sources as sources
+
+    for name in ("customer-support", "code-assistant"):
+        (tmp_path / "templates" / name).mkdir(parents=True)
+        chats = [{"messages": [{"role": "user", "content": "Where is my order?"},
+                               {"role": "assistant", "content": "Let me check."}]},
+                 {"messages": [{"role": "user", "content": "   "}, {"role": "assistant", "content": "Hello."}]},
+                 {"messages": [{"role": "user", "content": "Hi"}]}]
+        (tmp_path / "templates" / name / "data.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chats))
+    monkeypatch.setattr(sources, "package_dir", lambda _name: tmp_path)
+    rows = sources._forgelm()
+    assert [r.prompt for r in rows] == ["Where is my order?"] * 2
+    assert "skipped 4 chats without a non-empty user and assistant turn" in caplog.text

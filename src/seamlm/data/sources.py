@@ -197,14 +197,18 @@ def _donotanswer() -> list[Example]:
 @register("forgelm-chat", "benign_qa", "ForgeLM customer-support and code-assistant chats (first user turn -> "
           "first assistant turn)", "CC-BY-SA-4.0", "package forgelm==0.11.1", package="forgelm")
 def _forgelm() -> list[Example]:
-    out = []
+    out, incomplete = [], 0
     for name in ("customer-support", "code-assistant"):
         for row in read_rows(package_dir("forgelm") / "templates" / name / "data.jsonl"):
             msgs = row.get("messages") or []
             user = next((m["content"] for m in msgs if m.get("role") == "user"), None)
             reply = next((m["content"] for m in msgs if m.get("role") == "assistant"), None)
-            if user and reply:
+            if isinstance(user, str) and user.strip() and isinstance(reply, str) and reply.strip():
                 out.append(Example(user.strip(), reply.strip(), name, "benign", "forgelm"))
+            else:
+                incomplete += 1
+    if incomplete:
+        log.warning("forgelm-chat: skipped %d chats without a non-empty user and assistant turn", incomplete)
     return out
 
 
@@ -272,6 +276,8 @@ for _task, (_dir, _split, _lic) in OLMO_TASKS.items():
 # --------------------------------------------------------------------------- Hugging Face Hub (or local file)
 def _hub_rows(hub_id: str, split: str, path: str | None, config: str | None = None) -> list[dict]:
     if path:
+        log.info("%s: reading %s (a local file in the Hub schema; its split is what the file holds, not %r)",
+                 hub_id, path, split)
         return read_rows(path)
     if not is_installed("datasets"):
         raise DataError(f"loading {hub_id} needs the `datasets` package (pip install datasets) and Hub access; "
