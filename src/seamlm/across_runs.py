@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,8 +62,7 @@ def _check_same_evaluation(runs: list[Run]) -> None:
     for run in runs:
         store = ResultStore(run.path)
         for model, digest in sorted({(r.model, r.settings) for r in run.rows if r.cell == "pre" and r.settings}):
-            record = store.settings_dir / f"{digest}.json"
-            ev = json.loads(record.read_text(encoding="utf-8")).get("eval") if record.is_file() else None
+            ev = (store.settings_record(digest) or {}).get("eval")
             if not isinstance(ev, dict):
                 continue
             ev = {k: v for k, v in ev.items() if k != "seed"}
@@ -111,8 +111,9 @@ def across_runs_tables(runs: list[Run]) -> dict[str, list[list[str]]]:
     models = list(dict.fromkeys(r.model for r in rows))
     header = column_header(cells)
     per_run = [{(r.model, r.cell, r.metric): r.value for r in run.rows} for run in runs]
-    diverged = {(m, c): len({id(run) for run in runs for r in run.rows if (r.model, r.cell) == (m, c)
-                             and r.attack.get("status") == "diverged"}) for m in models for c, _ in cells}
+    # how many runs' attacks on each (model, cell) diverged
+    diverged = Counter(mc for run in runs
+                       for mc in {(r.model, r.cell) for r in run.rows if r.attack.get("status") == "diverged"})
     tables: dict[str, list[list[str]]] = {}
     for metric, title, digits in METRICS:
         if not any(r.metric == metric for r in rows):

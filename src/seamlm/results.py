@@ -154,10 +154,9 @@ class ResultStore:
         report would compare an attack on one model with the pre-attack figures of another (or mix judges).
         ``parts``: what the new cell's settings digest is made of; ``same_models``: older names of its model."""
         for digest in sorted({r.settings for r in self.rows() if r.model == label and r.settings}):
-            path = self.settings_dir / f"{digest}.json"
-            if not path.is_file():  # rows from before settings records: nothing to compare with
+            old = self.settings_record(digest)
+            if old is None:  # rows from before settings records: nothing to compare with
                 continue
-            old = json.loads(path.read_text(encoding="utf-8"))
             new = json.loads(json.dumps(parts, default=str))
             changed = [f"{k}: {old[k]!r} → {new.get(k)!r}" for k in ("model", "judge", "data")
                        if k in old and old[k] != new.get(k) and not (k == "model" and old[k] in same_models)]
@@ -178,13 +177,18 @@ class ResultStore:
             self.settings_dir.mkdir(parents=True, exist_ok=True)
             write_text_atomic(path, json.dumps(parts, indent=1, sort_keys=True, default=str))
 
+    def settings_record(self, digest: str | None) -> dict[str, Any] | None:
+        """What ``digest`` was made of (:meth:`record_settings`); None for rows from before settings records."""
+        path = self.settings_dir / f"{digest}.json"
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
     def _what_changed(self, old_digest: str | None, parts: dict[str, Any] | None) -> str:
-        path = self.settings_dir / f"{old_digest}.json"
         if parts is None:
             return " (data, model path, evaluation or attack options changed)"
-        if not path.is_file():
+        record = self.settings_record(old_digest)
+        if record is None:
             return " (which ones is not recorded: the rows predate seamlm's settings records)"
-        old = _flatten(json.loads(path.read_text(encoding="utf-8")))
+        old = _flatten(record)
         new = _flatten(json.loads(json.dumps(parts, default=str)))
         changed = [f"{k}: {old.get(k, '(absent)')!r} → {new.get(k, '(absent)')!r}"
                    for k in sorted(set(old) | set(new)) if old.get(k, "(absent)") != new.get(k, "(absent)")]

@@ -178,15 +178,18 @@ MIN_HS_PROMPTS = 20
 def _check_filled(streams: dict[str, list[Example]], holdout: tuple[str, ...], pool: list[Example]) -> None:
     """A hold-out of a small category can leave the attack or HS set empty (a bundle no run could load) or HS on a
     handful of prompts: refuse the first, warn about the second."""
+    def what() -> str:  # counted only for a message
+        if not holdout:
+            return "this seed"
+        held = {prompt_hash(e.prompt) for e in pool if categories_of(e) & {c.strip().casefold() for c in holdout}}
+        return f"holding out {', '.join(holdout)} ({len(held)} harmful prompts)"
+
     empty = [k for k, rows in streams.items() if not rows]
-    held = [e for e in pool if categories_of(e) & {c.strip().casefold() for c in holdout}]
-    what = (f"holding out {', '.join(holdout)} ({len({prompt_hash(e.prompt) for e in held})} harmful prompts)"
-            if holdout else "this seed")
     if empty:
-        raise DataError(f"offline-default: {what} leaves {', '.join(empty)} empty: hold out a category with more "
+        raise DataError(f"offline-default: {what()} leaves {', '.join(empty)} empty: hold out a category with more "
                         "rows, or several (an unknown category's error lists them all)")
     if len(streams["eval_harmful"]) < MIN_HS_PROMPTS:
-        log.warning("offline-default: %s leaves %d HS prompts: each one moves HS by %.0f points", what,
+        log.warning("offline-default: %s leaves %d HS prompts: each one moves HS by %.0f points", what(),
                     len(streams["eval_harmful"]), 100 / len(streams["eval_harmful"]))
 
 
