@@ -1,5 +1,7 @@
 """The checkpoint files themselves: re-saving a step replaces it whole, and an unreadable one is a clear error."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -43,3 +45,30 @@ def test_rng_state_restores_the_gpus_it_has_when_fewer_are_visible(monkeypatch):
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device: restored.append((device, s.sum().item())))
     set_rng_state(state)
     assert restored == [(0, 0)]
+
+
+def test_a_serialiser_failure_is_a_checkpoint_error_that_keeps_earlier_checkpoints(tmp_path, monkeypatch):
+    """torch raises RuntimeError for its own write failures (given a path, even a full disk comes out that way):
+    it must reach the user as the checkpoint error with the fix, not a bare RuntimeError, and leave no temp dir."""
+    import seamlm.checkpoint as ckpt
+
+    save_checkpoint(tmp_path, 2, {"v": torch.tensor(2.0)}, keep=3)
+
+    def failing_save(obj, f, *a, **kw):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+    monkeypatch.setattr(ckpt.torch, "save", failing_save)
+    with pytest.raises(CheckpointError, match=r"step 4 .*unexpected pos.*latest: .*step-0000002.*--resume"):
+        save_checkpoint(tmp_path, 4, {"v": torch.tensor(4.0)}, keep=3)
+    assert [p.name for p in tmp_path.iterdir()] == ["step-0000002"]
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs Linux's /dev/full")
+def test_save_file_reports_a_full_disk_as_enospc():
+    import errno
+
+    from seamlm.checkpoint import save_file
+
+    with pytest.raises(OSError) as info:
+        save_file({"v": torch.zeros(10_000)}, Path("/dev/full"))
+    assert info.value.errno == errno.ENOSPC

@@ -162,7 +162,8 @@ def test_a_checkpoint_failing_on_one_rank_stops_every_rank_and_keeps_the_last_on
     """Rank 1's part of the step-4 checkpoint hits a full disk: both ranks stop with the checkpoint error (none
     hangs at a barrier), the step-2 checkpoint stays whole, and the run resumes from it. The replicated optimizer
     state is stored once, by rank 0."""
-    _run(tmp_path, {"steps": 6, "checkpoint_every": 2, "_fail_rank_save_at": [1, 4]}, 2, expect_rc=1)
+    proc = _run(tmp_path, {"steps": 6, "checkpoint_every": 2, "_fail_rank_save_at": [1, 4]}, 2, expect_rc=1)
+    assert "the disk is full" in proc.stderr and "failed on another rank" in proc.stderr
     ckpts = tmp_path / "run" / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["step-0000002"]
     assert "optimizer" not in torch.load(ckpts / "step-0000002" / "rank-00001.pt", weights_only=False)

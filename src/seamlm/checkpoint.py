@@ -61,32 +61,72 @@ def save_checkpoint(root: Path, step: int, state: dict[str, Any] | None, keep: i
     final = checkpoint_dir(root, step)
     tmp = root / f".tmp-step-{step:07d}"
     if ctx is not None and ctx.distributed:
-        if ctx.is_main:
-            root.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
-        ctx.barrier()
         failure: Exception | None = None
-        try:
-            torch.save(rank_state, tmp / rank_file(ctx.rank))
-        except OSError as exc:
-            failure = _write_error(root, step, exc)
-        # every rank learns of a failure on any rank, so none waits at a barrier for a checkpoint that never comes
-        if not ctx.any(failure is not None) and ctx.is_main:
+        if ctx.is_main:
             try:
-                _commit(root, step, state, keep, tmp, final)
-            except CheckpointError as exc:
-                failure = exc
+                _fresh_dir(root, tmp)
+            except OSError as exc:
+                failure = _write_error(root, step, exc)
+        # every rank learns of a failure on any rank, so none waits in a collective for a checkpoint that never
+        # comes; the first check is also the barrier that makes the temp dir exist before any rank writes into it
+        if not ctx.any(failure is not None):
+            try:
+                save_file(rank_state, tmp / rank_file(ctx.rank))
+            except OSError as exc:
+                failure = _write_error(root, step, exc)
+            if not ctx.any(failure is not None) and ctx.is_main:
+                try:
+                    _commit(root, step, state, keep, tmp, final)
+                except CheckpointError as exc:
+                    failure = exc
         if ctx.any(failure is not None):
             if ctx.is_main:
                 shutil.rmtree(tmp, ignore_errors=True)
             raise failure or CheckpointError(f"the checkpoint for step {step} failed on another rank (see its "
                                              f"error); earlier checkpoints are intact")
         return final
+    try:
+        _fresh_dir(root, tmp)
+    except OSError as exc:
+        raise _write_error(root, step, exc) from exc
+    return _commit(root, step, state, keep, tmp, final)
+
+
+def _fresh_dir(root: Path, tmp: Path) -> None:
     root.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    return _commit(root, step, state, keep, tmp, final)
+
+
+def save_file(obj: Any, path: Path) -> None:
+    """``torch.save`` through a Python file, flushed to the disk before returning.
+
+    Given a path, torch writes through its C++ writer, whose failures (a full disk among them) surface as a
+    ``RuntimeError`` without an errno; through a Python file they are ``OSError``s that say what happened. The fsync
+    makes a checkpoint that is renamed into place (and older ones pruned) survive a crash of the host, not only of
+    the process.
+    """
+    try:
+        with open(path, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except RuntimeError as exc:  # anything torch's serialiser raises itself, with the file named
+        raise OSError(f"{path}: {exc}") from exc
+
+
+def _fsync_dir(path: Path) -> None:
+    """Persist a rename in ``path`` (best effort: not every platform or file system can fsync a directory)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _write_error(root: Path, step: int, exc: OSError) -> CheckpointError:
@@ -99,7 +139,8 @@ def _write_error(root: Path, step: int, exc: OSError) -> CheckpointError:
 
 def _commit(root: Path, step: int, state: dict[str, Any] | None, keep: int, tmp: Path, final: Path) -> Path:
     try:
-        torch.save(state, tmp / CHECKPOINT_FILE)
+        save_file(state, tmp / CHECKPOINT_FILE)
+        _fsync_dir(tmp)
         if final.exists():  # the same step saved again: move the old one aside first, never a moment with neither
             aside = final.with_name("replaced-" + final.name)  # not a step-* name: never listed
             shutil.rmtree(aside, ignore_errors=True)
@@ -111,6 +152,7 @@ def _commit(root: Path, step: int, state: dict[str, Any] | None, keep: int, tmp:
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         raise _write_error(root, step, exc) from exc
+    _fsync_dir(root)  # the new checkpoint is on the disk before older ones go
     for old in list_checkpoints(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final

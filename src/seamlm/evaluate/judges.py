@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from seamlm.checkpoint import save_file
 from seamlm.data.files import Example
 from seamlm.data.refusals import is_refusal
 from seamlm.data.sources import load_source, pyrit_labelled
@@ -233,7 +234,7 @@ class MiniLMJudge(Judge):
             path.parent.mkdir(parents=True, exist_ok=True)
             # metrics first, then the head renamed into place: a head on disk always has its metrics beside it
             write_text_atomic(path.with_suffix(".json"), json.dumps(self.metrics, indent=2))
-            replace_atomically(path, lambda tmp: torch.save(state, tmp))
+            replace_atomically(path, lambda tmp: save_file(state, tmp))
         self.head = _head(384, state["hidden"])
         self.head.load_state_dict(state["state"])
         self.head.eval()
