@@ -212,3 +212,22 @@ def test_a_second_study_of_another_seed_in_one_out_folder_runs_its_own_cells(tin
     seeds = {r.cell: json.loads((store.settings_dir / f"{r.settings}.json").read_text())["seed"]
              for r in store.rows() if r.cell in cells.values()}
     assert seeds == {cells[0]: 0, cells[1]: 1}
+
+
+def test_a_second_study_with_other_training_settings_in_one_out_folder_runs_its_own_cells(tiny_model_dir, bundle,
+                                                                                          tmp_path):
+    # same seed, same parameters drawn, but another harmful budget: following the "use another --study_name" advice
+    # must give the second study its own cell, not the error that the first study's cell has other settings
+    store = ResultStore(tmp_path / "results.jsonl")
+    params = {"optimizer": "adamw", "lr_adamw": 1e-4, "max_grad_norm": 0.0, "lr_scheduler": "cosine",
+              "warmup_ratio": 0.0, "batch_size": 4, "epochs": 1}
+    runs = {}
+    for n, name in ((4, "a"), (2, "b")):
+        cfg = SweepConfig(recipes=("sft",), trials=1, num_samples=n, startup_trials=10, study_name=name)
+        study = sweep_study(str(tiny_model_dir), "tiny", bundle, cfg, FinetuneConfig(max_length=64), EVAL,
+                            KeywordJudge(), tmp_path)
+        study.enqueue_trial(params)
+        runs[name] = run_sweep(str(tiny_model_dir), "tiny", "none", bundle, cfg, FinetuneConfig(max_length=64),
+                               EVAL, KeywordJudge(), tmp_path, store, study=study).trials[0]
+    assert runs["a"].state.name == runs["b"].state.name == "COMPLETE"
+    assert runs["a"].user_attrs["cell"] != runs["b"].user_attrs["cell"]

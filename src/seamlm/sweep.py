@@ -175,7 +175,7 @@ def run_sweep(model_name: str, label: str, defense: str, bundle: BundleData, cfg
               base: FinetuneConfig, eval_cfg: EvalConfig, judge: Judge, out_dir: str | Path,
               store: ResultStore, study: Any | None = None) -> Any:
     """Run trials until the study has ``cfg.trials`` finished ones; each trial is an attack cell in ``store``
-    (cell ``sweep-<recipe>-<digest of the params and a non-zero seed>``). Writes ``sweep_trials.<label>.csv``. Returns the study.
+    (cell ``sweep-<recipe>-<digest>``, see :func:`_cell_key`). Writes ``sweep_trials.<label>.csv``. Returns the study.
     ``study``: the one :func:`sweep_study` opened for these arguments (opened here when not given)."""
     study = study or sweep_study(model_name, label, bundle, cfg, base, eval_cfg, judge, out_dir)
     csv_path = Path(out_dir) / f"sweep_trials.{path_part(label)}.csv"
@@ -191,9 +191,7 @@ def run_sweep(model_name: str, label: str, defense: str, bundle: BundleData, cfg
         recipe = make_recipe(name, recipe.suggest(trial))
         over = suggest_training(trial, cfg) if recipe.trains else {}
         run_cfg = base.replace(**over, seed=cfg.seed)
-        # the seed picks the attack's examples: two studies of other seeds in one --out must not share a cell
-        # (seed 0 keeps the names sweeps had before the seed was named)
-        cell = f"sweep-{name}-{fingerprint({**trial.params, 'seed': cfg.seed} if cfg.seed else trial.params)[:8]}"
+        cell = f"sweep-{name}-{fingerprint(_cell_key(trial.params, cfg, label))[:8]}"
         meta = {"sweep": study.study_name, "trial": trial.number, "params": trial.params}
         outcome = attack_cell(model_name, label, defense, bundle, recipe, run_cfg, cfg.num_samples, eval_cfg, judge,
                               out_dir, store, cell=cell, meta=meta)
@@ -221,6 +219,18 @@ def run_sweep(model_name: str, label: str, defense: str, bundle: BundleData, cfg
                               f"above); check the recipes' knobs against the model")
         missing = left
     return study
+
+
+def _cell_key(params: dict[str, Any], cfg: SweepConfig, label: str) -> dict[str, Any]:
+    """What a trial's cell name digests. Another study in the same ``--out`` (where a changed sweep config or
+    context is sent) may train with other settings or draw other examples (the seed), so a named study and a
+    non-zero seed are part of the key; the default study with seed 0 keeps the names earlier sweeps had."""
+    key = dict(params)
+    if cfg.seed:
+        key["seed"] = cfg.seed
+    if cfg.study_name and cfg.study_name != label:
+        key["study"] = cfg.study_name
+    return key
 
 
 def write_trials_csv(study: Any, path: Path) -> Path:
