@@ -14,6 +14,7 @@ from seamlm.evaluate.metrics import EvalConfig
 from seamlm.finetune import FinetuneConfig
 from seamlm.recipes import make_recipe
 from seamlm.results import ResultStore
+from seamlm.runinfo import fingerprint
 from tests.conftest import BENIGN, HARMFUL, REFUSAL
 
 EVAL = EvalConfig(judge="keyword", hs_prompts=3, max_new_tokens=4, zs_tasks=("arc_easy",), zs_limit=3,
@@ -85,6 +86,17 @@ def test_grid_spans_samples_epochs_and_seeds():
     assert len(cells) == 16 and len(keys) == 16
     with pytest.raises(ConfigError, match="through the grid fields"):
         AttackConfig(lr=1e-4)
+
+
+def test_a_weight_edit_in_another_template_is_another_cell():
+    # ablation reads its prompts through --prompt_template and is measured in it: same knobs, other template, so
+    # another cell (not the "made with other settings" error); the chat template keeps the name it always had
+    ablation = make_recipe("ablation")
+    chat = cell_key(FinetuneConfig(), ablation, 8)
+    assert chat == f"ablation-{fingerprint(ablation.knobs.to_dict())[:6]}-n8-s0"
+    alpaca = cell_key(FinetuneConfig(prompt_template="alpaca"), ablation, 8)
+    assert alpaca.startswith(chat + "-h") and alpaca != cell_key(FinetuneConfig(prompt_template="plain"), ablation, 8)
+    assert cell_key(FinetuneConfig(lr=1e-3), ablation, 8) == chat  # a weight edit has no learning rate
 
 
 @pytest.mark.parametrize("values,match", [

@@ -153,12 +153,15 @@ _KEYED = {"lr", "seed", "epochs", "lora", "lora_r", "optimizer", "batch_size"}
 
 def cell_key(run_cfg: FinetuneConfig, recipe: AttackRecipe, n: int) -> str:
     """``<recipe>[-<knobs digest>]-<full|lora-rR>-<optimizer>-lr..-n..-ep..-b..-s..[-h<digest of other changes>]``."""
+    defaults = FinetuneConfig().to_dict()
     if not recipe.trains:
-        return f"{recipe.name}-{fingerprint(recipe.knobs.to_dict())[:6]}-n{n}-s{run_cfg.seed}"
+        key = f"{recipe.name}-{fingerprint(recipe.knobs.to_dict())[:6]}-n{n}-s{run_cfg.seed}"
+        # the one fine-tuning field a weight edit reads: the template its prompts are formatted and measured in
+        changed = {k: getattr(run_cfg, k) for k in ("prompt_template",) if getattr(run_cfg, k) != defaults[k]}
+        return f"{key}-h{fingerprint(changed)[:6]}" if changed else key
     mode = f"lora-r{run_cfg.lora_r}" if run_cfg.lora else "full"
     key = f"{mode}-{run_cfg.optimizer}-lr{run_cfg.lr:g}-n{n}-ep{run_cfg.epochs}-b{run_cfg.batch_size}-s{run_cfg.seed}"
     key = f"sft-{key}" if recipe.name == "sft" else f"{recipe.name}-{fingerprint(recipe.knobs.to_dict())[:6]}-{key}"
-    defaults = FinetuneConfig().to_dict()
     changed = {k: v for k, v in run_cfg.trajectory_dict().items() if k not in _KEYED and v != defaults[k]}
     return f"{key}-h{fingerprint(changed)[:6]}" if changed else key
 
