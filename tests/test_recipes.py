@@ -10,7 +10,7 @@ from seamlm.data.bundles import BundleData
 from seamlm.data.format import Formatter, collate
 from seamlm.defense.losses import answer_ce
 from seamlm.distributed import DistContext
-from seamlm.errors import ConfigError, DataError
+from seamlm.errors import ConfigError, DataError, NonFiniteLossError
 from seamlm.evaluate.judges import KeywordJudge
 from seamlm.evaluate.metrics import EvalConfig
 from seamlm.finetune import FinetuneConfig, TrainingHooks, finetune
@@ -89,6 +89,28 @@ def test_pcgrad_attack_logs_the_surgery(tokenizer, tmp_path):
     rows = [json.loads(x) for x in (tmp_path / "loss.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and all({"cos_hb", "projected", "dot_after"} <= set(r) for r in rows)
     assert res.logs == rows
+
+
+def test_pcgrad_with_a_non_finite_benign_gradient_diverges_instead_of_stepping_as_plain_sft(tokenizer, tmp_path,
+                                                                                              monkeypatch):
+    import seamlm.recipes.training as training
+
+    real = training.answer_ce
+    monkeypatch.setattr(training, "answer_ce", lambda model, batch: real(model, batch) * float("nan"))
+    with pytest.raises(NonFiniteLossError, match="benign gradient of the surgery is not finite at step 1") as info:
+        make_recipe("pcgrad").attack(make_model(len(tokenizer)), tokenizer, _data(), FT.replace(max_steps=2),
+                                     tmp_path / "loss.jsonl", "t", DistContext())
+    assert info.value.model is not None and info.value.losses == []  # the weights before the step, to evaluate
+
+
+def test_benign_batches_never_repeat_an_example_within_a_batch(tokenizer):
+    from seamlm.recipes.training import BenignBatches
+
+    stream = BenignBatches(tokenizer, list(BENIGN[:6]), FT)  # 6 rows, batches of 4: every other batch spans passes
+    seen = [stream.next_indices() for _ in range(9)]
+    assert all(len(b) == 4 and len(set(b)) == 4 for b in seen)
+    flat = [i for b in seen for i in b]
+    assert all(sorted(flat[k:k + 6]) == list(range(6)) for k in range(0, 36, 6))  # each pass uses every row once
 
 
 def test_anchored_loss_is_the_weighted_sum(tokenizer):

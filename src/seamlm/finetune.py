@@ -122,7 +122,8 @@ class TrainingHooks:
     loss: Callable[[Any, dict[str, torch.Tensor], int], tuple[torch.Tensor, dict[str, float]]] | None = None
     """(model, batch, step) -> (loss to differentiate, extra log fields). Default: the batch's answer-only CE."""
     transform_gradients: Callable[[Any, list[torch.nn.Parameter], int], dict[str, float]] | None = None
-    """(model, trainable parameters, step) -> extra log fields; rewrites ``p.grad`` in place."""
+    """(model, trainable parameters, step) -> extra log fields; rewrites ``p.grad`` in place. A
+    :class:`NonFiniteLossError` it raises ends the run as diverged, like a non-finite loss."""
 
     def check(self, ctx: DistContext) -> None:
         if ctx.distributed and (self.loss or self.transform_gradients):
@@ -291,7 +292,10 @@ def finetune(
             if not ctx.distributed:
                 loss.backward()
             if hooks.transform_gradients:
-                extra.update(hooks.transform_gradients(model, params, step))
+                try:
+                    extra.update(hooks.transform_gradients(model, params, step))
+                except NonFiniteLossError as err:  # a quantity of the hook's own (e.g. a benign gradient)
+                    raise _diverged(f"{desc}: {err} at step {step}", model, cfg, losses, logs, gather) from err
             if cfg.max_grad_norm:
                 norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             else:

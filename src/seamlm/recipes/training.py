@@ -15,7 +15,7 @@ import torch
 
 from seamlm.data.format import PROMPT_TEMPLATES, Formatter, TokenizedExample, check_template, collate
 from seamlm.defense.losses import answer_ce
-from seamlm.errors import ConfigError, NonFiniteLossError
+from seamlm.errors import ConfigError, DataError, NonFiniteLossError
 from seamlm.finetune import FinetuneConfig, FinetuneResult, TrainingHooks, finetune
 from seamlm.recipes.base import AttackData, AttackRecipe, RecipeKnobs, register
 
@@ -38,17 +38,27 @@ class BenignBatches:
     def __init__(self, tokenizer: Any, benign: list, ft: FinetuneConfig):
         fmt = Formatter(tokenizer, ft.max_length, mask_prompt=ft.mask_prompt, template=ft.prompt_template)
         self.rows: list[TokenizedExample] = fmt.encode_all(benign, "attacker benign data")
+        if not self.rows:
+            raise DataError("this recipe needs the attacker's benign data, and it is empty: build the bundle with an "
+                            "attack_benign stream (seamlm data build) or use a recipe without benign data")
         self.batch_size, self.pad = ft.batch_size, tokenizer.pad_token_id
         self._rng = random.Random(ft.seed + 1)
         self._order: list[int] = []
 
     def next(self, device: torch.device) -> dict[str, torch.Tensor]:
-        if len(self._order) < self.batch_size:
-            extra = list(range(len(self.rows)))
-            self._rng.shuffle(extra)
-            self._order += extra
+        return collate([self.rows[i] for i in self.next_indices()], self.pad, device=device)
+
+    def next_indices(self) -> list[int]:
+        while len(self._order) < self.batch_size:
+            # a new pass; the rows the last one left over come at its end, so no batch holds one example twice
+            # (unless there are fewer rows than a batch)
+            left = set(self._order)
+            first, last = [i for i in range(len(self.rows)) if i not in left], sorted(left)
+            self._rng.shuffle(first)
+            self._rng.shuffle(last)
+            self._order += first + last
         take, self._order = self._order[: self.batch_size], self._order[self.batch_size:]
-        return collate([self.rows[i] for i in take], self.pad, device=device)
+        return take
 
 
 def _device(model: Any) -> torch.device:
@@ -156,12 +166,16 @@ class GradientSurgery(AttackRecipe):
         benign = BenignBatches(tokenizer, data.benign, ft)
 
         def transform(model, params, step):
-            g_b = torch.autograd.grad(answer_ce(model, benign.next(_device(model))), params, allow_unused=True)
-            g_b = [torch.zeros_like(p) if g is None else g for p, g in zip(params, g_b, strict=True)]
+            raw = torch.autograd.grad(answer_ce(model, benign.next(_device(model))), params, allow_unused=True)
+            g_b = [torch.zeros_like(p) if g is None else g for p, g in zip(params, raw, strict=True)]
+            if not torch.isfinite(_dot(g_b, g_b)):  # no projection would happen: the step would be plain SFT
+                raise NonFiniteLossError("the benign gradient of the surgery is not finite")
+            unused = [p.grad is None and g is None for p, g in zip(params, raw, strict=True)]
             g_h = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
             new, info = project_conflicting(g_h, g_b, self.knobs.per_tensor)
-            for p, g, gb in zip(params, new, g_b, strict=True):
-                p.grad = g + gb if self.knobs.add_benign else g
+            for p, g, gb, skip in zip(params, new, g_b, unused, strict=True):
+                # a parameter neither loss reaches keeps no gradient, so AdamW leaves it alone as in plain SFT
+                p.grad = None if skip else g + gb if self.knobs.add_benign else g
             return info
 
         return TrainingHooks(transform_gradients=transform)
