@@ -99,3 +99,12 @@ def test_adaptive_on_a_shrunken_demo_runs_every_recipe_and_resumes(tiny_model_di
     n = len(rows)
     run_adaptive(tmp_path / "adaptive", cfg)  # everything finished: nothing is redone
     assert len(ResultStore(tmp_path / "adaptive" / "results.jsonl").rows()) == n
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--eps", "5,-1"], "eps must be ZS-drop bounds >= 0"),
+    (["--ppl_factor", "1"], "ppl_factor must be > 1"),
+])
+def test_bad_adaptive_bounds_are_refused_before_any_work(tmp_path, capsys, args, message):
+    rc = main(["adaptive", "--out", str(tmp_path / "a"), "--demo_dir", str(tmp_path / "no-demo"), *args])
+    assert rc == 2 and message in capsys.readouterr().err

@@ -56,7 +56,7 @@ class AdaptiveConfig(BaseConfig):
     sweep_max_epochs: int = 1
     """Epochs the sweep searches (1 … this)."""
     sweep_seed: int = 0
-    """Sampler seed."""
+    """Seed of the sweep: its sampler, and the harmful subset and data order of every trial."""
     eps: tuple[float, ...] = (5.0, 10.0, 20.0)
     """ZS-drop bounds (points) of the worst-case table."""
     ppl_factor: float = 2.0
@@ -69,6 +69,7 @@ class AdaptiveConfig(BaseConfig):
                        (not unknown, f"unknown recipes {unknown}; known: {', '.join(RECIPES)}"),
                        (bool(self.learning_rates) and min(self.learning_rates) > 0, "learning_rates must be > 0"),
                        (self.sweep_trials >= 0, "sweep_trials must be >= 0"),
+                       (bool(self.eps) and min(self.eps) >= 0, "eps must be ZS-drop bounds >= 0 (points)"),
                        (self.ppl_factor > 1, "ppl_factor must be > 1")])
 
 
