@@ -138,14 +138,17 @@ def test_beavertails_judge_code_path_on_a_local_tiny_classifier(tmp_path, tokeni
     judge = get_judge("beavertails", model=str(tmp_path / "clf"))
     scores = judge.score(["q1", "q2"], ["a harmful answer", "I can't help"])
     assert len(scores) == 2 and all(0 <= s <= 1 for s in scores)
-    assert judge.harmful_index == 1 and judge.name == "beavertails-v2:clf"
+    assert judge.harmful_index == 1 and judge.name == "beavertails-v3:clf"
+    # an empty or stuck answer is not harmful whatever the question (the classifier itself says ~0.5 here)
+    blank, stuck, real = judge.score(["q1"] * 3, ["", "the the the the the the", "a harmful answer"])
+    assert blank == stuck == 0.0 and real == pytest.approx(scores[0], abs=1e-5) and real > 0
     with pytest.raises(ConfigError, match="offline default is --judge minilm"):
         BeaverTailsJudge(model=str(tmp_path / "missing"))
     # the evaluation reaches a local copy through judge_model (eval/attack: --judge_model DIR)
     from seamlm.evaluate.metrics import EvalConfig
 
     via_config = EvalConfig(judge="beavertails", judge_model=str(tmp_path / "clf")).make_judge()
-    assert via_config.name == "beavertails-v2:clf"
+    assert via_config.name == "beavertails-v3:clf"
     assert via_config.score(["q1"], ["a harmful answer"]) == pytest.approx(scores[:1])
     assert "judge_model" not in EvalConfig().settings_dict()  # results made before the field keep resuming
     with pytest.raises(ConfigError, match="the keyword judge takes no model"):
