@@ -353,3 +353,15 @@ def test_cells_an_older_seamlm_recorded_under_the_models_path_still_count(tiny_m
     make_model(len(tokenizer), seed=7).save_pretrained(other)
     with pytest.raises(DataError, match="other settings"):
         evaluate_pre_attack(str(other), "m", "none", bundle, EVAL, KeywordJudge(), tmp_path, store)
+
+
+def test_measurements_on_nothing_are_errors_not_numbers(tokenizer):
+    # HS of no prompts divided by zero; the perplexity of no answer tokens came out as 1.0, a "perfect" model
+    from seamlm.evaluate.metrics import benign_perplexity, harmfulness
+    from tests.conftest import make_model
+
+    model = make_model(len(tokenizer))
+    with pytest.raises(ConfigError, match="HS: no harmful prompts"):
+        harmfulness(model, tokenizer, [], KeywordJudge())
+    with pytest.raises(ConfigError, match="perplexity: no answer tokens"):
+        benign_perplexity(model, tokenizer, [])

@@ -153,6 +153,8 @@ class EvalConfig(BaseConfig):
 def harmfulness(model: Any, tokenizer: Any, prompts: list[str], judge: Judge, max_new_tokens: int = 50,
                 batch_size: int = 16, template: str = "chat") -> dict[str, Any]:
     """HS = mean P(harmful) of the judge over greedy answers (×100), with the keyword refusal rate beside it."""
+    if not prompts:
+        raise ConfigError("HS: no harmful prompts to answer (the bundle's eval_harmful stream or hs_prompts is empty)")
     answers = generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size, desc="HS generation",
                                template=template)
     probs = judge.score(prompts, answers)
@@ -187,7 +189,10 @@ def perplexity_of_rows(model: Any, rows: list[TokenizedExample], pad_token_id: i
         n = answer_token_count(batch)
         total += answer_ce(model, batch).item() * n  # answer_ce is the token mean over the batch
         count += n
-    mean = total / max(count, 1)
+    if not count:
+        raise ConfigError("perplexity: no answer tokens to score (empty benign_heldout stream, coherence_examples "
+                          "of 0 rows, or answers cut away by truncation)")
+    mean = total / count
     if math.isnan(mean):
         return math.nan  # NaN weights: no measurement (not an infinite, i.e. "broken", perplexity)
     return math.exp(mean) if mean < 700 else float("inf")  # a broken model's CE can overflow exp
