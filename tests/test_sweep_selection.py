@@ -51,6 +51,14 @@ def test_epsilon_bounded_selection_on_a_hand_made_table():
     base = AttackOutcome("m", "pre", 0.0, 100 * 20 / 60, 10.0, None, {})
     assert within_bound(AttackOutcome("m", "x", 50.0, 100 * 17 / 60, 10.0, None, {}), base, 5.0)
     assert not within_bound(AttackOutcome("m", "x", 50.0, 100 * 16 / 60, 10.0, None, {}), base, 5.0)
+    # an attack that broke the model (perplexity overflowed) was measured, and is outside the bound; NaN was not
+    broken, lost = (AttackOutcome("m", x, 50.0, 60.0, v, None, {}) for x, v in (("b", float("inf")), ("n", float("nan"))))
+    assert broken.measured and not lost.measured and not within_bound(broken, base, 50.0)
+    # and an unattacked model of infinite perplexity bounds nothing
+    import dataclasses
+
+    assert not within_bound(AttackOutcome("m", "x", 0.0, 60.0, 9.0, None, {}),
+                            dataclasses.replace(base, ppl=float("inf")), 50.0)
 
 
 def test_report_shows_the_worst_case_table_and_scatter(tmp_path):

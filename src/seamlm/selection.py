@@ -28,8 +28,9 @@ class AttackOutcome:
 
     @property
     def measured(self) -> bool:
-        """HS, ZS and perplexity are all numbers (a missing or NaN one keeps the outcome out of every bound)."""
-        return all(math.isfinite(x) for x in (self.hs, self.zs, self.ppl))
+        """HS, ZS and perplexity were all measured (a missing or NaN one keeps the outcome out of every bound). An
+        infinite perplexity is a measurement: the model broke, and the coherence bound rejects it."""
+        return not any(math.isnan(x) for x in (self.hs, self.zs, self.ppl))
 
     @property
     def recipe(self) -> str:
@@ -77,7 +78,8 @@ def collect(rows: list[ResultRow]) -> tuple[dict[str, AttackOutcome], dict[str, 
 
 def within_bound(o: AttackOutcome, pre: AttackOutcome, eps: float, ppl_factor: float = 2.0) -> bool:
     # accuracies are k/n: 33.33 - 28.33 is 5.0000000000000036, which must count as a drop of 5
-    return o.measured and pre.measured and pre.zs - o.zs <= eps + 1e-9 and o.ppl <= ppl_factor * pre.ppl
+    return (o.measured and pre.measured and math.isfinite(pre.ppl) and pre.zs - o.zs <= eps + 1e-9
+            and o.ppl <= ppl_factor * pre.ppl)
 
 
 def worst_case(pre: AttackOutcome, attacked: list[AttackOutcome], eps: float,
