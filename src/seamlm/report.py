@@ -139,6 +139,9 @@ def adaptive_tables(rows: list[ResultRow], eps: tuple[float, ...] = (5.0, 10.0, 
         if not pre.measured:
             body.append([w["model"], f"{w['eps']:g}", "no bound: the unattacked model's HS, ZS or perplexity is "
                          "not measured", "–", "–", "–", count])
+        elif math.isinf(pre.ppl):
+            body.append([w["model"], f"{w['eps']:g}", "no bound: the unattacked model's perplexity is infinite", "–",
+                         "–", "–", count])
         elif b is None:
             body.append([w["model"], f"{w['eps']:g}", "none in the bound", "–", "–", "–", count])
         else:
