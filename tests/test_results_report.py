@@ -177,6 +177,13 @@ def test_lr_plots_draw_one_line_per_other_setting_and_markdown_cells_are_escaped
     report._plots(rows, tmp_path, tmp_path)
     attacked = [lab for lab in labels["hs_vs_lr.png"] if "attacked" in lab]
     assert attacked == ["a|b (attacked: seed=0)", "a|b (attacked: seed=1)", "a|b (LoRA attacked: seed=0)"]
+    # two cells that only their keys' -h digests tell apart (e.g. another weight decay): two lines, not one
+    labels.clear()
+    wd = [_row("m", f"sft-full-adamw-lr{lr:g}-n8-ep1-b4-s0{h}", "hs", v, attack={"lr": lr, "seed": 0, "lora": False})
+          for lr in (1e-5, 1e-4) for h, v in (("", 10.0), ("-h0a1b2c", 20.0))]
+    report._plots(wd, tmp_path, tmp_path)
+    assert [lab for lab in labels["hs_vs_lr.png"] if "attacked" in lab] == [
+        "m (attacked: other settings default)", "m (attacked: other settings h0a1b2c)"]
     store = ResultStore(tmp_path / "results.jsonl")
     store.append(rows)
     md = write_report(store.path, tmp_path / "rep").read_text()

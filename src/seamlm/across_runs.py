@@ -139,16 +139,15 @@ def error_bar_lines(rows: list[ResultRow], metric: str) -> dict[str, dict[tuple[
     One line per setting, as in the single-run report: a mean over cells of different attacks would mix the spread
     across settings into the spread across runs. Diverged attacks are left out (their numbers measure NaN
     weights; the tables count them), and so are non-finite values."""
-    from seamlm.report import varying_settings
+    from seamlm.report import plot_lines
 
     trained = [r for r in rows if r.cell != "pre" and isinstance(r.attack.get("lr"), (int, float))
                and r.attack.get("status") != "diverged" and math.isfinite(r.value)]
-    shown = varying_settings(trained)
+    line_of = plot_lines(trained)
     out: dict[str, dict[tuple[bool, str], dict[float, list[float]]]] = {}
     for r in trained:
         if r.metric == metric:
-            key = (bool(r.attack.get("lora")), shown(r.attack))
-            out.setdefault(r.model, {}).setdefault(key, {}).setdefault(r.attack["lr"], []).append(r.value)
+            out.setdefault(r.model, {}).setdefault(line_of(r), {}).setdefault(r.attack["lr"], []).append(r.value)
     return out
 
 

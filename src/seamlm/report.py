@@ -63,12 +63,33 @@ def _settings_shown(attack: dict, keys: Collection[str]) -> list[str]:
             if key in keys and (key != "lora_r" or attack.get("lora"))]
 
 
-def varying_settings(rows: list[ResultRow]) -> Callable[[dict], str]:
-    """``attack -> "seed=1, n=50"``: the settings besides the lr that differ between ``rows``' attacks (one plot
-    line per combination)."""
+def plot_lines(rows: list[ResultRow]) -> Callable[[ResultRow], tuple[bool, str]]:
+    """``row -> (LoRA, "seed=1, n=50")``: one plot line per combination of the settings besides the lr that differ
+    between ``rows``' attacks. Cells that no shown setting tells apart (weight decay, max_steps …: the ``-h``
+    digest of their key) get that digest too, so two settings never share one line."""
     varies = [k for k, _ in _VARYING
               if len({str(r.attack.get(k)) for r in rows if k != "lora_r" or r.attack.get("lora")}) > 1]
-    return lambda attack: ", ".join(_settings_shown(attack, varies))
+
+    def shown(r: ResultRow) -> tuple[bool, str]:
+        return bool(r.attack.get("lora")), ", ".join(_settings_shown(r.attack, varies))
+
+    digests: dict[tuple[bool, str], set[str]] = {}
+    for r in rows:
+        digests.setdefault(shown(r), set()).add(_other_settings(r.cell))
+
+    def key(r: ResultRow) -> tuple[bool, str]:
+        lora, what = shown(r)
+        if len(digests.get((lora, what), ())) > 1:
+            what = ", ".join(filter(None, [what, f"other settings {_other_settings(r.cell) or 'default'}"]))
+        return lora, what
+
+    return key
+
+
+def _other_settings(cell: str) -> str:
+    """The ``h<digest>`` that ends a cell key whose fine-tuning fields besides the keyed ones changed ('' if none)."""
+    m = re.search(r"-(h[0-9a-f]{6})$", cell)
+    return m.group(1) if m else ""
 
 
 def column_header(cells: list[tuple[str, dict]]) -> list[str]:
@@ -223,7 +244,7 @@ def _plots(rows: list[ResultRow], results_dir: Path, out: Path) -> list[str]:
     models = list(dict.fromkeys(r.model for r in rows))
     trained = [r for r in rows if r.cell != "pre" and isinstance(r.attack.get("lr"), (int, float))]
     # one line per setting besides the lr (seed, samples, optimizer … and LoRA): joining them would zig-zag
-    shown = varying_settings(trained)
+    line_of = plot_lines(trained)
     for metric, ylabel, fname in (("hs", "HS (%)", "hs_vs_lr.png"), ("zs_mean", "ZS mean accuracy (%)", "zs_vs_lr.png")):
         fig, ax = plt.subplots(figsize=(6, 4))
         for i, m in enumerate(models):
@@ -231,8 +252,7 @@ def _plots(rows: list[ResultRow], results_dir: Path, out: Path) -> list[str]:
             lines: dict[tuple[bool, str], list[tuple[float, float]]] = {}  # (LoRA, other settings) -> points
             for r in trained:
                 if r.model == m and r.metric == metric:
-                    key = (bool(r.attack.get("lora")), shown(r.attack))
-                    lines.setdefault(key, []).append((r.attack["lr"], r.value))
+                    lines.setdefault(line_of(r), []).append((r.attack["lr"], r.value))
             for j, ((lora, what), pts) in enumerate(sorted(lines.items())):
                 pts.sort()
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], "s--" if lora else "o-", color=color,
