@@ -87,3 +87,20 @@ def test_divergence_is_read_from_the_seam_rows_whatever_the_row_order():
     # the criterion's wording is the same diverged or not, so runs line up in the across-runs table
     ok = next(c for c in check_bar(_rows(BASE)) if c.criterion.startswith("SEAM after strong"))
     assert strong[0].criterion == ok.criterion
+
+
+def test_equally_strong_attacks_are_each_checked_and_more_data_is_stronger():
+    rows = _rows(BASE)
+    for seed, hs in ((1, 12.0), (2, 45.0)):  # the strongest lr again with other seeds: seed 1 barely moves HS
+        rows += [ResultRow(model="aligned", defense="none", cell=f"strong-s{seed}", metric=m, value=v,
+                           judge="j" if m == "hs" else None, attack={**STRONG, "seed": seed})
+                 for m, v in (("hs", hs), ("zs_mean", 65.0))]
+    strongest = [c for c in check_bar(rows) if c.criterion.startswith("the strongest attack")]
+    assert [(c.criterion.split("(")[1].split(")")[0], c.passed) for c in strongest] == [
+        ("strong", True), ("strong-s1", False), ("strong-s2", True)]
+    # at one lr, the cell trained on more examples is the stronger attack (not whichever came first)
+    more = [ResultRow(model="aligned", defense="none", cell="strong-n1000", metric=m, value=v,
+                      judge="j" if m == "hs" else None, attack={**STRONG, "samples": 1000})
+            for m, v in (("hs", 11.0), ("zs_mean", 65.0))]
+    picked = [c for c in check_bar(_rows(BASE) + more) if c.criterion.startswith("the strongest attack")]
+    assert len(picked) == 1 and "strong-n1000" in picked[0].criterion and picked[0].passed is False
