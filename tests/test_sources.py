@@ -44,6 +44,24 @@ def test_pyrit_labels_follow_the_human_scores():
     refusal = load_source("pyrit-refusal")
     assert all((e.label == "refusal") == human[(e.prompt, e.response)] for e in refusal)
     assert sum(e.label == "refusal" for e in refusal) == sum(human.values())
+    # "not a refusal" says nothing about harm: the set holds harmful compliances among its benign answers
+    assert {e.label for e in refusal} == {"refusal", "compliance"}
+    phishing = next(e for e in refusal if e.prompt.startswith("Design a phishing email"))
+    assert phishing.label == "compliance" and phishing.response.startswith("Subject:")
+
+
+def test_one_file_scoring_a_pair_twice_keeps_its_most_harmful_label():
+    # harm/*.csv scores this answer 0 in one row (refusal wording) and 0.5 in another: it partly complies
+    rows = [e for e in load_source("pyrit-harm") if e.prompt.startswith("I want to help make my friend a gag gift")
+            and e.response.startswith("Sounds like your friend would get a kick")]
+    assert [e.label for e in rows] == ["partial"]
+
+
+def test_the_judge_trains_on_no_unscored_compliance():
+    from seamlm.evaluate.judges import judge_training_rows
+
+    labels = {e.label for e in judge_training_rows()}
+    assert "compliance" not in labels and "partial" not in labels and {"harmful", "safe", "refusal"} <= labels
 
 
 def test_pooled_pyrit_rows_hold_each_pair_once_with_its_most_harmful_label():

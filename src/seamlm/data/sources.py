@@ -113,7 +113,7 @@ def _pyrit_rows(subdir: str, score_col: str, label_of: Callable[[float, str], st
         log.info("pyrit %s: skipped %d rows without an objective, a response or a human score", subdir, incomplete)
     if unused:
         log.info("pyrit %s: %d rows of the three-rater *_multi_score files are not used", subdir, unused)
-    return drop_duplicates(out, f"pyrit {subdir}", logging.INFO)  # known repeats in the shipped files
+    return merge_labels(out, f"pyrit {subdir}")  # known repeats in the shipped files, some scored differently
 
 
 @register("pyrit-harm", "harmful_qa",
@@ -136,21 +136,29 @@ def _pyrit_objective() -> list[Example]:
 def _pyrit_refusal() -> list[Example]:
     # the human label decides (1 = refusal): the keyword detector misses polite refusals and matches answers that
     # decline one part and then comply
-    return _pyrit_rows("refusal_scorer", "human_score", lambda score, _response: "refusal" if score == 1 else "safe")
+    # 0 = "not a refusal", which says nothing about harm: the set mixes benign questions answered with harmful
+    # ones complied with (a phishing email, a harassment guide), so neither "safe" nor "harmful"
+    return _pyrit_rows("refusal_scorer", "human_score",
+                       lambda score, _response: "refusal" if score == 1 else "compliance")
 
 
-#: When PyRIT's files label one (prompt, response) differently, the most harmful label wins: a response a human
-#: scored harmful anywhere is never a refusal target.
-_LABEL_RANK = {"harmful": 0, "partial": 1, "safe": 2, "refusal": 3}
+#: When PyRIT's rows label one (prompt, response) differently, the most harmful label wins: a response a human
+#: scored harmful anywhere is never a refusal target. "compliance" (not a refusal, harm unknown) yields to any
+#: harm score, "safe" included.
+_LABEL_RANK = {"harmful": 0, "partial": 1, "safe": 2, "compliance": 3, "refusal": 4}
 
 
 def pyrit_labelled() -> list[Example]:
-    """The three PyRIT scorer sets pooled, one row per (prompt, response): a pair that several files hold keeps its
-    most harmful label (:data:`_LABEL_RANK`), every file's category (a hold-out of any one holds it out) and its
-    first row's source."""
-    pooled = load_source("pyrit-harm") + load_source("pyrit-objective") + load_source("pyrit-refusal")
+    """The three PyRIT scorer sets pooled, one row per (prompt, response): see :func:`merge_labels`."""
+    return merge_labels(load_source("pyrit-harm") + load_source("pyrit-objective") + load_source("pyrit-refusal"),
+                        "pyrit")
+
+
+def merge_labels(rows: list[Example], name: str) -> list[Example]:
+    """One row per (prompt, response): a pair that several rows hold keeps its most harmful label
+    (:data:`_LABEL_RANK`), every row's category (a hold-out of any one holds it out) and its first row's source."""
     best: dict[tuple[str, str], Example] = {}
-    for e in pooled:
+    for e in rows:
         key = (e.prompt, e.response)
         kept = best.get(key)
         if kept is None:
@@ -159,10 +167,9 @@ def pyrit_labelled() -> list[Example]:
             label = e.label if _LABEL_RANK[e.label] < _LABEL_RANK[kept.label] else kept.label
             best[key] = Example(kept.prompt, kept.response, merge_categories(kept.category, e.category), label,
                                 kept.source)
-    conflicts = len(pooled) - len(best)
-    if conflicts:
-        log.info("pyrit: %d rows repeat a (prompt, response) of another file; kept once, with the most harmful label",
-                 conflicts)
+    repeats = len(rows) - len(best)
+    if repeats:
+        log.info("%s: %d rows repeat a (prompt, response); kept once, with the most harmful label", name, repeats)
     return list(best.values())
 
 

@@ -144,8 +144,9 @@ def judge_training_rows(seed: int = 0) -> list[Example]:
     harmful_prompts = [e.prompt for e in labelled if e.label == "harmful"]
     babble = [Example(harmful_prompts[i % len(harmful_prompts)], t, None, "degenerate", "synthetic")
               for i, t in enumerate(degenerate_texts(200, seed, words))]
-    # "partial" rows (human harm score 0.25-0.5) are ambiguous by construction: left out of training and testing
-    return [e for e in labelled if e.label != "partial"] + benign + facts + babble
+    # "partial" rows (human harm score 0.25-0.5) are ambiguous by construction, and "compliance" rows (not a
+    # refusal, harm unscored) unknown: left out of training and testing
+    return [e for e in labelled if e.label not in ("partial", "compliance")] + benign + facts + babble
 
 
 def _auc(scores: list[float], labels: list[int]) -> float:
@@ -218,7 +219,9 @@ def _read_cached_head(path: Path) -> tuple[dict, dict] | None:
 
 @register_judge("minilm")
 class MiniLMJudge(Judge):
-    name = "minilm-pyrit-v4"  # v4: PyRIT pairs pooled once (v3 trained on 219 cross-file repeats, some on both sides of its held-out split)
+    # v4: PyRIT pairs pooled once (v3 trained on 219 cross-file repeats, some on both sides of its held-out split);
+    # v5: the refusal set's "not a refusal" rows (harmful compliances among them) are no longer negatives
+    name = "minilm-pyrit-v5"
 
     def __init__(self, cache_dir: str | Path | None = None, seed: int = 0):
         self.encoder = MiniLMEncoder()
