@@ -122,6 +122,13 @@ def _rows(values: dict[str, float], base: dict[str, Any], judge: Judge) -> list[
             for k, v in values.items()]
 
 
+def samples_file(out_dir: str | Path, label: str, cell: str) -> Path:
+    """Where a cell's evaluation keeps its generated answers (``seamlm rescore`` reads them back)."""
+    if cell == "pre":
+        return Path(out_dir) / "samples" / path_part(label) / "pre.jsonl"
+    return Path(out_dir) / "attacks" / path_part(label) / cell / "samples.jsonl"
+
+
 def evaluate_pre_attack(model_name: str, label: str, defense: str, bundle: BundleData, eval_cfg: EvalConfig,
                         judge: Judge, out_dir: str | Path, store: ResultStore, ctx: DistContext | None = None) -> bool:
     """Evaluate the unattacked model (cell ``pre``) unless the store has it. Returns True when it ran.
@@ -139,7 +146,7 @@ def evaluate_pre_attack(model_name: str, label: str, defense: str, bundle: Bundl
         ctx.barrier()
         return True
     model, tok = load_model(model_name, dtype="float32")
-    values = evaluate_model(model, tok, bundle, eval_cfg, judge, Path(out_dir) / "samples" / path_part(label) / "pre.jsonl")
+    values = evaluate_model(model, tok, bundle, eval_cfg, judge, samples_file(out_dir, label, "pre"))
     store.append(_rows(values, dict(model=label, defense=defense, cell="pre", seed=eval_cfg.seed,
                                     data_manifest=digest, settings=settings), judge), settings_parts=parts)
     ctx.barrier()
@@ -237,7 +244,7 @@ def attack_cell(model_name: str, label: str, defense: str, bundle: BundleData, r
     if not ctx.is_main:
         ctx.barrier()
         return CellOutcome(cell, None, True)
-    values = evaluate_model(model, tok, bundle, cell_eval, judge, cell_dir / "samples.jsonl")
+    values = evaluate_model(model, tok, bundle, cell_eval, judge, samples_file(out, label, cell))
     harmful = [r.get("harmful_ce", r["loss"]) for r in logs if "loss" in r] if recipe.logs_harmful_loss else []
     if harmful:
         # per-batch losses are noisy (and the last batch may be short): report means of the first/last 10 %

@@ -375,6 +375,34 @@ def _run_report(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def _rescore_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("rescore", help="judge a finished run's saved answers again with another judge (HS rows, no "
+                       "generation); the old results file is kept beside")
+    p.add_argument("results", help="results.jsonl (or its run folder) of eval, attack, demo or adaptive")
+    p.add_argument("--judge", default="minilm", help="judge name (minilm, beavertails, keyword; default minilm: the "
+                   "current offline judge)")
+    p.add_argument("--judge_model", "--judge-model", default="", help="the judge's model (e.g. a local copy of the "
+                   "BeaverTails classifier)")
+
+
+def _run_rescore(args: argparse.Namespace, extra: list[str]) -> int:
+    from seamlm.evaluate.metrics import EvalConfig
+    from seamlm.rescore import rescore
+
+    if extra:
+        raise ConfigError(f"unexpected arguments {extra} (`seamlm rescore --help`)")
+    cfg = EvalConfig(judge=args.judge, judge_model=args.judge_model)
+    changed = rescore(args.results, cfg)
+    if not changed:
+        print(f"nothing to rescore: every HS row of {args.results} is already judged this way")
+        return 0
+    width = max(len(f"{c.model}/{c.cell}") for c in changed)
+    for c in changed:
+        print(f"{c.model + '/' + c.cell:{width}}  HS {c.before:5.1f} ({c.old_judge}) -> {c.after:5.1f}")
+    print(f"{len(changed)} cells rescored; `seamlm report {args.results} --out DIR` for the tables")
+    return 0
+
+
 def _judge_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("judge", help="train the offline harmfulness judge and print its held-out accuracy/AUC")
     p.add_argument("action", choices=["train"])
@@ -429,11 +457,12 @@ COMMANDS = {
     "defend": (_defend_parser, _run_defend), "data": (_data_parser, _run_data), "eval": (_eval_parser, _run_eval),
     "attack": (_attack_parser, _run_attack), "sweep": (_sweep_parser, _run_sweep),
     "adaptive": (_adaptive_parser, _run_adaptive), "report": (_report_parser, _run_report), "judge": (_judge_parser, _run_judge),
+    "rescore": (_rescore_parser, _run_rescore),
 }
 
 
 #: Commands that would only duplicate their work (and race on their output files) under a multi-process launcher.
-SINGLE_PROCESS = {"demo", "eval", "data", "report", "judge", "sweep", "adaptive"}
+SINGLE_PROCESS = {"demo", "eval", "data", "report", "judge", "sweep", "adaptive", "rescore"}
 
 
 def build_parser() -> argparse.ArgumentParser:

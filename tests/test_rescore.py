@@ -1,0 +1,107 @@
+"""seamlm rescore: a finished run judged again from its saved answers, and a resumed grid keeps its cells."""
+
+import json
+
+import pytest
+
+from seamlm.attack import AttackConfig, evaluate_pre_attack, run_attack_grid, samples_file
+from seamlm.cli import main
+from seamlm.data.bundles import BundleData
+from seamlm.errors import DataError
+from seamlm.evaluate.judges import JUDGES, Judge, KeywordJudge
+from seamlm.rescore import rescore
+from seamlm.results import ResultStore
+from tests.conftest import BENIGN, HARMFUL, REFUSAL
+from tests.test_attack_grid import EVAL
+
+
+class LengthJudge(Judge):
+    """P(harmful) grows with the answer's length: a judge that disagrees with the keyword one."""
+
+    name = "length-v1"
+
+    def score(self, prompts, responses):
+        return [min(1.0, len(r) / 40) for r in responses]
+
+
+GRID = AttackConfig(learning_rates=(1e-3,), num_samples=4, batch_size=2)
+
+
+def _run(model_dir, bundle, out, judge):
+    store = ResultStore(out / "results.jsonl")
+    pre = evaluate_pre_attack(str(model_dir), "tiny", "none", bundle, EVAL, judge, out, store)
+    return pre, run_attack_grid(str(model_dir), "tiny", "none", bundle, GRID, EVAL, judge, out, store), store
+
+
+@pytest.fixture
+def bundle():
+    return BundleData({"harmful": HARMFUL[:6], "refusal": REFUSAL[:6], "benign": BENIGN[:6], "attack": HARMFUL[6:],
+                       "eval_harmful": HARMFUL[:3], "benign_heldout": BENIGN[6:]}, {"seed": 0})
+
+
+def test_rescore_rejudges_saved_answers_and_a_resumed_grid_keeps_every_cell(tiny_model_dir, bundle, tmp_path):
+    out = tmp_path / "run"
+    _, ran, store = _run(tiny_model_dir, bundle, out, KeywordJudge())
+    before = {(r.model, r.cell, r.metric): r for r in store.rows()}
+    cells = ["pre", *ran]
+    answers = {c: [json.loads(x) for x in samples_file(out, "tiny", c).read_text().splitlines()] for c in cells}
+
+    changed = rescore(out, EVAL, LengthJudge())
+    assert sorted(c.cell for c in changed) == sorted(cells) and {c.old_judge for c in changed} == {"keyword-v2"}
+    rows = {(r.model, r.cell, r.metric): r for r in store.rows()}
+    assert rows.keys() == before.keys()
+    for c in cells:
+        p = [min(1.0, len(a["answer"]) / 40) for a in answers[c]]
+        assert rows[("tiny", c, "hs")].value == pytest.approx(100 * sum(p) / len(p))
+        assert rows[("tiny", c, "hs_binary")].value == pytest.approx(100 * sum(x > 0.5 for x in p) / len(p))
+        assert rows[("tiny", c, "hs")].judge == "length-v1"
+        # what the judge does not touch stays, value for value
+        assert rows[("tiny", c, "zs_mean")].value == before[("tiny", c, "zs_mean")].value
+        assert rows[("tiny", c, "refusal_rate")].value == before[("tiny", c, "refusal_rate")].value
+        saved = [json.loads(x) for x in samples_file(out, "tiny", c).read_text().splitlines()]
+        assert [s["p_harmful"] for s in saved] == pytest.approx(p)
+        assert [s["p_harmful[keyword-v2]"] for s in saved] == [a["p_harmful"] for a in answers[c]]
+    backup = ResultStore(out / "results.before-keyword-v2.jsonl").rows()
+    assert {(r.cell, r.metric): r.value for r in backup} == {(c, m): r.value for (_, c, m), r in before.items()}
+
+    # the same run with the new judge: every cell is found done (the settings digests are the new judge's)
+    pre, ran_again, _ = _run(tiny_model_dir, bundle, out, LengthJudge())
+    assert pre is False and ran_again == []
+    assert rescore(out, EVAL, LengthJudge()) == []  # nothing left to rescore
+
+
+def test_rescore_with_answers_missing_writes_nothing_and_says_which(tiny_model_dir, bundle, tmp_path):
+    out = tmp_path / "run"
+    _, ran, store = _run(tiny_model_dir, bundle, out, KeywordJudge())
+    samples_file(out, "tiny", ran[0]).unlink()
+    text = store.path.read_text()
+    with pytest.raises(DataError, match=f"{ran[0]}.*were not kept"):
+        rescore(out, EVAL, LengthJudge())
+    assert store.path.read_text() == text and not (out / "results.before-keyword-v2.jsonl").exists()
+    assert json.loads(samples_file(out, "tiny", "pre").read_text().splitlines()[0])["p_harmful"] in (0.0, 1.0)
+
+
+def test_rescore_cli_with_a_registered_judge(tiny_model_dir, bundle, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    _run(tiny_model_dir, bundle, out, KeywordJudge())
+    monkeypatch.setitem(JUDGES, "length", lambda **kw: LengthJudge())
+    assert main(["rescore", str(out / "results.jsonl"), "--judge", "length"]) == 0
+    printed = capsys.readouterr().out
+    assert "tiny/pre" in printed and "(keyword-v2) ->" in printed and "2 cells rescored" in printed
+    assert main(["rescore", str(out), "--judge", "length"]) == 0
+    assert "nothing to rescore" in capsys.readouterr().out
+    assert main(["rescore", str(tmp_path / "nowhere")]) == 1
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_a_sweep_not_started_adopts_the_new_judge_and_one_with_trials_is_refused(tmp_path):
+    from seamlm.rescore import _check_sweeps
+    from seamlm.sweep import SweepConfig, open_study
+
+    context = {"model": "m", "judge": "keyword-v2", "eval": EVAL.settings_dict()}
+    open_study(SweepConfig(recipes=("sft",), trials=2), "tiny", tmp_path, context)
+    _check_sweeps(tmp_path, "length-v1", EVAL)
+    study = open_study(SweepConfig(recipes=("sft",), trials=2), "tiny", tmp_path, {**context, "judge": "length-v1"})
+    study.optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=1)
+    with pytest.raises(DataError, match="study 'tiny' has trials chosen by HS under the old judge"):
+        _check_sweeps(tmp_path, "other-v1", EVAL)
