@@ -130,7 +130,8 @@ def test_bundle_write_and_reload_round_trip(bundle, tmp_path):
         load_built(tmp_path)
 
 
-def test_a_bundle_folder_is_written_whole_and_never_overwritten_by_another(bundle, tmp_path, monkeypatch):
+def test_a_bundle_folder_is_written_whole_and_never_overwritten_by_another(bundle, tmp_path, monkeypatch,
+                                                                          caplog):
     out = tmp_path / "b"
     (tmp_path / "b.partial").mkdir()  # a killed earlier build
     (tmp_path / "b.partial" / "harmful.jsonl").write_text("half")
@@ -142,6 +143,14 @@ def test_a_bundle_folder_is_written_whole_and_never_overwritten_by_another(bundl
     with pytest.raises(DataError, match=r"other settings \(differs in: .*seed"):
         other.write(out)
     assert load_built(out).manifest == bundle.manifest  # untouched
+    # the same splits with other answers (as an older seamlm or source package built them): kept, with a warning
+    # (the manifest digests prompts only)
+    refusals = (out / "defense_refusal.jsonl").read_text()
+    (out / "defense_refusal.jsonl").write_text(refusals.replace("I can", "I cannot", 1))
+    with caplog.at_level("WARNING"):
+        assert bundle.write(out) == out
+    assert "other rows in defense_refusal.jsonl" in caplog.text and "kept" in caplog.text
+    assert (out / "defense_refusal.jsonl").read_text() != refusals  # kept as it was: a resumed run trained on it
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "x.txt").write_text("mine")
     with pytest.raises(DataError, match="not an empty folder or a bundle"):

@@ -55,11 +55,18 @@ class BundleData:
     def counts(self) -> dict[str, int]:
         return {k: len(v) for k, v in self.streams.items()}
 
+    def _text(self, stream: str) -> str:
+        """The JSONL text of one stream's file."""
+        return "".join(json.dumps({"prompt": e.prompt, "response": e.response, "category": e.category,
+                                   "label": e.label, "source": e.source}, ensure_ascii=False) + "\n"
+                       for e in self.streams[stream])
+
     def write(self, out_dir: str | Path) -> Path:
         """Write one JSONL per stream, then ``manifest.json`` — the mark of a complete bundle, so a killed build
         leaves none (a new folder is written beside it and renamed into place; an existing empty one, or one holding
         only a killed build's files, in place). The same bundle already there (the manifest holds each split's
-        digest) is kept; another one is refused, not overwritten, since runs trained on it name it by path."""
+        digest) is kept, with a warning when its rows differ; another one is refused, not overwritten, since runs
+        trained on it name it by path."""
         out = Path(out_dir).expanduser().resolve()  # '.', a symlink: the folder itself
         if (out / MANIFEST).is_file():
             try:
@@ -68,6 +75,14 @@ class BundleData:
                 raise DataError(f"{out / MANIFEST} is not valid JSON (a cut-off write?); delete {out} to rebuild "
                                 "the bundle there") from None
             if old == self.manifest:
+                # the manifest digests prompts only: answers, refusals, labels or categories may come from another
+                # seamlm or source package version. Kept (a resumed run goes on with the data it trained on), said.
+                stale = [f for stream, f in STREAM_FILES.items()
+                         if not (out / f).is_file() or (out / f).read_text(encoding="utf-8") != self._text(stream)]
+                if stale:
+                    log.warning("%s holds this bundle's splits but other rows in %s (built by another seamlm or "
+                                "source package version): kept, as runs trained on it expect; delete the folder (seamlm "
+                                "demo: --fresh, or another --out) to build this version's", out, ", ".join(stale))
                 return out
             changed = sorted(k for k in {*old, *self.manifest} if old.get(k) != self.manifest.get(k))
             raise DataError(f"{out} holds a bundle built with other settings (differs in: {', '.join(changed)}); "
@@ -80,11 +95,7 @@ class BundleData:
             shutil.rmtree(target)
         target.mkdir(parents=True, exist_ok=True)
         for stream, fname in STREAM_FILES.items():
-            with (target / fname).open("w", encoding="utf-8") as f:
-                for e in self.streams[stream]:
-                    row = {"prompt": e.prompt, "response": e.response, "category": e.category,
-                           "label": e.label, "source": e.source}
-                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            (target / fname).write_text(self._text(stream), encoding="utf-8")
         (target / MANIFEST).write_text(json.dumps(self.manifest, indent=2), encoding="utf-8")
         if target != out:
             os.replace(target, out)
