@@ -28,6 +28,9 @@ def test_jsonl_and_csv(tmp_path):
         ("quote.csv", 'prompt,response\nq1,"a1\nq2,a2\nq3,a3\n', "is not valid CSV"),
         ("extra.csv", "prompt,response\nq1,a1\nq2,a, b\n", "row 2 has more fields than the header"),
         ("list.jsonl", '{"prompt": ["hi"], "response": "r"}\n', "row 1 has a list in column 'prompt'"),
+        # a later JSON line with other keys is a wrong column, not an "empty response" dropped with a count
+        ("keys.jsonl", '{"prompt": "q", "response": "r"}\n{"prompt": "q2", "answer": "a"}\n',
+         r"row 2 has no \['response'\] field"),
     ],
 )
 def test_bad_files(tmp_path, name, content, match):
@@ -60,3 +63,12 @@ def test_dropped_rows_are_counted(tmp_path, caplog):
     path.write_text('{"prompt": "q", "response": "r"}\n{"prompt": "q2", "response": ""}\n')
     assert len(load_examples(path)) == 1
     assert "dropped 1 of 2 rows" in caplog.text
+
+
+def test_a_non_utf8_results_file_is_a_clear_error(tmp_path):
+    from seamlm.jsonl import read_records
+
+    path = tmp_path / "results.jsonl"
+    path.write_bytes('{"a": "café"}\n'.encode("latin-1"))
+    with pytest.raises(DataError, match="results.jsonl is not UTF-8"):
+        read_records(path)

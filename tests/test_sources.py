@@ -229,3 +229,11 @@ def test_forgelm_chats_without_both_turns_are_counted_not_silently_dropped(tmp_p
     rows = sources._forgelm()
     assert [r.prompt for r in rows] == ["Where is my order?"] * 2
     assert "skipped 4 chats without a non-empty user and assistant turn" in caplog.text
+
+
+def test_advbench_keeps_every_harm_category_normalised():
+    from seamlm.data.files import CATEGORY_SEPARATOR
+
+    rows = load_source("advbench")
+    assert any(CATEGORY_SEPARATOR in (e.category or "") for e in rows)  # most behaviours have several categories
+    assert all(e.category == e.category.lower() and " " not in e.category for e in rows if e.category)

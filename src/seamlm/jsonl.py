@@ -62,7 +62,11 @@ def read_records(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
     path = Path(path)
     if not path.exists():
         return []
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path} is not UTF-8 text (byte {exc.start}): a file seamlm writes is UTF-8 JSON lines; "
+                        "restore or delete it") from None
     lines = text.split("\n")  # not splitlines(): U+2028 and U+0085 are legal inside a JSON string
     out = []
     for i, line in enumerate(lines, 1):

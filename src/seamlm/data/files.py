@@ -114,6 +114,10 @@ def load_examples(path: str | Path, require_response: bool = True, dedupe: bool 
         )
     examples, empty = [], 0
     for i, row in enumerate(rows, 1):
+        absent = [c for c in needed if c not in row]
+        if absent:  # a JSON line with other keys than the first (CSV rows all share the header)
+            raise DataError(f"{path}: row {i} has no {absent} field(s) (it has {sorted(row)}); every row needs "
+                            f"{'/'.join(needed)}")
         bad = [c for c in ("prompt", "response", "category") if not isinstance(row.get(c), (str, type(None)))]
         if bad:  # str() of a list would train on its Python repr
             raise DataError(f"{path}: row {i} has a {type(row[bad[0]]).__name__} in column '{bad[0]}'; every "

@@ -107,8 +107,12 @@ def _pyrit_rows(subdir: str, score_col: str, label_of: Callable[[float, str], st
                 incomplete += 1
                 continue
             category = (row.get("harm_category") or path.stem).strip().lower().replace(" ", "_")
-            out.append(Example(prompt, response, category, label_of(float(score), response),
-                               f"pyrit:{subdir}/{path.name}"))
+            try:
+                value = float(score)
+            except ValueError:
+                raise DataError(f"{path}: score {score!r} of objective {prompt[:60]!r} is not a number (another "
+                                "pyrit version? seamlm reads pyrit==1.1.0's files)") from None
+            out.append(Example(prompt, response, category, label_of(value, response), f"pyrit:{subdir}/{path.name}"))
     if incomplete:
         log.info("pyrit %s: skipped %d rows without an objective, a response or a human score", subdir, incomplete)
     if unused:
@@ -178,7 +182,9 @@ def merge_labels(rows: list[Example], name: str) -> list[Example]:
 def _advbench() -> list[Example]:
     path = package_dir("pyrit") / "datasets" / "seed_datasets" / "local" / "adv_bench.prompt"
     data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    return [Example(s["value"].strip(), "", (s.get("harm_categories") or [None])[0], None, "advbench")
+    # every category, normalised as PyRIT's scorer rows are: a hold-out of any one of them holds the prompt out
+    return [Example(s["value"].strip(), "", CATEGORY_SEPARATOR.join(
+                c.strip().lower().replace(" ", "_") for c in s.get("harm_categories") or []) or None, None, "advbench")
             for s in data["seeds"]]
 
 
