@@ -58,3 +58,14 @@ def test_prompts_differing_in_case_get_their_own_answers_and_another_template_mi
     other.chat_template = "{% for m in messages %}Q: {{ m['content'] }}\nA:{% endfor %}"
     distill_answers(model, other, ["What is 2+2?"], tmp_path, max_new_tokens=3)
     assert len(list(tmp_path.glob("*.jsonl"))) == 2
+
+
+def test_other_end_tokens_or_prompt_budget_miss_the_cache(tokenizer, tmp_path):
+    # the answers of an edited generation_config (eos_token_id) or a shorter prompt budget are other answers
+    model = make_model(len(tokenizer)).eval()
+    distill_answers(model, tokenizer, ["What is 2+2?"], tmp_path, max_new_tokens=3)
+    distill_answers(model, tokenizer, ["What is 2+2?"], tmp_path, max_new_tokens=3, max_prompt_tokens=8)
+    assert len(list(tmp_path.glob("*.jsonl"))) == 2
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, 7]
+    distill_answers(model, tokenizer, ["What is 2+2?"], tmp_path, max_new_tokens=3)
+    assert len(list(tmp_path.glob("*.jsonl"))) == 3

@@ -11,8 +11,9 @@ from typing import Any
 import torch
 
 from seamlm.data.files import Example
-from seamlm.generation import generate_answers
+from seamlm.generation import generate_answers, stop_token_ids
 from seamlm.jsonl import drop_partial_tail, read_records
+from seamlm.models import FALLBACK_PROMPT_FORMAT
 
 log = logging.getLogger(__name__)
 
@@ -26,18 +27,26 @@ def model_fingerprint(model: Any) -> str:
     return h.hexdigest()[:16]
 
 
+def _generation_digest(model: Any, tokenizer: Any, max_prompt_tokens: int) -> str:
+    """What besides the weights decides a greedy answer: the prompt format (chat template, or the fallback), the
+    tokenizer itself (vocabulary, normaliser, BOS handling), where answers stop and how much prompt is kept."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    tok_state = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    parts = [getattr(tokenizer, "chat_template", None) or FALLBACK_PROMPT_FORMAT, tok_state,
+             stop_token_ids(model, tokenizer), max_prompt_tokens]
+    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:8]
+
+
 def distill_answers(
     model: Any, tokenizer: Any, prompts: list[str], cache_dir: str | Path, max_new_tokens: int = 128,
-    batch_size: int = 8,
+    batch_size: int = 8, max_prompt_tokens: int = 512,
 ) -> list[Example]:
     """Answer ``prompts`` greedily with ``model``; reuse answers cached for the same model hash and settings.
 
     The cache is ``cache_dir/<model hash>.jsonl`` (one line per prompt and ``max_new_tokens``), appended as answers
     are produced, so an interrupted run keeps what it finished.
     """
-    # the answers depend on the weights and on the prompt format the tokenizer's chat template gives them
-    template = getattr(tokenizer, "chat_template", None) or ""
-    key = f"{model_fingerprint(model)}-{hashlib.sha256(str(template).encode()).hexdigest()[:8]}"
+    key = f"{model_fingerprint(model)}-{_generation_digest(model, tokenizer, max_prompt_tokens)}"
     path = Path(cache_dir) / f"{key}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
     cached: dict[tuple[str, int], str] = {}
@@ -50,7 +59,7 @@ def distill_answers(
         for i in range(0, len(todo), batch_size * 4):
             chunk = todo[i:i + batch_size * 4]
             for p, a in zip(chunk, generate_answers(model, tokenizer, chunk, max_new_tokens, batch_size,
-                                                    desc="self-distilling"), strict=True):
+                                                    max_prompt_tokens, desc="self-distilling"), strict=True):
                 cached[(_sha(p), max_new_tokens)] = a
                 f.write(json.dumps({"prompt_sha": _sha(p), "max_new_tokens": max_new_tokens, "answer": a}) + "\n")
             f.flush()
