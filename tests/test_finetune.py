@@ -8,7 +8,7 @@ import torch
 
 from seamlm.errors import ConfigError, NonFiniteLossError
 from seamlm.finetune import FinetuneConfig, finetune
-from tests.conftest import HARMFUL, make_model
+from tests.conftest import BENIGN, HARMFUL, make_model
 
 
 def test_full_finetune_lowers_the_loss_and_logs_every_step(tokenizer, tmp_path):
@@ -219,3 +219,21 @@ def test_warmup_steps_are_counted_as_the_hf_trainer_counts_them(ratio, tmp_path)
     args = TrainingArguments(output_dir=str(tmp_path), warmup_steps=ratio, report_to=[])  # < 1: a ratio (v5)
     for n in (7, 15, 30, 51, 125, 250):
         assert warmup_steps(ratio, n) == args.get_warmup_steps(n)
+
+
+def test_a_coupling_probe_leaves_a_lora_attack_as_it_would_have_been(tokenizer):
+    """The coupling probe back-propagates through the model; under LoRA the live adapters' gradients are the
+    attack's own, so its backward must not add to them (it did: every probed LoRA step trained on the probe's
+    harmful and benign gradients too)."""
+    from seamlm.evaluate.metrics import gradient_coupling
+    from seamlm.finetune import Probe, probing
+
+    cfg = FinetuneConfig(lr=5e-3, batch_size=2, max_steps=4, epochs=2, lora=True, lora_r=2)
+    plain = finetune(make_model(len(tokenizer)), tokenizer, HARMFUL, cfg)
+    probe = Probe(lambda m: gradient_coupling(m, tokenizer, HARMFUL[:2], BENIGN[:2]), every=1)
+    with probing(probe):
+        probed = finetune(make_model(len(tokenizer)), tokenizer, HARMFUL, cfg)
+    assert len(probed.probes) == 5 and all(math.isfinite(p["coupling_cos"]) for p in probed.probes)
+    assert probed.losses == pytest.approx(plain.losses, rel=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(probed.model.parameters(), plain.model.parameters(),
+                                                                 strict=True))

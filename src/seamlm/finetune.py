@@ -352,6 +352,7 @@ class _ProbeRecorder:
             self.rows.append({"updates": updates, **self.probe.measure(model)})
         finally:
             model.train()
+            model.zero_grad(set_to_none=True)  # nothing a measurement leaves may reach the next update
         if self.path:
             append_records(self.path, self.rows[-1:])
 

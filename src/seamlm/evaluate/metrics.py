@@ -216,6 +216,7 @@ def coupling_of_rows(model: Any, harmful: list[TokenizedExample], benign: list[T
     # all of them (a merged LoRA model comes back with requires_grad off) but a live LoRA adapter's: the probe of a
     # LoRA attack measures the base weights, as the cells before and after it do
     params = [p for n, p in model.named_parameters() if "lora_" not in n]
+    adapters = [p for n, p in model.named_parameters() if "lora_" in n and p.requires_grad]
     frozen = [p.requires_grad for p in params]
     flat = FlatParams(params)
     grads = []
@@ -223,6 +224,8 @@ def coupling_of_rows(model: Any, harmful: list[TokenizedExample], benign: list[T
     try:
         for p in params:
             p.requires_grad_(True)
+        for p in adapters:  # their .grad is the attack's: a probe's backward must not add to it
+            p.requires_grad_(False)
         for rows in (harmful, benign):
             buf = flat.zeros()
             chunks = range(0, len(rows), batch_size)
@@ -234,6 +237,8 @@ def coupling_of_rows(model: Any, harmful: list[TokenizedExample], benign: list[T
     finally:
         for p, flag in zip(params, frozen, strict=True):
             p.requires_grad_(flag)
+        for p in adapters:
+            p.requires_grad_(True)
     stats = cosine(grads[0], grads[1])
     return {"coupling_cos": stats.cos, "coupling_slope": -stats.cos * stats.norm_b}
 
