@@ -237,3 +237,10 @@ def test_a_coupling_probe_leaves_a_lora_attack_as_it_would_have_been(tokenizer):
     assert probed.losses == pytest.approx(plain.losses, rel=1e-6)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(probed.model.parameters(), plain.model.parameters(),
                                                                  strict=True))
+
+
+def test_max_steps_beyond_the_plan_is_said_not_silently_capped(tokenizer, caplog):
+    cfg = FinetuneConfig(lr=1e-3, batch_size=4, max_steps=50, epochs=1)
+    with caplog.at_level("WARNING"):
+        res = finetune(make_model(len(tokenizer)), tokenizer, HARMFUL[:8], cfg)
+    assert res.steps == 2 and "max_steps=50 exceeds the 2 steps of 1 epoch(s) over 8 examples" in caplog.text

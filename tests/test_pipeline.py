@@ -177,3 +177,13 @@ def test_a_refused_demo_leaves_its_folder_as_it_was(tmp_path, capsys):
     (out / "keep.txt").write_text("an earlier run's file")
     assert main(["demo", "--out", str(out), "--fresh", "--baseline_from", str(tmp_path / "nowhere")]) == 2
     assert (out / "keep.txt").is_file() and not (out / "demo_config.json").exists()
+
+
+def test_a_baseline_inside_out_is_refused_before_anything_is_deleted(tmp_path):
+    out = tmp_path / "run"
+    (out / "baseline").mkdir(parents=True)
+    (out / "keep.txt").write_text("mine")
+    for base in (out, out / "baseline"):
+        with pytest.raises(ConfigError, match="is --out itself or inside it"):
+            run_demo(out, DemoConfig(baseline_from=str(base)), fresh=True)
+    assert (out / "keep.txt").read_text() == "mine"

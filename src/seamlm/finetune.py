@@ -49,7 +49,8 @@ class FinetuneConfig(BaseConfig):
     epochs: int = 1
     """Passes over the data."""
     max_steps: int = 0
-    """Stop after this many optimizer steps (0 = no cap)."""
+    """Stop after this many optimizer steps (0 = no cap). A cap only: more steps than ``epochs`` passes give is a
+    warning, not more training."""
     batch_size: int = 4
     """Examples per step."""
     optimizer: Literal["adamw", "sgd"] = "adamw"
@@ -184,6 +185,10 @@ def _batches(n: int, cfg: FinetuneConfig) -> list[list[int]]:
         order = list(range(n))
         rng.shuffle(order)
         out.extend(order[i:i + cfg.batch_size] for i in range(0, n, cfg.batch_size))
+    if cfg.max_steps > len(out):
+        # max_steps caps the plan, it does not extend it (unlike transformers' Trainer): say so, never ignore it
+        log.warning("max_steps=%d exceeds the %d steps of %d epoch(s) over %d examples at batch %d: %d steps run; "
+                    "raise epochs for more", cfg.max_steps, len(out), cfg.epochs, n, cfg.batch_size, len(out))
     return out[: cfg.max_steps] if cfg.max_steps else out
 
 

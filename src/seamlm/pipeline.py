@@ -181,8 +181,11 @@ def _banner(text: str) -> None:
     log.info("=" * 20 + f" {text} " + "=" * 20)
 
 
-def _check_baseline(cfg: DemoConfig) -> Path:
+def _check_baseline(cfg: DemoConfig, out: Path) -> Path:
     base = Path(cfg.baseline_from)
+    if base.resolve() == out.resolve() or out.resolve() in base.resolve().parents:
+        raise ConfigError(f"baseline_from={base} is --out itself or inside it: the run would reuse (and --fresh "
+                          "delete) its own baseline; give another --out")
     saved = base / "demo_config.json"
     theirs_base = json.loads(saved.read_text()).get("baseline_from") if saved.is_file() else None
     if theirs_base:
@@ -210,7 +213,7 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig, fresh: bool = False) -> Path:
             raise ConfigError(f"{out} holds a demo run with other settings ({', '.join(changed)} changed): its finished "
                               f"stages would be reused. Pass --fresh to redo everything, or choose another --out.")
     # every check before anything is written or deleted: a refused command leaves --out as it was
-    base = _check_baseline(cfg) if cfg.baseline_from else out
+    base = _check_baseline(cfg, out) if cfg.baseline_from else out
     clock = StageClock(out / "timings.jsonl")
     judge = cfg.eval_config().make_judge()  # a judge that cannot load (no Hub) fails before any training
     if fresh and out.exists():
