@@ -187,3 +187,20 @@ def test_a_baseline_inside_out_is_refused_before_anything_is_deleted(tmp_path):
         with pytest.raises(ConfigError, match="is --out itself or inside it"):
             run_demo(out, DemoConfig(baseline_from=str(base)), fresh=True)
     assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_a_finished_stage_trained_with_another_configuration_is_not_reused(tmp_path):
+    # demo_config.json pins the demo's own settings; a stage's constants and config defaults can change with seamlm
+    from seamlm.finetune import LOOP_VERSION
+    from seamlm.pipeline import _check_stage
+
+    cfg = DemoConfig().align_config()
+    info = {"stage": "align", "config": cfg.to_dict(), "loop": LOOP_VERSION}
+    (tmp_path / "seamlm_run.json").write_text(json.dumps(info))
+    _check_stage(tmp_path, "config", cfg, "align")  # the same: reused
+    (tmp_path / "seamlm_run.json").write_text(json.dumps({**info, "config": {**cfg.to_dict(), "weight_decay": 0.1}}))
+    with pytest.raises(ConfigError, match=r"weight_decay: 0.1 → 0.0.*--fresh"):
+        _check_stage(tmp_path, "config", cfg, "align")
+    (tmp_path / "seamlm_run.json").write_text(json.dumps({**info, "loop": LOOP_VERSION - 1}))
+    with pytest.raises(ConfigError, match="training loop version"):
+        _check_stage(tmp_path, "config", cfg, "align")

@@ -22,7 +22,7 @@ from seamlm.data.bundles import build_bundle, load_built
 from seamlm.defense import DefenseConfig, SEAMTrainer
 from seamlm.errors import ConfigError
 from seamlm.evaluate.metrics import EvalConfig
-from seamlm.finetune import FinetuneConfig, finetune
+from seamlm.finetune import LOOP_VERSION, FinetuneConfig, finetune
 from seamlm.jsonl import write_text_atomic
 from seamlm.models import is_saved_model, load_model, save_model
 from seamlm.report import write_report
@@ -202,6 +202,20 @@ def _check_baseline(cfg: DemoConfig, out: Path) -> Path:
     return base
 
 
+def _check_stage(model_dir: Path, key: str, now: BaseConfig, stage: str, ignore: tuple[str, ...] = ()) -> None:
+    """A finished stage is reused only if its saved model was trained with the configuration this code would use
+    now: the demo's own settings are pinned by ``demo_config.json``, but the stage's constants and the defaults of
+    its config class (and the training loop's version) can change with seamlm."""
+    info = json.loads((model_dir / "seamlm_run.json").read_text(encoding="utf-8"))
+    changed = {k: v for k, v in now.changed_from(info.get(key) or {}).items() if k not in ignore}
+    if info.get("loop", LOOP_VERSION) != LOOP_VERSION and stage == "align":
+        changed["training loop version"] = (info.get("loop"), LOOP_VERSION)
+    if changed:
+        what = ", ".join(f"{k}: {a!r} → {b!r}" for k, (a, b) in list(changed.items())[:6])
+        raise ConfigError(f"{model_dir} ({stage} stage) was trained with another configuration than this seamlm "
+                          f"would use ({what}): rerun with --fresh, or choose another --out")
+
+
 def run_demo(out_dir: str | Path, cfg: DemoConfig, fresh: bool = False) -> Path:
     """Run (or resume) every stage; returns the report's Markdown path."""
     out = Path(out_dir)
@@ -232,18 +246,23 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig, fresh: bool = False) -> Path:
 
     _banner("2/6 align (refusal + benign SFT)")
     aligned = paths["aligned"]
-    if not is_saved_model(aligned):
+    align_cfg = cfg.align_config()
+    if is_saved_model(aligned):
+        _check_stage(aligned, "config", align_cfg, "align")
+    else:
         model, tok = load_model(cfg.model, dtype="float32")
-        align_cfg = cfg.align_config()
         examples = bundle.streams["refusal"] + bundle.streams["benign"]
         res = finetune(model, tok, examples, align_cfg, out / "logs" / "align.jsonl", desc="align")
-        save_model(res.model, tok, aligned, {"stage": "align", "config": align_cfg.to_dict(), "base": cfg.model},
+        save_model(res.model, tok, aligned, {"stage": "align", "config": align_cfg.to_dict(), "base": cfg.model,
+                                             "loop": LOOP_VERSION},
                    trained_prompts=[e.prompt for e in examples])
     clock.lap("align")
 
     _banner("3/6 defend (SEAM)")
     seam = paths["seam_run"]
-    if not is_saved_model(paths["seam"]):
+    if is_saved_model(paths["seam"]):
+        _check_stage(paths["seam"], "defense_config", cfg.defense_config(seam), "defend", ignore=("output_dir",))
+    else:
         model, tok = load_model(str(aligned), dtype="float32")
         trainer = SEAMTrainer(model, tok, cfg.defense_config(seam), harmful=bundle.streams["harmful"],
                               refusal=bundle.streams["refusal"], benign=bundle.streams["benign"],
