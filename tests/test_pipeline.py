@@ -204,3 +204,20 @@ def test_a_finished_stage_trained_with_another_configuration_is_not_reused(tmp_p
     (tmp_path / "seamlm_run.json").write_text(json.dumps({**info, "loop": LOOP_VERSION - 1}))
     with pytest.raises(ConfigError, match="training loop version"):
         _check_stage(tmp_path, "config", cfg, "align")
+
+
+def test_a_stale_baseline_alignment_is_refused_before_fresh_deletes_anything(tmp_path):
+    # a demo reusing a baseline whose aligned model another configuration trained: --fresh on this demo would not
+    # help (the model lives in the baseline), so the message says to redo the baseline, and nothing is deleted
+    from seamlm.finetune import LOOP_VERSION
+
+    base, out = tmp_path / "base", tmp_path / "run"
+    (base / "models" / "aligned").mkdir(parents=True)
+    (base / "demo_config.json").write_text(json.dumps(DemoConfig().to_dict()))
+    stale = {**DemoConfig().align_config().to_dict(), "weight_decay": 0.1}
+    (base / "models" / "aligned" / "seamlm_run.json").write_text(json.dumps({"config": stale, "loop": LOOP_VERSION}))
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(ConfigError, match=r"weight_decay.*redo the baseline first \(seamlm demo --out .*base --fresh\)"):
+        run_demo(out, DemoConfig(baseline_from=str(base), defense_steps=3), fresh=True)
+    assert (out / "keep.txt").read_text() == "mine"

@@ -202,7 +202,8 @@ def _check_baseline(cfg: DemoConfig, out: Path) -> Path:
     return base
 
 
-def _check_stage(model_dir: Path, key: str, now: BaseConfig, stage: str, ignore: tuple[str, ...] = ()) -> None:
+def _check_stage(model_dir: Path, key: str, now: BaseConfig, stage: str, ignore: tuple[str, ...] = (),
+                 baseline: Path | None = None) -> None:
     """A finished stage is reused only if its saved model was trained with the configuration this code would use
     now: the demo's own settings are pinned by ``demo_config.json``, but the stage's constants and the defaults of
     its config class (and the training loop's version) can change with seamlm."""
@@ -212,8 +213,10 @@ def _check_stage(model_dir: Path, key: str, now: BaseConfig, stage: str, ignore:
         changed["training loop version"] = (info.get("loop"), LOOP_VERSION)
     if changed:
         what = ", ".join(f"{k}: {a!r} → {b!r}" for k, (a, b) in list(changed.items())[:6])
+        fix = (f"redo the baseline first (seamlm demo --out {baseline} --fresh), or drop --baseline_from" if baseline
+               else "rerun with --fresh, or choose another --out")
         raise ConfigError(f"{model_dir} ({stage} stage) was trained with another configuration than this seamlm "
-                          f"would use ({what}): rerun with --fresh, or choose another --out")
+                          f"would use ({what}): {fix}")
 
 
 def run_demo(out_dir: str | Path, cfg: DemoConfig, fresh: bool = False) -> Path:
@@ -228,13 +231,20 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig, fresh: bool = False) -> Path:
                               f"stages would be reused. Pass --fresh to redo everything, or choose another --out.")
     # every check before anything is written or deleted: a refused command leaves --out as it was
     base = _check_baseline(cfg, out) if cfg.baseline_from else out
+    paths = demo_paths(out, cfg)
+    # finished stages that survive this command (a baseline's always; this folder's unless --fresh) must be what
+    # this seamlm would train
+    if is_saved_model(paths["aligned"]) and (cfg.baseline_from or not fresh):
+        _check_stage(paths["aligned"], "config", cfg.align_config(), "align", baseline=base if cfg.baseline_from else None)
+    if is_saved_model(paths["seam"]) and not fresh:
+        _check_stage(paths["seam"], "defense_config", cfg.defense_config(paths["seam_run"]), "defend",
+                     ignore=("output_dir",))
     clock = StageClock(out / "timings.jsonl")
     judge = cfg.eval_config().make_judge()  # a judge that cannot load (no Hub) fails before any training
     if fresh and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(saved, json.dumps(cfg.to_dict(), indent=2))
-    paths = demo_paths(out, cfg)
     clock.lap("judge")
 
     _banner("1/6 data")
@@ -247,9 +257,7 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig, fresh: bool = False) -> Path:
     _banner("2/6 align (refusal + benign SFT)")
     aligned = paths["aligned"]
     align_cfg = cfg.align_config()
-    if is_saved_model(aligned):
-        _check_stage(aligned, "config", align_cfg, "align")
-    else:
+    if not is_saved_model(aligned):
         model, tok = load_model(cfg.model, dtype="float32")
         examples = bundle.streams["refusal"] + bundle.streams["benign"]
         res = finetune(model, tok, examples, align_cfg, out / "logs" / "align.jsonl", desc="align")
@@ -260,9 +268,7 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig, fresh: bool = False) -> Path:
 
     _banner("3/6 defend (SEAM)")
     seam = paths["seam_run"]
-    if is_saved_model(paths["seam"]):
-        _check_stage(paths["seam"], "defense_config", cfg.defense_config(seam), "defend", ignore=("output_dir",))
-    else:
+    if not is_saved_model(paths["seam"]):
         model, tok = load_model(str(aligned), dtype="float32")
         trainer = SEAMTrainer(model, tok, cfg.defense_config(seam), harmful=bundle.streams["harmful"],
                               refusal=bundle.streams["refusal"], benign=bundle.streams["benign"],
