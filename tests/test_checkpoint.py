@@ -72,3 +72,21 @@ def test_save_file_reports_a_full_disk_as_enospc():
     with pytest.raises(OSError) as info:
         save_file({"v": torch.zeros(10_000)}, Path("/dev/full"))
     assert info.value.errno == errno.ENOSPC
+
+
+def test_a_file_system_without_fsync_still_saves(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    import seamlm.checkpoint as ckpt
+
+    def no_fsync(fd):
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(ckpt.os, "fsync", no_fsync)
+    path = save_checkpoint(tmp_path, 1, {"v": torch.tensor(3.0)}, keep=2)
+    assert load_checkpoint(path)["v"].item() == 3.0
+    monkeypatch.setattr(ckpt.os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
+    with pytest.raises(CheckpointError, match="I/O error"):
+        save_checkpoint(tmp_path, 2, {"v": torch.tensor(4.0)}, keep=2)
+    assert os.path.isdir(path)

@@ -110,9 +110,17 @@ def save_file(obj: Any, path: Path) -> None:
         with open(path, "wb") as f:
             torch.save(obj, f)
             f.flush()
-            os.fsync(f.fileno())
+            try:
+                os.fsync(f.fileno())
+            except OSError as exc:
+                if exc.errno not in _NO_FSYNC:  # a file system that cannot fsync (some FUSE/network mounts)
+                    raise
     except RuntimeError as exc:  # anything torch's serialiser raises itself, with the file named
         raise OSError(f"{path}: {exc}") from exc
+
+
+#: fsync answers of file systems that do not support it: the write itself stands
+_NO_FSYNC = {errno.EINVAL, errno.ENOTSUP, errno.ENOSYS}
 
 
 def _fsync_dir(path: Path) -> None:
