@@ -39,6 +39,24 @@ def bundle():
                        "eval_harmful": HARMFUL[:3], "benign_heldout": BENIGN[6:]}, {"seed": 0})
 
 
+def test_another_judge_config_is_recorded_and_a_run_resumed_with_it_keeps_every_cell(tiny_model_dir, bundle,
+                                                                                        tmp_path, monkeypatch):
+    # the judge's name in the evaluation settings changes too (keyword -> length): resumed with that config, no cell
+    # is generated again; and a second rescore keeps the first one's backup
+    monkeypatch.setitem(JUDGES, "length", lambda **kw: LengthJudge())
+    out = tmp_path / "run"
+    _run(tiny_model_dir, bundle, out, KeywordJudge())
+    length = EVAL.replace(judge="length")
+    assert len(rescore(out, length)) == 2
+    store = ResultStore(out / "results.jsonl")
+    pre = evaluate_pre_attack(str(tiny_model_dir), "tiny", "none", bundle, length, LengthJudge(), out, store)
+    assert pre is False
+    assert run_attack_grid(str(tiny_model_dir), "tiny", "none", bundle, GRID, length, LengthJudge(), out, store) == []
+    assert rescore(out, EVAL, KeywordJudge())  # and back: a second backup beside the first
+    assert sorted(p.name for p in out.glob("results.before-*")) == ["results.before-keyword-v2.jsonl",
+                                                                     "results.before-length-v1.jsonl"]
+
+
 def test_rescore_rejudges_saved_answers_and_a_resumed_grid_keeps_every_cell(tiny_model_dir, bundle, tmp_path):
     out = tmp_path / "run"
     _, ran, store = _run(tiny_model_dir, bundle, out, KeywordJudge())
@@ -95,13 +113,32 @@ def test_rescore_cli_with_a_registered_judge(tiny_model_dir, bundle, tmp_path, m
 
 
 def test_a_sweep_not_started_adopts_the_new_judge_and_one_with_trials_is_refused(tmp_path):
-    from seamlm.rescore import _check_sweeps
+    from seamlm.rescore import _adopt, _unstarted_studies
     from seamlm.sweep import SweepConfig, open_study
 
     context = {"model": "m", "judge": "keyword-v2", "eval": EVAL.settings_dict()}
     open_study(SweepConfig(recipes=("sft",), trials=2), "tiny", tmp_path, context)
-    _check_sweeps(tmp_path, "length-v1", EVAL)
+    _adopt(tmp_path, _unstarted_studies(tmp_path), "length-v1", EVAL)
     study = open_study(SweepConfig(recipes=("sft",), trials=2), "tiny", tmp_path, {**context, "judge": "length-v1"})
     study.optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=1)
     with pytest.raises(DataError, match="study 'tiny' has trials chosen by HS under the old judge"):
-        _check_sweeps(tmp_path, "other-v1", EVAL)
+        _unstarted_studies(tmp_path)
+
+
+def test_a_demo_on_a_baseline_is_rescored_from_the_baselines_answers_without_touching_it(tiny_model_dir, bundle,
+                                                                                         tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.setitem(JUDGES, "length", lambda **kw: LengthJudge())
+    base, out = tmp_path / "base", tmp_path / "run"
+    _run(tiny_model_dir, bundle, base, KeywordJudge())
+    out.mkdir()
+    shutil.copy(base / "results.jsonl", out / "results.jsonl")  # as the demo copies the baseline's rows
+    shutil.copytree(base / "results.settings", out / "results.settings")
+    (out / "demo_config.json").write_text(json.dumps({"baseline_from": str(base), "judge": "keyword",
+                                                      "judge_model": ""}))
+    theirs = samples_file(base, "tiny", "pre").read_text()
+    assert len(rescore(out, EVAL.replace(judge="length"))) == 2
+    assert samples_file(base, "tiny", "pre").read_text() == theirs  # the baseline is not touched
+    assert "p_harmful[keyword-v2]" in samples_file(out, "tiny", "pre").read_text()  # this folder's own copy
+    assert json.loads((out / "demo_config.json").read_text())["judge"] == "length"  # resume it with --judge length

@@ -4,9 +4,11 @@ Every evaluation keeps its greedy answers (``samples/<model>/pre.jsonl``, ``atta
 so another judge — the BeaverTails classifier for a user who has the Hub, or a newer offline judge — can score the
 same answers in seconds. The run's HS and HS-binary rows take the new judge's values and name; every row of a
 rescored cell gets the settings digest it would have had with that judge, so a resumed grid keeps its finished
-cells and only new cells are generated. The results file and each samples file are replaced atomically; the old
-results file is kept beside as ``results.before-<judge>.jsonl`` and each answer keeps its old score under
-``p_harmful[<judge>]``.
+cells and only new cells are generated (a demo folder's ``demo_config.json`` and a sweep not started yet name the
+new judge: resume a demo rescored with another judge with that ``--judge``). The results file and each samples file
+are replaced atomically; the old results file is kept beside as ``results.before-<judge>.jsonl`` and each answer
+keeps its old score under ``p_harmful[<judge>]``. A demo built on a baseline gets its own copy of the baseline's
+answers; the baseline folder is not touched.
 """
 
 from __future__ import annotations
@@ -55,15 +57,17 @@ def rescore(results: str | Path, eval_cfg: EvalConfig, judge: Judge | None = Non
     if not cells:
         log.info("%s: no HS rows judged otherwise than by %s", path, judge.name)
         return []
-    _check_sweeps(path.parent, judge.name, eval_cfg)
+    studies = _unstarted_studies(path.parent)
+    base = _baseline(path.parent)
     # read every cell's answers before changing anything: a missing file stops the rescore with nothing written
     answers = {}
     for model, cell in cells:
         file = samples_file(path.parent, model, cell)
-        if not file.is_file():
+        theirs = samples_file(base, model, cell) if base else None
+        if not file.is_file() and not (theirs and theirs.is_file()):
             raise DataError(f"{file} is missing: the answers of {model}/{cell} were not kept, so that cell cannot be "
                             "rescored (rerun it in another --out with the new judge)")
-        answers[(model, cell)] = [rec for _, rec in read_records(file)]
+        answers[(model, cell)] = [rec for _, rec in read_records(file if file.is_file() else theirs)]
     new_values: dict[tuple[str, str], dict[str, float]] = {}
     scores: dict[tuple[str, str], list[float]] = {}
     for key, recs in answers.items():
@@ -101,16 +105,22 @@ def rescore(results: str | Path, eval_cfg: EvalConfig, judge: Judge | None = Non
         out.append(dataclasses.replace(r, **change))
     old_judges = sorted({x.old_judge for x in report})
     backup = path.with_name(f"{path.stem}.before-{path_part('+'.join(old_judges))}{path.suffix}")
-    if not backup.exists():
-        shutil.copy2(path, backup)
+    n = 1
+    while backup.exists():  # an earlier rescore's: kept too
+        n += 1
+        backup = path.with_name(f"{path.stem}.before-{path_part('+'.join(old_judges))}-{n}{path.suffix}")
+    shutil.copy2(path, backup)
     for (model, cell), recs in answers.items():
         old = next(x.old_judge for x in report if (x.model, x.cell) == (model, cell))
         # (a rescore cut short after this file keeps the score it first replaced)
         lines = [{f"p_harmful[{old}]": rec.get("p_harmful"), **rec, "p_harmful": p}
                  for rec, p in zip(recs, scores[(model, cell)], strict=True)]
-        write_text_atomic(samples_file(path.parent, model, cell), "".join(json.dumps(x) + "\n" for x in lines))
+        target = samples_file(path.parent, model, cell)  # a baseline's answers get this folder's own copy
+        target.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(target, "".join(json.dumps(x) + "\n" for x in lines))
     # rows keep their write ids and counts: the file reads back exactly as these rows
     write_text_atomic(path, "".join(json.dumps(dataclasses.asdict(r)) + "\n" for r in out))
+    _adopt(path.parent, studies, judge.name, eval_cfg)
     log.info("%s: %d cells rescored with %s (the old file: %s)", path, len(report), judge.name, backup)
     return report
 
@@ -124,27 +134,54 @@ def _judged_eval(settings: dict[str, Any], eval_cfg: EvalConfig) -> dict[str, An
     return out
 
 
-def _check_sweeps(folder: Path, judge_name: str, eval_cfg: EvalConfig) -> None:
-    """A sweep's trials were chosen by HS under the old judge: their studies cannot be rescored. A study with no
-    finished trial (a sweep not started yet) adopts the new judge, so the run resumes."""
+def _baseline(folder: Path) -> Path | None:
+    """The baseline demo a demo folder reuses (its raw and aligned cells' answers live there), if any."""
+    saved = folder / "demo_config.json"
+    if saved.is_file():
+        base = json.loads(saved.read_text(encoding="utf-8")).get("baseline_from")
+        return Path(base) if base else None
+    return None
+
+
+def _unstarted_studies(folder: Path) -> list[str]:
+    """The Optuna studies of ``folder``'s sweep.db, all of which must have no finished trial: a sweep's trials were
+    chosen by HS under the old judge and cannot be rescored. (A study not started yet adopts the new judge.)"""
     db = folder / "sweep.db"
     if not db.is_file():
-        return
+        return []
     from optuna.trial import TrialState
 
     from seamlm.sweep import _quiet_optuna
 
     optuna = _quiet_optuna()
     storage = f"sqlite:///{db.resolve()}"
-    for summary in optuna.get_all_study_summaries(storage):
-        study = optuna.load_study(study_name=summary.study_name, storage=storage)
+    names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
+    for name in names:
+        study = optuna.load_study(study_name=name, storage=storage)
         if study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-            raise DataError(f"{db}: study '{summary.study_name}' has trials chosen by HS under the old judge; a "
-                            "rescored folder would mix the two. Rescore a copy of the folder without sweep.db, or "
-                            "rerun the sweep with the new judge in another --out")
-    for summary in optuna.get_all_study_summaries(storage):
-        study = optuna.load_study(study_name=summary.study_name, storage=storage)
-        context = study.user_attrs.get("sweep_context")
-        if context is not None:
-            study.set_user_attr("sweep_context", {**context, "judge": judge_name,
-                                                  "eval": _judged_eval(context.get("eval") or {}, eval_cfg)})
+            raise DataError(f"{db}: study '{name}' has trials chosen by HS under the old judge; a rescored folder "
+                            "would mix the two. Rescore a copy of the folder without sweep.db, or rerun the sweep "
+                            "with the new judge in another --out")
+    return names
+
+
+def _adopt(folder: Path, studies: list[str], judge_name: str, eval_cfg: EvalConfig) -> None:
+    """After the rows are rescored: the folder's unstarted studies and its demo config name the new judge, so the
+    command that made the folder resumes on it (a demo judged by another judge is resumed with that --judge)."""
+    if studies:
+        from seamlm.sweep import _quiet_optuna
+
+        optuna = _quiet_optuna()
+        storage = f"sqlite:///{(folder / 'sweep.db').resolve()}"
+        for name in studies:
+            study = optuna.load_study(study_name=name, storage=storage)
+            context = study.user_attrs.get("sweep_context")
+            if context is not None:
+                study.set_user_attr("sweep_context", {**context, "judge": judge_name,
+                                                      "eval": _judged_eval(context.get("eval") or {}, eval_cfg)})
+    saved = folder / "demo_config.json"
+    if saved.is_file():
+        demo = json.loads(saved.read_text(encoding="utf-8"))
+        if (demo.get("judge"), demo.get("judge_model", "")) != (eval_cfg.judge, eval_cfg.judge_model):
+            demo.update(judge=eval_cfg.judge, judge_model=eval_cfg.judge_model)
+            write_text_atomic(saved, json.dumps(demo, indent=2))
