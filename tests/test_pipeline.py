@@ -187,6 +187,9 @@ def test_a_baseline_inside_out_is_refused_before_anything_is_deleted(tmp_path):
         with pytest.raises(ConfigError, match="is --out itself or inside it"):
             run_demo(out, DemoConfig(baseline_from=str(base)), fresh=True)
     assert (out / "keep.txt").read_text() == "mine"
+    with pytest.raises(ConfigError, match="is inside baseline_from"):
+        run_demo(out / "baseline" / "sub", DemoConfig(baseline_from=str(out)), fresh=True)
+    assert (out / "keep.txt").read_text() == "mine"
 
 
 def test_a_finished_stage_trained_with_another_configuration_is_not_reused(tmp_path):

@@ -27,10 +27,10 @@ class LengthJudge(Judge):
 GRID = AttackConfig(learning_rates=(1e-3,), num_samples=4, batch_size=2)
 
 
-def _run(model_dir, bundle, out, judge):
+def _run(model_dir, bundle, out, judge, label="tiny"):
     store = ResultStore(out / "results.jsonl")
-    pre = evaluate_pre_attack(str(model_dir), "tiny", "none", bundle, EVAL, judge, out, store)
-    return pre, run_attack_grid(str(model_dir), "tiny", "none", bundle, GRID, EVAL, judge, out, store), store
+    pre = evaluate_pre_attack(str(model_dir), label, "none", bundle, EVAL, judge, out, store)
+    return pre, run_attack_grid(str(model_dir), label, "none", bundle, GRID, EVAL, judge, out, store), store
 
 
 @pytest.fixture
@@ -131,14 +131,21 @@ def test_a_demo_on_a_baseline_is_rescored_from_the_baselines_answers_without_tou
 
     monkeypatch.setitem(JUDGES, "length", lambda **kw: LengthJudge())
     base, out = tmp_path / "base", tmp_path / "run"
-    _run(tiny_model_dir, bundle, base, KeywordJudge())
+    _run(tiny_model_dir, bundle, base, KeywordJudge(), label="aligned")
     out.mkdir()
     shutil.copy(base / "results.jsonl", out / "results.jsonl")  # as the demo copies the baseline's rows
     shutil.copytree(base / "results.settings", out / "results.settings")
     (out / "demo_config.json").write_text(json.dumps({"baseline_from": str(base), "judge": "keyword",
                                                       "judge_model": ""}))
-    theirs = samples_file(base, "tiny", "pre").read_text()
-    assert len(rescore(out, EVAL.replace(judge="length"))) == 2
-    assert samples_file(base, "tiny", "pre").read_text() == theirs  # the baseline is not touched
-    assert "p_harmful[keyword-v2]" in samples_file(out, "tiny", "pre").read_text()  # this folder's own copy
+    length = EVAL.replace(judge="length")
+    with pytest.raises(DataError, match="reuses the baseline .*judged otherwise: rescore it first"):
+        rescore(out, length)  # it resumes only with the baseline's judge: the baseline goes first
+    assert rescore(base, length)
+    theirs = samples_file(base, "aligned", "pre").read_text()
+    assert len(rescore(out, length)) == 2
+    assert samples_file(base, "aligned", "pre").read_text() == theirs  # the baseline is not touched
+    assert "p_harmful[keyword-v2]" in samples_file(out, "aligned", "pre").read_text()  # this folder's own copy
     assert json.loads((out / "demo_config.json").read_text())["judge"] == "length"  # resume it with --judge length
+    # a rescore cut short before the config was updated: running it again finishes that
+    (out / "demo_config.json").write_text(json.dumps({"baseline_from": str(base), "judge": "keyword"}))
+    assert rescore(out, length) == [] and json.loads((out / "demo_config.json").read_text())["judge"] == "length"

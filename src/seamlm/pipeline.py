@@ -186,6 +186,9 @@ def _check_baseline(cfg: DemoConfig, out: Path) -> Path:
     if base.resolve() == out.resolve() or out.resolve() in base.resolve().parents:
         raise ConfigError(f"baseline_from={base} is --out itself or inside it: the run would reuse (and --fresh "
                           "delete) its own baseline; give another --out")
+    if base.resolve() in out.resolve().parents:
+        raise ConfigError(f"--out {out} is inside baseline_from={base}: --fresh would delete part of the baseline; "
+                          "give an --out outside it")
     saved = base / "demo_config.json"
     theirs_base = json.loads(saved.read_text()).get("baseline_from") if saved.is_file() else None
     if theirs_base:

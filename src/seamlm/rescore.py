@@ -32,6 +32,8 @@ from seamlm.runinfo import path_part
 log = logging.getLogger(__name__)
 
 HS_METRICS = ("hs", "hs_binary")
+#: The models a demo on a baseline copies from it (their answers may live in the baseline's folder only).
+BASELINE_MODELS = ("raw", "aligned")
 
 
 @dataclass
@@ -56,14 +58,21 @@ def rescore(results: str | Path, eval_cfg: EvalConfig, judge: Judge | None = Non
     cells = list(dict.fromkeys((r.model, r.cell) for r in rows if r.metric == "hs" and r.judge != judge.name))
     if not cells:
         log.info("%s: no HS rows judged otherwise than by %s", path, judge.name)
+        _adopt(path.parent, _unstarted_studies(path.parent), judge.name, eval_cfg)  # (a rescore cut short)
         return []
     studies = _unstarted_studies(path.parent)
     base = _baseline(path.parent)
+    if base is not None:
+        # this demo reuses the baseline's raw and aligned models (and resumes only with the baseline's judge)
+        theirs = ResultStore(base / "results.jsonl").rows()
+        if any(r.metric == "hs" and r.judge != judge.name for r in theirs):
+            raise DataError(f"this demo reuses the baseline {base}, judged otherwise: rescore it first "
+                            f"(seamlm rescore {base} --judge {eval_cfg.judge}), then this folder")
     # read every cell's answers before changing anything: a missing file stops the rescore with nothing written
     answers = {}
     for model, cell in cells:
         file = samples_file(path.parent, model, cell)
-        theirs = samples_file(base, model, cell) if base else None
+        theirs = samples_file(base, model, cell) if base and model in BASELINE_MODELS else None
         if not file.is_file() and not (theirs and theirs.is_file()):
             raise DataError(f"{file} is missing: the answers of {model}/{cell} were not kept, so that cell cannot be "
                             "rescored (rerun it in another --out with the new judge)")
@@ -139,7 +148,14 @@ def _baseline(folder: Path) -> Path | None:
     saved = folder / "demo_config.json"
     if saved.is_file():
         base = json.loads(saved.read_text(encoding="utf-8")).get("baseline_from")
-        return Path(base) if base else None
+        if not base:
+            return None
+        # as the demo was started (from the current folder), else beside the demo folder
+        found = next((b for b in (Path(base), folder.parent / base) if (b / "results.jsonl").is_file()), None)
+        if found is None:
+            raise DataError(f"{folder} reuses the baseline {base}, which has no results.jsonl here (tried {base} "
+                            f"and {folder.parent / base}); run rescore from where the demo was started")
+        return found
     return None
 
 
