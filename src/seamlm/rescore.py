@@ -7,8 +7,8 @@ rescored cell gets the settings digest it would have had with that judge, so a r
 cells and only new cells are generated (a demo folder's ``demo_config.json`` and a sweep not started yet name the
 new judge: resume a demo rescored with another judge with that ``--judge``). The results file and each samples file
 are replaced atomically; the old results file is kept beside as ``results.before-<judge>.jsonl`` and each answer
-keeps its old score under ``p_harmful[<judge>]``. A demo built on a baseline gets its own copy of the baseline's
-answers; the baseline folder is not touched.
+keeps its old score under ``p_harmful[<judge>]``. A demo built on a baseline is rescored after the baseline (it
+resumes only with the baseline's judge) and gets its own copy of the baseline's raw and aligned answers.
 """
 
 from __future__ import annotations
