@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -44,13 +44,23 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     return replace_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
+def records_text(records: Iterable[dict[str, Any]]) -> str:
+    """``records`` as JSON lines, each ended by a newline (what :func:`read_records` reads back)."""
+    return "".join(json.dumps(r) + "\n" for r in records)
+
+
+def write_records_atomic(path: str | Path, records: Iterable[dict[str, Any]]) -> Path:
+    """Replace ``path`` with ``records`` as JSON lines (:func:`write_text_atomic`)."""
+    return write_text_atomic(path, records_text(records))
+
+
 def append_records(path: str | Path, records: list[dict[str, Any]]) -> None:
     """Append ``records`` as JSON lines in one write, after cutting a line a kill left unfinished."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     drop_partial_tail(path)
     with path.open("a", encoding="utf-8") as f:
-        f.write("".join(json.dumps(r) + "\n" for r in records))
+        f.write(records_text(records))
         f.flush()
 
 

@@ -25,7 +25,7 @@ from seamlm.attack import samples_file, settings_digest
 from seamlm.errors import DataError
 from seamlm.evaluate.judges import Judge
 from seamlm.evaluate.metrics import EvalConfig
-from seamlm.jsonl import read_records, write_text_atomic
+from seamlm.jsonl import read_records, write_records_atomic, write_text_atomic
 from seamlm.results import ResultRow, ResultStore
 from seamlm.runinfo import path_part
 
@@ -55,7 +55,8 @@ def rescore(results: str | Path, eval_cfg: EvalConfig, judge: Judge | None = Non
     store = ResultStore(path)
     rows = store.rows()
     judge = judge or eval_cfg.make_judge()
-    cells = list(dict.fromkeys((r.model, r.cell) for r in rows if r.metric == "hs" and r.judge != judge.name))
+    # (model, cell) -> the judge its HS row names now
+    cells = {(r.model, r.cell): r.judge or "?" for r in rows if r.metric == "hs" and r.judge != judge.name}
     if not cells:
         log.info("%s: no HS rows judged otherwise than by %s", path, judge.name)
         _adopt(path.parent, _unstarted_studies(path.parent), judge.name, eval_cfg)  # (a rescore cut short)
@@ -64,8 +65,8 @@ def rescore(results: str | Path, eval_cfg: EvalConfig, judge: Judge | None = Non
     base = _baseline(path.parent)
     if base is not None:
         # this demo reuses the baseline's raw and aligned models (and resumes only with the baseline's judge)
-        theirs = ResultStore(base / "results.jsonl").rows()
-        if any(r.metric == "hs" and r.judge != judge.name for r in theirs):
+        base_rows = ResultStore(base / "results.jsonl").rows()
+        if any(r.metric == "hs" and r.judge != judge.name for r in base_rows):
             raise DataError(f"this demo reuses the baseline {base}, judged otherwise: rescore it first "
                             f"(seamlm rescore {base} --judge {eval_cfg.judge}), then this folder")
     # read every cell's answers before changing anything: a missing file stops the rescore with nothing written
@@ -110,7 +111,7 @@ def rescore(results: str | Path, eval_cfg: EvalConfig, judge: Judge | None = Non
         if r.metric in HS_METRICS:
             change.update(value=new_values[key][r.metric], judge=judge.name)
             if r.metric == "hs":
-                report.append(Rescored(r.model, r.cell, r.value, change["value"], r.judge or "?"))
+                report.append(Rescored(r.model, r.cell, r.value, change["value"], cells[key]))
         out.append(dataclasses.replace(r, **change))
     old_judges = sorted({x.old_judge for x in report})
     backup = path.with_name(f"{path.stem}.before-{path_part('+'.join(old_judges))}{path.suffix}")
@@ -120,15 +121,15 @@ def rescore(results: str | Path, eval_cfg: EvalConfig, judge: Judge | None = Non
         backup = path.with_name(f"{path.stem}.before-{path_part('+'.join(old_judges))}-{n}{path.suffix}")
     shutil.copy2(path, backup)
     for (model, cell), recs in answers.items():
-        old = next(x.old_judge for x in report if (x.model, x.cell) == (model, cell))
+        old = cells[(model, cell)]
         # (a rescore cut short after this file keeps the score it first replaced)
         lines = [{f"p_harmful[{old}]": rec.get("p_harmful"), **rec, "p_harmful": p}
                  for rec, p in zip(recs, scores[(model, cell)], strict=True)]
         target = samples_file(path.parent, model, cell)  # a baseline's answers get this folder's own copy
         target.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(target, "".join(json.dumps(x) + "\n" for x in lines))
+        write_records_atomic(target, lines)
     # rows keep their write ids and counts: the file reads back exactly as these rows
-    write_text_atomic(path, "".join(json.dumps(dataclasses.asdict(r)) + "\n" for r in out))
+    write_records_atomic(path, (dataclasses.asdict(r) for r in out))
     _adopt(path.parent, studies, judge.name, eval_cfg)
     log.info("%s: %d cells rescored with %s (the old file: %s)", path, len(report), judge.name, backup)
     return report
@@ -167,10 +168,10 @@ def _unstarted_studies(folder: Path) -> list[str]:
         return []
     from optuna.trial import TrialState
 
-    from seamlm.sweep import _quiet_optuna
+    from seamlm.sweep import _quiet_optuna, sweep_storage
 
     optuna = _quiet_optuna()
-    storage = f"sqlite:///{db.resolve()}"
+    storage = sweep_storage(folder)
     names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
     for name in names:
         study = optuna.load_study(study_name=name, storage=storage)
@@ -185,10 +186,10 @@ def _adopt(folder: Path, studies: list[str], judge_name: str, eval_cfg: EvalConf
     """After the rows are rescored: the folder's unstarted studies and its demo config name the new judge, so the
     command that made the folder resumes on it (a demo judged by another judge is resumed with that --judge)."""
     if studies:
-        from seamlm.sweep import _quiet_optuna
+        from seamlm.sweep import _quiet_optuna, sweep_storage
 
         optuna = _quiet_optuna()
-        storage = f"sqlite:///{(folder / 'sweep.db').resolve()}"
+        storage = sweep_storage(folder)
         for name in studies:
             study = optuna.load_study(study_name=name, storage=storage)
             context = study.user_attrs.get("sweep_context")

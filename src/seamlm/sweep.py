@@ -97,6 +97,11 @@ def _quiet_optuna() -> Any:
     return optuna
 
 
+def sweep_storage(out_dir: str | Path) -> str:
+    """The Optuna storage of the sweeps in ``out_dir`` (``sweep.db``, SQLite)."""
+    return f"sqlite:///{Path(out_dir).resolve() / 'sweep.db'}"
+
+
 def open_study(cfg: SweepConfig, label: str, out_dir: str | Path, context: dict[str, Any] | None = None,
                same_models: Collection[str] = ()) -> Any:
     """The study in ``out_dir/sweep.db`` (created or loaded); trials left RUNNING by a killed process are failed
@@ -109,7 +114,7 @@ def open_study(cfg: SweepConfig, label: str, out_dir: str | Path, context: dict[
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     name = cfg.study_name or label
     study = optuna.create_study(
-        study_name=name, storage=f"sqlite:///{Path(out_dir).resolve() / 'sweep.db'}", direction="maximize",
+        study_name=name, storage=sweep_storage(out_dir), direction="maximize",
         load_if_exists=True,
     )
     saved = study.user_attrs.get("sweep_config")

@@ -50,7 +50,7 @@ from seamlm.defense.coupling import (
 from seamlm.defense.losses import AnswerLosses, HarmfulForward, unlearn_loss
 from seamlm.distributed import DistContext, current_context, full_state_dict, fully_shard_model
 from seamlm.errors import CheckpointError, ConfigError, DataError, NonFiniteLossError
-from seamlm.jsonl import read_records, write_text_atomic
+from seamlm.jsonl import read_records, write_records_atomic
 from seamlm.models import is_saved_model, save_model
 from seamlm.runinfo import environment_info, fingerprint
 
@@ -474,7 +474,7 @@ class SEAMTrainer:
         # Drop log rows written after the checkpoint: those steps are recomputed.
         log_path = self.out / "log.jsonl"
         kept = [row for _, row in read_records(log_path) if row["step"] <= self.step]
-        write_text_atomic(log_path, "".join(json.dumps(row) + "\n" for row in kept))
+        write_records_atomic(log_path, kept)
         log.info("resumed from %s (step %d)", path, self.step)
 
     def _write_run_info(self) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from seamlm.evaluate.metrics import (
 )
 from seamlm.evaluate.zeroshot import evaluate_zero_shot, run_lm_eval
 from seamlm.finetune import Probe
+from seamlm.jsonl import write_records_atomic
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def evaluate_model(model: Any, tokenizer: Any, bundle: BundleData, cfg: EvalConf
     out.update(hs=hs["hs"], hs_binary=hs["hs_binary"], refusal_rate=hs["refusal_rate"])
     if samples_path:
         Path(samples_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(samples_path).write_text("".join(json.dumps(s) + "\n" for s in hs["samples"]), encoding="utf-8")
+        write_records_atomic(samples_path, hs["samples"])
     if cfg.zs_tasks:
         zs = evaluate_zero_shot(model, tokenizer, cfg.zs_tasks, cfg.zs_limit or None, cfg.seed, cfg.zs_batch_size)
         for task in cfg.zs_tasks:
