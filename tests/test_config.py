@@ -103,3 +103,25 @@ def test_changed_from_a_saved_config_counts_new_fields_at_their_default():
     assert cfg.replace(lookahead_lr=1e-3, lookahead_weight=0.5).changed_from(saved) == {
         "lookahead_lr": (0.0, 1e-3), "lookahead_weight": (1.0, 0.5)}
     assert cfg.changed_from({**cfg.to_dict(), "beta": 0.1, "gone": 1}) == {"beta": (0.1, 0.5), "gone": (1, None)}
+
+
+def test_truncate_first_reaches_every_demo_stage_and_leaves_older_cells_settings_alone():
+    """The demo's ``truncate_first`` is each training stage's (align, SEAM, every attack grid); at its default the
+    field is left out of an attack cell's stored settings and key, so cells stored before it existed still count."""
+    from seamlm.attack import cell_key
+    from seamlm.finetune import FinetuneConfig
+    from seamlm.pipeline import DemoConfig
+    from seamlm.recipes import make_recipe
+
+    demo = DemoConfig(truncate_first="prompt", attack_lora=True)
+    stages = [demo.align_config(), demo.defense_config("unused"), *demo.attack_grids(),
+              demo.attack_grids()[0].run_config(lr=1e-4)]
+    assert [c.truncate_first for c in stages] == ["prompt"] * len(stages)
+    assert {c.truncate_first for c in (DemoConfig().align_config(), DemoConfig().defense_config("x"))} == {"answer"}
+    assert "truncate_first" not in FinetuneConfig().trajectory_dict()
+    assert FinetuneConfig(truncate_first="prompt").trajectory_dict()["truncate_first"] == "prompt"
+    sft = make_recipe("sft")
+    default_key = cell_key(FinetuneConfig(), sft, 8)
+    assert "-h" not in default_key and cell_key(FinetuneConfig(truncate_first="prompt"), sft, 8).startswith(default_key + "-h")
+    with pytest.raises(ConfigError, match="must be one of"):
+        FinetuneConfig.from_dict({"truncate_first": "middle"})

@@ -120,7 +120,40 @@ def test_the_truncation_warning_counts_answers_cut_at_their_end(tokenizer, caplo
     fmt = Formatter(tokenizer, max_length=40, min_answer_tokens=8)
     fmt.encode_all([Example("x" * 100, "y"), Example("q", "y" * 100)], "t")
     assert (fmt.truncated, fmt.answer_cut, fmt.answer_lost) == (2, 1, 0)
-    assert "2 of 2 examples exceeded" in caplog.text and "in 1 of them the answer's end too" in caplog.text
+    assert "2 of 2 examples exceeded" in caplog.text and "the answer's end cut in 1 of them" in caplog.text
+
+
+def _answer_len(row) -> int:
+    return sum(lbl != IGNORE_INDEX for lbl in row.labels)
+
+
+def test_truncate_first_prompt_trains_a_short_answer_to_a_long_prompt_whole(tokenizer):
+    """The default keeps a long prompt whole and cuts the refusal to 8 tokens; ``truncate_first="prompt"`` cuts
+    the prompt's start instead, down to half the budget, and only then the answer's end."""
+    long_prompt, refusal = "x" * 100, "I can't help with that."
+    whole = len(tokenizer(refusal, add_special_tokens=False)["input_ids"]) + 1  # + EOS
+    by_default = Formatter(tokenizer, max_length=64)(Example(long_prompt, refusal))
+    assert _answer_len(by_default) == 8 and by_default.input_ids[-1] != tokenizer.eos_token_id
+    fmt = Formatter(tokenizer, max_length=64, truncate_first="prompt")
+    row = fmt(Example(long_prompt, refusal))
+    assert len(row.input_ids) == 64 and _answer_len(row) == whole and row.input_ids[-1] == tokenizer.eos_token_id
+    full_prompt = Formatter(tokenizer, max_length=1000)(Example(long_prompt, refusal)).input_ids[:-whole]
+    assert row.input_ids[:64 - whole] == full_prompt[-(64 - whole):]  # the prompt lost its start, kept its end
+    # both long: the prompt keeps half the budget, the answer the other half
+    both = fmt(Example(long_prompt, "y" * 100))
+    assert len(both.input_ids) == 64 and _answer_len(both) == 32
+    # a short prompt is never cut: the answer takes the rest
+    short = fmt(Example("q", "y" * 100))
+    assert len(short.input_ids) == 64 and short.labels.count(IGNORE_INDEX) == len(
+        Formatter(tokenizer, max_length=1000)(Example("q", "y")).input_ids) - 2
+    assert (fmt.truncated, fmt.answer_cut) == (3, 2)
+
+
+def test_truncate_first_must_be_known(tokenizer):
+    from seamlm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="truncate_first must be one of answer, prompt"):
+        Formatter(tokenizer, truncate_first="middle")
 
 
 def test_bos_is_detected_from_what_the_tokenizer_does_not_only_its_flag():

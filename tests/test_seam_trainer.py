@@ -315,3 +315,18 @@ def test_tf32_coupling_is_refused_off_cuda(tokenizer, streams, tmp_path):
 
     with pytest.raises(ConfigError, match="coupling_precision=tf32 needs a CUDA device"):
         _trainer(tokenizer, streams, tmp_path, coupling_precision="tf32")
+
+
+def test_truncate_first_prompt_trains_refusals_to_long_prompts_whole(tokenizer, tmp_path):
+    """SEAM's streams are encoded with the config's truncation: a refusal to a prompt longer than max_length keeps
+    its end token with ``truncate_first="prompt"``, and loses it by default."""
+    from seamlm.data.files import Example
+
+    long = [Example("x" * 80 + f" request {i}?", "I can't help with that.") for i in range(4)]
+    streams = {"harmful": [Example(e.prompt, "Sure, here it is.") for e in long], "refusal": long,
+               "benign": [Example("What is 2+2?", "4.")] * 4}
+    eos = tokenizer.eos_token_id
+    by_default = _trainer(tokenizer, streams, tmp_path / "a", steps=1)
+    assert all(r.input_ids[-1] != eos and len(r.input_ids) == 64 for r in by_default.data["refusal"])
+    prompt_first = _trainer(tokenizer, streams, tmp_path / "b", steps=1, truncate_first="prompt")
+    assert all(r.input_ids[-1] == eos and len(r.input_ids) == 64 for r in prompt_first.data["refusal"])

@@ -115,13 +115,12 @@ def run_adaptive(out_dir: str | Path, cfg: AdaptiveConfig) -> Path:
         _same_data(paths["data"], bundle)
         bundle.write(data_dir)
     bundle = load_built(data_dir)
-    max_length = demo_cfg.max_length
     # the coupling figures and trajectory probes cost backward passes in every trial
     eval_cfg = demo_cfg.eval_config().replace(coupling_examples=0, trajectory_every=0)
     judge = eval_cfg.make_judge()
     store = ResultStore(out / "results.jsonl")
     samples = demo_cfg.attack_samples
-    grid = AttackConfig(learning_rates=cfg.learning_rates, num_samples=(samples,), max_length=max_length)
+    grid = AttackConfig(learning_rates=cfg.learning_rates, num_samples=(samples,), **demo_cfg.length_fields())
     models = {label: (str(paths[label]), DEMO_DEFENSES[label]) for label in cfg.models}
     clock = StageClock(out / "timings.jsonl")  # seconds per stage, summed over resumed invocations
     # phase by phase over both models, so a run stopped early still compares them
@@ -144,6 +143,6 @@ def run_adaptive(out_dir: str | Path, cfg: AdaptiveConfig) -> Path:
         for label, (model, defense) in models.items():
             log.info("==== %s: sweep (%d trials) ====", label, cfg.sweep_trials)
             run_sweep(model, label, defense, bundle, sweep.replace(study_name=label),
-                      FinetuneConfig(max_length=max_length), eval_cfg, judge, out, store)
+                      FinetuneConfig(**demo_cfg.length_fields()), eval_cfg, judge, out, store)
             clock.lap(f"sweep_{label}")
     return write_report(store.path, out / "report", eps=cfg.eps, ppl_factor=cfg.ppl_factor)

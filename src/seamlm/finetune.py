@@ -65,6 +65,10 @@ class FinetuneConfig(BaseConfig):
     """Gradient clipping; None = off (the paper's attack does not clip)."""
     max_length: int = 256
     """Maximum tokens per example."""
+    truncate_first: Literal["answer", "prompt"] = "answer"
+    """What a longer example loses first: ``answer`` keeps the prompt whole and cuts the answer's end (down to 8
+    tokens); ``prompt`` cuts the prompt's start down to half of ``max_length`` first, so long-prompt refusals are
+    trained whole."""
     mask_prompt: bool = True
     """Train on answer tokens only."""
     prompt_template: str = "chat"
@@ -92,10 +96,15 @@ class FinetuneConfig(BaseConfig):
 
     #: fields that say how a run is executed, not what it computes: left out of cell keys and stored settings
     EXECUTION_ONLY = frozenset({"shard_parameters"})
+    #: fields added after results were stored: in the settings only when set, so older cells keep their digests
+    ADDED_LATER = frozenset({"truncate_first"})
 
     def trajectory_dict(self) -> dict[str, Any]:
-        """:meth:`to_dict` without the execution-only fields: equal for runs that train the same model."""
-        return {k: v for k, v in self.to_dict().items() if k not in self.EXECUTION_ONLY}
+        """:meth:`to_dict` without the execution-only fields and the later fields left at their defaults: equal
+        for runs that train the same model."""
+        d, default = self.to_dict(), type(self)().to_dict()
+        return {k: v for k, v in d.items()
+                if k not in self.EXECUTION_ONLY and not (k in self.ADDED_LATER and v == default[k])}
 
     def validate(self) -> None:
         self._require([
@@ -239,8 +248,8 @@ def finetune(
         raise DataError(f"{desc}: no training examples (the data stream or file it trains on is empty: check it, or "
                         f"rebuild the bundle)")
     seed_everything(cfg.seed)
-    rows = Formatter(tokenizer, cfg.max_length, mask_prompt=cfg.mask_prompt,
-                     template=cfg.prompt_template).encode_all(examples, desc)
+    rows = Formatter(tokenizer, cfg.max_length, mask_prompt=cfg.mask_prompt, template=cfg.prompt_template,
+                     truncate_first=cfg.truncate_first).encode_all(examples, desc)
     shard = cfg.shard_parameters and ctx.distributed
     if cfg.shard_parameters and not ctx.distributed:
         log.warning("shard_parameters has no effect in a single process: the whole model is trained")

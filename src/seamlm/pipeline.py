@@ -68,6 +68,9 @@ class DemoConfig(BaseConfig):
     """Share of L_sd taken at the look-ahead point, the rest at θ (``DefenseConfig.lookahead_weight``)."""
     max_length: int = 128
     """Token budget per example in every training stage."""
+    truncate_first: Literal["answer", "prompt"] = "answer"
+    """What a longer training example loses first, in every training stage: the answer's end (``answer``, down to 8
+    tokens) or the prompt's start, down to half of ``max_length`` (``prompt``; ``FinetuneConfig.truncate_first``)."""
     attack_lrs: tuple[float, ...] = (5e-5, 2e-4)
     """Attack learning rates."""
     attack_samples: int = 120
@@ -115,10 +118,14 @@ class DemoConfig(BaseConfig):
         self.attack_grids()
         self.demo_eval_config().replace(fs=self.fs)
 
+    def length_fields(self) -> dict[str, Any]:
+        """The token budget and truncation every training stage (and an adaptive attack on the demo) uses."""
+        return {"max_length": self.max_length, "truncate_first": self.truncate_first}
+
     def align_config(self) -> FinetuneConfig:
         """The refusal + benign SFT that makes the undefended aligned baseline."""
         return FinetuneConfig(lr=self.align_lr, batch_size=self.align_batch_size, max_steps=self.align_steps,
-                              epochs=100, max_length=self.max_length, weight_decay=0.0, seed=self.data_seed)
+                              epochs=100, weight_decay=0.0, seed=self.data_seed, **self.length_fields())
 
     def defense_config(self, output_dir: str | Path) -> DefenseConfig:
         """SEAM on the aligned model, with five checkpoints over the run."""
@@ -126,14 +133,14 @@ class DemoConfig(BaseConfig):
                              epsilon=self.defense_epsilon, lookahead_lr=self.defense_lookahead_lr,
                              lookahead_steps=self.defense_lookahead_steps,
                              lookahead_weight=self.defense_lookahead_weight, batch_size=self.defense_batch_size,
-                             max_length=self.max_length, unlearn_loss=self.defense_unlearn_loss,
+                             unlearn_loss=self.defense_unlearn_loss, **self.length_fields(),
                              output_dir=str(output_dir), checkpoint_every=max(1, self.defense_steps // 5),
                              seed=self.data_seed)
 
     def attack_grids(self) -> list[AttackConfig]:
         """Full-parameter SFT at every attack lr, and with ``attack_lora`` a LoRA attack at 10x the highest."""
         attack = AttackConfig(learning_rates=self.attack_lrs, num_samples=(self.attack_samples,),
-                              max_length=self.max_length)
+                              **self.length_fields())
         if not self.attack_lora:
             return [attack]
         return [attack, attack.replace(lora=True, learning_rates=[max(self.attack_lrs) * 10])]

@@ -112,6 +112,10 @@ def encode_prompts(tokenizer: Any, prompts: list[str], template: str = "chat", m
     return batch
 
 
+#: what a too-long training example loses first: the answer's end (keeping the prompt whole) or the prompt's start
+TRUNCATE_FIRST = ("answer", "prompt")
+
+
 @dataclass
 class TokenizedExample:
     input_ids: list[int]
@@ -124,9 +128,10 @@ class Formatter:
 
     ``mask_prompt=False`` trains on every token (the reference code does this for the benign stream).
     ``template`` names the prompt template (:data:`PROMPT_TEMPLATES`; ``chat`` = the model's own).
-    Truncation keeps at least ``min_answer_tokens`` of the answer by cutting the prompt from the left (after its
-    BOS, if it has one);
-    ``truncated``/``answer_lost`` count what was cut so callers can log it.
+    An example longer than ``max_length`` is cut as ``truncate_first`` says (:data:`TRUNCATE_FIRST`): ``answer``
+    keeps the prompt whole and cuts the answer's end, down to ``min_answer_tokens``, before the prompt's start;
+    ``prompt`` cuts the prompt's start (after its BOS, if it has one) down to half of ``max_length`` before the
+    answer's end. ``truncated``/``answer_cut``/``answer_lost`` count what was cut so callers can log it.
     """
 
     tokenizer: Any
@@ -134,9 +139,16 @@ class Formatter:
     mask_prompt: bool = True
     min_answer_tokens: int = 8
     template: str = "chat"
+    truncate_first: str = "answer"
     truncated: int = field(default=0, init=False)
     answer_cut: int = field(default=0, init=False)
     answer_lost: int = field(default=0, init=False)
+
+    def __post_init__(self) -> None:
+        if self.truncate_first not in TRUNCATE_FIRST:
+            from seamlm.errors import ConfigError
+
+            raise ConfigError(f"truncate_first must be one of {', '.join(TRUNCATE_FIRST)}, not {self.truncate_first!r}")
 
     def __call__(self, example: Example) -> TokenizedExample:
         tok = self.tokenizer
@@ -146,8 +158,11 @@ class Formatter:
             a_ids = a_ids + [tok.eos_token_id]
         if len(p_ids) + len(a_ids) > self.max_length:
             self.truncated += 1
-            keep_answer = min(len(a_ids), max(self.min_answer_tokens, self.max_length - len(p_ids)))
-            keep_answer = min(keep_answer, self.max_length - 1)  # at least one prompt token
+            if self.truncate_first == "prompt":  # the prompt yields down to half the budget, then the answer
+                keep_answer = self.max_length - min(len(p_ids), max(self.max_length // 2, self.max_length - len(a_ids)))
+            else:
+                keep_answer = max(self.min_answer_tokens, self.max_length - len(p_ids))
+            keep_answer = min(keep_answer, len(a_ids), self.max_length - 1)  # at least one prompt token
             if keep_answer < len(a_ids):
                 self.answer_cut += 1
                 # only when max_length leaves no room for min_answer_tokens after one prompt token
@@ -162,9 +177,10 @@ class Formatter:
         out = [self(e) for e in examples]
         if self.truncated > before:
             log.warning(
-                "%s: %d of %d examples exceeded max_length=%d and were truncated (prompt cut from the left; in %d "
-                "of them the answer's end too)",
-                name, self.truncated - before, len(examples), self.max_length, self.answer_cut - cut_before,
+                "%s: %d of %d examples exceeded max_length=%d and were truncated (truncate_first=%s; the answer's "
+                "end cut in %d of them)",
+                name, self.truncated - before, len(examples), self.max_length, self.truncate_first,
+                self.answer_cut - cut_before,
             )
         if self.answer_lost > lost_before:
             log.warning(

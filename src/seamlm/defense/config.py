@@ -62,8 +62,11 @@ class DefenseConfig(BaseConfig):
     gradient_accumulation_steps: int = 1
     """Micro-batches per step; the effective batch is ``batch_size × gradient_accumulation_steps`` per stream."""
     max_length: int = 256
-    """Maximum tokens per example; a longer one keeps its prompt whole and loses the end of its answer, down to 8
-    answer tokens, then the start of its prompt (after its BOS); the log counts each cut."""
+    """Maximum tokens per example; the log counts each cut (see ``truncate_first``)."""
+    truncate_first: Literal["answer", "prompt"] = "answer"
+    """What a longer example loses first: ``answer`` keeps the prompt whole and cuts the answer's end, down to 8
+    answer tokens, then the prompt's start (after its BOS); ``prompt`` cuts the prompt's start down to half of
+    ``max_length`` first, so refusals to long prompts are trained whole."""
     mask_benign_prompt: bool = True
     """Train CE(B) on answer tokens only (True) or on all tokens like the reference code (False)."""
     compute_dtype: Literal["auto", "float32", "bfloat16"] = "auto"

@@ -109,8 +109,9 @@ class SEAMTrainer:
         streams = {"harmful": harmful, "refusal": refusal, "benign": benign}
         examples = {k: _as_examples(v, k) for k, v in streams.items()}
         self.trained_prompts = sorted({e.prompt for v in examples.values() for e in v})
-        answer_only = Formatter(tokenizer, config.max_length, mask_prompt=True)
-        benign_fmt = Formatter(tokenizer, config.max_length, mask_prompt=config.mask_benign_prompt)
+        answer_only = Formatter(tokenizer, config.max_length, mask_prompt=True, truncate_first=config.truncate_first)
+        benign_fmt = Formatter(tokenizer, config.max_length, mask_prompt=config.mask_benign_prompt,
+                               truncate_first=config.truncate_first)
         self.data: dict[str, list[TokenizedExample]] = {
             "harmful": answer_only.encode_all(examples["harmful"], "harmful"),
             "refusal": answer_only.encode_all(examples["refusal"], "refusal"),

@@ -36,7 +36,8 @@ class BenignBatches:
     """An endless seeded stream of benign batches (reshuffled every pass), encoded like the attack data."""
 
     def __init__(self, tokenizer: Any, benign: list, ft: FinetuneConfig):
-        fmt = Formatter(tokenizer, ft.max_length, mask_prompt=ft.mask_prompt, template=ft.prompt_template)
+        fmt = Formatter(tokenizer, ft.max_length, mask_prompt=ft.mask_prompt, template=ft.prompt_template,
+                        truncate_first=ft.truncate_first)
         self.rows: list[TokenizedExample] = fmt.encode_all(benign, "attacker benign data")
         if not self.rows:
             raise DataError("this recipe needs the attacker's benign data, and it is empty: build the bundle with an "
