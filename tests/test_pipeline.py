@@ -192,7 +192,7 @@ def test_a_baseline_inside_out_is_refused_before_anything_is_deleted(tmp_path):
     assert (out / "keep.txt").read_text() == "mine"
 
 
-def test_a_finished_stage_trained_with_another_configuration_is_not_reused(tmp_path):
+def test_a_finished_stage_trained_with_another_configuration_is_not_reused(tmp_path, caplog):
     # demo_config.json pins the demo's own settings; a stage's constants and config defaults can change with seamlm
     from seamlm.finetune import LOOP_VERSION
     from seamlm.pipeline import _check_stage
@@ -207,6 +207,11 @@ def test_a_finished_stage_trained_with_another_configuration_is_not_reused(tmp_p
     (tmp_path / "seamlm_run.json").write_text(json.dumps({**info, "loop": LOOP_VERSION - 1}))
     with pytest.raises(ConfigError, match="training loop version"):
         _check_stage(tmp_path, "config", cfg, "align")
+    # aligned before seamlm recorded its loop's version: reused, but not silently
+    (tmp_path / "seamlm_run.json").write_text(json.dumps({k: v for k, v in info.items() if k != "loop"}))
+    with caplog.at_level("WARNING"):
+        _check_stage(tmp_path, "config", cfg, "align")
+    assert "did not record its training loop's version: reused unverified" in caplog.text
 
 
 def test_a_stale_baseline_alignment_is_refused_before_fresh_deletes_anything(tmp_path):

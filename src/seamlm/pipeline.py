@@ -219,7 +219,10 @@ def _check_stage(model_dir: Path, key: str, now: BaseConfig, stage: str, ignore:
     its config class (and the training loop's version) can change with seamlm."""
     info = json.loads((model_dir / "seamlm_run.json").read_text(encoding="utf-8"))
     changed = {k: v for k, v in now.changed_from(info.get(key) or {}).items() if k not in ignore}
-    if info.get("loop", LOOP_VERSION) != LOOP_VERSION:  # recorded by the fine-tuning stage (align)
+    if stage == "align" and "loop" not in info:
+        log.warning("%s was aligned by a seamlm that did not record its training loop's version: reused unverified "
+                    "(this seamlm's loop is version %s; --fresh retrains it)", model_dir, LOOP_VERSION)
+    elif info.get("loop", LOOP_VERSION) != LOOP_VERSION:  # recorded by the fine-tuning stage (align)
         changed["training loop version"] = (info.get("loop"), LOOP_VERSION)
     if changed:
         what = ", ".join(f"{k}: {a!r} → {b!r}" for k, (a, b) in list(changed.items())[:6])
