@@ -44,9 +44,10 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     return replace_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
-def records_text(records: Iterable[dict[str, Any]]) -> str:
-    """``records`` as JSON lines, each ended by a newline (what :func:`read_records` reads back)."""
-    return "".join(json.dumps(r) + "\n" for r in records)
+def records_text(records: Iterable[dict[str, Any]], ensure_ascii: bool = True) -> str:
+    """``records`` as JSON lines, each ended by a newline (what :func:`read_records` reads back); non-ASCII text
+    escaped unless ``ensure_ascii`` is False."""
+    return "".join(json.dumps(r, ensure_ascii=ensure_ascii) + "\n" for r in records)
 
 
 def write_records_atomic(path: str | Path, records: Iterable[dict[str, Any]]) -> Path:

@@ -29,6 +29,7 @@ from seamlm.data.splits import (
     split_manifest,
 )
 from seamlm.errors import DataError
+from seamlm.jsonl import records_text
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +58,8 @@ class BundleData:
 
     def _text(self, stream: str) -> str:
         """The JSONL text of one stream's file."""
-        return "".join(json.dumps({"prompt": e.prompt, "response": e.response, "category": e.category,
-                                   "label": e.label, "source": e.source}, ensure_ascii=False) + "\n"
-                       for e in self.streams[stream])
+        return records_text(({"prompt": e.prompt, "response": e.response, "category": e.category, "label": e.label,
+                              "source": e.source} for e in self.streams[stream]), ensure_ascii=False)
 
     def write(self, out_dir: str | Path) -> Path:
         """Write one JSONL per stream, then ``manifest.json`` — the mark of a complete bundle, so a killed build
