@@ -91,6 +91,11 @@ def _harm_label(harmful_at: float) -> Callable[[float, str], str]:
     return label
 
 
+def _pyrit_category(name: str) -> str:
+    """A PyRIT harm category as one token: lower case, spaces as underscores (``Hate Speech`` → ``hate_speech``)."""
+    return name.strip().lower().replace(" ", "_")
+
+
 def _pyrit_rows(subdir: str, score_col: str, label_of: Callable[[float, str], str]) -> list[Example]:
     root = package_dir("pyrit") / "datasets" / "scorer_evals" / subdir
     out, incomplete, unused = [], 0, 0
@@ -106,7 +111,7 @@ def _pyrit_rows(subdir: str, score_col: str, label_of: Callable[[float, str], st
             if not prompt or not response or score in (None, ""):
                 incomplete += 1
                 continue
-            category = (row.get("harm_category") or path.stem).strip().lower().replace(" ", "_")
+            category = _pyrit_category(row.get("harm_category") or path.stem)
             try:
                 value = float(score)
             except ValueError:
@@ -184,7 +189,7 @@ def _advbench() -> list[Example]:
     data = yaml.safe_load(path.read_text(encoding="utf-8"))
     # every category, normalised as PyRIT's scorer rows are: a hold-out of any one of them holds the prompt out
     return [Example(s["value"].strip(), "", CATEGORY_SEPARATOR.join(
-                c.strip().lower().replace(" ", "_") for c in s.get("harm_categories") or []) or None, None, "advbench")
+                _pyrit_category(c) for c in s.get("harm_categories") or []) or None, None, "advbench")
             for s in data["seeds"]]
 
 
