@@ -6,6 +6,7 @@ import dataclasses
 import difflib
 import types
 import typing
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -126,6 +127,12 @@ class BaseConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    def to_dict_omitting_defaults(self, names: Collection[str]) -> dict[str, Any]:
+        """:meth:`to_dict` without those of ``names`` left at their default: fields a stored settings digest
+        leaves out unless set, so results made before such a field existed keep their digests."""
+        d, default = self.to_dict(), type(self)().to_dict()
+        return {k: v for k, v in d.items() if not (k in names and v == default[k])}
 
     def changed_from(self, saved: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
         """Fields whose value differs from ``saved`` (an earlier :meth:`to_dict`), as name -> (then, now). A field

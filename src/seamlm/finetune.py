@@ -102,9 +102,7 @@ class FinetuneConfig(BaseConfig):
     def trajectory_dict(self) -> dict[str, Any]:
         """:meth:`to_dict` without the execution-only fields and the later fields left at their defaults: equal
         for runs that train the same model."""
-        d, default = self.to_dict(), type(self)().to_dict()
-        return {k: v for k, v in d.items()
-                if k not in self.EXECUTION_ONLY and not (k in self.ADDED_LATER and v == default[k])}
+        return {k: v for k, v in self.to_dict_omitting_defaults(self.ADDED_LATER).items() if k not in self.EXECUTION_ONLY}
 
     def validate(self) -> None:
         self._require([

@@ -129,10 +129,7 @@ class EvalConfig(BaseConfig):
     def settings_dict(self) -> dict[str, Any]:
         """The fields that made the numbers, for the results' settings digest; with lm-eval tasks also its version
         and a digest of the task YAMLs under ``lm_eval_include_path`` (an edited local task is a new setting)."""
-        d, default = self.to_dict(), type(self)().to_dict()
-        for name in self.ADD_ON_FIELDS:
-            if d[name] == default[name]:
-                d.pop(name)
+        d = self.to_dict_omitting_defaults(self.ADD_ON_FIELDS)
         if not self.trajectory_every:
             d.pop("trajectory_examples")
         if self.lm_eval_tasks:
