@@ -365,3 +365,33 @@ def test_measurements_on_nothing_are_errors_not_numbers(tokenizer):
         harmfulness(model, tokenizer, [], KeywordJudge())
     with pytest.raises(ConfigError, match="perplexity: no answer tokens"):
         benign_perplexity(model, tokenizer, [])
+
+
+def test_cells_of_the_old_fallback_prompt_format_are_not_reused(tmp_path, bundle, monkeypatch):
+    """A model without a chat template formats in the fallback format, changed in PROMPT_FORMAT_VERSION 2: its
+    cells stored by an older seamlm (settings without a format version) are an error naming it, not reused; a
+    model with a chat template formats as before and keeps its cells."""
+    from seamlm.models import PROMPT_FORMAT_VERSION, prompt_format_parts
+    from tests.conftest import make_model, make_tokenizer
+
+    for template in (True, False):
+        tok = make_tokenizer(chat_template=template)
+        model_dir = tmp_path / f"model-{template}"
+        make_model(len(tok)).save_pretrained(model_dir)
+        tok.save_pretrained(model_dir)
+        store = ResultStore(tmp_path / f"results-{template}.jsonl")
+        with monkeypatch.context() as m:  # as seamlm before format versions recorded it
+            m.setattr(attack_mod, "prompt_format_parts", lambda *a: {})
+            evaluate_pre_attack(str(model_dir), "m", "none", bundle, EVAL, KeywordJudge(), tmp_path, store)
+        if template:
+            assert not evaluate_pre_attack(str(model_dir), "m", "none", bundle, EVAL, KeywordJudge(), tmp_path, store)
+            # ... unless a cell formats through the plain template (a template-shift attack)
+            assert prompt_format_parts(str(model_dir), "plain", "chat") == {"prompt_format": PROMPT_FORMAT_VERSION}
+            assert prompt_format_parts(str(model_dir), "alpaca", "chat") == {}
+            continue
+        with pytest.raises(DataError, match=rf"made with other settings \(prompt_format: .*{PROMPT_FORMAT_VERSION}\)"):
+            evaluate_pre_attack(str(model_dir), "m", "none", bundle, EVAL, KeywordJudge(), tmp_path, store)
+        fresh = ResultStore(tmp_path / "fresh.jsonl")
+        assert evaluate_pre_attack(str(model_dir), "m", "none", bundle, EVAL, KeywordJudge(), tmp_path, fresh)
+        record = fresh.settings_record(fresh.rows()[0].settings)
+        assert record["prompt_format"] == PROMPT_FORMAT_VERSION

@@ -28,7 +28,57 @@ def test_answer_starting_like_the_refusal_is_still_masked_by_length(tokenizer):
 
 def test_fallback_format_without_chat_template():
     tok = make_tokenizer(chat_template=False)
-    assert prompt_text(tok, "Why?") == "Question: Why?\nAnswer: "
+    assert prompt_text(tok, "Why?") == "Question: Why?\nAnswer:"
+
+
+CORPUS = ["Question: Why is the sky blue?\nAnswer: Because air scatters blue light.",
+          "Question: Is it?\nAnswer: Yes, because it is.", "Answer: Because. Answer: Yes."] * 20
+
+
+def _trained_tokenizer(sentencepiece: bool):
+    """A BPE tokenizer with real merges: byte-level (GPT-2, SmolLM2: the space belongs to the next word's token)
+    or Metaspace with a prefix on every text (SentencePiece, Llama 2)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE(unk_token="<unk>"))
+    if sentencepiece:  # as Llama 2's tokenizer.json: "▁" prepended to the text and for every space
+        core.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+        core.pre_tokenizer = pre_tokenizers.Split("▁", behavior="merged_with_next")
+        core.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.Strip(" ", 1, 0)])
+        alphabet = []
+    else:
+        core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        core.decoder = decoders.ByteLevel()
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+    core.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=400, initial_alphabet=alphabet,
+                                                         special_tokens=["<pad>", "<eos>", "<unk>"]))
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+@pytest.mark.parametrize(("sentencepiece", "joiner"), [(False, " "), (True, "")])
+def test_the_fallback_format_encodes_the_answer_as_the_joined_text_would(sentencepiece, joiner):
+    """Prompt format 2: "Answer:" and the answer meet as the tokenizer encodes "Answer: Because…" in one text — no
+    lone space token before a word in its start-of-text form (format 1's "Answer: " + the answer alone)."""
+    from seamlm.data.format import answer_ids, answer_joiner
+
+    tok = _trained_tokenizer(sentencepiece)
+    assert answer_joiner(tok) == joiner
+    ex = Example("Why is the sky blue?", "Because air scatters blue light.")
+    joined = tok(f"Question: {ex.prompt}\nAnswer: {ex.response}", add_special_tokens=False)["input_ids"]
+    for template in ("plain", "chat"):  # "chat" falls back: no chat template
+        row = Formatter(tok, max_length=128, template=template)(ex)
+        assert row.input_ids == [*joined, tok.eos_token_id]
+        n_prompt = len(tok(prompt_text(tok, ex.prompt, template), add_special_tokens=False)["input_ids"])
+        assert row.labels == [IGNORE_INDEX] * n_prompt + row.input_ids[n_prompt:]  # the answer and EOS only
+    if not sentencepiece:  # the test can fail: format 1's split is another encoding here
+        old = tok("Question: Why is the sky blue?\nAnswer: ", add_special_tokens=False)["input_ids"] + \
+            tok(ex.response, add_special_tokens=False)["input_ids"]
+        assert old != joined and "ĠBecause" in tok.convert_ids_to_tokens(joined)
+    # a chat template ends its generation prompt itself (newline or special token): the answer follows as it is
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}\n{% endif %}"
+    assert answer_ids(tok, "Yes", "chat") == tok("Yes", add_special_tokens=False)["input_ids"]
+    assert answer_ids(tok, "Yes", "plain") == tok(joiner + "Yes", add_special_tokens=False)["input_ids"]
 
 
 def test_truncation_keeps_part_of_the_answer(tokenizer, caplog):

@@ -9,6 +9,7 @@ import pytest
 from seamlm.errors import ConfigError
 from seamlm.pipeline import DemoConfig, run_demo
 from seamlm.results import ResultStore
+from tests.conftest import make_model, make_tokenizer
 
 
 def test_shrunken_demo_end_to_end_and_resume(tiny_model_dir, tmp_path, monkeypatch):
@@ -198,6 +199,8 @@ def test_a_finished_stage_trained_with_another_configuration_is_not_reused(tmp_p
     from seamlm.pipeline import _check_stage
 
     cfg = DemoConfig().align_config()
+    make_tokenizer().save_pretrained(tmp_path)
+    make_model(8).config.save_pretrained(tmp_path)
     info = {"stage": "align", "config": cfg.to_dict(), "loop": LOOP_VERSION}
     (tmp_path / "seamlm_run.json").write_text(json.dumps(info))
     _check_stage(tmp_path, "config", cfg, "align")  # the same: reused
@@ -220,7 +223,8 @@ def test_a_stale_baseline_alignment_is_refused_before_fresh_deletes_anything(tmp
     from seamlm.finetune import LOOP_VERSION
 
     base, out = tmp_path / "base", tmp_path / "run"
-    (base / "models" / "aligned").mkdir(parents=True)
+    make_tokenizer().save_pretrained(base / "models" / "aligned")
+    make_model(8).config.save_pretrained(base / "models" / "aligned")
     (base / "demo_config.json").write_text(json.dumps(DemoConfig().to_dict()))
     stale = {**DemoConfig().align_config().to_dict(), "weight_decay": 0.1}
     (base / "models" / "aligned" / "seamlm_run.json").write_text(json.dumps({"config": stale, "loop": LOOP_VERSION}))
@@ -229,3 +233,24 @@ def test_a_stale_baseline_alignment_is_refused_before_fresh_deletes_anything(tmp
     with pytest.raises(ConfigError, match=r"weight_decay.*redo the baseline first \(seamlm demo --out .*base --fresh\)"):
         run_demo(out, DemoConfig(baseline_from=str(base), defense_steps=3), fresh=True)
     assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_a_stage_without_chat_template_trained_in_the_old_prompt_format_is_not_reused(tmp_path):
+    """Prompts of a model without a chat template changed with PROMPT_FORMAT_VERSION 2 ("Answer:" + the tokenizer's
+    join); a model with one formats as before, so its stages stay reusable whatever they recorded."""
+    from seamlm.finetune import LOOP_VERSION
+    from seamlm.models import PROMPT_FORMAT_VERSION
+    from seamlm.pipeline import _check_stage
+
+    cfg = DemoConfig().align_config()
+    info = {"stage": "align", "config": cfg.to_dict(), "loop": LOOP_VERSION}  # saved before formats were recorded
+    plain, chat = tmp_path / "plain", tmp_path / "chat"
+    for d, template in ((plain, False), (chat, True)):
+        make_tokenizer(chat_template=template).save_pretrained(d)
+        make_model(8).config.save_pretrained(d)
+        (d / "seamlm_run.json").write_text(json.dumps(info))
+    _check_stage(chat, "config", cfg, "align")
+    with pytest.raises(ConfigError, match=r"prompt format version .*1 → 2.*--fresh"):
+        _check_stage(plain, "config", cfg, "align")
+    (plain / "seamlm_run.json").write_text(json.dumps({**info, "prompt_format": PROMPT_FORMAT_VERSION}))
+    _check_stage(plain, "config", cfg, "align")

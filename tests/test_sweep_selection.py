@@ -239,3 +239,21 @@ def test_a_second_study_with_other_training_settings_in_one_out_folder_runs_its_
                                EVAL, KeywordJudge(), tmp_path, store, study=study).trials[0]
     assert runs["a"].state.name == runs["b"].state.name == "COMPLETE"
     assert runs["a"].user_attrs["cell"] != runs["b"].user_attrs["cell"]
+
+
+def test_a_sweep_that_may_choose_the_plain_template_records_its_prompt_format(tiny_model_dir, bundle, tmp_path):
+    """The template recipe's trials may format in the plain template, whose prompt format changed (version 2): a
+    study from before, which did not record it, is not resumed; a chat-only sweep's context has no format."""
+    from seamlm.models import PROMPT_FORMAT_VERSION
+
+    def context(recipes, name):
+        study = sweep_study(str(tiny_model_dir), "tiny", bundle, SweepConfig(recipes=recipes, trials=1, study_name=name),
+                            FinetuneConfig(), EVAL, KeywordJudge(), tmp_path)
+        return study.user_attrs["sweep_context"]
+
+    assert context(("template", "sft"), "a")["prompt_format"] == PROMPT_FORMAT_VERSION
+    assert "prompt_format" not in context(("sft",), "b")
+    old = {k: v for k, v in context(("template",), "c").items() if k != "prompt_format"}
+    open_study(SweepConfig(recipes=("template",), trials=1, study_name="d"), "tiny", tmp_path, old)
+    with pytest.raises(ConfigError, match="run with other prompt_format settings"):
+        context(("template",), "d")

@@ -18,7 +18,13 @@ from seamlm.evaluate.judges import Judge
 from seamlm.evaluate.metrics import EvalConfig
 from seamlm.evaluate.run import attack_probe, evaluate_model
 from seamlm.finetune import LOOP_VERSION, FinetuneConfig, probe_log_path, probing
-from seamlm.models import legacy_identities, load_model, model_identity, trained_prompt_hashes
+from seamlm.models import (
+    legacy_identities,
+    load_model,
+    model_identity,
+    prompt_format_parts,
+    trained_prompt_hashes,
+)
 from seamlm.recipes import AttackData, AttackRecipe, make_recipe
 from seamlm.results import ResultRow, ResultStore
 from seamlm.runinfo import fingerprint, path_part
@@ -136,7 +142,9 @@ def evaluate_pre_attack(model_name: str, label: str, defense: str, bundle: Bundl
     ctx = ctx or DistContext()
     eval_cfg = eval_cfg.replace(trajectory_every=0)  # no attack, no trajectory: not part of this cell's settings
     digest = manifest_digest(bundle)
-    parts = dict(model=model_identity(model_name), eval=eval_cfg.settings_dict(), judge=judge.name, data=digest)
+    # FS, perplexity and the coupling always format through "chat", HS through eval.prompt_template
+    parts = dict(model=model_identity(model_name), eval=eval_cfg.settings_dict(), judge=judge.name, data=digest,
+                 **prompt_format_parts(model_name, eval_cfg.prompt_template, "chat"))
     settings = settings_digest(**parts)
     if finished_rows(store, model_name, label, "pre", settings, parts):
         log.info("%s / pre: already in %s, skipped", label, store.path)
@@ -216,7 +224,7 @@ def attack_cell(model_name: str, label: str, defense: str, bundle: BundleData, r
                  recipe=recipe.describe(), train=train_cfg.trajectory_dict() if recipe.trains else None,
                  # a weight edit trains nothing, but the seed still picks its harmful prompts (attack_data)
                  **({"loop": LOOP_VERSION} if recipe.trains else {"seed": run_cfg.seed}),
-                 samples=len(data.harmful))
+                 samples=len(data.harmful), **prompt_format_parts(model_name, train_cfg.prompt_template, "chat"))
     settings = settings_digest(**parts)
     finished = finished_rows(store, model_name, label, cell, settings, parts)
     if finished:

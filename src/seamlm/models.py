@@ -26,7 +26,14 @@ MODEL_ALIASES: dict[str, tuple[str, str]] = {
 }
 
 #: Used when a tokenizer has no chat template. Plain text, so that any base model can be defended and attacked.
-FALLBACK_PROMPT_FORMAT = "Question: {prompt}\nAnswer: "
+#: It ends at "Answer:" and the answer joins it the way the tokenizer joins "Answer: word" in one text
+#: (``seamlm.data.format.answer_ids``), as lm-eval's ``Answer:`` + `` answer`` does.
+FALLBACK_PROMPT_FORMAT = "Question: {prompt}\nAnswer:"
+#: Version of how a prompt that ends in a word (the fallback format and the ``plain`` template) meets its answer.
+#: 1 (seamlm before 2026-11-27): "Answer: " with the answer encoded alone, so BPE tokenizers saw a lone space
+#: token before an answer word without its leading-space form. 2: the tokenizer's own join. Results and trained
+#: models record it where it applies, so a run made with version 1 is never taken for one made with version 2.
+PROMPT_FORMAT_VERSION = 2
 
 RUN_CONFIG_FILE = "seamlm_run.json"
 TRAINED_PROMPTS_FILE = "trained_prompts.txt"
@@ -160,6 +167,36 @@ def load_model(
     return model.to(device), tokenizer
 
 
+_CHAT_TEMPLATES: dict[str, bool] = {}
+
+
+def has_chat_template(name: str | Path) -> bool:
+    """Whether the model's tokenizer has a chat template (else prompts use :data:`FALLBACK_PROMPT_FORMAT`): loads
+    the tokenizer only, once per name and process."""
+    key = str(name)
+    if key not in _CHAT_TEMPLATES:
+        from transformers import AutoTokenizer
+
+        source = resolve_model_source(key)
+        kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs)
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"could not load the tokenizer of '{name}' from {source.path}: {exc}") from exc
+        _CHAT_TEMPLATES[key] = bool(getattr(tokenizer, "chat_template", None))
+    return _CHAT_TEMPLATES[key]
+
+
+def prompt_format_parts(model_name: str | Path, *templates: str) -> dict[str, int]:
+    """``{"prompt_format": PROMPT_FORMAT_VERSION}`` where a run's prompts end in a word — one of ``templates`` is
+    ``plain``, or a ``chat`` one falls back for a model without a chat template — for the settings that decide
+    whether stored results or a trained stage are reused; empty otherwise (chat-template prompts are what they
+    were, so their results stay reusable)."""
+    if "plain" in templates or ("chat" in templates and not has_chat_template(model_name)):
+        return {"prompt_format": PROMPT_FORMAT_VERSION}
+    return {}
+
+
 def save_model(
     model: Any, tokenizer: Any, out_dir: str | Path, run_config: dict[str, Any] | None = None,
     dtype: str | torch.dtype | None = None, trained_prompts: Iterable[str] = (),
@@ -203,7 +240,8 @@ def save_model(
             hashes |= trained_prompt_hashes(run_config[key])
     if hashes:
         (partial / TRAINED_PROMPTS_FILE).write_text("".join(h + "\n" for h in sorted(hashes)), encoding="utf-8")
-    payload = {"seamlm_version": _version(), **(run_config or {}), WEIGHTS_DIGEST_KEY: weights_digest(partial)}
+    payload = {"seamlm_version": _version(), "prompt_format": PROMPT_FORMAT_VERSION, **(run_config or {}),
+               WEIGHTS_DIGEST_KEY: weights_digest(partial)}
     (partial / RUN_CONFIG_FILE).write_text(json.dumps(payload, indent=2, default=str), encoding="utf-8")
     if out.exists():  # replace the previous model only once the new one is complete
         os.replace(out, old)

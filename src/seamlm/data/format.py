@@ -83,6 +83,46 @@ def adds_bos(tokenizer: Any) -> bool:
     return adds
 
 
+_JOINER: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def answer_joiner(tokenizer: Any) -> str:
+    """What goes between a prompt ending in a word ("Answer:") and its answer, encoded apart, so that the two
+    encodings add up to the encoding of the joined text "Answer: word": ``" "`` for byte-level BPE (GPT-2,
+    Llama 3, SmolLM2: the space belongs to the word's token), ``""`` for SentencePiece with a dummy prefix (Llama 2:
+    every encoded text starts with "▁"). Found by what the tokenizer does, once per tokenizer; ``" "`` when neither
+    adds up exactly."""
+    try:
+        return _JOINER[tokenizer]
+    except (KeyError, TypeError):
+        pass
+
+    def enc(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    prefix, word = "Answer:", "Yes"
+    whole = enc(f"{prefix} {word}")
+    joiner = next((j for j in (" ", "") if enc(prefix) + enc(j + word) == whole), " ")
+    with contextlib.suppress(TypeError):
+        _JOINER[tokenizer] = joiner
+    return joiner
+
+
+def uses_fallback(tokenizer: Any, template: str = "chat") -> bool:
+    """Whether prompts of ``template`` are the fallback format (the ``plain`` template, or ``chat`` for a tokenizer
+    without a chat template), whose answer follows "Answer:" on the same line."""
+    return check_template(template) == "plain" or (template == "chat" and not getattr(tokenizer, "chat_template", None))
+
+
+def answer_ids(tokenizer: Any, answer: str, template: str = "chat") -> list[int]:
+    """Token ids of ``answer`` after a prompt of ``template``, encoded on their own (splitting a joined encoding
+    would cut SentencePiece merges): after the fallback format's "Answer:" with :func:`answer_joiner` in front;
+    after a chat template's generation prompt (a newline or a special token ends it, as in the rendered
+    conversation) or another template's newline, as they are."""
+    sep = answer_joiner(tokenizer) if uses_fallback(tokenizer, template) else ""
+    return tokenizer(sep + answer, add_special_tokens=False)["input_ids"]
+
+
 def encode_text(tokenizer: Any, text: str) -> list[int]:
     """Token ids of a prompt text (:func:`prompt_text`), with the model's BOS rule (:func:`with_bos`)."""
     return with_bos(tokenizer, tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -153,7 +193,7 @@ class Formatter:
     def __call__(self, example: Example) -> TokenizedExample:
         tok = self.tokenizer
         p_ids = encode_text(tok, prompt_text(tok, example.prompt, self.template))
-        a_ids = tok(example.response, add_special_tokens=False)["input_ids"]
+        a_ids = answer_ids(tok, example.response, self.template)
         if tok.eos_token_id is not None:
             a_ids = a_ids + [tok.eos_token_id]
         if len(p_ids) + len(a_ids) > self.max_length:

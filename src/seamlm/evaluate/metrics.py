@@ -19,6 +19,7 @@ from seamlm.data.files import Example
 from seamlm.data.format import (
     Formatter,
     TokenizedExample,
+    answer_ids,
     answer_token_count,
     check_template,
     collate,
@@ -273,10 +274,10 @@ def benign_finetune_accuracy(model: Any, tokenizer: Any, cfg: EvalConfig) -> dic
         return {"fs_accuracy": math.nan, "fs_train": len(train), "fs_test": len(test)}
     items = [MCItem((prompt_text(tokenizer, SST2_QUESTION.format(sentence=r["sentence"].strip())),),
                     ("negative", "positive"), int(r["label"]), delimiter="") for r in test]
-    # the tokens FS trained on: the prompt as the Formatter encodes it, the answer word tokenised alone (a
-    # SentencePiece tokenizer would give the word without its "▁" start marker if split from the joined text)
-    answers = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in items[0].choices]
-    encoded = [(encode_text(tokenizer, it.contexts[0]), a) for it in items for a in answers]
+    # the tokens FS trained on: the prompt and the answer word as the Formatter encodes them (the word tokenised
+    # apart: a SentencePiece tokenizer would give it without its "▁" start marker if split from the joined text)
+    encoded = [(encode_text(tokenizer, it.contexts[0]), answer_ids(tokenizer, c))
+               for it in items for c in it.choices]
     lls = choice_loglikelihoods(tuned, tokenizer, items, cfg.zs_batch_size, desc="FS scoring", encoded=encoded)
     acc = score_items(items, lls)["acc"]
     del tuned
