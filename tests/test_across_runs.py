@@ -13,14 +13,15 @@ ATTACK = {"lr": 2e-4, "seed": 0, "lora": False, "status": "ok"}
 
 
 def _run(path, hs_seam_attacked, judge="minilm-pyrit-v3", with_seam_attack=True, hs_prompts=None,
-         seam_ppl=30.0, seam_status="ok", eval_seed=0):
-    parts = None if hs_prompts is None else {"eval": {"hs_prompts": hs_prompts, "seed": eval_seed}, "judge": judge}
+         seam_ppl=30.0, seam_status="ok", eval_seed=0, prompt_format=None):
+    parts = None if hs_prompts is None else {"eval": {"hs_prompts": hs_prompts, "seed": eval_seed}, "judge": judge,
+                                              **({"prompt_format": prompt_format} if prompt_format else {})}
 
     def row(model, cell, metric, value):
         return ResultRow(model=model, defense="seam" if model == "seam" else "none", cell=cell, metric=metric,
                          value=value, judge=judge if metric == "hs" else None,
                          attack={} if cell == "pre" else {**ATTACK, "status": seam_status if model == "seam" else "ok"},
-                         settings=None if parts is None else f"digest{hs_prompts}")
+                         settings=None if parts is None else f"digest{hs_prompts}-{prompt_format}")
 
     rows = [row("raw", "pre", "hs", 50.0)]
     for m, hs, zs in (("aligned", 10.0, 60.0), ("seam", 8.0, 59.0)):
@@ -99,6 +100,9 @@ def test_the_same_run_twice_or_runs_of_other_evaluation_settings_are_refused(tmp
     load_runs([a, _run(tmp_path / "b.jsonl", 7.0, hs_prompts=32, eval_seed=1)])
     with pytest.raises(DataError, match=r"'aligned' in .*c.jsonl was evaluated with other settings .*hs_prompts"):
         load_runs([a, _run(tmp_path / "c.jsonl", 7.0, hs_prompts=100)])
+    # a model without a chat template, prompted in another fallback format version (absent: before versions)
+    with pytest.raises(DataError, match=r"evaluated with other settings .*\(prompt_format differ\)"):
+        load_runs([a, _run(tmp_path / "d.jsonl", 7.0, hs_prompts=32, prompt_format=2)])
 
 
 def test_a_folder_without_results_names_its_seed_runs(tmp_path, capsys):

@@ -391,7 +391,34 @@ def test_cells_of_the_old_fallback_prompt_format_are_not_reused(tmp_path, bundle
             continue
         with pytest.raises(DataError, match=rf"made with other settings \(prompt_format: .*{PROMPT_FORMAT_VERSION}\)"):
             evaluate_pre_attack(str(model_dir), "m", "none", bundle, EVAL, KeywordJudge(), tmp_path, store)
+        # nor does a new cell of the label join the old pre-attack cell in one report row
+        cfg = AttackConfig(learning_rates=(1e-4,), num_samples=4, batch_size=2)
+        with pytest.raises(DataError, match=r"cells of 'm' made with another prompt_format: 1 → 2"):
+            run_attack_grid(str(model_dir), "m", "none", bundle, cfg, EVAL, KeywordJudge(), tmp_path, store)
         fresh = ResultStore(tmp_path / "fresh.jsonl")
         assert evaluate_pre_attack(str(model_dir), "m", "none", bundle, EVAL, KeywordJudge(), tmp_path, fresh)
         record = fresh.settings_record(fresh.rows()[0].settings)
         assert record["prompt_format"] == PROMPT_FORMAT_VERSION
+
+
+def test_a_model_trained_in_the_old_fallback_prompt_format_is_refused(tmp_path, bundle):
+    """A seamlm-trained model without a chat template learnt format 1's prompts: measuring it in format 2 would
+    credit the defence with the format change. Models saved now record the version; chat-template models pass."""
+    from seamlm.errors import ModelLoadError
+    from seamlm.models import RUN_CONFIG_FILE, save_model
+    from tests.conftest import make_model, make_tokenizer
+
+    for template in (False, True):
+        tok = make_tokenizer(chat_template=template)
+        saved = save_model(make_model(len(tok)), tok, tmp_path / f"trained-{template}", {"stage": "defend"})
+        info = json.loads((saved / RUN_CONFIG_FILE).read_text())
+        assert info["prompt_format"] == 2
+        (saved / RUN_CONFIG_FILE).write_text(json.dumps({k: v for k, v in info.items() if k != "prompt_format"}))
+        store = ResultStore(tmp_path / f"r-{template}.jsonl")
+        if template:
+            assert evaluate_pre_attack(str(saved), "m", "none", bundle, EVAL, KeywordJudge(), tmp_path, store)
+            continue
+        with pytest.raises(ModelLoadError, match="trained in prompt format 1"):
+            evaluate_pre_attack(str(saved), "m", "none", bundle, EVAL, KeywordJudge(), tmp_path, store)
+        (saved / RUN_CONFIG_FILE).write_text(json.dumps(info))
+        assert evaluate_pre_attack(str(saved), "m", "none", bundle, EVAL, KeywordJudge(), tmp_path, store)

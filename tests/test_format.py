@@ -79,6 +79,9 @@ def test_the_fallback_format_encodes_the_answer_as_the_joined_text_would(sentenc
     tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}\n{% endif %}"
     assert answer_ids(tok, "Yes", "chat") == tok("Yes", add_special_tokens=False)["input_ids"]
     assert answer_ids(tok, "Yes", "plain") == tok(joiner + "Yes", add_special_tokens=False)["input_ids"]
+    # leading whitespace (an API caller's unstripped answer) and an empty answer bring no lone space token
+    assert answer_ids(tok, " \nYes", "plain") == answer_ids(tok, "Yes", "plain")
+    assert answer_ids(tok, "", "plain") == []
 
 
 def test_truncation_keeps_part_of_the_answer(tokenizer, caplog):

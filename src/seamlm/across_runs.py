@@ -62,10 +62,12 @@ def _check_same_evaluation(runs: list[Run]) -> None:
     for run in runs:
         store = ResultStore(run.path)
         for model, digest in sorted({(r.model, r.settings) for r in run.rows if r.cell == "pre" and r.settings}):
-            ev = (store.settings_record(digest) or {}).get("eval")
+            record = store.settings_record(digest) or {}
+            ev = record.get("eval")
             if not isinstance(ev, dict):
                 continue
-            ev = {k: v for k, v in ev.items() if k != "seed"}
+            # the fallback prompt format's version, where the cell used it (absent otherwise and before versions)
+            ev = {**{k: v for k, v in ev.items() if k != "seed"}, "prompt_format": record.get("prompt_format")}
             seen, where = first.setdefault(model, (ev, run.path))
             if ev != seen:
                 changed = [k for k in sorted(set(seen) | set(ev)) if seen.get(k) != ev.get(k)]

@@ -19,6 +19,7 @@ from seamlm.evaluate.metrics import EvalConfig
 from seamlm.evaluate.run import attack_probe, evaluate_model
 from seamlm.finetune import LOOP_VERSION, FinetuneConfig, probe_log_path, probing
 from seamlm.models import (
+    check_trained_format,
     legacy_identities,
     load_model,
     model_identity,
@@ -100,7 +101,9 @@ def finished_rows(store: ResultStore, model_name: str, label: str, cell: str, se
     data (a changed setting of this very cell is named by :meth:`ResultStore.cell_rows` first)."""
     found = store.cell_rows(label, cell, settings, parts, legacy_digests(parts, model_name))
     if not found:
-        store.check_label(label, parts, legacy_identities(model_name, parts["model"]))
+        store.check_label(label, parts, legacy_identities(model_name, parts["model"]),
+                          every_cell_formatted=bool(prompt_format_parts(model_name, "chat")))
+        check_trained_format(model_name)
     return found
 
 

@@ -26,8 +26,8 @@ MODEL_ALIASES: dict[str, tuple[str, str]] = {
 }
 
 #: Used when a tokenizer has no chat template. Plain text, so that any base model can be defended and attacked.
-#: It ends at "Answer:" and the answer joins it the way the tokenizer joins "Answer: word" in one text
-#: (``seamlm.data.format.answer_ids``), as lm-eval's ``Answer:`` + `` answer`` does.
+#: It ends at "Answer:" (lm-eval's convention: the space goes with the answer) and the answer, encoded apart, joins it
+#: the way the tokenizer encodes "Answer: word" in one text (``seamlm.data.format.answer_ids``).
 FALLBACK_PROMPT_FORMAT = "Question: {prompt}\nAnswer:"
 #: Version of how a prompt that ends in a word (the fallback format and the ``plain`` template) meets its answer.
 #: 1 (seamlm before 2026-11-27): "Answer: " with the answer encoded alone, so BPE tokenizers saw a lone space
@@ -195,6 +195,21 @@ def prompt_format_parts(model_name: str | Path, *templates: str) -> dict[str, in
     if "plain" in templates or ("chat" in templates and not has_chat_template(model_name)):
         return {"prompt_format": PROMPT_FORMAT_VERSION}
     return {}
+
+
+def check_trained_format(model_name: str | Path) -> None:
+    """Refuse a seamlm-trained model without a chat template that an older seamlm trained in another prompt format
+    (:data:`PROMPT_FORMAT_VERSION`): attacked or measured through this one, it would meet prompts it was never
+    trained on, and its results would look like the defence's."""
+    path = Path(model_name)
+    if not is_saved_model(path) or has_chat_template(model_name):
+        return
+    trained = json.loads((path / RUN_CONFIG_FILE).read_text(encoding="utf-8")).get("prompt_format", 1)
+    if trained != PROMPT_FORMAT_VERSION:
+        raise ModelLoadError(
+            f"{model_name} has no chat template and was trained in prompt format {trained} (before 2026-11-27: "
+            f"'Answer: ' + the answer); this seamlm prompts it in format {PROMPT_FORMAT_VERSION}. Train it again "
+            "with this seamlm (seamlm demo --fresh, or seamlm defend), or evaluate it with the seamlm that trained it")
 
 
 def save_model(

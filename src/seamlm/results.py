@@ -149,10 +149,13 @@ class ResultStore:
             )
         return found
 
-    def check_label(self, label: str, parts: dict[str, Any], same_models: Collection[str] = ()) -> None:
+    def check_label(self, label: str, parts: dict[str, Any], same_models: Collection[str] = (),
+                    every_cell_formatted: bool = False) -> None:
         """Every cell of one model label must come from one model, judge and data bundle: otherwise its row of the
         report would compare an attack on one model with the pre-attack figures of another (or mix judges).
-        ``parts``: what the new cell's settings digest is made of; ``same_models``: older names of its model."""
+        ``parts``: what the new cell's settings digest is made of; ``same_models``: older names of its model;
+        ``every_cell_formatted``: the model has no chat template, so every cell's prompts are in the fallback
+        format and must share its version (``prompt_format``; absent = 1, before versions were recorded)."""
         for digest in sorted({r.settings for r in self.rows() if r.model == label and r.settings}):
             old = self.settings_record(digest)
             if old is None:  # rows from before settings records: nothing to compare with
@@ -160,6 +163,8 @@ class ResultStore:
             new = json.loads(json.dumps(parts, default=str))
             changed = [f"{k}: {old[k]!r} → {new.get(k)!r}" for k in ("model", "judge", "data")
                        if k in old and old[k] != new.get(k) and not (k == "model" and old[k] in same_models)]
+            if every_cell_formatted and old.get("prompt_format", 1) != new.get("prompt_format"):
+                changed.append(f"prompt_format: {old.get('prompt_format', 1)!r} → {new.get('prompt_format')!r}")
             if changed:
                 raise DataError(f"{self.path} already holds cells of '{label}' made with another "
                                 f"{'; '.join(changed)}: one label is one model, judged one way on one data bundle. "

@@ -23,7 +23,7 @@ from seamlm.errors import ConfigError
 from seamlm.evaluate.judges import Judge
 from seamlm.evaluate.metrics import EvalConfig
 from seamlm.finetune import LOOP_VERSION, FinetuneConfig
-from seamlm.models import legacy_identities, model_identity, prompt_format_parts
+from seamlm.models import check_trained_format, legacy_identities, model_identity, prompt_format_parts
 from seamlm.recipes import RECIPES, make_recipe
 from seamlm.results import ResultStore
 from seamlm.runinfo import fingerprint, path_part
@@ -171,6 +171,7 @@ def sweep_study(model_name: str, label: str, bundle: BundleData, cfg: SweepConfi
     """The sweep's study, opened with every check a resumed study must pass (template, sweep config, context):
     call it before spending minutes on anything else, so a mismatch fails first."""
     check_sweep_template(cfg, base, eval_cfg)
+    check_trained_format(model_name)
     context = {"model": model_identity(model_name), "train": base.trajectory_dict(), "loop": LOOP_VERSION,
                "eval": eval_cfg.settings_dict(), "judge": judge.name, "data": manifest_digest(bundle),
                # the template recipe's trials may choose the plain template

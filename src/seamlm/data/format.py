@@ -102,7 +102,11 @@ def answer_joiner(tokenizer: Any) -> str:
 
     prefix, word = "Answer:", "Yes"
     whole = enc(f"{prefix} {word}")
-    joiner = next((j for j in (" ", "") if enc(prefix) + enc(j + word) == whole), " ")
+    joiner = next((j for j in (" ", "") if enc(prefix) + enc(j + word) == whole), None)
+    if joiner is None:
+        log.warning("%s: neither ' ' nor '' joins 'Answer:' and an answer as the tokenizer encodes the joined text; "
+                    "answers after the fallback format start with ' '", type(tokenizer).__name__)
+        joiner = " "
     with contextlib.suppress(TypeError):
         _JOINER[tokenizer] = joiner
     return joiner
@@ -116,11 +120,14 @@ def uses_fallback(tokenizer: Any, template: str = "chat") -> bool:
 
 def answer_ids(tokenizer: Any, answer: str, template: str = "chat") -> list[int]:
     """Token ids of ``answer`` after a prompt of ``template``, encoded on their own (splitting a joined encoding
-    would cut SentencePiece merges): after the fallback format's "Answer:" with :func:`answer_joiner` in front;
+    would cut SentencePiece merges): after the fallback format's "Answer:" without leading whitespace and with
+    :func:`answer_joiner` in front;
     after a chat template's generation prompt (a newline or a special token ends it, as in the rendered
     conversation) or another template's newline, as they are."""
-    sep = answer_joiner(tokenizer) if uses_fallback(tokenizer, template) else ""
-    return tokenizer(sep + answer, add_special_tokens=False)["input_ids"]
+    if uses_fallback(tokenizer, template):  # leading whitespace would put a lone space token back
+        answer = answer.lstrip()
+        answer = answer_joiner(tokenizer) + answer if answer else answer
+    return tokenizer(answer, add_special_tokens=False)["input_ids"]
 
 
 def encode_text(tokenizer: Any, text: str) -> list[int]:
