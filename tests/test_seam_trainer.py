@@ -240,16 +240,23 @@ def test_a_bf16_model_with_frozen_layers_trains_in_float32(tokenizer, streams, t
     assert all(torch.equal(a, b) for a, b in zip(frozen, model.model.layers[0].parameters(), strict=True))
 
 
-def test_gradient_accumulation_matches_one_big_batch_when_batches_are_uniform(tokenizer, streams, tmp_path):
-    """Equal-length rows make the token-mean of one batch equal the mean of micro-batch means."""
-    from seamlm.data.files import Example
+@pytest.mark.parametrize("unlearn_loss", ["logit_lens", "final_layer"])
+def test_gradient_accumulation_matches_one_big_batch(tokenizer, streams, tmp_path, unlearn_loss):
+    """Micro-batches weighted by their answer tokens give the one-batch answer-token mean, also when their answers
+    differ in length (a mean of micro-batch means would not: the check below that the lengths differ keeps this
+    test able to fail)."""
+    from seamlm.data.format import answer_token_count
 
-    uniform = {k: [Example(f"Question number {i:02d}?", f"Answer text {i:02d}.") for i in range(8)]
-               for k in ("harmful", "refusal", "benign")}
-    a = _trainer(tokenizer, uniform, tmp_path / "a", batch_size=4, gradient_accumulation_steps=1, beta=0.5)
-    b = _trainer(tokenizer, uniform, tmp_path / "b", batch_size=2, gradient_accumulation_steps=2, beta=0.5)
+    a = _trainer(tokenizer, streams, tmp_path / "a", batch_size=4, gradient_accumulation_steps=1, beta=0.5,
+                 unlearn_loss=unlearn_loss)
+    b = _trainer(tokenizer, streams, tmp_path / "b", batch_size=2, gradient_accumulation_steps=2, beta=0.5,
+                 unlearn_loss=unlearn_loss)
+    for stream in ("harmful", "refusal", "benign"):
+        counts = [answer_token_count(x) for x in b._micro_batches(stream, 0)]
+        assert len(counts) == 2 and counts[0] != counts[1], (stream, counts)
     ra, rb = a.compute_update(0), b.compute_update(0)
-    assert rb["cos_g_a_g_b"] == pytest.approx(ra["cos_g_a_g_b"], rel=1e-4)
+    for key in ("ce_harmful", "ce_benign", "L_up", "L_ul", "cos_g_a_g_b"):
+        assert rb[key] == pytest.approx(ra[key], rel=1e-4), key
     # fp32 finite differences carry rounding/ε noise, so compare the whole vector, not element by element
     assert ((a.total - b.total).norm() / a.total.norm()).item() < 1e-3
 

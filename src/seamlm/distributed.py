@@ -56,6 +56,13 @@ class DistContext:
         t = torch.tensor([value], dtype=torch.float64, device=self._wire_device())
         return self.all_reduce_mean_(t).item()
 
+    def sum(self, value: float) -> float:
+        """Sum of a Python float over ranks (float64 on the wire)."""
+        if not self.distributed:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self._wire_device())
+        return self.all_reduce_sum_(t).item()
+
     def any(self, flag: bool) -> bool:
         """Whether ``flag`` is true on any rank (every rank gets the answer: a collective, so also a barrier)."""
         return self.mean(1.0 if flag else 0.0) > 0

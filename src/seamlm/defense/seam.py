@@ -36,7 +36,7 @@ from seamlm.checkpoint import (
     set_rng_state,
 )
 from seamlm.data.files import Example, load_examples
-from seamlm.data.format import Formatter, TokenizedExample, collate
+from seamlm.data.format import Formatter, TokenizedExample, answer_token_count, collate
 from seamlm.data.sampling import StreamSampler
 from seamlm.data.splits import prompt_hash
 from seamlm.defense.config import RESUME_SAFE_KEYS, DefenseConfig
@@ -57,6 +57,8 @@ from seamlm.runinfo import environment_info, fingerprint
 log = logging.getLogger(__name__)
 
 Batch = dict[str, torch.Tensor]
+#: a step's micro-batches of one stream on this rank, each with its weight in the global answer-token mean
+Weighted = list[tuple[Batch, float]]
 StepCallback = Callable[["SEAMTrainer", dict[str, Any]], None]
 _AUTOCAST = {"bfloat16": torch.bfloat16}
 
@@ -187,6 +189,14 @@ class SEAMTrainer:
         starts = range(self.ctx.rank * cfg.batch_size, per_step, cfg.batch_size * w)
         return [collate(rows[i:i + cfg.batch_size], pad, device=self.device) for i in starts]
 
+    def _token_weighted(self, batches: list[Batch]) -> Weighted:
+        """Each micro-batch with its weight in the step's CE: its answer tokens × world size / the global batch's
+        (the flat gradients are averaged over ranks), so that k micro-batches on w ranks give the answer-token mean
+        over the whole global batch, as one process on it would — not the mean of k·w micro-batch means."""
+        counts = [answer_token_count(b) for b in batches]
+        total = self.ctx.sum(float(sum(counts)))
+        return [(b, n * self.ctx.world_size / total) for b, n in zip(batches, counts, strict=True)]
+
     def _losses(self, batch: Batch, variant: str) -> HarmfulForward:
         ce_final, *ce_lens = self.answer_losses(batch, variant)
         return HarmfulForward(ce_final, ce_lens)
@@ -203,18 +213,18 @@ class SEAMTrainer:
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
 
-    def _accumulate_ce(self, batches: list[Batch], into: torch.Tensor, weight: float = 1.0, mixed: bool = True) -> float:
-        """Backward ``weight · mean-over-micro-batches CE`` into the flat buffer ``into``; returns the mean CE.
+    def _accumulate_ce(self, batches: Weighted, into: torch.Tensor, weight: float = 1.0, mixed: bool = True) -> float:
+        """Backward ``weight ·`` the global batch's answer-token mean CE into the flat buffer ``into``; returns that CE.
 
         ``mixed=False`` computes in float32 whatever ``compute_dtype`` says (the coupling's gradients).
         """
         total = 0.0
         with self.flat.grad_sink(into):
-            for b in batches:
+            for b, w in batches:
                 with self._autocast() if mixed else contextlib.nullcontext():
                     ce = self._losses(b, "final_layer").ce_final
-                (ce * (weight / len(batches))).backward()
-                total += ce.item() / len(batches)
+                (ce * (weight * w)).backward()
+                total += ce.item() * w
         return self.ctx.mean(total)
 
     # ------------------------------------------------------------------ one step
@@ -228,10 +238,9 @@ class SEAMTrainer:
 
     def _compute_update(self, step: int) -> dict[str, Any]:
         cfg = self.config
-        h_batches = self._micro_batches("harmful", step)
-        r_batches = self._micro_batches("refusal", step)
-        b_batches = self._micro_batches("benign", step)
-        k = len(h_batches)
+        h_batches = self._token_weighted(self._micro_batches("harmful", step))
+        r_batches = self._token_weighted(self._micro_batches("refusal", step))
+        b_batches = self._token_weighted(self._micro_batches("benign", step))
         self.total.zero_()
         self.g_a.zero_()
         self.g_b.zero_()
@@ -241,21 +250,21 @@ class SEAMTrainer:
         # all computed in float32 (the spec's precision trap) and only L_ul and L_up use the compute dtype.
         shared = self.autocast_dtype is None
         m, ce_h, n_terms = 0.0, 0.0, 1
-        for b in h_batches:
+        for b, wt in h_batches:
             with self._autocast():
                 hf = self._losses(b, cfg.unlearn_loss)
             n_terms = hf.num_terms
             if shared:
                 with self.flat.grad_sink(self.g_a):
-                    (hf.ce_final / k).backward(retain_graph=bool(hf.ce_lens))
+                    (hf.ce_final * wt).backward(retain_graph=bool(hf.ce_lens))
                 if hf.ce_lens:
                     with self.flat.grad_sink(self.total):
-                        (sum(hf.ce_lens) / k).backward()
+                        (sum(hf.ce_lens) * wt).backward()
             else:
                 with self.flat.grad_sink(self.total):
-                    ((hf.ce_final + sum(hf.ce_lens)) / k).backward()
-            ce_h += hf.ce_final.item() / k
-            m += hf.mean_ce.item() / k
+                    ((hf.ce_final + sum(hf.ce_lens)) * wt).backward()
+            ce_h += hf.ce_final.item() * wt
+            m += hf.mean_ce.item() * wt
         ce_h, m = self.ctx.mean(ce_h), self.ctx.mean(m)  # global, as one process on the global batch
         # ∇L_ul = −∇m/(m+1) with ∇m = (g_a + Σ_l ∇CE_l)/(L+1)
         if shared:
@@ -289,7 +298,7 @@ class SEAMTrainer:
             **ahead, "grad_norm": grad_norm,
         }
 
-    def _add_coupling_grad(self, h_batches: list[Batch], b_batches: list[Batch], scale: float) -> CouplingStats:
+    def _add_coupling_grad(self, h_batches: Weighted, b_batches: Weighted, scale: float) -> CouplingStats:
         """Add scale·∇̂cos(g_a, g_b) at the current parameters to ``self.total`` (``self.g_a``/``self.g_b`` hold the
         gradients there, and still do on return); returns the cosine and norms."""
         return hessian_free_cos_grad(
@@ -300,7 +309,7 @@ class SEAMTrainer:
             backup=self._backup, precision=self.config.coupling_precision, scheme=self.config.fd_scheme,
         )
 
-    def _lookahead_coupling(self, h_batches: list[Batch], b_batches: list[Batch], scale: float) -> dict[str, float]:
+    def _lookahead_coupling(self, h_batches: Weighted, b_batches: Weighted, scale: float) -> dict[str, float]:
         """Move to θ' = θ − η·Σ sign(g_a) (``lookahead_steps`` AdamW-like first updates on the harmful batch), add
         scale·∇̂cos(g_a, g_b) taken there to ``self.total``, and restore θ bit-exactly (even on error)."""
         cfg = self.config
