@@ -42,3 +42,4 @@ bench: setup
 	$(PY) benchmarks/distributed_step.py
 	$(PY) benchmarks/recipe_step_cost.py
 	$(PY) benchmarks/coupling_precision.py
+	$(PY) benchmarks/prompt_format.py
