@@ -196,6 +196,27 @@ def test_resume_on_a_device_whose_auto_compute_dtype_differs_is_refused(tokenize
     assert [r["step"] for r in _rows(tmp_path)][-1] == 4
 
 
+def test_resume_across_the_micro_batch_weighting_change_is_refused(tokenizer, streams, tmp_path):
+    """A checkpoint from before SEAM weighted micro-batches by answer tokens: with several micro-batches per step the
+    objective changed, so the run is not continued under another one; with one micro-batch nothing changed."""
+    from seamlm.checkpoint import CHECKPOINT_FILE
+
+    for accumulation in (2, 1):
+        out = tmp_path / f"acc{accumulation}"
+        _trainer(tokenizer, streams, out, steps=4, checkpoint_every=2, gradient_accumulation_steps=accumulation).train()
+        shutil.rmtree(out / "model")
+        for ckpt in list_checkpoints(out / "checkpoints"):  # as a seamlm before the change wrote it
+            state = torch.load(ckpt / CHECKPOINT_FILE, weights_only=False)
+            assert state.pop("ce_weighting") == "answer_tokens"
+            torch.save(state, ckpt / CHECKPOINT_FILE)
+        resumed = _trainer(tokenizer, streams, out, steps=4, checkpoint_every=2, gradient_accumulation_steps=accumulation)
+        if accumulation == 1:
+            resumed.train(resume=True)
+            continue
+        with pytest.raises(CheckpointError, match=r"averaged the CEs of its 2 micro-batches.*start a new run"):
+            resumed.train(resume=True)
+
+
 def test_resume_without_checkpoint_is_an_error(tokenizer, streams, tmp_path):
     with pytest.raises(CheckpointError, match="no checkpoint"):
         _trainer(tokenizer, streams, tmp_path).train(resume=True)

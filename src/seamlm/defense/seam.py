@@ -59,6 +59,8 @@ log = logging.getLogger(__name__)
 Batch = dict[str, torch.Tensor]
 #: a step's micro-batches of one stream on this rank, each with its weight in the global answer-token mean
 Weighted = list[tuple[Batch, float]]
+#: how a step's CEs combine its micro-batches (recorded in checkpoints; before 2026-11-27: "micro_batch_mean")
+CE_WEIGHTING = "answer_tokens"
 StepCallback = Callable[["SEAMTrainer", dict[str, Any]], None]
 _AUTOCAST = {"bfloat16": torch.bfloat16}
 
@@ -425,6 +427,7 @@ class SEAMTrainer:
             "world_size": self.ctx.world_size,
             "model_dtype": str(self.original_dtype),  # what the model came in: save_dtype auto saves in it
             "compute_dtype": self._compute_dtype_name(),  # compute_dtype auto resolves by device
+            "ce_weighting": CE_WEIGHTING,
         } if self.ctx.is_main else None
         per_rank = {"rng": rng_state(), "optimizer": self.optimizer.state_dict()}
         if self.fsdp:  # every rank its own rows of every parameter
@@ -451,7 +454,16 @@ class SEAMTrainer:
             diffs = ", ".join(f"{k}: {then!r} -> {now!r}" for k, (then, now) in changed.items())
             raise CheckpointError(f"cannot resume {path}: the config changed ({diffs}); resume with the same settings")
         if state["data_fingerprint"] != self.data_fingerprint:
-            raise CheckpointError(f"cannot resume {path}: the training data differ from the checkpointed run's")
+            raise CheckpointError(f"cannot resume {path}: the training data differ from the checkpointed run's (or "
+                                  "their encoding: since 2026-11-27 a model without a chat template is prompted in "
+                                  "prompt format 2, see CHANGELOG.md)")
+        micro_batches = self.config.gradient_accumulation_steps * self.ctx.world_size
+        weighting = state.get("ce_weighting", "micro_batch_mean")  # checkpoints from before 2026-11-27
+        if micro_batches > 1 and weighting != CE_WEIGHTING:
+            raise CheckpointError(f"cannot resume {path}: its run averaged the CEs of its {micro_batches} micro-batches "
+                                  f"per step ({weighting}); this seamlm weights them by answer tokens "
+                                  f"({CE_WEIGHTING}), another objective: start a new run, or resume with the seamlm "
+                                  "that wrote the checkpoint")
         if state.get("model_dtype", str(self.original_dtype)) != str(self.original_dtype):
             raise CheckpointError(f"cannot resume {path}: the run loaded the model in {state['model_dtype']}, this one "
                                   f"in {self.original_dtype}; resume with the same --dtype")
