@@ -20,6 +20,7 @@ from seamlm.evaluate.run import attack_probe, evaluate_model
 from seamlm.finetune import LOOP_VERSION, FinetuneConfig, probe_log_path, probing
 from seamlm.models import (
     check_trained_format,
+    has_chat_template,
     legacy_identities,
     load_model,
     model_identity,
@@ -102,7 +103,7 @@ def finished_rows(store: ResultStore, model_name: str, label: str, cell: str, se
     found = store.cell_rows(label, cell, settings, parts, legacy_digests(parts, model_name))
     if not found:
         store.check_label(label, parts, legacy_identities(model_name, parts["model"]),
-                          every_cell_formatted=bool(prompt_format_parts(model_name, "chat")))
+                          every_cell_formatted=not has_chat_template(model_name))
         check_trained_format(model_name)
     return found
 

@@ -8,7 +8,7 @@ passes and two perturbations per step do not fit DDP's one-backward-per-step mod
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -51,17 +51,16 @@ class DistContext:
 
     def mean(self, value: float) -> float:
         """Mean of a Python float over ranks (float64 on the wire: logged figures match one process)."""
-        if not self.distributed:
-            return value
-        t = torch.tensor([value], dtype=torch.float64, device=self._wire_device())
-        return self.all_reduce_mean_(t).item()
+        return self._reduce_scalar(value, self.all_reduce_mean_)
 
     def sum(self, value: float) -> float:
         """Sum of a Python float over ranks (float64 on the wire)."""
+        return self._reduce_scalar(value, self.all_reduce_sum_)
+
+    def _reduce_scalar(self, value: float, reduce_: Callable[[torch.Tensor], torch.Tensor]) -> float:
         if not self.distributed:
             return value
-        t = torch.tensor([value], dtype=torch.float64, device=self._wire_device())
-        return self.all_reduce_sum_(t).item()
+        return reduce_(torch.tensor([value], dtype=torch.float64, device=self._wire_device())).item()
 
     def any(self, flag: bool) -> bool:
         """Whether ``flag`` is true on any rank (every rank gets the answer: a collective, so also a barrier)."""

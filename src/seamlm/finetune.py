@@ -390,7 +390,7 @@ def _data_parallel_backward(forward: AnswerLosses, params: list[torch.nn.Paramet
     if local:
         batch = collate([rows[i] for i in local], pad, device=device)
         tokens = answer_token_count(batch)
-    total = int(ctx.all_reduce_sum_(torch.tensor([tokens], dtype=torch.float64, device=ctx.device)).item())
+    total = int(ctx.sum(float(tokens)))
     value = 0.0
     if tokens or fsdp:
         if not tokens:  # FSDP's collectives need every rank in every pass: a zero-weight pass on a real example

@@ -122,34 +122,26 @@ def load_model(
     Hub ids honour ``HF_HUB_OFFLINE``; GGUF weights are de-quantised to ``dtype``. The tokenizer always has a
     pad token (the EOS token when the model defines none).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     device = check_device(device) or default_device()
     source = resolve_model_source(name)
     torch_dtype = resolve_dtype(dtype, device)
-    kwargs: dict[str, Any] = {}
     model_kwargs: dict[str, Any] = {"dtype": torch_dtype}
     if source.gguf_file:
         from transformers import GgufConfig
 
-        kwargs["gguf_file"] = source.gguf_file
         # Dense weights always: packed GGUF blocks (used when the `kernels` package is present) cannot be trained.
         model_kwargs.update(
             gguf_file=source.gguf_file, quantization_config=GgufConfig(source.gguf_file, dequantize=True)
         )
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs)
+        tokenizer = _load_tokenizer(source)
         if attn_implementation:
             model_kwargs["attn_implementation"] = attn_implementation
         model = AutoModelForCausalLM.from_pretrained(source.path, **model_kwargs)
     except (OSError, ValueError) as exc:
-        hint = ""
-        if source.kind == "hub":
-            hint = (
-                " If you are offline, pass a local directory, a .gguf file or an alias "
-                f"({', '.join(MODEL_ALIASES)})."
-            )
-        raise ModelLoadError(f"could not load model '{name}' from {source.path}: {exc}.{hint}") from exc
+        raise _load_error(f"model '{name}'", source, exc) from exc
     if source.gguf_file:
         # The weights are dense now; drop the GGUF quantizer so save_pretrained writes a plain model.
         quantizer = getattr(model, "hf_quantizer", None)
@@ -167,6 +159,19 @@ def load_model(
     return model.to(device), tokenizer
 
 
+def _load_tokenizer(source: ModelSource) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(source.path, **({"gguf_file": source.gguf_file} if source.gguf_file else {}))
+
+
+def _load_error(what: str, source: ModelSource, exc: Exception) -> ModelLoadError:
+    hint = ""
+    if source.kind == "hub":
+        hint = f" If you are offline, pass a local directory, a .gguf file or an alias ({', '.join(MODEL_ALIASES)})."
+    return ModelLoadError(f"could not load {what} from {source.path}: {exc}.{hint}")
+
+
 _CHAT_TEMPLATES: dict[str, bool] = {}
 
 
@@ -175,14 +180,11 @@ def has_chat_template(name: str | Path) -> bool:
     the tokenizer only, once per name and process."""
     key = str(name)
     if key not in _CHAT_TEMPLATES:
-        from transformers import AutoTokenizer
-
         source = resolve_model_source(key)
-        kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
         try:
-            tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs)
+            tokenizer = _load_tokenizer(source)
         except (OSError, ValueError) as exc:
-            raise ModelLoadError(f"could not load the tokenizer of '{name}' from {source.path}: {exc}") from exc
+            raise _load_error(f"the tokenizer of '{name}'", source, exc) from exc
         _CHAT_TEMPLATES[key] = bool(getattr(tokenizer, "chat_template", None))
     return _CHAT_TEMPLATES[key]
 
@@ -197,15 +199,23 @@ def prompt_format_parts(model_name: str | Path, *templates: str) -> dict[str, in
     return {}
 
 
+def stale_trained_format(model_name: str | Path) -> int | None:
+    """The prompt format an older seamlm trained this seamlm-saved model in, where it is not
+    :data:`PROMPT_FORMAT_VERSION` and matters (the model has no chat template); None otherwise. Models saved before
+    versions were recorded were trained in format 1."""
+    path = Path(model_name)
+    if not is_saved_model(path):
+        return None
+    trained = json.loads((path / RUN_CONFIG_FILE).read_text(encoding="utf-8")).get("prompt_format", 1)
+    return trained if trained != PROMPT_FORMAT_VERSION and not has_chat_template(model_name) else None
+
+
 def check_trained_format(model_name: str | Path) -> None:
     """Refuse a seamlm-trained model without a chat template that an older seamlm trained in another prompt format
-    (:data:`PROMPT_FORMAT_VERSION`): attacked or measured through this one, it would meet prompts it was never
+    (:func:`stale_trained_format`): attacked or measured through this one, it would meet prompts it was never
     trained on, and its results would look like the defence's."""
-    path = Path(model_name)
-    if not is_saved_model(path) or has_chat_template(model_name):
-        return
-    trained = json.loads((path / RUN_CONFIG_FILE).read_text(encoding="utf-8")).get("prompt_format", 1)
-    if trained != PROMPT_FORMAT_VERSION:
+    trained = stale_trained_format(model_name)
+    if trained is not None:
         raise ModelLoadError(
             f"{model_name} has no chat template and was trained in prompt format {trained} (before 2026-11-27: "
             f"'Answer: ' + the answer); this seamlm prompts it in format {PROMPT_FORMAT_VERSION}. Train it again "

@@ -24,7 +24,7 @@ from seamlm.errors import ConfigError
 from seamlm.evaluate.metrics import EvalConfig
 from seamlm.finetune import LOOP_VERSION, FinetuneConfig, finetune
 from seamlm.jsonl import write_text_atomic
-from seamlm.models import PROMPT_FORMAT_VERSION, is_saved_model, load_model, prompt_format_parts, save_model
+from seamlm.models import PROMPT_FORMAT_VERSION, is_saved_model, load_model, save_model, stale_trained_format
 from seamlm.report import write_report
 from seamlm.results import ResultRow, ResultStore
 from seamlm.runinfo import StageClock
@@ -224,8 +224,8 @@ def _check_stage(model_dir: Path, key: str, now: BaseConfig, stage: str, ignore:
                     "(this seamlm's loop is version %s; --fresh retrains it)", model_dir, LOOP_VERSION)
     elif info.get("loop", LOOP_VERSION) != LOOP_VERSION:  # recorded by the fine-tuning stage (align)
         changed["training loop version"] = (info.get("loop"), LOOP_VERSION)
-    trained_format = info.get("prompt_format", 1)  # saved models record it since version 2
-    if trained_format != PROMPT_FORMAT_VERSION and prompt_format_parts(model_dir, "chat"):
+    trained_format = stale_trained_format(model_dir)
+    if trained_format is not None:
         changed["prompt format version (a model without a chat template)"] = (trained_format, PROMPT_FORMAT_VERSION)
     if changed:
         what = ", ".join(f"{k}: {a!r} → {b!r}" for k, (a, b) in list(changed.items())[:6])
