@@ -135,6 +135,22 @@ def test_gradient_coupling_on_attack_data(tokenizer):
     assert all(p.grad is None for p in model.parameters())  # no gradient left behind on the model
 
 
+def test_gradient_coupling_chunks_weighted_by_answer_tokens(tokenizer):
+    """Measured in chunks of 2 rows (the last one shorter, answers of different lengths) the coupling is the one of
+    all rows in one batch: chunks weighted by their answer tokens, not averaged (which this test catches)."""
+    from seamlm.evaluate.metrics import EvalConfig, gradient_coupling
+    from tests.conftest import BENIGN, HARMFUL
+
+    model = make_model(len(tokenizer))
+    whole = gradient_coupling(model, tokenizer, HARMFUL[:5], BENIGN[:5], batch_size=5, max_length=48)
+    chunked = gradient_coupling(model, tokenizer, HARMFUL[:5], BENIGN[:5], batch_size=2, max_length=48)
+    assert chunked["coupling_cos"] == pytest.approx(whole["coupling_cos"], abs=1e-5)
+    assert chunked["coupling_slope"] == pytest.approx(whole["coupling_slope"], rel=1e-4)
+    # a figure taken in several chunks names its weighting in the cell's settings (version-1 cells averaged them)
+    assert "coupling_weighting" not in EvalConfig(coupling_examples=8).settings_dict()
+    assert EvalConfig(coupling_examples=16).settings_dict()["coupling_weighting"] == "answer_tokens"
+
+
 _PRECISION_PROBE = """
 import sys, torch
 from seamlm.defense.coupling import FlatParams, hessian_free_cos_grad

@@ -133,6 +133,10 @@ class EvalConfig(BaseConfig):
         d = self.to_dict_omitting_defaults(self.ADD_ON_FIELDS)
         if not self.trajectory_every:
             d.pop("trajectory_examples")
+        if self.coupling_examples > COUPLING_BATCH_SIZE:
+            # more than one chunk: the figure is the token-weighted gradient since seamlm's coupling version 2
+            # (version 1 averaged the chunks' means); one chunk gives the same number either way
+            d["coupling_weighting"] = COUPLING_WEIGHTING
         if self.lm_eval_tasks:
             from importlib.metadata import PackageNotFoundError, version
 
@@ -167,6 +171,10 @@ def harmfulness(model: Any, tokenizer: Any, prompts: list[str], judge: Judge, ma
 
 #: token budget of the coherence and coupling measurements (prompt cut from the left beyond it)
 METRIC_MAX_LENGTH = 256
+#: rows per forward/backward of the coupling measurement
+COUPLING_BATCH_SIZE = 8
+#: how the coupling's chunks combine: each chunk's answer-token mean weighted by its share of the answer tokens
+COUPLING_WEIGHTING = "answer_tokens"
 
 
 def benign_perplexity(model: Any, tokenizer: Any, examples: list[Example], batch_size: int = 16,
@@ -197,7 +205,7 @@ def perplexity_of_rows(model: Any, rows: list[TokenizedExample], pad_token_id: i
 
 
 def gradient_coupling(model: Any, tokenizer: Any, harmful: list[Example], benign: list[Example],
-                      batch_size: int = 8, max_length: int = METRIC_MAX_LENGTH) -> dict[str, float]:
+                      batch_size: int = COUPLING_BATCH_SIZE, max_length: int = METRIC_MAX_LENGTH) -> dict[str, float]:
     """cos(g_h, g_b) of the answer-CE gradients on ``harmful`` and ``benign`` (all trainable parameters as one
     vector), and the benign-loss slope along the harmful descent direction, −g_h·g_b/‖g_h‖ (nats per unit step):
     what SEAM's trap relies on, measured on the attacker's data rather than the defence's."""
@@ -207,7 +215,7 @@ def gradient_coupling(model: Any, tokenizer: Any, harmful: list[Example], benign
 
 
 def coupling_of_rows(model: Any, harmful: list[TokenizedExample], benign: list[TokenizedExample], pad_token_id: int,
-                     batch_size: int = 8) -> dict[str, float]:
+                     batch_size: int = COUPLING_BATCH_SIZE) -> dict[str, float]:
     """:func:`gradient_coupling` on already tokenised rows."""
     from seamlm.defense.coupling import FlatParams, cosine
 
@@ -226,11 +234,16 @@ def coupling_of_rows(model: Any, harmful: list[TokenizedExample], benign: list[T
             p.requires_grad_(False)
         for rows in (harmful, benign):
             buf = flat.zeros()
-            chunks = range(0, len(rows), batch_size)
+            batches = [collate(rows[i:i + batch_size], pad_token_id, device=flat.device)
+                       for i in range(0, len(rows), batch_size)]
+            total = sum(answer_token_count(b) for b in batches)
+            if not total:
+                raise ConfigError("coupling: no answer tokens to take a gradient of (coupling_examples of 0 rows, "
+                                  "or answers cut away by truncation)")
             with flat.grad_sink(buf):
-                for i in chunks:
-                    batch = collate(rows[i:i + batch_size], pad_token_id, device=flat.device)
-                    (answer_ce(model, batch) / len(chunks)).backward()
+                for batch in batches:
+                    # the gradient of the token mean over all rows: each chunk's mean weighted by its tokens
+                    (answer_ce(model, batch) * (answer_token_count(batch) / total)).backward()
             grads.append(buf)
     finally:
         for p, flag in zip(params, frozen, strict=True):
