@@ -45,7 +45,7 @@ def test_shrunken_demo_end_to_end_and_resume(tiny_model_dir, tmp_path, monkeypat
     def fail(*a, **k):
         raise AssertionError("a finished stage ran again")
 
-    for name in ("finetune", "SEAMTrainer", "load_model"):
+    for name in ("RefusalSFT", "SEAMTrainer", "load_model"):
         monkeypatch.setattr(pipeline, name, fail)
     before = (out / "results.jsonl").read_text()
     first = json.loads((out / "timings.json").read_text())
@@ -74,7 +74,7 @@ def test_demo_reuses_a_baseline_for_other_defense_settings(tiny_model_dir, tmp_p
     def fail(*a, **k):
         raise AssertionError("the baseline was re-aligned")
 
-    monkeypatch.setattr(pipeline, "finetune", fail)
+    monkeypatch.setattr(pipeline, "RefusalSFT", fail)
     trial = tmp_path / "trial"
     run_demo(trial, cfg.replace(defense_steps=3, baseline_from=str(base)))
     assert not (trial / "models" / "aligned").exists() and not (trial / "data").exists()

@@ -18,14 +18,28 @@ from seamlm.errors import ConfigError, SeamError
 log = logging.getLogger("seamlm")
 
 
+class _ListDefenses(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):  # noqa: ANN001 (argparse API)
+        from seamlm.defense import DEFENSES
+
+        for name, cls in DEFENSES.items():
+            print(f"{name:12s} {cls.summary}\n{'':12s} trains on: {', '.join(cls.streams)}; config: "
+                  f"{cls.Config.__name__}{'; --resume from checkpoints' if cls.resumable else ''}")
+        parser.exit()
+
+
 def _defend_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "defend",
-        help="harden a model with SEAM",
-        description="Harden a model with SEAM. Any DefenseConfig field can be given as --key value "
-        "(e.g. --steps 5 --beta 0.1); it overrides --config. Unknown keys are errors.",
+        help="harden a model with a defence (SEAM by default)",
+        description="Harden a model with a registered defence (--method, default seam; --list-methods shows them). "
+        "Any field of the defence's config (SEAM: DefenseConfig) can be given as --key value (e.g. --steps 5 "
+        "--beta 0.1); it overrides --config. Unknown keys are errors.",
     )
     p.add_argument("--model", required=True, help="hub id, local HF directory, .gguf file, or alias (smollm2-135m-instruct)")
+    p.add_argument("--method", default="seam", help="the defence (default seam; --list-methods shows them all)")
+    p.add_argument("--list-methods", "--list_methods", nargs=0, action=_ListDefenses,
+                   help="list the registered defences, the streams they train on and their config")
     p.add_argument("--data", help="a bundle name (e.g. offline-default) or a directory from `seamlm data build`; "
                    "replaces --harmful/--refusal/--benign")
     p.add_argument("--data-seed", "--data_seed", type=int, default=0,
@@ -34,32 +48,31 @@ def _defend_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--refusal", help="JSONL/JSON/CSV/Parquet of harmful prompt + refusal (R)")
     p.add_argument("--benign", help="JSONL/JSON/CSV/Parquet of benign prompt + response (B)")
     p.add_argument("--out", required=True, help="output directory (log, checkpoints, model/)")
-    p.add_argument("--config", help="YAML file of DefenseConfig fields")
+    p.add_argument("--config", help="YAML file of the defence's config fields")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if available)")
     p.add_argument("--dtype", default="float32", help="dtype to load the weights in (training keeps fp32 masters)")
 
 
 def _run_defend(args: argparse.Namespace, extra: list[str]) -> int:
-    from seamlm.defense import DefenseConfig, SEAMTrainer
+    from seamlm.defense import defense_class
     from seamlm.distributed import current_context, load_model_for_rank
 
+    defense_cls = defense_class(args.method)
+    if args.resume and not defense_cls.resumable:
+        raise ConfigError(f"--resume: defence {args.method} keeps no checkpoints; rerun it without --resume into an "
+                          "empty --out")
     ctx = current_context(args.device)  # one process, or this rank under accelerate launch / torchrun
     overrides: dict[str, object] = dict(parse_overrides(extra))
     if "output_dir" in overrides:
         raise ConfigError("give the output folder as --out, not --output_dir")
-    overrides["output_dir"] = args.out
     if args.config:
         from seamlm.config import read_yaml_mapping
 
-        values = read_yaml_mapping(args.config)
-        given = values.get("output_dir")
-        if given is not None and Path(str(given)).resolve() != Path(args.out).resolve():
-            raise ConfigError(f"{args.config} sets output_dir: {given}, but --out is {args.out}; --out names the "
-                              f"output folder: drop output_dir from the YAML or give the same folder")
-        config = DefenseConfig.from_dict({**values, **overrides}, source=str(args.config))
+        config = defense_cls.configure({**read_yaml_mapping(args.config), **overrides}, str(args.config), args.out)
     else:
-        config = DefenseConfig.from_dict(overrides, "command line")
+        config = defense_cls.configure(overrides, "command line", args.out)
+    defense = defense_cls(config)
     files = {"harmful": args.harmful, "refusal": args.refusal, "benign": args.benign}
     if args.data and any(files.values()):
         raise ConfigError("give either --data or --harmful/--refusal/--benign, not both")
@@ -73,7 +86,7 @@ def _run_defend(args: argparse.Namespace, extra: list[str]) -> int:
 
         _warn_unused_data_seed(args)
         bundle = resolve_data(args.data, seed=args.data_seed)
-        streams: dict[str, object] = {k: bundle.streams[k] for k in files}
+        streams: dict[str, object] = {k: bundle.streams[k] for k in defense_cls.streams}
         run_info.update(data=args.data, data_seed=bundle.manifest.get("seed"), data_counts=bundle.counts())
         if ctx.is_main:
             Path(args.out).mkdir(parents=True, exist_ok=True)
@@ -81,16 +94,20 @@ def _run_defend(args: argparse.Namespace, extra: list[str]) -> int:
     else:
         if args.data_seed:
             log.warning("--data-seed %d is not used: --harmful/--refusal/--benign are taken as given", args.data_seed)
-        missing = [f"--{k}" for k, v in files.items() if not v]
+        missing = [f"--{k}" for k in defense_cls.streams if not files[k]]
         if missing:
             raise ConfigError(f"missing {', '.join(missing)} (or pass --data offline-default)")
-        streams = dict(files)
-        run_info["data_files"] = files
-    model, tokenizer = load_model_for_rank(args.model, ctx, args.dtype, args.device, config.shard_parameters)
-    trainer = SEAMTrainer(model, tokenizer, config, run_info=run_info, ctx=ctx, **streams)
-    out = trainer.train(resume=args.resume)
+        unused = [f"--{k}" for k, v in files.items() if v and k not in defense_cls.streams]
+        if unused:
+            raise ConfigError(f"defence {args.method} trains on {', '.join(defense_cls.streams)} only: drop "
+                              f"{', '.join(unused)}")
+        streams = {k: files[k] for k in defense_cls.streams}
+        run_info["data_files"] = streams
+    shard = bool(getattr(config, "shard_parameters", False))
+    model, tokenizer = load_model_for_rank(args.model, ctx, args.dtype, args.device, shard)
+    out = defense.run(model, tokenizer, streams, args.out, resume=args.resume, run_info=run_info, ctx=ctx)
     if ctx.is_main:
-        print(f"SEAM model written to {out}; per-step log: {Path(args.out) / 'log.jsonl'}")
+        print(f"{args.method} model written to {out}; per-step log: {Path(args.out) / 'log.jsonl'}")
     return 0
 
 

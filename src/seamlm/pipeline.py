@@ -19,10 +19,10 @@ from seamlm.attack import AttackConfig, evaluate_pre_attack, run_attack_grid
 from seamlm.checkpoint import latest_checkpoint
 from seamlm.config import BaseConfig
 from seamlm.data.bundles import build_bundle, load_built
-from seamlm.defense import DefenseConfig, SEAMTrainer
+from seamlm.defense import DefenseConfig, RefusalSFT, SEAMTrainer
 from seamlm.errors import ConfigError
 from seamlm.evaluate.metrics import EvalConfig
-from seamlm.finetune import LOOP_VERSION, FinetuneConfig, finetune
+from seamlm.finetune import LOOP_VERSION, FinetuneConfig
 from seamlm.jsonl import write_text_atomic
 from seamlm.models import PROMPT_FORMAT_VERSION, is_saved_model, load_model, save_model, stale_trained_format
 from seamlm.report import write_report
@@ -275,9 +275,10 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig, fresh: bool = False) -> Path:
     align_cfg = cfg.align_config()
     if not is_saved_model(aligned):
         model, tok = load_model(cfg.model, dtype="float32")
-        examples = bundle.streams["refusal"] + bundle.streams["benign"]
-        res = finetune(model, tok, examples, align_cfg, out / "logs" / "align.jsonl", desc="align")
-        save_model(res.model, tok, aligned, {"stage": "align", "config": align_cfg.to_dict(), "base": cfg.model,
+        aligner = RefusalSFT(align_cfg)
+        streams = aligner.examples({k: bundle.streams[k] for k in aligner.streams})
+        tuned, examples = aligner.fit(model, tok, streams, out / "logs" / "align.jsonl", desc="align")
+        save_model(tuned, tok, aligned, {"stage": "align", "config": align_cfg.to_dict(), "base": cfg.model,
                                              "loop": LOOP_VERSION},
                    trained_prompts=[e.prompt for e in examples])
     clock.lap("align")

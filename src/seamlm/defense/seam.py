@@ -35,10 +35,11 @@ from seamlm.checkpoint import (
     seed_everything,
     set_rng_state,
 )
-from seamlm.data.files import Example, load_examples
+from seamlm.data.files import Example
 from seamlm.data.format import Formatter, TokenizedExample, answer_token_count, collate
 from seamlm.data.sampling import StreamSampler
 from seamlm.data.splits import prompt_hash
+from seamlm.defense.base import Defense, StreamData, register_defense, stream_examples
 from seamlm.defense.config import RESUME_SAFE_KEYS, DefenseConfig
 from seamlm.defense.coupling import (
     CouplingStats,
@@ -49,7 +50,7 @@ from seamlm.defense.coupling import (
 )
 from seamlm.defense.losses import AnswerLosses, HarmfulForward, unlearn_loss
 from seamlm.distributed import DistContext, current_context, full_state_dict, fully_shard_model
-from seamlm.errors import CheckpointError, ConfigError, DataError, NonFiniteLossError
+from seamlm.errors import CheckpointError, ConfigError, NonFiniteLossError
 from seamlm.jsonl import read_records, write_records_atomic
 from seamlm.models import is_saved_model, save_model
 from seamlm.runinfo import environment_info, fingerprint
@@ -63,14 +64,6 @@ Weighted = list[tuple[Batch, float]]
 CE_WEIGHTING = "answer_tokens"
 StepCallback = Callable[["SEAMTrainer", dict[str, Any]], None]
 _AUTOCAST = {"bfloat16": torch.bfloat16}
-
-
-def _as_examples(data: str | Path | list[Example], name: str) -> list[Example]:
-    # no de-duplication: H and R are row-aligned, and H may repeat a prompt with several answers
-    examples = load_examples(data, dedupe=False) if isinstance(data, (str, Path)) else list(data)
-    if not examples:
-        raise DataError(f"the {name} set is empty")
-    return examples
 
 
 def _row_aligned(harmful: list[Example], refusal: list[Example]) -> bool:
@@ -111,7 +104,7 @@ class SEAMTrainer:
         seed_everything(config.seed)
 
         streams = {"harmful": harmful, "refusal": refusal, "benign": benign}
-        examples = {k: _as_examples(v, k) for k, v in streams.items()}
+        examples = {k: stream_examples(v, k) for k, v in streams.items()}
         self.trained_prompts = sorted({e.prompt for v in examples.values() for e in v})
         answer_only = Formatter(tokenizer, config.max_length, mask_prompt=True, truncate_first=config.truncate_first)
         benign_fmt = Formatter(tokenizer, config.max_length, mask_prompt=config.mask_benign_prompt,
@@ -529,3 +522,28 @@ class SEAMTrainer:
                        trained_prompts=self.trained_prompts, state_dict=weights)
         self.ctx.barrier()
         return self.out / "model"
+
+
+@register_defense
+class SEAMDefense(Defense):
+    """The registry's SEAM: :class:`SEAMTrainer` with checkpoints every ``checkpoint_every`` steps (``--resume``)."""
+
+    name = "seam"
+    summary = "SEAM (arXiv 2505.12186): L_ul + α·L_up + β·cos(g_a, g_b), Hessian-free ∇cos"
+    Config = DefenseConfig
+    streams = ("harmful", "refusal", "benign")
+    resumable = True
+
+    @classmethod
+    def configure(cls, values: dict[str, Any], source: str, out_dir: str | Path) -> DefenseConfig:
+        given = values.get("output_dir")
+        if given is not None and Path(str(given)).resolve() != Path(out_dir).resolve():
+            raise ConfigError(f"{source} sets output_dir: {given}, but --out is {out_dir}; --out names the output "
+                              "folder: drop output_dir or give the same folder")
+        return DefenseConfig.from_dict({**values, "output_dir": str(out_dir)}, source)
+
+    def run(self, model: Any, tokenizer: Any, data: dict[str, StreamData], out_dir: str | Path, *,
+            resume: bool = False, run_info: dict[str, Any] | None = None, ctx: DistContext | None = None) -> Path:
+        config = self.config.replace(output_dir=str(out_dir))
+        trainer = SEAMTrainer(model, tokenizer, config, run_info=run_info, ctx=ctx, **self.examples(data))
+        return trainer.train(resume=resume)
