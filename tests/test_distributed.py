@@ -191,7 +191,7 @@ def test_defend_cli_runs_unchanged_under_accelerate_launch(tiny_model_dir, data_
         assert half <= info["gradient_buffer_numel_per_rank"] < info["num_trainable_params"]
     assert len((out / "log.jsonl").read_text().splitlines()) == 2
     assert (out / "model" / "model.safetensors").is_file()
-    assert proc.stdout.count("SEAM model written to") == 1  # rank 0 reports, not every rank
+    assert proc.stdout.count("seam model written to") == 1  # rank 0 reports, not every rank
 
 
 @pytest.mark.parametrize("optimizer,sharded", [("adamw", False), ("sgd", False), ("adamw", True)],
