@@ -57,6 +57,13 @@ def test_refusal_sft_trains_and_saves_a_loadable_model(tiny_model_dir, data_file
     trained = set((out / "model" / "trained_prompts.txt").read_text().split())
     assert {prompt_hash(e.prompt) for e in REFUSAL + BENIGN} <= trained
     assert json.loads((out / "run.json").read_text())["defense"] == "refusal-sft"
+    # its result rows name the defence without --defense (read from the model's seamlm_run.json)
+    from tests.test_cli import TINY_EVAL
+
+    tiny_eval = [a.replace("--eval.", "--") for a in TINY_EVAL]
+    assert main(["eval", "--model", str(out / "model"), "--out", str(tmp_path / "ev"), *tiny_eval]) == 0
+    rows = [json.loads(x) for x in (tmp_path / "ev" / "results.jsonl").read_text().splitlines()]
+    assert rows and {r["defense"] for r in rows} == {"refusal-sft"}
     # a second run into the same folder would overwrite a finished model: refused
     rc = main(["defend", "--method", "refusal-sft", "--model", str(tiny_model_dir), "--refusal",
                str(data_files["refusal"]), "--benign", str(data_files["benign"]), "--out", str(out)])

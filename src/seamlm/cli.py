@@ -187,7 +187,8 @@ def _run_data(args: argparse.Namespace, extra: list[str]) -> int:
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="the model to evaluate/attack (alias, .gguf, HF dir or hub id)")
     p.add_argument("--label", help="name of this model in the results (default: the --model value)")
-    p.add_argument("--defense", default="none", help="defence that produced the model (none, seam, …)")
+    p.add_argument("--defense", help="defence that produced the model, as the result rows name it (default: the "
+                   "method a seamlm-defended model records — seam, refusal-sft, … — else none)")
     p.add_argument("--data", default="offline-default", help="bundle name or built bundle directory")
     p.add_argument("--data-seed", "--data_seed", type=int, default=0,
                    help="split seed when --data names a bundle (the one the defence used)")
@@ -503,6 +504,19 @@ def _no_abbreviations(parser: argparse.ArgumentParser) -> None:
                 _no_abbreviations(child)
 
 
+def _defense_label(model: str, given: str | None) -> str:
+    """``--defense`` as given, else the method a model saved by ``seamlm defend`` records, else ``none``."""
+    from seamlm.models import recorded_defense
+
+    recorded = recorded_defense(model)
+    if given is None:
+        return recorded or "none"
+    if recorded and given != recorded:
+        log.warning("--defense %s, but %s records that `seamlm defend --method %s` made it: the rows say %s",
+                    given, model, recorded, given)
+    return given
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -519,6 +533,8 @@ def main(argv: list[str] | None = None) -> int:
             if launched_distributed():
                 raise ConfigError(f"`seamlm {args.command}` runs in one process (only `seamlm defend` and `seamlm attack` are distributed); "
                                   f"start it without accelerate launch / torchrun")
+        if hasattr(args, "defense"):
+            args.defense = _defense_label(args.model, args.defense)
         rc = COMMANDS[args.command][1](args, extra)
         from seamlm.distributed import shutdown
 

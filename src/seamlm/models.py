@@ -348,6 +348,16 @@ def trained_prompt_hashes(model_name: str | Path, _depth: int = 0) -> set[str]:
     return hashes
 
 
+def recorded_defense(model_name: str | Path) -> str | None:
+    """The defence (``seamlm defend --method``) that made a seamlm-saved model, from its ``seamlm_run.json``; None
+    for any other model (the demo's aligned model included: its rows say ``none``, as the demo's do)."""
+    path = Path(model_name)
+    if not is_saved_model(path):
+        return None
+    info = json.loads((path / RUN_CONFIG_FILE).read_text(encoding="utf-8"))
+    return info.get("method") if info.get("stage") == "defend" else None
+
+
 def is_saved_model(path: str | Path) -> bool:
     """Whether ``path`` holds a model :func:`save_model` finished writing (its ``seamlm_run.json`` is written
     last), whatever the weights' file layout (one safetensors file or shards)."""
