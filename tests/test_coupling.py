@@ -138,12 +138,16 @@ def test_gradient_coupling_on_attack_data(tokenizer):
 def test_gradient_coupling_chunks_weighted_by_answer_tokens(tokenizer):
     """Measured in chunks of 2 rows (the last one shorter, answers of different lengths) the coupling is the one of
     all rows in one batch: chunks weighted by their answer tokens, not averaged (which this test catches)."""
+    from seamlm.data.files import Example
     from seamlm.evaluate.metrics import EvalConfig, gradient_coupling
     from tests.conftest import BENIGN, HARMFUL
 
+    # answers 1-4 times as long, so weighting chunks by rows would be wrong as well as averaging them
+    harmful, benign = ([Example(e.prompt, " ".join([e.response] * k)) for e, k in zip(rows[:5], (1, 3, 1, 4, 2), strict=True)]
+                       for rows in (HARMFUL, BENIGN))
     model = make_model(len(tokenizer))
-    whole = gradient_coupling(model, tokenizer, HARMFUL[:5], BENIGN[:5], batch_size=5, max_length=48)
-    chunked = gradient_coupling(model, tokenizer, HARMFUL[:5], BENIGN[:5], batch_size=2, max_length=48)
+    whole = gradient_coupling(model, tokenizer, harmful, benign, batch_size=5, max_length=128)
+    chunked = gradient_coupling(model, tokenizer, harmful, benign, batch_size=2, max_length=128)
     assert chunked["coupling_cos"] == pytest.approx(whole["coupling_cos"], abs=1e-5)
     assert chunked["coupling_slope"] == pytest.approx(whole["coupling_slope"], rel=1e-4)
     # a figure taken in several chunks names its weighting in the cell's settings (version-1 cells averaged them)

@@ -41,7 +41,7 @@ def test_unknown_defence_is_a_clear_error(tiny_model_dir, data_files, tmp_path, 
     assert rc == 2 and "unknown defence 'tar'" in capsys.readouterr().err
 
 
-def test_refusal_sft_trains_and_saves_a_loadable_model(tiny_model_dir, data_files, tmp_path):
+def test_refusal_sft_trains_and_saves_a_loadable_model(tiny_model_dir, data_files, tmp_path, capsys):
     out = tmp_path / "aligned"
     rc = main(["defend", "--method", "refusal-sft", "--model", str(tiny_model_dir), "--refusal",
                str(data_files["refusal"]), "--benign", str(data_files["benign"]), "--out", str(out),
@@ -67,7 +67,19 @@ def test_refusal_sft_trains_and_saves_a_loadable_model(tiny_model_dir, data_file
     # a second run into the same folder would overwrite a finished model: refused
     rc = main(["defend", "--method", "refusal-sft", "--model", str(tiny_model_dir), "--refusal",
                str(data_files["refusal"]), "--benign", str(data_files["benign"]), "--out", str(out)])
-    assert rc == 2
+    assert rc == 2 and "holds a finished model already" in capsys.readouterr().err
+
+
+def test_refusal_sft_leaves_an_earlier_run_alone(tiny_model_dir, data_files, tmp_path, capsys):
+    out = tmp_path / "killed"
+    out.mkdir()
+    (out / "log.jsonl").write_text('{"step": 1}\n')
+    (out / "data_manifest.json").write_text("{}")
+    rc = main(["defend", "--method", "refusal-sft", "--model", str(tiny_model_dir), "--data", "offline-default",
+               "--out", str(out)])
+    assert rc == 2 and "holds an earlier run (log.jsonl)" in capsys.readouterr().err
+    # refused before anything was written: the earlier run's files are as they were
+    assert (out / "log.jsonl").read_text() == '{"step": 1}\n' and (out / "data_manifest.json").read_text() == "{}"
 
 
 @pytest.mark.parametrize("extra,message", [
@@ -131,3 +143,13 @@ def test_register_defense_checks_its_streams():
 
     with pytest.raises(ConfigError, match="streams must be among"):
         register_defense(Bad)
+
+    class Impostor(Defense):
+        name, summary, Config, streams = "seam", "", _ShrinkConfig, ("benign",)
+
+        def run(self, *a, **k):  # pragma: no cover - never registered
+            raise AssertionError
+
+    with pytest.raises(ConfigError, match="'seam' is taken by SEAMDefense"):
+        register_defense(Impostor)
+    assert DEFENSES["seam"].__name__ == "SEAMDefense"

@@ -51,7 +51,7 @@ def _defend_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", help="YAML file of the defence's config fields")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if available)")
-    p.add_argument("--dtype", default="float32", help="dtype to load the weights in (training keeps fp32 masters)")
+    p.add_argument("--dtype", default="float32", help="dtype to load the weights in (SEAM keeps fp32 master weights; refusal-sft trains in it)")
 
 
 def _run_defend(args: argparse.Namespace, extra: list[str]) -> int:
@@ -62,6 +62,7 @@ def _run_defend(args: argparse.Namespace, extra: list[str]) -> int:
     if args.resume and not defense_cls.resumable:
         raise ConfigError(f"--resume: defence {args.method} keeps no checkpoints; rerun it without --resume into an "
                           "empty --out")
+    defense_cls.check_out(args.out, args.resume)  # before the data manifest is written or the model loaded
     ctx = current_context(args.device)  # one process, or this rank under accelerate launch / torchrun
     overrides: dict[str, object] = dict(parse_overrides(extra))
     if "output_dir" in overrides:

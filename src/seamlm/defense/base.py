@@ -45,6 +45,12 @@ class Defense(ABC):
         """The config from YAML/command-line ``values`` (unknown keys are errors); ``out_dir`` is ``--out``."""
         return cls.Config.from_dict(values, source)
 
+    @classmethod
+    def check_out(cls, out_dir: str | Path, resume: bool) -> None:
+        """Refuse ``out_dir`` before anything is loaded or written when the run cannot go there (e.g. it holds a
+        finished or another run). The default accepts any folder (the defence checks it itself)."""
+        return None
+
     @abstractmethod
     def run(self, model: Any, tokenizer: Any, data: dict[str, StreamData], out_dir: str | Path, *,
             resume: bool = False, run_info: dict[str, Any] | None = None, ctx: DistContext | None = None) -> Path:
@@ -76,6 +82,9 @@ DEFENSES: dict[str, type[Defense]] = {}
 def register_defense(cls: type[Defense]) -> type[Defense]:
     if not set(cls.streams) <= set(DEFENSE_STREAMS) or not cls.streams:
         raise ConfigError(f"defence {cls.name}: streams must be among {DEFENSE_STREAMS}, got {cls.streams}")
+    if cls.name in DEFENSES and DEFENSES[cls.name] is not cls:
+        raise ConfigError(f"defence name {cls.name!r} is taken by {DEFENSES[cls.name].__qualname__}: give "
+                          f"{cls.__qualname__} another name")
     DEFENSES[cls.name] = cls
     return cls
 

@@ -27,18 +27,13 @@ class RefusalSFT(Defense):
 
     def run(self, model: Any, tokenizer: Any, data: dict[str, StreamData], out_dir: str | Path, *,
             resume: bool = False, run_info: dict[str, Any] | None = None, ctx: DistContext | None = None) -> Path:
-        if resume:
-            raise ConfigError(f"defence {self.name} keeps no checkpoints (a short SFT run): rerun it without --resume, "
-                              "into an empty --out")
         ctx = ctx or DistContext()
         out = Path(out_dir)
+        self.check_out(out, resume)
         streams = self.examples(data)
         cfg: FinetuneConfig = self.config  # type: ignore[assignment]
-        if is_saved_model(out / "model"):
-            raise ConfigError(f"{out / 'model'} holds a finished model already: give another --out (or delete it)")
         if ctx.is_main:
             out.mkdir(parents=True, exist_ok=True)
-            (out / "log.jsonl").unlink(missing_ok=True)  # a killed run's log: this run starts over
             info = {"defense": self.name, "config": cfg.to_dict(), "seed": cfg.seed, "loop": LOOP_VERSION,
                     "data_sizes": {k: len(v) for k, v in streams.items()}, **environment_info(), **(run_info or {})}
             (out / "run.json").write_text(json.dumps(info, indent=2, default=str), encoding="utf-8")
@@ -51,6 +46,19 @@ class RefusalSFT(Defense):
                        trained_prompts=sorted({e.prompt for e in examples}))
         ctx.barrier()
         return out / "model"
+
+    @classmethod
+    def check_out(cls, out_dir: str | Path, resume: bool) -> None:
+        out = Path(out_dir)
+        if resume:
+            raise ConfigError(f"defence {cls.name} keeps no checkpoints (a short SFT run): rerun it without --resume, "
+                              "into an empty --out")
+        if is_saved_model(out / "model"):
+            raise ConfigError(f"{out / 'model'} holds a finished model already: give another --out (or delete it)")
+        earlier = [p.name for p in (out / "log.jsonl", out / "checkpoints") if p.exists()]
+        if earlier:
+            raise ConfigError(f"{out} holds an earlier run ({', '.join(earlier)}); {cls.name} starts from scratch and "
+                              "would overwrite it: give another --out (or delete that folder)")
 
     def fit(self, model: Any, tokenizer: Any, streams: dict[str, list[Example]], log_path: str | Path | None,
             desc: str = "refusal-sft", ctx: DistContext | None = None) -> tuple[Any, list[Example]]:

@@ -539,7 +539,7 @@ class SEAMDefense(Defense):
         given = values.get("output_dir")
         if given is not None and Path(str(given)).resolve() != Path(out_dir).resolve():
             raise ConfigError(f"{source} sets output_dir: {given}, but --out is {out_dir}; --out names the output "
-                              "folder: drop output_dir or give the same folder")
+                              "folder: drop output_dir from the YAML or give the same folder")
         return DefenseConfig.from_dict({**values, "output_dir": str(out_dir)}, source)
 
     def run(self, model: Any, tokenizer: Any, data: dict[str, StreamData], out_dir: str | Path, *,

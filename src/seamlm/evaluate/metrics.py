@@ -234,8 +234,8 @@ def coupling_of_rows(model: Any, harmful: list[TokenizedExample], benign: list[T
             p.requires_grad_(False)
         for rows in (harmful, benign):
             buf = flat.zeros()
-            batches = [collate(rows[i:i + batch_size], pad_token_id, device=flat.device)
-                       for i in range(0, len(rows), batch_size)]
+            batches = [b for i in range(0, len(rows), batch_size)
+                       if answer_token_count(b := collate(rows[i:i + batch_size], pad_token_id, device=flat.device))]
             total = sum(answer_token_count(b) for b in batches)
             if not total:
                 raise ConfigError("coupling: no answer tokens to take a gradient of (coupling_examples of 0 rows, "
