@@ -74,6 +74,20 @@ def test_a_finished_run_without_checkpoints_is_not_overwritten(tiny_model_dir, d
     assert (out / "log.jsonl").read_text() == log_before
 
 
+def test_a_finished_run_keeps_its_data_manifest(tiny_model_dir, tmp_path, capsys):
+    """A second `defend` into a finished run's folder is refused before it writes anything: the manifest of the data
+    the model was trained on stays (not replaced by the refused run's, here another split seed)."""
+    out = tmp_path / "run"
+    args = ["defend", "--model", str(tiny_model_dir), "--data", "offline-default", "--out", str(out), "--steps", "1",
+            "--batch_size", "2", "--max_length", "48"]
+    assert main(args) == 0
+    manifest = (out / "data_manifest.json").read_text()
+    capsys.readouterr()
+    assert main([*args, "--data-seed", "1"]) == 1
+    assert "already holds a finished run (model/)" in capsys.readouterr().err
+    assert (out / "data_manifest.json").read_text() == manifest
+
+
 @pytest.mark.parametrize("case,match,code", [
     ("unknown_key", "unknown DefenseConfig key(s) 'bta' (did you mean 'beta'?)", 2),
     ("missing_column", "lacks column(s) ['response']", 1),

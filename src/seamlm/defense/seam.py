@@ -66,6 +66,19 @@ StepCallback = Callable[["SEAMTrainer", dict[str, Any]], None]
 _AUTOCAST = {"bfloat16": torch.bfloat16}
 
 
+def check_run_folder(out: Path, resume: bool) -> None:
+    """Refuse ``out`` when a SEAM run cannot go there: a finished run (``model/``) is neither resumed nor rerun,
+    an unfinished one with checkpoints only resumed."""
+    finished = is_saved_model(out / "model")
+    if resume and finished:  # resuming would redo its last steps from a checkpoint and overwrite model/
+        raise CheckpointError(f"{out} holds a finished run (model/): nothing to resume; choose another --out for a "
+                              "new run")
+    if not resume and (finished or latest_checkpoint(out / "checkpoints")):
+        what = "a finished run (model/)" if finished else "an unfinished run with checkpoints"
+        raise CheckpointError(f"{out} already holds {what}; choose another --out (or delete it) for a new run"
+                              + ("" if finished else ", or pass --resume to continue it"))
+
+
 def _row_aligned(harmful: list[Example], refusal: list[Example]) -> bool:
     """R row i refuses the prompt of H row i (then each step draws the same rows from both)."""
     return len(harmful) == len(refusal) and all(
@@ -352,16 +365,9 @@ class SEAMTrainer:
         if main:
             self.out.mkdir(parents=True, exist_ok=True)
         self.ctx.barrier()
-        finished = is_saved_model(self.out / "model")
-        if resume and finished:  # resuming would redo its last steps from a checkpoint and overwrite model/
-            raise CheckpointError(f"{self.out} holds a finished run (model/): nothing to resume; choose another "
-                                  "--out for a new run")
+        check_run_folder(self.out, resume)
         if resume:
             self._resume()
-        elif finished or latest_checkpoint(self.out / "checkpoints"):
-            what = "a finished run (model/)" if finished else "an unfinished run with checkpoints"
-            raise CheckpointError(f"{self.out} already holds {what}; choose another --out (or delete it) for a new "
-                                  "run" + ("" if finished else ", or pass --resume to continue it"))
         elif main:
             if (self.out / "log.jsonl").is_file() and (self.out / "log.jsonl").stat().st_size:
                 log.warning("%s: restarting a run that stopped before its first checkpoint (its log is replaced)",
@@ -541,6 +547,10 @@ class SEAMDefense(Defense):
             raise ConfigError(f"{source} sets output_dir: {given}, but --out is {out_dir}; --out names the output "
                               "folder: drop output_dir from the YAML or give the same folder")
         return DefenseConfig.from_dict({**values, "output_dir": str(out_dir)}, source)
+
+    @classmethod
+    def check_out(cls, out_dir: str | Path, resume: bool) -> None:
+        check_run_folder(Path(out_dir), resume)
 
     def run(self, model: Any, tokenizer: Any, data: dict[str, StreamData], out_dir: str | Path, *,
             resume: bool = False, run_info: dict[str, Any] | None = None, ctx: DistContext | None = None) -> Path:
