@@ -203,10 +203,10 @@ def stale_trained_format(model_name: str | Path) -> int | None:
     """The prompt format an older seamlm trained this seamlm-saved model in, where it is not
     :data:`PROMPT_FORMAT_VERSION` and matters (the model has no chat template); None otherwise. Models saved before
     versions were recorded were trained in format 1."""
-    path = Path(model_name)
-    if not is_saved_model(path):
+    info = saved_run_config(model_name)
+    if info is None:
         return None
-    trained = json.loads((path / RUN_CONFIG_FILE).read_text(encoding="utf-8")).get("prompt_format", 1)
+    trained = info.get("prompt_format", 1)
     return trained if trained != PROMPT_FORMAT_VERSION and not has_chat_template(model_name) else None
 
 
@@ -299,10 +299,9 @@ def model_identity(model_name: str | Path) -> str:
     way, is the same model, and weights overwritten in place are not); a hub id or an alias (a pinned package's
     file) by the name as given."""
     path = Path(model_name).expanduser()
-    if is_saved_model(path):
-        info = json.loads((path / RUN_CONFIG_FILE).read_text(encoding="utf-8"))
-        if isinstance(info.get(WEIGHTS_DIGEST_KEY), str):
-            return f"sha256:{info[WEIGHTS_DIGEST_KEY][:16]}"
+    info = saved_run_config(path)
+    if info is not None and isinstance(info.get(WEIGHTS_DIGEST_KEY), str):
+        return f"sha256:{info[WEIGHTS_DIGEST_KEY][:16]}"
     if str(model_name) not in MODEL_ALIASES and (
             (path.is_dir() and any(path.glob("*.safetensors"))) or (path.is_file() and path.suffix == ".gguf")):
         return f"sha256:{_cached_digest(path)[:16]}"  # weights overwritten in place are another model
@@ -337,11 +336,11 @@ def trained_prompt_hashes(model_name: str | Path, _depth: int = 0) -> set[str]:
     """Hashes of the prompts a seamlm-saved model was trained on, with those of the seamlm models it was trained
     from (its ``seamlm_run.json`` names them under ``model`` or ``base``); empty for any other model."""
     path = Path(model_name)
-    if _depth > 8 or not is_saved_model(path):
+    info = saved_run_config(path) if _depth <= 8 else None
+    if info is None:
         return set()
     listed = path / TRAINED_PROMPTS_FILE
     hashes = set(listed.read_text(encoding="utf-8").split()) if listed.is_file() else set()
-    info = json.loads((path / RUN_CONFIG_FILE).read_text(encoding="utf-8"))
     for key in ("model", "base"):
         if isinstance(info.get(key), str) and Path(info[key]).resolve() != path.resolve():
             hashes |= trained_prompt_hashes(info[key], _depth + 1)
@@ -351,11 +350,16 @@ def trained_prompt_hashes(model_name: str | Path, _depth: int = 0) -> set[str]:
 def recorded_defense(model_name: str | Path) -> str | None:
     """The defence (``seamlm defend --method``) that made a seamlm-saved model, from its ``seamlm_run.json``; None
     for any other model (the demo's aligned model included: its rows say ``none``, as the demo's do)."""
+    info = saved_run_config(model_name)
+    return info.get("method") if info is not None and info.get("stage") == "defend" else None
+
+
+def saved_run_config(model_name: str | Path) -> dict[str, Any] | None:
+    """The ``seamlm_run.json`` of a model :func:`save_model` wrote; None for any other model."""
     path = Path(model_name)
     if not is_saved_model(path):
         return None
-    info = json.loads((path / RUN_CONFIG_FILE).read_text(encoding="utf-8"))
-    return info.get("method") if info.get("stage") == "defend" else None
+    return json.loads((path / RUN_CONFIG_FILE).read_text(encoding="utf-8"))
 
 
 def is_saved_model(path: str | Path) -> bool:

@@ -24,7 +24,14 @@ from seamlm.errors import ConfigError
 from seamlm.evaluate.metrics import EvalConfig
 from seamlm.finetune import LOOP_VERSION, FinetuneConfig
 from seamlm.jsonl import write_text_atomic
-from seamlm.models import PROMPT_FORMAT_VERSION, is_saved_model, load_model, save_model, stale_trained_format
+from seamlm.models import (
+    PROMPT_FORMAT_VERSION,
+    is_saved_model,
+    load_model,
+    save_model,
+    saved_run_config,
+    stale_trained_format,
+)
 from seamlm.report import write_report
 from seamlm.results import ResultRow, ResultStore
 from seamlm.runinfo import StageClock
@@ -217,7 +224,7 @@ def _check_stage(model_dir: Path, key: str, now: BaseConfig, stage: str, ignore:
     """A finished stage is reused only if its saved model was trained with the configuration this code would use
     now: the demo's own settings are pinned by ``demo_config.json``, but the stage's constants and the defaults of
     its config class (and the training loop's version) can change with seamlm."""
-    info = json.loads((model_dir / "seamlm_run.json").read_text(encoding="utf-8"))
+    info = saved_run_config(model_dir) or {}
     changed = {k: v for k, v in now.changed_from(info.get(key) or {}).items() if k not in ignore}
     if stage == "align" and "loop" not in info:
         log.warning("%s was aligned by a seamlm that did not record its training loop's version: reused unverified "
