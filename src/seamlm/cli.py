@@ -59,9 +59,6 @@ def _run_defend(args: argparse.Namespace, extra: list[str]) -> int:
     from seamlm.distributed import current_context, load_model_for_rank
 
     defense_cls = defense_class(args.method)
-    if args.resume and not defense_cls.resumable:
-        raise ConfigError(f"--resume: defence {args.method} keeps no checkpoints; rerun it without --resume into an "
-                          "empty --out")
     defense_cls.check_out(args.out, args.resume)  # before the data manifest is written or the model loaded
     ctx = current_context(args.device)  # one process, or this rank under accelerate launch / torchrun
     overrides: dict[str, object] = dict(parse_overrides(extra))

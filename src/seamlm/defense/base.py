@@ -48,8 +48,11 @@ class Defense(ABC):
     @classmethod
     def check_out(cls, out_dir: str | Path, resume: bool) -> None:
         """Refuse ``out_dir`` before anything is loaded or written when the run cannot go there (e.g. it holds a
-        finished or another run). The default accepts any folder (the defence checks it itself)."""
-        return None
+        finished or another run). Here: ``resume`` for a defence that keeps no checkpoints; subclasses add their
+        folder checks."""
+        if resume and not cls.resumable:
+            raise ConfigError(f"--resume: defence {cls.name} keeps no checkpoints; rerun it without --resume, into "
+                              "an empty --out")
 
     @abstractmethod
     def run(self, model: Any, tokenizer: Any, data: dict[str, StreamData], out_dir: str | Path, *,

@@ -32,27 +32,26 @@ class RefusalSFT(Defense):
         self.check_out(out, resume)
         streams = self.examples(data)
         cfg: FinetuneConfig = self.config  # type: ignore[assignment]
+        sizes = {k: len(v) for k, v in streams.items()}
         if ctx.is_main:
             out.mkdir(parents=True, exist_ok=True)
             info = {"defense": self.name, "config": cfg.to_dict(), "seed": cfg.seed, "loop": LOOP_VERSION,
-                    "data_sizes": {k: len(v) for k, v in streams.items()}, **environment_info(), **(run_info or {})}
+                    "data_sizes": sizes, **environment_info(), **(run_info or {})}
             (out / "run.json").write_text(json.dumps(info, indent=2, default=str), encoding="utf-8")
             cfg.to_yaml(out / "config.yaml")
         tuned, examples = self.fit(model, tokenizer, streams, out / "log.jsonl", desc=self.name, ctx=ctx)
         if ctx.is_main:
             save_model(tuned, tokenizer, out / "model",
                        {"stage": "defend", "method": self.name, "defense_config": cfg.to_dict(), "loop": LOOP_VERSION,
-                        "data_sizes": {k: len(v) for k, v in streams.items()}, **(run_info or {})},
+                        "data_sizes": sizes, **(run_info or {})},
                        trained_prompts=sorted({e.prompt for e in examples}))
         ctx.barrier()
         return out / "model"
 
     @classmethod
     def check_out(cls, out_dir: str | Path, resume: bool) -> None:
+        super().check_out(out_dir, resume)
         out = Path(out_dir)
-        if resume:
-            raise ConfigError(f"defence {cls.name} keeps no checkpoints (a short SFT run): rerun it without --resume, "
-                              "into an empty --out")
         if is_saved_model(out / "model"):
             raise ConfigError(f"{out / 'model'} holds a finished model already: give another --out (or delete it)")
         earlier = [p.name for p in (out / "log.jsonl", out / "checkpoints") if p.exists()]

@@ -234,16 +234,17 @@ def coupling_of_rows(model: Any, harmful: list[TokenizedExample], benign: list[T
             p.requires_grad_(False)
         for rows in (harmful, benign):
             buf = flat.zeros()
-            batches = [b for i in range(0, len(rows), batch_size)
-                       if answer_token_count(b := collate(rows[i:i + batch_size], pad_token_id, device=flat.device))]
-            total = sum(answer_token_count(b) for b in batches)
+            chunks = [collate(rows[i:i + batch_size], pad_token_id, device=flat.device)
+                      for i in range(0, len(rows), batch_size)]
+            counted = [(b, n) for b in chunks if (n := answer_token_count(b))]  # an answerless chunk weighs 0
+            total = sum(n for _, n in counted)
             if not total:
                 raise ConfigError("coupling: no answer tokens to take a gradient of (coupling_examples of 0 rows, "
                                   "or answers cut away by truncation)")
             with flat.grad_sink(buf):
-                for batch in batches:
+                for batch, n in counted:
                     # the gradient of the token mean over all rows: each chunk's mean weighted by its tokens
-                    (answer_ce(model, batch) * (answer_token_count(batch) / total)).backward()
+                    (answer_ce(model, batch) * (n / total)).backward()
             grads.append(buf)
     finally:
         for p, flag in zip(params, frozen, strict=True):
