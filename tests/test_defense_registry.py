@@ -31,6 +31,7 @@ def test_list_methods_names_every_registered_defence(capsys):
     for name, cls in DEFENSES.items():
         assert name in out and cls.Config.__name__ in out
     assert "trains on: refusal, benign; config: FinetuneConfig" in out
+    assert out.startswith("seam "), "the default defence is listed first"
 
 
 def test_unknown_defence_is_a_clear_error(tiny_model_dir, data_files, tmp_path, capsys):

@@ -22,7 +22,8 @@ class _ListDefenses(argparse.Action):
     def __call__(self, parser, namespace, values, option_string=None):  # noqa: ANN001 (argparse API)
         from seamlm.defense import DEFENSES
 
-        for name, cls in DEFENSES.items():
+        for name in sorted(DEFENSES, key=lambda n: (n != "seam", n)):  # the default first, then by name
+            cls = DEFENSES[name]
             print(f"{name:12s} {cls.summary}\n{'':12s} trains on: {', '.join(cls.streams)}; config: "
                   f"{cls.Config.__name__}{'; --resume from checkpoints' if cls.resumable else ''}")
         parser.exit()
