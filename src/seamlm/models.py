@@ -111,6 +111,20 @@ def resolve_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
     return _DTYPES[dtype]
 
 
+def ensure_pad_token(tokenizer: Any) -> None:
+    """Give ``tokenizer`` a pad token if it has none (Llama tokenizers ship without one): its EOS token, as the
+    reference code and most fine-tuning scripts do. Padded positions are masked out of every loss, so the choice
+    does not change a result. A tokenizer with neither is refused."""
+    if tokenizer.pad_token_id is not None:
+        return
+    if tokenizer.eos_token is None:
+        raise ConfigError("the tokenizer has neither a pad token nor an EOS token, so batches cannot be padded: set "
+                          "tokenizer.pad_token (e.g. tokenizer.add_special_tokens({'pad_token': '<pad>'}) and resize "
+                          "the model's embeddings) before passing it to seamlm")
+    tokenizer.pad_token = tokenizer.eos_token
+    log.info("the tokenizer has no pad token: padding with its EOS token %r", tokenizer.eos_token)
+
+
 def load_model(
     name: str,
     dtype: str | torch.dtype = "auto",
@@ -148,8 +162,7 @@ def load_model(
         if quantizer is not None:
             quantizer.remove_quantization_config(model)
         model.config.name_or_path = name
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    ensure_pad_token(tokenizer)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     if not getattr(tokenizer, "chat_template", None):

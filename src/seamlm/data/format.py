@@ -16,7 +16,8 @@ from typing import Any
 import torch
 
 from seamlm.data.files import Example
-from seamlm.models import FALLBACK_PROMPT_FORMAT
+from seamlm.errors import ConfigError
+from seamlm.models import FALLBACK_PROMPT_FORMAT, ensure_pad_token
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +37,6 @@ PROMPT_TEMPLATES = {
 
 def check_template(name: str) -> str:
     if name not in PROMPT_TEMPLATES:
-        from seamlm.errors import ConfigError
-
         raise ConfigError(f"unknown prompt template '{name}'; choose one of {', '.join(PROMPT_TEMPLATES)}")
     return name
 
@@ -193,9 +192,8 @@ class Formatter:
 
     def __post_init__(self) -> None:
         if self.truncate_first not in TRUNCATE_FIRST:
-            from seamlm.errors import ConfigError
-
             raise ConfigError(f"truncate_first must be one of {', '.join(TRUNCATE_FIRST)}, not {self.truncate_first!r}")
+        ensure_pad_token(self.tokenizer)  # a user's tokenizer (Python API) may have none; batches need one
 
     def __call__(self, example: Example) -> TokenizedExample:
         tok = self.tokenizer
@@ -245,6 +243,9 @@ def answer_token_count(batch: dict[str, Any]) -> int:
 def collate(batch: list[TokenizedExample], pad_token_id: int, padding_side: str = "right",
             device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
     """Pad to the longest sequence (right padding for training, left for generation), on ``device`` if given."""
+    if pad_token_id is None:
+        raise ConfigError("cannot pad a batch: the tokenizer has no pad token (seamlm.models.ensure_pad_token sets "
+                          "its EOS token as one; load_model and Formatter call it)")
     width = max(len(b.input_ids) for b in batch)
     ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
     labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
