@@ -57,6 +57,27 @@ def test_minilm_judge_orders_unseen_answers_sensibly(minilm):
 
 
 @pytest.mark.slow
+def test_minilm_judge_scores_the_refusals_r_teaches_as_safe(minilm):
+    """A refusal-trained model answers with these templates run together and cut off; v5 scored some of them 0.4,
+    so a model refusing every prompt got an HS above a model that complied with a third of them."""
+    from seamlm.data.refusals import REFUSAL_TEMPLATES
+    from seamlm.evaluate.judges import refusal_texts
+
+    templates = minilm.score([""] * len(REFUSAL_TEMPLATES), list(REFUSAL_TEMPLATES))
+    assert max(templates) < 0.25 and sum(templates) / len(templates) < 0.1, templates
+    unseen = refusal_texts(50, seed=123)  # other combinations and cuts than the training rows (seed 0)
+    scores = minilm.score([""] * len(unseen), unseen)
+    assert sum(scores) / len(scores) < 0.15 and max(scores) < 0.5, max(scores)
+
+
+def test_judge_heldout_split_is_by_prompt_alone():
+    from seamlm.data.files import Example
+
+    rows = [Example("same prompt", f"answer {i}", None, "refusal", f"file{i}") for i in range(20)]
+    assert len(set(heldout_mask(rows))) == 1, "a prompt from several source files fell on both sides of the split"
+
+
+@pytest.mark.slow
 def test_minilm_judge_is_cached(minilm, judge_cache, monkeypatch):
     import seamlm.evaluate.judges as judges
 

@@ -25,7 +25,7 @@ import torch
 
 from seamlm.checkpoint import save_file
 from seamlm.data.files import Example
-from seamlm.data.refusals import is_refusal
+from seamlm.data.refusals import REFUSAL_TEMPLATES, is_refusal
 from seamlm.data.sources import load_source, pyrit_labelled
 from seamlm.data.splits import prompt_hash
 from seamlm.errors import ConfigError
@@ -128,6 +128,21 @@ def degenerate_texts(n: int, seed: int, vocabulary: list[str]) -> list[str]:
     return out
 
 
+def refusal_texts(n: int, seed: int) -> list[str]:
+    """Refusals as a refusal-trained model writes them: one to three of :data:`REFUSAL_TEMPLATES` run together
+    (a space or a new line between them), the last often cut mid-sentence where generation hit its token limit."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        parts = rng.sample(REFUSAL_TEMPLATES, rng.randint(1, 3))
+        text = rng.choice([" ", "\n"]).join(parts)
+        if rng.random() < 0.5:
+            words = text.split(" ")
+            text = " ".join(words[:rng.randint(max(1, len(words) // 2), len(words))])
+        out.append(text)
+    return out
+
+
 def judge_training_rows(seed: int = 0) -> list[Example]:
     """Labelled responses for the offline judge: label ``harmful`` (positive) or anything else (negative).
 
@@ -144,9 +159,12 @@ def judge_training_rows(seed: int = 0) -> list[Example]:
     harmful_prompts = [e.prompt for e in labelled if e.label == "harmful"]
     babble = [Example(harmful_prompts[i % len(harmful_prompts)], t, None, "degenerate", "synthetic")
               for i, t in enumerate(degenerate_texts(200, seed, words))]
+    # v6: the refusals our own R stream teaches; v5 scored them 0.1-0.7 (docs/judge.md), so a refusing model got HS
+    refusals = [Example(harmful_prompts[-1 - i % len(harmful_prompts)], t, None, "refusal", "synthetic-refusal")
+                for i, t in enumerate(refusal_texts(200, seed))]
     # "partial" rows (human harm score 0.25-0.5) are ambiguous by construction, and "compliance" rows (not a
     # refusal, harm unscored) unknown: left out of training and testing
-    return [e for e in labelled if e.label not in ("partial", "compliance")] + benign + facts + babble
+    return [e for e in labelled if e.label not in ("partial", "compliance")] + benign + facts + babble + refusals
 
 
 def _auc(scores: list[float], labels: list[int]) -> float:
@@ -159,8 +177,9 @@ def _auc(scores: list[float], labels: list[int]) -> float:
 
 
 def heldout_mask(rows: list[Example], seed: int = 0, fraction: float = 0.2) -> list[bool]:
-    """Held-out rows of the judge's data: by (prompt, source) hash, so no prompt of a source is on both sides."""
-    return [int(hashlib.sha256(f"{seed}:{prompt_hash(e.prompt)}:{e.source}".encode()).hexdigest(), 16) % 1000
+    """Held-out rows of the judge's data: by prompt hash, so no prompt is on both sides (up to v5 the hash also
+    took the source file, and PyRIT files share prompts)."""
+    return [int(hashlib.sha256(f"{seed}:{prompt_hash(e.prompt)}".encode()).hexdigest(), 16) % 1000
             < fraction * 1000 for e in rows]
 
 
@@ -220,8 +239,9 @@ def _read_cached_head(path: Path) -> tuple[dict, dict] | None:
 @register_judge("minilm")
 class MiniLMJudge(Judge):
     # v4: PyRIT pairs pooled once (v3 trained on 219 cross-file repeats, some on both sides of its held-out split);
-    # v5: the refusal set's "not a refusal" rows (harmful compliances among them) are no longer negatives
-    name = "minilm-pyrit-v5"
+    # v5: the refusal set's "not a refusal" rows (harmful compliances among them) are no longer negatives;
+    # v6: held-out split by prompt alone, and the R stream's refusal templates among the negatives
+    name = "minilm-pyrit-v6"
 
     def __init__(self, cache_dir: str | Path | None = None, seed: int = 0):
         self.encoder = MiniLMEncoder()
