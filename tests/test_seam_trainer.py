@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from seamlm import DefenseConfig, SEAMTrainer
-from seamlm.checkpoint import list_checkpoints
+from seamlm.checkpoint import CHECKPOINT_FILE, list_checkpoints
 from seamlm.defense.losses import answer_ce
 from seamlm.errors import CheckpointError, ConfigError, NonFiniteLossError
 from tests.conftest import make_model
@@ -237,6 +237,24 @@ def test_resume_across_the_micro_batch_weighting_change_is_refused(tokenizer, st
             continue
         with pytest.raises(CheckpointError, match=r"averaged the CEs of its 2 micro-batches.*start a new run"):
             resumed.train(resume=True)
+
+
+def test_warmup_is_rounded_up_as_the_hf_trainer_counts_it(tokenizer, streams, tmp_path):
+    """5 steps × ratio 0.1: one warm-up step (lr 0), as `transformers.TrainingArguments.get_warmup_steps` gives."""
+    _trainer(tokenizer, streams, tmp_path, steps=5, warmup_ratio=0.1, checkpoint_every=2).train()
+    lrs = [r["lr"] for r in _rows(tmp_path)]
+    assert lrs[0] == 0.0 and lrs[1] == pytest.approx(1e-3, rel=0.2)
+
+
+def test_resuming_a_checkpoint_whose_warmup_was_rounded_down_is_refused(tokenizer, streams, tmp_path):
+    _trainer(tokenizer, streams, tmp_path, steps=5, warmup_ratio=0.1, checkpoint_every=2).train()
+    shutil.rmtree(tmp_path / "model")
+    ckpt = list_checkpoints(tmp_path / "checkpoints")[-1]
+    state = torch.load(ckpt / CHECKPOINT_FILE, weights_only=False)
+    assert state.pop("warmup_steps") == 1
+    torch.save(state, ckpt / CHECKPOINT_FILE)  # as a seamlm before the change wrote it: int(0.5) = 0 steps
+    with pytest.raises(CheckpointError, match="warmed up for 0 steps.*this seamlm warms up for 1"):
+        _trainer(tokenizer, streams, tmp_path, steps=5, warmup_ratio=0.1, checkpoint_every=2).train(resume=True)
 
 
 def test_resume_without_checkpoint_is_an_error(tokenizer, streams, tmp_path):

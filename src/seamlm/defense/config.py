@@ -50,7 +50,8 @@ class DefenseConfig(BaseConfig):
     """Learning-rate schedule (``transformers.get_scheduler`` names)."""
     warmup_ratio: float = 0.1
     """Fraction of ``steps`` spent warming up linearly from 0 (transformers' schedule: lr × step / warm-up steps,
-    so with a warm-up the first step's lr is 0 and it only feeds AdamW's moments)."""
+    so with a warm-up the first step's lr is 0 and it only feeds AdamW's moments). Warm-up steps are
+    ``ceil(warmup_ratio × steps)``, as the HF Trainer counts them (before 2026-11-27: rounded down)."""
     weight_decay: float = 0.0
     """AdamW weight decay (reference: 0)."""
     max_grad_norm: float | None = None

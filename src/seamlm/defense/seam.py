@@ -51,6 +51,7 @@ from seamlm.defense.coupling import (
 from seamlm.defense.losses import AnswerLosses, HarmfulForward, unlearn_loss
 from seamlm.distributed import DistContext, current_context, full_state_dict, fully_shard_model
 from seamlm.errors import CheckpointError, ConfigError, NonFiniteLossError
+from seamlm.finetune import warmup_steps
 from seamlm.jsonl import read_records, write_records_atomic
 from seamlm.models import is_saved_model, save_model
 from seamlm.runinfo import environment_info, fingerprint
@@ -175,9 +176,10 @@ class SEAMTrainer:
         self.optimizer = torch.optim.AdamW(opt_params, lr=config.lr, weight_decay=config.weight_decay)
         from transformers import get_scheduler
 
+        self.warmup_steps = warmup_steps(config.warmup_ratio, config.steps)  # rounded up, as the HF Trainer does
         self.scheduler = get_scheduler(
             config.lr_scheduler, self.optimizer,
-            num_warmup_steps=int(config.warmup_ratio * config.steps), num_training_steps=config.steps,
+            num_warmup_steps=self.warmup_steps, num_training_steps=config.steps,
         )
         # Persistent flat buffers (each one parameter vector): update direction, g_a, g_b, and two work buffers.
         self.total, self.g_a, self.g_b = self.flat.zeros(), self.flat.zeros(), self.flat.zeros()
@@ -427,6 +429,7 @@ class SEAMTrainer:
             "model_dtype": str(self.original_dtype),  # what the model came in: save_dtype auto saves in it
             "compute_dtype": self._compute_dtype_name(),  # compute_dtype auto resolves by device
             "ce_weighting": CE_WEIGHTING,
+            "warmup_steps": self.warmup_steps,
         } if self.ctx.is_main else None
         per_rank = {"rng": rng_state(), "optimizer": self.optimizer.state_dict()}
         if self.fsdp:  # every rank its own rows of every parameter
@@ -463,6 +466,12 @@ class SEAMTrainer:
                                   f"per step ({weighting}); this seamlm weights them by answer tokens "
                                   f"({CE_WEIGHTING}), another objective: start a new run, or resume with the seamlm "
                                   "that wrote the checkpoint")
+        # checkpoints from before 2026-11-27 rounded the warm-up down
+        then_warmup = state.get("warmup_steps", int(self.config.warmup_ratio * self.config.steps))
+        if then_warmup != self.warmup_steps:
+            raise CheckpointError(f"cannot resume {path}: its run warmed up for {then_warmup} steps (rounded down); "
+                                  f"this seamlm warms up for {self.warmup_steps} (rounded up, as the HF Trainer), "
+                                  "another schedule: start a new run, or resume with the seamlm that wrote it")
         if state.get("model_dtype", str(self.original_dtype)) != str(self.original_dtype):
             raise CheckpointError(f"cannot resume {path}: the run loaded the model in {state['model_dtype']}, this one "
                                   f"in {self.original_dtype}; resume with the same --dtype")
