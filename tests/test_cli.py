@@ -88,6 +88,24 @@ def test_a_finished_run_keeps_its_data_manifest(tiny_model_dir, tmp_path, capsys
     assert (out / "data_manifest.json").read_text() == manifest
 
 
+def test_a_refused_resume_keeps_the_unfinished_runs_data_manifest(tiny_model_dir, tmp_path, capsys):
+    """--resume with another split seed is refused before the killed run's manifest is replaced."""
+    import shutil
+
+    out = tmp_path / "run"
+    args = ["defend", "--model", str(tiny_model_dir), "--data", "offline-default", "--out", str(out), "--steps", "2",
+            "--batch_size", "2", "--max_length", "48", "--checkpoint_every", "1"]
+    assert main(args) == 0
+    shutil.rmtree(out / "model")  # as if killed after its last checkpoint
+    manifest = (out / "data_manifest.json").read_text()
+    capsys.readouterr()
+    assert main([*args, "--resume", "--data-seed", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "trained on other data" in err and "seed 0; now 'offline-default', seed 1" in err, err
+    assert (out / "data_manifest.json").read_text() == manifest
+    assert main([*args, "--resume"]) == 0
+
+
 @pytest.mark.parametrize("case,match,code", [
     ("unknown_key", "unknown DefenseConfig key(s) 'bta' (did you mean 'beta'?)", 2),
     ("missing_column", "lacks column(s) ['response']", 1),

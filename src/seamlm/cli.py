@@ -88,8 +88,15 @@ def _run_defend(args: argparse.Namespace, extra: list[str]) -> int:
         streams: dict[str, object] = {k: bundle.streams[k] for k in defense_cls.streams}
         run_info.update(data=args.data, data_seed=bundle.manifest.get("seed"), data_counts=bundle.counts())
         if ctx.is_main:
+            manifest_path = Path(args.out) / "data_manifest.json"
+            if args.resume and manifest_path.is_file() and json.loads(manifest_path.read_text()) != bundle.manifest:
+                # refused here, before the run's own manifest is replaced (the trainer would refuse it later)
+                then = json.loads(manifest_path.read_text())
+                raise ConfigError(f"--resume: {args.out} was trained on other data (its data_manifest.json: bundle "
+                                  f"{then.get('bundle')!r}, seed {then.get('seed')}; now {bundle.manifest.get('bundle')!r}, "
+                                  f"seed {bundle.manifest.get('seed')}): resume with the run's --data and --data-seed")
             Path(args.out).mkdir(parents=True, exist_ok=True)
-            (Path(args.out) / "data_manifest.json").write_text(json.dumps(bundle.manifest, indent=2))
+            manifest_path.write_text(json.dumps(bundle.manifest, indent=2))
     else:
         if args.data_seed:
             log.warning("--data-seed %d is not used: --harmful/--refusal/--benign are taken as given", args.data_seed)
