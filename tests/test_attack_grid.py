@@ -422,3 +422,13 @@ def test_a_model_trained_in_the_old_fallback_prompt_format_is_refused(tmp_path, 
             evaluate_pre_attack(str(saved), "m", "none", bundle, EVAL, KeywordJudge(), tmp_path, store)
         (saved / RUN_CONFIG_FILE).write_text(json.dumps(info))
         assert evaluate_pre_attack(str(saved), "m", "none", bundle, EVAL, KeywordJudge(), tmp_path, store)
+
+
+def test_an_empty_zs_task_list_is_an_hs_only_evaluation(tiny_model, tokenizer, bundle):
+    from seamlm.evaluate.judges import get_judge
+    from seamlm.evaluate.run import evaluate_model
+
+    cfg = EvalConfig.from_dict({**EVAL.to_dict(), "zs_tasks": ""})
+    assert cfg.zs_tasks == ()
+    out = evaluate_model(tiny_model, tokenizer, bundle, cfg, get_judge("keyword"))
+    assert "hs" in out and "coherence_ppl" in out and not [k for k in out if k.startswith("zs_")]

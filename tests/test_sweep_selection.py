@@ -257,3 +257,11 @@ def test_a_sweep_that_may_choose_the_plain_template_records_its_prompt_format(ti
     open_study(SweepConfig(recipes=("template",), trials=1, study_name="d"), "tiny", tmp_path, old)
     with pytest.raises(ConfigError, match="run with other prompt_format settings"):
         context(("template",), "d")
+
+
+def test_a_sweep_without_zs_tasks_is_refused_before_it_starts(bundle, tmp_path):
+    no_zs = EvalConfig.from_dict({**EVAL.to_dict(), "zs_tasks": ""})
+    with pytest.raises(ConfigError, match="zs_tasks is empty, but the sweep selects trials by their ZS drop"):
+        sweep_study("m", "tiny", bundle, SweepConfig(trials=2), FinetuneConfig(max_length=64), no_zs, KeywordJudge(),
+                    tmp_path)
+    assert not list(tmp_path.iterdir())

@@ -171,6 +171,9 @@ def sweep_study(model_name: str, label: str, bundle: BundleData, cfg: SweepConfi
     """The sweep's study, opened with every check a resumed study must pass (template, sweep config, context):
     call it before spending minutes on anything else, so a mismatch fails first."""
     check_sweep_template(cfg, base, eval_cfg)
+    if not eval_cfg.zs_tasks:
+        raise ConfigError("eval.zs_tasks is empty, but the sweep selects trials by their ZS drop (ε-bounded): give "
+                          "it zero-shot tasks")
     check_trained_format(model_name)
     context = {"model": model_identity(model_name), "train": base.trajectory_dict(), "loop": LOOP_VERSION,
                "eval": eval_cfg.settings_dict(), "judge": judge.name, "data": manifest_digest(bundle),

@@ -8,7 +8,7 @@ import inspect
 import logging
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,8 +54,10 @@ class EvalConfig(BaseConfig):
     """Greedy tokens per answer (the paper: 50)."""
     gen_batch_size: int = 16
     """Prompts per generation batch."""
-    zs_tasks: tuple[str, ...] = ("arc_easy", "hellaswag", "winogrande", "boolq", "openbookqa")
-    """Zero-shot tasks (built-in evaluator). PIQA is left out: the offline bundle trains on PIQA rows."""
+    zs_tasks: tuple[str, ...] = field(default=("arc_easy", "hellaswag", "winogrande", "boolq", "openbookqa"),
+                                      metadata={"may_be_empty": True})
+    """Zero-shot tasks (built-in evaluator). PIQA is left out: the offline bundle trains on PIQA rows. Empty
+    (``--zs_tasks ""``) = no ZS: an HS-only evaluation (the sweep, whose selection bounds the ZS drop, refuses it)."""
     zs_limit: int = 200
     """Items per task, a seeded subsample (0 = all)."""
     zs_batch_size: int = 16
