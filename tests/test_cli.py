@@ -176,6 +176,8 @@ def test_data_list_and_build(tmp_path, capsys):
     assert main(["data", "list"]) == 0
     out = capsys.readouterr().out
     assert "| pyrit-harm | harmful_qa |" in out and "offline-default" in out and "CC-BY-NC-4.0" in out
+    repnoise = next(line for line in out.splitlines() if line.startswith("| repnoise-refusals |"))
+    assert repnoise.endswith("| file: needs path= |"), repnoise  # not on the Hub: `datasets` alone cannot load it
     assert main(["data", "build", "offline-default", "--out", str(tmp_path / "b"), "--holdout-categories", "violence"]) == 0
     manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
     assert manifest["holdout_categories"] == ["violence"] and manifest["overlaps"] == {}

