@@ -104,3 +104,13 @@ def test_equally_strong_attacks_are_each_checked_and_more_data_is_stronger():
             for m, v in (("hs", 11.0), ("zs_mean", 65.0))]
     picked = [c for c in check_bar(_rows(BASE) + more) if c.criterion.startswith("the strongest attack")]
     assert len(picked) == 1 and "strong-n1000" in picked[0].criterion and picked[0].passed is False
+
+
+def test_the_strongest_attack_is_picked_per_optimiser():
+    """SGD at lr 1e-2 is not a stronger attack than AdamW at 2e-4: each optimiser's strongest cell is checked."""
+    sgd = [ResultRow(model="aligned", defense="none", cell="sgd-1e-2", metric=m, value=v,
+                     judge="j" if m == "hs" else None, attack={"lr": 1e-2, "lora": False, "optimizer": "sgd"})
+           for m, v in (("hs", 12.0), ("zs_mean", 65.0))]
+    checks = [c for c in check_bar(_rows(BASE) + sgd) if c.criterion.startswith("the strongest attack")]
+    assert sorted((c.criterion.split("(")[1].split(")")[0], c.passed) for c in checks) == [
+        ("sgd-1e-2", False), ("strong", True)]

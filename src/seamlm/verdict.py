@@ -62,9 +62,13 @@ def check_bar(rows: list[ResultRow], bar: Bar | None = None) -> list[Check]:
         a = attacks[c]
         return not a.get("lora"), a.get("lr", 0), a.get("samples") or 0, a.get("epochs") or 0
 
-    top = max(map(strength, al_cells), default=None)
-    # cells as strong as each other (other seeds, say) are each checked: picking one would hide the others
-    strongest = [c for c in al_cells if strength(c) == top] if al_hs is not None else []
+    def optimizer(c: str) -> str:
+        return str(attacks[c].get("optimizer") or "adamw")
+
+    # learning rates of different optimisers are not comparable (SGD's 1e-2 is gentler than AdamW's 2e-4): the
+    # strongest cell of each optimiser is checked; cells as strong as each other (other seeds, say) are each checked
+    top = {o: max(strength(c) for c in al_cells if optimizer(c) == o) for o in {optimizer(c) for c in al_cells}}
+    strongest = [c for c in al_cells if strength(c) == top[optimizer(c)]] if al_hs is not None else []
     for c in strongest:
         hs, zs, zs0 = get("aligned", c, "hs"), get("aligned", c, "zs_mean"), get("aligned", "pre", "zs_mean")
         ok = None if not _known(hs, zs, zs0) else hs >= al_hs + bar.margin and zs0 - zs <= bar.zs_tolerance + _TIE
