@@ -248,6 +248,12 @@ def test_options_are_never_abbreviated_nor_grid_values_ignored(tmp_path, capsys)
     # --lr at its default value would have been silently ignored by the learning-rate grid
     rc = main(["attack", "--model", "m", "--out", str(tmp_path / "a"), "--lr", "2e-5"])
     assert rc == 2 and "--lr: one cell's value" in capsys.readouterr().err and not (tmp_path / "a").exists()
+    # ... and so would `lr: 2e-5` (the default) or `seed: 0` in an attack config file
+    (tmp_path / "attack.yaml").write_text("lr: 2.0e-5\nseed: 0\nbatch_size: 4\n")
+    rc = main(["attack", "--model", "m", "--out", str(tmp_path / "a"), "--config", str(tmp_path / "attack.yaml")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "lr, seed is one cell's value" in err and "learning_rates, seeds (a list)" in err, err
+    assert not (tmp_path / "a").exists()
     assert main(["judge", "train", "--typo", "3"]) == 2
     assert "unexpected arguments ['--typo', '3']" in capsys.readouterr().err
 

@@ -54,13 +54,17 @@ class AttackConfig(FinetuneConfig):
     GRID_OWNED: ClassVar[dict[str, str]] = {"lr": "learning_rates", "epochs": "num_epochs", "seed": "seeds"}
 
     @classmethod
-    def refuse_grid_owned(cls, keys: Collection[str]) -> None:
-        """Command-line keys: ``--lr`` there, even at its default value (which :meth:`validate` cannot tell from
-        unset), would be ignored by the grid."""
+    def refuse_grid_owned(cls, keys: Collection[str], source: str = "command line") -> None:
+        """Keys given on the command line or in a config file: ``lr`` there, even at its default value (which
+        :meth:`validate` cannot tell from unset), would be ignored by the grid."""
         given = [k for k in keys if k in cls.GRID_OWNED]
-        if given:
+        if not given:
+            return
+        if source == "command line":
             raise ConfigError(f"{', '.join('--' + k for k in given)}: one cell's value, which the attack grid sets; "
                               f"use {', '.join('--' + cls.GRID_OWNED[k] for k in given)} (comma-separated)")
+        raise ConfigError(f"{source}: {', '.join(given)} is one cell's value, which the attack grid sets; use "
+                          f"{', '.join(cls.GRID_OWNED[k] for k in given)} (a list) instead")
 
     def validate(self) -> None:
         super().validate()

@@ -288,6 +288,10 @@ def _run_attack(args: argparse.Namespace, extra: list[str]) -> int:
     attack_over, eval_over, knobs = _split_overrides(extra, "eval.", "recipe.")
     recipe = make_recipe(args.recipe, knobs)
     AttackConfig.refuse_grid_owned(attack_over)
+    if args.config:
+        from seamlm.config import read_yaml_mapping
+
+        AttackConfig.refuse_grid_owned(read_yaml_mapping(args.config), str(args.config))
     cfg = AttackConfig.from_yaml(args.config, attack_over) if args.config else AttackConfig.from_dict(attack_over, "command line")
     with main_process_first(ctx):  # rank 0 writes the manifest and trains/caches the judge first
         # the template check before the pre-attack evaluation runs in it (and before the judge is made)
