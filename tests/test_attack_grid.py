@@ -432,3 +432,24 @@ def test_an_empty_zs_task_list_is_an_hs_only_evaluation(tiny_model, tokenizer, b
     assert cfg.zs_tasks == ()
     out = evaluate_model(tiny_model, tokenizer, bundle, cfg, get_judge("keyword"))
     assert "hs" in out and "coherence_ppl" in out and not [k for k in out if k.startswith("zs_")]
+
+
+def test_attack_ce_is_measured_on_one_fixed_set_before_and_after(tiny_model_dir, tokenizer, bundle, tmp_path):
+    """The per-step loss compares different batches; attack_ce_before/after are the answer CE of the first attack
+    examples under the untouched and the attacked model (here all 6 attack examples, which it trains on)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from seamlm.data.format import Formatter, collate
+    from seamlm.defense.losses import answer_ce
+
+    store = ResultStore(tmp_path / "r.jsonl")
+    cfg = AttackConfig(learning_rates=(1e-2,), num_samples=6, batch_size=2, max_length=64, warmup_ratio=0.0)
+    run_attack_grid(str(tiny_model_dir), "tiny", "none", bundle, cfg, EVAL, KeywordJudge(), tmp_path, store)
+    got = {r.metric: r.value for r in store.rows() if r.cell != "pre"}
+    rows = Formatter(tokenizer, 64).encode_all(bundle.streams["attack"], "x")  # one batch: order does not matter
+    batch = collate(rows, tokenizer.pad_token_id)
+    with torch.no_grad():
+        expected = answer_ce(AutoModelForCausalLM.from_pretrained(tiny_model_dir), batch).item()
+    assert got["attack_ce_before"] == pytest.approx(expected, rel=1e-5)
+    assert got["attack_ce_after"] < got["attack_ce_before"] - 0.1

@@ -4,6 +4,7 @@ results file; a stopped grid resumes without redoing finished cells."""
 from __future__ import annotations
 
 import logging
+import math
 import random
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -11,11 +12,12 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from seamlm.data.bundles import BundleData
+from seamlm.data.format import Formatter, TokenizedExample
 from seamlm.data.splits import prompt_hash
 from seamlm.distributed import DistContext, load_model_for_rank
 from seamlm.errors import ConfigError, DataError, NonFiniteLossError
 from seamlm.evaluate.judges import Judge
-from seamlm.evaluate.metrics import EvalConfig
+from seamlm.evaluate.metrics import EvalConfig, perplexity_of_rows
 from seamlm.evaluate.run import attack_probe, evaluate_model
 from seamlm.finetune import LOOP_VERSION, FinetuneConfig, probe_log_path, probing
 from seamlm.models import (
@@ -247,6 +249,10 @@ def attack_cell(model_name: str, label: str, defense: str, bundle: BundleData, r
     model, tok = load_model_for_rank(model_name, ctx, "float32",
                                      shard_parameters=train_cfg.shard_parameters and recipe.trains)
     status, logs, probes, diverged_in = "ok", [], [], None
+    # the per-step loss compares different batches; this is one fixed set before and after (one process only:
+    # a sharded rank holds no whole model to run it on)
+    ce_rows = _attack_ce_rows(tok, data, train_cfg) if recipe.trains and not ctx.distributed else []
+    ce_before = attack_ce(model, tok, ce_rows) if ce_rows else None
     try:
         with probing(attack_probe(tok, bundle, cell_eval) if recipe.trains else None):
             result = recipe.attack(model, tok, data, run_cfg, cell_dir / "loss.jsonl",
@@ -266,6 +272,8 @@ def attack_cell(model_name: str, label: str, defense: str, bundle: BundleData, r
         # per-batch losses are noisy (and the last batch may be short): report means of the first/last 10 %
         w = max(1, len(harmful) // 10)
         values.update(attack_first_loss=sum(harmful[:w]) / w, attack_final_loss=sum(harmful[-w:]) / w)
+    if ce_before is not None:
+        values.update(attack_ce_before=ce_before, attack_ce_after=attack_ce(model, tok, ce_rows))
     if probes:
         values["attack_peak_ppl"] = max(p["benign_ppl"] for p in probes)
     attack: dict[str, Any] = {**recipe.describe(), "seed": run_cfg.seed, "samples": len(data.harmful), "status": status}
@@ -285,6 +293,22 @@ def attack_cell(model_name: str, label: str, defense: str, bundle: BundleData, r
                                     data_manifest=digest, settings=settings), judge), settings_parts=parts)
     ctx.barrier()
     return CellOutcome(cell, values, True)
+
+
+#: The attack examples whose answer CE is measured before and after each attack (the first ones it trains on).
+ATTACK_CE_EXAMPLES = 16
+
+
+def _attack_ce_rows(tok: Any, data: AttackData, train_cfg: FinetuneConfig) -> list[TokenizedExample]:
+    fmt = Formatter(tok, train_cfg.max_length, template=train_cfg.prompt_template,
+                    truncate_first=train_cfg.truncate_first)
+    return [fmt(e) for e in data.harmful[:ATTACK_CE_EXAMPLES]]  # (cut as the attack cuts them, which warns)
+
+
+def attack_ce(model: Any, tok: Any, rows: list[TokenizedExample]) -> float:
+    """Answer-token cross-entropy (nats, token mean) of ``model`` on ``rows``; NaN for a diverged model."""
+    ppl = perplexity_of_rows(model, rows, tok.pad_token_id)
+    return math.log(ppl) if math.isfinite(ppl) and ppl > 0 else float("nan")
 
 
 def check_eval_template(cfg: FinetuneConfig | AttackConfig, eval_cfg: EvalConfig,

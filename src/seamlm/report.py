@@ -121,9 +121,13 @@ def build_tables(rows: list[ResultRow]) -> dict[str, list[list[str]]]:
             lambda m, c: f"{_fmt(get(m, c, 'hs'))} / {_fmt(get(m, c, 'zs_mean'))}"),
         "refusal rate % (keyword) / benign perplexity": table(
             lambda m, c: f"{_fmt(get(m, c, 'refusal_rate'))} / {_fmt(get(m, c, 'coherence_ppl'), 2)}"),
-        "attack loss (harmful-answer CE): mean of the first 10 % of steps -> last 10 %": table(
+        "attack loss (harmful-answer CE): mean of the first 10 % of steps -> last 10 % (different batches)": table(
             lambda m, c: "–" if c == "pre" else f"{_fmt(get(m, c, 'attack_first_loss'), 3)} -> {_fmt(get(m, c, 'attack_final_loss'), 3)}"),
     }
+    if any(r.metric == "attack_ce_before" for r in rows):
+        tables["harmful-answer CE on 16 fixed attack examples: before -> after the attack (how much the attack "
+               "learnt)"] = table(
+            lambda m, c: "–" if c == "pre" else f"{_fmt(get(m, c, 'attack_ce_before'), 3)} -> {_fmt(get(m, c, 'attack_ce_after'), 3)}")
     if any(r.metric == "coupling_cos" for r in rows):
         tables["gradient coupling on the attack data: cos(g_harmful, g_benign) / benign-loss slope along a harmful "
                "step (> 0: the attack raises the benign loss)"] = table(

@@ -25,14 +25,14 @@ log = logging.getLogger(__name__)
 METRICS = {
     "hs": "%", "hs_binary": "%", "refusal_rate": "%", "zs_mean": "%", "zs_mean_norm": "%", "zs_chance": "%",
     "coherence_ppl": "perplexity", "coupling_cos": "cosine", "coupling_slope": "nats/step", "fs_accuracy": "%", "attack_final_loss": "nats", "attack_first_loss": "nats",
-    "attack_peak_ppl": "perplexity",
+    "attack_peak_ppl": "perplexity", "attack_ce_before": "nats", "attack_ce_after": "nats",
 }
 
 #: Metrics a healthy run may leave undefined (NaN or inf): the cosine when a gradient is zero, a perplexity or loss
 #: that overflows in a broken model, FS when its benign fine-tuning hits a non-finite loss. Any other NaN is a bug
 #: unless the attack diverged.
 MAY_BE_UNDEFINED = {"coupling_cos", "coupling_slope", "coherence_ppl", "attack_peak_ppl", "attack_first_loss",
-                    "attack_final_loss", "fs_accuracy"}
+                    "attack_final_loss", "fs_accuracy", "attack_ce_before", "attack_ce_after"}
 
 
 def known_metric(name: str) -> bool:
@@ -43,7 +43,9 @@ def known_metric(name: str) -> bool:
 class ResultRow:
     model: str
     """Label of the evaluated model before any attack (e.g. aligned, seam). ``attack_first_loss`` and
-    ``attack_final_loss`` are means over the first and last 10 % of the attack's steps; ``attack_peak_ppl`` is
+    ``attack_final_loss`` are means over the first and last 10 % of the attack's steps (different batches, so
+    noisy); ``attack_ce_before``/``attack_ce_after`` the answer CE on the first 16 attack examples (one fixed set)
+    before and after the attack (single-process attacks); ``attack_peak_ppl`` is
     the highest benign perplexity the attack's trajectory probes saw (``EvalConfig.trajectory_every``)."""
     defense: str
     """Defence that produced the model: none, seam, …"""
