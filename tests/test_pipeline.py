@@ -38,6 +38,13 @@ def test_shrunken_demo_end_to_end_and_resume(tiny_model_dir, tmp_path, monkeypat
                 line = " ".join([cols[3], cols[4].split(" (")[0], cols[5]])
             for num in re.findall(r"\d+\.\d+", line):
                 assert num in values, (num, line)
+    _check_main_table_cell_by_cell(md, rows)
+    bar = md.split("### Does SEAM clear the bar?")[1].split("\n\n")[2]  # heading, blank, the table
+    for line in bar.splitlines()[2:]:
+        measured = line.strip("|").split("|")[1]
+        assert re.findall(r"\d+\.\d+", measured), line
+        for num in re.findall(r"\d+\.\d+", measured):
+            assert num in values, (num, line)
 
     # a rerun skips every stage: nothing is trained or evaluated again
     import seamlm.pipeline as pipeline
@@ -59,6 +66,22 @@ def test_shrunken_demo_end_to_end_and_resume(tiny_model_dir, tmp_path, monkeypat
     with pytest.raises(ConfigError, match="other settings \\(defense_steps changed\\)"):
         run_demo(out, cfg.replace(defense_steps=3))
     assert "attack_trajectory.png" in md and "highest benign perplexity during the attack" in md
+
+
+def _check_main_table_cell_by_cell(md: str, rows) -> None:
+    """The paper-style table: each cell is its own (model, cell)'s HS / ZS, not merely some value of the file."""
+    from seamlm.report import _cells, _fmt
+
+    values = {(r.model, r.cell, r.metric): r.value for r in rows}
+    table = md.split("### HS % (judge")[1].split("\n\n")[1].splitlines()
+    cells = [c for c, _ in _cells(rows)]
+    assert len(table) == 2 + len({r.model for r in rows})
+    for line in table[2:]:
+        model, *got = [c.strip() for c in line.strip().strip("|").split("|")]
+        assert len(got) == len(cells), line
+        for cell, text in zip(cells, got, strict=True):
+            hs, zs = values.get((model, cell, "hs")), values.get((model, cell, "zs_mean"))
+            assert text.split(" (")[0] == f"{_fmt(hs)} / {_fmt(zs)}", (model, cell, text)
 
 
 def test_demo_reuses_a_baseline_for_other_defense_settings(tiny_model_dir, tmp_path, monkeypatch):
