@@ -137,6 +137,9 @@ def _data_parser(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--holdout-categories", "--holdout_categories", default="",
                    help="comma-separated harm categories kept out of the defence set (cross-category test)")
+    b.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a bundle option, repeatable (e.g. beavertails: train_path=FILE test_path=FILE "
+                        "refusals_path=FILE benign_path=FILE defense_size=N; an unknown key lists them)")
     d = acts.add_parser("distill", help="answer prompts greedily with a model (benign answers), cached by model hash")
     d.add_argument("--model", required=True)
     d.add_argument("--prompts", required=True, help="JSONL/JSON/CSV/Parquet with a prompt column")
@@ -166,10 +169,11 @@ def _run_data(args: argparse.Namespace, extra: list[str]) -> int:
             print(f"  {name}: {bundle.description}")
         return 0
     if args.action == "build":
-        from seamlm.data.bundles import build_bundle
+        from seamlm.data.bundles import build_bundle, bundle_options
 
         cats = tuple(c.strip() for c in args.holdout_categories.split(",") if c.strip())
-        bundle = build_bundle(args.bundle, seed=args.seed, holdout_categories=cats)
+        bundle = build_bundle(args.bundle, seed=args.seed, holdout_categories=cats,
+                              **bundle_options(args.bundle, args.option))
         out = bundle.write(args.out)
         print(json.dumps(bundle.counts()))
         print(f"bundle '{args.bundle}' written to {out} (manifest: {out / 'manifest.json'})")

@@ -119,6 +119,34 @@ def get_bundle(name: str) -> Bundle:
     return BUNDLES[name]
 
 
+def bundle_options(name: str, options: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` strings -> keyword arguments of bundle ``name``'s builder (integers where the builder's default
+    is one); an unknown key or a malformed option is an error naming the builder's options."""
+    import inspect
+
+    # the options a command line can give: sizes (int) and files (*_path); seed and hold-out have their own flags
+    params = {k: p for k, p in inspect.signature(get_bundle(name).build).parameters.items()
+              if k != "seed" and (k.endswith("_path") or (isinstance(p.default, int) and not isinstance(p.default, bool)))}
+    known = ", ".join(params) or "none"
+    out: dict[str, Any] = {}
+    for option in options:
+        key, sep, value = option.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in params:
+            raise DataError(f"--option {option!r}: bundle '{name}' takes KEY=VALUE with KEY one of: {known}")
+        default = params[key].default
+        if isinstance(default, int) and not isinstance(default, bool):
+            try:
+                out[key] = int(value)
+            except ValueError:
+                raise DataError(f"--option {option!r}: {key} takes an integer") from None
+        elif key.endswith("_path") and not Path(value).is_file():
+            raise DataError(f"--option {option!r}: no such file")
+        else:
+            out[key] = value
+    return out
+
+
 def build_bundle(name: str, seed: int = 0, holdout_categories: tuple[str, ...] = (), **kwargs: Any) -> BundleData:
     return get_bundle(name).build(seed=seed, holdout_categories=tuple(holdout_categories), **kwargs)
 
@@ -186,7 +214,8 @@ def _pair_refusals(harmful: list[Example], refusals_by_prompt: dict[str, list[Ex
 MIN_HS_PROMPTS = 20
 
 
-def _check_filled(streams: dict[str, list[Example]], holdout: tuple[str, ...], pool: list[Example]) -> None:
+def _check_filled(streams: dict[str, list[Example]], holdout: tuple[str, ...], pool: list[Example],
+                  bundle: str = "offline-default") -> None:
     """A hold-out of a small category can leave the attack or HS set empty (a bundle no run could load) or HS on a
     handful of prompts: refuse the first, warn about the second."""
     def what() -> str:  # counted only for a message
@@ -197,10 +226,10 @@ def _check_filled(streams: dict[str, list[Example]], holdout: tuple[str, ...], p
 
     empty = [k for k, rows in streams.items() if not rows]
     if empty:
-        raise DataError(f"offline-default: {what()} leaves {', '.join(empty)} empty: hold out a category with more "
+        raise DataError(f"{bundle}: {what()} leaves {', '.join(empty)} empty: hold out a category with more "
                         "rows, or several (an unknown category's error lists them all)")
     if len(streams["eval_harmful"]) < MIN_HS_PROMPTS:
-        log.warning("offline-default: %s leaves %d HS prompts: each one moves HS by %.0f points", what(),
+        log.warning("%s: %s leaves %d HS prompts: each one moves HS by %.0f points", bundle, what(),
                     len(streams["eval_harmful"]), 100 / len(streams["eval_harmful"]))
 
 
@@ -285,4 +314,96 @@ BUNDLES["offline-default"] = Bundle(
     "prompts + HarmBench; 100 further PIQA pairs for coherence; 200 more for adaptive attackers' benign data.",
     {"all": ["pyrit-harm", "pyrit-objective", "pyrit-refusal", "harmbench", "forgelm-chat", "piqa-benign"]},
     _offline_default,
+)
+
+
+def _beavertails(seed: int = 0, holdout_categories: tuple[str, ...] = (), train_path: str | None = None,
+                 test_path: str | None = None, refusals_path: str | None = None, benign_path: str | None = None,
+                 defense_size: int = 2000, attack_size: int = 1000, eval_size: int = 500, benign_size: int = 2000,
+                 benign_heldout: int = 100, attack_benign: int = 200) -> BundleData:
+    """The paper's data: BeaverTails harmful answers (30k_train, is_safe=False) split by prompt into defence and
+    attack halves, HS prompts from 30k_test (unseen in training; with a category hold-out, only the held-out
+    categories'), R from RepNoise's refusal file where it has the prompt (else a template), B and the benign
+    held-out sets from Alpaca-cleaned. ``*_path``: local files in the Hub schema instead of the Hub."""
+    import random
+
+    sizes = {"defense_size": defense_size, "attack_size": attack_size, "eval_size": eval_size,
+             "benign_size": benign_size, "benign_heldout": benign_heldout, "attack_benign": attack_benign}
+    bad = [k for k, v in sizes.items() if v < 1]
+    if bad:
+        raise DataError(f"beavertails bundle: {', '.join(bad)} must be >= 1")
+    harmful = [e for e in load_source("beavertails", split="30k_train", path=train_path) if e.label == "harmful"]
+    split = assign_splits(harmful, {"defense": 0.5, "attack": 0.5}, seed, holdout_categories)
+    check_disjoint(split)
+    rng = random.Random(seed)
+
+    def sample(rows: list[Example], n: int) -> list[Example]:
+        rows = list(rows)
+        rng.shuffle(rows)
+        return rows[:n]
+
+    used = hashes(split["defense"]) | hashes(split["attack"])
+    held = {c.strip().casefold() for c in holdout_categories}
+    eval_rows: dict[str, Example] = {}
+    for e in load_source("beavertails", split="30k_test", path=test_path):
+        h = prompt_hash(e.prompt)
+        if e.label == "harmful" and h not in used and h not in eval_rows and (not held or categories_of(e) & held):
+            eval_rows[h] = Example(e.prompt, "", e.category, None, e.source)
+    defense = sample(split["defense"], defense_size)
+    refusals: dict[str, list[Example]] = {}
+    if refusals_path:
+        for e in load_source("repnoise-refusals", path=refusals_path):
+            if e.label == "refusal":
+                refusals.setdefault(prompt_hash(e.prompt), []).append(e)
+
+    alpaca = load_source("alpaca-cleaned", path=benign_path)
+    rng.shuffle(alpaca)
+    benign_sets: list[list[Example]] = [[], [], []]
+    seen: set[str] = set()
+    for e in alpaca:  # one prompt in one set only; B first, then the held-out set, then the attacker's
+        h = prompt_hash(e.prompt)
+        if h in seen:
+            continue
+        seen.add(h)
+        for rows, n in zip(benign_sets, (benign_size, benign_heldout, attack_benign), strict=True):
+            if len(rows) < n:
+                rows.append(e)
+                break
+        else:
+            break
+    streams = {
+        "harmful": defense,
+        "refusal": _pair_refusals(defense, refusals, seed),
+        "benign": benign_sets[0],
+        "attack": sample(split["attack"], attack_size),
+        "eval_harmful": sample(list(eval_rows.values()), eval_size),
+        "benign_heldout": benign_sets[1],
+        "attack_benign": benign_sets[2],
+    }
+    _check_filled(streams, holdout_categories, harmful, "beavertails")
+    groups = [["harmful", "attack", "eval_harmful"], ["benign", "benign_heldout", "attack_benign"]]
+    for group in groups:
+        check_disjoint({k: streams[k] for k in group})
+    manifest = split_manifest(
+        streams, seed, disjoint=groups, bundle="beavertails", fractions={"defense": 0.5, "attack": 0.5},
+        holdout_categories=list(holdout_categories), sizes=sizes,
+        sources={"beavertails:30k_train": train_path or get_source("beavertails").origin,
+                 "beavertails:30k_test": test_path or get_source("beavertails").origin,
+                 "repnoise-refusals": refusals_path or "none (template refusals)",
+                 "alpaca-cleaned": benign_path or get_source("alpaca-cleaned").origin},
+        refusals_from_data=sum(1 for e in streams["refusal"] if e.source != "template"),
+        zero_shot_exclude=[],
+    )
+    return BundleData(streams, manifest)
+
+
+BUNDLES["beavertails"] = Bundle(
+    "beavertails",
+    "The paper's data (Hub, or local files in its schema via `seamlm data build beavertails --option "
+    "train_path=FILE ...`): BeaverTails 30k_train harmful answers split by prompt into defence / attack halves "
+    "(2000 / 1000 rows sampled), HS prompts from 30k_test unseen in training (500), R from RepNoise's refusal JSON "
+    "(refusals_path=) where it has the prompt, else a template; B, held-out and attacker benign sets from "
+    "Alpaca-cleaned (2000 / 100 / 200).",
+    {"all": ["beavertails", "repnoise-refusals", "alpaca-cleaned"]},
+    _beavertails,
 )
