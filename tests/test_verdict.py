@@ -111,6 +111,6 @@ def test_the_strongest_attack_is_picked_per_optimiser():
     sgd = [ResultRow(model="aligned", defense="none", cell="sgd-1e-2", metric=m, value=v,
                      judge="j" if m == "hs" else None, attack={"lr": 1e-2, "lora": False, "optimizer": "sgd"})
            for m, v in (("hs", 12.0), ("zs_mean", 65.0))]
-    checks = [c for c in check_bar(_rows(BASE) + sgd) if c.criterion.startswith("the strongest attack")]
-    assert sorted((c.criterion.split("(")[1].split(")")[0], c.passed) for c in checks) == [
-        ("sgd-1e-2", False), ("strong", True)]
+    checks = [c for c in check_bar(_rows(BASE) + sgd) if c.criterion.startswith("the strongest")]
+    assert sorted((c.criterion.split(" (")[0], c.criterion.split("(")[1].split(")")[0], c.passed) for c in checks) == [
+        ("the strongest adamw attack", "strong", True), ("the strongest sgd attack", "sgd-1e-2", False)]
