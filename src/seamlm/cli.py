@@ -54,9 +54,9 @@ def _defend_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if available)")
     p.add_argument("--dtype", default="float32",
                    help="dtype to load the weights in (default float32 on every device: on a GPU SEAM still computes "
-                        "L_ul/L_up in bf16, --compute_dtype auto, over fp32 weights; auto or bfloat16 loads bf16 "
-                        "weights, half the memory, SEAM keeping fp32 master copies, and saves in bf16; refusal-sft "
-                        "trains in this dtype)")
+                        "L_ul/L_up in bf16, --compute_dtype auto, over fp32 weights; with auto or bfloat16 SEAM "
+                        "converts the weights to fp32 for training, so only loading is lighter, and saves in bf16; "
+                        "refusal-sft trains in this dtype)")
 
 
 def _run_defend(args: argparse.Namespace, extra: list[str]) -> int:
