@@ -101,8 +101,11 @@ def test_a_refused_resume_keeps_the_unfinished_runs_data_manifest(tiny_model_dir
     capsys.readouterr()
     assert main([*args, "--resume", "--data-seed", "1"]) == 2
     err = capsys.readouterr().err
-    assert "trained on other data" in err and "seed 0; now 'offline-default', seed 1" in err, err
+    assert "trained on other data" in err and "seed: 0 -> 1" in err, err
     assert (out / "data_manifest.json").read_text() == manifest
+    (out / "data_manifest.json").write_text(manifest[:40])  # cut short: a clear error, not a traceback
+    assert main([*args, "--resume"]) == 2 and "data_manifest.json is unreadable" in capsys.readouterr().err
+    (out / "data_manifest.json").write_text(manifest)
     assert main([*args, "--resume"]) == 0
 
 

@@ -93,14 +93,12 @@ def _run_defend(args: argparse.Namespace, extra: list[str]) -> int:
         run_info.update(data=args.data, data_seed=bundle.manifest.get("seed"), data_counts=bundle.counts())
         if ctx.is_main:
             manifest_path = Path(args.out) / "data_manifest.json"
-            if args.resume and manifest_path.is_file() and json.loads(manifest_path.read_text()) != bundle.manifest:
-                # refused here, before the run's own manifest is replaced (the trainer would refuse it later)
-                then = json.loads(manifest_path.read_text())
-                raise ConfigError(f"--resume: {args.out} was trained on other data (its data_manifest.json: bundle "
-                                  f"{then.get('bundle')!r}, seed {then.get('seed')}; now {bundle.manifest.get('bundle')!r}, "
-                                  f"seed {bundle.manifest.get('seed')}): resume with the run's --data and --data-seed")
+            if args.resume and manifest_path.is_file():
+                _refuse_other_data(manifest_path, bundle.manifest)  # before the run's own manifest is replaced
             Path(args.out).mkdir(parents=True, exist_ok=True)
-            manifest_path.write_text(json.dumps(bundle.manifest, indent=2))
+            from seamlm.jsonl import write_text_atomic
+
+            write_text_atomic(manifest_path, json.dumps(bundle.manifest, indent=2))
     else:
         if args.data_seed:
             log.warning("--data-seed %d is not used: --harmful/--refusal/--benign are taken as given", args.data_seed)
@@ -119,6 +117,23 @@ def _run_defend(args: argparse.Namespace, extra: list[str]) -> int:
     if ctx.is_main:
         print(f"{args.method} model written to {out}; per-step log: {Path(args.out) / 'log.jsonl'}")
     return 0
+
+
+def _refuse_other_data(path: Path, now: dict) -> None:
+    """``--resume`` on other data than the unfinished run's (its ``data_manifest.json``) is refused, naming what
+    differs; the trainer would refuse it later by the data fingerprint, after the manifest had been replaced."""
+    try:
+        then = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--resume: {path} is unreadable ({exc}); the run's data cannot be checked: start the run "
+                          "again in another --out") from None
+    differ = sorted(k for k in then.keys() | now.keys() if then.get(k) != now.get(k))
+    if differ:
+        shown = ", ".join(f"{k}: {then.get(k)!r} -> {now.get(k)!r}" for k in differ if k in ("bundle", "seed",
+                          "holdout_categories", "sizes", "sources"))
+        raise ConfigError(f"--resume: {path.parent} was trained on other data (its data_manifest.json differs in "
+                          f"{', '.join(differ)}{'; ' + shown if shown else ''}): resume with the run's --data and "
+                          "--data-seed (and the bundle's build options)")
 
 
 def _warn_unused_data_seed(args: argparse.Namespace) -> None:
