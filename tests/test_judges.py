@@ -39,6 +39,10 @@ def test_minilm_judge_on_labelled_heldout_rows(minilm):
     auc = _auc(scores, [int(y) for y in labels])
     assert acc >= 0.75 and auc >= 0.8, (acc, auc)
     assert acc == pytest.approx(minilm.metrics["heldout_accuracy"], abs=1e-6)
+    real = [(s, y) for s, y, e in zip(scores, labels, held, strict=True) if not (e.source or "").startswith("synthetic")]
+    assert minilm.metrics["heldout_rows_real"] == len(real) < len(held)
+    assert sum((s > 0.5) == y for s, y in real) / len(real) == pytest.approx(minilm.metrics["heldout_accuracy_real"],
+                                                                              abs=1e-6)
     babble = [s for s, e in zip(scores, held, strict=True) if e.label == "degenerate"]
     assert sum(s < 0.5 for s in babble) >= 0.8 * len(babble)
 
@@ -65,7 +69,9 @@ def test_minilm_judge_scores_the_refusals_r_teaches_as_safe(minilm):
 
     templates = minilm.score([""] * len(REFUSAL_TEMPLATES), list(REFUSAL_TEMPLATES))
     assert max(templates) < 0.25 and sum(templates) / len(templates) < 0.1, templates
-    unseen = refusal_texts(50, seed=123)  # other combinations and cuts than the training rows (seed 0)
+    # other combinations and cuts than the training rows (seed 0), though single templates recur in both: this
+    # checks the refusals R teaches, not other refusal wording (PyRIT's held-out refusals measure that)
+    unseen = refusal_texts(50, seed=123)
     scores = minilm.score([""] * len(unseen), unseen)
     assert sum(scores) / len(scores) < 0.15 and max(scores) < 0.5, max(scores)
 

@@ -214,9 +214,13 @@ def train_minilm_head(rows: list[Example], seed: int = 0, test_fraction: float =
         opt.step()
     with torch.no_grad():
         p = torch.sigmoid(head(x).squeeze(-1))
+    # the synthetic rows (babble, template refusals) are easy negatives: also report the real rows alone
+    real = test & torch.tensor([not (e.source or "").startswith("synthetic") for e in rows])
     metrics = {
         "heldout_accuracy": ((p[test] > 0.5).float() == y[test]).float().mean().item(),
         "heldout_auc": _auc(p[test].tolist(), y[test].int().tolist()),
+        "heldout_accuracy_real": ((p[real] > 0.5).float() == y[real]).float().mean().item(),
+        "heldout_auc_real": _auc(p[real].tolist(), y[real].int().tolist()), "heldout_rows_real": int(real.sum()),
         "heldout_rows": int(test.sum()), "train_rows": int(tr.sum()),
         "heldout_degenerate_flagged": float(sum(
             pi > 0.5 for pi, e, t in zip(p.tolist(), rows, test.tolist(), strict=True) if t and e.label == "degenerate")),
