@@ -66,6 +66,17 @@ def test_beavertails_bundle_from_local_files(files, tmp_path):
     assert not (benign[0] & benign[1] or benign[0] & benign[2] or benign[1] & benign[2])
 
 
+def test_short_streams_and_missing_refusals_are_logged(files, tmp_path, caplog):
+    from seamlm.data.bundles import build_bundle
+
+    b = build_bundle("beavertails", train_path=str(files["train"]), test_path=str(files["test"]),
+                     benign_path=str(files["alpaca"]), defense_size=100, attack_size=5, eval_size=5, benign_size=20,
+                     benign_heldout=5, attack_benign=5)
+    assert len(b.streams["harmful"]) < 100
+    assert "the defence split (defense_size) has" in caplog.text and "fewer than the 100 asked for" in caplog.text
+    assert "no refusals_path" in caplog.text and b.manifest["refusals_from_data"] == 0
+
+
 def test_beavertails_bundle_holds_out_a_category_for_evaluation(files, tmp_path):
     assert _build(files, tmp_path / "b", "--holdout-categories", "privacy_violation") == 0
     b = load_built(tmp_path / "b")

@@ -322,8 +322,8 @@ def _beavertails(seed: int = 0, holdout_categories: tuple[str, ...] = (), train_
                  defense_size: int = 2000, attack_size: int = 1000, eval_size: int = 500, benign_size: int = 2000,
                  benign_heldout: int = 100, attack_benign: int = 200) -> BundleData:
     """The paper's data: BeaverTails harmful answers (30k_train, is_safe=False) split by prompt into defence and
-    attack halves, HS prompts from 30k_test (unseen in training; with a category hold-out, only the held-out
-    categories'), R from RepNoise's refusal file where it has the prompt (else a template), B and the benign
+    attack halves (with a category hold-out: every other prompt to the defence, the held-out categories' to the
+    attack), HS prompts from 30k_test (unseen in training; with a hold-out, only the held-out categories'), R from RepNoise's refusal file where it has the prompt (else a template), B and the benign
     held-out sets from Alpaca-cleaned. ``*_path``: local files in the Hub schema instead of the Hub."""
     import random
 
@@ -337,9 +337,11 @@ def _beavertails(seed: int = 0, holdout_categories: tuple[str, ...] = (), train_
     check_disjoint(split)
     rng = random.Random(seed)
 
-    def sample(rows: list[Example], n: int) -> list[Example]:
+    def sample(rows: list[Example], n: int, what: str) -> list[Example]:
         rows = list(rows)
         rng.shuffle(rows)
+        if len(rows) < n:
+            log.warning("beavertails: %s has %d rows, fewer than the %d asked for", what, len(rows), n)
         return rows[:n]
 
     used = hashes(split["defense"]) | hashes(split["attack"])
@@ -349,9 +351,11 @@ def _beavertails(seed: int = 0, holdout_categories: tuple[str, ...] = (), train_
         h = prompt_hash(e.prompt)
         if e.label == "harmful" and h not in used and h not in eval_rows and (not held or categories_of(e) & held):
             eval_rows[h] = Example(e.prompt, "", e.category, None, e.source)
-    defense = sample(split["defense"], defense_size)
+    defense = sample(split["defense"], defense_size, "the defence split (defense_size)")
     refusals: dict[str, list[Example]] = {}
-    if refusals_path:
+    if not refusals_path:
+        log.warning("beavertails: no refusals_path (RepNoise's refusal JSON, not on the Hub): R is template refusals")
+    else:
         for e in load_source("repnoise-refusals", path=refusals_path):
             if e.label == "refusal":
                 refusals.setdefault(prompt_hash(e.prompt), []).append(e)
@@ -375,8 +379,8 @@ def _beavertails(seed: int = 0, holdout_categories: tuple[str, ...] = (), train_
         "harmful": defense,
         "refusal": _pair_refusals(defense, refusals, seed),
         "benign": benign_sets[0],
-        "attack": sample(split["attack"], attack_size),
-        "eval_harmful": sample(list(eval_rows.values()), eval_size),
+        "attack": sample(split["attack"], attack_size, "the attack split (attack_size)"),
+        "eval_harmful": sample(list(eval_rows.values()), eval_size, "the HS prompt pool (eval_size)"),
         "benign_heldout": benign_sets[1],
         "attack_benign": benign_sets[2],
     }
