@@ -453,3 +453,15 @@ def test_attack_ce_is_measured_on_one_fixed_set_before_and_after(tiny_model_dir,
         expected = answer_ce(AutoModelForCausalLM.from_pretrained(tiny_model_dir), batch).item()
     assert got["attack_ce_before"] == pytest.approx(expected, rel=1e-5)
     assert got["attack_ce_after"] < got["attack_ce_before"] - 0.1
+
+
+def test_evaluation_pads_a_tokenizer_without_a_pad_token(tiny_model, bundle):
+    """A user's Llama-style tokenizer (no pad token) reaches generation and the zero-shot scorer padded with EOS."""
+    from seamlm.evaluate.judges import get_judge
+    from seamlm.evaluate.run import evaluate_model
+    from tests.conftest import make_tokenizer
+
+    tok = make_tokenizer()
+    tok.pad_token = None
+    out = evaluate_model(tiny_model, tok, bundle, EVAL, get_judge("keyword"))
+    assert tok.pad_token == tok.eos_token and "hs" in out and "zs_mean" in out

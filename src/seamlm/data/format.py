@@ -150,6 +150,7 @@ def encode_prompts(tokenizer: Any, prompts: list[str], template: str = "chat", m
     """A left-padded batch of formatted prompts (``input_ids``, ``attention_mask``) whose last position is each
     prompt's last token: for generation and last-token states. A prompt longer than ``max_tokens`` loses its start,
     never the generation prompt at its end."""
+    ensure_pad_token(tokenizer)
     ids = [encode_text(tokenizer, prompt_text(tokenizer, p, template)) for p in prompts]
     if max_tokens:
         ids = [keep_last(tokenizer, x, max_tokens) for x in ids]

@@ -25,6 +25,7 @@ from seamlm.data.format import with_bos
 from seamlm.data.sources import load_source
 from seamlm.defense.losses import ModelParts
 from seamlm.errors import ConfigError, DataError
+from seamlm.models import ensure_pad_token
 
 log = logging.getLogger(__name__)
 
@@ -228,6 +229,7 @@ def score_items(items: list[MCItem], lls: list[list[float]]) -> dict[str, float]
 def evaluate_zero_shot(model: Any, tokenizer: Any, tasks: tuple[str, ...], limit: int | None = 200,
                        seed: int = 0, batch_size: int = 16) -> dict[str, dict[str, float]]:
     """Per task ``{"acc", "acc_norm", "n", "chance"}`` plus ``"mean"`` (mean acc over tasks, and its chance)."""
+    ensure_pad_token(tokenizer)
     results = {}
     for name in tasks:
         items = task_items(name, limit, seed)
