@@ -295,7 +295,8 @@ def attack_cell(model_name: str, label: str, defense: str, bundle: BundleData, r
     return CellOutcome(cell, values, True)
 
 
-#: The attack examples whose answer CE is measured before and after each attack (the first ones it trains on).
+#: How many attack examples (the first of the cell's seeded attack subset, all of which it trains on) have their
+#: answer CE measured before and after each attack.
 ATTACK_CE_EXAMPLES = 16
 
 

@@ -125,8 +125,8 @@ def build_tables(rows: list[ResultRow]) -> dict[str, list[list[str]]]:
             lambda m, c: "–" if c == "pre" else f"{_fmt(get(m, c, 'attack_first_loss'), 3)} -> {_fmt(get(m, c, 'attack_final_loss'), 3)}"),
     }
     if any(r.metric == "attack_ce_before" for r in rows):
-        tables["harmful-answer CE on 16 fixed attack examples: before -> after the attack (how much the attack "
-               "learnt)"] = table(
+        tables["harmful-answer CE on a fixed set of the attack's examples (its first 16, or all if fewer): "
+               "before -> after the attack (how much the attack learnt)"] = table(
             lambda m, c: "–" if c == "pre" else f"{_fmt(get(m, c, 'attack_ce_before'), 3)} -> {_fmt(get(m, c, 'attack_ce_after'), 3)}")
     if any(r.metric == "coupling_cos" for r in rows):
         tables["gradient coupling on the attack data: cos(g_harmful, g_benign) / benign-loss slope along a harmful "
