@@ -4,7 +4,6 @@ results file; a stopped grid resumes without redoing finished cells."""
 from __future__ import annotations
 
 import logging
-import math
 import random
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from seamlm.data.splits import prompt_hash
 from seamlm.distributed import DistContext, load_model_for_rank
 from seamlm.errors import ConfigError, DataError, NonFiniteLossError
 from seamlm.evaluate.judges import Judge
-from seamlm.evaluate.metrics import EvalConfig, perplexity_of_rows
+from seamlm.evaluate.metrics import EvalConfig, answer_ce_of_rows
 from seamlm.evaluate.run import attack_probe, evaluate_model
 from seamlm.finetune import LOOP_VERSION, FinetuneConfig, probe_log_path, probing
 from seamlm.models import (
@@ -308,8 +307,7 @@ def _attack_ce_rows(tok: Any, data: AttackData, train_cfg: FinetuneConfig) -> li
 
 def attack_ce(model: Any, tok: Any, rows: list[TokenizedExample]) -> float:
     """Answer-token cross-entropy (nats, token mean) of ``model`` on ``rows``; NaN for a diverged model."""
-    ppl = perplexity_of_rows(model, rows, tok.pad_token_id)
-    return math.log(ppl) if math.isfinite(ppl) and ppl > 0 else float("nan")
+    return answer_ce_of_rows(model, rows, tok.pad_token_id)
 
 
 def check_eval_template(cfg: FinetuneConfig | AttackConfig, eval_cfg: EvalConfig,

@@ -186,9 +186,17 @@ def benign_perplexity(model: Any, tokenizer: Any, examples: list[Example], batch
     return perplexity_of_rows(model, rows, tokenizer.pad_token_id, batch_size)
 
 
-@torch.no_grad()
 def perplexity_of_rows(model: Any, rows: list[TokenizedExample], pad_token_id: int, batch_size: int = 16) -> float:
     """:func:`benign_perplexity` on already tokenised rows (a probe taken many times along an attack encodes once)."""
+    mean = answer_ce_of_rows(model, rows, pad_token_id, batch_size)
+    if math.isnan(mean):
+        return math.nan  # NaN weights: no measurement (not an infinite, i.e. "broken", perplexity)
+    return math.exp(mean) if mean < 700 else float("inf")  # a broken model's CE can overflow exp
+
+
+@torch.no_grad()
+def answer_ce_of_rows(model: Any, rows: list[TokenizedExample], pad_token_id: int, batch_size: int = 16) -> float:
+    """Answer-token cross-entropy of ``model`` on ``rows`` (nats, the mean over every answer token)."""
     device = next(model.parameters()).device
     total, count = 0.0, 0
     model.eval()
@@ -200,10 +208,7 @@ def perplexity_of_rows(model: Any, rows: list[TokenizedExample], pad_token_id: i
     if not count:
         raise ConfigError("perplexity: no answer tokens to score (empty benign_heldout stream, coherence_examples "
                           "of 0 rows, or answers cut away by truncation)")
-    mean = total / count
-    if math.isnan(mean):
-        return math.nan  # NaN weights: no measurement (not an infinite, i.e. "broken", perplexity)
-    return math.exp(mean) if mean < 700 else float("inf")  # a broken model's CE can overflow exp
+    return total / count
 
 
 def gradient_coupling(model: Any, tokenizer: Any, harmful: list[Example], benign: list[Example],
