@@ -24,7 +24,6 @@ from seamlm.evaluate.metrics import (
 from seamlm.evaluate.zeroshot import evaluate_zero_shot, run_lm_eval
 from seamlm.finetune import Probe
 from seamlm.jsonl import write_records_atomic
-from seamlm.models import ensure_pad_token
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +31,6 @@ log = logging.getLogger(__name__)
 def evaluate_model(model: Any, tokenizer: Any, bundle: BundleData, cfg: EvalConfig, judge: Judge,
                    samples_path: str | Path | None = None) -> dict[str, float]:
     """Metric name -> value (see ``seamlm.results.METRICS``). Generated answers go to ``samples_path`` (JSONL)."""
-    ensure_pad_token(tokenizer)  # a user's tokenizer (Python API) may have none
     fed = set(bundle.manifest.get("zero_shot_exclude", []))
     excluded, lm_excluded = fed & set(cfg.zs_tasks), fed & set(cfg.lm_eval_tasks)
     if excluded:
