@@ -124,9 +124,12 @@ def bundle_options(name: str, options: list[str]) -> dict[str, Any]:
     is one); an unknown key or a malformed option is an error naming the builder's options."""
     import inspect
 
+    def is_int(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
     # the options a command line can give: sizes (int) and files (*_path); seed and hold-out have their own flags
     params = {k: p for k, p in inspect.signature(get_bundle(name).build).parameters.items()
-              if k != "seed" and (k.endswith("_path") or (isinstance(p.default, int) and not isinstance(p.default, bool)))}
+              if k != "seed" and (k.endswith("_path") or is_int(p.default))}
     known = ", ".join(params) or "none"
     out: dict[str, Any] = {}
     for option in options:
@@ -134,8 +137,7 @@ def bundle_options(name: str, options: list[str]) -> dict[str, Any]:
         key = key.strip().replace("-", "_")
         if not sep or key not in params:
             raise DataError(f"--option {option!r}: bundle '{name}' takes KEY=VALUE with KEY one of: {known}")
-        default = params[key].default
-        if isinstance(default, int) and not isinstance(default, bool):
+        if is_int(params[key].default):
             try:
                 out[key] = int(value)
             except ValueError:
@@ -195,6 +197,15 @@ def resolve_data(spec: str, seed: int = 0) -> BundleData:
     return build_bundle(spec, seed=seed)
 
 
+def _refusals_by_prompt(rows: list[Example]) -> dict[str, list[Example]]:
+    """The rows labelled ``refusal``, by prompt hash (what :func:`_pair_refusals` pairs H with)."""
+    out: dict[str, list[Example]] = {}
+    for e in rows:
+        if e.label == "refusal":
+            out.setdefault(prompt_hash(e.prompt), []).append(e)
+    return out
+
+
 def _pair_refusals(harmful: list[Example], refusals_by_prompt: dict[str, list[Example]], seed: int) -> list[Example]:
     """R row i = prompt of H row i + a human-labelled refusal of that prompt if one exists, else a template."""
     out, seen = [], {}
@@ -239,10 +250,7 @@ def _offline_default(seed: int = 0, holdout_categories: tuple[str, ...] = (),
     fractions = fractions or {"defense": 0.45, "attack": 0.45, "eval": 0.10}
     labelled = pyrit_labelled()
     harmful_pool = [e for e in labelled if e.label == "harmful"]
-    refusals: dict[str, list[Example]] = {}
-    for e in labelled:
-        if e.label == "refusal":
-            refusals.setdefault(prompt_hash(e.prompt), []).append(e)
+    refusals = _refusals_by_prompt(labelled)
 
     split = assign_splits(harmful_pool, fractions, seed, holdout_categories)
     check_disjoint(split)
@@ -323,8 +331,9 @@ def _beavertails(seed: int = 0, holdout_categories: tuple[str, ...] = (), train_
                  benign_heldout: int = 100, attack_benign: int = 200) -> BundleData:
     """The paper's data: BeaverTails harmful answers (30k_train, is_safe=False) split by prompt into defence and
     attack halves (with a category hold-out: every other prompt to the defence, the held-out categories' to the
-    attack), HS prompts from 30k_test (unseen in training; with a hold-out, only the held-out categories'), R from RepNoise's refusal file where it has the prompt (else a template), B and the benign
-    held-out sets from Alpaca-cleaned. ``*_path``: local files in the Hub schema instead of the Hub."""
+    attack), HS prompts from 30k_test (unseen in training; with a hold-out, only the held-out categories'), R from
+    RepNoise's refusal file where it has the prompt (else a template), B and the benign held-out sets from
+    Alpaca-cleaned. ``*_path``: local files in the Hub schema instead of the Hub."""
     import random
 
     sizes = {"defense_size": defense_size, "attack_size": attack_size, "eval_size": eval_size,
@@ -356,9 +365,7 @@ def _beavertails(seed: int = 0, holdout_categories: tuple[str, ...] = (), train_
     if not refusals_path:
         log.warning("beavertails: no refusals_path (RepNoise's refusal JSON, not on the Hub): R is template refusals")
     else:
-        for e in load_source("repnoise-refusals", path=refusals_path):
-            if e.label == "refusal":
-                refusals.setdefault(prompt_hash(e.prompt), []).append(e)
+        refusals = _refusals_by_prompt(load_source("repnoise-refusals", path=refusals_path))
 
     alpaca = load_source("alpaca-cleaned", path=benign_path)
     rng.shuffle(alpaca)
