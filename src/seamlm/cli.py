@@ -310,8 +310,11 @@ def _run_attack(args: argparse.Namespace, extra: list[str]) -> int:
     if args.config:
         from seamlm.config import read_yaml_mapping
 
-        AttackConfig.refuse_grid_owned(read_yaml_mapping(args.config), str(args.config))
-    cfg = AttackConfig.from_yaml(args.config, attack_over) if args.config else AttackConfig.from_dict(attack_over, "command line")
+        values = read_yaml_mapping(args.config)
+        AttackConfig.refuse_grid_owned(values, str(args.config))
+        cfg = AttackConfig.from_dict({**values, **attack_over}, str(args.config))
+    else:
+        cfg = AttackConfig.from_dict(attack_over, "command line")
     with main_process_first(ctx):  # rank 0 writes the manifest and trains/caches the judge first
         # the template check before the pre-attack evaluation runs in it (and before the judge is made)
         eval_cfg, bundle, judge, store = _eval_setup(args, eval_over, lambda ev: check_eval_template(cfg, ev, recipe))
