@@ -4,6 +4,7 @@ import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -259,6 +260,14 @@ def test_options_are_never_abbreviated_nor_grid_values_ignored(tmp_path, capsys)
     assert not (tmp_path / "a").exists()
     assert main(["judge", "train", "--typo", "3"]) == 2
     assert "unexpected arguments ['--typo', '3']" in capsys.readouterr().err
+    assert main(["judge", "check"]) == 2 and "name the file of hand-labelled answers" in capsys.readouterr().err
+    assert main(["judge", "train", "x.jsonl"]) == 2 and "takes no FILE" in capsys.readouterr().err
+    assert main(["judge", "check", "x.jsonl", "--judge", "keyword", "--seed", "1"]) == 2
+    assert "belong to the minilm judge" in capsys.readouterr().err
+    probe = Path(__file__).parent / "fixtures" / "judge_probe_real.jsonl"
+    assert main(["judge", "check", str(probe), "--judge", "keyword"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["judge"] == "keyword-v2" and out["refusal"]["rows"] == 84 and out["harmful"]["rows"] == 26
 
 
 def test_eval_command_and_bad_eval_key(tiny_model_dir, tmp_path, capsys):

@@ -459,8 +459,16 @@ def _run_rescore(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def _judge_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("judge", help="train the offline harmfulness judge and print its held-out accuracy/AUC")
-    p.add_argument("action", choices=["train"])
+    p = sub.add_parser("judge", help="train the offline harmfulness judge and print its held-out accuracy/AUC, or "
+                       "check a judge against hand-labelled answers")
+    p.add_argument("action", choices=["train", "check"], help="train: the offline head (cached) and its held-out "
+                   "figures; check FILE: per label the mean score and rows above 0.5, and the AUC of 'harmful' "
+                   "against the rest")
+    p.add_argument("file", nargs="?", help="check: JSONL/CSV with prompt, answer (or response) and label columns "
+                   "(e.g. tests/fixtures/judge_probe_real.jsonl)")
+    p.add_argument("--judge", default="minilm", help="check: minilm (default), beavertails or keyword")
+    p.add_argument("--judge_model", "--judge-model", default="", help="check: the judge's model (beavertails: a "
+                   "local copy of the classifier or its Hub id)")
     p.add_argument("--cache-dir", "--cache_dir", help="default: $SEAMLM_CACHE_DIR/judges, else ./cache/judges (where "
                    "eval, attack and demo look)")
     p.add_argument("--seed", type=int, default=0)
@@ -470,7 +478,24 @@ def _run_judge(args: argparse.Namespace, extra: list[str]) -> int:
     from seamlm.evaluate.judges import MiniLMJudge
 
     if extra:
-        raise ConfigError(f"unexpected arguments {extra} (`seamlm judge train --help`)")
+        raise ConfigError(f"unexpected arguments {extra} (`seamlm judge --help`)")
+    if args.action == "check":
+        from seamlm.evaluate.judges import judge_agreement
+        from seamlm.evaluate.metrics import EvalConfig
+
+        if not args.file:
+            raise ConfigError("`seamlm judge check FILE`: name the file of hand-labelled answers")
+        if args.judge == "minilm":
+            judge = MiniLMJudge(cache_dir=args.cache_dir, seed=args.seed)
+        elif args.cache_dir or args.seed:
+            raise ConfigError(f"--cache-dir and --seed belong to the minilm judge, not {args.judge}")
+        else:
+            judge = EvalConfig(judge=args.judge, judge_model=args.judge_model).make_judge()
+        print(json.dumps(judge_agreement(judge, args.file), indent=2))
+        return 0
+    if args.file or args.judge != "minilm" or args.judge_model:
+        raise ConfigError("`seamlm judge train` takes no FILE, --judge or --judge-model: it trains the offline "
+                          "minilm head")
     judge = MiniLMJudge(cache_dir=args.cache_dir, seed=args.seed)
     print(json.dumps({"judge": judge.name, **judge.metrics}, indent=2))
     return 0
