@@ -279,8 +279,8 @@ class MiniLMJudge(Judge):
     def __init__(self, cache_dir: str | Path | None = None, seed: int = 0):
         self.encoder = MiniLMEncoder()
         rows = judge_training_rows(seed)
-        # the features too: a head trained on whole answers must not be read back for answers beyond their refusal
-        digest = fingerprint([self.name, "beyond_refusal-v2", seed, [(e.response, e.label) for e in rows]])
+        # of the texts the head sees, so that a change in what beyond_refusal keeps trains a new head
+        digest = fingerprint([self.name, seed, [(beyond_refusal(e.response), e.label) for e in rows]])
         path = Path(cache_dir or default_cache_dir("judges")) / f"minilm-head-{digest}.pt"
         state = _read_cached_head(path)
         if state is not None:
