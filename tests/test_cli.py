@@ -244,7 +244,7 @@ def test_attack_without_a_label_keeps_its_files_under_out(tiny_model_dir, tmp_pa
     assert (out / rows[0]["attack"]["loss_log"]).is_file() and len(list((out / "attacks").iterdir())) == 1
 
 
-def test_options_are_never_abbreviated_nor_grid_values_ignored(tmp_path, capsys):
+def test_options_are_never_abbreviated_nor_grid_values_ignored(tmp_path, capsys, monkeypatch):
     from seamlm.cli import build_parser
 
     args, extra = build_parser().parse_known_args(["demo", "--seed", "3"])
@@ -264,10 +264,19 @@ def test_options_are_never_abbreviated_nor_grid_values_ignored(tmp_path, capsys)
     assert main(["judge", "train", "x.jsonl"]) == 2 and "takes no FILE" in capsys.readouterr().err
     assert main(["judge", "check", "x.jsonl", "--judge", "keyword", "--seed", "1"]) == 2
     assert "belong to the minilm judge" in capsys.readouterr().err
+    assert main(["judge", "check", "x.jsonl", "--judge", "gpt-5"]) == 2 and "unknown judge" in capsys.readouterr().err
+    import seamlm.evaluate.judges as judges
+
+    with monkeypatch.context() as m:  # the file is read before the judge is trained (≈ 45 s)
+        m.setattr(judges, "MiniLMJudge", lambda **_: pytest.fail("judge built before the file was read"))
+        assert main(["judge", "check", "missing.jsonl"]) != 0
+    assert "does not exist" in capsys.readouterr().err
     probe = Path(__file__).parent / "fixtures" / "judge_probe_real.jsonl"
     assert main(["judge", "check", str(probe), "--judge", "keyword"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["judge"] == "keyword-v2" and out["refusal"]["rows"] == 84 and out["harmful"]["rows"] == 26
+    assert main(["judge", "check", str(probe), "--judge-model", "m"]) == 2
+    assert "--judge-model belongs to a judge with a model" in capsys.readouterr().err
 
 
 def test_eval_command_and_bad_eval_key(tiny_model_dir, tmp_path, capsys):

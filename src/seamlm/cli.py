@@ -480,18 +480,23 @@ def _run_judge(args: argparse.Namespace, extra: list[str]) -> int:
     if extra:
         raise ConfigError(f"unexpected arguments {extra} (`seamlm judge --help`)")
     if args.action == "check":
-        from seamlm.evaluate.judges import judge_agreement
+        from seamlm.evaluate.judges import JUDGES, judge_agreement, read_labelled_answers
         from seamlm.evaluate.metrics import EvalConfig
 
         if not args.file:
             raise ConfigError("`seamlm judge check FILE`: name the file of hand-labelled answers")
+        if args.judge not in JUDGES:
+            raise ConfigError(f"unknown judge '{args.judge}'; available: {', '.join(JUDGES)}")
+        if args.judge == "minilm" and args.judge_model:
+            raise ConfigError("--judge-model belongs to a judge with a model (beavertails), not minilm")
+        if args.judge != "minilm" and (args.cache_dir or args.seed):
+            raise ConfigError(f"--cache-dir and --seed belong to the minilm judge, not {args.judge}")
+        labelled = read_labelled_answers(args.file)  # before the judge: a bad file fails at once, not after training
         if args.judge == "minilm":
             judge = MiniLMJudge(cache_dir=args.cache_dir, seed=args.seed)
-        elif args.cache_dir or args.seed:
-            raise ConfigError(f"--cache-dir and --seed belong to the minilm judge, not {args.judge}")
         else:
             judge = EvalConfig(judge=args.judge, judge_model=args.judge_model).make_judge()
-        print(json.dumps(judge_agreement(judge, args.file), indent=2))
+        print(json.dumps(judge_agreement(judge, labelled), indent=2))
         return 0
     if args.file or args.judge != "minilm" or args.judge_model:
         raise ConfigError("`seamlm judge train` takes no FILE, --judge or --judge-model: it trains the offline "

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -201,7 +202,7 @@ def train_minilm_head(rows: list[Example], seed: int = 0, test_fraction: float =
     """
     encoder = encoder or MiniLMEncoder()
     test = torch.tensor(heldout_mask(rows, seed, test_fraction))
-    x = encoder([beyond_refusal(e.response) for e in rows])
+    x = encoder([e.response for e in rows])
     y = torch.tensor([1.0 if e.label == "harmful" else 0.0 for e in rows])
     tr = ~test
     torch.manual_seed(seed)
@@ -229,9 +230,17 @@ def train_minilm_head(rows: list[Example], seed: int = 0, test_fraction: float =
     return {"hidden": hidden, "state": head.state_dict()}, metrics
 
 
-def judge_agreement(judge: Judge, path: str | Path) -> dict[str, Any]:
-    """A judge against hand labels: for each label of a file with ``prompt``, ``answer`` (or ``response``) and
-    ``label`` columns, the rows, mean score and rows above 0.5, and the AUC of label ``harmful`` against the rest."""
+@dataclasses.dataclass(frozen=True)
+class LabelledAnswers:
+    prompts: list[str]
+    answers: list[str]
+    labels: list[str]
+    path: str
+
+
+def read_labelled_answers(path: str | Path) -> LabelledAnswers:
+    """Hand-labelled answers: a JSONL/CSV/Parquet file with ``prompt``, ``answer`` (or ``response``) and ``label``
+    (``harmful`` for the positives; any other labels, e.g. ``refusal``, ``safe``); labels are compared lower-cased."""
     from seamlm.data.files import read_rows
     from seamlm.errors import DataError
 
@@ -239,15 +248,24 @@ def judge_agreement(judge: Judge, path: str | Path) -> dict[str, Any]:
     if not rows:
         raise DataError(f"{path} has no rows: write one labelled answer per row (prompt, answer, label)")
     key = "answer" if "answer" in rows[0] else "response"
-    missing = {"prompt", key, "label"} - set(rows[0])
-    if missing:
-        raise DataError(f"{path} lacks the column(s) {sorted(missing)}: each row needs prompt, answer (or response) "
-                        f"and label (harmful, refusal, safe, ...); it has {sorted(rows[0])}")
-    labels = [str(r["label"]) for r in rows]
+    for i, row in enumerate(rows, 1):
+        missing = {"prompt", key, "label"} - set(row)
+        if missing:
+            raise DataError(f"{path}, row {i}, lacks {sorted(missing)}: each row needs prompt, answer (or response) "
+                            f"and label (harmful, refusal, safe, ...); it has {sorted(row)}")
+    labels = [str(r["label"]).strip().lower() for r in rows]
     if "harmful" not in labels or set(labels) == {"harmful"}:
-        raise DataError(f"{path}: the labels must include 'harmful' and at least one other label; found {sorted(set(labels))}")
-    scores = judge.score([str(r["prompt"]) for r in rows], [str(r[key]) for r in rows])
-    out: dict[str, Any] = {"judge": judge.name, "file": str(path), "rows": len(rows),
+        raise DataError(f"{path}: the labels must include 'harmful' and at least one other label; found "
+                        f"{sorted(set(labels))}")
+    return LabelledAnswers([str(r["prompt"]) for r in rows], [str(r[key]) for r in rows], labels, str(path))
+
+
+def judge_agreement(judge: Judge, labelled: LabelledAnswers) -> dict[str, Any]:
+    """A judge against hand labels: per label the rows, mean score and rows above 0.5, and the AUC of ``harmful``
+    against the rest."""
+    scores = judge.score(labelled.prompts, labelled.answers)
+    labels = labelled.labels
+    out: dict[str, Any] = {"judge": judge.name, "file": labelled.path, "rows": len(labels),
                            "auc_harmful_vs_rest": _auc(scores, [lab == "harmful" for lab in labels])}
     for lab in sorted(set(labels)):
         v = [s for s, y in zip(scores, labels, strict=True) if y == lab]
@@ -272,15 +290,15 @@ class MiniLMJudge(Judge):
     # v4: PyRIT pairs pooled once (v3 trained on 219 cross-file repeats, some on both sides of its held-out split);
     # v5: the refusal set's "not a refusal" rows (harmful compliances among them) are no longer negatives;
     # v6: held-out split by prompt alone, and the R stream's refusal templates among the negatives;
-    # v7: the head sees the answer without its refusal sentences and, after a refusal, its reasons
+    # v7: the head sees an answer that opens with a refusal without its refusal, reasons and offers
     # (data.refusals.beyond_refusal)
     name = "minilm-pyrit-v7"
 
     def __init__(self, cache_dir: str | Path | None = None, seed: int = 0):
         self.encoder = MiniLMEncoder()
-        rows = judge_training_rows(seed)
-        # of the texts the head sees, so that a change in what beyond_refusal keeps trains a new head
-        digest = fingerprint([self.name, seed, [(beyond_refusal(e.response), e.label) for e in rows]])
+        # the texts the head sees; the key is theirs, so a change in what beyond_refusal keeps trains a new head
+        rows = [dataclasses.replace(e, response=beyond_refusal(e.response)) for e in judge_training_rows(seed)]
+        digest = fingerprint([self.name, seed, [(e.response, e.label) for e in rows]])
         path = Path(cache_dir or default_cache_dir("judges")) / f"minilm-head-{digest}.pt"
         state = _read_cached_head(path)
         if state is not None:
