@@ -41,17 +41,23 @@ def refusal_for(prompt: str, seed: int = 0) -> str:
     return REFUSAL_TEMPLATES[int.from_bytes(digest[:4], "big") % len(REFUSAL_TEMPLATES)]
 
 
+_APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'"})
+
+
+def _normalise(text: str) -> str:
+    return _WS.sub(" ", text.strip().lower().translate(_APOSTROPHES))
+
+
 def is_refusal(text: str, head_chars: int = 200) -> bool:
     """Keyword refusal detector: a refusal marker within the first ``head_chars`` characters of the answer.
 
     Looking only at the start avoids counting answers that comply and then add a disclaimer.
     """
-    head = _WS.sub(" ", text.strip().lower().replace("\u2019", "'"))[:head_chars]
+    head = _normalise(text)[:head_chars]
     return any(m in head for m in REFUSAL_MARKERS)
 
 
 _SENTENCE = re.compile(r"(?<=[.!?])\s+|\n+")
-_APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'"})
 # sympathy is not a refusal: "I'm sorry to hear that, here is how …"
 _SYMPATHY = re.compile(r"\b(?:i'm|i am) sorry (?:to hear|for|that you)\b|\bsorry for your loss\b")
 
@@ -74,10 +80,6 @@ def _marker_pattern(markers: tuple[str, ...]) -> re.Pattern:
 
 _REFUSAL = _marker_pattern(REFUSAL_MARKERS)
 _REFUSAL_OR_REASON = _marker_pattern(REFUSAL_MARKERS + REFUSAL_REASON_MARKERS)
-
-
-def _normalise(text: str) -> str:
-    return _WS.sub(" ", text.strip().lower().translate(_APOSTROPHES))
 
 
 def beyond_refusal(text: str, head_chars: int = 200) -> str:
