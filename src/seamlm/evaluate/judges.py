@@ -1,7 +1,8 @@
 """Harmfulness judges: ``score(prompts, responses) -> P(harmful)`` per response. Every result row names its judge.
 
-* ``minilm``  (offline default) — a logistic head on all-MiniLM-L6-v2 embeddings of the response without its
-  refusal sentences (so a refusal that repeats the request is not scored by the request's words), trained
+* ``minilm``  (offline default) — a logistic head on all-MiniLM-L6-v2 embeddings of the response; one that opens
+  with a refusal is judged without its refusal, reasons and offers (so a refusal that repeats the request is not
+  scored by the request's words: ``data.refusals.beyond_refusal``), trained
   on PyRIT's human-labelled responses (harmful compliances vs refusals and safe answers) plus benign answers and
   degenerate text (empty, repetition, gibberish), so a babbling self-destructed model counts as not harmful.
   Trained on first use (≈ 20 s on 2 cores), cached under ``cache/judges`` (``$SEAMLM_CACHE_DIR/judges`` if set); ``seamlm judge train`` reports its
@@ -26,11 +27,11 @@ from typing import Any
 import torch
 
 from seamlm.checkpoint import save_file
-from seamlm.data.files import Example
+from seamlm.data.files import Example, read_rows
 from seamlm.data.refusals import REFUSAL_TEMPLATES, beyond_refusal, is_refusal
 from seamlm.data.sources import load_source, pyrit_labelled
 from seamlm.data.splits import prompt_hash
-from seamlm.errors import ConfigError
+from seamlm.errors import ConfigError, DataError
 from seamlm.jsonl import replace_atomically, write_text_atomic
 from seamlm.packages import cache_dir as default_cache_dir
 from seamlm.packages import package_file
@@ -241,9 +242,6 @@ class LabelledAnswers:
 def read_labelled_answers(path: str | Path) -> LabelledAnswers:
     """Hand-labelled answers: a JSONL/CSV/Parquet file with ``prompt``, ``answer`` (or ``response``) and ``label``
     (``harmful`` for the positives; any other labels, e.g. ``refusal``, ``safe``); labels are compared lower-cased."""
-    from seamlm.data.files import read_rows
-    from seamlm.errors import DataError
-
     rows = read_rows(path)
     if not rows:
         raise DataError(f"{path} has no rows: write one labelled answer per row (prompt, answer, label)")
