@@ -251,7 +251,7 @@ def attack_cell(model_name: str, label: str, defense: str, bundle: BundleData, r
     # the per-step loss compares different batches; this is one fixed set before and after (one process only:
     # a sharded rank holds no whole model to run it on)
     ce_rows = _attack_ce_rows(tok, data, train_cfg) if recipe.trains and not ctx.distributed else []
-    ce_before = attack_ce(model, tok, ce_rows) if ce_rows else None
+    ce_before = answer_ce_of_rows(model, ce_rows, tok.pad_token_id) if ce_rows else None  # NaN once diverged
     try:
         with probing(attack_probe(tok, bundle, cell_eval) if recipe.trains else None):
             result = recipe.attack(model, tok, data, run_cfg, cell_dir / "loss.jsonl",
@@ -272,7 +272,7 @@ def attack_cell(model_name: str, label: str, defense: str, bundle: BundleData, r
         w = max(1, len(harmful) // 10)
         values.update(attack_first_loss=sum(harmful[:w]) / w, attack_final_loss=sum(harmful[-w:]) / w)
     if ce_before is not None:
-        values.update(attack_ce_before=ce_before, attack_ce_after=attack_ce(model, tok, ce_rows))
+        values.update(attack_ce_before=ce_before, attack_ce_after=answer_ce_of_rows(model, ce_rows, tok.pad_token_id))
     if probes:
         values["attack_peak_ppl"] = max(p["benign_ppl"] for p in probes)
     attack: dict[str, Any] = {**recipe.describe(), "seed": run_cfg.seed, "samples": len(data.harmful), "status": status}
@@ -303,11 +303,6 @@ def _attack_ce_rows(tok: Any, data: AttackData, train_cfg: FinetuneConfig) -> li
     fmt = Formatter(tok, train_cfg.max_length, template=train_cfg.prompt_template,
                     truncate_first=train_cfg.truncate_first)
     return [fmt(e) for e in data.harmful[:ATTACK_CE_EXAMPLES]]  # (cut as the attack cuts them, which warns)
-
-
-def attack_ce(model: Any, tok: Any, rows: list[TokenizedExample]) -> float:
-    """Answer-token cross-entropy (nats, token mean) of ``model`` on ``rows``; NaN for a diverged model."""
-    return answer_ce_of_rows(model, rows, tok.pad_token_id)
 
 
 def check_eval_template(cfg: FinetuneConfig | AttackConfig, eval_cfg: EvalConfig,

@@ -196,7 +196,8 @@ def train_minilm_head(rows: list[Example], seed: int = 0, test_fraction: float =
                       hidden: int = 0, epochs: int = 300,
                       encoder: MiniLMEncoder | None = None) -> tuple[dict[str, Any], dict[str, float]]:
     """Fit the head (logistic regression, or an MLP with ``hidden`` units; full batch, Adam, class-balanced BCE)
-    on a split by prompt; return (state, held-out metrics).
+    on a split by prompt; return (state, held-out metrics). ``rows`` hold the texts as the head sees them
+    (:class:`MiniLMJudge` passes each response through ``beyond_refusal`` first).
 
     Linear by default: a 64-unit MLP scored higher on the held-out split (same distribution) but called
     "Paris is the capital of France." harmful and a death threat harmless; see docs/judge.md.
