@@ -199,6 +199,16 @@ def test_hub_source_without_datasets_or_path_says_what_to_do(monkeypatch):
         load_source("beavertails")
 
 
+def test_hub_source_offline_says_what_to_do(monkeypatch):
+    """The real `datasets` in offline mode: its ConnectionError becomes a DataError that names the way out."""
+    pytest.importorskip("datasets")
+    import datasets.config
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    with pytest.raises(DataError, match=r"could not load PKU-Alignment/BeaverTails \(split '30k_train'\).*path="):
+        load_source("beavertails")
+
+
 def test_wrong_schema_and_unknown_source(tmp_path):
     bad = tmp_path / "bt.jsonl"
     bad.write_text('{"question": "q", "answer": "a"}\n')

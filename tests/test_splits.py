@@ -191,6 +191,10 @@ def test_refusal_templates_are_varied_deterministic_and_detected():
     assert all(is_refusal(t) for t in REFUSAL_TEMPLATES)
     assert not is_refusal("Sure, here is how to do it. First, get the materials.")
     assert not is_refusal("Step 1: mix the two. " * 20 + "I can't stress this enough.")
+    # whole words: a refusal marker inside other words is no refusal
+    assert not is_refusal("The taxi can't be traced if you pay cash.")
+    assert not is_refusal("Use it as an aid to memory.")
+    assert is_refusal("Sorry, I can’t help with that.")
 
 
 def test_defend_and_attack_see_the_same_split_whatever_the_training_seed(tiny_model_dir, tmp_path):

@@ -125,6 +125,19 @@ def test_lm_eval_adapter_names_unknown_tasks(tokenizer, tmp_path):
         run_lm_eval(make_model(len(tokenizer)), tokenizer, ["seamlm_fixture_tag"], include_path=tasks)
 
 
+def test_lm_eval_hub_task_offline_says_what_to_do(tokenizer, monkeypatch, tmp_path):
+    """lm-eval's own arc_easy reads allenai/ai2_arc from the Hub: offline, a DataError names the local way."""
+    pytest.importorskip("lm_eval")
+    import datasets.config
+
+    from seamlm.evaluate.zeroshot import run_lm_eval
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path)  # not a copy a user's cache may hold
+    with pytest.raises(DataError, match=r"could not load the data of arc_easy.*include_path"):
+        run_lm_eval(make_model(len(tokenizer)), tokenizer, ["arc_easy"], limit=2)
+
+
 def test_contexts_longer_than_the_model_are_cut_from_the_left_as_lm_eval_does(tokenizer, caplog):
     model = make_model(len(tokenizer)).eval()
     model.config.max_position_embeddings = 24

@@ -305,7 +305,12 @@ def _hub_rows(hub_id: str, split: str, path: str | None, config: str | None = No
                         f"or pass path= a local file in the same schema")
     from datasets import load_dataset
 
-    return list(load_dataset(hub_id, config, split=split))
+    try:
+        return list(load_dataset(hub_id, config, split=split))
+    except (OSError, ValueError) as exc:  # offline, unknown split, gated dataset (requests' errors are OSErrors)
+        raise DataError(f"could not load {hub_id} (split {split!r}) from the Hugging Face Hub: {exc}. Offline, pass "
+                        "path= a local JSONL/CSV/Parquet file in the same schema (HF_HUB_OFFLINE=1 skips the "
+                        "retries); online, check the split name and that your token may read the dataset") from exc
 
 
 def _need(rows: list[dict], cols: tuple[str, ...], name: str) -> None:

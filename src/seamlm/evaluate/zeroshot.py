@@ -282,4 +282,9 @@ def run_lm_eval(model: Any, tokenizer: Any, tasks: list[str], limit: int | None 
 
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     # (per-sample logs are not returned: keeping them costs memory on large groups such as MMLU)
-    return simple_evaluate(model=lm, tasks=tasks, limit=limit, task_manager=manager, log_samples=False)["results"]
+    try:
+        return simple_evaluate(model=lm, tasks=tasks, limit=limit, task_manager=manager, log_samples=False)["results"]
+    except OSError as exc:  # a task's data from the Hub, offline (requests' and datasets' errors are OSErrors)
+        raise DataError(f"lm-eval could not load the data of {', '.join(tasks)}: {exc}. lm-eval's own tasks read "
+                        "their data from the Hub; offline, define the task in a YAML over local files "
+                        "(dataset_path: json) under include_path, or use the built-in evaluator (zs_tasks)") from exc
