@@ -100,15 +100,21 @@ def test_a_weight_edit_in_another_template_is_another_cell():
 
 
 @pytest.mark.parametrize("values,match", [
-    ({"learning_rates": "0,1e-4"}, "learning rates > 0"),
+    ({"learning_rates": "0,1e-4"}, "learning_rates 0: .*learning rates > 0"),
     ({"learning_rates": "fast"}, "expects float"),
     ({"optimizer": "adam"}, "must be one of"),
     ({"lr_grid": "1e-4"}, "unknown AttackConfig key"),
-    ({"num_samples": "0"}, "num_samples and num_epochs >= 1"),
+    ({"num_samples": "0"}, "num_samples 0: num_samples and num_epochs must be >= 1"),
+    ({"num_epochs": "-1"}, "num_epochs -1: "),
 ])
 def test_bad_attack_configs(values, match):
     with pytest.raises(ConfigError, match=match):
         AttackConfig.from_dict(values)
+
+
+def test_bad_eval_config_names_the_field():
+    with pytest.raises(ConfigError, match=r"hs_prompts = -1, fs_test = -2: sizes must be >= 0"):
+        EvalConfig.from_dict({"hs_prompts": "-1", "fs_test": "-2"})
 
 
 def test_eval_refuses_a_zero_shot_task_that_feeds_training(tiny_model_dir, bundle, tmp_path):

@@ -365,3 +365,11 @@ def test_config_errors_name_the_option_the_user_typed(argv, match, tmp_path, cap
     assert main(argv) == 2
     assert match in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_sweep_lists_as_fixed_only_the_keys_it_does_not_search(capsys):
+    from seamlm.cli import SEARCHED
+
+    assert main(["sweep", "--model", "m", "--out", "o", "--trial", "2"]) == 2
+    fixed = capsys.readouterr().err.split("fixed fine-tuning keys: ")[1]
+    assert "max_length" in fixed and not {k.strip() for k in fixed.split(",")} & set(SEARCHED)

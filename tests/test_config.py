@@ -49,11 +49,16 @@ def test_yaml_then_overrides(tmp_path):
         DefenseConfig.from_yaml(path)
     with pytest.raises(ConfigError, match="does not exist"):
         DefenseConfig.from_yaml(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="is a folder; name a YAML file"):
+        DefenseConfig.from_yaml(tmp_path)
+    path.write_bytes(b"steps: 1\nlr: \xff\xfe\n")
+    with pytest.raises(ConfigError, match=r"d.yaml is not UTF-8 text \(invalid start byte at byte 13\)"):
+        DefenseConfig.from_yaml(path)
 
 
 def test_parse_overrides():
     assert parse_overrides(["--steps", "5", "--warmup-ratio=0.2"]) == {"steps": "5", "warmup_ratio": "0.2"}
-    with pytest.raises(ConfigError, match="needs a value"):
+    with pytest.raises(ConfigError, match="--steps needs a value: --steps VALUE or --steps=VALUE"):
         parse_overrides(["--steps", "--beta", "1"])
     with pytest.raises(ConfigError, match="unexpected argument"):
         parse_overrides(["steps"])

@@ -110,6 +110,9 @@ def test_rescore_cli_with_a_registered_judge(tiny_model_dir, bundle, tmp_path, m
     assert "nothing to rescore" in capsys.readouterr().out
     assert main(["rescore", str(tmp_path / "nowhere")]) == 1
     assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "empty.jsonl").write_text("")
+    assert main(["rescore", str(tmp_path / "empty.jsonl"), "--judge", "length"]) == 1
+    assert "empty.jsonl holds no HS rows (0 result rows)" in capsys.readouterr().err
 
 
 def test_a_sweep_not_started_adopts_the_new_judge_and_one_with_trials_is_refused(tmp_path):

@@ -73,8 +73,11 @@ class AttackConfig(FinetuneConfig):
         moved = [k for k in self.GRID_OWNED if getattr(self, k) != getattr(base, k)]
         if moved:
             raise ConfigError(f"AttackConfig: set {moved} through the grid fields learning_rates / num_epochs / seeds")
-        if (min(self.num_samples) < 1 or min(self.num_epochs) < 1 or min(self.learning_rates) <= 0):
-            raise ConfigError("AttackConfig: num_samples and num_epochs >= 1, learning rates > 0")
+        bad = [f"{k} {v}" for k, v in (("num_samples", min(self.num_samples)), ("num_epochs", min(self.num_epochs)))
+               if v < 1] + [f"learning_rates {v:g}" for v in self.learning_rates if v <= 0]
+        if bad:
+            raise ConfigError(f"AttackConfig: {', '.join(bad)}: num_samples and num_epochs must be >= 1, learning "
+                              "rates > 0")
 
     def run_config(self, **grid: Any) -> FinetuneConfig:
         """The fine-tuning config of one cell: this config's fine-tuning fields with ``grid``'s (lr, seed, epochs)."""

@@ -353,7 +353,8 @@ def _run_sweep(args: argparse.Namespace, extra: list[str]) -> int:
     unknown = [k for k in over if k not in valid]
     if unknown:
         raise ConfigError(f"unknown sweep key(s) {unknown_keys(unknown, valid)}. Sweep keys: {', '.join(SweepConfig.field_names())}; "
-                          f"fixed fine-tuning keys: {', '.join(FinetuneConfig.field_names())}")
+                          "fixed fine-tuning keys: "
+                          f"{', '.join(k for k in FinetuneConfig.field_names() if k not in SEARCHED)}")
     sweep_over = {k: v for k, v in over.items() if k in SweepConfig.field_names()}
     ft_over = {k: v for k, v in over.items() if k not in sweep_over}
     searched = [k for k in ft_over if k in SEARCHED]

@@ -175,7 +175,7 @@ def parse_overrides(tokens: list[str]) -> dict[str, str]:
             i += 1
         else:
             if i + 1 >= len(tokens) or tokens[i + 1].startswith("--"):
-                raise ConfigError(f"option --{key} needs a value (e.g. --{key} true)")
+                raise ConfigError(f"option --{key} needs a value: --{key} VALUE or --{key}=VALUE")
             value = tokens[i + 1]
             i += 2
         out[key.replace("-", "_")] = value
@@ -192,10 +192,15 @@ def warmup_check(lr_scheduler: str, warmup_ratio: float) -> tuple[bool, str]:
 def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
     """The ``key: value`` mapping of a YAML config file, with a clear error for a missing or malformed file."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder; name a YAML file")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text ({exc.reason} at byte {exc.start}); re-save it as "
+                          "UTF-8") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):

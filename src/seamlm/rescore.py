@@ -54,6 +54,9 @@ def rescore(results: str | Path, eval_cfg: EvalConfig, judge: Judge | None = Non
         raise DataError(f"{path} does not exist; give the results.jsonl of a finished run (or its folder)")
     store = ResultStore(path)
     rows = store.rows()
+    if not any(r.metric == "hs" for r in rows) and not (path.parent / "sweep.db").is_file():  # before the judge loads
+        raise DataError(f"{path} holds no HS rows ({len(rows)} result rows): nothing a judge scored; give the "
+                        "results.jsonl of a `seamlm eval`/`attack`/`demo` run")
     judge = judge or eval_cfg.make_judge()
     # (model, cell) -> the judge its HS row names now
     cells = {(r.model, r.cell): r.judge or "?" for r in rows if r.metric == "hs" and r.judge != judge.name}

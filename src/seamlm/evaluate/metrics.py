@@ -101,9 +101,11 @@ class EvalConfig(BaseConfig):
     def validate(self) -> None:
         if self.max_new_tokens < 1 or self.gen_batch_size < 1 or self.zs_batch_size < 1:
             raise ConfigError("max_new_tokens, gen_batch_size and zs_batch_size must be >= 1")
-        if min(self.hs_prompts, self.zs_limit, self.lm_eval_limit, self.coherence_examples, self.coupling_examples,
-               self.fs_train, self.fs_test, self.trajectory_every) < 0:
-            raise ConfigError("sizes must be >= 0")
+        negative = [f"{k} = {getattr(self, k)}" for k in ("hs_prompts", "zs_limit", "lm_eval_limit",
+                    "coherence_examples", "coupling_examples", "fs_train", "fs_test", "trajectory_every")
+                    if getattr(self, k) < 0]
+        if negative:
+            raise ConfigError(f"{', '.join(negative)}: sizes must be >= 0 (0 turns the metric off)")
         if self.trajectory_every and self.trajectory_examples < 1:
             raise ConfigError("with trajectory_every set, trajectory_examples must be >= 1")
         check_template(self.prompt_template)
