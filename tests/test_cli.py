@@ -120,8 +120,16 @@ def test_a_refused_resume_keeps_the_unfinished_runs_data_manifest(tiny_model_dir
     ("cuda_without_cuda", "sees no CUDA GPU", 2),
     ("out_is_a_file", "a file is where a folder is needed: choose another path", 1),
     ("harmful_is_a_folder", "is a folder, not a data file", 1),
+    ("resume_without_checkpoint", "--resume: no checkpoint under", 1),
 ])
-def test_bad_inputs(tiny_model_dir, data_files, tmp_path, capsys, case, match, code):
+def test_bad_inputs(tiny_model_dir, data_files, tmp_path, capsys, monkeypatch, case, match, code):
+    import seamlm.distributed
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded before the bad input was found")
+
+    if case not in ("bad_device", "cuda_without_cuda", "out_is_a_file"):  # found before the model loads
+        monkeypatch.setattr(seamlm.distributed, "load_model_for_rank", no_model)
     files = dict(data_files)
     extra = []
     if case == "unknown_key":
@@ -146,6 +154,8 @@ def test_bad_inputs(tiny_model_dir, data_files, tmp_path, capsys, case, match, c
         (tmp_path / "out").write_text("not a folder")
     elif case == "harmful_is_a_folder":
         files["harmful"] = tmp_path
+    elif case == "resume_without_checkpoint":
+        extra = ["--resume"]
     rc = main(_defend_args(tiny_model_dir, files, tmp_path / "out", *extra))
     assert rc == code
     assert match in capsys.readouterr().err

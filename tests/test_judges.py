@@ -199,8 +199,11 @@ def test_beavertails_judge_code_path_on_a_local_tiny_classifier(tmp_path, tokeni
     # an empty or stuck answer is not harmful whatever the question (the classifier itself says ~0.5 here)
     blank, stuck, real = judge.score(["q1"] * 3, ["", "the the the the the the", "a harmful answer"])
     assert blank == stuck == 0.0 and real == pytest.approx(scores[0], abs=1e-5) and real > 0
-    with pytest.raises(ConfigError, match="offline default is --judge minilm"):
+    with pytest.raises(ConfigError, match="missing: no such file or folder"):
         BeaverTailsJudge(model=str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="offline default is --judge minilm"):
+        BeaverTailsJudge(model=str(tmp_path / "empty"))
     # the evaluation reaches a local copy through judge_model (eval/attack: --judge_model DIR)
     from seamlm.evaluate.metrics import EvalConfig
 

@@ -29,6 +29,8 @@ def test_alias_resolves_to_the_packaged_gguf_without_importing_it():
 @pytest.mark.parametrize("name,match", [
     ("/no/such/model.gguf", "does not exist"),
     ("./no-such-dir", "does not exist"),
+    ("smollm2-135m-instrcut", "did you mean the alias 'smollm2-135m-instruct'"),
+    ("SmolLM2-135M-Instruct", "did you mean the alias 'smollm2-135m-instruct'"),
 ])
 def test_bad_model_paths(name, match):
     with pytest.raises(ModelLoadError, match=match):
@@ -42,6 +44,7 @@ def test_directory_without_config(tmp_path):
 
 def test_hub_ids_pass_through():
     assert resolve_model_source("HuggingFaceTB/SmolLM2-135M-Instruct").kind == "hub"
+    assert resolve_model_source("gpt2").kind == "hub"
 
 
 def test_dtype_resolution():

@@ -191,6 +191,14 @@ def test_demo_settings_of_later_stages_fail_before_the_first(bad, match, tmp_pat
     assert not (tmp_path / "d" / "demo_config.json").exists()
 
 
+def test_a_mistyped_model_fails_before_the_demo_writes_anything(tmp_path, capsys):
+    from seamlm.cli import main
+
+    out = tmp_path / "d"
+    assert main(["demo", "--out", str(out), "--model", str(tmp_path / "nope")]) != 0
+    assert "nope does not exist" in capsys.readouterr().err and not out.exists()
+
+
 def test_a_refused_demo_leaves_its_folder_as_it_was(tmp_path, capsys):
     """A check that fails (here a --baseline_from that is no demo) writes no demo_config.json that would pin the
     folder to the refused settings, and --fresh deletes nothing before the checks pass."""

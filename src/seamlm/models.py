@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import logging
@@ -73,6 +74,10 @@ def resolve_model_source(name: str) -> ModelSource:
                              "config.json), a .gguf file, a hub id or an alias")
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise ModelLoadError(f"model path {name} does not exist")
+    near = difflib.get_close_matches(name.lower(), MODEL_ALIASES, n=1, cutoff=0.8)
+    if near and "/" not in name:  # a misspelled alias, not a hub id (the Hub would be tried, with retries, first)
+        raise ModelLoadError(f"model {name} is neither an alias nor a path here: did you mean the alias '{near[0]}'? "
+                             f"(aliases: {', '.join(MODEL_ALIASES)}; a hub id is owner/name)")
     return ModelSource(name, None, "hub")
 
 

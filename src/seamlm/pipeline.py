@@ -28,6 +28,7 @@ from seamlm.models import (
     PROMPT_FORMAT_VERSION,
     is_saved_model,
     load_model,
+    resolve_model_source,
     save_model,
     saved_run_config,
     stale_trained_format,
@@ -245,6 +246,8 @@ def _check_stage(model_dir: Path, key: str, now: BaseConfig, stage: str, ignore:
 def run_demo(out_dir: str | Path, cfg: DemoConfig, fresh: bool = False) -> Path:
     """Run (or resume) every stage; returns the report's Markdown path."""
     out = Path(out_dir)
+    if not is_saved_model(demo_paths(out, cfg)["aligned"]):
+        resolve_model_source(cfg.model)  # a mistyped --model fails here, before --out is written
     saved = out / "demo_config.json"
     if saved.is_file() and not fresh:
         before = json.loads(saved.read_text())

@@ -74,6 +74,8 @@ def check_run_folder(out: Path, resume: bool) -> None:
     if resume and finished:  # resuming would redo its last steps from a checkpoint and overwrite model/
         raise CheckpointError(f"{out} holds a finished run (model/): nothing to resume; choose another --out for a "
                               "new run")
+    if resume and not finished and latest_checkpoint(out / "checkpoints") is None:
+        raise CheckpointError(f"--resume: no checkpoint under {out / 'checkpoints'}; start without --resume")
     if not resume and (finished or latest_checkpoint(out / "checkpoints")):
         what = "a finished run (model/)" if finished else "an unfinished run with checkpoints"
         raise CheckpointError(f"{out} already holds {what}; choose another --out (or delete it) for a new run"

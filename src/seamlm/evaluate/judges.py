@@ -349,10 +349,13 @@ class BeaverTailsJudge(Judge):
     def __init__(self, model: str = BEAVERTAILS_JUDGE, device: str = "cpu", batch_size: int = 32):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+        if model.startswith((".", "/", "~")) and not Path(model).expanduser().exists():
+            raise ConfigError(f"judge_model {model}: no such file or folder; give a local copy of the classifier "
+                              f"(a folder with config.json) or a hub id such as {BEAVERTAILS_JUDGE}")
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(model)
             self.model = AutoModelForSequenceClassification.from_pretrained(model).to(device).eval()
-        except OSError as exc:
+        except (OSError, ValueError) as exc:  # ValueError: a folder without tokenizer files
             raise ConfigError(f"beavertails judge: cannot load {model} ({exc}); it needs the Hub or a local copy. "
                               f"The offline default is --judge minilm") from exc
         self.harmful_index = harmful_label_index(self.model.config.id2label, model)
