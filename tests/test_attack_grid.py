@@ -1,12 +1,14 @@
 """The attack grid on a tiny model: cells evaluated and appended, a stopped grid resumes, bad configs."""
 
 import json
+import math
 import shutil
+import statistics
 
 import pytest
 
 import seamlm.attack as attack_mod
-from seamlm.attack import AttackConfig, cell_key, evaluate_pre_attack, run_attack_grid
+from seamlm.attack import AttackConfig, cell_key, evaluate_pre_attack, run_attack_grid, samples_file
 from seamlm.data.bundles import BundleData
 from seamlm.errors import ConfigError, DataError
 from seamlm.evaluate.judges import KeywordJudge
@@ -60,8 +62,13 @@ def test_grid_cells_rows_and_resume(tiny_model_dir, bundle, tmp_path, monkeypatc
     for r in rows:
         by_cell.setdefault(r.cell, {})[r.metric] = r
     for cell, metrics in by_cell.items():
-        assert {"hs", "refusal_rate", "zs_mean", "zs_arc_easy", "coherence_ppl"} <= set(metrics), cell
-        assert metrics["hs"].judge == "keyword-v2"
+        assert {"hs", "hs_se", "refusal_rate", "zs_mean", "zs_mean_se", "zs_arc_easy", "coherence_ppl"} <= set(metrics), cell
+        assert metrics["hs"].judge == metrics["hs_se"].judge == "keyword-v2"
+        # the standard errors of the cell's own numbers: its saved 0/1 judgements, its ZS task's share
+        p = [json.loads(x)["p_harmful"] for x in samples_file(tmp_path, "tiny", cell).read_text().splitlines()]
+        assert metrics["hs_se"].value == pytest.approx(100 * statistics.stdev(p) / math.sqrt(len(p)))
+        acc, n = metrics["zs_arc_easy"].value / 100, EVAL.zs_limit
+        assert metrics["zs_mean_se"].value == pytest.approx(100 * math.sqrt(acc * (1 - acc) / (n - 1)))
         if cell != "pre":
             att = metrics["hs"].attack
             assert att["samples"] == 4 and att["status"] == "ok"

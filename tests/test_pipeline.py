@@ -73,7 +73,7 @@ def test_shrunken_demo_end_to_end_and_resume(tiny_model_dir, tmp_path, monkeypat
 
 def _check_main_table_cell_by_cell(md: str, rows) -> None:
     """The paper-style table: each cell is its own (model, cell)'s HS / ZS, not merely some value of the file."""
-    from seamlm.report import _cells, _fmt
+    from seamlm.report import _cells, _pm
 
     values = {(r.model, r.cell, r.metric): r.value for r in rows}
     table = md.split("### HS % (judge")[1].split("\n\n")[1].splitlines()
@@ -83,8 +83,9 @@ def _check_main_table_cell_by_cell(md: str, rows) -> None:
         model, *got = [c.strip() for c in line.strip().strip("|").split("|")]
         assert len(got) == len(cells), line
         for cell, text in zip(cells, got, strict=True):
-            hs, zs = values.get((model, cell, "hs")), values.get((model, cell, "zs_mean"))
-            assert text.split(" (")[0] == f"{_fmt(hs)} / {_fmt(zs)}", (model, cell, text)
+            hs, zs = (_pm(values.get((model, cell, k)), values.get((model, cell, f"{k}_se"))) for k in ("hs", "zs_mean"))
+            assert text.split(" (")[0] == f"{hs} / {zs}", (model, cell, text)
+            assert ("±" in text) == ((model, cell, "hs_se") in values), text
 
 
 def test_demo_reuses_a_baseline_for_other_defense_settings(tiny_model_dir, tmp_path, monkeypatch):

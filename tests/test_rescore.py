@@ -1,6 +1,8 @@
 """seamlm rescore: a finished run judged again from its saved answers, and a resumed grid keeps its cells."""
 
 import json
+import math
+import statistics
 
 import pytest
 
@@ -72,7 +74,8 @@ def test_rescore_rejudges_saved_answers_and_a_resumed_grid_keeps_every_cell(tiny
         p = [min(1.0, len(a["answer"]) / 40) for a in answers[c]]
         assert rows[("tiny", c, "hs")].value == pytest.approx(100 * sum(p) / len(p))
         assert rows[("tiny", c, "hs_binary")].value == pytest.approx(100 * sum(x > 0.5 for x in p) / len(p))
-        assert rows[("tiny", c, "hs")].judge == "length-v1"
+        assert rows[("tiny", c, "hs_se")].value == pytest.approx(100 * statistics.stdev(p) / math.sqrt(len(p)))
+        assert rows[("tiny", c, "hs")].judge == rows[("tiny", c, "hs_se")].judge == "length-v1"
         # what the judge does not touch stays, value for value
         assert rows[("tiny", c, "zs_mean")].value == before[("tiny", c, "zs_mean")].value
         assert rows[("tiny", c, "refusal_rate")].value == before[("tiny", c, "refusal_rate")].value

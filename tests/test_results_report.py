@@ -12,7 +12,7 @@ from seamlm.results import ResultRow, ResultStore
 
 def _row(model="aligned", cell="pre", metric="hs", value=12.5, **kw):
     return ResultRow(model=model, defense="none", cell=cell, metric=metric, value=value,
-                     judge="minilm-pyrit-v3" if metric in ("hs", "hs_binary") else None, **kw)
+                     judge="minilm-pyrit-v3" if metric in ("hs", "hs_binary", "hs_se") else None, **kw)
 
 
 def test_validation():
@@ -106,6 +106,23 @@ def test_report_tables_and_plots_come_from_the_rows(tmp_path):
     assert len(body) == 2
     for num in re.findall(r"\d+\.\d", "\n".join(body)):
         assert num in values, num
+
+
+def test_standard_errors_show_beside_hs_and_zs_where_a_cell_recorded_them(tmp_path):
+    """Cells evaluated since the standard errors exist carry hs_se / zs_mean_se; older cells in the same file
+    show their values alone. zs_mean_se is no zero-shot task of the per-task table."""
+    store = ResultStore(tmp_path / "results.jsonl")
+    store.append([_row("aligned", "pre", "hs", 10.0), _row("aligned", "pre", "zs_mean", 60.0),
+                  _row("aligned", "pre", "zs_arc_easy", 60.0)])
+    store.append([_row("seam", "pre", "hs", 5.0), _row("seam", "pre", "hs_se", 2.25),
+                  _row("seam", "pre", "zs_mean", 55.0), _row("seam", "pre", "zs_mean_se", 4.5),
+                  _row("seam", "pre", "zs_arc_easy", 55.0)])
+    with pytest.raises(DataError, match="name their judge"):
+        ResultRow(model="m", defense="none", cell="pre", metric="hs_se", value=1.0).validate()
+    md = write_report(store.path, tmp_path / "report").read_text()
+    assert "ZS % (mean accuracy) (± standard error over the prompts / the items)" in md
+    assert "| aligned | 10.0 / 60.0 |" in md and "| seam | 5.0 ± 2.2 / 55.0 ± 4.5 |" in md
+    assert "per task (arc_easy)" in md and "mean_se" not in md
 
 
 def test_columns_tell_apart_every_attack_setting_and_divergence_is_per_model():

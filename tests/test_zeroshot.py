@@ -41,9 +41,17 @@ def test_loglikelihoods_match_the_hand_computation(tokenizer):
 def test_acc_and_acc_norm_follow_lm_eval():
     # gold is the long choice: its total log p is lower (acc misses it) but per character higher (acc_norm hits)
     items = [MCItem(("q",), ("ab", "abcdefghij"), 1)]
-    assert score_items(items, [[-2.0, -3.0]]) == {"acc": 0.0, "acc_norm": 1.0, "n": 1}  # -1.0/char vs -0.3/char
-    assert score_items(items, [[-2.0, -30.0]]) == {"acc": 0.0, "acc_norm": 0.0, "n": 1}  # -1.0 vs -3.0
-    assert score_items(items, [[-5.0, -3.0]]) == {"acc": 1.0, "acc_norm": 1.0, "n": 1}
+    def scores(lls):
+        out = score_items(items * len(lls), lls)
+        return out["acc"], out["acc_norm"], out["n"]
+
+    assert scores([[-2.0, -3.0]]) == (0.0, 1.0, 1)  # -1.0/char vs -0.3/char
+    assert scores([[-2.0, -30.0]]) == (0.0, 0.0, 1)  # -1.0 vs -3.0
+    assert scores([[-5.0, -3.0]]) == (1.0, 1.0, 1)
+    # the standard error of acc: sample sd (n − 1) over √n, as lm-eval; undefined for one item
+    assert math.isnan(score_items(items, [[-5.0, -3.0]])["acc_stderr"])
+    three = score_items(items * 3, [[-5.0, -3.0], [-2.0, -3.0], [-2.0, -3.0]])  # acc 1/3
+    assert three["acc_stderr"] == pytest.approx(math.sqrt((1 / 3) * (2 / 3) / 2))
     # a model with NaN weights scores no accuracy (argmax over NaN would pick choice 0 and call it right)
     nan = score_items(items * 2, [[-5.0, -3.0], [float("nan"), float("nan")]])
     assert math.isnan(nan["acc"]) and math.isnan(nan["acc_norm"])
@@ -107,6 +115,7 @@ def test_built_in_scorer_agrees_with_lm_eval_itself(tokenizer, tmp_path, monkeyp
     theirs = run_lm_eval(model, tokenizer, ["seamlm_fixture_arc"], batch_size=4, include_path=tasks)
     got = theirs["seamlm_fixture_arc"]
     assert got["acc,none"] == pytest.approx(ours["acc"]) and got["acc_norm,none"] == pytest.approx(ours["acc_norm"])
+    assert got["acc_stderr,none"] == pytest.approx(ours["acc_stderr"]) and 0 < ours["acc_stderr"] < 0.1
     assert ours["acc"] != ours["acc_norm"]  # the two rules disagree on these items, so both were compared
 
 
@@ -149,3 +158,11 @@ def test_contexts_longer_than_the_model_are_cut_from_the_left_as_lm_eval_does(to
     assert "2 of 2 choices exceed the model's 24 positions" in caplog.text
     with pytest.raises(ConfigError, match="a choice alone has 30 tokens, the model takes 24"):
         choice_loglikelihoods(model, tokenizer, [long], encoded=[([3], list(range(3, 33))), ([3], [4])])
+
+
+def test_the_mean_over_tasks_carries_the_standard_error_of_a_mean_of_independent_tasks(tokenizer):
+    from seamlm.evaluate.zeroshot import evaluate_zero_shot
+
+    got = evaluate_zero_shot(make_model(len(tokenizer)).eval(), tokenizer, ("arc_easy", "sciq"), limit=6, batch_size=6)
+    a, b = got["arc_easy"]["acc_stderr"], got["sciq"]["acc_stderr"]
+    assert got["mean"]["acc_stderr"] == pytest.approx(math.sqrt(a * a + b * b) / 2)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from seamlm.errors import DataError
 from seamlm.jsonl import read_records
-from seamlm.results import ResultRow, ResultStore
+from seamlm.results import METRICS, ResultRow, ResultStore
 from seamlm.selection import collect, within_bound, worst_case_rows
 from seamlm.verdict import check_bar
 
@@ -25,6 +25,11 @@ def _fmt(v: float | None, digits: int = 1) -> str:
     if v is None:
         return "–"
     return "nan" if math.isnan(v) else f"{v:.{digits}f}"
+
+
+def _pm(v: float | None, se: float | None) -> str:
+    """``v`` with its standard error where the cell recorded one (cells evaluated before 2026-11-27 did not)."""
+    return _fmt(v) + (f" ± {se:.1f}" if v is not None and se is not None and math.isfinite(se) else "")
 
 
 #: Attack settings a column header names when they differ between the columns (lr and LoRA always show).
@@ -116,9 +121,12 @@ def build_tables(rows: list[ResultRow]) -> dict[str, list[list[str]]]:
     def get(m, c, k):
         return values.get((m, c, k))
 
+    se = (" (± standard error over the prompts / the items)"
+          if any(r.metric in ("hs_se", "zs_mean_se") for r in rows) else "")
     tables = {
-        f"HS % (judge: {', '.join(judges)}) / ZS % (mean accuracy)": table(
-            lambda m, c: f"{_fmt(get(m, c, 'hs'))} / {_fmt(get(m, c, 'zs_mean'))}"),
+        f"HS % (judge: {', '.join(judges)}) / ZS % (mean accuracy){se}": table(
+            lambda m, c: f"{_pm(get(m, c, 'hs'), get(m, c, 'hs_se'))} / "
+                         f"{_pm(get(m, c, 'zs_mean'), get(m, c, 'zs_mean_se'))}"),
         "refusal rate % (keyword) / benign perplexity": table(
             lambda m, c: f"{_fmt(get(m, c, 'refusal_rate'))} / {_fmt(get(m, c, 'coherence_ppl'), 2)}"),
         "attack loss (harmful-answer CE): mean of the first 10 % of steps -> last 10 % (different batches)": table(
@@ -143,7 +151,7 @@ def build_tables(rows: list[ResultRow]) -> dict[str, list[list[str]]]:
         mark = {True: "yes", False: "no", None: "not measured"}
         tables["Does SEAM clear the bar? (criteria: seamlm/verdict.py)"] = (
             [["criterion", "measured", "met"]] + [[c.criterion, c.measured, mark[c.passed]] for c in checks])
-    zs_tasks = sorted({r.metric for r in rows if r.metric.startswith("zs_") and r.metric not in ("zs_mean", "zs_mean_norm", "zs_chance")})
+    zs_tasks = sorted({r.metric for r in rows if r.metric.startswith("zs_") and r.metric not in METRICS})  # (zs_mean, zs_chance …)
     if zs_tasks:
         tables["zero-shot accuracy % per task (" + ", ".join(t[3:] for t in zs_tasks) + ")"] = table(
             lambda m, c: " / ".join(_fmt(get(m, c, t)) for t in zs_tasks))

@@ -26,13 +26,19 @@ METRICS = {
     "hs": "%", "hs_binary": "%", "refusal_rate": "%", "zs_mean": "%", "zs_mean_norm": "%", "zs_chance": "%",
     "coherence_ppl": "perplexity", "coupling_cos": "cosine", "coupling_slope": "nats/step", "fs_accuracy": "%", "attack_final_loss": "nats", "attack_first_loss": "nats",
     "attack_peak_ppl": "perplexity", "attack_ce_before": "nats", "attack_ce_after": "nats",
+    "hs_se": "%", "zs_mean_se": "%",  # standard errors of hs (over the prompts) and zs_mean (over the items)
 }
 
 #: Metrics a healthy run may leave undefined (NaN or inf): the cosine when a gradient is zero, a perplexity or loss
 #: that overflows in a broken model, FS when its benign fine-tuning hits a non-finite loss. Any other NaN is a bug
 #: unless the attack diverged.
 MAY_BE_UNDEFINED = {"coupling_cos", "coupling_slope", "coherence_ppl", "attack_peak_ppl", "attack_first_loss",
-                    "attack_final_loss", "fs_accuracy", "attack_ce_before", "attack_ce_after"}
+                    "attack_final_loss", "fs_accuracy", "attack_ce_before", "attack_ce_after",
+                    "hs_se", "zs_mean_se"}  # (a standard error of one prompt or item)
+
+
+#: Metrics a judge produced: their rows name it.
+JUDGED_METRICS = ("hs", "hs_binary", "hs_se")
 
 
 def known_metric(name: str) -> bool:
@@ -79,7 +85,7 @@ class ResultRow:
                             f"attack did not diverge")
         if not self.model or not self.cell:
             raise DataError("result rows need a model label and a cell")
-        if self.metric in ("hs", "hs_binary") and not self.judge:
+        if self.metric in JUDGED_METRICS and not self.judge:
             raise DataError("HS rows must name their judge")
 
 

@@ -41,7 +41,7 @@ def evaluate_model(model: Any, tokenizer: Any, bundle: BundleData, cfg: EvalConf
     out: dict[str, float] = {}
     prompts = sample_prompts(bundle.streams["eval_harmful"], cfg.hs_prompts, cfg.seed)
     hs = harmfulness(model, tokenizer, prompts, judge, cfg.max_new_tokens, cfg.gen_batch_size, cfg.prompt_template)
-    out.update(hs=hs["hs"], hs_binary=hs["hs_binary"], refusal_rate=hs["refusal_rate"])
+    out.update(hs=hs["hs"], hs_binary=hs["hs_binary"], hs_se=hs["hs_se"], refusal_rate=hs["refusal_rate"])
     if samples_path:
         Path(samples_path).parent.mkdir(parents=True, exist_ok=True)
         write_records_atomic(samples_path, hs["samples"])
@@ -50,7 +50,7 @@ def evaluate_model(model: Any, tokenizer: Any, bundle: BundleData, cfg: EvalConf
         for task in cfg.zs_tasks:
             out[f"zs_{task}"] = 100 * zs[task]["acc"]
         out.update(zs_mean=100 * zs["mean"]["acc"], zs_mean_norm=100 * zs["mean"]["acc_norm"],
-                   zs_chance=100 * zs["mean"]["chance"])
+                   zs_chance=100 * zs["mean"]["chance"], zs_mean_se=100 * zs["mean"]["acc_stderr"])
     if cfg.lm_eval_tasks:
         results = run_lm_eval(model, tokenizer, list(cfg.lm_eval_tasks), cfg.lm_eval_limit or None,
                               cfg.zs_batch_size, cfg.lm_eval_include_path or None)

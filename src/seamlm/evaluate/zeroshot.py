@@ -216,19 +216,26 @@ def score_items(items: list[MCItem], lls: list[list[float]]) -> dict[str, float]
     log-likelihood (a model with NaN weights) makes both NaN: argmax over NaN would pick choice 0 and pass a
     broken model off as one scoring the share of items whose answer is the first choice."""
     if any(not math.isfinite(v) for ll in lls for v in ll):
-        return {"acc": math.nan, "acc_norm": math.nan, "n": len(items)}
+        return {"acc": math.nan, "acc_norm": math.nan, "n": len(items), "acc_stderr": math.nan}
     acc = acc_norm = 0
     for it, ll in zip(items, lls, strict=True):
         acc += int(max(range(len(ll)), key=lambda i: ll[i]) == it.gold)
         normed = [v / max(len(c), 1) for v, c in zip(ll, it.choices, strict=True)]
         acc_norm += int(max(range(len(ll)), key=lambda i: normed[i]) == it.gold)
     n = len(items)
-    return {"acc": acc / n, "acc_norm": acc_norm / n, "n": n}
+    return {"acc": acc / n, "acc_norm": acc_norm / n, "n": n, "acc_stderr": binary_stderr(acc / n, n)}
+
+
+def binary_stderr(p: float, n: int) -> float:
+    """Standard error of a share ``p`` of ``n`` 0/1 outcomes, lm-eval's ``mean_stderr``: the sample standard
+    deviation (n − 1) over √n; NaN below two items."""
+    return math.sqrt(p * (1 - p) / (n - 1)) if n > 1 else math.nan
 
 
 def evaluate_zero_shot(model: Any, tokenizer: Any, tasks: tuple[str, ...], limit: int | None = 200,
                        seed: int = 0, batch_size: int = 16) -> dict[str, dict[str, float]]:
-    """Per task ``{"acc", "acc_norm", "n", "chance"}`` plus ``"mean"`` (mean acc over tasks, and its chance)."""
+    """Per task ``{"acc", "acc_norm", "n", "acc_stderr", "chance"}`` plus ``"mean"`` (mean acc over tasks, its
+    standard error √(Σ stderr²)/T over independent tasks, and its chance)."""
     ensure_pad_token(tokenizer)
     results = {}
     for name in tasks:
@@ -240,6 +247,7 @@ def evaluate_zero_shot(model: Any, tokenizer: Any, tasks: tuple[str, ...], limit
         "acc_norm": sum(results[t]["acc_norm"] for t in tasks) / len(tasks),
         "chance": sum(results[t]["chance"] for t in tasks) / len(tasks),
         "n": sum(results[t]["n"] for t in tasks),
+        "acc_stderr": math.sqrt(sum(results[t]["acc_stderr"] ** 2 for t in tasks)) / len(tasks),
     }
     return results
 
