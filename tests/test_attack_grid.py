@@ -77,6 +77,18 @@ def test_grid_cells_rows_and_resume(tiny_model_dir, bundle, tmp_path, monkeypatc
     assert _grid(tiny_model_dir, bundle, tmp_path, store) == []
 
 
+def test_standard_errors_by_hand():
+    from seamlm.evaluate.metrics import mean_stderr, paired_difference
+
+    assert mean_stderr([1.0, 2.0, 3.0, 6.0]) == pytest.approx(statistics.stdev([1, 2, 3, 6]) / 2)  # sd 2.16, √4
+    assert math.isnan(mean_stderr([5.0]))
+    # two models on the same prompts: the prompts' shared spread cancels in the pairs (differences 1, 1, 2)
+    diff, se = paired_difference([10.0, 50.0, 90.0], [11.0, 51.0, 92.0])
+    assert diff == pytest.approx(4 / 3) and se == pytest.approx(statistics.stdev([1, 1, 2]) / math.sqrt(3))
+    with pytest.raises(ConfigError, match="3 and 2 items"):
+        paired_difference([1.0, 2.0, 3.0], [1.0, 2.0])
+
+
 def test_lora_cell_and_sample_shortfall(tiny_model_dir, bundle, tmp_path, caplog):
     store = ResultStore(tmp_path / "r.jsonl")
     cfg = AttackConfig(learning_rates=(1e-3,), num_samples=100, batch_size=3, lora=True, lora_r=2)

@@ -185,6 +185,15 @@ def mean_stderr(values: list[float]) -> float:
     return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
 
 
+def paired_difference(a: list[float], b: list[float]) -> tuple[float, float]:
+    """Mean of ``b[i] − a[i]`` over paired items (two models' scores on the same prompts) and its standard error:
+    pairing removes the prompts' own spread, which two separate standard errors would count twice."""
+    if len(a) != len(b):
+        raise ConfigError(f"paired difference: {len(a)} and {len(b)} items; pair the same items")
+    diffs = [y - x for x, y in zip(a, b, strict=True)]
+    return sum(diffs) / len(diffs), mean_stderr(diffs)
+
+
 #: token budget of the coherence and coupling measurements (prompt cut from the left beyond it)
 METRIC_MAX_LENGTH = 256
 #: rows per forward/backward of the coupling measurement
