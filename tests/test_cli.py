@@ -45,7 +45,7 @@ def test_an_output_dir_in_the_yaml_must_agree_with_out(tiny_model_dir, data_file
     assert main(_defend_args(tiny_model_dir, data_files, tmp_path / "run", "--config", str(cfg))) == 0
 
 
-def test_resume_flag_finishes_a_killed_run(tiny_model_dir, data_files, tmp_path):
+def test_resume_flag_finishes_a_killed_run(tiny_model_dir, data_files, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
     args = _defend_args(tiny_model_dir, data_files, out, "--steps", "4", "--batch_size", "2", "--checkpoint_every", "2")
     assert main(args) == 0
@@ -56,6 +56,13 @@ def test_resume_flag_finishes_a_killed_run(tiny_model_dir, data_files, tmp_path)
     with (out / "log.jsonl").open("a") as f:
         f.write('{"step": 5, "L_ul"')  # and was killed mid-write of a log row
     assert main(args) == 1  # refuses to overwrite a run silently
+    import seamlm.distributed
+
+    with monkeypatch.context() as m:  # a changed setting is refused before any model loads
+        m.setattr(seamlm.distributed, "load_model_for_rank", None)
+        capsys.readouterr()
+        assert main([*args, "--resume", "--beta", "5"]) == 1
+        assert "the config changed (beta: 0.01 -> 5.0)" in capsys.readouterr().err
     assert main([*args, "--resume"]) == 0
     assert [json.loads(x)["step"] for x in (out / "log.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
     assert (out / "model" / "model.safetensors").is_file()

@@ -187,9 +187,11 @@ def load_rank_state(path: Path, ctx: DistContext) -> dict[str, Any]:
     return load_checkpoint(path, file=rank_file(ctx.rank))
 
 
-def load_checkpoint(path: Path, map_location: str | torch.device = "cpu", file: str = CHECKPOINT_FILE) -> dict[str, Any]:
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu", file: str = CHECKPOINT_FILE,
+                    mmap: bool = False) -> dict[str, Any]:
+    """A checkpoint's state; ``mmap``: tensors stay on disk until read (a look at its config costs no model load)."""
     try:
         # Our own file, holding Python RNG tuples as well as tensors.
-        return torch.load(path / file, map_location=map_location, weights_only=False)
+        return torch.load(path / file, map_location=map_location, weights_only=False, mmap=mmap)
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
         raise CheckpointError(f"checkpoint {path} is unreadable ({exc}); delete it to resume from an earlier one") from exc

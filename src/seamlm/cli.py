@@ -75,6 +75,8 @@ def _run_defend(args: argparse.Namespace, extra: list[str]) -> int:
         config = defense_cls.configure({**read_yaml_mapping(args.config), **overrides}, str(args.config), args.out)
     else:
         config = defense_cls.configure(overrides, "command line", args.out)
+    if args.resume:
+        defense_cls.check_resume(args.out, config)  # a changed setting fails now, not after the model loads
     defense = defense_cls(config)
     files = {"harmful": args.harmful, "refusal": args.refusal, "benign": args.benign}
     if args.data and any(files.values()):

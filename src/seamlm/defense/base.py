@@ -54,6 +54,12 @@ class Defense(ABC):
             raise ConfigError(f"--resume: defence {cls.name} keeps no checkpoints; rerun it without --resume, into "
                               "an empty --out")
 
+    @classmethod
+    def check_resume(cls, out_dir: str | Path, config: Any) -> None:
+        """Refuse a ``--resume`` whose ``config`` differs from the unfinished run's before the model loads (a
+        defence that keeps checkpoints checks their settings here; the base has none)."""
+        return None
+
     @abstractmethod
     def run(self, model: Any, tokenizer: Any, data: dict[str, StreamData], out_dir: str | Path, *,
             resume: bool = False, run_info: dict[str, Any] | None = None, ctx: DistContext | None = None) -> Path:

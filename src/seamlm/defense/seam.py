@@ -82,6 +82,15 @@ def check_run_folder(out: Path, resume: bool) -> None:
                               + ("" if finished else ", or pass --resume to continue it"))
 
 
+def refuse_changed_config(config: DefenseConfig, saved: dict[str, Any], path: Path) -> None:
+    """A resume with other settings than the checkpoint's (but those that do not change the trajectory) is refused,
+    naming each change."""
+    changed = {k: v for k, v in config.changed_from(saved).items() if k not in RESUME_SAFE_KEYS}
+    if changed:
+        diffs = ", ".join(f"{k}: {then!r} -> {now!r}" for k, (then, now) in changed.items())
+        raise CheckpointError(f"cannot resume {path}: the config changed ({diffs}); resume with the same settings")
+
+
 def _row_aligned(harmful: list[Example], refusal: list[Example]) -> bool:
     """R row i refuses the prompt of H row i (then each step draws the same rows from both)."""
     return len(harmful) == len(refusal) and all(
@@ -453,10 +462,7 @@ class SEAMTrainer:
         if path is None:
             raise CheckpointError(f"--resume: no checkpoint under {self.out / 'checkpoints'}; start without --resume")
         state = load_checkpoint(path, map_location="cpu")  # RNG states must stay CPU tensors; loaders move the rest
-        changed = {k: v for k, v in self.config.changed_from(state["config"]).items() if k not in RESUME_SAFE_KEYS}
-        if changed:
-            diffs = ", ".join(f"{k}: {then!r} -> {now!r}" for k, (then, now) in changed.items())
-            raise CheckpointError(f"cannot resume {path}: the config changed ({diffs}); resume with the same settings")
+        refuse_changed_config(self.config, state["config"], path)
         if state["data_fingerprint"] != self.data_fingerprint:
             raise CheckpointError(f"cannot resume {path}: the training data differ from the checkpointed run's (or "
                                   "their encoding: since 2026-11-27 a model without a chat template is prompted in "
@@ -562,6 +568,12 @@ class SEAMDefense(Defense):
     @classmethod
     def check_out(cls, out_dir: str | Path, resume: bool) -> None:
         check_run_folder(Path(out_dir), resume)
+
+    @classmethod
+    def check_resume(cls, out_dir: str | Path, config: DefenseConfig) -> None:
+        path = latest_checkpoint(Path(out_dir) / "checkpoints")
+        if path is not None:  # (the trainer checks the rest: data, dtype, world size)
+            refuse_changed_config(config, load_checkpoint(path, mmap=True)["config"], path)
 
     def run(self, model: Any, tokenizer: Any, data: dict[str, StreamData], out_dir: str | Path, *,
             resume: bool = False, run_info: dict[str, Any] | None = None, ctx: DistContext | None = None) -> Path:
