@@ -186,6 +186,8 @@ def test_dashed_options_take_their_underscored_spelling_and_path_errors_are_clea
     assert main(["data", "distill", "--model", "m", "--prompts", "p.jsonl", "--out", "o.jsonl",
                  "--max_new_tokens", "0"]) == 2
     assert "--max-new-tokens and --batch-size must be >= 1" in capsys.readouterr().err
+    assert main(["data", "distill", "--model", "m", "--prompts", "p.jsonl", "--out", str(tmp_path)]) == 2
+    assert "is a folder; give the JSONL file to write" in capsys.readouterr().err
 
 
 def test_console_entry_point():

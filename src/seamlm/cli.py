@@ -203,6 +203,8 @@ def _run_data(args: argparse.Namespace, extra: list[str]) -> int:
 
     if args.max_new_tokens < 1 or args.batch_size < 1:
         raise ConfigError("--max-new-tokens and --batch-size must be >= 1")
+    if Path(args.out).is_dir():  # found now, not after the model answered every prompt
+        raise ConfigError(f"--out {args.out} is a folder; give the JSONL file to write (e.g. {args.out}/benign.jsonl)")
     prompts = [e.prompt for e in load_examples(args.prompts, require_response=False)]
     model, tok = load_model(args.model)
     rows = distill_answers(model, tok, prompts, args.cache_dir or cache_dir("distill"), args.max_new_tokens, args.batch_size)
