@@ -198,6 +198,12 @@ def test_a_mistyped_model_fails_before_the_demo_writes_anything(tmp_path, capsys
     out = tmp_path / "d"
     assert main(["demo", "--out", str(out), "--model", str(tmp_path / "nope")]) != 0
     assert "nope does not exist" in capsys.readouterr().err and not out.exists()
+    # --fresh over a finished demo would retrain from --model: a typo there must not empty the folder first
+    (out / "models" / "aligned").mkdir(parents=True)
+    (out / "models" / "aligned" / "model.safetensors").write_bytes(b"x")
+    (out / "models" / "aligned" / "seamlm_run.json").write_text("{}")
+    assert main(["demo", "--out", str(out), "--model", str(tmp_path / "nope"), "--fresh"]) != 0
+    assert "nope does not exist" in capsys.readouterr().err and (out / "models" / "aligned" / "seamlm_run.json").is_file()
 
 
 def test_a_refused_demo_leaves_its_folder_as_it_was(tmp_path, capsys):

@@ -199,12 +199,13 @@ def test_hub_source_without_datasets_or_path_says_what_to_do(monkeypatch):
         load_source("beavertails")
 
 
-def test_hub_source_offline_says_what_to_do(monkeypatch):
+def test_hub_source_offline_says_what_to_do(monkeypatch, tmp_path):
     """The real `datasets` in offline mode: its ConnectionError becomes a DataError that names the way out."""
     pytest.importorskip("datasets")
     import datasets.config
 
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path)  # not a copy a user's cache may hold
     with pytest.raises(DataError, match=r"could not load PKU-Alignment/BeaverTails \(split '30k_train'\).*path="):
         load_source("beavertails")
 

@@ -246,8 +246,8 @@ def _check_stage(model_dir: Path, key: str, now: BaseConfig, stage: str, ignore:
 def run_demo(out_dir: str | Path, cfg: DemoConfig, fresh: bool = False) -> Path:
     """Run (or resume) every stage; returns the report's Markdown path."""
     out = Path(out_dir)
-    if not is_saved_model(demo_paths(out, cfg)["aligned"]):
-        resolve_model_source(cfg.model)  # a mistyped --model fails here, before --out is written
+    if (fresh and not cfg.baseline_from) or not is_saved_model(demo_paths(out, cfg)["aligned"]):
+        resolve_model_source(cfg.model)  # a mistyped --model fails here, before --out is written (or --fresh empties it)
     saved = out / "demo_config.json"
     if saved.is_file() and not fresh:
         before = json.loads(saved.read_text())

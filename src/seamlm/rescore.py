@@ -65,7 +65,7 @@ def rescore(results: str | Path, eval_cfg: EvalConfig, judge: Judge | None = Non
         _adopt(path.parent, _unstarted_studies(path.parent), judge.name, eval_cfg)  # (a rescore cut short)
         return []
     studies = _unstarted_studies(path.parent)
-    base = _baseline(path.parent)
+    base = demo_baseline(path.parent)
     if base is not None:
         # this demo reuses the baseline's raw and aligned models (and resumes only with the baseline's judge)
         base_rows = ResultStore(base / "results.jsonl").rows()
@@ -148,7 +148,7 @@ def _judged_eval(settings: dict[str, Any], eval_cfg: EvalConfig) -> dict[str, An
     return out
 
 
-def _baseline(folder: Path) -> Path | None:
+def demo_baseline(folder: Path) -> Path | None:
     """The baseline demo a demo folder reuses (its raw and aligned cells' answers live there), if any."""
     saved = folder / "demo_config.json"
     if saved.is_file():

@@ -11,6 +11,7 @@ Kinds:
 from __future__ import annotations
 
 import ast
+import errno
 import glob
 import json
 import logging
@@ -307,7 +308,9 @@ def _hub_rows(hub_id: str, split: str, path: str | None, config: str | None = No
 
     try:
         return list(load_dataset(hub_id, config, split=split))
-    except (OSError, ValueError) as exc:  # offline, unknown split, gated dataset (requests' errors are OSErrors)
+    except (OSError, ValueError) as exc:  # offline (datasets raises ConnectionError), unknown split, gated dataset
+        if getattr(exc, "errno", None) == errno.ENOSPC:
+            raise  # a full disk while caching: the CLI says so, not "offline"
         raise DataError(f"could not load {hub_id} (split {split!r}) from the Hugging Face Hub: {exc}. Offline, pass "
                         "path= a local JSONL/CSV/Parquet file in the same schema (HF_HUB_OFFLINE=1 skips the "
                         "retries); online, check the split name and that your token may read the dataset") from exc

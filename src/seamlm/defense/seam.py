@@ -572,8 +572,14 @@ class SEAMDefense(Defense):
     @classmethod
     def check_resume(cls, out_dir: str | Path, config: DefenseConfig) -> None:
         path = latest_checkpoint(Path(out_dir) / "checkpoints")
-        if path is not None:  # (the trainer checks the rest: data, dtype, world size)
-            refuse_changed_config(config, load_checkpoint(path, mmap=True)["config"], path)
+        if path is None:
+            return
+        try:
+            saved = load_checkpoint(path, mmap=True)["config"]
+        except CheckpointError as exc:  # e.g. a file system that cannot memory-map: the trainer's full load decides
+            log.info("early resume check skipped (%s)", exc)
+            return
+        refuse_changed_config(config, saved, path)  # (the trainer checks the rest: data, dtype, world size)
 
     def run(self, model: Any, tokenizer: Any, data: dict[str, StreamData], out_dir: str | Path, *,
             resume: bool = False, run_info: dict[str, Any] | None = None, ctx: DistContext | None = None) -> Path:

@@ -105,7 +105,8 @@ class EvalConfig(BaseConfig):
                     "coherence_examples", "coupling_examples", "fs_train", "fs_test", "trajectory_every")
                     if getattr(self, k) < 0]
         if negative:
-            raise ConfigError(f"{', '.join(negative)}: sizes must be >= 0 (0 turns the metric off)")
+            raise ConfigError(f"{', '.join(negative)}: sizes must be >= 0 (0 = all for hs_prompts, zs_limit and "
+                              "lm_eval_limit; off for the others)")
         if self.trajectory_every and self.trajectory_examples < 1:
             raise ConfigError("with trajectory_every set, trajectory_examples must be >= 1")
         check_template(self.prompt_template)
@@ -188,8 +189,8 @@ def mean_stderr(values: list[float]) -> float:
 def paired_difference(a: list[float], b: list[float]) -> tuple[float, float]:
     """Mean of ``b[i] − a[i]`` over paired items (two models' scores on the same prompts) and its standard error:
     pairing removes the prompts' own spread, which two separate standard errors would count twice."""
-    if len(a) != len(b):
-        raise ConfigError(f"paired difference: {len(a)} and {len(b)} items; pair the same items")
+    if len(a) != len(b) or not a:
+        raise ConfigError(f"paired difference: {len(a)} and {len(b)} items; pair the same, non-empty items")
     diffs = [y - x for x, y in zip(a, b, strict=True)]
     return sum(diffs) / len(diffs), mean_stderr(diffs)
 

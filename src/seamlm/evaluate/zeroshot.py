@@ -8,6 +8,7 @@ lm-eval task YAMLs of the same name. ``run_lm_eval`` runs lm-eval itself on an a
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import random
@@ -292,7 +293,9 @@ def run_lm_eval(model: Any, tokenizer: Any, tasks: list[str], limit: int | None 
     # (per-sample logs are not returned: keeping them costs memory on large groups such as MMLU)
     try:
         return simple_evaluate(model=lm, tasks=tasks, limit=limit, task_manager=manager, log_samples=False)["results"]
-    except OSError as exc:  # a task's data from the Hub, offline (requests' and datasets' errors are OSErrors)
+    except OSError as exc:  # a task's data from the Hub, offline (datasets raises ConnectionError, an OSError)
+        if exc.errno == errno.ENOSPC:
+            raise  # a full disk while caching: the CLI says so, not "offline"
         raise DataError(f"lm-eval could not load the data of {', '.join(tasks)}: {exc}. lm-eval's own tasks read "
                         "their data from the Hub; offline, define the task in a YAML over local files "
                         "(dataset_path: json) under include_path, or use the built-in evaluator (zs_tasks)") from exc
