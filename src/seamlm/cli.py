@@ -436,6 +436,33 @@ def _run_report(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def _paired_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("paired", help="HS of two models paired prompt by prompt from saved answers: b − a ± its "
+                       "standard error per cell, per run and over runs")
+    p.add_argument("runs", nargs="+", help="run folders (demo, eval or attack --out), e.g. one per data seed")
+    p.add_argument("--a", default="aligned", help="the reference model's label (default aligned)")
+    p.add_argument("--b", default="seam", help="the model compared with it (default seam)")
+    p.add_argument("--cells", default="pre,attacks", help="pre, attacks or both, comma-separated")
+    p.add_argument("--out", help="also write the table to this Markdown file")
+
+
+def _run_paired(args: argparse.Namespace, extra: list[str]) -> int:
+    from seamlm.paired import paired_hs, paired_markdown
+
+    if extra:
+        raise ConfigError(f"unexpected arguments {extra} (`seamlm paired --help`)")
+    cells = {c.strip() for c in args.cells.split(",") if c.strip()}
+    if not cells or cells - {"pre", "attacks"}:
+        raise ConfigError(f"--cells {args.cells!r}: give pre, attacks or pre,attacks")
+    text = paired_markdown(paired_hs(args.runs, args.a, args.b, "pre" in cells, "attacks" in cells), args.a, args.b)
+    print(text, end="")
+    if args.out:
+        from seamlm.jsonl import write_text_atomic
+
+        write_text_atomic(args.out, text)
+    return 0
+
+
 def _rescore_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("rescore", help="judge a finished run's saved answers again with another judge (HS rows, no "
                        "generation); the old results file is kept beside")
@@ -548,12 +575,12 @@ COMMANDS = {
     "defend": (_defend_parser, _run_defend), "data": (_data_parser, _run_data), "eval": (_eval_parser, _run_eval),
     "attack": (_attack_parser, _run_attack), "sweep": (_sweep_parser, _run_sweep),
     "adaptive": (_adaptive_parser, _run_adaptive), "report": (_report_parser, _run_report), "judge": (_judge_parser, _run_judge),
-    "rescore": (_rescore_parser, _run_rescore),
+    "rescore": (_rescore_parser, _run_rescore), "paired": (_paired_parser, _run_paired),
 }
 
 
 #: Commands that would only duplicate their work (and race on their output files) under a multi-process launcher.
-SINGLE_PROCESS = {"demo", "eval", "data", "report", "judge", "sweep", "adaptive", "rescore"}
+SINGLE_PROCESS = {"demo", "eval", "data", "report", "judge", "sweep", "adaptive", "rescore", "paired"}
 
 
 def build_parser() -> argparse.ArgumentParser:
