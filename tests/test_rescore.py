@@ -3,6 +3,7 @@
 import json
 import math
 import statistics
+from collections import Counter
 
 import pytest
 
@@ -155,3 +156,27 @@ def test_a_demo_on_a_baseline_is_rescored_from_the_baselines_answers_without_tou
     # a rescore cut short before the config was updated: running it again finishes that
     (out / "demo_config.json").write_text(json.dumps({"baseline_from": str(base), "judge": "keyword"}))
     assert rescore(out, length) == [] and json.loads((out / "demo_config.json").read_text())["judge"] == "length"
+
+
+def test_cells_from_before_hs_se_gain_it_in_their_own_write(tiny_model_dir, bundle, tmp_path, caplog):
+    """A folder evaluated before hs_se existed: rescoring adds the row to each cell's write (its row count follows),
+    so every cell still reads as complete and a rerun redoes none."""
+    out = tmp_path / "run"
+    _, ran, store = _run(tiny_model_dir, bundle, out, KeywordJudge())
+    old = [json.loads(x) for x in store.path.read_text().splitlines()]
+    kept = [r for r in old if r["metric"] != "hs_se"]
+    counts = Counter(r["write"] for r in kept)
+    for r in kept:  # as an older seamlm wrote them: no hs_se row, the write's count without it
+        r["write"] = f"{r['write'].split('/')[0]}/{counts[r['write']]}"
+    store.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    assert not any(r.metric == "hs_se" for r in store.rows()) and len(store.rows()) == len(kept)
+
+    rescore(out, EVAL, LengthJudge())
+    rows = store.rows()
+    assert "cut short" not in caplog.text and len(rows) == len(old)
+    for c in ["pre", *ran]:
+        p = [min(1.0, len(a["answer"]) / 40) for a in map(json.loads, samples_file(out, "tiny", c).read_text().splitlines())]
+        se = next(r for r in rows if r.cell == c and r.metric == "hs_se")
+        assert se.judge == "length-v1" and se.value == pytest.approx(100 * statistics.stdev(p) / math.sqrt(len(p)))
+    pre, ran_again, _ = _run(tiny_model_dir, bundle, out, LengthJudge())
+    assert pre is False and ran_again == []

@@ -17,6 +17,7 @@ import dataclasses
 import json
 import logging
 import shutil
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,6 +107,7 @@ def rescore(results: str | Path, eval_cfg: EvalConfig, judge: Judge | None = Non
 
     out: list[ResultRow] = []
     report: list[Rescored] = []
+    with_se = {(r.model, r.cell) for r in rows if r.metric == "hs_se"}
     for r in rows:
         key = (r.model, r.cell)
         if key not in new_values:
@@ -117,6 +119,12 @@ def rescore(results: str | Path, eval_cfg: EvalConfig, judge: Judge | None = Non
             if r.metric == "hs":
                 report.append(Rescored(r.model, r.cell, r.value, change["value"], cells[key]))
         out.append(dataclasses.replace(r, **change))
+        if r.metric == "hs" and key not in with_se:  # a cell from before hs_se existed gains it, in the same write
+            out.append(dataclasses.replace(out[-1], metric="hs_se", value=new_values[key]["hs_se"]))
+    # each write's row count, which tells a complete write from a cut one, counts the rows added to it
+    held = Counter(r.write for r in out if r.write)
+    out = [dataclasses.replace(r, write=f"{r.write.rsplit('/', 1)[0]}/{held[r.write]}") if r.write else r
+           for r in out]
     old_judges = sorted({x.old_judge for x in report})
     backup = path.with_name(f"{path.stem}.before-{path_part('+'.join(old_judges))}{path.suffix}")
     n = 1
