@@ -111,9 +111,10 @@ def _run_defend(args: argparse.Namespace, extra: list[str]) -> int:
         if unused:
             raise ConfigError(f"defence {args.method} trains on {', '.join(defense_cls.streams)} only: drop "
                               f"{', '.join(unused)}")
-        run_info["data_files"] = {k: files[k] for k in defense_cls.streams}
+        given = {k: files[k] for k in defense_cls.streams}
+        run_info["data_files"] = given
         # read and checked now: a missing file or a wrong column fails before the model loads (minutes for a 7B)
-        streams = defense.examples({k: files[k] for k in defense_cls.streams})
+        streams = defense.examples(given)
     shard = bool(getattr(config, "shard_parameters", False))
     model, tokenizer = load_model_for_rank(args.model, ctx, args.dtype, args.device, shard)
     out = defense.run(model, tokenizer, streams, args.out, resume=args.resume, run_info=run_info, ctx=ctx)

@@ -7,7 +7,6 @@ model); the paired difference b − a cancels it. Read from each cell's saved an
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 from seamlm.attack import samples_file
 from seamlm.errors import DataError
 from seamlm.evaluate.metrics import paired_difference
+from seamlm.jsonl import read_records
 from seamlm.rescore import demo_baseline
 from seamlm.runinfo import path_part
 
@@ -32,12 +32,11 @@ class PairedRow:
     se: float | None
 
 
-def _scores(run: Path, model: str, cell: str) -> dict[str, float] | None:
-    for root in (run, demo_baseline(run)):  # a demo on --baseline_from keeps the aligned model's answers there
-        f = samples_file(root, model, cell) if root else None
-        if f is not None and f.is_file():
-            rows = [json.loads(x) for x in f.read_text(encoding="utf-8").splitlines() if x.strip()]
-            return {r["prompt"]: 100 * r["p_harmful"] for r in rows}
+def _scores(roots: list[Path], model: str, cell: str) -> dict[str, float] | None:
+    for root in roots:
+        f = samples_file(root, model, cell)
+        if f.is_file():
+            return {r["prompt"]: 100 * r["p_harmful"] for _, r in read_records(f)}
     return None
 
 
@@ -47,14 +46,16 @@ def paired_hs(runs: list[str | Path], a: str = "aligned", b: str = "seam", pre: 
     (each prompt's difference averaged over them, since the cells share models and prompts); last, the runs
     together (independent data seeds: the mean of their means, ± √(Σ se²) / runs)."""
     out: list[PairedRow] = []
-    per_run: list[tuple[float, float]] = []
+    per_run: list[tuple[float, float, int]] = []  # (difference, its se, prompts) of each run's attack cells
     for run in map(Path, runs):
         if not (run / "results.jsonl").is_file():
             raise DataError(f"{run} is no run folder (no results.jsonl): give the --out of a demo, eval or attack run")
+        # a demo on --baseline_from keeps the aligned model's answers there
+        roots = [run, *filter(None, [demo_baseline(run)])]
         attack_cells = sorted(d.name for d in (run / "attacks" / path_part(b)).glob("*") if d.is_dir())
         diffs: dict[str, list[float]] = {}
         for cell in (["pre"] if pre else []) + (attack_cells if attacks else []):
-            sa, sb = _scores(run, a, cell), _scores(run, b, cell)
+            sa, sb = _scores(roots, a, cell), _scores(roots, b, cell)
             if not sa or not sb or sa.keys() != sb.keys():
                 out.append(PairedRow(str(run), cell, 0, None, None, None, None))
                 continue
@@ -69,13 +70,13 @@ def paired_hs(runs: list[str | Path], a: str = "aligned", b: str = "seam", pre: 
         if len(counts) == 1:  # every prompt in every paired attack cell (the cells of one run share their prompts)
             n = counts.pop()
             diff, se = paired_difference([0.0] * len(diffs), [sum(d) / n for d in diffs.values()])
-            per_run.append((diff, se))
+            per_run.append((diff, se, len(diffs)))
             if n > 1:
                 out.append(PairedRow(str(run), f"attack cells together ({n})", len(diffs), None, None, diff, se))
     if len(per_run) > 1:
-        mean = sum(d for d, _ in per_run) / len(per_run)
-        out.append(PairedRow("all runs", "attack cells", sum(r.prompts for r in out if r.cell.startswith("attack "))
-                             or 0, None, None, mean, math.sqrt(sum(s * s for _, s in per_run)) / len(per_run)))
+        mean = sum(d for d, _, _ in per_run) / len(per_run)
+        out.append(PairedRow("all runs", "attack cells", sum(n for _, _, n in per_run), None, None, mean,
+                             math.sqrt(sum(s * s for _, s, _ in per_run)) / len(per_run)))
     if not any(r.diff is not None for r in out):
         raise DataError(f"no cell of {', '.join(map(str, runs))} holds saved answers of both {a} and {b} on the same "
                         "prompts (check --a / --b: the models' labels in results.jsonl)")

@@ -32,7 +32,6 @@ from seamlm.runinfo import path_part
 
 log = logging.getLogger(__name__)
 
-HS_METRICS = JUDGED_METRICS  # (hs_se only in cells evaluated since it exists)
 #: The models a demo on a baseline copies from it (their answers may live in the baseline's folder only).
 BASELINE_MODELS = ("raw", "aligned")
 
@@ -114,7 +113,7 @@ def rescore(results: str | Path, eval_cfg: EvalConfig, judge: Judge | None = Non
             out.append(r)
             continue
         change: dict[str, Any] = {"settings": redigest(r.settings) if r.settings else None}
-        if r.metric in HS_METRICS:
+        if r.metric in JUDGED_METRICS:
             change.update(value=new_values[key][r.metric], judge=judge.name)
             if r.metric == "hs":
                 report.append(Rescored(r.model, r.cell, r.value, change["value"], cells[key]))
