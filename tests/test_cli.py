@@ -168,9 +168,15 @@ def test_bad_inputs(tiny_model_dir, data_files, tmp_path, capsys, monkeypatch, c
     assert match in capsys.readouterr().err
 
 
-def test_dashed_options_take_their_underscored_spelling_and_path_errors_are_clean(tmp_path, capsys):
+def test_dashed_options_take_their_underscored_spelling_and_path_errors_are_clean(tmp_path, capsys, monkeypatch):
     """Config keys are --under_scored, so users type --data_seed, --no_pre … too: both spellings work."""
+    import seamlm.data.bundles as bundles
     from seamlm.cli import build_parser
+
+    def no_build(*a, **k):
+        raise AssertionError("a bad --out is refused before the bundle is built")
+
+    monkeypatch.setattr(bundles, "build_bundle", no_build)
 
     args, extra = build_parser().parse_known_args(["attack", "--model", "m", "--out", "o", "--data_seed", "3",
                                                     "--no_pre", "--eval_config", "e.yaml"])

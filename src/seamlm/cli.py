@@ -188,8 +188,9 @@ def _run_data(args: argparse.Namespace, extra: list[str]) -> int:
             print(f"  {name}: {bundle.description}")
         return 0
     if args.action == "build":
-        from seamlm.data.bundles import build_bundle, bundle_options
+        from seamlm.data.bundles import build_bundle, bundle_options, check_bundle_target
 
+        check_bundle_target(args.out)  # before the build, not after it
         cats = tuple(c.strip() for c in args.holdout_categories.split(",") if c.strip())
         bundle = build_bundle(args.bundle, seed=args.seed, holdout_categories=cats,
                               **bundle_options(args.bundle, args.option))

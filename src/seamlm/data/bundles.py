@@ -87,9 +87,7 @@ class BundleData:
             changed = sorted(k for k in {*old, *self.manifest} if old.get(k) != self.manifest.get(k))
             raise DataError(f"{out} holds a bundle built with other settings (differs in: {', '.join(changed)}); "
                             "choose another --out, or delete that folder to rebuild it")
-        ours = set(STREAM_FILES.values())
-        if out.exists() and (not out.is_dir() or any(p.name not in ours for p in out.iterdir())):
-            raise DataError(f"{out} exists and is not an empty folder or a bundle; choose a new --out")
+        check_bundle_target(out)
         target = out if out.is_dir() else out.with_name(out.name + ".partial")
         if target != out and target.exists():
             shutil.rmtree(target)
@@ -100,6 +98,15 @@ class BundleData:
         if target != out:
             os.replace(target, out)
         return out
+
+
+def check_bundle_target(out_dir: str | Path) -> None:
+    """Refuse an ``out_dir`` a bundle cannot be written to: a file, or a folder holding other files than a bundle's
+    (a finished bundle, or a killed build's stream files, is fine). Callable before the build, so the error comes first."""
+    out = Path(out_dir).expanduser().resolve()
+    ours = {*STREAM_FILES.values(), MANIFEST}
+    if out.exists() and (not out.is_dir() or any(p.name not in ours for p in out.iterdir())):
+        raise DataError(f"{out} exists and is not an empty folder or a bundle; choose a new --out")
 
 
 @dataclass(frozen=True)
