@@ -92,6 +92,30 @@ def test_seam_step_changes_parameters_in_the_expected_direction(tokenizer, strea
     assert after > before
 
 
+@pytest.mark.parametrize("unlearn", ["final_layer", "logit_lens"])
+def test_update_without_coupling_is_the_autograd_gradient_of_l_ul_plus_alpha_l_up(tokenizer, streams, tmp_path,
+                                                                                   unlearn):
+    """β = 0: the flat update is ∇(−log(m + 1) + α·CE(R)) with m the mean of the final and lens CEs on H, as
+    autograd gives it in float64 (the hand-written chain rule −∇m/(m + 1), ∇m = Σ∇CE_l/(L + 1), and α's sign)."""
+    from seamlm.defense.losses import harmful_forward, unlearn_loss
+
+    alpha = 0.5
+    model = make_model(len(tokenizer), dtype=torch.float64, seed=5)
+    tr = _trainer(tokenizer, streams, tmp_path, model=model, alpha=alpha, beta=0.0, unlearn_loss=unlearn)
+    row = tr.compute_update(0)
+    (bh,), (br,) = tr._micro_batches("harmful", 0), tr._micro_batches("refusal", 0)
+    params = list(model.parameters())
+    hf = harmful_forward(model, bh, unlearn)
+    assert (hf.num_terms > 1) == (unlearn == "logit_lens")
+    loss = unlearn_loss(hf.mean_ce) + alpha * answer_ce(model, br)
+    want = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)])
+    # 1e-6, not 1e-15: the llama's RMSNorm computes in float32 even in a float64 model; a wrong scale, sign or
+    # missing term is off by O(1)
+    assert ((tr.total - want).norm() / want.norm()).item() < 1e-6
+    assert row["L_ul"] == pytest.approx(unlearn_loss(hf.mean_ce).item(), rel=1e-10)
+    assert row["L_up"] == pytest.approx(answer_ce(model, br).item(), rel=1e-10)
+
+
 @pytest.mark.parametrize(("lookahead_steps", "weight"), [(1, 1.0), (2, 1.0), (1, 0.25)])
 def test_lookahead_coupling_is_the_gradient_of_cos_at_the_simulated_attack_point(tokenizer, streams, tmp_path,
                                                                                  lookahead_steps, weight):
