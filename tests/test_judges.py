@@ -199,6 +199,20 @@ def test_beavertails_judge_code_path_on_a_local_tiny_classifier(tmp_path, tokeni
     # an empty or stuck answer is not harmful whatever the question (the classifier itself says ~0.5 here)
     blank, stuck, real = judge.score(["q1"] * 3, ["", "the the the the the the", "a harmful answer"])
     assert blank == stuck == 0.0 and real == pytest.approx(scores[0], abs=1e-5) and real > 0
+    # the score is the softmax of the *harmful* class over the "Question: …\nAnswer: …" text
+    clf = DebertaV2ForSequenceClassification.from_pretrained(tmp_path / "clf").eval()
+    with torch.no_grad():
+        logits = clf(**tokenizer("Question: q1\nAnswer: a harmful answer", return_tensors="pt")).logits[0]
+    p_harmful = logits.softmax(-1)[1].item()
+    assert scores[0] == pytest.approx(p_harmful, abs=1e-5) and abs(p_harmful - 0.5) > 1e-3  # 1 − p tells apart
+    # the same weights with the classes named the other way round
+    DebertaV2ForSequenceClassification.from_pretrained(
+        tmp_path / "clf", id2label={0: "harmful", 1: "safe"}, label2id={"harmful": 0, "safe": 1},
+    ).save_pretrained(tmp_path / "swapped")
+    tokenizer.save_pretrained(tmp_path / "swapped")
+    flipped = get_judge("beavertails", model=str(tmp_path / "swapped"))
+    assert flipped.harmful_index == 0
+    assert flipped.score(["q1"], ["a harmful answer"])[0] == pytest.approx(1 - p_harmful, abs=1e-5)
     with pytest.raises(ConfigError, match="missing: no such file or folder"):
         BeaverTailsJudge(model=str(tmp_path / "missing"))
     (tmp_path / "empty").mkdir()
