@@ -69,13 +69,17 @@ def test_pcgrad_hook_rewrites_the_gradient_against_the_benign_gradient(tokenizer
     data = _data(n_benign=4)  # exactly one benign batch: the hook's batch is known
     hooks = recipe.hooks(tokenizer, data, FT)
     params = [p for p in model.parameters()]
+    g_b = torch.autograd.grad(answer_ce(model, _batch(tokenizer, data.benign)), params)
     answer_ce(model, _batch(tokenizer, data.harmful[:4])).backward()
+    if sum(float((p.grad * b).sum()) for p, b in zip(params, g_b, strict=False)) > 0:
+        for p in params:  # make the gradients conflict, else the projection is a no-op and the test proves nothing
+            p.grad.neg_()
     g_h = [p.grad.clone() for p in params]
     info = hooks.transform_gradients(model, params, 1)
-    g_b = torch.autograd.grad(answer_ce(model, _batch(tokenizer, data.benign)), params)
     dot_before = sum(float((a * b).sum()) for a, b in zip(g_h, g_b, strict=False))
     dot_after = sum(float((p.grad * b).sum()) for p, b in zip(params, g_b, strict=False))
-    assert dot_after >= -1e-6 * abs(dot_before)
+    assert dot_before < 0 and info["projected"] == 1
+    assert abs(dot_after) <= 1e-5 * abs(dot_before)  # the opposing component is gone, no more
     expected, _ = project_conflicting(g_h, list(g_b))
     assert all(torch.allclose(p.grad, e, atol=1e-6) for p, e in zip(params, expected, strict=False))
     assert info["cos_hb"] == pytest.approx(dot_before / (
@@ -88,6 +92,7 @@ def test_pcgrad_attack_logs_the_surgery(tokenizer, tmp_path):
         DistContext())
     rows = [json.loads(x) for x in (tmp_path / "loss.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and all({"cos_hb", "projected", "dot_after"} <= set(r) for r in rows)
+    assert all((r["projected"] == 1) == (r["cos_hb"] < 0) and r["dot_after"] >= -1e-4 for r in rows), rows
     assert res.logs == rows
 
 
@@ -175,7 +180,9 @@ def test_benign_first_trains_benign_then_harmful(tokenizer, tmp_path):
         "t", DistContext())
     benign = [json.loads(x) for x in (tmp_path / "benign_loss.jsonl").read_text().splitlines()]
     assert len(benign) == 3 and len(res.losses) == 2  # 3 benign steps over 4 examples at batch 4: 3 epochs
-    assert benign[0]["lr"] <= 1e-3
+    harmful = [json.loads(x) for x in (tmp_path / "loss.jsonl").read_text().splitlines()]
+    # each phase at its own peak learning rate (step 1 of each is its warm-up)
+    assert max(r["lr"] for r in benign) == pytest.approx(1e-3) and max(r["lr"] for r in harmful) == pytest.approx(1e-2)
 
 
 def test_template_shift_formats_training_and_evaluation(tokenizer, tiny_model_dir, tmp_path, monkeypatch):
