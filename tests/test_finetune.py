@@ -53,10 +53,33 @@ def test_weight_decay_spares_norm_weights_as_the_hf_trainer_does(tokenizer, opti
             torch.testing.assert_close(p.detach(), before[n] * (1 - 0.1 * 0.5), rtol=1e-6, atol=1e-7)
 
 
-def test_sgd_and_max_steps(tokenizer):
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_sgd_steps_along_the_gradient_and_adamw_does_not(tokenizer, optimizer):
+    """SGD (momentum 0, no decay): θ ← θ − lr·g exactly; AdamW's first step is ≈ lr·sign(g) instead, so a config
+    whose optimizer were ignored fails one of the two."""
+    from seamlm.finetune import TrainingHooks
+
+    grads: dict[int, torch.Tensor] = {}
+
+    def record(model, params, step):
+        grads.update({id(p): p.grad.detach().clone() for p in params})
+        return {}
+
+    model = make_model(len(tokenizer))
+    before = {id(p): p.detach().clone() for p in model.parameters()}
+    cfg = FinetuneConfig(lr=1e-2, optimizer=optimizer, weight_decay=0.0, max_steps=1, batch_size=2,
+                         lr_scheduler="constant", warmup_ratio=0.0)
+    res = finetune(model, tokenizer, HARMFUL, cfg, hooks=TrainingHooks(transform_gradients=record))
+    assert res.steps == 1 and grads
+    sgd_like = [torch.allclose(p.detach(), before[id(p)] - 1e-2 * grads[id(p)], rtol=0, atol=1e-7)
+                for p in res.model.parameters() if id(p) in grads and grads[id(p)].abs().max() > 1e-3]
+    assert sgd_like and all(sgd_like) == (optimizer == "sgd") and any(sgd_like) == (optimizer == "sgd")
+
+
+def test_max_steps_stops_the_run(tokenizer):
     res = finetune(make_model(len(tokenizer)), tokenizer, HARMFUL,
                    FinetuneConfig(lr=1e-2, optimizer="sgd", max_steps=2, batch_size=2))
-    assert res.steps == 2
+    assert res.steps == 2 and len(res.losses) == 2
 
 
 def test_divergence_raises_with_the_model_attached(tokenizer):
