@@ -30,12 +30,24 @@ ITEMS = [
 ]
 
 
-def test_loglikelihoods_match_the_hand_computation(tokenizer):
+def _tokenizer(kind, fixture):
+    from tests.test_format import _trained_tokenizer
+
+    return fixture if kind == "bytes" else _trained_tokenizer(sentencepiece=kind == "sentencepiece")
+
+
+@pytest.mark.parametrize("kind", ["bytes", "byte_level_bpe", "sentencepiece"])
+def test_loglikelihoods_match_the_hand_computation(tokenizer, kind):
+    tokenizer = _tokenizer(kind, tokenizer)
     model = make_model(len(tokenizer)).eval()
     got = choice_loglikelihoods(model, tokenizer, ITEMS, batch_size=2)
     for it, lls in zip(ITEMS, got, strict=True):
         for i, ll in enumerate(lls):
             assert ll == pytest.approx(_hand_loglikelihood(model, tokenizer, it.context(i), " " + it.choices[i]), abs=1e-4)
+    if kind == "sentencepiece":  # here encoding the continuation alone would give other tokens: the rule matters
+        enc = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+        ctx, cont = ITEMS[0].context(0), " " + ITEMS[0].choices[0]
+        assert enc(ctx + cont)[len(enc(ctx)):] != enc(cont)
 
 
 def test_acc_and_acc_norm_follow_lm_eval():
@@ -99,10 +111,13 @@ def write_lm_eval_task(folder, n: int, seed: int = 3):
     return folder / "tasks"
 
 
-def test_built_in_scorer_agrees_with_lm_eval_itself(tokenizer, tmp_path, monkeypatch):
+@pytest.mark.parametrize("kind", ["bytes", "sentencepiece"])
+def test_built_in_scorer_agrees_with_lm_eval_itself(tokenizer, tmp_path, monkeypatch, kind):
     """The lm-eval adapter on a local task (offline: dataset_path json) and the built-in evaluator on the same
-    ARC-Easy items give the same acc and acc_norm."""
+    ARC-Easy items give the same acc and acc_norm (also with a tokenizer whose continuation tokens depend on the
+    context, where only lm-eval's split rule agrees)."""
     pytest.importorskip("lm_eval")
+    tokenizer = _tokenizer(kind, tokenizer)
     from seamlm.evaluate.zeroshot import run_lm_eval
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
