@@ -24,15 +24,19 @@ def _examples(n, cats=("a", "b", "c")):
 def test_assignment_is_deterministic_stable_and_by_prompt():
     rows = _examples(300) + [Example("PROMPT 7!", "another answer", "b")]  # same prompt as row 7
     a = assign_splits(rows, {"defense": 0.5, "attack": 0.4, "eval": 0.1}, seed=1)
-    b = assign_splits(rows[:150] + rows[150:], {"defense": 0.5, "attack": 0.4, "eval": 0.1}, seed=1)
-    assert {k: [e.prompt for e in v] for k, v in a.items()} == {k: [e.prompt for e in v] for k, v in b.items()}
+    b = assign_splits(list(reversed(rows)), {"defense": 0.5, "attack": 0.4, "eval": 0.1}, seed=1)
+    # by prompt, not by position: the rows in another order land in the same splits
+    assert {k: sorted(e.prompt for e in v) for k, v in a.items()} == {k: sorted(e.prompt for e in v) for k, v in b.items()}
     check_disjoint(a)
     where = [k for k, v in a.items() if any(prompt_hash(e.prompt) == prompt_hash("prompt 7") for e in v)]
     assert len(where) == 1  # both rows of prompt 7 in one split
     assert 110 < len(a["defense"]) < 190 and len(a["eval"]) > 10
-    # adding data never moves existing prompts
-    c = assign_splits(rows + _examples(400)[300:], {"defense": 0.5, "attack": 0.4, "eval": 0.1}, seed=1)
-    assert [e.prompt for e in c["eval"]][: len(a["eval"])] == [e.prompt for e in a["eval"]]
+    # adding data (before the old rows, too) never moves existing prompts
+    c = assign_splits(_examples(400)[300:] + rows, {"defense": 0.5, "attack": 0.4, "eval": 0.1}, seed=1)
+    old = {e.prompt for e in rows}
+    assert {k: sorted(e.prompt for e in v if e.prompt in old) for k, v in c.items()} == \
+        {k: sorted(e.prompt for e in v) for k, v in a.items()}
+    assert assign_splits(rows, {"defense": 0.5, "attack": 0.4, "eval": 0.1}, seed=2)["eval"] != a["eval"]  # seeded
 
 
 def test_category_holdout_keeps_categories_out_of_defense():
@@ -188,6 +192,7 @@ def test_refusal_templates_are_varied_deterministic_and_detected():
     picks = {refusal_for(f"prompt {i}") for i in range(200)}
     assert len(picks) >= len(REFUSAL_TEMPLATES) - 1
     assert refusal_for("x", seed=3) == refusal_for("x", seed=3)
+    assert any(refusal_for(f"prompt {i}", seed=1) != refusal_for(f"prompt {i}") for i in range(20))  # seeded
     assert all(is_refusal(t) for t in REFUSAL_TEMPLATES)
     assert not is_refusal("Sure, here is how to do it. First, get the materials.")
     assert not is_refusal("Step 1: mix the two. " * 20 + "I can't stress this enough.")

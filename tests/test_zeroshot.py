@@ -72,6 +72,7 @@ def test_acc_and_acc_norm_follow_lm_eval():
 def test_task_items_are_seeded_and_well_formed():
     a, b = task_items("arc_easy", 10, seed=1), task_items("arc_easy", 10, seed=1)
     assert a == b and len(a) == 10 and all(0 <= it.gold < len(it.choices) for it in a)
+    assert task_items("arc_easy", 10, seed=2) != a  # another seed, another subsample
     wg = task_items("winogrande", 5, seed=0)
     assert all(len(it.contexts) == 2 and it.choices[0] == it.choices[1] for it in wg)
     assert task_items("boolq", 3)[0].choices == ("no", "yes")
