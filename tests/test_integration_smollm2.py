@@ -1,6 +1,7 @@
 """Integration: the real SmolLM2-135M-Instruct from its PyPI package, two SEAM steps, saved and reloaded."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -23,7 +24,9 @@ def test_two_seam_steps_on_real_smollm2(tmp_path, streams):
 
     rows = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
-    assert all(-1 <= r["cos_g_a_g_b"] <= 1 and r["norm_g_a"] > 0 and r["L_ul"] < 0 for r in rows)
+    # the logged L_ul is −log(m + 1) of the lens mean (logit_lens, the default), every figure finite
+    assert all(r["L_ul"] == pytest.approx(-math.log(r["mean_ce_lens"] + 1)) for r in rows)
+    assert all(math.isfinite(r[k]) for r in rows for k in ("cos_g_a_g_b", "norm_g_a", "norm_g_b", "ce_benign"))
     assert not torch.equal(before, model.model.layers[0].mlp.up_proj.weight)  # it trained (lr warm-up > 0 at step 2)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -59,9 +59,12 @@ def test_load_local_dir_sets_pad_token_and_warns_without_chat_template(tmp_path,
     assert tok.pad_token_id is not None and model.dtype == torch.float32
     bare = tmp_path / "bare"
     model.save_pretrained(bare)
-    make_tokenizer(chat_template=False).save_pretrained(bare)
-    load_model(str(bare), device="cpu")
+    no_pad = make_tokenizer(chat_template=False)
+    no_pad.pad_token = None  # as Llama tokenizers ship
+    no_pad.save_pretrained(bare)
+    _, tok = load_model(str(bare), device="cpu")
     assert "no chat template" in caplog.text
+    assert tok.pad_token == tok.eos_token == "<eos>" and tok.pad_token_id is not None
 
 
 def test_saved_directory_loads_without_seamlm(tmp_path, tiny_model_dir):

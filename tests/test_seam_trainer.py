@@ -136,19 +136,26 @@ def test_lookahead_coupling_is_the_gradient_of_cos_at_the_simulated_attack_point
 
     params = list(model.parameters())
     bh, bb = ahead._micro_batches("harmful", 0)[0], ahead._micro_batches("benign", 0)[0]
-    at_theta = exact_cos_grad(model, params, bh, bb)
+    def cos_here():
+        g_a, g_b = (torch.cat([g.reshape(-1) for g in torch.autograd.grad(answer_ce(model, b), params)])
+                    for b in (bh, bb))
+        return torch.nn.functional.cosine_similarity(g_a, g_b, dim=0).item()
+
+    at_theta, cos_theta = exact_cos_grad(model, params, bh, bb), cos_here()
     for _ in range(lookahead_steps):
         grads = torch.autograd.grad(answer_ce(model, bh), params)
         with torch.no_grad():
             for p, g in zip(params, grads, strict=True):
                 p.sub_(torch.sign(g), alpha=eta)
-    at_ahead = exact_cos_grad(model, params, bh, bb)
+    at_ahead, cos_ahead = exact_cos_grad(model, params, bh, bb), cos_here()
     got = (ahead.total - rest) / beta
     want = (1 - weight) * at_theta + weight * at_ahead
     assert ((got - want).norm() / want.norm()).item() < 5e-3  # the O(ε) of the estimate
     assert ((at_theta - at_ahead).norm() / at_ahead.norm()).item() > 0.1  # so the test tells θ' from θ
-    assert row["L_sd"] == pytest.approx((1 - weight) * row["cos_g_a_g_b"] + weight * row["cos_lookahead"])
-    assert row["cos_lookahead"] != row["cos_g_a_g_b"]
+    # the logged cosines are the autograd ones at θ and θ', and L_sd mixes them with the weight
+    assert row["cos_g_a_g_b"] == pytest.approx(cos_theta, abs=1e-6)
+    assert row["cos_lookahead"] == pytest.approx(cos_ahead, abs=1e-6) and abs(cos_ahead - cos_theta) > 1e-3
+    assert row["L_sd"] == pytest.approx((1 - weight) * cos_theta + weight * cos_ahead, abs=1e-6)
     assert row["ce_harmful_lookahead"] < row["ce_harmful"]  # the simulated attacker descended on H
 
 
