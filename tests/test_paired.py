@@ -9,7 +9,7 @@ import pytest
 from seamlm.attack import samples_file
 from seamlm.cli import main
 from seamlm.errors import DataError
-from seamlm.paired import paired_hs
+from seamlm.paired import paired_hs, paired_markdown
 
 PROMPTS = ["p1", "p2", "p3", "p4"]
 CELLS = ("sft-lr1", "sft-lr2")
@@ -67,8 +67,75 @@ def test_what_cannot_be_paired_is_said(tmp_path, capsys):
     run = _run(tmp_path / "s0", [[0.1] * 4] * 3, [[0.2] * 4] * 3)
     _write(run, "seam", CELLS[0], [0.1, 0.2, 0.3], PROMPTS[:3])  # another prompt set: not paired
     rows = {r.cell: r for r in paired_hs([run])}
-    assert rows[CELLS[0]].diff is None and rows[CELLS[1]].diff == pytest.approx(10.0)
+    assert rows[CELLS[0]].diff is None and rows[CELLS[0]].note == "answers to other prompts"
+    assert rows[CELLS[1]].diff == pytest.approx(10.0)
     with pytest.raises(DataError, match="no cell .* holds saved answers of both aligned and sam"):
         paired_hs([run], b="sam")
     assert main(["paired", str(tmp_path / "nowhere")]) == 1
     assert "no run folder (no results.jsonl)" in capsys.readouterr().err
+
+
+def test_the_order_of_the_two_models_only_flips_the_sign(tmp_path):
+    """Also on a demo built on a baseline, where one model's answers (here all of the aligned model's) live in the
+    baseline folder only."""
+    run = _run(tmp_path / "s0", [[0.1, 0.2, 0.1, 0.0]] * 3, [[0.0, 0.5, 0.0, 0.9]] * 3)
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "results.jsonl").write_text("")
+    for sub in ("samples", "attacks"):
+        (base / sub).mkdir()
+        (run / sub / "aligned").rename(base / sub / "aligned")
+    (run / "demo_config.json").write_text(json.dumps({"baseline_from": str(base)}))
+    ab = {r.cell: r.diff for r in paired_hs([run])}
+    ba = {r.cell: r.diff for r in paired_hs([run], a="seam", b="aligned")}
+    assert ab.keys() == ba.keys() and len(ab) == 4 and all(ba[c] == pytest.approx(-ab[c]) for c in ab)
+
+
+def test_a_prompt_asked_twice_pairs_each_answer(tmp_path):
+    """An evaluation set may repeat a prompt (a hand-made bundle): every answer counts, paired in order."""
+    run = tmp_path / "s0"
+    run.mkdir()
+    (run / "results.jsonl").write_text("")
+    _write(run, "aligned", "pre", [0.0, 1.0, 0.0], ["p0", "p0", "p1"])
+    _write(run, "seam", "pre", [0.0, 0.0, 0.0], ["p0", "p0", "p1"])
+    (row,) = paired_hs([run], attacks=False)
+    assert row.prompts == 3 and row.hs_a == pytest.approx(100 / 3) and row.diff == pytest.approx(-100 / 3)
+
+
+def test_answers_scored_by_different_judges_are_not_paired_nor_runs_pooled(tmp_path, capsys):
+    from seamlm.results import ResultRow, ResultStore
+
+    def judged(run, judges):
+        ResultStore(run / "results.jsonl").append([
+            ResultRow(model=m, defense="seam" if m == "seam" else "none", cell=c, metric="hs", value=1.0, judge=j)
+            for (m, c), j in judges.items()])
+
+    r0 = _run(tmp_path / "s0", [[0.1] * 4] * 3, [[0.2] * 4] * 3)
+    r1 = _run(tmp_path / "s1", [[0.1] * 4] * 3, [[0.3] * 4] * 3)
+    judged(r0, {(m, c): "judge-A" for m in ("aligned", "seam") for c in ("pre", *CELLS)} | {("seam", "pre"): "judge-B"})
+    judged(r1, {(m, c): "judge-B" for m in ("aligned", "seam") for c in ("pre", *CELLS)})
+    rows = paired_hs([r0, r1])
+    pre0 = next(r for r in rows if r.run == str(r0) and r.cell == "pre")
+    assert pre0.diff is None and "judge-A and judge-B" in pre0.note
+    assert all(r.diff is not None for r in rows if r.run in (str(r0), str(r1)) and r is not pre0)
+    (pooled,) = [r for r in rows if r.run == "all runs"]
+    assert pooled.diff is None and "judged differently" in pooled.note
+    text = paired_markdown(rows, "aligned", "seam")
+    assert "not paired (judged by judge-A and judge-B" in text
+
+
+def test_runs_pool_over_common_prompts_and_say_which_runs_were_left_out(tmp_path):
+    r0 = _run(tmp_path / "s0", [[0.1] * 4] * 3, [[0.2] * 4] * 3)
+    r1 = _run(tmp_path / "s1", [[0.1] * 4] * 3, [[0.5] * 4] * 3)
+    for m, s in (("aligned", 0.1), ("seam", 0.6)):  # r1's second cell holds two prompts only
+        _write(r1, m, CELLS[1], [s, s], PROMPTS[:2])
+    r2 = _run(tmp_path / "s2", [[0.1] * 4] * 3, [[0.4] * 4] * 3)
+    for cell in CELLS:  # r2: no answers of the aligned model after the attacks
+        samples_file(r2, "aligned", cell).unlink()
+    rows = paired_hs([r0, r1, r2])
+    together1 = next(r for r in rows if r.run == str(r1) and r.cell.startswith("attack cells together"))
+    assert together1.prompts == 2 and together1.diff == pytest.approx(100 * (0.4 + 0.5) / 2)
+    assert "all cells hold" in together1.note
+    (pooled,) = [r for r in rows if r.run == "all runs"]
+    assert pooled.cell == "attack cells (2 of 3 runs)" and str(r2) in pooled.note
+    assert pooled.diff == pytest.approx((10.0 + 45.0) / 2)

@@ -8,6 +8,7 @@ model); the paired difference b − a cancels it. Read from each cell's saved an
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from seamlm.errors import DataError
 from seamlm.evaluate.metrics import paired_difference
 from seamlm.jsonl import read_records
 from seamlm.rescore import demo_baseline
+from seamlm.results import ResultStore
 from seamlm.runinfo import path_part
 
 
@@ -23,60 +25,110 @@ from seamlm.runinfo import path_part
 class PairedRow:
     run: str
     cell: str
-    """A cell key, ``attack cells together (N)`` for a run's attacks combined, or ``all runs``."""
+    """A cell key, ``attack cells together (N)`` for a run's attacks combined, or ``attack cells`` (``all runs``)."""
     prompts: int
     hs_a: float | None
     hs_b: float | None
     diff: float | None
-    """Mean of HS_b − HS_a over the prompts (points); None when the cell could not be paired."""
+    """Mean of HS_b − HS_a over the prompts (points); None when the cell could not be paired (``note`` says why)."""
     se: float | None
+    note: str = ""
 
 
-def _scores(roots: list[Path], model: str, cell: str) -> dict[str, float] | None:
+Scores = dict[tuple[str, int], float]
+"""HS of each answer (points) by (prompt, occurrence): a prompt asked twice pairs its first answers, then its second."""
+
+
+def _hs_judges(root: Path) -> dict[tuple[str, str], str | None]:
+    f = root / "results.jsonl"
+    return {(r.model, r.cell): r.judge for r in ResultStore(f).rows() if r.metric == "hs"} if f.is_file() else {}
+
+
+def _scores(roots: list[Path], model: str, cell: str,
+            judges: dict[Path, dict[tuple[str, str], str | None]]) -> tuple[Scores, str | None] | None:
+    """The cell's per-answer scores and the judge that gave them: the judge of the HS row in the results file of
+    the folder the answers were read from (a demo's baseline holds its own)."""
     for root in roots:
         f = samples_file(root, model, cell)
         if f.is_file():
-            return {r["prompt"]: 100 * r["p_harmful"] for _, r in read_records(f)}
+            seen: Counter[str] = Counter()
+            scores: Scores = {}
+            for _, r in read_records(f):
+                scores[(r["prompt"], seen[r["prompt"]])] = 100 * r["p_harmful"]
+                seen[r["prompt"]] += 1
+            if root not in judges:
+                judges[root] = _hs_judges(root)
+            return scores, judges[root].get((model, cell))
     return None
+
+
+def _attack_cells(roots: list[Path], models: tuple[str, str]) -> list[str]:
+    return sorted({d.name for root in roots for m in models for d in (root / "attacks" / path_part(m)).glob("*")
+                   if d.is_dir()})
 
 
 def paired_hs(runs: list[str | Path], a: str = "aligned", b: str = "seam", pre: bool = True,
               attacks: bool = True) -> list[PairedRow]:
     """Per run and cell, HS_b − HS_a ± its standard error over the prompts; per run, its attack cells together
-    (each prompt's difference averaged over them, since the cells share models and prompts); last, the runs
-    together (independent data seeds: the mean of their means, ± √(Σ se²) / runs)."""
+    (each prompt's difference averaged over the cells, over the prompts all of them hold); last, the runs together
+    (independent data seeds: the mean of their means, ± √(Σ se²) / runs). Answers scored by different judges are
+    never paired, nor runs judged differently pooled."""
     out: list[PairedRow] = []
-    per_run: list[tuple[float, float, int]] = []  # (difference, its se, prompts) of each run's attack cells
+    per_run: dict[str, tuple[float, float, int, str | None]] = {}  # run → (difference, se, prompts, judge)
     for run in map(Path, runs):
         if not (run / "results.jsonl").is_file():
             raise DataError(f"{run} is no run folder (no results.jsonl): give the --out of a demo, eval or attack run")
         # a demo on --baseline_from keeps the aligned model's answers there
         roots = [run, *filter(None, [demo_baseline(run)])]
-        attack_cells = sorted(d.name for d in (run / "attacks" / path_part(b)).glob("*") if d.is_dir())
-        diffs: dict[str, list[float]] = {}
-        for cell in (["pre"] if pre else []) + (attack_cells if attacks else []):
-            sa, sb = _scores(roots, a, cell), _scores(roots, b, cell)
-            if not sa or not sb or sa.keys() != sb.keys():
-                out.append(PairedRow(str(run), cell, 0, None, None, None, None))
+        cells = (["pre"] if pre else []) + (_attack_cells(roots, (a, b)) if attacks else [])
+        diffs: list[dict[tuple[str, int], float]] = []  # per paired attack cell: each answer's difference
+        judges: set[str | None] = set()
+        hs_judges: dict[Path, dict[tuple[str, str], str | None]] = {}
+        for cell in cells:
+            ra, rb = _scores(roots, a, cell, hs_judges), _scores(roots, b, cell, hs_judges)
+            if not ra or not rb or not ra[0] or ra[0].keys() != rb[0].keys():
+                why = (f"no answers of {a if not ra else b}" if not ra or not rb else
+                       "no answers" if not ra[0] else "answers to other prompts")
+                out.append(PairedRow(str(run), cell, 0, None, None, None, None, why))
+                continue
+            (sa, ja), (sb, jb) = ra, rb
+            if ja != jb:
+                out.append(PairedRow(str(run), cell, 0, None, None, None, None, f"judged by {ja} and {jb}: "
+                                     "`seamlm rescore` both folders with one judge"))
                 continue
             keys = sorted(sa)
             xa, xb = [sa[k] for k in keys], [sb[k] for k in keys]
             diff, se = paired_difference(xa, xb)
             out.append(PairedRow(str(run), cell, len(keys), sum(xa) / len(xa), sum(xb) / len(xb), diff, se))
             if cell != "pre":
-                for k in keys:
-                    diffs.setdefault(k, []).append(sb[k] - sa[k])
-        counts = {len(d) for d in diffs.values()}
-        if len(counts) == 1:  # every prompt in every paired attack cell (the cells of one run share their prompts)
-            n = counts.pop()
-            diff, se = paired_difference([0.0] * len(diffs), [sum(d) / n for d in diffs.values()])
-            per_run.append((diff, se, len(diffs)))
-            if n > 1:
-                out.append(PairedRow(str(run), f"attack cells together ({n})", len(diffs), None, None, diff, se))
-    if len(per_run) > 1:
-        mean = sum(d for d, _, _ in per_run) / len(per_run)
-        out.append(PairedRow("all runs", "attack cells", sum(n for _, _, n in per_run), None, None, mean,
-                             math.sqrt(sum(s * s for _, s, _ in per_run)) / len(per_run)))
+                diffs.append({k: sb[k] - sa[k] for k in keys})
+                judges.add(ja)
+        if not diffs:
+            continue
+        common = sorted(set.intersection(*(set(d) for d in diffs)))
+        label = f"attack cells together ({len(diffs)})"
+        if not common or len(judges) > 1:
+            why = "the cells share no prompt" if not common else f"the cells' judges differ ({sorted(map(str, judges))})"
+            out.append(PairedRow(str(run), label, 0, None, None, None, None, why))
+            continue
+        diff, se = paired_difference([0.0] * len(common), [sum(d[k] for d in diffs) / len(diffs) for k in common])
+        per_run[str(run)] = (diff, se, len(common), judges.pop())
+        if len(diffs) > 1:
+            out.append(PairedRow(str(run), label, len(common), None, None, diff, se,
+                                 "" if all(len(d) == len(common) for d in diffs) else "over the prompts all cells hold"))
+    if len(runs) > 1 and attacks:
+        left_out = [str(r) for r in runs if str(r) not in per_run]
+        run_judges = {j for *_, j in per_run.values()}
+        label = f"attack cells ({len(per_run)} of {len(runs)} runs)" if left_out else "attack cells"
+        if len(run_judges) > 1:
+            out.append(PairedRow("all runs", label, 0, None, None, None, None,
+                                 f"runs judged differently ({sorted(map(str, run_judges))})"))
+        elif len(per_run) > 1:
+            vals = list(per_run.values())
+            note = f"left out (nothing paired): {', '.join(left_out)}" if left_out else ""
+            out.append(PairedRow("all runs", label, sum(n for _, _, n, _ in vals), None, None,
+                                 sum(d for d, *_ in vals) / len(vals),
+                                 math.sqrt(sum(s * s for _, s, *_ in vals)) / len(vals), note))
     if not any(r.diff is not None for r in out):
         raise DataError(f"no cell of {', '.join(map(str, runs))} holds saved answers of both {a} and {b} on the same "
                         "prompts (check --a / --b: the models' labels in results.jsonl)")
@@ -90,9 +142,10 @@ def paired_markdown(rows: list[PairedRow], a: str, b: str) -> str:
     lines = [f"| run | cell | prompts | HS {a} | HS {b} | {b} − {a} ± se | t |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         if r.diff is None:
-            lines.append(f"| {r.run} | {r.cell} | – | – | – | not paired (answers missing, empty or other prompts) | – |")
+            lines.append(f"| {r.run} | {r.cell} | – | – | – | not paired ({r.note}) | – |")
             continue
         t = f"{r.diff / r.se:+.2f}" if r.se and math.isfinite(r.se) else "–"
+        note = f" ({r.note})" if r.note else ""
         lines.append(f"| {r.run} | {r.cell} | {r.prompts or ''} | {num(r.hs_a)} | {num(r.hs_b)} | "
-                     f"{r.diff:+.1f} ± {r.se:.1f} | {t} |")
+                     f"{r.diff:+.1f} ± {r.se:.1f}{note} | {t} |")
     return "\n".join(lines) + "\n"
