@@ -125,11 +125,18 @@ def test_a_sweep_not_started_adopts_the_new_judge_and_one_with_trials_is_refused
 
     context = {"model": "m", "judge": "keyword-v3", "eval": EVAL.settings_dict()}
     open_study(SweepConfig(recipes=("sft",), trials=2), "tiny", tmp_path, context)
-    _adopt(tmp_path, _unstarted_studies(tmp_path), "length-v1", EVAL)
+    _adopt(tmp_path, _unstarted_studies(tmp_path, "length-v1"), "length-v1", EVAL)
     study = open_study(SweepConfig(recipes=("sft",), trials=2), "tiny", tmp_path, {**context, "judge": "length-v1"})
     study.optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=1)
     with pytest.raises(DataError, match="study 'tiny' has trials chosen by HS under the old judge"):
-        _unstarted_studies(tmp_path)
+        _unstarted_studies(tmp_path, "keyword-v3")
+    assert _unstarted_studies(tmp_path, "length-v1") == []  # its trials were chosen by this judge: nothing to do
+    # so rescoring a folder swept under the judge asked for is a no-op, not an error
+    from seamlm.results import ResultRow, ResultStore
+
+    ResultStore(tmp_path / "results.jsonl").append([ResultRow(model="m", defense="none", cell="pre", metric="hs",
+                                                              value=1.0, judge="length-v1")])
+    assert rescore(tmp_path, EVAL, judge=LengthJudge()) == []
 
 
 def test_a_demo_on_a_baseline_is_rescored_from_the_baselines_answers_without_touching_it(tiny_model_dir, bundle,

@@ -62,9 +62,9 @@ def rescore(results: str | Path, eval_cfg: EvalConfig, judge: Judge | None = Non
     cells = {(r.model, r.cell): r.judge or "?" for r in rows if r.metric == "hs" and r.judge != judge.name}
     if not cells:
         log.info("%s: no HS rows judged otherwise than by %s", path, judge.name)
-        _adopt(path.parent, _unstarted_studies(path.parent), judge.name, eval_cfg)  # (a rescore cut short)
+        _adopt(path.parent, _unstarted_studies(path.parent, judge.name), judge.name, eval_cfg)  # (a rescore cut short)
         return []
-    studies = _unstarted_studies(path.parent)
+    studies = _unstarted_studies(path.parent, judge.name)
     base = demo_baseline(path.parent)
     if base is not None:
         # this demo reuses the baseline's raw and aligned models (and resumes only with the baseline's judge)
@@ -171,9 +171,10 @@ def demo_baseline(folder: Path) -> Path | None:
     return None
 
 
-def _unstarted_studies(folder: Path) -> list[str]:
-    """The Optuna studies of ``folder``'s sweep.db, all of which must have no finished trial: a sweep's trials were
-    chosen by HS under the old judge and cannot be rescored. (A study not started yet adopts the new judge.)"""
+def _unstarted_studies(folder: Path, judge_name: str) -> list[str]:
+    """The Optuna studies of ``folder``'s sweep.db not run under ``judge_name``, all of which must have no finished
+    trial: a sweep's trials were chosen by HS under the old judge and cannot be rescored. (A study not started yet
+    adopts the new judge; one already under it is left alone.)"""
     db = folder / "sweep.db"
     if not db.is_file():
         return []
@@ -183,9 +184,13 @@ def _unstarted_studies(folder: Path) -> list[str]:
 
     optuna = _quiet_optuna()
     storage = sweep_storage(folder)
-    names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
-    for name in names:
+    names = []
+    for summary in optuna.get_all_study_summaries(storage):
+        name = summary.study_name
         study = optuna.load_study(study_name=name, storage=storage)
+        if (study.user_attrs.get("sweep_context") or {}).get("judge") == judge_name:
+            continue
+        names.append(name)
         if study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
             raise DataError(f"{db}: study '{name}' has trials chosen by HS under the old judge; a rescored folder "
                             "would mix the two. Rescore a copy of the folder without sweep.db, or rerun the sweep "
