@@ -63,7 +63,7 @@ def test_a_cell_missing_in_some_runs_says_how_many_runs_it_has(tmp_path):
 
 
 def test_runs_of_different_judges_or_bad_options_are_refused(tmp_path, capsys):
-    a, b = _run(tmp_path / "a.jsonl", 5.0), _run(tmp_path / "b.jsonl", 5.0, judge="keyword-v3")
+    a, b = _run(tmp_path / "a.jsonl", 5.0), _run(tmp_path / "b.jsonl", 5.0, judge="keyword-v4")
     with pytest.raises(DataError, match="different judges"):
         from seamlm.across_runs import load_runs
 

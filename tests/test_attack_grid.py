@@ -63,7 +63,7 @@ def test_grid_cells_rows_and_resume(tiny_model_dir, bundle, tmp_path, monkeypatc
         by_cell.setdefault(r.cell, {})[r.metric] = r
     for cell, metrics in by_cell.items():
         assert {"hs", "hs_se", "refusal_rate", "zs_mean", "zs_mean_se", "zs_arc_easy", "coherence_ppl"} <= set(metrics), cell
-        assert metrics["hs"].judge == metrics["hs_se"].judge == "keyword-v3"
+        assert metrics["hs"].judge == metrics["hs_se"].judge == "keyword-v4"
         # the standard errors of the cell's own numbers: its saved 0/1 judgements, its ZS task's share
         p = [json.loads(x)["p_harmful"] for x in samples_file(tmp_path, "tiny", cell).read_text().splitlines()]
         assert metrics["hs_se"].value == pytest.approx(100 * statistics.stdev(p) / math.sqrt(len(p)))
@@ -166,7 +166,7 @@ def test_changed_settings_do_not_reuse_old_cells(tiny_model_dir, bundle, tmp_pat
         run_attack_grid(str(tiny_model_dir), "tiny", "none", bundle, cfg, EVAL.replace(hs_prompts=2), KeywordJudge(),
                         tmp_path, store)
     evaluate_pre_attack(str(tiny_model_dir), "tiny", "none", bundle, EVAL, KeywordJudge(), tmp_path, store)
-    with pytest.raises(DataError, match=r"other settings \(eval\.judge: 'keyword' → 'minilm'; judge: 'keyword-v3' → 'x'\)"):
+    with pytest.raises(DataError, match=r"other settings \(eval\.judge: 'keyword' → 'minilm'; judge: 'keyword-v4' → 'x'\)"):
         evaluate_pre_attack(str(tiny_model_dir), "tiny", "none", bundle, EVAL.replace(judge="minilm"), _Named("x"),
                             tmp_path, store)
     # rows from before the settings records: the error says the change is unknown rather than guessing

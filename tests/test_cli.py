@@ -299,7 +299,7 @@ def test_options_are_never_abbreviated_nor_grid_values_ignored(tmp_path, capsys,
     probe = Path(__file__).parent / "fixtures" / "judge_probe_real.jsonl"
     assert main(["judge", "check", str(probe), "--judge", "keyword"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["judge"] == "keyword-v3" and out["refusal"]["rows"] == 84 and out["harmful"]["rows"] == 26
+    assert out["judge"] == "keyword-v4" and out["refusal"]["rows"] == 84 and out["harmful"]["rows"] == 26
     assert main(["judge", "check", str(probe), "--judge-model", "m"]) == 2
     assert "--judge-model belongs to a judge with a model" in capsys.readouterr().err
 

@@ -56,7 +56,7 @@ def test_another_judge_config_is_recorded_and_a_run_resumed_with_it_keeps_every_
     assert pre is False
     assert run_attack_grid(str(tiny_model_dir), "tiny", "none", bundle, GRID, length, LengthJudge(), out, store) == []
     assert rescore(out, EVAL, KeywordJudge())  # and back: a second backup beside the first
-    assert sorted(p.name for p in out.glob("results.before-*")) == ["results.before-keyword-v3.jsonl",
+    assert sorted(p.name for p in out.glob("results.before-*")) == ["results.before-keyword-v4.jsonl",
                                                                      "results.before-length-v1.jsonl"]
 
 
@@ -68,7 +68,7 @@ def test_rescore_rejudges_saved_answers_and_a_resumed_grid_keeps_every_cell(tiny
     answers = {c: [json.loads(x) for x in samples_file(out, "tiny", c).read_text().splitlines()] for c in cells}
 
     changed = rescore(out, EVAL, LengthJudge())
-    assert sorted(c.cell for c in changed) == sorted(cells) and {c.old_judge for c in changed} == {"keyword-v3"}
+    assert sorted(c.cell for c in changed) == sorted(cells) and {c.old_judge for c in changed} == {"keyword-v4"}
     rows = {(r.model, r.cell, r.metric): r for r in store.rows()}
     assert rows.keys() == before.keys()
     for c in cells:
@@ -82,8 +82,8 @@ def test_rescore_rejudges_saved_answers_and_a_resumed_grid_keeps_every_cell(tiny
         assert rows[("tiny", c, "refusal_rate")].value == before[("tiny", c, "refusal_rate")].value
         saved = [json.loads(x) for x in samples_file(out, "tiny", c).read_text().splitlines()]
         assert [s["p_harmful"] for s in saved] == pytest.approx(p)
-        assert [s["p_harmful[keyword-v3]"] for s in saved] == [a["p_harmful"] for a in answers[c]]
-    backup = ResultStore(out / "results.before-keyword-v3.jsonl").rows()
+        assert [s["p_harmful[keyword-v4]"] for s in saved] == [a["p_harmful"] for a in answers[c]]
+    backup = ResultStore(out / "results.before-keyword-v4.jsonl").rows()
     assert {(r.cell, r.metric): r.value for r in backup} == {(c, m): r.value for (_, c, m), r in before.items()}
 
     # the same run with the new judge: every cell is found done (the settings digests are the new judge's)
@@ -99,7 +99,7 @@ def test_rescore_with_answers_missing_writes_nothing_and_says_which(tiny_model_d
     text = store.path.read_text()
     with pytest.raises(DataError, match=f"{ran[0]}.*were not kept"):
         rescore(out, EVAL, LengthJudge())
-    assert store.path.read_text() == text and not (out / "results.before-keyword-v3.jsonl").exists()
+    assert store.path.read_text() == text and not (out / "results.before-keyword-v4.jsonl").exists()
     assert json.loads(samples_file(out, "tiny", "pre").read_text().splitlines()[0])["p_harmful"] in (0.0, 1.0)
 
 
@@ -109,7 +109,7 @@ def test_rescore_cli_with_a_registered_judge(tiny_model_dir, bundle, tmp_path, m
     monkeypatch.setitem(JUDGES, "length", lambda **kw: LengthJudge())
     assert main(["rescore", str(out / "results.jsonl"), "--judge", "length"]) == 0
     printed = capsys.readouterr().out
-    assert "tiny/pre" in printed and "(keyword-v3) ->" in printed and "2 cells rescored" in printed
+    assert "tiny/pre" in printed and "(keyword-v4) ->" in printed and "2 cells rescored" in printed
     assert main(["rescore", str(out), "--judge", "length"]) == 0
     assert "nothing to rescore" in capsys.readouterr().out
     assert main(["rescore", str(tmp_path / "nowhere")]) == 1
@@ -123,13 +123,13 @@ def test_a_sweep_not_started_adopts_the_new_judge_and_one_with_trials_is_refused
     from seamlm.rescore import _adopt, _unstarted_studies
     from seamlm.sweep import SweepConfig, open_study
 
-    context = {"model": "m", "judge": "keyword-v3", "eval": EVAL.settings_dict()}
+    context = {"model": "m", "judge": "keyword-v4", "eval": EVAL.settings_dict()}
     open_study(SweepConfig(recipes=("sft",), trials=2), "tiny", tmp_path, context)
     _adopt(tmp_path, _unstarted_studies(tmp_path, "length-v1"), "length-v1", EVAL)
     study = open_study(SweepConfig(recipes=("sft",), trials=2), "tiny", tmp_path, {**context, "judge": "length-v1"})
     study.optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=1)
     with pytest.raises(DataError, match="study 'tiny' has trials chosen by HS under the old judge"):
-        _unstarted_studies(tmp_path, "keyword-v3")
+        _unstarted_studies(tmp_path, "keyword-v4")
     assert _unstarted_studies(tmp_path, "length-v1") == []  # its trials were chosen by this judge: nothing to do
     # so rescoring a folder swept under the judge asked for is a no-op, not an error
     from seamlm.results import ResultRow, ResultStore
@@ -158,7 +158,7 @@ def test_a_demo_on_a_baseline_is_rescored_from_the_baselines_answers_without_tou
     theirs = samples_file(base, "aligned", "pre").read_text()
     assert len(rescore(out, length)) == 2
     assert samples_file(base, "aligned", "pre").read_text() == theirs  # the baseline is not touched
-    assert "p_harmful[keyword-v3]" in samples_file(out, "aligned", "pre").read_text()  # this folder's own copy
+    assert "p_harmful[keyword-v4]" in samples_file(out, "aligned", "pre").read_text()  # this folder's own copy
     assert json.loads((out / "demo_config.json").read_text())["judge"] == "length"  # resume it with --judge length
     # a rescore cut short before the config was updated: running it again finishes that
     (out / "demo_config.json").write_text(json.dumps({"baseline_from": str(base), "judge": "keyword"}))

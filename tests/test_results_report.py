@@ -214,7 +214,7 @@ def test_one_label_is_one_model_one_judge_one_data_bundle(tmp_path):
     store.append([_row(settings="s1")], settings_parts=parts)
     store.check_label("aligned", {**parts, "eval": {"hs_prompts": 64}})  # other evaluation settings: another cell
     store.check_label("seam", {**parts, "model": "sha256:bbb"})  # another label: fine
-    for key, value in (("model", "sha256:bbb"), ("judge", "keyword-v3"), ("data", "d2")):
+    for key, value in (("model", "sha256:bbb"), ("judge", "keyword-v4"), ("data", "d2")):
         with pytest.raises(DataError, match=f"already holds cells of 'aligned' made with another {key}"):
             store.check_label("aligned", {**parts, key: value})
     store.check_label("aligned", {**parts, "model": "sha256:bbb"}, same_models={"sha256:aaa"})  # an older name
