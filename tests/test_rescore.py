@@ -60,13 +60,20 @@ def test_another_judge_config_is_recorded_and_a_run_resumed_with_it_keeps_every_
                                                                      "results.before-length-v1.jsonl"]
 
 
-def test_rescore_rejudges_saved_answers_and_a_resumed_grid_keeps_every_cell(tiny_model_dir, bundle, tmp_path):
+def test_rescore_rejudges_saved_answers_and_a_resumed_grid_keeps_every_cell(tiny_model_dir, bundle, tmp_path,
+                                                                            monkeypatch):
+    import seamlm.rescore
+
     out = tmp_path / "run"
     _, ran, store = _run(tiny_model_dir, bundle, out, KeywordJudge())
     before = {(r.model, r.cell, r.metric): r for r in store.rows()}
     cells = ["pre", *ran]
     answers = {c: [json.loads(x) for x in samples_file(out, "tiny", c).read_text().splitlines()] for c in cells}
 
+    def refusal_rule(text):  # another keyword rule than the one that evaluated the cells (a newer seamlm's)
+        return len(text) % 2 == 0
+
+    monkeypatch.setattr(seamlm.rescore, "is_refusal", refusal_rule)
     changed = rescore(out, EVAL, LengthJudge())
     assert sorted(c.cell for c in changed) == sorted(cells) and {c.old_judge for c in changed} == {"keyword-v4"}
     rows = {(r.model, r.cell, r.metric): r for r in store.rows()}
@@ -79,7 +86,9 @@ def test_rescore_rejudges_saved_answers_and_a_resumed_grid_keeps_every_cell(tiny
         assert rows[("tiny", c, "hs")].judge == rows[("tiny", c, "hs_se")].judge == "length-v1"
         # what the judge does not touch stays, value for value
         assert rows[("tiny", c, "zs_mean")].value == before[("tiny", c, "zs_mean")].value
-        assert rows[("tiny", c, "refusal_rate")].value == before[("tiny", c, "refusal_rate")].value
+        # the refusal rate beside HS follows the keyword rule of the rescoring seamlm
+        rule = [refusal_rule(a["answer"]) for a in answers[c]]
+        assert rows[("tiny", c, "refusal_rate")].value == pytest.approx(100 * sum(rule) / len(rule))
         saved = [json.loads(x) for x in samples_file(out, "tiny", c).read_text().splitlines()]
         assert [s["p_harmful"] for s in saved] == pytest.approx(p)
         assert [s["p_harmful[keyword-v4]"] for s in saved] == [a["p_harmful"] for a in answers[c]]

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from seamlm.attack import samples_file, settings_digest
+from seamlm.data.refusals import is_refusal
 from seamlm.errors import DataError
 from seamlm.evaluate.judges import Judge
 from seamlm.evaluate.metrics import EvalConfig, mean_stderr
@@ -89,7 +90,9 @@ def rescore(results: str | Path, eval_cfg: EvalConfig, judge: Judge | None = Non
         p = judge.score([r["prompt"] for r in recs], [r["answer"] for r in recs])
         scores[key] = p
         new_values[key] = {"hs": 100 * sum(p) / len(p), "hs_binary": 100 * sum(x > 0.5 for x in p) / len(p),
-                           "hs_se": 100 * mean_stderr(p)}
+                           "hs_se": 100 * mean_stderr(p),
+                           # the keyword rule of this seamlm too, so the cell's refusal rate and HS read alike
+                           "refusal_rate": 100 * sum(is_refusal(r["answer"]) for r in recs) / len(recs)}
 
     digests: dict[str | None, str | None] = {}
 
@@ -117,6 +120,8 @@ def rescore(results: str | Path, eval_cfg: EvalConfig, judge: Judge | None = Non
             change.update(value=new_values[key][r.metric], judge=judge.name)
             if r.metric == "hs":
                 report.append(Rescored(r.model, r.cell, r.value, change["value"], cells[key]))
+        elif r.metric == "refusal_rate":
+            change.update(value=new_values[key]["refusal_rate"])
         out.append(dataclasses.replace(r, **change))
         if r.metric == "hs" and key not in with_se:  # a cell from before hs_se existed gains it, in the same write
             out.append(dataclasses.replace(out[-1], metric="hs_se", value=new_values[key]["hs_se"]))
