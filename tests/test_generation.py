@@ -48,3 +48,22 @@ def test_answers_stop_at_the_eos_training_appends_even_when_the_generation_confi
     model.generate = spy
     generate_answers(model, tokenizer, ["Hi"], max_new_tokens=2)
     assert seen["eos_token_id"] == sorted({7, 9, tokenizer.eos_token_id})
+
+
+def test_answers_are_plain_greedy_whatever_decoding_rules_the_model_ships(tokenizer):
+    """A generation_config with a repetition penalty, banned n-grams, suppressed tokens or a minimum length (as some
+    instruct models ship) must not change the answers: HS and distillation are plain greedy decoding."""
+    model = make_model(len(tokenizer), seed=2).eval()
+    prompts = ["Hi", "Name a fruit."]
+    plain = generate_answers(model, tokenizer, prompts, max_new_tokens=8)
+    cfg = model.generation_config
+    cfg.repetition_penalty, cfg.no_repeat_ngram_size, cfg.min_new_tokens = 3.0, 2, 8
+    cfg.suppress_tokens = tokenizer(plain[0], add_special_tokens=False)["input_ids"][:1]
+    with torch.no_grad():  # what generate() alone would give under those rules: other answers
+        enc = tokenizer([prompts[0]], return_tensors="pt")
+        ruled = model.generate(**enc, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        bare = model.generate(**enc, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                              repetition_penalty=1.0, no_repeat_ngram_size=0, min_new_tokens=None,
+                              suppress_tokens=None)
+    assert not torch.equal(ruled, bare)  # the rules do act on this model
+    assert generate_answers(model, tokenizer, prompts, max_new_tokens=8) == plain

@@ -11,6 +11,17 @@ from tqdm.auto import tqdm
 
 from seamlm.data.format import encode_prompts
 
+# generate() applies the decoding rules a model's generation_config ships (Qwen2.5-Instruct: repetition_penalty 1.05)
+# even with do_sample=False; HS answers and distilled answers are plain greedy decoding, so every rule that changes
+# the argmax is switched off here (explicit arguments override the model's config, None included)
+PLAIN_GREEDY: dict[str, Any] = {
+    "do_sample": False, "num_beams": 1, "repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0, "bad_words_ids": None, "min_length": 0,
+    "min_new_tokens": None, "forced_bos_token_id": None, "forced_eos_token_id": None, "suppress_tokens": None,
+    "begin_suppress_tokens": None, "sequence_bias": None, "exponential_decay_length_penalty": None,
+    "guidance_scale": None, "penalty_alpha": None, "dola_layers": None, "stop_strings": None,
+}
+
 
 @torch.no_grad()
 def generate_answers(
@@ -26,7 +37,7 @@ def generate_answers(
         for i in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch", disable=len(prompts) <= batch_size):
             enc = encode_prompts(tokenizer, prompts[i:i + batch_size], template, max_prompt_tokens, device)
             out = model.generate(
-                **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                **enc, **PLAIN_GREEDY, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=stop, use_cache=True,
             )
             new = out[:, enc["input_ids"].shape[1]:]
