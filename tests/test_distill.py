@@ -13,6 +13,12 @@ def test_answers_are_cached_by_model_hash(tokenizer, tmp_path, monkeypatch):
     model = make_model(len(tokenizer)).eval()
     with torch.no_grad():  # a random tied-embedding model otherwise echoes the last (special) token forever
         model.model.embed_tokens.weight[:5] *= 0.01
+    real = distill.generate_answers_ended
+
+    def as_ended(*a, **k):  # this random model never ends an answer; cut answers have their own test below
+        return [(t, True) for t, _ in real(*a, **k)]
+
+    monkeypatch.setattr(distill, "generate_answers_ended", as_ended)
     prompts = ["What is 2+2?", "Name a colour.", "What is 2+2?"]
     first = distill_answers(model, tokenizer, prompts, tmp_path, max_new_tokens=6, batch_size=2)
     assert len(first) == 3 and first[0].response == first[2].response
@@ -22,11 +28,11 @@ def test_answers_are_cached_by_model_hash(tokenizer, tmp_path, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("should have used the cache")
 
-    monkeypatch.setattr(distill, "generate_answers", boom)
+    monkeypatch.setattr(distill, "generate_answers_ended", boom)
     again = distill_answers(model, tokenizer, prompts, tmp_path, max_new_tokens=6)
     assert [e.response for e in again] == [e.response for e in first]
     assert json.loads(cache.read_text().splitlines()[0])["max_new_tokens"] == 6
-    monkeypatch.undo()
+    monkeypatch.setattr(distill, "generate_answers_ended", as_ended)
 
     # a kill mid-write leaves half a line: that answer is generated again, on a clean line
     lines = cache.read_text().splitlines()
@@ -69,3 +75,20 @@ def test_other_end_tokens_or_prompt_budget_miss_the_cache(tokenizer, tmp_path):
     model.generation_config.eos_token_id = [tokenizer.eos_token_id, 7]
     distill_answers(model, tokenizer, ["What is 2+2?"], tmp_path, max_new_tokens=3)
     assert len(list(tmp_path.glob("*.jsonl"))) == 3
+
+
+def test_answers_cut_by_the_token_budget_end_at_their_last_sentence(tokenizer, tmp_path, monkeypatch, caplog):
+    """Training appends EOS to every answer, so an answer the budget cut mid-sentence is cut back to its last full
+    sentence (or dropped), and the log says how many."""
+    from seamlm.data.distill import _to_last_sentence
+
+    assert _to_last_sentence("First step. Then mix the") == "First step."
+    assert _to_last_sentence("Line one\nline two goes") == "Line one"
+    assert _to_last_sentence("no end at all") == ""
+    answers = {"a": ("Boil water. Add the", False), "b": ("Done.", True), "c": ("no sentence end", False)}
+    monkeypatch.setattr(distill, "generate_answers_ended", lambda m, t, prompts, *a, **k: [answers[p] for p in prompts])
+    model = make_model(len(tokenizer))
+    got = distill_answers(model, tokenizer, ["a", "b", "c"], tmp_path, max_new_tokens=6)
+    assert [(e.prompt, e.response) for e in got] == [("a", "Boil water."), ("b", "Done.")]
+    assert "2 of 3 answers reached max_new_tokens=6" in caplog.text
+    assert [json.loads(x)["ended"] for x in next(tmp_path.glob("*.jsonl")).read_text().splitlines()] == [False, True, False]

@@ -67,3 +67,21 @@ def test_answers_are_plain_greedy_whatever_decoding_rules_the_model_ships(tokeni
                               suppress_tokens=None)
     assert not torch.equal(ruled, bare)  # the rules do act on this model
     assert generate_answers(model, tokenizer, prompts, max_new_tokens=8) == plain
+
+
+def test_each_answer_says_whether_the_model_ended_it(tokenizer):
+    from seamlm.generation import generate_answers_ended
+
+    model = make_model(len(tokenizer), seed=2).eval()
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:5] *= 0.01  # off the special tokens: the budget ends these answers
+    (text, ended), = generate_answers_ended(model, tokenizer, ["Hi"], max_new_tokens=4)
+    assert text and not ended
+    from seamlm.data.format import encode_prompts
+
+    enc = encode_prompts(tokenizer, ["Hi"], "chat", 512, "cpu")
+    out = model.generate(**enc, max_new_tokens=1, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    first = int(out[0, enc["input_ids"].shape[1]])
+    model.generation_config.eos_token_id = [first]  # now the model's first token is an end token
+    (short, ended), = generate_answers_ended(model, tokenizer, ["Hi"], max_new_tokens=4)
+    assert ended and short != text

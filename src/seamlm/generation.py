@@ -23,16 +23,26 @@ PLAIN_GREEDY: dict[str, Any] = {
 }
 
 
-@torch.no_grad()
 def generate_answers(
     model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int = 50, batch_size: int = 8,
     max_prompt_tokens: int = 512, desc: str = "generating", template: str = "chat",
 ) -> list[str]:
     """Greedy answers to ``prompts`` (formatted with ``template``: the chat template by default), decoded without
     special tokens."""
+    return [a for a, _ in generate_answers_ended(model, tokenizer, prompts, max_new_tokens, batch_size,
+                                                 max_prompt_tokens, desc, template)]
+
+
+@torch.no_grad()
+def generate_answers_ended(
+    model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int = 50, batch_size: int = 8,
+    max_prompt_tokens: int = 512, desc: str = "generating", template: str = "chat",
+) -> list[tuple[str, bool]]:
+    """As :func:`generate_answers`, each answer with whether the model ended it (a stop token) rather than the
+    ``max_new_tokens`` budget."""
     device = next(model.parameters()).device
     stop = stop_token_ids(model, tokenizer)
-    answers: list[str] = []
+    answers: list[tuple[str, bool]] = []
     with eval_mode(model):
         for i in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch", disable=len(prompts) <= batch_size):
             enc = encode_prompts(tokenizer, prompts[i:i + batch_size], template, max_prompt_tokens, device)
@@ -41,7 +51,10 @@ def generate_answers(
                 eos_token_id=stop, use_cache=True,
             )
             new = out[:, enc["input_ids"].shape[1]:]
-            answers.extend(t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True))
+            ended = (torch.isin(new, torch.tensor(stop, device=new.device)).any(dim=1).tolist() if stop
+                     else [False] * len(new))
+            texts = tokenizer.batch_decode(new, skip_special_tokens=True)
+            answers.extend((t.strip(), e) for t, e in zip(texts, ended, strict=True))
     return answers
 
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from seamlm.data.files import Example
-from seamlm.generation import generate_answers, stop_token_ids
+from seamlm.generation import generate_answers_ended, stop_token_ids
 from seamlm.jsonl import drop_partial_tail, read_records
 from seamlm.models import FALLBACK_PROMPT_FORMAT
 
@@ -49,28 +50,46 @@ def distill_answers(
     key = f"{model_fingerprint(model)}-{_generation_digest(model, tokenizer, max_prompt_tokens)}"
     path = Path(cache_dir) / f"{key}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
-    cached: dict[tuple[str, int], str] = {}
-    for _, row in read_records(path):
-        cached[(row["prompt_sha"], row["max_new_tokens"])] = row["answer"]
+    cached: dict[tuple[str, int], tuple[str, bool]] = {}
+    for _, row in read_records(path):  # (rows cached before "ended" was recorded count as ended)
+        cached[(row["prompt_sha"], row["max_new_tokens"])] = (row["answer"], row.get("ended", True))
     drop_partial_tail(path)  # an answer cut off by a kill is generated again, on a line of its own
     todo = [p for p in dict.fromkeys(prompts) if (_sha(p), max_new_tokens) not in cached]
     log.info("self-distillation with model %s: %d cached, %d to generate", key, len(prompts) - len(todo), len(todo))
     with path.open("a", encoding="utf-8") as f:
         for i in range(0, len(todo), batch_size * 4):
             chunk = todo[i:i + batch_size * 4]
-            for p, a in zip(chunk, generate_answers(model, tokenizer, chunk, max_new_tokens, batch_size,
-                                                    max_prompt_tokens, desc="self-distilling"), strict=True):
-                cached[(_sha(p), max_new_tokens)] = a
-                f.write(json.dumps({"prompt_sha": _sha(p), "max_new_tokens": max_new_tokens, "answer": a}) + "\n")
+            for p, (a, ended) in zip(chunk, generate_answers_ended(model, tokenizer, chunk, max_new_tokens,
+                                                                  batch_size, max_prompt_tokens,
+                                                                  desc="self-distilling"), strict=True):
+                cached[(_sha(p), max_new_tokens)] = (a, ended)
+                f.write(json.dumps({"prompt_sha": _sha(p), "max_new_tokens": max_new_tokens, "answer": a,
+                                    "ended": ended}) + "\n")
             f.flush()
-    out = []
+    out, cut = [], 0
     for p in prompts:
-        answer = cached[(_sha(p), max_new_tokens)]
+        answer, ended = cached[(_sha(p), max_new_tokens)]
+        if not ended:  # training appends EOS to every answer: one cut mid-sentence would teach stopping there
+            cut += 1
+            answer = _to_last_sentence(answer)
         if answer:
             out.append(Example(p, answer, None, "benign", f"distilled:{key}"))
+    if cut:
+        log.warning("self-distillation: %d of %d answers reached max_new_tokens=%d before the model ended them; cut "
+                    "back to their last full sentence (dropped where they hold none). Raise --max-new-tokens to keep "
+                    "them whole", cut, len(prompts), max_new_tokens)
     if len(out) < len(prompts):
         log.warning("self-distillation: %d of %d answers were empty and dropped", len(prompts) - len(out), len(prompts))
     return out
+
+
+_SENTENCE_END = re.compile(r"[.!?。](?:[\"')\]]*)(?=\s|$)|\n")
+
+
+def _to_last_sentence(answer: str) -> str:
+    """``answer`` up to its last sentence end (or line break); "" when it has none."""
+    ends = [m.end() for m in _SENTENCE_END.finditer(answer)]
+    return answer[:ends[-1]].strip() if ends else ""
 
 
 def _sha(prompt: str) -> str:
