@@ -239,6 +239,13 @@ def test_attack_and_eval_refuse_prompts_the_model_was_trained_on(tokenizer, bund
     assert not store.path.exists()
 
 
+def test_the_peak_of_probes_with_a_nan_is_nan_wherever_it_stands():
+    from seamlm.attack import peak
+
+    assert peak([3.0, 5.0, 4.0]) == 5.0
+    assert math.isnan(peak([3.0, 5.0, math.nan])) and math.isnan(peak([math.nan, 3.0, 5.0]))
+
+
 def test_trajectory_probes_add_the_peak_perplexity_and_leave_pre_attack_cells_alone(tiny_model_dir, bundle, tmp_path):
     from seamlm.report import write_report
 

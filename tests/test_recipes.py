@@ -1,6 +1,7 @@
 """Adaptive attack recipes: each one's mechanism, not just that it runs."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -332,6 +333,26 @@ def test_ablation_at_the_embeddings_of_a_chat_template_has_no_direction_and_says
         make_recipe("ablation", {"layer": 0, "n_prompts": 6}).attack(model, tokenizer, data, FinetuneConfig(),
                                                                      tmp_path / "loss.jsonl", "x", None)
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_ablation_on_a_model_with_nan_states_is_a_divergence_not_an_edit(tokenizer, tmp_path):
+    """NaN states give a NaN direction, which the zero-direction check and the leftover-share check (max() skips
+    NaN) would both let through, writing NaN into every writer: refused as non-finite before any edit, and a NaN
+    share reads as NaN."""
+    from seamlm.errors import NonFiniteLossError
+    from seamlm.recipes.ablation import residual_share_along
+
+    model = make_model(len(tokenizer), layers=2)
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.fill_(float("nan"))
+    before = [p.detach().clone() for p in model.parameters()]
+    data = AttackData(harmful=HARMFUL[:6], benign=BENIGN[:6])
+    with pytest.raises(NonFiniteLossError, match="not finite") as info:
+        make_recipe("ablation", {"layer": 1, "n_prompts": 6}).attack(model, tokenizer, data, FinetuneConfig(),
+                                                                     tmp_path / "loss.jsonl", "x", None)
+    assert info.value.model is model
+    assert all(torch.equal(a.nan_to_num(), b.nan_to_num()) for a, b in zip(before, model.parameters(), strict=True))
+    assert math.isnan(residual_share_along(model, tokenizer, [HARMFUL[0].prompt], torch.ones(model.config.hidden_size)))
 
 
 def test_a_benign_phase_that_diverges_is_tagged_and_lends_no_attack_loss(tiny_model_dir, tmp_path):

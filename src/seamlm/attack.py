@@ -4,6 +4,7 @@ results file; a stopped grid resumes without redoing finished cells."""
 from __future__ import annotations
 
 import logging
+import math
 import random
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -138,6 +139,11 @@ def check_held_out(model_name: str, bundle: BundleData) -> None:
 def _rows(values: dict[str, float], base: dict[str, Any], judge: Judge) -> list[ResultRow]:
     return [ResultRow(metric=k, value=float(v), judge=judge.name if k in JUDGED_METRICS else None, **base)
             for k, v in values.items()]
+
+
+def peak(values: list[float]) -> float:
+    """The largest value; NaN when any is NaN (Python's max() skips a NaN or returns it, by where it stands)."""
+    return math.nan if any(math.isnan(v) for v in values) else max(values)
 
 
 def samples_file(out_dir: str | Path, label: str, cell: str) -> Path:
@@ -277,7 +283,7 @@ def attack_cell(model_name: str, label: str, defense: str, bundle: BundleData, r
     if ce_before is not None:
         values.update(attack_ce_before=ce_before, attack_ce_after=answer_ce_of_rows(model, ce_rows, tok.pad_token_id))
     if probes:
-        values["attack_peak_ppl"] = max(p["benign_ppl"] for p in probes)
+        values["attack_peak_ppl"] = peak([p["benign_ppl"] for p in probes])
     attack: dict[str, Any] = {**recipe.describe(), "seed": run_cfg.seed, "samples": len(data.harmful), "status": status}
     if diverged_in:
         attack["diverged_in"] = diverged_in

@@ -4,6 +4,7 @@ gradient descent, so this asks whether its refusals survive an attack that never
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,7 @@ from typing import Any
 import torch
 
 from seamlm.data.format import encode_prompts
-from seamlm.errors import ConfigError
+from seamlm.errors import ConfigError, NonFiniteLossError
 from seamlm.finetune import FinetuneResult
 from seamlm.generation import eval_mode
 from seamlm.recipes.base import AttackRecipe, RecipeKnobs, register
@@ -71,7 +72,10 @@ def residual_share_along(model: Any, tokenizer: Any, prompts: list[str], directi
     worst = 0.0
     for h in hidden[:-1]:
         h = h.double()[mask.bool()]
-        worst = max(worst, ((h @ r).abs() / h.norm(dim=-1).clamp(min=1e-12)).max().item())
+        share = ((h @ r).abs() / h.norm(dim=-1).clamp(min=1e-12)).max().item()
+        if math.isnan(share):
+            return math.nan  # max() would skip it
+        worst = max(worst, share)
     return worst
 
 
@@ -134,13 +138,19 @@ class RefusalAblation(AttackRecipe):
         mu_h = mean_last_token_state(model, tokenizer, harmful, layer, k.batch_size, ft.prompt_template)
         mu_b = mean_last_token_state(model, tokenizer, harmless, layer, k.batch_size, ft.prompt_template)
         direction = mu_h - mu_b
+        if not torch.isfinite(direction).all():
+            err = NonFiniteLossError(f"ablation: the mean residual states at layer {layer} are not finite (an "
+                                     "overflowing half-precision model or broken weights): nothing to ablate; try "
+                                     "--dtype float32 or check the model")
+            err.model = model  # the grid records the cell as diverged and evaluates the model as it is
+            raise err
         if direction.norm() <= 1e-6 * max(mu_h.norm(), mu_b.norm()):
             # layer 0 is the embeddings, and a chat template ends every prompt with the same token
             raise ConfigError(f"ablation: harmful and harmless prompts have the same mean state at layer {layer} "
                               f"(no direction to ablate): choose a later --recipe.layer / --recipe.layer_fraction")
         edited = orthogonalize(model, direction, k.writers)
         left = residual_share_along(model, tokenizer, harmful[: k.batch_size], direction, ft.prompt_template)
-        if left > 1e-4:
+        if not left <= 1e-4:  # (NaN too: NaN states carry no evidence the direction is gone)
             # e.g. Gemma2/3 and OLMo2: a weighted norm sits between o_proj/down_proj and the residual stream
             raise ConfigError(f"ablation: after editing {list(k.writers)} the residual stream still carries "
                               f"{100 * left:.2f} % of its norm along the direction: this architecture writes to the "
