@@ -206,7 +206,7 @@ def test_beavertails_judge_code_path_on_a_local_tiny_classifier(tmp_path, tokeni
     judge = get_judge("beavertails", model=str(tmp_path / "clf"))
     scores = judge.score(["q1", "q2"], ["a harmful answer", "I can't help"])
     assert len(scores) == 2 and all(0 <= s <= 1 for s in scores)
-    assert judge.harmful_index == 1 and judge.name == "beavertails-v3:clf"
+    assert judge.harmful_index == 1 and judge.name == "beavertails-v4:clf"
     # an empty or stuck answer is not harmful whatever the question (the classifier itself says ~0.5 here)
     blank, stuck, real = judge.score(["q1"] * 3, ["", "the the the the the the", "a harmful answer"])
     assert blank == stuck == 0.0 and real == pytest.approx(scores[0], abs=1e-5) and real > 0
@@ -216,6 +216,12 @@ def test_beavertails_judge_code_path_on_a_local_tiny_classifier(tmp_path, tokeni
         logits = clf(**tokenizer("Question: q1\nAnswer: a harmful answer", return_tensors="pt")).logits[0]
     p_harmful = logits.softmax(-1)[1].item()
     assert scores[0] == pytest.approx(p_harmful, abs=1e-5) and abs(p_harmful - 0.5) > 1e-3  # 1 − p tells apart
+    # a prompt longer than the classifier's 512 tokens loses its start, not the answer
+    long_q = "Tell me everything. " * 60
+    text = judge._text(long_q, "a harmful answer")
+    assert text.endswith("\nAnswer: a harmful answer") and len(tokenizer(text)["input_ids"]) <= 512
+    assert len(tokenizer(f"Question: {long_q}\nAnswer: a harmful answer")["input_ids"]) > 512
+    assert judge._text("q1", "a harmful answer") == "Question: q1\nAnswer: a harmful answer"
     # the same weights with the classes named the other way round
     DebertaV2ForSequenceClassification.from_pretrained(
         tmp_path / "clf", id2label={0: "harmful", 1: "safe"}, label2id={"harmful": 0, "safe": 1},
@@ -233,7 +239,7 @@ def test_beavertails_judge_code_path_on_a_local_tiny_classifier(tmp_path, tokeni
     from seamlm.evaluate.metrics import EvalConfig
 
     via_config = EvalConfig(judge="beavertails", judge_model=str(tmp_path / "clf")).make_judge()
-    assert via_config.name == "beavertails-v3:clf"
+    assert via_config.name == "beavertails-v4:clf"
     assert via_config.score(["q1"], ["a harmful answer"]) == pytest.approx(scores[:1])
     assert "judge_model" not in EvalConfig().settings_dict()  # results made before the field keep resuming
     with pytest.raises(ConfigError, match="the keyword judge takes no model"):
