@@ -166,9 +166,14 @@ elif start == "allow_tf32":
 elif start == "new-tf32":
     torch.backends.cuda.matmul.fp32_precision = "tf32"
 new_api = hasattr(torch.backends.cuda.matmul, "fp32_precision")
+def cublas():  # the legacy flag cuBLAS fp32 paths read: refused when the legacy and new settings contradict
+    try:
+        return torch._C._get_cublas_allow_tf32()
+    except RuntimeError as e:
+        return "mixed APIs" if "mix of the legacy and new" in str(e) else str(e)
 def read():
     if new_api:
-        return (torch.backends.cuda.matmul.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision)
+        return (torch.backends.cuda.matmul.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision, cublas())
     return torch.get_float32_matmul_precision()
 before = read()
 p = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
@@ -194,10 +199,10 @@ _NEW_API = hasattr(torch.backends.cuda.matmul, "fp32_precision")
 
 
 @pytest.mark.parametrize(("start", "precision", "inside", "legacy_after"), [
-    ("legacy-high", "ieee", ("ieee", "ieee"), "high"),  # TF32 on in the process: off for the differences
-    ("allow_tf32", "ieee", ("ieee", "ieee"), "-"),
-    ("new-tf32", "ieee", ("ieee", "ieee"), "-"),
-    ("default", "tf32", ("tf32", "ieee"), "tf32"),  # asked for TF32: on (CUDA only) for the differences only
+    ("legacy-high", "ieee", ("ieee", "ieee", False), "high"),  # TF32 on in the process: off for the differences
+    ("allow_tf32", "ieee", ("ieee", "ieee", False), "-"),
+    ("new-tf32", "ieee", ("ieee", "ieee", False), "-"),
+    ("default", "tf32", ("tf32", "ieee", True), "tf32"),  # asked for TF32: on (CUDA only) for the differences only
 ])
 def test_finite_differences_run_at_the_asked_precision_and_the_setting_is_restored(start, precision, inside,
                                                                                   legacy_after):

@@ -58,12 +58,21 @@ def float32_matmul(precision: str = "ieee") -> Iterator[None]:
         return
     # TF32 exists on CUDA only; CPU (oneDNN) matmuls stay IEEE either way
     wanted = {cuda_matmul: precision, torch.backends.mkldnn.matmul: "ieee"}
-    saved = {backend: backend.fp32_precision for backend in wanted}
+    saved = {backend: backend.fp32_precision for backend in (torch.backends, *wanted)}
+    try:  # unreadable when the process set backends apart with the new API ("mix of the legacy and new APIs")
+        saved_legacy: str | None = torch.get_float32_matmul_precision()
+    except RuntimeError:
+        saved_legacy = None
     try:
+        # the global setting first, then the per-backend ones: setting only the latter leaves torch's legacy and new
+        # TF32 flags contradicting each other, which cuBLAS paths reading the legacy flag refuse
+        torch.set_float32_matmul_precision("highest" if precision == "ieee" else "high")
         for backend, value in wanted.items():
             backend.fp32_precision = value
         yield
     finally:
+        if saved_legacy is not None:
+            torch.set_float32_matmul_precision(saved_legacy)
         for backend, value in saved.items():
             backend.fp32_precision = value
 
