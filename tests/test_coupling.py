@@ -270,3 +270,27 @@ def test_the_coupling_of_a_model_under_a_live_lora_adapter_is_the_base_weights(t
     assert live["coupling_cos"] == pytest.approx(before["coupling_cos"], abs=1e-5)
     assert live["coupling_slope"] == pytest.approx(before["coupling_slope"], rel=1e-4)
     assert all(p.requires_grad == ("lora_" in n) for n, p in peft_model.named_parameters())  # flags restored
+
+
+def test_sharded_gradient_sink_ignores_a_gradient_left_on_the_model():
+    """ZeRO-2's sink collects each backward's gradient into this rank's shard; a .grad a caller's loop left on the
+    parameters (zero_grad(set_to_none=False) leaves zeros, a forgotten one real values) must not be added to it."""
+    from seamlm.defense.coupling import FlatParams, ShardedFlatParams
+
+    class Averaging(_TwoRanks):
+        def all_reduce_mean_(self, t):  # both ranks computed the same gradient: the mean is this one
+            return t
+
+    p = torch.nn.Parameter(torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    sharded = ShardedFlatParams([p], Averaging(torch.zeros(4)))
+    p.grad = torch.full_like(p, 100.0)
+    buf = sharded.zeros()
+    with sharded.grad_sink(buf):
+        (p ** 2).sum().backward()
+    torch.testing.assert_close(buf, torch.tensor([2.0, 4.0]))  # rank 0's half of 2θ
+    p.grad = torch.full_like(p, 100.0)
+    plain = FlatParams([p])
+    whole = plain.zeros()
+    with plain.grad_sink(whole):
+        (p ** 2).sum().backward()
+    torch.testing.assert_close(whole, 2 * p.detach())

@@ -214,6 +214,8 @@ class ShardedFlatParams(FlatParams):
                 flat[dst].add_(g.reshape(-1)[src])
             p.grad = None
 
+        for p in self.params:  # a gradient left on the model (a caller's own loop) must not join the first backward's
+            p.grad = None
         handles = [p.register_post_accumulate_grad_hook(to_shard) for p in self.params]
         try:
             yield
