@@ -168,6 +168,15 @@ def test_a_checkpoint_failing_on_one_rank_stops_every_rank_and_keeps_the_last_on
     assert sorted(p.name for p in ckpts.iterdir()) == ["step-0000002"]
     assert "optimizer" not in torch.load(ckpts / "step-0000002" / "rank-00001.pt", weights_only=False)
     assert "optimizer" in torch.load(ckpts / "step-0000002" / "checkpoint.pt", weights_only=False)
+    # a copy whose rank-1 part is cut short: both ranks stop with the error on resume (rank 0 would wait at the
+    # barrier after loading otherwise), the original resumes
+    broken = tmp_path / "broken"
+    shutil.copytree(tmp_path / "run", broken / "run")
+    part = broken / "run" / "checkpoints" / "step-0000002" / "rank-00001.pt"
+    part.write_bytes(part.read_bytes()[:100])
+    proc = _run(broken, {"steps": 6, "checkpoint_every": 2}, 2, "--resume", expect_rc=1)
+    assert "rank-00001.pt" in proc.stderr or "unreadable" in proc.stderr
+    assert "another process could not read its part" in proc.stderr
     _run(tmp_path, {"steps": 6, "checkpoint_every": 2}, 2, "--resume")
     assert [r["step"] for r in _log(tmp_path)] == list(range(1, 7))
 

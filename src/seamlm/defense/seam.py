@@ -492,7 +492,17 @@ class SEAMTrainer:
             raise CheckpointError(f"checkpoint {path} was written by {state.get('world_size', 1)} process(es); "
                                   f"resume it with that many (this run has {self.ctx.world_size})")
         if self.ctx.distributed:
-            state = {**state, **load_rank_state(path, self.ctx)}
+            # a rank that cannot read its part tells the others, which would otherwise wait at the barrier below
+            rank_state, err = {}, None
+            try:
+                rank_state = load_rank_state(path, self.ctx)
+            except CheckpointError as exc:
+                err = exc
+            if self.ctx.any(err is not None):
+                raise err or CheckpointError(f"cannot resume {path}: another process could not read its part of the "
+                                             "checkpoint (its error names the file); delete the checkpoint to resume "
+                                             "from an earlier one")
+            state = {**state, **rank_state}
         if self.fsdp:
             with torch.no_grad():
                 for n, p in self.model.named_parameters():
