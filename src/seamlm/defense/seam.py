@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from seamlm.checkpoint import (
@@ -49,7 +50,13 @@ from seamlm.defense.coupling import (
     make_flat_params,
 )
 from seamlm.defense.losses import AnswerLosses, HarmfulForward, unlearn_loss
-from seamlm.distributed import DistContext, current_context, full_state_dict, fully_shard_model
+from seamlm.distributed import (
+    DistContext,
+    current_context,
+    full_state_dict,
+    fully_shard_model,
+    launched_distributed,
+)
 from seamlm.errors import CheckpointError, ConfigError, NonFiniteLossError
 from seamlm.finetune import warmup_steps
 from seamlm.jsonl import read_records, write_records_atomic
@@ -122,7 +129,10 @@ class SEAMTrainer:
     ):
         self.model, self.tokenizer, self.config = model, tokenizer, config
         first = next(model.parameters())
-        self.ctx = ctx or current_context(None if first.is_meta else first.device)
+        # several processes: every rank the launcher's device and backend (rank 0 may hold the real weights on the
+        # CPU and the others meta skeletons, which would give rank 0 another device); one process: the model's
+        several = (dist.is_available() and dist.is_initialized()) or launched_distributed()
+        self.ctx = ctx or current_context(None if several or first.is_meta else first.device)
         self.callbacks = list(callbacks or [])
         self.run_info = dict(run_info or {})
         self.out = Path(config.output_dir)
