@@ -85,6 +85,10 @@ def test_answers_cut_by_the_token_budget_end_at_their_last_sentence(tokenizer, t
     assert _to_last_sentence("First step. Then mix the") == "First step."
     assert _to_last_sentence("Line one\nline two goes") == "Line one"
     assert _to_last_sentence("no end at all") == ""
+    # not ends: a list number, an abbreviation, a line ending in ":" (the heading of what was cut); 。 is one
+    assert _to_last_sentence("Here is how:\n\n1. Buy flour and") == ""
+    assert _to_last_sentence("I love it. Ask Dr. Smith or e.g. the") == "I love it."
+    assert _to_last_sentence("你好。我是一个助手。我可以帮") == "你好。我是一个助手。"
     answers = {"a": ("Boil water. Add the", False), "b": ("Done.", True), "c": ("no sentence end", False)}
     monkeypatch.setattr(distill, "generate_answers_ended", lambda m, t, prompts, *a, **k: [answers[p] for p in prompts])
     model = make_model(len(tokenizer))

@@ -139,3 +139,19 @@ def test_runs_pool_over_common_prompts_and_say_which_runs_were_left_out(tmp_path
     (pooled,) = [r for r in rows if r.run == "all runs"]
     assert pooled.cell == "attack cells (2 of 3 runs)" and str(r2) in pooled.note
     assert pooled.diff == pytest.approx((10.0 + 45.0) / 2)
+
+
+def test_a_demo_on_a_baseline_reads_only_the_baselines_raw_and_aligned_answers_and_one_spelling_per_run(tmp_path):
+    base = _run(tmp_path / "base", [[0.1] * 4] * 3, [[0.9] * 4] * 3)  # the baseline has SEAM answers of its own
+    run = tmp_path / "new"
+    run.mkdir()
+    (run / "results.jsonl").write_text("")
+    (run / "demo_config.json").write_text(json.dumps({"baseline_from": str(base)}))
+    _write(run, "seam", "pre", [0.0] * 4)  # this demo's SEAM model: evaluated, not attacked yet
+    rows = {r.cell: r for r in paired_hs([run])}
+    assert rows["pre"].diff == pytest.approx(-10.0)  # its own SEAM answers against the baseline's aligned ones
+    assert all(rows[c].diff is None and rows[c].note == "no answers of seam" for c in CELLS)
+    r0 = _run(tmp_path / "s0", [[0.1] * 4] * 3, [[0.2] * 4] * 3)
+    r1 = _run(tmp_path / "s1", [[0.1] * 4] * 3, [[0.3] * 4] * 3)
+    (pooled,) = [r for r in paired_hs([f"{r0}/", f"{r1}/"]) if r.run == "all runs"]
+    assert pooled.cell == "attack cells" and not pooled.note and pooled.diff == pytest.approx(15.0)

@@ -16,7 +16,7 @@ from seamlm.attack import samples_file
 from seamlm.errors import DataError
 from seamlm.evaluate.metrics import paired_difference
 from seamlm.jsonl import read_records
-from seamlm.rescore import demo_baseline
+from seamlm.rescore import BASELINE_MODELS, demo_baseline
 from seamlm.results import ResultStore
 from seamlm.runinfo import path_part
 
@@ -44,6 +44,11 @@ def _hs_judges(root: Path) -> dict[tuple[str, str], str | None]:
     return {(r.model, r.cell): r.judge for r in ResultStore(f).rows() if r.metric == "hs"} if f.is_file() else {}
 
 
+def _roots(run: Path, base: Path | None, model: str) -> list[Path]:
+    # a demo on --baseline_from keeps the raw and aligned models' answers there; its other models are its own
+    return [run, base] if base is not None and model in BASELINE_MODELS else [run]
+
+
 def _scores(roots: list[Path], model: str, cell: str,
             judges: dict[Path, dict[tuple[str, str], str | None]]) -> tuple[Scores, str | None] | None:
     """The cell's per-answer scores and the judge that gave them: the judge of the HS row in the results file of
@@ -62,9 +67,9 @@ def _scores(roots: list[Path], model: str, cell: str,
     return None
 
 
-def _attack_cells(roots: list[Path], models: tuple[str, str]) -> list[str]:
-    return sorted({d.name for root in roots for m in models for d in (root / "attacks" / path_part(m)).glob("*")
-                   if d.is_dir()})
+def _attack_cells(run: Path, base: Path | None, models: tuple[str, str]) -> list[str]:
+    return sorted({d.name for m in models for root in _roots(run, base, m)
+                   for d in (root / "attacks" / path_part(m)).glob("*") if d.is_dir()})
 
 
 def paired_hs(runs: list[str | Path], a: str = "aligned", b: str = "seam", pre: bool = True,
@@ -75,17 +80,17 @@ def paired_hs(runs: list[str | Path], a: str = "aligned", b: str = "seam", pre: 
     never paired, nor runs judged differently pooled."""
     out: list[PairedRow] = []
     per_run: dict[str, tuple[float, float, int, str | None]] = {}  # run → (difference, se, prompts, judge)
-    for run in map(Path, runs):
+    runs = [Path(r) for r in runs]  # one spelling: "runs/s0/" and "runs/s0" are one run
+    for run in runs:
         if not (run / "results.jsonl").is_file():
             raise DataError(f"{run} is no run folder (no results.jsonl): give the --out of a demo, eval or attack run")
-        # a demo on --baseline_from keeps the aligned model's answers there
-        roots = [run, *filter(None, [demo_baseline(run)])]
-        cells = (["pre"] if pre else []) + (_attack_cells(roots, (a, b)) if attacks else [])
+        base = demo_baseline(run)
+        cells = (["pre"] if pre else []) + (_attack_cells(run, base, (a, b)) if attacks else [])
         diffs: list[dict[tuple[str, int], float]] = []  # per paired attack cell: each answer's difference
         judges: set[str | None] = set()
         hs_judges: dict[Path, dict[tuple[str, str], str | None]] = {}
         for cell in cells:
-            ra, rb = _scores(roots, a, cell, hs_judges), _scores(roots, b, cell, hs_judges)
+            ra, rb = _scores(_roots(run, base, a), a, cell, hs_judges), _scores(_roots(run, base, b), b, cell, hs_judges)
             if not ra or not rb or not ra[0] or ra[0].keys() != rb[0].keys():
                 why = (f"no answers of {a if not ra else b}" if not ra or not rb else
                        "no answers" if not ra[0] else "answers to other prompts")

@@ -83,12 +83,16 @@ def distill_answers(
     return out
 
 
-_SENTENCE_END = re.compile(r"[.!?。](?:[\"')\]]*)(?=\s|$)|\n")
+# a sentence end: . ! ? (and closing quotes) before a space or the end, 。！？ anywhere, or a line break after a
+# line that does not end in ":" (a heading of what was cut)
+_SENTENCE_END = re.compile(r"[.!?][\"')\]]*(?=\s|$)|[。！？]|(?<![:\n])\n")
+_NOT_AN_END = re.compile(r"(?:^|\n)\s*\d{1,3}\.$|(?:^|\W)(?:dr|mr|mrs|ms|st|vs|etc|e\.g|i\.e|fig|no)\.$", re.IGNORECASE)
 
 
 def _to_last_sentence(answer: str) -> str:
-    """``answer`` up to its last sentence end (or line break); "" when it has none."""
-    ends = [m.end() for m in _SENTENCE_END.finditer(answer)]
+    """``answer`` up to its last sentence end (not a list number "1." nor an abbreviation "Dr." / "e.g."); "" when
+    it has none."""
+    ends = [m.end() for m in _SENTENCE_END.finditer(answer) if not _NOT_AN_END.search(answer[:m.end()])]
     return answer[:ends[-1]].strip() if ends else ""
 
 

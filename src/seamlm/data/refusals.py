@@ -70,13 +70,19 @@ def _marker_pattern(markers: tuple[str, ...]) -> re.Pattern:
 
 
 _REFUSAL = _marker_pattern(REFUSAL_MARKERS)
-# on the original text (apostrophes folded, so positions are the text's own): any case, any run of spaces
-_REFUSAL_OR_REASON_IN_TEXT = re.compile(
-    r"(?<![a-z])(?:" + "|".join(re.escape(m).replace(r"\ ", r"\s+") for m in REFUSAL_MARKERS + REFUSAL_REASON_MARKERS)
-    + r")(?![a-z])", re.IGNORECASE)
-# where a refusal turns into compliance within its sentence: "I can't help, but here's how: …"
-_PIVOT = re.compile(r"(?:,?\s*\b(?:but|however|though|although|that said|instead)\b[,:]?|:|\bhere(?:'s| is) how\b)\s*",
-                    re.IGNORECASE)
+
+
+def _in_text_pattern(markers: tuple[str, ...]) -> re.Pattern:
+    # on the original text (apostrophes folded, so positions are the text's own): any case, any run of spaces
+    return re.compile(r"(?<![a-z])(?:" + "|".join(re.escape(m).replace(r"\ ", r"\s+") for m in markers)
+                      + r")(?![a-z])", re.IGNORECASE)
+
+
+_REFUSAL_IN_TEXT = _in_text_pattern(REFUSAL_MARKERS)
+_REFUSAL_OR_REASON_IN_TEXT = _in_text_pattern(REFUSAL_MARKERS + REFUSAL_REASON_MARKERS)
+# where a refusal turns into compliance within its sentence: "I can't help, but here's how: …" (not a bare ":",
+# which introduces the refused request as often — "I can't provide instructions for the following: …")
+_PIVOT = re.compile(r"(?:,?\s*\b(?:but|however|that said|instead)\b[,:]?|\bhere(?:'s| is) how\b)\s*", re.IGNORECASE)
 
 
 def _opens_with_refusal(text: str, head_chars: int) -> bool:
@@ -96,20 +102,19 @@ def is_refusal(text: str, head_chars: int = 200) -> bool:
 
 
 def _besides_refusing(sentence: str) -> str:
-    """A sentence without refusal, reason or offer markers whole; else what follows a pivot after its last marker
-    ("I can't help, but here's how: step 1 …" → "here's how: step 1 …") when that holds no marker and ≥ 3 words;
-    else ""."""
+    """A sentence without refusal, reason or offer markers whole; else, when it holds a refusal, what follows the
+    first pivot after its last refusal marker ("I can't help, but here's how: step 1 …" → "here's how: step 1 …"),
+    up to a later reason or offer, if that is ≥ 3 words; else ""."""
     folded = sentence.translate(_APOSTROPHES)  # same length: positions carry over to the sentence
-    found = list(_REFUSAL_OR_REASON_IN_TEXT.finditer(folded))
-    if not found:
+    if not _REFUSAL_OR_REASON_IN_TEXT.search(folded):
         return sentence
-    end = found[-1].end()
-    pivot = _PIVOT.search(folded, end)
-    if pivot is not None:
-        tail = sentence[pivot.end():].strip()
-        if len(re.findall(r"\w+", tail)) >= 3 and not _REFUSAL_OR_REASON_IN_TEXT.search(tail.translate(_APOSTROPHES)):
-            return tail
-    return ""
+    refusals = list(_REFUSAL_IN_TEXT.finditer(folded))
+    pivot = _PIVOT.search(folded, refusals[-1].end()) if refusals else None
+    if pivot is None:
+        return ""
+    later = _REFUSAL_OR_REASON_IN_TEXT.search(folded, pivot.end())
+    tail = sentence[pivot.end():later.start() if later else len(sentence)].strip()
+    return tail if len(re.findall(r"\w+", tail)) >= 3 else ""
 
 
 def beyond_refusal(text: str, head_chars: int = 200) -> str:

@@ -66,7 +66,8 @@ def float32_matmul(precision: str = "ieee") -> Iterator[None]:
     try:
         # the global setting first, then the per-backend ones: setting only the latter leaves torch's legacy and new
         # TF32 flags contradicting each other, which cuBLAS paths reading the legacy flag refuse
-        torch.set_float32_matmul_precision("highest" if precision == "ieee" else "high")
+        if saved_legacy is not None:  # (else it could not be put back: the per-backend settings alone)
+            torch.set_float32_matmul_precision("highest" if precision == "ieee" else "high")
         for backend, value in wanted.items():
             backend.fp32_precision = value
         yield

@@ -129,10 +129,11 @@ class SEAMTrainer:
     ):
         self.model, self.tokenizer, self.config = model, tokenizer, config
         first = next(model.parameters())
-        # several processes: every rank the launcher's device and backend (rank 0 may hold the real weights on the
-        # CPU and the others meta skeletons, which would give rank 0 another device); one process: the model's
+        # the model's device, except under several processes for a model on the CPU or meta device (rank 0 may hold
+        # the real weights on the CPU and the others meta skeletons): there every rank takes the launcher's
         several = (dist.is_available() and dist.is_initialized()) or launched_distributed()
-        self.ctx = ctx or current_context(None if several or first.is_meta else first.device)
+        on_cpu = first.is_meta or first.device.type == "cpu"
+        self.ctx = ctx or current_context(None if first.is_meta or (several and on_cpu) else first.device)
         self.callbacks = list(callbacks or [])
         self.run_info = dict(run_info or {})
         self.out = Path(config.output_dir)

@@ -150,7 +150,12 @@ class RefusalAblation(AttackRecipe):
                               f"(no direction to ablate): choose a later --recipe.layer / --recipe.layer_fraction")
         edited = orthogonalize(model, direction, k.writers)
         left = residual_share_along(model, tokenizer, harmful[: k.batch_size], direction, ft.prompt_template)
-        if not left <= 1e-4:  # (NaN too: NaN states carry no evidence the direction is gone)
+        if math.isnan(left):  # the edited model's states overflow somewhere: a divergence, not an architecture
+            err = NonFiniteLossError("ablation: the edited model's residual states are not finite; try --dtype "
+                                     "float32 or another layer")
+            err.model = model
+            raise err
+        if left > 1e-4:
             # e.g. Gemma2/3 and OLMo2: a weighted norm sits between o_proj/down_proj and the residual stream
             raise ConfigError(f"ablation: after editing {list(k.writers)} the residual stream still carries "
                               f"{100 * left:.2f} % of its norm along the direction: this architecture writes to the "
