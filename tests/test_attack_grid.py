@@ -78,7 +78,7 @@ def test_grid_cells_rows_and_resume(tiny_model_dir, bundle, tmp_path, monkeypatc
 
 
 def test_standard_errors_by_hand():
-    from seamlm.evaluate.metrics import mean_stderr, paired_difference
+    from seamlm.evaluate.stats import mean_stderr, paired_difference
 
     assert mean_stderr([1.0, 2.0, 3.0, 6.0]) == pytest.approx(statistics.stdev([1, 2, 3, 6]) / 2)  # sd 2.16, √4
     assert math.isnan(mean_stderr([5.0]))

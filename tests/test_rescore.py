@@ -62,7 +62,7 @@ def test_another_judge_config_is_recorded_and_a_run_resumed_with_it_keeps_every_
 
 def test_rescore_rejudges_saved_answers_and_a_resumed_grid_keeps_every_cell(tiny_model_dir, bundle, tmp_path,
                                                                             monkeypatch):
-    import seamlm.rescore
+    import seamlm.evaluate.metrics
 
     out = tmp_path / "run"
     _, ran, store = _run(tiny_model_dir, bundle, out, KeywordJudge())
@@ -73,7 +73,7 @@ def test_rescore_rejudges_saved_answers_and_a_resumed_grid_keeps_every_cell(tiny
     def refusal_rule(text):  # another keyword rule than the one that evaluated the cells (a newer seamlm's)
         return len(text) % 2 == 0
 
-    monkeypatch.setattr(seamlm.rescore, "is_refusal", refusal_rule)
+    monkeypatch.setattr(seamlm.evaluate.metrics, "is_refusal", refusal_rule)
     changed = rescore(out, EVAL, LengthJudge())
     assert sorted(c.cell for c in changed) == sorted(cells) and {c.old_judge for c in changed} == {"keyword-v4"}
     rows = {(r.model, r.cell, r.metric): r for r in store.rows()}

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from seamlm.attack import samples_file
 from seamlm.errors import DataError
-from seamlm.evaluate.metrics import paired_difference
+from seamlm.evaluate.stats import paired_difference
 from seamlm.jsonl import read_records
 from seamlm.rescore import BASELINE_MODELS, demo_baseline
 from seamlm.results import ResultStore

@@ -23,10 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from seamlm.attack import samples_file, settings_digest
-from seamlm.data.refusals import is_refusal
 from seamlm.errors import DataError
 from seamlm.evaluate.judges import Judge
-from seamlm.evaluate.metrics import EvalConfig, mean_stderr
+from seamlm.evaluate.metrics import EvalConfig, hs_figures
 from seamlm.jsonl import read_records, write_records_atomic, write_text_atomic
 from seamlm.results import JUDGED_METRICS, ResultRow, ResultStore
 from seamlm.runinfo import path_part
@@ -89,10 +88,8 @@ def rescore(results: str | Path, eval_cfg: EvalConfig, judge: Judge | None = Non
             raise DataError(f"{samples_file(path.parent, *key)} holds no answers")
         p = judge.score([r["prompt"] for r in recs], [r["answer"] for r in recs])
         scores[key] = p
-        new_values[key] = {"hs": 100 * sum(p) / len(p), "hs_binary": 100 * sum(x > 0.5 for x in p) / len(p),
-                           "hs_se": 100 * mean_stderr(p),
-                           # the keyword rule of this seamlm too, so the cell's refusal rate and HS read alike
-                           "refusal_rate": 100 * sum(is_refusal(r["answer"]) for r in recs) / len(recs)}
+        # (the refusal rate too, by this seamlm's keyword rule, so the cell's refusal rate and HS read alike)
+        new_values[key] = hs_figures(p, [r["answer"] for r in recs])
 
     digests: dict[str | None, str | None] = {}
 

@@ -26,6 +26,7 @@ from seamlm.data.format import with_bos
 from seamlm.data.sources import load_source
 from seamlm.defense.losses import ModelParts
 from seamlm.errors import ConfigError, DataError
+from seamlm.evaluate.stats import mean_stderr
 from seamlm.models import ensure_pad_token
 
 log = logging.getLogger(__name__)
@@ -218,19 +219,13 @@ def score_items(items: list[MCItem], lls: list[list[float]]) -> dict[str, float]
     broken model off as one scoring the share of items whose answer is the first choice."""
     if any(not math.isfinite(v) for ll in lls for v in ll):
         return {"acc": math.nan, "acc_norm": math.nan, "n": len(items), "acc_stderr": math.nan}
-    acc = acc_norm = 0
+    hits, norm_hits = [], []
     for it, ll in zip(items, lls, strict=True):
-        acc += int(max(range(len(ll)), key=lambda i: ll[i]) == it.gold)
+        hits.append(float(max(range(len(ll)), key=lambda i: ll[i]) == it.gold))
         normed = [v / max(len(c), 1) for v, c in zip(ll, it.choices, strict=True)]
-        acc_norm += int(max(range(len(ll)), key=lambda i: normed[i]) == it.gold)
+        norm_hits.append(float(max(range(len(ll)), key=lambda i: normed[i]) == it.gold))
     n = len(items)
-    return {"acc": acc / n, "acc_norm": acc_norm / n, "n": n, "acc_stderr": binary_stderr(acc / n, n)}
-
-
-def binary_stderr(p: float, n: int) -> float:
-    """Standard error of a share ``p`` of ``n`` 0/1 outcomes, lm-eval's ``mean_stderr``: the sample standard
-    deviation (n − 1) over √n; NaN below two items."""
-    return math.sqrt(p * (1 - p) / (n - 1)) if n > 1 else math.nan
+    return {"acc": sum(hits) / n, "acc_norm": sum(norm_hits) / n, "n": n, "acc_stderr": mean_stderr(hits)}
 
 
 def evaluate_zero_shot(model: Any, tokenizer: Any, tasks: tuple[str, ...], limit: int | None = 200,
