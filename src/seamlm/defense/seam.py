@@ -470,8 +470,7 @@ class SEAMTrainer:
 
     def _resume(self) -> None:
         path = latest_checkpoint(self.out / "checkpoints")
-        if path is None:
-            raise CheckpointError(f"--resume: no checkpoint under {self.out / 'checkpoints'}; start without --resume")
+        assert path is not None  # train() ran check_run_folder, which refuses a resume without a checkpoint
         state = load_checkpoint(path, map_location="cpu")  # RNG states must stay CPU tensors; loaders move the rest
         refuse_changed_config(self.config, state["config"], path)
         if state["data_fingerprint"] != self.data_fingerprint:

@@ -60,6 +60,14 @@ def mean_last_token_state(model: Any, tokenizer: Any, prompts: list[str], layer:
     return total / len(prompts)
 
 
+def _diverged(model: Any, message: str) -> NonFiniteLossError:
+    """The error of an ablation on non-finite states, carrying the model as it is: the grid records the cell as
+    diverged and evaluates that model, as for a fine-tuning attack that diverged."""
+    err = NonFiniteLossError(message)
+    err.model = model
+    return err
+
+
 @torch.no_grad()
 def residual_share_along(model: Any, tokenizer: Any, prompts: list[str], direction: torch.Tensor,
                          template: str = "chat") -> float:
@@ -139,11 +147,9 @@ class RefusalAblation(AttackRecipe):
         mu_b = mean_last_token_state(model, tokenizer, harmless, layer, k.batch_size, ft.prompt_template)
         direction = mu_h - mu_b
         if not torch.isfinite(direction).all():
-            err = NonFiniteLossError(f"ablation: the mean residual states at layer {layer} are not finite (an "
-                                     "overflowing half-precision model or broken weights): nothing to ablate; try "
-                                     "--dtype float32 or check the model")
-            err.model = model  # the grid records the cell as diverged and evaluates the model as it is
-            raise err
+            raise _diverged(model, f"ablation: the mean residual states at layer {layer} are not finite (an "
+                                   "overflowing half-precision model or broken weights): nothing to ablate; try "
+                                   "--dtype float32 or check the model")
         if direction.norm() <= 1e-6 * max(mu_h.norm(), mu_b.norm()):
             # layer 0 is the embeddings, and a chat template ends every prompt with the same token
             raise ConfigError(f"ablation: harmful and harmless prompts have the same mean state at layer {layer} "
@@ -151,10 +157,8 @@ class RefusalAblation(AttackRecipe):
         edited = orthogonalize(model, direction, k.writers)
         left = residual_share_along(model, tokenizer, harmful[: k.batch_size], direction, ft.prompt_template)
         if math.isnan(left):  # the edited model's states overflow somewhere: a divergence, not an architecture
-            err = NonFiniteLossError("ablation: the edited model's residual states are not finite; try --dtype "
-                                     "float32 or another layer")
-            err.model = model
-            raise err
+            raise _diverged(model, "ablation: the edited model's residual states are not finite; try --dtype "
+                                   "float32 or another layer")
         if left > 1e-4:
             # e.g. Gemma2/3 and OLMo2: a weighted norm sits between o_proj/down_proj and the residual stream
             raise ConfigError(f"ablation: after editing {list(k.writers)} the residual stream still carries "
