@@ -35,10 +35,31 @@ def finetune_main(out: Path, overrides: dict) -> int:
     return 0
 
 
+def refusal_sft_main(out: Path, overrides: dict) -> int:
+    """The refusal-SFT defence with rank 1 arriving ``_late`` seconds after rank 0 (a slower model load)."""
+    import time
+
+    from seamlm.defense import defense_class
+    from seamlm.distributed import current_context
+    from seamlm.finetune import FinetuneConfig
+
+    ctx = current_context()
+    tok = make_tokenizer()
+    model = make_model(len(tok), dtype=torch.float64)
+    if ctx.rank == 1:
+        time.sleep(overrides.pop("_late", 0))
+    defense = defense_class("refusal-sft")(FinetuneConfig(lr=1e-3, batch_size=4, max_steps=2, max_length=48))
+    defense.run(model, tok, {"refusal": REFUSAL, "benign": BENIGN}, out / "run", ctx=ctx)
+    return 0
+
+
 def main() -> int:
     out, overrides = Path(sys.argv[1]), json.loads(sys.argv[2])
-    if overrides.pop("_mode", None) == "finetune":
+    mode = overrides.pop("_mode", None)
+    if mode == "finetune":
         return finetune_main(out, overrides)
+    if mode == "refusal_sft":
+        return refusal_sft_main(out, overrides)
     kill_at = int(sys.argv[3]) if len(sys.argv) > 3 and sys.argv[3] != "--resume" else 0
     fail = overrides.pop("_fail_rank_save_at", None)  # [rank, step]: that rank's checkpoint write hits a full disk
     if fail is not None and int(os.environ.get("RANK", "0")) == fail[0]:

@@ -176,7 +176,7 @@ def test_a_checkpoint_failing_on_one_rank_stops_every_rank_and_keeps_the_last_on
     part.write_bytes(part.read_bytes()[:100])
     proc = _run(broken, {"steps": 6, "checkpoint_every": 2}, 2, "--resume", expect_rc=1)
     assert "rank-00001.pt" in proc.stderr or "unreadable" in proc.stderr
-    assert "another process could not read its part" in proc.stderr
+    assert "another process could not read the checkpoint" in proc.stderr
     _run(tmp_path, {"steps": 6, "checkpoint_every": 2}, 2, "--resume")
     assert [r["step"] for r in _log(tmp_path)] == list(range(1, 7))
 
@@ -218,6 +218,16 @@ def test_data_parallel_finetune_gives_the_single_process_model(tmp_path, optimiz
     one, two = ([json.loads(x)["loss"] for x in (tmp_path / d / "loss.jsonl").read_text().splitlines()]
                 for d in ("one", "two"))
     assert two == pytest.approx(one, rel=1e-12)
+
+
+def test_refusal_sft_rank_arriving_late_does_not_take_rank_0s_log_for_an_earlier_run(tmp_path):
+    # rank 1 checks the output folder after rank 0 has started writing log.jsonl there: only rank 0 may judge it
+    _run(tmp_path, {"_mode": "refusal_sft", "_late": 4}, 2)
+    assert len((tmp_path / "run" / "log.jsonl").read_text().splitlines()) == 2
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+    # and a folder holding a finished run is refused on every rank, none left waiting
+    proc = _run(tmp_path, {"_mode": "refusal_sft"}, 2, expect_rc=1)
+    assert proc.stderr.count("holds a finished model already") >= 2
 
 
 @pytest.mark.parametrize("sharded", [False, True], ids=["replicated", "fsdp"])

@@ -117,6 +117,19 @@ def test_a_non_finite_gradient_stops_before_the_update(tokenizer):
                  hooks=TrainingHooks(transform_gradients=poison))
     assert len(info.value.losses) == 1
     assert all(torch.equal(p, snapshot[n]) for n, p in info.value.model.named_parameters())
+    # the failed step's NaN gradients are gone: a later finetune of the returned model starts clean
+    assert all(p.grad is None for p in info.value.model.parameters())
+
+
+def test_a_gradient_left_on_the_model_does_not_join_the_first_update(tokenizer):
+    cfg = FinetuneConfig(lr=1e-2, optimizer="sgd", weight_decay=0.0, max_steps=1, batch_size=2,
+                         lr_scheduler="constant", warmup_ratio=0.0)
+    clean = finetune(make_model(len(tokenizer)), tokenizer, HARMFUL, cfg).model
+    dirty = make_model(len(tokenizer))
+    for p in dirty.parameters():
+        p.grad = torch.full_like(p, 5.0)
+    dirty = finetune(dirty, tokenizer, HARMFUL, cfg).model
+    assert all(torch.equal(a, b) for a, b in zip(clean.parameters(), dirty.parameters(), strict=True))
 
 
 def test_logged_lr_is_the_rate_each_step_used_and_constant_refuses_warmup(tokenizer):

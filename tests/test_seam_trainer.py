@@ -320,6 +320,26 @@ def test_bf16_model_gets_fp32_master_weights_and_is_saved_back_in_bf16(tokenizer
     assert AutoModelForCausalLM.from_pretrained(out).dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_lora_model_trains_its_adapters_and_is_saved_merged(tokenizer, streams, tmp_path, dtype):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = make_model(len(tokenizer), dtype=dtype, seed=5)
+    before = {n: p.detach().float().clone() for n, p in base.named_parameters()}
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    tr = _trainer(tokenizer, streams, tmp_path, steps=2, model=model, lr=1e-2)
+    assert tr.flat.total_numel == sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    out = tr.train()
+    saved = AutoModelForCausalLM.from_pretrained(out)  # a plain HF directory, in the model's own dtype
+    assert saved.dtype == dtype and not any("lora" in n for n, _ in saved.named_parameters())
+    after = {n: p.detach().float() for n, p in saved.named_parameters()}
+    assert after.keys() == before.keys()
+    moved = {n for n in before if not torch.equal(before[n], after[n])}
+    assert moved and all(n.endswith(("q_proj.weight", "v_proj.weight")) for n in moved)
+    assert json.loads((out / "seamlm_run.json").read_text())["lora_merged"] is True
+
+
 def test_a_bf16_model_with_frozen_layers_trains_in_float32(tokenizer, streams, tmp_path):
     """Frozen bf16 weights would meet float32 activations in the coupling passes (no autocast there)."""
     model = make_model(len(tokenizer), dtype=torch.bfloat16)

@@ -52,7 +52,7 @@ class FinetuneConfig(BaseConfig):
     """Stop after this many optimizer steps (0 = no cap). A cap only: more steps than ``epochs`` passes give is a
     warning, not more training."""
     batch_size: int = 4
-    """Examples per step."""
+    """Examples per step, over all processes together (each of W processes takes every W-th example)."""
     optimizer: Literal["adamw", "sgd"] = "adamw"
     """AdamW or plain SGD (momentum 0)."""
     lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
@@ -284,6 +284,7 @@ def finetune(
     # under several processes rank 0 measures (its model is whole) while the others wait at the next all-reduce
     probes = _ProbeRecorder(probe if ctx.is_main else None, probe_log_path(log_path) if log_path else None)
     model.train()
+    opt.zero_grad(set_to_none=True)  # a gradient the caller left on the model must not join the first update
     try:
         for step, idx in enumerate(tqdm(plan, desc=desc, unit="step", dynamic_ncols=True, disable=not ctx.is_main), 1):
             probes.maybe(model, step - 1)
@@ -375,6 +376,7 @@ def _diverged(message: str, model: Any, cfg: FinetuneConfig, losses: list[float]
     caller can still evaluate the model. (Sharded: every rank sees the same global loss and norm, so all of them
     get here and take part in the gather.) The message gains the learning rate and what usually avoids it."""
     err = NonFiniteLossError(f"{message} (lr={cfg.lr}; a lower learning rate or --max_grad_norm usually avoids it)")
+    model.zero_grad(set_to_none=True)  # the failed step's non-finite gradients must not reach a later run
     err.model = gather() if gather else model.merge_and_unload() if cfg.lora else model
     err.losses, err.logs = losses, logs
     return err

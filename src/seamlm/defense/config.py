@@ -53,15 +53,18 @@ class DefenseConfig(BaseConfig):
     so with a warm-up the first step's lr is 0 and it only feeds AdamW's moments). Warm-up steps are
     ``ceil(warmup_ratio × steps)``, as the HF Trainer counts them (before 2026-11-27: rounded down)."""
     weight_decay: float = 0.0
-    """AdamW weight decay (reference: 0)."""
+    """AdamW weight decay (reference: 0), on every trainable parameter — biases and norm weights too, unlike the
+    attack's HF-Trainer groups (SEAM's sharded update holds one flat vector per rank)."""
     max_grad_norm: float | None = None
     """Clip the global norm of the combined update direction; ``None`` = no clipping (reference)."""
     steps: int = 1000
     """Optimizer steps."""
     batch_size: int = 8
-    """Examples per micro-batch, the same for each stream (H, R, B)."""
+    """Examples per micro-batch and process, the same for each stream (H, R, B)."""
     gradient_accumulation_steps: int = 1
-    """Micro-batches per step; the effective batch is ``batch_size × gradient_accumulation_steps`` per stream."""
+    """Micro-batches per step and process; the global batch is ``batch_size × gradient_accumulation_steps × number
+    of processes`` per stream (as the HF Trainer's ``per_device_train_batch_size`` counts: more processes, a larger
+    batch; ``run.json`` records it). The attack's ``batch_size``, by contrast, is the global batch."""
     max_length: int = 256
     """Maximum tokens per example; the log counts each cut (see ``truncate_first``)."""
     truncate_first: Literal["answer", "prompt"] = "answer"

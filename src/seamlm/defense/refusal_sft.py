@@ -29,7 +29,17 @@ class RefusalSFT(Defense):
             resume: bool = False, run_info: dict[str, Any] | None = None, ctx: DistContext | None = None) -> Path:
         ctx = ctx or DistContext()
         out = Path(out_dir)
-        self.check_out(out, resume)
+        # rank 0 judges the folder and every rank gets its verdict before rank 0 writes there (a rank checking later
+        # would find rank 0's fresh log.jsonl and refuse "an earlier run")
+        refused = None
+        if ctx.is_main:
+            try:
+                self.check_out(out, resume)
+            except ConfigError as err:
+                refused = str(err)
+        refused = ctx.broadcast_object(refused)
+        if refused:
+            raise ConfigError(refused)
         streams = self.examples(data)
         cfg: FinetuneConfig = self.config  # type: ignore[assignment]
         sizes = {k: len(v) for k, v in streams.items()}

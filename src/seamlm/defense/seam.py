@@ -98,6 +98,12 @@ def refuse_changed_config(config: DefenseConfig, saved: dict[str, Any], path: Pa
         raise CheckpointError(f"cannot resume {path}: the config changed ({diffs}); resume with the same settings")
 
 
+def _is_peft(model: Any) -> bool:
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
+
+
 def _row_aligned(harmful: list[Example], refusal: list[Example]) -> bool:
     """R row i refuses the prompt of H row i (then each step draws the same rows from both)."""
     return len(harmful) == len(refusal) and all(
@@ -113,6 +119,10 @@ class SEAMTrainer:
 
     Under ``shard_parameters`` the model is FSDP-sharded in place and its forward runs through
     ``trainer.answer_losses`` (the FSDP root): a callback must not call ``trainer.model`` directly.
+
+    A peft (LoRA) model trains its trainable (adapter) parameters only — the objective and the coupling are over
+    them — and is saved merged into its base weights, a plain HF directory; ``trainer.model`` is then the merged
+    model.
     """
 
     def __init__(
@@ -182,6 +192,9 @@ class SEAMTrainer:
                 log.warning("%s has no effect in a single process: the whole model and full buffers are used", option)
         del low  # under FSDP a reference to an unsharded parameter would keep the whole model alive
         self.fsdp = config.shard_parameters and self.ctx.distributed
+        if self.fsdp and _is_peft(model):
+            raise ConfigError("shard_parameters (FSDP) with a peft (LoRA) model is not supported: train the adapters "
+                              "unsharded (shard_gradients still shards the buffers) or give the full model")
         self.answer_losses = AnswerLosses(model)
         if self.fsdp:  # after the float32 cast: FSDP shards the parameters as they are
             blocks = fully_shard_model(model, self.ctx, root=self.answer_losses)
@@ -468,10 +481,24 @@ class SEAMTrainer:
                                                self.config.keep_checkpoints, ctx=self.ctx, rank_state=per_rank)
         return self.last_checkpoint
 
+    def _read_on_every_rank(self, path: Path, read: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """``read()``; a rank that cannot read tells the others, which would otherwise wait at the next collective
+        (a file one host cannot read, or memory one host lacks)."""
+        state, err = {}, None
+        try:
+            state = read()
+        except CheckpointError as exc:
+            err = exc
+        if self.ctx.any(err is not None):
+            raise err or CheckpointError(f"cannot resume {path}: another process could not read the checkpoint (its "
+                                         "error names the file); delete the checkpoint to resume from an earlier one")
+        return state
+
     def _resume(self) -> None:
         path = latest_checkpoint(self.out / "checkpoints")
         assert path is not None  # train() ran check_run_folder, which refuses a resume without a checkpoint
-        state = load_checkpoint(path, map_location="cpu")  # RNG states must stay CPU tensors; loaders move the rest
+        # RNG states must stay CPU tensors; loaders move the rest
+        state = self._read_on_every_rank(path, lambda: load_checkpoint(path, map_location="cpu"))
         refuse_changed_config(self.config, state["config"], path)
         if state["data_fingerprint"] != self.data_fingerprint:
             raise CheckpointError(f"cannot resume {path}: the training data differ from the checkpointed run's (or "
@@ -502,17 +529,7 @@ class SEAMTrainer:
             raise CheckpointError(f"checkpoint {path} was written by {state.get('world_size', 1)} process(es); "
                                   f"resume it with that many (this run has {self.ctx.world_size})")
         if self.ctx.distributed:
-            # a rank that cannot read its part tells the others, which would otherwise wait at the barrier below
-            rank_state, err = {}, None
-            try:
-                rank_state = load_rank_state(path, self.ctx)
-            except CheckpointError as exc:
-                err = exc
-            if self.ctx.any(err is not None):
-                raise err or CheckpointError(f"cannot resume {path}: another process could not read its part of the "
-                                             "checkpoint (its error names the file); delete the checkpoint to resume "
-                                             "from an earlier one")
-            state = {**state, **rank_state}
+            state = {**state, **self._read_on_every_rank(path, lambda: load_rank_state(path, self.ctx))}
         if self.fsdp:
             with torch.no_grad():
                 for n, p in self.model.named_parameters():
@@ -543,6 +560,8 @@ class SEAMTrainer:
             "data_fingerprint": self.data_fingerprint,
             "num_trainable_params": self.flat.total_numel,
             "world_size": self.ctx.world_size,
+            "global_batch_per_stream": self.config.batch_size * self.config.gradient_accumulation_steps
+            * self.ctx.world_size,
             "gradient_buffer_numel_per_rank": self.flat.numel,
             "device": str(self.device),
             **environment_info(),
@@ -560,6 +579,9 @@ class SEAMTrainer:
             "data_sizes": self.data_sizes, "data_fingerprint": self.data_fingerprint, **self.run_info,
         }
         weights = full_state_dict(self.answer_losses, "model.") if self.fsdp else None  # every rank takes part
+        if _is_peft(self.model):  # the adapters join the base weights: a plain HF directory, as finetune saves LoRA
+            self.model = self.model.merge_and_unload()
+            run_config["lora_merged"] = True
         if self.ctx.is_main:
             save_model(self.model, self.tokenizer, self.out / "model", run_config, dtype=dtype,
                        trained_prompts=self.trained_prompts, state_dict=weights)
