@@ -210,9 +210,17 @@ def test_lr_plots_draw_one_line_per_other_setting_and_markdown_cells_are_escaped
 
 def test_one_label_is_one_model_one_judge_one_data_bundle(tmp_path):
     store = ResultStore(tmp_path / "r.jsonl")
-    parts = {"model": "sha256:aaa", "judge": "minilm-pyrit-v3", "data": "d1", "eval": {"hs_prompts": 32}}
+    parts = {"model": "sha256:aaa", "judge": "minilm-pyrit-v3", "data": "d1",
+             "eval": {"hs_prompts": 32, "zs_tasks": ["arc_easy"]}}
     store.append([_row(settings="s1")], settings_parts=parts)
-    store.check_label("aligned", {**parts, "eval": {"hs_prompts": 64}})  # other evaluation settings: another cell
+    # a setting that changes no compared figure, a template-shift cell, a figure one cell skips: fine
+    for other in ({"gen_batch_size": 4}, {"prompt_template": "alpaca"}, {"coupling_examples": 0}, {"zs_tasks": []}):
+        store.check_label("aligned", {**parts, "eval": {**parts["eval"], **other}})
+    # what HS or ZS measures must not change within a label: the report compares its cells with the pre-attack one
+    for other, said in (({"hs_prompts": 64}, "eval.hs_prompts: 32 → 64"), ({"zs_tasks": ["boolq"]}, "eval.zs_tasks"),
+                        ({"judge_model": "my/deberta"}, "eval.judge_model: '' → 'my/deberta'")):
+        with pytest.raises(DataError, match=re.escape(said)):
+            store.check_label("aligned", {**parts, "eval": {**parts["eval"], **other}})
     store.check_label("seam", {**parts, "model": "sha256:bbb"})  # another label: fine
     for key, value in (("model", "sha256:bbb"), ("judge", "keyword-v4"), ("data", "d2")):
         with pytest.raises(DataError, match=f"already holds cells of 'aligned' made with another {key}"):

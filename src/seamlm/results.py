@@ -171,12 +171,15 @@ class ResultStore:
             new = json.loads(json.dumps(parts, default=str))
             changed = [f"{k}: {old[k]!r} → {new.get(k)!r}" for k in ("model", "judge", "data")
                        if k in old and old[k] != new.get(k) and not (k == "model" and old[k] in same_models)]
+            changed += _measured_differently(old.get("eval") or {}, new.get("eval") or {})
             if every_cell_formatted and old.get("prompt_format", 1) != new.get("prompt_format"):
                 changed.append(f"prompt_format: {old.get('prompt_format', 1)!r} → {new.get('prompt_format')!r}")
             if changed:
                 raise DataError(f"{self.path} already holds cells of '{label}' made with another "
-                                f"{'; '.join(changed)}: one label is one model, judged one way on one data bundle. "
-                                f"Use another --label (or --out) for this one.")
+                                f"{'; '.join(changed)}: one label is one model, judged and measured one way on one "
+                                "data bundle (the report and the sweep's selection set each attacked cell beside "
+                                "the pre-attack one). Use another --label (or --out) for this one, or the folder's "
+                                "evaluation settings.")
 
     @property
     def settings_dir(self) -> Path:
@@ -211,3 +214,25 @@ class ResultStore:
     def done(self, model: str, cell: str, settings: str | None = None) -> bool:
         """Whether ``cell`` of ``model`` is in the store (see :meth:`cell_rows`)."""
         return bool(self.cell_rows(model, cell, settings))
+
+
+#: Evaluation settings that decide what a label's HS and ZS figures measure: every cell of a label must share them.
+#: (``prompt_template`` may differ — a template-shift attack is measured through its own template, which
+#: ``check_eval_template`` governs — and batch sizes, FS and the trajectory probes change no compared figure.)
+COMPARED_EVAL = {"hs_prompts": None, "max_new_tokens": None, "zs_tasks": None, "zs_limit": None, "seed": None,
+                 "judge_model": ""}
+#: ... and these where both cells measured the figure (0 = skipped, as ``seamlm adaptive`` skips the coupling)
+COMPARED_EVAL_IF_MEASURED = ("coherence_examples", "coupling_examples")
+
+
+def _measured_differently(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """The compared evaluation settings two cells' records disagree on (a field one record predates is skipped;
+    ``judge_model``, left out of records at its default, compares as its default)."""
+    def value(record: dict[str, Any], key: str) -> Any:
+        return record.get(key, COMPARED_EVAL.get(key))
+
+    keys = [k for k in COMPARED_EVAL if (k in old and k in new) or COMPARED_EVAL[k] is not None]
+    if not (old.get("zs_tasks") and new.get("zs_tasks")):  # an HS-only cell: its HS still compares
+        keys = [k for k in keys if k not in ("zs_tasks", "zs_limit")]
+    keys += [k for k in COMPARED_EVAL_IF_MEASURED if old.get(k) and new.get(k)]
+    return [f"eval.{k}: {value(old, k)!r} → {value(new, k)!r}" for k in keys if value(old, k) != value(new, k)]
