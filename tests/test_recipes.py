@@ -44,6 +44,11 @@ def test_registry_and_bad_names_and_knobs():
         make_recipe("template", {"template": "chatml"})
     with pytest.raises(ConfigError, match="subspace needs layers or modules"):
         make_recipe("subspace", {"layers": "", "modules": ""})
+    with pytest.raises(ConfigError, match="'chat' is the template the defence trained with"):
+        make_recipe("template", {"template": "chat"})
+    for recipe, knobs in (("anchored", {"anchor_weight": "inf"}), ("benign_first", {"benign_lr": float("nan")})):
+        with pytest.raises(ConfigError, match="must be a finite number"):
+            make_recipe(recipe, knobs)
 
 
 def test_surgery_leaves_no_conflict_flat_and_per_tensor():
@@ -166,6 +171,14 @@ def test_subspace_layer_out_of_range(tokenizer, tmp_path):
     with pytest.raises(ConfigError, match="out of range for a model with 2 layers"):
         make_recipe("subspace", {"layers": "5"}).attack(make_model(len(tokenizer)), tokenizer, _data(), FT,
                                                          tmp_path / "l.jsonl", "t", DistContext())
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_subspace_refuses_a_module_name_that_matches_nothing_beside_good_ones(tokenizer, tmp_path, lora):
+    with pytest.raises(ConfigError, match=r"modules \['typo_proj'\] match no parameter.*o_proj"):
+        make_recipe("subspace", {"modules": "o_proj,typo_proj"}).attack(
+            make_model(len(tokenizer)), tokenizer, _data(), FT.replace(lora=lora), tmp_path / "l.jsonl", "t",
+            DistContext())
 
 
 def test_subspace_refuses_lora_placement_it_would_replace():

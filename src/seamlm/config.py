@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from collections.abc import Collection
@@ -69,7 +70,10 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
         if inner is float:
             if isinstance(value, bool):
                 raise ValueError(value)
-            return float(value)
+            number = float(value)
+            if not math.isfinite(number):  # no setting means nan or inf: it would only fail steps later, or never
+                raise ConfigError(f"config key '{name}' must be a finite number, got {value!r}")
+            return number
         if inner is str:
             return str(value)
     except (TypeError, ValueError):

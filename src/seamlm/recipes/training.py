@@ -276,6 +276,12 @@ class Subspace(AttackRecipe):
 
     def attack(self, model, tokenizer, data, ft, log_path, desc, ctx) -> FinetuneResult:
         layers = self.layer_indices(model)
+        in_layers = [n for n, _ in model.named_parameters() if _LAYER.search(n)]
+        unmatched = [m for m in self.knobs.modules if not any(f".{m}." in n for n in in_layers)]
+        if unmatched:  # one typo among good names would otherwise just train fewer modules
+            known = sorted({n.rsplit(".", 2)[-2] for n in in_layers})
+            raise ConfigError(f"subspace: modules {unmatched} match no parameter of this model's layers; its modules: "
+                              f"{', '.join(known)}")
         if ft.lora:
             ft = ft.replace(lora_layers=tuple(sorted(layers or ())),
                             lora_target_modules=self.knobs.modules or ft.lora_target_modules)
@@ -307,6 +313,9 @@ class TemplateKnobs(RecipeKnobs):
 
     def validate(self) -> None:
         check_template(self.template)
+        if self.template == "chat":
+            raise ConfigError("template: 'chat' is the template the defence trained with, so no shift; choose "
+                              "plain, alpaca or raw (the plain attack is recipe sft)")
 
 
 @register
