@@ -77,6 +77,11 @@ def test_tolerances_bound_a_cost_ties_pass_and_nan_or_divergence_is_no_verdict()
             r.attack = {**STRONG, "status": "diverged"}
     strong = next(c for c in check_bar(rows) if c.criterion.startswith("SEAM after strong"))
     assert strong.passed is None and "diverged" in strong.measured
+    # the aligned model's own pre-attack HS unmeasured: whether the attack works on it is unknown, not failed
+    table = {k: dict(v) for k, v in BASE.items()}
+    table[("aligned", "pre")]["hs"] = float("nan")
+    works = next(c for c in check_bar(_rows(table)) if c.criterion.startswith("the strongest attack"))
+    assert works.passed is None
 
 
 def test_divergence_is_read_from_the_seam_rows_whatever_the_row_order():
