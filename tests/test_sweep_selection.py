@@ -135,6 +135,27 @@ def test_killed_sweep_resumes_without_redoing_finished_trials(tiny_model_dir, bu
     assert len(attacked["tiny"]) == 4 and all(o.attack["sweep"] == "tiny" for o in attacked["tiny"])
 
 
+def test_a_sweep_stopped_by_ctrl_c_retries_the_interrupted_trial_first(tiny_model_dir, bundle, tmp_path,
+                                                                        monkeypatch):
+    # optuna records a trial the user interrupted as FAIL (not RUNNING, as a kill leaves it)
+    real, calls = sweep_mod.attack_cell, []
+
+    def interrupted(*a, **kw):
+        calls.append(kw["meta"]["params"])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sweep_mod, "attack_cell", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _sweep(tiny_model_dir, bundle, tmp_path, 2, calls)
+    monkeypatch.setattr(sweep_mod, "attack_cell", lambda *a, **kw: (calls.append(kw["meta"]["params"]), real(*a, **kw))[1])
+    study = _sweep(tiny_model_dir, bundle, tmp_path, 2, calls)
+    assert [t.state.name for t in study.trials] == ["FAIL", "COMPLETE", "COMPLETE"]
+    assert calls[1] == calls[0] and len(calls) == 3  # the interrupted parameters first, then one new draw
+    # retried once: a later resume does not enqueue it again
+    study = _sweep(tiny_model_dir, bundle, tmp_path, 2, calls)
+    assert len(study.trials) == 3 and len(calls) == 3
+
+
 def test_sweep_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="unknown recipes"):
         SweepConfig(recipes=("sft", "magic"))

@@ -1,7 +1,7 @@
 """``seamlm sweep``: an Optuna study over an attack recipe's knobs (and the fine-tuning hyper-parameters),
 maximising HS. The study lives in SQLite, so a killed sweep resumes: finished trials are kept, a trial that was
-running when the process died is marked failed and its parameters are tried again first, and a trial whose cell
-is already in the results file is read back, not retrained. Selection under a utility bound is
+running when the process died or stopped (Ctrl-C, out of memory) is marked failed and its parameters are tried
+again first (once), and a trial whose cell is already in the results file is read back, not retrained. Selection under a utility bound is
 :mod:`seamlm.selection`'s job (the report), not the objective's: the sweep records HS, ZS and perplexity per trial.
 """
 
@@ -140,11 +140,17 @@ def open_study(cfg: SweepConfig, label: str, out_dir: str | Path, context: dict[
     study.sampler = optuna.samplers.TPESampler(seed=cfg.seed + len(study.trials), n_startup_trials=cfg.startup_trials)
     from optuna.trial import TrialState
 
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+    retried = set(study.user_attrs.get("retried_trials", []))
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.FAIL)):
+        if t.number in retried or (t.state == TrialState.FAIL and not t.user_attrs.get("interrupted")):
+            continue
         log.warning("sweep: trial %d was running when the last sweep stopped; trying its parameters again", t.number)
-        study.tell(t.number, state=TrialState.FAIL)
+        if t.state == TrialState.RUNNING:  # killed outright: optuna could not record it
+            study.tell(t.number, state=TrialState.FAIL)
         if t.params:
             study.enqueue_trial(t.params)
+        retried.add(t.number)
+    study.set_user_attr("retried_trials", sorted(retried))
     return study
 
 
@@ -205,8 +211,15 @@ def run_sweep(model_name: str, label: str, defense: str, bundle: BundleData, cfg
         run_cfg = base.replace(**over, seed=cfg.seed)
         cell = f"sweep-{name}-{fingerprint(_cell_key(trial.params, cfg, label))[:8]}"
         meta = {"sweep": study.study_name, "trial": trial.number, "params": trial.params}
-        outcome = attack_cell(model_name, label, defense, bundle, recipe, run_cfg, cfg.num_samples, eval_cfg, judge,
-                              out_dir, store, cell=cell, meta=meta)
+        try:
+            outcome = attack_cell(model_name, label, defense, bundle, recipe, run_cfg, cfg.num_samples, eval_cfg,
+                                  judge, out_dir, store, cell=cell, meta=meta)
+        except ConfigError:
+            raise  # the trial's parameters do not fit: it fails alone (catch= below) and is not retried
+        except BaseException:
+            # Ctrl-C, out of memory, a data error: optuna records FAIL and the sweep stops; the next run retries it
+            trial.set_user_attr("interrupted", True)
+            raise
         v = outcome.values or {}
         for k in ("zs_mean", "coherence_ppl", "refusal_rate"):
             if k in v:
