@@ -116,13 +116,15 @@ def test_standard_errors_show_beside_hs_and_zs_where_a_cell_recorded_them(tmp_pa
                   _row("aligned", "pre", "zs_arc_easy", 60.0)])
     store.append([_row("seam", "pre", "hs", 5.0), _row("seam", "pre", "hs_se", 2.25),
                   _row("seam", "pre", "zs_mean", 55.0), _row("seam", "pre", "zs_mean_se", 4.5),
-                  _row("seam", "pre", "zs_arc_easy", 55.0)])
+                  _row("seam", "pre", "zs_arc_easy", 55.0), _row("seam", "pre", "lmeval_arc_challenge", 31.25)])
     with pytest.raises(DataError, match="name their judge"):
         ResultRow(model="m", defense="none", cell="pre", metric="hs_se", value=1.0).validate()
     md = write_report(store.path, tmp_path / "report").read_text()
     assert "ZS % (mean accuracy) (± standard error over the prompts / the items)" in md
     assert "| aligned | 10.0 / 60.0 |" in md and "| seam | 5.0 ± 2.2 / 55.0 ± 4.5 |" in md
     assert "per task (arc_easy)" in md and "mean_se" not in md
+    # lm-eval's tasks (lm_eval_tasks) get their own table
+    assert "lm-evaluation-harness accuracy % per task (arc_challenge)" in md and "| seam | 31.2 |" in md
 
 
 def test_columns_tell_apart_every_attack_setting_and_divergence_is_per_model():

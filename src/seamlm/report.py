@@ -155,6 +155,10 @@ def build_tables(rows: list[ResultRow]) -> dict[str, list[list[str]]]:
     if zs_tasks:
         tables["zero-shot accuracy % per task (" + ", ".join(t[3:] for t in zs_tasks) + ")"] = table(
             lambda m, c: " / ".join(_fmt(get(m, c, t)) for t in zs_tasks))
+    lm_tasks = sorted({r.metric for r in rows if r.metric.startswith("lmeval_")})
+    if lm_tasks:
+        tables["lm-evaluation-harness accuracy % per task (" + ", ".join(t[7:] for t in lm_tasks) + ")"] = table(
+            lambda m, c: " / ".join(_fmt(get(m, c, t)) for t in lm_tasks))
     return tables
 
 
