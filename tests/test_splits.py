@@ -155,6 +155,15 @@ def test_a_bundle_folder_is_written_whole_and_never_overwritten_by_another(bundl
         assert bundle.write(out) == out
     assert "other rows in defense_refusal.jsonl" in caplog.text and "kept" in caplog.text
     assert (out / "defense_refusal.jsonl").read_text() != refusals  # kept as it was: a resumed run trained on it
+    # edited by hand after the build (contents.json holds what it wrote): loaded as another bundle, whose results'
+    # data digest differs, so no cell made before the edit is reused
+    from seamlm.attack import manifest_digest
+
+    edited = load_built(out)
+    assert list(edited.manifest["edited_after_build"]) == ["defense_refusal.jsonl"]
+    assert manifest_digest(edited) != manifest_digest(bundle)
+    (out / "defense_refusal.jsonl").write_text(refusals)
+    assert manifest_digest(load_built(out)) == manifest_digest(bundle)  # undone: the bundle as built again
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "x.txt").write_text("mine")
     with pytest.raises(DataError, match="not an empty folder or a bundle"):

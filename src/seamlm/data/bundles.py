@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -46,6 +47,9 @@ STREAM_FILES = {
 #: Streams a bundle built before they existed may lack (loaded as empty; the recipes that need them say so).
 OPTIONAL_STREAMS = {"attack_benign"}
 MANIFEST = "manifest.json"
+#: sha256 of each stream file as the build wrote it: the manifest digests prompts only, so an answer edited by hand
+#: afterwards would otherwise keep the bundle's identity (and a resumed grid would reuse cells made before the edit)
+CONTENTS = "contents.json"
 
 
 @dataclass
@@ -94,6 +98,8 @@ class BundleData:
         target.mkdir(parents=True, exist_ok=True)
         for stream, fname in STREAM_FILES.items():
             (target / fname).write_text(self._text(stream), encoding="utf-8")
+        (target / CONTENTS).write_text(json.dumps({f: _sha256(target / f) for f in STREAM_FILES.values()}, indent=1),
+                                       encoding="utf-8")
         (target / MANIFEST).write_text(json.dumps(self.manifest, indent=2), encoding="utf-8")
         if target != out:
             os.replace(target, out)
@@ -104,7 +110,7 @@ def check_bundle_target(out_dir: str | Path) -> None:
     """Refuse an ``out_dir`` a bundle cannot be written to: a file, or a folder holding other files than a bundle's
     (a finished bundle, or a killed build's stream files, is fine). Callable before the build, so the error comes first."""
     out = Path(out_dir).expanduser().resolve()
-    ours = {*STREAM_FILES.values(), MANIFEST}
+    ours = {*STREAM_FILES.values(), MANIFEST, CONTENTS}
     if out.exists() and (not out.is_dir() or any(p.name not in ours for p in out.iterdir())):
         raise DataError(f"{out} exists and is not an empty folder or a bundle; choose a new --out")
 
@@ -187,7 +193,31 @@ def load_built(directory: str | Path) -> BundleData:
         if bad:
             raise DataError(f"{d}: streams that must share no prompt do ({bad}); the folder was changed after "
                             f"`seamlm data build` — rebuild it")
+    edited = _edited_files(d)
+    if edited:
+        # another bundle now: its identity (the results' data digest) gains the edited files' digests, so cells made
+        # on the bundle as built are neither reused nor set beside new ones under one label
+        log.warning("%s: %s changed since `seamlm data build` (%s differs): the runs on it count it as another "
+                    "bundle", d, ", ".join(edited), CONTENTS)
+        manifest = {**manifest, "edited_after_build": edited}
     return BundleData(streams, manifest)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _edited_files(d: Path) -> dict[str, str]:
+    """The stream files whose bytes differ from the build's record (file -> its sha256 now, or "missing"); none for
+    a bundle built before the record existed."""
+    if not (d / CONTENTS).is_file():
+        return {}
+    try:
+        built = json.loads((d / CONTENTS).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{d / CONTENTS} is not valid JSON ({exc}); rebuild the bundle with `seamlm data build`") from None
+    now = {f: _sha256(d / f) if (d / f).is_file() else "missing" for f in built}
+    return {f: h for f, h in now.items() if h != built[f]}
 
 
 def resolve_data(spec: str, seed: int = 0) -> BundleData:
