@@ -61,6 +61,8 @@ class ResultRow:
     value: float
     judge: str | None = None
     seed: int = 0
+    """``pre`` cells: the evaluation's subsampling seed; attack cells: the attack's seed (their evaluation seed is
+    in the cell's settings record, ``<results>.settings/<settings>.json: eval.seed``, one per label)."""
     attack: dict[str, Any] = field(default_factory=dict)
     """Attack settings of the cell ({} for pre); ``status`` is ok or diverged; ``loss_log`` the loss curve file."""
     data_manifest: str | None = None
