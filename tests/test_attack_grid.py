@@ -123,6 +123,7 @@ def test_a_weight_edit_in_another_template_is_another_cell():
 @pytest.mark.parametrize("values,match", [
     ({"learning_rates": "0,1e-4"}, "learning_rates 0: .*learning rates > 0"),
     ({"learning_rates": "fast"}, "expects float"),
+    ({"learning_rates": "1e-4,nan"}, "must be a finite number"),
     ({"optimizer": "adam"}, "must be one of"),
     ({"lr_grid": "1e-4"}, "unknown AttackConfig key"),
     ({"num_samples": "0"}, "num_samples 0: num_samples and num_epochs must be >= 1"),
@@ -131,6 +132,16 @@ def test_a_weight_edit_in_another_template_is_another_cell():
 def test_bad_attack_configs(values, match):
     with pytest.raises(ConfigError, match=match):
         AttackConfig.from_dict(values)
+
+
+def test_the_config_written_next_to_a_grid_reads_back_through_config(tmp_path):
+    from seamlm.config import read_yaml_mapping
+
+    cfg = AttackConfig.from_dict({"learning_rates": "1e-5,3e-4", "seeds": "1,2", "optimizer": "sgd"})
+    cfg.to_yaml(tmp_path / "attack_config.yaml")
+    values = read_yaml_mapping(tmp_path / "attack_config.yaml")
+    AttackConfig.refuse_grid_owned(values, "attack_config.yaml")  # no one-cell lr/epochs/seed in it
+    assert AttackConfig.from_yaml(tmp_path / "attack_config.yaml") == cfg
 
 
 def test_bad_eval_config_names_the_field():

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+import yaml
+
 from seamlm.data.bundles import BundleData
 from seamlm.data.format import Formatter, TokenizedExample
 from seamlm.data.splits import prompt_hash
@@ -67,6 +69,12 @@ class AttackConfig(FinetuneConfig):
                               f"use {', '.join('--' + cls.GRID_OWNED[k] for k in given)} (comma-separated)")
         raise ConfigError(f"{source}: {', '.join(given)} is one cell's value, which the attack grid sets; use "
                           f"{', '.join(cls.GRID_OWNED[k] for k in given)} (a list) instead")
+
+    def to_yaml(self, path: str | Path) -> None:
+        """Without the grid-owned one-cell fields (``lr``, ``epochs``, ``seed``), which ``--config`` refuses: the file
+        written next to a grid reruns it."""
+        values = {k: v for k, v in self.to_dict().items() if k not in self.GRID_OWNED}
+        Path(path).write_text(yaml.safe_dump(values, sort_keys=False), encoding="utf-8")
 
     def validate(self) -> None:
         super().validate()
