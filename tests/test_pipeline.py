@@ -66,7 +66,8 @@ def test_shrunken_demo_end_to_end_and_resume(tiny_model_dir, tmp_path, monkeypat
     again = json.loads((out / "timings.json").read_text())
     assert again["align"] >= first["align"] > 0 and again["total"] >= first["total"]
     assert len((out / "timings.jsonl").read_text().splitlines()) == 14  # two invocations of seven stages
-    with pytest.raises(ConfigError, match="other settings \\(defense_steps changed\\)"):
+    with pytest.raises(ConfigError, match="other settings \\(defense_steps: 2 → 3\\).*give its settings "
+                                          "\\(--defense_steps 2\\)"):
         run_demo(out, cfg.replace(defense_steps=3))
     assert "attack_trajectory.png" in md and "highest benign perplexity during the attack" in md
 
@@ -151,6 +152,53 @@ def test_demo_over_several_seeds_reports_across_them(tiny_model_dir, tmp_path, c
     assert main([*args[:4], "0,0", *args[5:]]) == 2
 
 
+def test_fresh_never_empties_a_folder_that_holds_no_demo(tmp_path):
+    mine = tmp_path / "thesis"
+    mine.mkdir()
+    (mine / "chapter1.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="holds no demo run"):
+        run_demo(mine, DemoConfig(model="smollm2-135m-instruct"), fresh=True)
+    assert (mine / "chapter1.txt").read_text() == "mine"
+
+
+def test_a_demo_killed_before_writing_anything_starts_over_with_new_settings(tmp_path, monkeypatch, caplog):
+    import seamlm.pipeline as pipeline
+
+    out = tmp_path / "d"
+    out.mkdir()
+    (out / "demo_config.json").write_text(json.dumps(DemoConfig(hs_prompts=3).to_dict()))
+    monkeypatch.setattr(pipeline, "StageClock", lambda *a: (_ for _ in ()).throw(RuntimeError("checks passed")))
+    with pytest.raises(RuntimeError, match="checks passed"), caplog.at_level("WARNING"):
+        run_demo(out, DemoConfig(hs_prompts=4))
+    assert "wrote nothing yet; starting over" in caplog.text
+    (out / "data").mkdir()  # a stage began: the settings are pinned
+    with pytest.raises(ConfigError, match="hs_prompts: 3 → 4"):
+        run_demo(out, DemoConfig(hs_prompts=4))
+
+
+def test_seeds_and_single_demos_do_not_share_a_folder_and_every_seed_is_checked_first(tmp_path, monkeypatch):
+    import seamlm.pipeline as pipeline
+    from seamlm.pipeline import run_demo_seeds
+
+    single = tmp_path / "single"
+    single.mkdir()
+    (single / "demo_config.json").write_text(json.dumps(DemoConfig().to_dict()))
+    with pytest.raises(ConfigError, match="holds a single demo run"):
+        run_demo_seeds(single, DemoConfig(), [0, 1])
+    # seed 1's folder holds a run with other settings: refused before seed 0 trains anything
+    many = tmp_path / "many"
+    (many / "seed-1" / "data").mkdir(parents=True)
+    (many / "seed-1" / "demo_config.json").write_text(json.dumps(DemoConfig(data_seed=1, hs_prompts=3).to_dict()))
+    monkeypatch.setattr(pipeline, "run_demo", lambda *a, **k: (_ for _ in ()).throw(AssertionError("ran")))
+    with pytest.raises(ConfigError, match="seed-1 holds a demo run with other settings"):
+        run_demo_seeds(many, DemoConfig(), [0, 1])
+    (many / "seed-1" / "demo_config.json").write_text(json.dumps(DemoConfig(data_seed=1).to_dict()))
+    with pytest.raises(AssertionError, match="ran"):
+        run_demo_seeds(many, DemoConfig(), [0, 1])
+    with pytest.raises(ConfigError, match="holds the demos of several data seeds"):
+        run_demo(many, DemoConfig())
+
+
 def test_stage_clock_sums_stages_over_invocations(tmp_path):
     from seamlm.runinfo import StageClock
 
@@ -225,6 +273,7 @@ def test_a_baseline_inside_out_is_refused_before_anything_is_deleted(tmp_path):
     out = tmp_path / "run"
     (out / "baseline").mkdir(parents=True)
     (out / "keep.txt").write_text("mine")
+    (out / "demo_config.json").write_text("{}")  # a demo folder: --fresh's own check passes
     for base in (out, out / "baseline"):
         with pytest.raises(ConfigError, match="is --out itself or inside it"):
             run_demo(out, DemoConfig(baseline_from=str(base)), fresh=True)
@@ -270,6 +319,7 @@ def test_a_stale_baseline_alignment_is_refused_before_fresh_deletes_anything(tmp
     stale = {**DemoConfig().align_config().to_dict(), "weight_decay": 0.1}
     (base / "models" / "aligned" / "seamlm_run.json").write_text(json.dumps({"config": stale, "loop": LOOP_VERSION}))
     out.mkdir()
+    (out / "demo_config.json").write_text(json.dumps(DemoConfig(baseline_from=str(base)).to_dict()))
     (out / "keep.txt").write_text("mine")
     with pytest.raises(ConfigError, match=r"weight_decay.*redo the baseline first \(seamlm demo --out .*base --fresh\)"):
         run_demo(out, DemoConfig(baseline_from=str(base), defense_steps=3), fresh=True)

@@ -547,7 +547,7 @@ def _demo_parser(sub: argparse._SubParsersAction) -> None:
                        "fields as --key value override the preset.")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--preset", choices=["quick", "full"], default="quick")
-    p.add_argument("--fresh", action="store_true", help="delete --out first and redo every stage")
+    p.add_argument("--fresh", action="store_true", help="delete --out (a demo folder) first and redo every stage of it (a --baseline_from demo's data and aligned model are reused, not redone)")
     p.add_argument("--seeds", help="comma-separated data seeds (e.g. 0,1,2): one demo per seed in OUT/seed-<s>, "
                    "then OUT/report across them (mean ± sd, the bar run by run); replaces --data_seed")
 

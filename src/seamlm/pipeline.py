@@ -243,21 +243,43 @@ def _check_stage(model_dir: Path, key: str, now: BaseConfig, stage: str, ignore:
                           f"would use ({what}): {fix}")
 
 
-def run_demo(out_dir: str | Path, cfg: DemoConfig, fresh: bool = False) -> Path:
-    """Run (or resume) every stage; returns the report's Markdown path."""
-    out = Path(out_dir)
+def _cli_value(value: Any) -> str:
+    """A config value as a command-line option takes it (lists comma-separated)."""
+    return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+#: what a demo folder holds before any stage has finished
+_NOT_STARTED = {"demo_config.json", "timings.jsonl"}
+#: the mark of a folder of several data seeds' demos (``seamlm demo --seeds``)
+SEEDS_FILE = "seeds.json"
+
+
+def check_demo_folder(out: Path, cfg: DemoConfig, fresh: bool) -> Path:
+    """Every check of a demo's --out before anything is written or deleted (a refused command leaves it as it was);
+    returns the folder whose aligned model the demo uses (its own, or ``baseline_from``)."""
     if (fresh and not cfg.baseline_from) or not is_saved_model(demo_paths(out, cfg)["aligned"]):
         resolve_model_source(cfg.model)  # a mistyped --model fails here, before --out is written (or --fresh empties it)
+    if (out / SEEDS_FILE).is_file():
+        raise ConfigError(f"{out} holds the demos of several data seeds (seamlm demo --seeds): rerun that command, "
+                          "or choose another --out")
     saved = out / "demo_config.json"
-    if saved.is_file() and not fresh:
-        before = json.loads(saved.read_text())
-        changed = list(cfg.changed_from(before))
-        if changed:
-            raise ConfigError(f"{out} holds a demo run with other settings ({', '.join(changed)} changed): its finished "
-                              f"stages would be reused. Pass --fresh to redo everything, or choose another --out.")
-    # every check before anything is written or deleted: a refused command leaves --out as it was
-    base = _check_baseline(cfg, out) if cfg.baseline_from else out
+    if fresh and out.exists() and not saved.is_file() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"--fresh empties --out, and {out} holds no demo run (no demo_config.json): choose another "
+                          "--out (or empty that folder yourself)")
     paths = demo_paths(out, cfg)
+    if saved.is_file() and not fresh:
+        changed = cfg.changed_from(json.loads(saved.read_text()))
+        started = any(p.name not in _NOT_STARTED for p in out.iterdir())
+        if changed and started:
+            keep = " ".join(f"--{k} {_cli_value(then)}" for k, (then, _) in changed.items())
+            raise ConfigError(f"{out} holds a demo run with other settings "
+                              f"({', '.join(f'{k}: {a!r} → {b!r}' for k, (a, b) in changed.items())}): its finished "
+                              f"stages would be reused. To go on with that run, give its settings ({keep}); to redo "
+                              "everything with these, pass --fresh; or choose another --out.")
+        if changed:
+            log.warning("%s: the demo begun there with other settings (%s) wrote nothing yet; starting over with "
+                        "these", out, ", ".join(changed))
+    base = _check_baseline(cfg, out) if cfg.baseline_from else out
     # finished stages that survive this command (a baseline's always; this folder's unless --fresh) must be what
     # this seamlm would train
     if is_saved_model(paths["aligned"]) and (cfg.baseline_from or not fresh):
@@ -265,6 +287,21 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig, fresh: bool = False) -> Path:
     if is_saved_model(paths["seam"]) and not fresh:
         _check_stage(paths["seam"], "defense_config", cfg.defense_config(paths["seam_run"]), "defend",
                      ignore=("output_dir",))
+    return base
+
+
+def _cli_value(value: Any) -> str:
+    """A config value as a command-line option takes it (lists comma-separated)."""
+    return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+def run_demo(out_dir: str | Path, cfg: DemoConfig, fresh: bool = False, checked: bool = False) -> Path:
+    """Run (or resume) every stage; returns the report's Markdown path. ``checked``: :func:`check_demo_folder`
+    has passed already (the seeds' loop checks every folder first)."""
+    out = Path(out_dir)
+    base = out if checked and not cfg.baseline_from else check_demo_folder(out, cfg, fresh)
+    paths = demo_paths(out, cfg)
+    saved = out / "demo_config.json"
     clock = StageClock(out / "timings.jsonl")
     judge = cfg.eval_config().make_judge()  # a judge that cannot load (no Hub) fails before any training
     if fresh and out.exists():
@@ -347,9 +384,17 @@ def run_demo_seeds(out_dir: str | Path, cfg: DemoConfig, seeds: list[int], fresh
         raise ConfigError("baseline_from reuses one demo's aligned model, which belongs to one data seed: run the "
                           "seeds without it")
     out = Path(out_dir)
+    if (out / "demo_config.json").is_file():
+        raise ConfigError(f"{out} holds a single demo run: give the seeds another --out")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file: give a folder")
+    for seed in seeds:  # every seed's folder before the first runs (one seed's demo takes ~25 minutes)
+        check_demo_folder(out / f"seed-{seed}", cfg.replace(data_seed=seed), fresh)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / SEEDS_FILE, json.dumps({"seeds": seeds}))
     runs = []
     for i, seed in enumerate(seeds):
         _banner(f"data seed {seed} ({i + 1} of {len(seeds)})")
-        run_demo(out / f"seed-{seed}", cfg.replace(data_seed=seed), fresh=fresh)
+        run_demo(out / f"seed-{seed}", cfg.replace(data_seed=seed), fresh=fresh, checked=True)
         runs.append(out / f"seed-{seed}" / "results.jsonl")
     return write_across_runs_report(runs, out / "report")
