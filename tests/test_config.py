@@ -62,6 +62,10 @@ def test_parse_overrides():
         parse_overrides(["--steps", "--beta", "1"])
     with pytest.raises(ConfigError, match="unexpected argument"):
         parse_overrides(["steps"])
+    with pytest.raises(ConfigError, match=r"--warmup_ratio is given twice \('0.1' and '0.2'\)"):
+        parse_overrides(["--warmup-ratio", "0.1", "--warmup_ratio=0.2"])
+    with pytest.raises(ConfigError, match="goes before the sub-command"):
+        parse_overrides(["--steps", "5", "-v"])
 
 
 def test_tuple_fields_parse_comma_lists():

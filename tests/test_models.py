@@ -42,6 +42,20 @@ def test_directory_without_config(tmp_path):
         resolve_model_source(str(tmp_path))
 
 
+def test_a_cut_short_weights_file_or_run_record_is_a_clear_error(tmp_path, tiny_model_dir):
+    from seamlm.models import saved_run_config
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ModelLoadError, match="could not load model .*broken"):
+        load_model(str(broken))
+    (broken / "seamlm_run.json").write_text('{"stage": "def')
+    with pytest.raises(ModelLoadError, match="seamlm_run.json is not valid JSON .*save the model again"):
+        saved_run_config(broken)
+
+
 def test_hub_ids_pass_through():
     assert resolve_model_source("HuggingFaceTB/SmolLM2-135M-Instruct").kind == "hub"
     assert resolve_model_source("gpt2").kind == "hub"

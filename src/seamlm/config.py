@@ -171,6 +171,8 @@ def parse_overrides(tokens: list[str]) -> dict[str, str]:
     i = 0
     while i < len(tokens):
         tok = tokens[i]
+        if tok in ("-v", "--verbose"):
+            raise ConfigError(f"{tok} goes before the sub-command: seamlm -v COMMAND …")
         if not tok.startswith("--") or tok == "--":
             raise ConfigError(f"unexpected argument {tok!r}: overrides are written --key value")
         key = tok[2:]
@@ -182,7 +184,10 @@ def parse_overrides(tokens: list[str]) -> dict[str, str]:
                 raise ConfigError(f"option --{key} needs a value: --{key} VALUE or --{key}=VALUE")
             value = tokens[i + 1]
             i += 2
-        out[key.replace("-", "_")] = value
+        key = key.replace("-", "_")
+        if key in out:  # the later one would silently win
+            raise ConfigError(f"option --{key} is given twice ({out[key]!r} and {value!r}): give it once")
+        out[key] = value
     return out
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from seamlm.data.splits import prompt_hash
 from seamlm.errors import ConfigError, ModelLoadError
@@ -159,7 +160,7 @@ def load_model(
         if attn_implementation:
             model_kwargs["attn_implementation"] = attn_implementation
         model = AutoModelForCausalLM.from_pretrained(source.path, **model_kwargs)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, SafetensorError) as exc:  # SafetensorError: a truncated or corrupt weights file
         raise _load_error(f"model '{name}'", source, exc) from exc
     if source.gguf_file:
         # The weights are dense now; drop the GGUF quantizer so save_pretrained writes a plain model.
@@ -377,7 +378,11 @@ def saved_run_config(model_name: str | Path) -> dict[str, Any] | None:
     path = Path(model_name)
     if not is_saved_model(path):
         return None
-    return json.loads((path / RUN_CONFIG_FILE).read_text(encoding="utf-8"))
+    try:
+        return json.loads((path / RUN_CONFIG_FILE).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"{path / RUN_CONFIG_FILE} is not valid JSON ({exc}): the model folder was cut short or "
+                             "edited; copy or save the model again") from None
 
 
 def is_saved_model(path: str | Path) -> bool:
