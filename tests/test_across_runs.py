@@ -96,6 +96,13 @@ def test_the_same_run_twice_or_runs_of_other_evaluation_settings_are_refused(tmp
     a = _run(tmp_path / "a.jsonl", 5.0, hs_prompts=32)
     with pytest.raises(DataError, match="given twice"):
         load_runs([a, tmp_path / "." / "a.jsonl"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="empty has no results.jsonl"):
+        load_runs([a, tmp_path / "empty"])
+    other = ResultStore(tmp_path / "other.jsonl")
+    other.append([ResultRow(model="mine", defense="none", cell="pre", metric="zs_mean", value=50.0)])
+    with pytest.raises(DataError, match="share no model label"):
+        load_runs([a, other.path])
     # the sampling seed may differ (it is left out of the comparison); the number of HS prompts may not
     load_runs([a, _run(tmp_path / "b.jsonl", 7.0, hs_prompts=32, eval_seed=1)])
     with pytest.raises(DataError, match=r"'aligned' in .*c.jsonl was evaluated with other settings .*hs_prompts"):

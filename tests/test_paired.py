@@ -61,6 +61,12 @@ def test_runs_together_and_the_cli(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert printed == (tmp_path / "p.md").read_text() and f"| all runs | attack cells | 8 |  |  | {last.diff:+.1f} ±" in printed
     assert main(["paired", str(r0), "--cells", "post"]) == 2 and "--cells 'post'" in capsys.readouterr().err
+    # one run spelled twice would count twice (and shrink the standard error by √2)
+    with pytest.raises(DataError, match="is .*s0 again"):
+        paired_hs([r0, r1, tmp_path / "." / "s0"])
+    # an --out that cannot be written is refused before any run is read or printed
+    assert main(["paired", str(r0), "--out", str(tmp_path)]) == 2
+    assert "give a file name in an existing folder" in capsys.readouterr().err
 
 
 def test_what_cannot_be_paired_is_said(tmp_path, capsys):

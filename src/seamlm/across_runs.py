@@ -37,6 +37,8 @@ def load_runs(paths: list[str | Path]) -> list[Run]:
         path = Path(p)
         if path.is_dir() and (path / "results.jsonl").is_file():
             path = path / "results.jsonl"
+        if path.is_dir():
+            raise DataError(f"{path} has no results.jsonl: give the results.jsonl files (or run folders) to compare")
         if not path.is_file():
             raise DataError(f"{path} does not exist; give the results.jsonl files (or run folders) to compare")
         twin = next((run.path for run in runs if run.path.resolve() == path.resolve()), None)
@@ -46,6 +48,10 @@ def load_runs(paths: list[str | Path]) -> list[Run]:
         if not rows:
             raise DataError(f"{path} holds no pre-attack or plain attack rows")
         runs.append(Run(path, rows))
+    shared = set.intersection(*({r.model for r in run.rows} for run in runs)) if runs else set()
+    if len(runs) > 1 and not shared:
+        raise DataError(f"the runs share no model label ({'; '.join(f'{run.path}: ' + ', '.join(sorted({r.model for r in run.rows})) for run in runs)}): "
+                        "a mean over them would be one run's figures per cell; compare runs of the same models")
     judges = {r.judge for run in runs for r in run.rows if r.metric == "hs"}
     if len(judges) > 1:
         raise DataError(f"the runs' HS rows come from different judges ({', '.join(sorted(map(str, judges)))}); "

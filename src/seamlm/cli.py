@@ -456,6 +456,10 @@ def _run_paired(args: argparse.Namespace, extra: list[str]) -> int:
     cells = {c.strip() for c in args.cells.split(",") if c.strip()}
     if not cells or cells - {"pre", "attacks"}:
         raise ConfigError(f"--cells {args.cells!r}: give pre, attacks or pre,attacks")
+    if args.out:  # before reading any run: the table is printed, but the file must be writable
+        out = Path(args.out)
+        if out.is_dir() or not out.parent.is_dir():
+            raise ConfigError(f"--out {out}: give a file name in an existing folder (the Markdown table goes there)")
     text = paired_markdown(paired_hs(args.runs, args.a, args.b, "pre" in cells, "attacks" in cells), args.a, args.b)
     print(text, end="")
     if args.out:

@@ -81,6 +81,10 @@ def paired_hs(runs: list[str | Path], a: str = "aligned", b: str = "seam", pre: 
     out: list[PairedRow] = []
     per_run: dict[str, tuple[float, float, int, str | None]] = {}  # run → (difference, se, prompts, judge)
     runs = [Path(r) for r in runs]  # one spelling: "runs/s0/" and "runs/s0" are one run
+    for i, run in enumerate(runs):
+        twin = next((r for r in runs[:i] if r.resolve() == run.resolve()), None)
+        if twin is not None:
+            raise DataError(f"{run} is {twin} again: one run given twice would count twice in the pooled difference")
     for run in runs:
         if not (run / "results.jsonl").is_file():
             raise DataError(f"{run} is no run folder (no results.jsonl): give the --out of a demo, eval or attack run")
