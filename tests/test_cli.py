@@ -253,6 +253,17 @@ def test_attack_then_report(tiny_model_dir, tmp_path, capsys):
     assert main(["report", str(out / "results.jsonl"), "--out", str(out / "report")]) == 0
     assert "| tiny |" in (out / "report" / "report.md").read_text()
     assert (out / "report" / "hs_vs_lr.png").is_file()
+    # a later grid into the same folder, here refused (other data for the same label), rewrites none of its records
+    records = {f: (out / f).read_text() for f in ("data_manifest.json", "attack_config.tiny.yaml")}
+    rc = main(["attack", "--model", str(tiny_model_dir), "--label", "tiny", "--out", str(out), "--learning_rates",
+               "3e-3", "--num_samples", "4", "--batch_size", "2", "--data-seed", "1", "--no-pre", *TINY_EVAL])
+    assert rc == 1 and "made with another data" in capsys.readouterr().err
+    assert {f: (out / f).read_text() for f in records} == records
+    beside = sorted(p.name for p in out.iterdir() if p.name.startswith(("data_manifest.", "attack_config.")))
+    assert len(beside) == 4  # this command's manifest and config went beside the folder's
+    # a mistyped model fails before --out is made
+    assert main(["eval", "--model", str(tmp_path / "nomodel"), "--out", str(tmp_path / "e"), "--judge", "keyword"]) == 1
+    assert "does not exist" in capsys.readouterr().err and not (tmp_path / "e").exists()
 
 
 def test_attack_without_a_label_keeps_its_files_under_out(tiny_model_dir, tmp_path, capsys):

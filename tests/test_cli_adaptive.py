@@ -56,8 +56,10 @@ def test_sweep_command_and_its_errors(tiny_model_dir, tmp_path, capsys):
     assert (out / "sweep.db").is_file() and (out / "sweep_trials.tiny.csv").is_file()
     # a study resumed with other evaluation settings fails before the pre-attack evaluation spends its minutes
     before = (out / "results.jsonl").read_text()
-    assert main([*base, "--recipes", "sft,template", "--trials", "3", "--batch_sizes", "2", "--num_samples", "4",
-                 "--max_length", "64", "--eval.max_new_tokens", "5"]) == 2
+    longer = list(base)
+    longer[longer.index("--eval.max_new_tokens") + 1] = "5"
+    assert main([*longer, "--recipes", "sft,template", "--trials", "3", "--batch_sizes", "2", "--num_samples", "4",
+                 "--max_length", "64"]) == 2
     assert "was run with other eval settings" in capsys.readouterr().err
     assert (out / "results.jsonl").read_text() == before
     assert main(["report", str(out / "results.jsonl"), "--out", str(out / "rep"), "--eps", "5,10"]) == 0

@@ -14,7 +14,7 @@ from seamlm.data.bundles import STREAM_FILES, BundleData, build_bundle, load_bui
 from seamlm.data.splits import prompt_hash
 from seamlm.errors import ConfigError
 from seamlm.finetune import FinetuneConfig
-from seamlm.jsonl import write_text_atomic
+from seamlm.jsonl import keep_record
 from seamlm.models import is_saved_model
 from seamlm.pipeline import DemoConfig, demo_paths
 from seamlm.recipes import RECIPES, make_recipe
@@ -107,7 +107,7 @@ def run_adaptive(out_dir: str | Path, cfg: AdaptiveConfig) -> Path:
     out = Path(out_dir)
     demo_cfg, paths = _demo(cfg)
     out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "adaptive_config.json", json.dumps(
+    keep_record(out / "adaptive_config.json", json.dumps(
         {"config": cfg.to_dict(), "demo_config": demo_cfg.to_dict(), "versions": package_versions()}, indent=2))
     data_dir = out / "data"
     if not (data_dir / "manifest.json").is_file():

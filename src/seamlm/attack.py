@@ -70,11 +70,13 @@ class AttackConfig(FinetuneConfig):
         raise ConfigError(f"{source}: {', '.join(given)} is one cell's value, which the attack grid sets; use "
                           f"{', '.join(cls.GRID_OWNED[k] for k in given)} (a list) instead")
 
-    def to_yaml(self, path: str | Path) -> None:
+    def to_yaml_text(self) -> str:
         """Without the grid-owned one-cell fields (``lr``, ``epochs``, ``seed``), which ``--config`` refuses: the file
         written next to a grid reruns it."""
-        values = {k: v for k, v in self.to_dict().items() if k not in self.GRID_OWNED}
-        Path(path).write_text(yaml.safe_dump(values, sort_keys=False), encoding="utf-8")
+        return yaml.safe_dump({k: v for k, v in self.to_dict().items() if k not in self.GRID_OWNED}, sort_keys=False)
+
+    def to_yaml(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_yaml_text(), encoding="utf-8")
 
     def validate(self) -> None:
         super().validate()

@@ -65,6 +65,7 @@ def _run_defend(args: argparse.Namespace, extra: list[str]) -> int:
 
     defense_cls = defense_class(args.method)
     defense_cls.check_out(args.out, args.resume)  # before the data manifest is written or the model loaded
+    _check_model_option(args.model, args.dtype)
     ctx = current_context(args.device)  # one process, or this rank under accelerate launch / torchrun
     overrides: dict[str, object] = dict(parse_overrides(extra))
     if "output_dir" in overrides:
@@ -274,6 +275,7 @@ def _eval_setup(args: argparse.Namespace, eval_over: dict[str, str], check: Call
     judge (which may train for minutes) or any file is made."""
     from seamlm.data.bundles import resolve_data
     from seamlm.evaluate.metrics import EvalConfig
+    from seamlm.jsonl import keep_record
     from seamlm.results import ResultStore
 
     cfg = EvalConfig.from_yaml(args.eval_config, eval_over) if args.eval_config else EvalConfig.from_dict(eval_over, "command line")
@@ -283,11 +285,21 @@ def _eval_setup(args: argparse.Namespace, eval_over: dict[str, str], check: Call
         from seamlm.evaluate.zeroshot import lm_eval_task_manager
 
         lm_eval_task_manager(cfg.lm_eval_tasks, cfg.lm_eval_include_path or None)
+    _check_model_option(args.model)
     _warn_unused_data_seed(args)
     bundle = resolve_data(args.data, seed=args.data_seed)
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "data_manifest.json").write_text(json.dumps(bundle.manifest, indent=2))
+    keep_record(Path(args.out) / "data_manifest.json", json.dumps(bundle.manifest, indent=2))
     return cfg, bundle, cfg.make_judge(), ResultStore(Path(args.out) / "results.jsonl")
+
+
+def _check_model_option(model: str, dtype: str | None = None) -> None:
+    """A mistyped --model path or alias, or --dtype, fails before --out is written."""
+    from seamlm.models import resolve_dtype, resolve_model_source
+
+    resolve_model_source(model)
+    if dtype is not None:
+        resolve_dtype(dtype, "cpu")
 
 
 def _run_eval(args: argparse.Namespace, extra: list[str]) -> int:
@@ -307,6 +319,7 @@ def _run_eval(args: argparse.Namespace, extra: list[str]) -> int:
 def _run_attack(args: argparse.Namespace, extra: list[str]) -> int:
     from seamlm.attack import AttackConfig, check_eval_template, evaluate_pre_attack, run_attack_grid
     from seamlm.distributed import current_context, main_process_first
+    from seamlm.jsonl import keep_record
     from seamlm.recipes import make_recipe
     from seamlm.runinfo import path_part
 
@@ -327,7 +340,7 @@ def _run_attack(args: argparse.Namespace, extra: list[str]) -> int:
         eval_cfg, bundle, judge, store = _eval_setup(args, eval_over, lambda ev: check_eval_template(cfg, ev, recipe))
     label = args.label or args.model
     if ctx.is_main:
-        cfg.to_yaml(Path(args.out) / f"attack_config.{path_part(label)}.yaml")
+        keep_record(Path(args.out) / f"attack_config.{path_part(label)}.yaml", cfg.to_yaml_text())
     if not args.no_pre:
         evaluate_pre_attack(args.model, label, args.defense, bundle, eval_cfg, judge, args.out, store, ctx)
     ran = run_attack_grid(args.model, label, args.defense, bundle, cfg, eval_cfg, judge, args.out, store, ctx, recipe)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -42,6 +43,18 @@ def replace_atomically(path: str | Path, write: Callable[[Path], Any]) -> Path:
 def write_text_atomic(path: str | Path, text: str) -> Path:
     """Write ``text`` (UTF-8) to ``path`` with :func:`replace_atomically`."""
     return replace_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def keep_record(path: Path, text: str) -> Path:
+    """Write a run's record (its data manifest, its attack config) at ``path``, unless the folder already holds
+    another one there: a later command into the same --out (another grid, or one the results store then refuses)
+    must not rewrite what the earlier rows were made with; it goes beside, ``<stem>.<digest>.<suffix>``."""
+    if path.is_file() and path.read_text(encoding="utf-8") != text:
+        path = path.with_name(f"{path.stem}.{hashlib.sha256(text.encode()).hexdigest()[:8]}{path.suffix}")
+        log.info("%s holds another run's record: this one is %s", path.parent, path.name)
+    if not path.is_file():
+        write_text_atomic(path, text)
+    return path
 
 
 def records_text(records: Iterable[dict[str, Any]], ensure_ascii: bool = True) -> str:
