@@ -253,11 +253,15 @@ def test_attack_cli_under_torchrun_evaluates_once(tiny_model_dir, tmp_path, shar
         assert [json.loads(x)["updates"] for x in probes.splitlines()] == [0, 1, 2]
 
 
-def test_a_model_rank_0_cannot_load_stops_every_rank(data_files, tmp_path):
-    """Under --shard_parameters only rank 0 reads the weights: its load error reaches the other ranks (which would
-    otherwise wait for the weights forever) and every rank exits with the message."""
+def test_a_model_rank_0_cannot_load_stops_every_rank(tiny_model_dir, data_files, tmp_path):
+    """Under --shard_parameters only rank 0 reads the weights: its load error (here a cut-short weights file; a
+    path that does not exist fails on every rank before any loading) reaches the other ranks, which would otherwise
+    wait for the weights forever, and every rank exits with the message."""
+    broken = tmp_path / "no-such-model"
+    shutil.copytree(tiny_model_dir, broken)
+    (broken / "model.safetensors").write_bytes((broken / "model.safetensors").read_bytes()[:1000])
     cmd = [_bin("torchrun"), "--standalone", "--nproc_per_node", "2", _bin("seamlm"), "defend", "--model",
-           str(tmp_path / "no-such-model"), "--out", str(tmp_path / "out"), "--shard_parameters", "true",
+           str(broken), "--out", str(tmp_path / "out"), "--shard_parameters", "true",
            *[a for k in ("harmful", "refusal", "benign") for a in (f"--{k}", str(data_files[k]))]]
     proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
