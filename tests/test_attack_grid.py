@@ -6,6 +6,7 @@ import shutil
 import statistics
 
 import pytest
+import yaml
 
 import seamlm.attack as attack_mod
 from seamlm.attack import AttackConfig, cell_key, evaluate_pre_attack, run_attack_grid, samples_file
@@ -142,6 +143,17 @@ def test_the_config_written_next_to_a_grid_reads_back_through_config(tmp_path):
     values = read_yaml_mapping(tmp_path / "attack_config.yaml")
     AttackConfig.refuse_grid_owned(values, "attack_config.yaml")  # no one-cell lr/epochs/seed in it
     assert AttackConfig.from_yaml(tmp_path / "attack_config.yaml") == cfg
+    # a folder's record from an older seamlm (with the one-cell fields) is the same grid: kept, nothing put beside
+    from seamlm.jsonl import keep_record
+
+    old = tmp_path / "old" / "attack_config.m.yaml"
+    old.parent.mkdir()
+    old.write_text(yaml.safe_dump({**cfg.to_dict(), "lr": 2e-5, "epochs": 1, "seed": 0}))
+    assert keep_record(old, cfg.to_yaml_text(), same=AttackConfig.same_record) == old
+    other = AttackConfig.from_dict({"learning_rates": "1e-3"})
+    beside = keep_record(old, other.to_yaml_text(), same=AttackConfig.same_record)
+    assert beside != old and beside.parent == old.parent and AttackConfig.from_yaml(beside) == other
+    assert sorted(p.name for p in old.parent.iterdir()) == sorted([old.name, beside.name])
 
 
 def test_bad_eval_config_names_the_field():

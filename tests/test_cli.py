@@ -261,6 +261,8 @@ def test_attack_then_report(tiny_model_dir, tmp_path, capsys):
     assert {f: (out / f).read_text() for f in records} == records
     beside = sorted(p.name for p in out.iterdir() if p.name.startswith(("data_manifest.", "attack_config.")))
     assert len(beside) == 4  # this command's manifest and config went beside the folder's
+    # (a manifest beside is named by the digest result rows carry in data_manifest)
+    assert any(re.fullmatch(r"data_manifest\.[0-9a-f]{16}\.json", n) for n in beside), beside
     # a mistyped model fails before --out is made
     assert main(["eval", "--model", str(tmp_path / "nomodel"), "--out", str(tmp_path / "e"), "--judge", "keyword"]) == 1
     assert "does not exist" in capsys.readouterr().err and not (tmp_path / "e").exists()

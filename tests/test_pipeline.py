@@ -197,6 +197,20 @@ def test_seeds_and_single_demos_do_not_share_a_folder_and_every_seed_is_checked_
         run_demo_seeds(many, DemoConfig(), [0, 1])
     with pytest.raises(ConfigError, match="holds the demos of several data seeds"):
         run_demo(many, DemoConfig())
+    (many / "seeds.json").unlink()  # a seeds folder written before the marker existed
+    with pytest.raises(ConfigError, match="holds the demos of several data seeds"):
+        run_demo(many, DemoConfig())
+
+
+def test_the_settings_a_refused_demo_suggests_paste_back_as_options():
+    import shlex
+
+    from seamlm.config import parse_overrides
+    from seamlm.pipeline import _cli_value
+
+    then = DemoConfig(baseline_from="", zs_tasks=("arc_easy", "sciq"), judge_model="")
+    line = " ".join(f"--{k} {_cli_value(getattr(then, k))}" for k in ("baseline_from", "zs_tasks", "judge_model"))
+    assert DemoConfig.from_dict(parse_overrides(shlex.split(line))) == then
 
 
 def test_stage_clock_sums_stages_over_invocations(tmp_path):

@@ -213,14 +213,16 @@ def test_lr_plots_draw_one_line_per_other_setting_and_markdown_cells_are_escaped
 def test_one_label_is_one_model_one_judge_one_data_bundle(tmp_path):
     store = ResultStore(tmp_path / "r.jsonl")
     parts = {"model": "sha256:aaa", "judge": "minilm-pyrit-v3", "data": "d1",
-             "eval": {"hs_prompts": 32, "zs_tasks": ["arc_easy"]}}
+             "eval": {"hs_prompts": 32, "zs_tasks": ["arc_easy"], "coupling_examples": 8, "prompt_template": "chat",
+                      "gen_batch_size": 16}}
     store.append([_row(settings="s1")], settings_parts=parts)
     # a setting that changes no compared figure, a template-shift cell, a figure one cell skips: fine
     for other in ({"gen_batch_size": 4}, {"prompt_template": "alpaca"}, {"coupling_examples": 0}, {"zs_tasks": []}):
         store.check_label("aligned", {**parts, "eval": {**parts["eval"], **other}})
     # what HS or ZS measures must not change within a label: the report compares its cells with the pre-attack one
     for other, said in (({"hs_prompts": 64}, "eval.hs_prompts: 32 → 64"), ({"zs_tasks": ["boolq"]}, "eval.zs_tasks"),
-                        ({"judge_model": "my/deberta"}, "eval.judge_model: '' → 'my/deberta'")):
+                        ({"judge_model": "my/deberta"}, "eval.judge_model: '' → 'my/deberta'"),
+                        ({"coupling_examples": 16}, "eval.coupling_examples: 8 → 16")):
         with pytest.raises(DataError, match=re.escape(said)):
             store.check_label("aligned", {**parts, "eval": {**parts["eval"], **other}})
     store.check_label("seam", {**parts, "model": "sha256:bbb"})  # another label: fine

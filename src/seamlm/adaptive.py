@@ -102,13 +102,22 @@ def _same_data(demo_data: Path, bundle: BundleData) -> None:
                               f"seed; rerun the demo with this seamlm")
 
 
+def _same_settings(old: str, new: str) -> bool:
+    """Two ``adaptive_config.json`` texts name the same run (the package versions may differ)."""
+    def settings(text: str) -> dict:
+        return {k: v for k, v in json.loads(text).items() if k != "versions"}
+
+    return settings(old) == settings(new)
+
+
 def run_adaptive(out_dir: str | Path, cfg: AdaptiveConfig) -> Path:
     """Run (or resume) the recipes and sweeps; returns the report's Markdown path."""
     out = Path(out_dir)
     demo_cfg, paths = _demo(cfg)
     out.mkdir(parents=True, exist_ok=True)
     keep_record(out / "adaptive_config.json", json.dumps(
-        {"config": cfg.to_dict(), "demo_config": demo_cfg.to_dict(), "versions": package_versions()}, indent=2))
+        {"config": cfg.to_dict(), "demo_config": demo_cfg.to_dict(), "versions": package_versions()}, indent=2),
+        same=_same_settings)
     data_dir = out / "data"
     if not (data_dir / "manifest.json").is_file():
         bundle = build_bundle("offline-default", seed=demo_cfg.data_seed)

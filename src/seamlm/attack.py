@@ -78,6 +78,14 @@ class AttackConfig(FinetuneConfig):
     def to_yaml(self, path: str | Path) -> None:
         Path(path).write_text(self.to_yaml_text(), encoding="utf-8")
 
+    @classmethod
+    def same_record(cls, old: str, new: str) -> bool:
+        """Whether two written configs are one grid (an older seamlm also wrote the one-cell fields)."""
+        def fields(text: str) -> dict[str, Any]:
+            return {k: v for k, v in (yaml.safe_load(text) or {}).items() if k not in cls.GRID_OWNED}
+
+        return fields(old) == fields(new)
+
     def validate(self) -> None:
         super().validate()
         base = FinetuneConfig()

@@ -273,6 +273,7 @@ def _split_overrides(extra: list[str], *prefixes: str) -> list[dict[str, str]]:
 def _eval_setup(args: argparse.Namespace, eval_over: dict[str, str], check: Callable[[Any], None] | None = None):
     """The evaluation config, data bundle, judge and results store; ``check`` vets the config first, before the
     judge (which may train for minutes) or any file is made."""
+    from seamlm.attack import manifest_digest
     from seamlm.data.bundles import resolve_data
     from seamlm.evaluate.metrics import EvalConfig
     from seamlm.jsonl import keep_record
@@ -289,7 +290,9 @@ def _eval_setup(args: argparse.Namespace, eval_over: dict[str, str], check: Call
     _warn_unused_data_seed(args)
     bundle = resolve_data(args.data, seed=args.data_seed)
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    keep_record(Path(args.out) / "data_manifest.json", json.dumps(bundle.manifest, indent=2))
+    # a manifest put beside is named by the digest its result rows carry (data_manifest)
+    keep_record(Path(args.out) / "data_manifest.json", json.dumps(bundle.manifest, indent=2),
+                tag=manifest_digest(bundle))
     return cfg, bundle, cfg.make_judge(), ResultStore(Path(args.out) / "results.jsonl")
 
 
@@ -340,7 +343,8 @@ def _run_attack(args: argparse.Namespace, extra: list[str]) -> int:
         eval_cfg, bundle, judge, store = _eval_setup(args, eval_over, lambda ev: check_eval_template(cfg, ev, recipe))
     label = args.label or args.model
     if ctx.is_main:
-        keep_record(Path(args.out) / f"attack_config.{path_part(label)}.yaml", cfg.to_yaml_text())
+        keep_record(Path(args.out) / f"attack_config.{path_part(label)}.yaml", cfg.to_yaml_text(),
+                    same=AttackConfig.same_record)
     if not args.no_pre:
         evaluate_pre_attack(args.model, label, args.defense, bundle, eval_cfg, judge, args.out, store, ctx)
     ran = run_attack_grid(args.model, label, args.defense, bundle, cfg, eval_cfg, judge, args.out, store, ctx, recipe)

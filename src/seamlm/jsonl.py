@@ -45,12 +45,18 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     return replace_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
-def keep_record(path: Path, text: str) -> Path:
+def keep_record(path: Path, text: str, same: Callable[[str, str], bool] | None = None,
+                tag: str | None = None) -> Path:
     """Write a run's record (its data manifest, its attack config) at ``path``, unless the folder already holds
     another one there: a later command into the same --out (another grid, or one the results store then refuses)
-    must not rewrite what the earlier rows were made with; it goes beside, ``<stem>.<digest>.<suffix>``."""
-    if path.is_file() and path.read_text(encoding="utf-8") != text:
-        path = path.with_name(f"{path.stem}.{hashlib.sha256(text.encode()).hexdigest()[:8]}{path.suffix}")
+    must not rewrite what the earlier rows were made with; it goes beside, ``<stem>.<tag>.<suffix>`` (``tag``: a
+    digest of ``text`` unless given). ``same(old_text, text)``: whether the folder's record says the same (default:
+    equal texts), e.g. ignoring fields that only describe the software that wrote it."""
+    if path.is_file():
+        old = path.read_text(encoding="utf-8")
+        if (same or str.__eq__)(old, text):
+            return path
+        path = path.with_name(f"{path.stem}.{tag or hashlib.sha256(text.encode()).hexdigest()[:8]}{path.suffix}")
         log.info("%s holds another run's record: this one is %s", path.parent, path.name)
     if not path.is_file():
         write_text_atomic(path, text)

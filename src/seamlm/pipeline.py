@@ -10,6 +10,7 @@ import dataclasses
 import json
 import logging
 import os
+import shlex
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -244,8 +245,8 @@ def _check_stage(model_dir: Path, key: str, now: BaseConfig, stage: str, ignore:
 
 
 def _cli_value(value: Any) -> str:
-    """A config value as a command-line option takes it (lists comma-separated)."""
-    return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+    """A config value as a shell command line takes it (lists comma-separated, an empty one quoted)."""
+    return shlex.quote(",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value))
 
 
 #: what a demo folder holds before any stage has finished
@@ -259,7 +260,7 @@ def check_demo_folder(out: Path, cfg: DemoConfig, fresh: bool) -> Path:
     returns the folder whose aligned model the demo uses (its own, or ``baseline_from``)."""
     if (fresh and not cfg.baseline_from) or not is_saved_model(demo_paths(out, cfg)["aligned"]):
         resolve_model_source(cfg.model)  # a mistyped --model fails here, before --out is written (or --fresh empties it)
-    if (out / SEEDS_FILE).is_file():
+    if (out / SEEDS_FILE).is_file() or any(out.glob("seed-*/demo_config.json")):  # (older ones lack seeds.json)
         raise ConfigError(f"{out} holds the demos of several data seeds (seamlm demo --seeds): rerun that command, "
                           "or choose another --out")
     saved = out / "demo_config.json"
@@ -288,11 +289,6 @@ def check_demo_folder(out: Path, cfg: DemoConfig, fresh: bool) -> Path:
         _check_stage(paths["seam"], "defense_config", cfg.defense_config(paths["seam_run"]), "defend",
                      ignore=("output_dir",))
     return base
-
-
-def _cli_value(value: Any) -> str:
-    """A config value as a command-line option takes it (lists comma-separated)."""
-    return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
 
 
 def run_demo(out_dir: str | Path, cfg: DemoConfig, fresh: bool = False, checked: bool = False) -> Path:

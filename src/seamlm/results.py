@@ -180,8 +180,8 @@ class ResultStore:
                 raise DataError(f"{self.path} already holds cells of '{label}' made with another "
                                 f"{'; '.join(changed)}: one label is one model, judged and measured one way on one "
                                 "data bundle (the report and the sweep's selection set each attacked cell beside "
-                                "the pre-attack one). Use another --label (or --out) for this one, or the folder's "
-                                "evaluation settings.")
+                                "the pre-attack one). Use another --out (eval, attack and sweep: or another --label) for "
+                                "this one, or the folder's evaluation settings.")
 
     @property
     def settings_dir(self) -> Path:

@@ -35,8 +35,8 @@ class RefusalSFT(Defense):
         if ctx.is_main:
             try:
                 self.check_out(out, resume)
-            except ConfigError as err:
-                refused = str(err)
+            except Exception as err:  # noqa: BLE001 (any failure must reach the ranks waiting in the broadcast)
+                refused = str(err) if isinstance(err, ConfigError) else f"{out}: {err!r}"
         refused = ctx.broadcast_object(refused)
         if refused:
             raise ConfigError(refused)

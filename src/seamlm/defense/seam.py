@@ -482,8 +482,8 @@ class SEAMTrainer:
         return self.last_checkpoint
 
     def _read_on_every_rank(self, path: Path, read: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-        """``read()``; a rank that cannot read tells the others, which would otherwise wait at the next collective
-        (a file one host cannot read, or memory one host lacks)."""
+        """``read()``; a rank that cannot read (a file missing or cut short on its host: a CheckpointError) tells
+        the others, which would otherwise wait at the next collective."""
         state, err = {}, None
         try:
             state = read()
