@@ -154,6 +154,17 @@ def test_a_sweep_stopped_by_ctrl_c_retries_the_interrupted_trial_first(tiny_mode
     # retried once: a later resume does not enqueue it again
     study = _sweep(tiny_model_dir, bundle, tmp_path, 2, calls)
     assert len(study.trials) == 3 and len(calls) == 3
+    # nor parameters whose retry stopped as well (an error that recurs): the next run draws new ones
+    monkeypatch.setattr(sweep_mod, "attack_cell", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _sweep(tiny_model_dir, bundle, tmp_path, 3, calls)
+    first = calls[-1]
+    with pytest.raises(KeyboardInterrupt):
+        _sweep(tiny_model_dir, bundle, tmp_path, 3, calls)
+    assert calls[-1] == first  # its retry, which stops too
+    with pytest.raises(KeyboardInterrupt):
+        _sweep(tiny_model_dir, bundle, tmp_path, 3, calls)
+    assert calls[-1] != first
 
 
 def test_sweep_config_errors(tmp_path):

@@ -141,15 +141,23 @@ def open_study(cfg: SweepConfig, label: str, out_dir: str | Path, context: dict[
     from optuna.trial import TrialState
 
     retried = set(study.user_attrs.get("retried_trials", []))
+    # parameters tried again once already: a retry that stops too (an error that recurs) is not queued again
+    again = {json.dumps(t.params, sort_keys=True) for t in study.trials if t.number in retried}
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.FAIL)):
         if t.number in retried or (t.state == TrialState.FAIL and not t.user_attrs.get("interrupted")):
             continue
-        log.warning("sweep: trial %d was running when the last sweep stopped; trying its parameters again", t.number)
         if t.state == TrialState.RUNNING:  # killed outright: optuna could not record it
             study.tell(t.number, state=TrialState.FAIL)
+        retried.add(t.number)
+        key = json.dumps(t.params, sort_keys=True)
+        if key in again:
+            log.warning("sweep: trial %d stopped again on parameters already retried once; not retried again",
+                        t.number)
+            continue
+        log.warning("sweep: trial %d was running when the last sweep stopped; trying its parameters again", t.number)
         if t.params:
             study.enqueue_trial(t.params)
-        retried.add(t.number)
+        again.add(key)
     study.set_user_attr("retried_trials", sorted(retried))
     return study
 
