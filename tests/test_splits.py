@@ -147,18 +147,26 @@ def test_a_bundle_folder_is_written_whole_and_never_overwritten_by_another(bundl
     with pytest.raises(DataError, match=r"other settings \(differs in: .*seed"):
         other.write(out)
     assert load_built(out).manifest == bundle.manifest  # untouched
-    # the same splits with other answers (as an older seamlm or source package built them): kept, with a warning
-    # (the manifest digests prompts only)
+    # the same splits with other answers, as an older seamlm or source package built them (no contents.json):
+    # kept, with a warning (the manifest digests prompts only)
+    from seamlm.attack import manifest_digest
+
     refusals = (out / "defense_refusal.jsonl").read_text()
+    record = (out / "contents.json").read_text()
+    (out / "contents.json").unlink()
     (out / "defense_refusal.jsonl").write_text(refusals.replace("I can", "I cannot", 1))
     with caplog.at_level("WARNING"):
         assert bundle.write(out) == out
     assert "other rows in defense_refusal.jsonl" in caplog.text and "kept" in caplog.text
     assert (out / "defense_refusal.jsonl").read_text() != refusals  # kept as it was: a resumed run trained on it
-    # edited by hand after the build (contents.json holds what it wrote): loaded as another bundle, whose results'
-    # data digest differs, so no cell made before the edit is reused
-    from seamlm.attack import manifest_digest
-
+    assert manifest_digest(load_built(out)) == manifest_digest(bundle)  # no record to tell an edit by
+    # edited by hand after the build (contents.json holds what it wrote): said so, and loaded as another bundle,
+    # whose results' data digest differs, so no cell made before the edit is reused
+    (out / "contents.json").write_text(record)
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert bundle.write(out) == out
+    assert "changed since its build" in caplog.text
     edited = load_built(out)
     assert list(edited.manifest["edited_after_build"]) == ["defense_refusal.jsonl"]
     assert manifest_digest(edited) != manifest_digest(bundle)

@@ -83,7 +83,12 @@ class BundleData:
                 # seamlm or source package version. Kept (a resumed run goes on with the data it trained on), said.
                 stale = [f for stream, f in STREAM_FILES.items()
                          if not (out / f).is_file() or (out / f).read_text(encoding="utf-8") != self._text(stream)]
-                if stale:
+                edited = _edited_files(out)
+                if edited:
+                    log.warning("%s holds this bundle's splits but %s changed since its build (contents.json): "
+                                "kept, and loaded as another bundle; delete the folder to build it anew", out,
+                                ", ".join(edited))
+                elif stale:
                     log.warning("%s holds this bundle's splits but other rows in %s (built by another seamlm or "
                                 "source package version): kept, as runs trained on it expect; delete the folder (seamlm "
                                 "demo: --fresh, or another --out) to build this version's", out, ", ".join(stale))
