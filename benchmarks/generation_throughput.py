@@ -48,13 +48,21 @@ def main() -> None:
         # generated tokens, up to EOS (what the judge reads)
         n_tokens = sum(len(tok(a, add_special_tokens=False)["input_ids"]) for a in answers)
         results.append((bs, dt, n_tokens))
-    base = results[0][2] / results[0][1]
+    # the base: one prompt at a time when measured, else the first batch size given
+    first = next((r for r in results if r[0] == 1), results[0])
+    by_tokens = all(n > 0 for _, _, n in results)  # a random tiny model's ids may decode to no text at all
+
+    def speed(dt: float, n: int) -> float:
+        return n / dt if by_tokens else args.prompts / dt
+
+    base = speed(first[1], first[2])
     print(f"\nmodel={args.model}  {args.prompts} prompts x ≤{args.max_new_tokens} new tokens, greedy, "
           f"torch threads={torch.get_num_threads()}\n")
-    print("| batch size | seconds | generated tokens/s | × one prompt at a time |")
+    unit = "generated tokens/s" if by_tokens else "prompts/s (the answers decode to no text)"
+    print(f"| batch size | seconds | {unit} | × batch size {first[0]} |")
     print("|---|---|---|---|")
     for bs, dt, n in results:
-        print(f"| {bs} | {dt:.1f} | {n / dt:.1f} | {(n / dt) / base:.1f} |")
+        print(f"| {bs} | {dt:.1f} | {speed(dt, n):.1f} | {speed(dt, n) / base:.1f} |")
 
 
 if __name__ == "__main__":
