@@ -224,7 +224,7 @@ def worker(mode: str, args: argparse.Namespace) -> dict:
             times = _time_steps(step, args)
     return {
         "mode": mode, "step_s": statistics.median(times), "n_params": n_params,
-        "peak_over_model_bytes": mem.peak - base, "param_bytes": n_params * 4,
+        "peak_over_model_bytes": mem.peak - base, "param_bytes": n_params * 4, "threads": torch.get_num_threads(),
     }
 
 
@@ -270,7 +270,9 @@ def main() -> None:
         print(f"  {mode}: {results[mode]['step_s']:.2f} s/step", file=sys.stderr, flush=True)
 
     sft = results.get("sft", {}).get("step_s")
-    where = f"device={_device_name(args.device)}" if args.device != "cpu" else f"torch threads={os.cpu_count()}"
+    threads = sorted({r.get("threads") for r in results.values()})  # what torch used in the workers
+    where = (f"device={_device_name(args.device)}" if args.device != "cpu"
+             else f"torch threads={'/'.join(map(str, threads))}")
     print(f"\nmodel={args.model}  batch={args.batch_size} x ≤{args.max_length} tokens  {where}  "
           f"coupling={args.coupling_precision}  median of {args.repeats} steps\n")
     print("| step | time per step (s) | × SFT step | peak memory above the model (× parameter memory) |")
