@@ -18,8 +18,8 @@ rc=0
   --json "$out/coupling_precision.json" 2>&1 | tee "$out/coupling_precision.md" || rc=1
 for arch in smollm2-135m smollm2-1.7b; do
   for prec in ieee tf32; do
+    # SFT in every run: each ratio is then measured side by side with its own SFT step
     modes="sft seam-final_layer seam-final_layer+lookahead seam-logit_lens"
-    [ "$prec" = tf32 ] && modes="seam-final_layer seam-final_layer+lookahead seam-logit_lens"
     # shellcheck disable=SC2086
     "$py" benchmarks/step_cost.py --device cuda --model "random:$arch" --batch-size 8 --max-length 256 --warmup 2 \
       --repeats 10 --modes $modes --coupling-precision "$prec" --json "$out/step_cost_${arch}_$prec.json" \
