@@ -51,12 +51,17 @@ def worker(args: argparse.Namespace) -> dict:
                             shard_parameters=args.sharding == "parameters")
         tr = SEAMTrainer(model, tok, cfg, harmful=load_examples(DATA / "harmful.jsonl"),
                          refusal=DATA / "refusal.jsonl", benign=DATA / "benign.jsonl")
-        for i in range(args.warmup + args.repeats):
+        def settled() -> None:  # queued CUDA work belongs to the step it came from (a barrier alone does not wait)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
             tr.ctx.barrier()
+
+        for i in range(args.warmup + args.repeats):
+            settled()
             t0 = time.perf_counter()
             row = tr.compute_update(0)  # step 0 every time: the same global batch
             tr._apply_update(row["grad_norm"])
-            tr.ctx.barrier()
+            settled()
             if i >= args.warmup:
                 times.append(time.perf_counter() - t0)
     kept = [tr.total, tr.g_a, tr.g_b, tr._scratch, tr._backup] + ([tr.master] if tr.master is not None else [])
