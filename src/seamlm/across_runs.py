@@ -13,6 +13,7 @@ from pathlib import Path
 
 from seamlm.errors import DataError
 from seamlm.results import ResultRow, ResultStore
+from seamlm.runinfo import refuse_repeated_run
 from seamlm.verdict import check_bar
 
 #: (metric, what the table calls it, decimals) of the across-runs tables
@@ -32,7 +33,7 @@ def load_runs(paths: list[str | Path]) -> list[Run]:
     same one, so the means never mix judges."""
     from seamlm.report import is_plain_grid
 
-    runs: list[Run] = []
+    files: list[Path] = []
     for p in paths:
         path = Path(p)
         if path.is_dir() and (path / "results.jsonl").is_file():
@@ -41,17 +42,19 @@ def load_runs(paths: list[str | Path]) -> list[Run]:
             raise DataError(f"{path} has no results.jsonl: give the results.jsonl files (or run folders) to compare")
         if not path.is_file():
             raise DataError(f"{path} does not exist; give the results.jsonl files (or run folders) to compare")
-        twin = next((run.path for run in runs if run.path.resolve() == path.resolve()), None)
-        if twin is not None:
-            raise DataError(f"{p} is {twin} again: one run given twice would count twice in the mean ± sd")
+        files.append(path)
+    refuse_repeated_run(files, "the mean ± sd")
+    runs: list[Run] = []
+    for path in files:
         rows = [r for r in ResultStore(path).rows() if is_plain_grid(r)]
         if not rows:
             raise DataError(f"{path} holds no pre-attack or plain attack rows")
         runs.append(Run(path, rows))
-    shared = set.intersection(*({r.model for r in run.rows} for run in runs)) if runs else set()
-    if len(runs) > 1 and not shared:
-        raise DataError(f"the runs share no model label ({'; '.join(f'{run.path}: ' + ', '.join(sorted({r.model for r in run.rows})) for run in runs)}): "
-                        "a mean over them would be one run's figures per cell; compare runs of the same models")
+    labels = [{r.model for r in run.rows} for run in runs]
+    if len(runs) > 1 and not set.intersection(*labels):
+        listed = "; ".join(f"{run.path}: {', '.join(sorted(models))}" for run, models in zip(runs, labels, strict=True))
+        raise DataError(f"the runs share no model label ({listed}): a mean over them would be one run's figures per "
+                        "cell; compare runs of the same models")
     judges = {r.judge for run in runs for r in run.rows if r.metric == "hs"}
     if len(judges) > 1:
         raise DataError(f"the runs' HS rows come from different judges ({', '.join(sorted(map(str, judges)))}); "

@@ -18,7 +18,7 @@ from seamlm.evaluate.stats import paired_difference
 from seamlm.jsonl import read_records
 from seamlm.rescore import BASELINE_MODELS, demo_baseline
 from seamlm.results import ResultStore
-from seamlm.runinfo import path_part
+from seamlm.runinfo import path_part, refuse_repeated_run
 
 
 @dataclass(frozen=True)
@@ -81,10 +81,7 @@ def paired_hs(runs: list[str | Path], a: str = "aligned", b: str = "seam", pre: 
     out: list[PairedRow] = []
     per_run: dict[str, tuple[float, float, int, str | None]] = {}  # run → (difference, se, prompts, judge)
     runs = [Path(r) for r in runs]  # one spelling: "runs/s0/" and "runs/s0" are one run
-    for i, run in enumerate(runs):
-        twin = next((r for r in runs[:i] if r.resolve() == run.resolve()), None)
-        if twin is not None:
-            raise DataError(f"{run} is {twin} again: one run given twice would count twice in the pooled difference")
+    refuse_repeated_run(runs, "the pooled difference")
     for run in runs:
         if not (run / "results.jsonl").is_file():
             raise DataError(f"{run} is no run folder (no results.jsonl): give the --out of a demo, eval or attack run")

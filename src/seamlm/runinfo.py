@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from seamlm.errors import DataError
 from seamlm.jsonl import append_records, read_records
 
 
@@ -41,6 +42,15 @@ def path_part(label: str) -> str:
     """``label`` as one folder or file-name part: a model label may be a hub id (``org/name``) or an absolute path,
     which joined to the output folder as it is would nest folders or, absolute, write into the model's own."""
     return re.sub(r"[^\w.-]+", "_", label).strip("._") or "model"
+
+
+def refuse_repeated_run(paths: list[Path], counted_in: str) -> None:
+    """Refuse a run given twice, however spelled ("runs/s0/", "./runs/s0"): it would count twice ``counted_in``."""
+    seen: dict[Path, Path] = {}
+    for path in paths:
+        twin = seen.setdefault(path.resolve(), path)
+        if twin is not path:
+            raise DataError(f"{path} is {twin} again: one run given twice would count twice in {counted_in}")
 
 
 def fingerprint(obj: Any) -> str:
