@@ -1,8 +1,9 @@
 """``seamlm sweep``: an Optuna study over an attack recipe's knobs (and the fine-tuning hyper-parameters),
 maximising HS. The study lives in SQLite, so a killed sweep resumes: finished trials are kept, a trial that was
 running when the process died or stopped (Ctrl-C, out of memory) is marked failed and its parameters are tried
-again first (once), and a trial whose cell is already in the results file is read back, not retrained. Selection under a utility bound is
-:mod:`seamlm.selection`'s job (the report), not the objective's: the sweep records HS, ZS and perplexity per trial.
+again first (once), and a trial whose cell is already in the results file is read back, not retrained. Selection
+under a utility bound is :mod:`seamlm.selection`'s job (the report), not the objective's: the sweep records HS, ZS
+and perplexity per trial.
 """
 
 from __future__ import annotations
