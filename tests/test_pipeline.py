@@ -43,6 +43,7 @@ def test_shrunken_demo_end_to_end_and_resume(tiny_model_dir, tmp_path, monkeypat
 
     bar = md.split("### Does SEAM clear the bar?")[1].split("\n\n")[1]  # the heading's rest, then the table
     assert len(bar.splitlines()) == 2 + len(check_bar(rows)), bar
+    assert "not comparable" not in bar  # the demo measures every label alike
     for line in bar.splitlines()[2:]:
         measured = line.strip("|").split("|")[1]
         assert re.findall(r"\d+\.\d+", measured) or line.rstrip().endswith("| not measured |"), line

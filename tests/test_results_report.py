@@ -241,3 +241,19 @@ def test_a_file_of_sweep_trials_alone_reports_them_without_empty_grid_tables(tmp
     assert "judge: )" not in md and "HS % (judge" not in md
     assert "Adaptive attacks: every recipe run and sweep trial" in md and "| seam | sweep |" in md
     assert not (tmp_path / "rep" / "hs_vs_lr.png").exists()
+
+
+def test_the_report_bar_does_not_compare_labels_evaluated_differently(tmp_path):
+    """Two `seamlm eval` runs into one file, the second with another HS prompt count: the bar's side-by-side
+    criterion reads each label's settings record and says the two are not comparable."""
+    from seamlm.report import write_report
+
+    store = ResultStore(tmp_path / "results.jsonl")
+    for label, n in (("aligned", 32), ("seam", 100)):
+        parts = {"model": f"/m/{label}", "judge": "j", "data": "d", "eval": {"hs_prompts": n, "seed": 0}}
+        store.append([_row(label, "pre", "hs", 10.0, settings=f"s{label}"),
+                      _row(label, "pre", "zs_mean", 60.0, settings=f"s{label}")], settings_parts=parts)
+    assert store.label_evaluations(store.rows())["seam"]["hs_prompts"] == 100
+    md = write_report(store.path, tmp_path / "report").read_text()
+    line = next(x for x in md.splitlines() if x.startswith("| SEAM before any attack"))
+    assert "not comparable" in line and "eval.hs_prompts: 100 vs 32" in line and line.endswith("| not measured |")

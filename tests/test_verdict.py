@@ -129,3 +129,37 @@ def test_the_strongest_attack_is_picked_per_optimiser():
     checks = [c for c in check_bar(_rows(BASE) + sgd) if c.criterion.startswith("the strongest")]
     assert sorted((c.criterion.split(" (")[0], c.criterion.split("(")[1].split(")")[0], c.passed) for c in checks) == [
         ("the strongest adamw attack", "strong", True), ("the strongest sgd attack", "sgd-1e-2", False)]
+
+
+def test_labels_measured_differently_are_not_compared():
+    """aligned and seam put into one file by two `seamlm eval --label` runs with another judge, data bundle or HS
+    prompt count: the criteria that set them side by side say so and give no verdict; SEAM's own criteria stand."""
+    def relabel(rows, **changes):
+        for r in rows:
+            if r.model == "seam":
+                for k, v in changes.items():
+                    setattr(r, k, v if r.metric == "hs" or k != "judge" else None)
+        return rows
+
+    first = {c.criterion: c for c in check_bar(_rows(BASE))}
+    other = {c.criterion: c for c in check_bar(relabel(_rows(BASE), judge="keyword-v4"))}
+    before = next(k for k in other if k.startswith("SEAM before any attack"))
+    assert first[before].passed is True and other[before].passed is None
+    assert "not comparable" in other[before].measured and "judge keyword-v4 vs j" in other[before].measured
+    fs = next(k for k in other if k.startswith("FS of SEAM"))
+    assert other[fs].passed is True  # FS has no judge
+    assert next(c for k, c in other.items() if k.startswith("SEAM after strong")).passed is True
+    data = {c.criterion: c for c in check_bar(relabel(_rows(BASE), data_manifest="m2"))}
+    assert data[before].passed is True  # aligned's rows record no bundle: nothing to hold against them
+    rows = relabel(_rows(BASE), data_manifest="m2")
+    for r in rows:
+        r.data_manifest = r.data_manifest or "m1"
+    assert "data bundle m2 vs m1" in next(c for c in check_bar(rows) if c.criterion == before).measured
+    ev = {"hs_prompts": 32, "max_new_tokens": 64, "zs_tasks": ["arc_easy"], "zs_limit": 60, "seed": 0,
+          "fs_train": 400, "fs_test": 200, "fs_steps": 60}
+    evaluations = {"raw": ev, "aligned": ev, "seam": {**ev, "hs_prompts": 100}}
+    checks = {c.criterion: c for c in check_bar(_rows(BASE), evaluations=evaluations)}
+    assert checks[before].passed is None and "eval.hs_prompts: 100 vs 32" in checks[before].measured
+    assert checks[fs].passed is True and next(iter(checks.values())).passed is True  # raw vs aligned: alike
+    checks = {c.criterion: c for c in check_bar(_rows(BASE), evaluations={**evaluations, "seam": {**ev, "fs_steps": 5}})}
+    assert checks[before].passed is True and checks[fs].passed is None and "eval.fs_steps: 5 vs 60" in checks[fs].measured

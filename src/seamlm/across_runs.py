@@ -134,7 +134,7 @@ def across_runs_tables(runs: list[Run]) -> dict[str, list[list[str]]]:
                 for m in models]
         tables[f"{title}: mean ± sd over {n} runs"] = [header] + body
     if {"aligned", "seam"} <= set(models):
-        verdicts = [check_bar(run.rows) for run in runs]
+        verdicts = [check_bar(run.rows, evaluations=ResultStore(run.path).label_evaluations(run.rows)) for run in runs]
         mark = {True: "yes", False: "no", None: "–"}
         criteria = list(dict.fromkeys(c.criterion for checks in verdicts for c in checks))
         table = [["criterion"] + [f"run {i + 1}" for i in range(n)] + ["met in"]]

@@ -105,7 +105,8 @@ def column_header(cells: list[tuple[str, dict]]) -> list[str]:
     return ["model"] + [f"{lab} [{c}]" if labels.count(lab) > 1 else lab for lab, (c, _) in zip(labels, cells, strict=True)]
 
 
-def build_tables(rows: list[ResultRow]) -> dict[str, list[list[str]]]:
+def build_tables(rows: list[ResultRow], evaluations: dict[str, dict] | None = None) -> dict[str, list[list[str]]]:
+    """The paper-style tables; ``evaluations`` (:meth:`ResultStore.label_evaluations`) for the bar check."""
     values: dict[tuple[str, str, str], float] = {(r.model, r.cell, r.metric): r.value for r in rows}
     diverged = {(r.model, r.cell) for r in rows if r.attack.get("status") == "diverged"}
     models = list(dict.fromkeys(r.model for r in rows))
@@ -147,7 +148,7 @@ def build_tables(rows: list[ResultRow]) -> dict[str, list[list[str]]]:
     if any(r.metric == "fs_accuracy" for r in rows):
         tables["FS: SST-2 accuracy % after benign fine-tuning"] = table(lambda m, c: _fmt(get(m, c, "fs_accuracy")))
     if {"aligned", "seam"} <= set(models):
-        checks = check_bar(rows)
+        checks = check_bar(rows, evaluations=evaluations)
         mark = {True: "yes", False: "no", None: "not measured"}
         tables["Does SEAM clear the bar? (criteria: seamlm/verdict.py)"] = (
             [["criterion", "measured", "met"]] + [[c.criterion, c.measured, mark[c.passed]] for c in checks])
@@ -367,14 +368,15 @@ def write_report(results: str | Path, out_dir: str | Path, eps: tuple[float, ...
                         "`seamlm eval`/`attack`/`demo` wrote, or its run folder")
     if not results.is_file():
         raise DataError(f"{results} does not exist; give the results.jsonl that `seamlm eval`/`attack`/`demo` wrote")
-    rows = ResultStore(results).rows()
+    store = ResultStore(results)
+    rows = store.rows()
     if not rows:
         raise DataError(f"{results} holds no result rows; run `seamlm eval` or `seamlm attack` first")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     grid = [r for r in rows if is_plain_grid(r)]
     # (a file of sweep trials alone has no grid: no paper-style table, no lr plots)
-    tables = {**(build_tables(grid) if grid else {}), **adaptive_tables(rows, eps, ppl_factor)}
+    tables = {**(build_tables(grid, store.label_evaluations(grid)) if grid else {}), **adaptive_tables(rows, eps, ppl_factor)}
     plots = (_plots(grid, results.parent, out) if grid else []) + _scatter(rows, out, eps)
     meta = sorted({(r.data_manifest or "–", json.dumps(r.versions, sort_keys=True)) for r in rows})
     intro = [f"Results: `{results}` ({len(rows)} rows). Data manifest digest(s): "

@@ -173,7 +173,7 @@ class ResultStore:
             new = json.loads(json.dumps(parts, default=str))
             changed = [f"{k}: {old[k]!r} → {new.get(k)!r}" for k in ("model", "judge", "data")
                        if k in old and old[k] != new.get(k) and not (k == "model" and old[k] in same_models)]
-            changed += _measured_differently(old.get("eval") or {}, new.get("eval") or {})
+            changed += measured_differently(old.get("eval") or {}, new.get("eval") or {})
             if every_cell_formatted and old.get("prompt_format", 1) != new.get("prompt_format"):
                 changed.append(f"prompt_format: {old.get('prompt_format', 1)!r} → {new.get('prompt_format')!r}")
             if changed:
@@ -213,6 +213,17 @@ class ResultStore:
         more = f"; and {len(changed) - 6} more" if len(changed) > 6 else ""
         return f" ({'; '.join(changed[:6])}{more})"
 
+    def label_evaluations(self, rows: list[ResultRow]) -> dict[str, dict[str, Any]]:
+        """Each label's evaluation settings (``eval`` of its rows' settings records; one per label, as
+        :meth:`check_label` keeps them; the pre-attack cell's, which alone holds the FS settings, where there is one)
+        — labels whose rows predate settings records are left out."""
+        out: dict[str, dict[str, Any]] = {}
+        for label, _, digest in sorted({(r.model, r.cell != "pre", r.settings) for r in rows if r.settings}):
+            ev = (self.settings_record(digest) or {}).get("eval")
+            if isinstance(ev, dict):
+                out.setdefault(label, ev)
+        return out
+
     def done(self, model: str, cell: str, settings: str | None = None) -> bool:
         """Whether ``cell`` of ``model`` is in the store (see :meth:`cell_rows`)."""
         return bool(self.cell_rows(model, cell, settings))
@@ -227,7 +238,7 @@ COMPARED_EVAL = {"hs_prompts": None, "max_new_tokens": None, "zs_tasks": None, "
 COMPARED_EVAL_IF_MEASURED = ("coherence_examples", "coupling_examples")
 
 
-def _measured_differently(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+def measured_differently(old: dict[str, Any], new: dict[str, Any], arrow: str = "→") -> list[str]:
     """The compared evaluation settings two cells' records disagree on (a field one record predates is skipped;
     ``judge_model``, left out of records at its default, compares as its default)."""
     def value(record: dict[str, Any], key: str) -> Any:
@@ -237,4 +248,4 @@ def _measured_differently(old: dict[str, Any], new: dict[str, Any]) -> list[str]
     if not (old.get("zs_tasks") and new.get("zs_tasks")):  # an HS-only cell: its HS still compares
         keys = [k for k in keys if k not in ("zs_tasks", "zs_limit")]
     keys += [k for k in COMPARED_EVAL_IF_MEASURED if old.get(k) and new.get(k)]
-    return [f"eval.{k}: {value(old, k)!r} → {value(new, k)!r}" for k in keys if value(old, k) != value(new, k)]
+    return [f"eval.{k}: {value(old, k)!r} {arrow} {value(new, k)!r}" for k in keys if value(old, k) != value(new, k)]
