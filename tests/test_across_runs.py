@@ -79,13 +79,14 @@ def test_infinite_values_are_counted_not_averaged_and_divergence_is_marked(tmp_p
     from seamlm.across_runs import across_runs_tables, load_runs
 
     # a broken model's perplexity overflows to inf (statistics.stdev raises on it): the finite runs are averaged
-    # and the inf ones counted; a diverged attack is named in every metric's cell
+    # and the inf ones counted; a diverged attack is named in every metric's cell and kept out of its mean (its
+    # numbers measure NaN weights)
     runs = load_runs([_run(tmp_path / "a.jsonl", 5.0, seam_ppl=float("inf")), _run(tmp_path / "b.jsonl", 9.0),
                       _run(tmp_path / "c.jsonl", 7.0, seam_ppl=50.0, seam_status="diverged")])
     tables = across_runs_tables(runs)
     ppl = tables["benign perplexity: mean ± sd over 3 runs"]
-    assert ppl[3][2] == f"40.0 ± {statistics.stdev([30.0, 50.0]):.1f} (n=2, inf in 1, diverged in 1)"
-    assert tables["HS %: mean ± sd over 3 runs"][3][2] == "7.0 ± 2.0 (diverged in 1)"
+    assert ppl[3][2] == "30.0 ± 0.0 (n=1, inf in 1, diverged in 1)"
+    assert tables["HS %: mean ± sd over 3 runs"][3][2] == f"7.0 ± {statistics.stdev([5.0, 9.0]):.1f} (n=2, diverged in 1)"
     only_inf = load_runs([_run(tmp_path / "d.jsonl", 5.0, seam_ppl=float("inf"))])
     assert across_runs_tables(only_inf)["benign perplexity: mean ± sd over 1 runs"][3][2] == "inf (inf in 1)"
 

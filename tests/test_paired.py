@@ -161,3 +161,24 @@ def test_a_demo_on_a_baseline_reads_only_the_baselines_raw_and_aligned_answers_a
     r1 = _run(tmp_path / "s1", [[0.1] * 4] * 3, [[0.3] * 4] * 3)
     (pooled,) = [r for r in paired_hs([f"{r0}/", f"{r1}/"]) if r.run == "all runs"]
     assert pooled.cell == "attack cells" and not pooled.note and pooled.diff == pytest.approx(15.0)
+
+
+def test_a_diverged_attack_is_shown_but_never_pooled(tmp_path):
+    """SEAM's attack at lr2 diverged: its answers come from NaN weights (an empty answer scores 0), so the cell is
+    listed with a note and left out of the run's attacks together."""
+    from seamlm.results import ResultRow, ResultStore
+
+    a = [[0.1] * 4, [0.5, 0.9, 0.3, 0.6], [0.6, 0.8, 0.5, 0.9]]
+    b = [[0.0] * 4, [0.4, 0.9, 0.1, 0.2], [0.0] * 4]
+    run = _run(tmp_path / "s0", a, b)
+    ResultStore(run / "results.jsonl").append([
+        ResultRow(model=m, defense="none", cell=c, metric="hs", value=1.0, judge="j",
+                  attack={"status": "diverged" if (m, c) == ("seam", CELLS[1]) else "ok"} if c != "pre" else {})
+        for m in ("aligned", "seam") for c in ("pre", *CELLS)])
+    rows = paired_hs([run])
+    lr2 = next(r for r in rows if r.cell == CELLS[1])
+    assert lr2.diff is not None and "the attack on seam diverged: not pooled" in lr2.note
+    assert not any(r.cell.startswith("attack cells together") for r in rows)  # one cell left: nothing to combine
+    lr1 = next(r for r in rows if r.cell == CELLS[0])
+    assert lr1.note == ""
+    assert "diverged: not pooled" in paired_markdown(rows, "aligned", "seam")

@@ -93,7 +93,8 @@ def mean_sd(values: list[float]) -> tuple[float, float]:
 
 def _fmt(values: list[float], digits: int, runs: int, diverged: int = 0) -> str:
     """mean ± sd of the finite values; an infinite one (a perplexity that overflowed: a broken model) is counted
-    beside it, not averaged; ``diverged``: how many of the runs' attacks on this cell diverged."""
+    beside it, not averaged; ``diverged``: how many of the runs' attacks on this cell diverged (their values are
+    not among ``values``)."""
     values = [v for v in values if not math.isnan(v)]
     finite = [v for v in values if math.isfinite(v)]
     notes = [f"inf in {len(values) - len(finite)}"] if len(finite) < len(values) else []
@@ -121,7 +122,10 @@ def across_runs_tables(runs: list[Run]) -> dict[str, list[list[str]]]:
     cells = _cells(rows)
     models = list(dict.fromkeys(r.model for r in rows))
     header = column_header(cells)
-    per_run = [{(r.model, r.cell, r.metric): r.value for r in run.rows} for run in runs]
+    # a diverged attack's numbers measure NaN (or last finite) weights — an empty answer scores HS 0 — so they are
+    # counted beside the mean, never in it (as the error bars leave them out)
+    per_run = [{(r.model, r.cell, r.metric): r.value for r in run.rows if r.attack.get("status") != "diverged"}
+               for run in runs]
     # how many runs' attacks on each (model, cell) diverged
     diverged = Counter(mc for run in runs
                        for mc in {(r.model, r.cell) for r in run.rows if r.attack.get("status") == "diverged"})

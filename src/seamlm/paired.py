@@ -17,7 +17,7 @@ from seamlm.errors import DataError
 from seamlm.evaluate.stats import paired_difference
 from seamlm.jsonl import read_records
 from seamlm.rescore import BASELINE_MODELS, demo_baseline
-from seamlm.results import ResultStore
+from seamlm.results import ResultRow, ResultStore
 from seamlm.runinfo import path_part, refuse_repeated_run
 
 
@@ -39,9 +39,9 @@ Scores = dict[tuple[str, int], float]
 """HS of each answer (points) by (prompt, occurrence): a prompt asked twice pairs its first answers, then its second."""
 
 
-def _hs_judges(root: Path) -> dict[tuple[str, str], str | None]:
+def _hs_rows(root: Path) -> dict[tuple[str, str], ResultRow]:
     f = root / "results.jsonl"
-    return {(r.model, r.cell): r.judge for r in ResultStore(f).rows() if r.metric == "hs"} if f.is_file() else {}
+    return {(r.model, r.cell): r for r in ResultStore(f).rows() if r.metric == "hs"} if f.is_file() else {}
 
 
 def _roots(run: Path, base: Path | None, model: str) -> list[Path]:
@@ -50,9 +50,9 @@ def _roots(run: Path, base: Path | None, model: str) -> list[Path]:
 
 
 def _scores(roots: list[Path], model: str, cell: str,
-            judges: dict[Path, dict[tuple[str, str], str | None]]) -> tuple[Scores, str | None] | None:
-    """The cell's per-answer scores and the judge that gave them: the judge of the HS row in the results file of
-    the folder the answers were read from (a demo's baseline holds its own)."""
+            hs_rows: dict[Path, dict[tuple[str, str], ResultRow]]) -> tuple[Scores, str | None, bool] | None:
+    """The cell's per-answer scores, the judge that gave them and whether the cell's attack diverged: from the HS
+    row in the results file of the folder the answers were read from (a demo's baseline holds its own)."""
     for root in roots:
         f = samples_file(root, model, cell)
         if f.is_file():
@@ -61,9 +61,10 @@ def _scores(roots: list[Path], model: str, cell: str,
             for _, r in read_records(f):
                 scores[(r["prompt"], seen[r["prompt"]])] = 100 * r["p_harmful"]
                 seen[r["prompt"]] += 1
-            if root not in judges:
-                judges[root] = _hs_judges(root)
-            return scores, judges[root].get((model, cell))
+            if root not in hs_rows:
+                hs_rows[root] = _hs_rows(root)
+            row = hs_rows[root].get((model, cell))
+            return scores, row and row.judge, bool(row) and row.attack.get("status") == "diverged"
     return None
 
 
@@ -89,15 +90,15 @@ def paired_hs(runs: list[str | Path], a: str = "aligned", b: str = "seam", pre: 
         cells = (["pre"] if pre else []) + (_attack_cells(run, base, (a, b)) if attacks else [])
         diffs: list[dict[tuple[str, int], float]] = []  # per paired attack cell: each answer's difference
         judges: set[str | None] = set()
-        hs_judges: dict[Path, dict[tuple[str, str], str | None]] = {}
+        hs_rows: dict[Path, dict[tuple[str, str], ResultRow]] = {}
         for cell in cells:
-            ra, rb = _scores(_roots(run, base, a), a, cell, hs_judges), _scores(_roots(run, base, b), b, cell, hs_judges)
+            ra, rb = _scores(_roots(run, base, a), a, cell, hs_rows), _scores(_roots(run, base, b), b, cell, hs_rows)
             if not ra or not rb or not ra[0] or ra[0].keys() != rb[0].keys():
                 why = (f"no answers of {a if not ra else b}" if not ra or not rb else
                        "no answers" if not ra[0] else "answers to other prompts")
                 out.append(PairedRow(str(run), cell, 0, None, None, None, None, why))
                 continue
-            (sa, ja), (sb, jb) = ra, rb
+            (sa, ja, da), (sb, jb, db) = ra, rb
             if ja != jb:
                 out.append(PairedRow(str(run), cell, 0, None, None, None, None, f"judged by {ja} and {jb}: "
                                      "`seamlm rescore` both folders with one judge"))
@@ -105,8 +106,11 @@ def paired_hs(runs: list[str | Path], a: str = "aligned", b: str = "seam", pre: 
             keys = sorted(sa)
             xa, xb = [sa[k] for k in keys], [sb[k] for k in keys]
             diff, se = paired_difference(xa, xb)
-            out.append(PairedRow(str(run), cell, len(keys), sum(xa) / len(xa), sum(xb) / len(xb), diff, se))
-            if cell != "pre":
+            # a diverged attack's answers come from NaN (or last finite) weights: shown, never pooled
+            failed = [m for m, d in ((a, da), (b, db)) if d]
+            note = f"the attack on {' and '.join(failed)} diverged: not pooled" if failed else ""
+            out.append(PairedRow(str(run), cell, len(keys), sum(xa) / len(xa), sum(xb) / len(xb), diff, se, note))
+            if cell != "pre" and not failed:
                 diffs.append({k: sb[k] - sa[k] for k in keys})
                 judges.add(ja)
         if not diffs:
