@@ -169,11 +169,18 @@ def test_contexts_longer_than_the_model_are_cut_from_the_left_as_lm_eval_does(to
     long = MCItem(("word " * 40 + "The cat sat on the",), ("mat", "sofa"), 0)
     encoded = [(list(range(3, 43)), [50, 51]), (list(range(3, 43)), [52])]
     got = choice_loglikelihoods(model, tokenizer, [long], encoded=encoded)[0]
-    cut = [(list(range(21, 43)), [50, 51]), (list(range(20, 43)), [52])]  # the last 24 − |choice| context tokens
+    # lm-eval feeds (context + continuation)[-(24 + 1):][:-1]: the last 25 − |choice| context tokens
+    cut = [(list(range(20, 43)), [50, 51]), (list(range(19, 43)), [52])]
     assert got == pytest.approx(choice_loglikelihoods(model, tokenizer, [long], encoded=cut)[0], abs=1e-5)
     assert "2 of 2 choices exceed the model's 24 positions" in caplog.text
+    # ... scored by hand: one forward of those 24 fed tokens, the choice's log-probabilities read off its logits
+    seq = torch.tensor([list(range(20, 43)) + [50]])
+    logp = torch.log_softmax(model(input_ids=seq).logits[0].float(), -1)
+    assert got[0] == pytest.approx((logp[-2, 50] + logp[-1, 51]).item(), abs=1e-4)
     with pytest.raises(ConfigError, match="a choice alone has 30 tokens, the model takes 24"):
         choice_loglikelihoods(model, tokenizer, [long], encoded=[([3], list(range(3, 33))), ([3], [4])])
+    # a choice of exactly the model's positions still fits (one context token predicts its first)
+    assert len(choice_loglikelihoods(model, tokenizer, [long], encoded=[([3], list(range(3, 27))), ([3], [4])])[0]) == 2
 
 
 def test_the_mean_over_tasks_carries_the_standard_error_of_a_mean_of_independent_tasks(tokenizer):

@@ -149,21 +149,23 @@ def _encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[
 
 def _fit_positions(encoded: list[tuple[list[int], list[int]]], limit: int | None,
                    desc: str) -> list[tuple[list[int], list[int]]]:
-    """Cut each context from the left so that context + continuation fit the model's ``limit`` positions, as
-    lm-eval does (it keeps the last ``max_length`` tokens): past its trained length a model either fails (absolute
-    positions) or scores positions it never saw (RoPE)."""
+    """Cut each context from the left so that the tokens fed to the model fit its ``limit`` positions, as lm-eval
+    does: it feeds ``(context + continuation)[-(limit + 1):][:-1]`` — the last continuation token is predicted,
+    never fed, so ``limit + 1`` tokens fit. Past its trained length a model either fails (absolute positions) or
+    scores positions it never saw (RoPE)."""
     if not isinstance(limit, int) or limit <= 0:
         return encoded
-    too_long = [len(c) for _, c in encoded if len(c) >= limit]
+    too_long = [len(c) for _, c in encoded if len(c) > limit]  # (at least one context token must predict its first)
     if too_long:
         raise ConfigError(f"{desc}: a choice alone has {max(too_long)} tokens, the model takes {limit} positions: "
                           "score it with a model of a longer context, or drop the task")
-    cut = sum(len(x) + len(c) > limit for x, c in encoded)
+    keep = limit + 1
+    cut = sum(len(x) + len(c) > keep for x, c in encoded)
     if not cut:
         return encoded
     log.warning("%s: %d of %d choices exceed the model's %d positions: their contexts are cut from the left, as "
                 "lm-eval does", desc, cut, len(encoded), limit)
-    return [(x[len(x) + len(c) - limit:] if len(x) + len(c) > limit else x, c) for x, c in encoded]
+    return [(x[len(x) + len(c) - keep:] if len(x) + len(c) > keep else x, c) for x, c in encoded]
 
 
 @torch.no_grad()
@@ -186,7 +188,7 @@ def choice_loglikelihoods(model: Any, tokenizer: Any, items: list[MCItem], batch
     order = sorted(range(len(encoded)), key=lambda k: -len(encoded[k][0]) - len(encoded[k][1]))
     for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", disable=len(order) <= batch_size):
         idx = order[start:start + batch_size]
-        seqs = [encoded[k][0] + encoded[k][1] for k in idx]
+        seqs = [(encoded[k][0] + encoded[k][1])[:-1] for k in idx]  # the last token is only predicted
         width = max(len(s) for s in seqs)
         ids = torch.full((len(seqs), width), tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
