@@ -257,3 +257,24 @@ def test_the_report_bar_does_not_compare_labels_evaluated_differently(tmp_path):
     md = write_report(store.path, tmp_path / "report").read_text()
     line = next(x for x in md.splitlines() if x.startswith("| SEAM before any attack"))
     assert "not comparable" in line and "eval.hs_prompts: 100 vs 32" in line and line.endswith("| not measured |")
+
+
+@pytest.mark.parametrize("line, message", [
+    ('[1, 2]', "is a JSON list, not a result row"),
+    ('{"model": "aligned", "cell": "pre", "metric": "hs"}', r"has no \['defense', 'value'\]"),
+    ('{"model": "a", "defense": "none", "cell": "pre", "metric": "hs", "value": 1, "judge": "j", "bogus": 1}',
+     r"unknown fields \['bogus'\]"),
+    ('{"model": "a", "defense": "none", "cell": "pre", "metric": "hs", "value": 1, "judge": "j", "write": "abc"}',
+     "write 'abc' is not '<id>/<rows>'"),
+    ('{"model": "a", "defense": "none", "cell": "pre", "metric": "hs", "value": 1, "judge": "j", "attack": 3}',
+     "attack and versions must be JSON objects"),
+    ('{"model": "a", "defense": "none", "cell": "pre", "metric": "hs", "value": "high", "judge": "j"}',
+     "value must be a number"),
+])
+def test_a_hand_edited_row_is_a_clear_error_naming_its_line(tmp_path, line, message):
+    store = ResultStore(tmp_path / "r.jsonl")
+    store.append([_row()])
+    with store.path.open("a") as f:
+        f.write(line + "\n")
+    with pytest.raises(DataError, match=f"r.jsonl:2.*{message}"):
+        store.rows()

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import logging
 import math
+import re
 import time
 import uuid
 from collections import Counter
@@ -77,6 +78,8 @@ class ResultRow:
     A write cut short by a kill or a full disk leaves fewer rows: they are ignored and their cell is redone."""
 
     def validate(self) -> None:
+        if not isinstance(self.attack, dict) or not isinstance(self.versions, dict):
+            raise DataError("a row's attack and versions must be JSON objects")
         if not known_metric(self.metric):
             raise DataError(f"unknown metric '{self.metric}' (known: {', '.join(METRICS)}, zs_<task>, lmeval_<task>)")
         if not isinstance(self.value, (int, float)) or isinstance(self.value, bool):
@@ -124,12 +127,24 @@ class ResultStore:
         cell counts as not done and is redone)."""
         out = []
         names = {f.name for f in dataclasses.fields(ResultRow)}
+        required = {f.name for f in dataclasses.fields(ResultRow)
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
         for i, data in read_records(self.path):
-            unknown = set(data) - names
-            if unknown:
-                raise DataError(f"{self.path}:{i} has unknown fields {sorted(unknown)}")
+            where = f"{self.path}:{i}"
+            if not isinstance(data, dict):
+                raise DataError(f"{where} is a JSON {type(data).__name__}, not a result row: repair or delete that line")
+            unknown, missing = set(data) - names, required - set(data)
+            if unknown or missing:
+                raise DataError(f"{where} has {f'unknown fields {sorted(unknown)}' if unknown else ''}"
+                                f"{' and ' if unknown and missing else ''}"
+                                f"{f'no {sorted(missing)}' if missing else ''}: repair or delete that line")
             row = ResultRow(**data)
-            row.validate()
+            if row.write is not None and not re.fullmatch(r"[^/]+/[1-9]\d*", str(row.write)):
+                raise DataError(f"{where}: write {row.write!r} is not '<id>/<rows>': repair or delete that line")
+            try:
+                row.validate()
+            except DataError as exc:
+                raise DataError(f"{where}: {exc}") from None
             out.append(row)
         held = Counter(r.write for r in out if r.write)
         cut = {w for w, n in held.items() if n < int(w.rsplit("/", 1)[1])}
