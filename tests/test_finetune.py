@@ -96,6 +96,27 @@ def test_bad_lora_targets_and_values(tokenizer):
         finetune(make_model(len(tokenizer)), tokenizer, HARMFUL, FinetuneConfig(lora=True, lora_target_modules=("c_attn",)))
     with pytest.raises(ConfigError, match="lr must be > 0"):
         FinetuneConfig.from_dict({"lr": 0})
+    for bad, why in (({"lora_alpha": 0}, "lora_alpha must be > 0"), ({"lora_dropout": 1.5}, "lora_dropout must be in"),
+                     ({"weight_decay": -0.01}, "weight_decay must be >= 0")):
+        with pytest.raises(ConfigError, match=why):
+            FinetuneConfig.from_dict(bad)
+    # a layer beyond the model's two is an error, also beside a valid one (peft would drop it silently)
+    with pytest.raises(ConfigError, match=r"lora_layers \[5\] are beyond this model's 2 decoder layers"):
+        finetune(make_model(len(tokenizer)), tokenizer, HARMFUL, FinetuneConfig(lora=True, lora_layers=(1, 5)))
+
+
+@pytest.mark.parametrize("target", ["lm_head", "embed_tokens"])
+def test_lora_on_a_tied_embedding_is_refused_and_allowed_once_untied(tokenizer, target):
+    """An adapter trains one use of a shared matrix, but its merge changes both uses: refused on a tied model."""
+    model = make_model(len(tokenizer))
+    assert model.get_input_embeddings().weight is model.get_output_embeddings().weight
+    with pytest.raises(ConfigError, match=f"lora_target_modules \\['{target}'\\]: this model ties"):
+        finetune(model, tokenizer, HARMFUL, FinetuneConfig(lora=True, lora_target_modules=(target,), max_steps=1))
+    untied = make_model(len(tokenizer))
+    untied.config.tie_word_embeddings = False
+    untied.lm_head.weight = torch.nn.Parameter(untied.lm_head.weight.detach().clone())
+    res = finetune(untied, tokenizer, HARMFUL, FinetuneConfig(lora=True, lora_target_modules=(target,), max_steps=1))
+    assert res.losses
 
 
 def test_a_non_finite_gradient_stops_before_the_update(tokenizer):

@@ -193,7 +193,7 @@ def test_sweep_config_errors(tmp_path):
 def test_a_failing_trial_is_recorded_and_replaced_not_the_end_of_the_study(tiny_model_dir, bundle, tmp_path,
                                                                              monkeypatch):
     """A trial whose parameters do not fit the model (a subspace of 4 layers on 2) fails alone; the study draws
-    another until it has its finished trials. A round in which every trial fails stops it with the reason."""
+    another until it has its finished trials — also when one trial is left. Five failures in a row stop it."""
     from seamlm.errors import ConfigError
 
     real, calls = sweep_mod.attack_cell, []
@@ -208,15 +208,21 @@ def test_a_failing_trial_is_recorded_and_replaced_not_the_end_of_the_study(tiny_
     study = _sweep(tiny_model_dir, bundle, tmp_path, 2, calls)
     assert [t.state.name for t in study.trials] == ["FAIL", "COMPLETE", "COMPLETE"]
 
+    calls.clear()  # one trial left (trials 3): its first draw fails, the next one finishes the study
+    cfg = SweepConfig(recipes=("sft", "anchored"), trials=3, num_samples=4, batch_sizes=(2,), max_epochs=1,
+                      startup_trials=10)
+    study = run_sweep(str(tiny_model_dir), "tiny", "none", bundle, cfg, FinetuneConfig(max_length=64), EVAL,
+                      KeywordJudge(), tmp_path, ResultStore(tmp_path / "results.jsonl"))
+    assert [t.state.name for t in study.trials] == ["FAIL", "COMPLETE", "COMPLETE", "FAIL", "COMPLETE"]
+
     def always_fails(*a, **kw):
         raise ConfigError("no")
 
     monkeypatch.setattr(sweep_mod, "attack_cell", always_fails)
-    cfg = SweepConfig(recipes=("sft", "anchored"), trials=3, num_samples=4, batch_sizes=(2,), max_epochs=1,
-                      startup_trials=10)
-    with pytest.raises(ConfigError, match="all 1 trial\\(s\\) of the last round failed"):
-        run_sweep(str(tiny_model_dir), "tiny", "none", bundle, cfg, FinetuneConfig(max_length=64), EVAL,
-                  KeywordJudge(), tmp_path, ResultStore(tmp_path / "results.jsonl"))
+    with pytest.raises(ConfigError, match="the last 5 trials failed"):
+        run_sweep(str(tiny_model_dir), "tiny", "none", bundle, cfg.replace(trials=4), FinetuneConfig(max_length=64),
+                  EVAL, KeywordJudge(), tmp_path, ResultStore(tmp_path / "results.jsonl"))
+    assert [t.state.name for t in study.trials][5:] == ["FAIL"] * 5
 
 
 def test_a_sweep_searches_the_ablation_layer_without_training_knobs(tiny_model_dir, bundle, tmp_path):

@@ -111,6 +111,9 @@ class FinetuneConfig(BaseConfig):
             (0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"), (self.max_length >= 16, "max_length must be >= 16"),
             warmup_check(self.lr_scheduler, self.warmup_ratio),
             (self.lora_r >= 1, "lora_r must be >= 1"),
+            (self.lora_alpha > 0, "lora_alpha must be > 0 (at 0 the adapters' update is scaled to nothing)"),
+            (0 <= self.lora_dropout < 1, "lora_dropout must be in [0, 1)"),
+            (self.weight_decay >= 0, "weight_decay must be >= 0"),
             (self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm must be > 0 or None"),
             (all(i >= 0 for i in self.lora_layers), "lora_layers are layer indices >= 0"),
         ])
@@ -207,10 +210,28 @@ def _with_lora(model: Any, cfg: FinetuneConfig) -> Any:
     if missing:
         raise ConfigError(f"lora_target_modules {missing} are not modules of this model; some present: "
                           f"{sorted(p for p in present if p.endswith('proj'))[:12]}")
+    layers = getattr(model.config, "num_hidden_layers", None)
+    beyond = [i for i in cfg.lora_layers if isinstance(layers, int) and i >= layers]
+    if beyond:
+        raise ConfigError(f"lora_layers {beyond} are beyond this model's {layers} decoder layers (0 … {layers - 1})")
+    tied = tied_embedding_names(model)
+    if tied & set(cfg.lora_target_modules):
+        raise ConfigError(f"lora_target_modules {sorted(tied & set(cfg.lora_target_modules))}: this model ties its input "
+                          "embeddings to its output head, so an adapter trained on one use of the shared matrix would "
+                          "change both when merged (the evaluated model would not be the trained one); target "
+                          "projections, or fine-tune all parameters")
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=list(cfg.lora_target_modules), task_type="CAUSAL_LM",
                       layers_to_transform=list(cfg.lora_layers) or None)
     return get_peft_model(model, lora)
+
+
+def tied_embedding_names(model: Any) -> set[str]:
+    """Names (last part) of the input-embedding and output-head modules when they share one weight; else empty."""
+    inp, outp = model.get_input_embeddings(), model.get_output_embeddings()
+    if inp is None or outp is None or inp.weight is not outp.weight:
+        return set()
+    return {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if name and m in (inp, outp)}
 
 
 def decay_groups(model: Any, weight_decay: float) -> list[dict[str, Any]]:

@@ -243,16 +243,35 @@ def run_sweep(model_name: str, label: str, defense: str, bundle: BundleData, cfg
         write_trials_csv(study_, csv_path)
 
     # a trial whose parameters do not fit the model (first4 on a 2-layer model) or whose HS is NaN fails alone,
-    # recorded as FAIL with its reason, and another is drawn; a round in which every trial fails stops the sweep
+    # recorded as FAIL with its reason, and another is drawn; FAILURE_PATIENCE failures in a row stop the sweep (not
+    # one failed round: with one trial left, one unlucky draw would stop it)
     while missing > 0:
         study.optimize(objective, n_trials=missing, callbacks=[save], show_progress_bar=True, gc_after_trial=True,
                        catch=(ConfigError,))
-        left = cfg.trials - finished_trials(study)
-        if left == missing:
-            raise ConfigError(f"sweep {study.study_name}: all {missing} trial(s) of the last round failed (reasons "
-                              f"above); check the recipes' knobs against the model")
-        missing = left
+        failed = _failures_in_a_row(study)
+        if failed >= FAILURE_PATIENCE:
+            raise ConfigError(f"sweep {study.study_name}: the last {failed} trials failed (reasons above); check the "
+                              f"recipes' knobs against the model")
+        missing = cfg.trials - finished_trials(study)
     return study
+
+
+#: failed trials in a row after which a sweep stops (its trials' parameters keep not fitting the model)
+FAILURE_PATIENCE = 5
+
+
+def _failures_in_a_row(study: Any) -> int:
+    """How many of the study's last trials failed on their parameters (an interrupted one breaks no streak)."""
+    import optuna
+
+    n = 0
+    for t in reversed(study.get_trials(deepcopy=False)):
+        if t.state == optuna.trial.TrialState.FAIL and t.user_attrs.get("interrupted"):
+            continue
+        if t.state != optuna.trial.TrialState.FAIL:
+            break
+        n += 1
+    return n
 
 
 def _cell_key(params: dict[str, Any], cfg: SweepConfig, label: str) -> dict[str, Any]:
