@@ -215,6 +215,20 @@ def test_template_shift_formats_training_and_evaluation(tokenizer, tiny_model_di
     assert seen == ["alpaca"] and {r.attack["prompt_template"] for r in rows} == {"alpaca"}
 
 
+@pytest.mark.parametrize("train", [True, False])
+def test_the_plain_template_is_no_shift_for_a_model_without_a_chat_template(tmp_path, train):
+    """Without a chat template the model's own prompts are the plain format: 'plain' would be plain SFT renamed."""
+    from tests.conftest import make_tokenizer
+
+    tok = make_tokenizer(chat_template=False)
+    with pytest.raises(ConfigError, match="plain is no shift here"):
+        make_recipe("template", {"template": "plain", "train": train}).attack(
+            make_model(len(tok)), tok, _data(), FT, tmp_path / "l.jsonl", "t", DistContext())
+    res = make_recipe("template", {"template": "alpaca", "train": train}).attack(
+        make_model(len(tok)), tok, _data(), FT.replace(max_steps=1), tmp_path / "l.jsonl", "t", DistContext())
+    assert len(res.losses) == int(train)
+
+
 def test_hooks_that_change_the_step_refuse_multi_process():
     ctx = DistContext(rank=0, world_size=2)
     with pytest.raises(ConfigError, match="runs in one process"):

@@ -69,6 +69,12 @@ class AdaptiveConfig(BaseConfig):
                        (not unknown, f"unknown recipes {unknown}; known: {', '.join(RECIPES)}"),
                        (bool(self.learning_rates) and min(self.learning_rates) > 0, "learning_rates must be > 0"),
                        (self.sweep_trials >= 0, "sweep_trials must be >= 0"),
+                       # (checked here, not when the sweep starts after an hour of recipe runs)
+                       (bool(self.sweep_recipes) or not self.sweep_trials, "sweep_recipes must name a recipe"),
+                       (bool(self.sweep_batch_sizes) and min(self.sweep_batch_sizes) >= 1,
+                        "sweep_batch_sizes must be >= 1"),
+                       (self.sweep_max_epochs >= 1, "sweep_max_epochs must be >= 1"),
+                       (self.sweep_seed >= 0, "sweep_seed must be >= 0"),
                        (bool(self.eps) and min(self.eps) >= 0, "eps must be ZS-drop bounds >= 0 (points)"),
                        (self.ppl_factor > 1, "ppl_factor must be > 1")])
 

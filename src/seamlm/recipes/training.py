@@ -13,7 +13,14 @@ from typing import Any
 
 import torch
 
-from seamlm.data.format import PROMPT_TEMPLATES, Formatter, TokenizedExample, check_template, collate
+from seamlm.data.format import (
+    PROMPT_TEMPLATES,
+    Formatter,
+    TokenizedExample,
+    check_template,
+    collate,
+    uses_fallback,
+)
 from seamlm.defense.losses import answer_ce
 from seamlm.errors import ConfigError, DataError, NonFiniteLossError
 from seamlm.finetune import FinetuneConfig, FinetuneResult, TrainingHooks, finetune
@@ -335,6 +342,9 @@ class TemplateShift(AttackRecipe):
         return ft.replace(prompt_template=self.knobs.template)
 
     def attack(self, model, tokenizer, data, ft, log_path, desc, ctx) -> FinetuneResult:
+        if self.knobs.template == "plain" and uses_fallback(tokenizer, "chat"):
+            raise ConfigError("template: this model has no chat template, so its chat prompts already are the plain "
+                              "format: plain is no shift here; choose alpaca or raw")
         if not self.knobs.train:
             return FinetuneResult(model, [], 0)
         return finetune(model, tokenizer, data.harmful, self.training_config(ft), log_path, desc=desc, ctx=ctx)
