@@ -82,6 +82,23 @@ def test_beavertails_bundle_holds_out_a_category_for_evaluation(files, tmp_path)
     b = load_built(tmp_path / "b")
     assert all("privacy_violation" not in (e.category or "") for e in b.streams["harmful"])
     assert b.streams["eval_harmful"] and all("privacy_violation" in e.category for e in b.streams["eval_harmful"])
+    # a category whose name holds commas, given on the command line (which splits at commas)
+    violence = CATS[0]
+    assert _build(files, tmp_path / "c", "--holdout-categories", violence) == 0
+    c = load_built(tmp_path / "c")
+    assert c.manifest["holdout_categories"] == [violence]
+    assert {e.category for e in c.streams["harmful"]} == {"privacy_violation"}
+    assert {e.category for e in c.streams["eval_harmful"]} == {violence}
+
+
+def test_held_out_names_are_rejoined_where_commas_split_a_known_category():
+    from seamlm.data.splits import resolve_categories
+
+    known = {"violence,aiding_and_abetting,incitement", "privacy_violation", "a", "a,b"}
+    assert resolve_categories(["violence", "aiding_and_abetting", "incitement", "privacy_violation"], known) == (
+        "violence,aiding_and_abetting,incitement", "privacy_violation")
+    assert resolve_categories(["a", "b"], known) == ("a,b",)  # the longest known join
+    assert resolve_categories(["typo", "a"], known) == ("typo", "a")  # unknown kept for the caller's error
 
 
 @pytest.mark.parametrize("option,message", [

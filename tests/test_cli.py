@@ -168,6 +168,12 @@ def test_bad_inputs(tiny_model_dir, data_files, tmp_path, capsys, monkeypatch, c
     assert match in capsys.readouterr().err
 
 
+def test_offline_default_size_options_are_checked(tmp_path, capsys):
+    for option, why in (("attack_benign=-1", "attack_benign must be >= 1"), ("benign_piqa=-1", "benign_piqa must be >= 0")):
+        assert main(["data", "build", "offline-default", "--out", str(tmp_path / "o"), "--option", option]) == 1
+        assert why in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
 def test_dashed_options_take_their_underscored_spelling_and_path_errors_are_clean(tmp_path, capsys, monkeypatch):
     """Config keys are --under_scored, so users type --data_seed, --no_pre … too: both spellings work."""
     import seamlm.data.bundles as bundles

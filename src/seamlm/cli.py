@@ -156,7 +156,8 @@ def _data_parser(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--out", required=True)
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--holdout-categories", "--holdout_categories", default="",
-                   help="comma-separated harm categories kept out of the defence set (cross-category test)")
+                   help="comma-separated harm categories kept out of the defence set (cross-category test); a "
+                        "name holding commas (BeaverTails: violence,aiding_and_abetting,incitement) is recognised whole")
     b.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="a bundle option, repeatable (e.g. beavertails: train_path=FILE test_path=FILE "
                         "refusals_path=FILE benign_path=FILE defense_size=N; an unknown key lists them)")

@@ -27,6 +27,7 @@ from seamlm.data.splits import (
     near_duplicates,
     overlaps,
     prompt_hash,
+    resolve_categories,
     split_manifest,
 )
 from seamlm.errors import DataError
@@ -279,8 +280,9 @@ def _check_filled(streams: dict[str, list[Example]], holdout: tuple[str, ...], p
 
     empty = [k for k, rows in streams.items() if not rows]
     if empty:
-        raise DataError(f"{bundle}: {what()} leaves {', '.join(empty)} empty: hold out a category with more "
-                        "rows, or several (an unknown category's error lists them all)")
+        fix = ("hold out a category with more rows, or several (an unknown category's error lists them all)"
+               if holdout else "raise the size options of those streams (an unknown option's error lists them)")
+        raise DataError(f"{bundle}: {what()} leaves {', '.join(empty)} empty: {fix}")
     if len(streams["eval_harmful"]) < MIN_HS_PROMPTS:
         log.warning("%s: %s leaves %d HS prompts: each one moves HS by %.0f points", bundle, what(),
                     len(streams["eval_harmful"]), 100 / len(streams["eval_harmful"]))
@@ -290,8 +292,13 @@ def _offline_default(seed: int = 0, holdout_categories: tuple[str, ...] = (),
                      fractions: dict[str, float] | None = None, benign_piqa: int = 400,
                      benign_heldout: int = 100, attack_benign: int = 200) -> BundleData:
     fractions = fractions or {"defense": 0.45, "attack": 0.45, "eval": 0.10}
+    sizes = {"benign_piqa": (benign_piqa, 0), "benign_heldout": (benign_heldout, 1), "attack_benign": (attack_benign, 1)}
+    bad = [f"{k} must be >= {low}" for k, (v, low) in sizes.items() if v < low]
+    if bad:
+        raise DataError(f"offline-default bundle: {', '.join(bad)}")
     labelled = pyrit_labelled()
     harmful_pool = [e for e in labelled if e.label == "harmful"]
+    holdout_categories = resolve_categories(holdout_categories, {c for e in harmful_pool for c in categories_of(e)})
     refusals = _refusals_by_prompt(labelled)
 
     split = assign_splits(harmful_pool, fractions, seed, holdout_categories)
@@ -384,6 +391,7 @@ def _beavertails(seed: int = 0, holdout_categories: tuple[str, ...] = (), train_
     if bad:
         raise DataError(f"beavertails bundle: {', '.join(bad)} must be >= 1")
     harmful = [e for e in load_source("beavertails", split="30k_train", path=train_path) if e.label == "harmful"]
+    holdout_categories = resolve_categories(holdout_categories, {c for e in harmful for c in categories_of(e)})
     split = assign_splits(harmful, {"defense": 0.5, "attack": 0.5}, seed, holdout_categories)
     check_disjoint(split)
     rng = random.Random(seed)

@@ -39,6 +39,20 @@ def categories_of(e: Example) -> set[str]:
     return {c.strip().casefold() for c in (e.category or "").split(CATEGORY_SEPARATOR) if c.strip()}
 
 
+def resolve_categories(requested: Iterable[str], known: Iterable[str]) -> tuple[str, ...]:
+    """``requested`` names as given, with neighbours rejoined by commas where they form a known category (the CLI
+    splits ``--holdout-categories`` at commas, and BeaverTails names hold some:
+    ``violence,aiding_and_abetting,incitement``); the longest known join wins. Unknown names are kept, so the
+    caller's error lists them."""
+    parts, folded = [c.strip() for c in requested if c.strip()], {c.casefold() for c in known}
+    out, i = [], 0
+    while i < len(parts):
+        j = next((j for j in range(len(parts), i, -1) if ",".join(parts[i:j]).casefold() in folded), i + 1)
+        out.append(",".join(parts[i:j]))
+        i = j
+    return tuple(out)
+
+
 def assign_splits(
     examples: Iterable[Example],
     fractions: dict[str, float],
