@@ -230,6 +230,10 @@ def test_one_label_is_one_model_one_judge_one_data_bundle(tmp_path):
         with pytest.raises(DataError, match=f"already holds cells of 'aligned' made with another {key}"):
             store.check_label("aligned", {**parts, key: value})
     store.check_label("aligned", {**parts, "model": "sha256:bbb"}, same_models={"sha256:aaa"})  # an older name
+    # labels that name one folder (samples/<label>/, attacks/<label>/) would overwrite each other's answers
+    for clash in ("aligned/", "./aligned", "aligned "):
+        with pytest.raises(DataError, match="share the folder name 'aligned'"):
+            store.check_label(clash, parts)
 
 
 def test_a_file_of_sweep_trials_alone_reports_them_without_empty_grid_tables(tmp_path):
