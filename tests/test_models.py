@@ -146,6 +146,16 @@ def test_a_saved_model_is_named_by_its_weights_wherever_it_lies(tmp_path, tokeni
     assert plain.startswith("sha256:") and model_identity(f"{tmp_path}/./plain") == plain
     model.save_pretrained(other)
     assert model_identity(other) not in (plain, name)
+    # an older checkpoint of PyTorch .bin files likewise
+    binary = tmp_path / "bin"
+    model.config.save_pretrained(binary)
+    torch.save(model.state_dict(), binary / "pytorch_model.bin")
+    first = model_identity(binary)
+    assert first.startswith("sha256:") and model_identity(f"{tmp_path}/./bin") == first
+    with torch.no_grad():
+        next(model.parameters()).add_(1e-3)
+    torch.save(model.state_dict(), binary / "pytorch_model.bin")
+    assert model_identity(binary) != first
     # a hub id and an alias are named as given
     assert model_identity("org/model") == "org/model"
     assert model_identity("smollm2-135m-instruct") == "smollm2-135m-instruct"

@@ -312,9 +312,14 @@ def _files_digest(files: list[Path]) -> str:
     return digest.hexdigest()
 
 
+def _weight_files(folder: Path) -> list[Path]:
+    """A local HF folder's weight files: its ``*.safetensors``, else its PyTorch ``*.bin`` (older checkpoints)."""
+    return sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+
+
 def model_identity(model_name: str | Path) -> str:
-    """What names a model in result settings: a local model — a directory of safetensors weights, seamlm-saved or
-    not, or a .gguf file — by the digest of its weights (so a moved or renamed folder, or a path spelled another
+    """What names a model in result settings: a local model — a directory of safetensors (or else ``.bin``) weights,
+    seamlm-saved or not, or a .gguf file — by the digest of its weights (so a moved or renamed folder, or a path spelled another
     way, is the same model, and weights overwritten in place are not); a hub id or an alias (a pinned package's
     file) by the name as given."""
     path = Path(model_name).expanduser()
@@ -322,7 +327,7 @@ def model_identity(model_name: str | Path) -> str:
     if info is not None and isinstance(info.get(WEIGHTS_DIGEST_KEY), str):
         return f"sha256:{info[WEIGHTS_DIGEST_KEY][:16]}"
     if str(model_name) not in MODEL_ALIASES and (
-            (path.is_dir() and any(path.glob("*.safetensors"))) or (path.is_file() and path.suffix == ".gguf")):
+            (path.is_dir() and _weight_files(path)) or (path.is_file() and path.suffix == ".gguf")):
         return f"sha256:{_cached_digest(path)[:16]}"  # weights overwritten in place are another model
     return str(model_name)
 
@@ -343,7 +348,7 @@ _DIGESTS: dict[tuple[str, tuple], str] = {}
 def _cached_digest(path: Path) -> str:
     """:func:`weights_digest` of a folder (or a single weights file), computed once per process for unchanged files
     (a grid names its model once per cell; a 7B folder takes seconds to hash)."""
-    files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
+    files = _weight_files(path) if path.is_dir() else [path]
     stamp = tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files)
     key = (str(path.resolve()), stamp)
     if key not in _DIGESTS:
