@@ -51,6 +51,13 @@ def test_yaml_then_overrides(tmp_path):
         DefenseConfig.from_yaml(tmp_path / "nope.yaml")
     with pytest.raises(ConfigError, match="is a folder; name a YAML file"):
         DefenseConfig.from_yaml(tmp_path)
+    path.write_text("steps: 5\nbeta: 0.5\nsteps: 500\n")
+    with pytest.raises(ConfigError, match="(?s)key 'steps' is given twice.*line 3"):
+        DefenseConfig.from_yaml(path)
+    path.write_text("steps: 5\neval: {seed: 1, hs_prompts: 2}\nother: {seed: 1}\n")  # one key in two mappings: fine
+    from seamlm.config import read_yaml_mapping
+
+    assert read_yaml_mapping(path)["other"] == {"seed": 1}
     path.write_bytes(b"steps: 1\nlr: \xff\xfe\n")
     with pytest.raises(ConfigError, match=r"d.yaml is not UTF-8 text \(invalid start byte at byte 13\)"):
         DefenseConfig.from_yaml(path)
