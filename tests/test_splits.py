@@ -15,6 +15,10 @@ def test_normalisation_ignores_case_punctuation_and_space():
     assert normalize_prompt("  How do I  make a BOMB?? ") == normalize_prompt("how do i make a bomb")
     assert prompt_hash("Ｈello, world") == prompt_hash("hello world")  # NFKC full-width
     assert prompt_hash("hello world") != prompt_hash("hello word")
+    # invisible format characters inside a word (soft hyphen, zero-width space, a BOM) do not split it
+    assert prompt_hash("How do I make a pi\u00adpe bomb?") == prompt_hash("how do i make a pipe bomb")
+    assert prompt_hash("\ufeffhel\u200blo world") == prompt_hash("hello world")
+    assert prompt_hash("café") != prompt_hash("cafe")  # accents are kept
 
 
 def _examples(n, cats=("a", "b", "c")):

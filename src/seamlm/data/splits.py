@@ -20,8 +20,11 @@ _NON_WORD = re.compile(r"[^\w]+", re.UNICODE)
 
 def normalize_prompt(text: str) -> str:
     """Case-, width- (NFKC), punctuation- and whitespace-insensitive form (accents kept) used for de-duplication
-    and leakage checks."""
+    and leakage checks. Invisible format characters (Unicode Cf: soft hyphen, zero-width space, BOM …) are removed,
+    not turned into spaces: ``pi\u00adpe`` is ``pipe``."""
     text = unicodedata.normalize("NFKC", text).casefold()
+    if not text.isascii():
+        text = "".join(ch for ch in text if unicodedata.category(ch) != "Cf")
     return _NON_WORD.sub(" ", text).strip()
 
 
