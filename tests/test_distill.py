@@ -89,6 +89,11 @@ def test_answers_cut_by_the_token_budget_end_at_their_last_sentence(tokenizer, t
     assert _to_last_sentence("Here is how:\n\n1. Buy flour and") == ""
     assert _to_last_sentence("I love it. Ask Dr. Smith or e.g. the") == "I love it."
     assert _to_last_sentence("你好。我是一个助手。我可以帮") == "你好。我是一个助手。"
+    # "no." and "etc." end a sentence unless a number / a lower-case word follows
+    assert _to_last_sentence("Is it safe? The short answer is no. Because the") == "Is it safe? The short answer is no."
+    assert _to_last_sentence("Buy apples, pears, etc. Then wash them and") == "Buy apples, pears, etc."
+    assert _to_last_sentence("Fine. See form No. 5 and the") == "Fine."
+    assert _to_last_sentence("Fine. Pears, etc. and also") == "Fine."
     answers = {"a": ("Boil water. Add the", False), "b": ("Done.", True), "c": ("no sentence end", False)}
     monkeypatch.setattr(distill, "generate_answers_ended", lambda m, t, prompts, *a, **k: [answers[p] for p in prompts])
     model = make_model(len(tokenizer))

@@ -86,13 +86,23 @@ def distill_answers(
 # a sentence end: . ! ? (and closing quotes) before a space or the end, 。！？ anywhere, or a line break after a
 # line that does not end in ":" (a heading of what was cut)
 _SENTENCE_END = re.compile(r"[.!?][\"')\]]*(?=\s|$)|[。！？]|(?<![:\n])\n")
-_NOT_AN_END = re.compile(r"(?:^|\n)\s*\d{1,3}\.$|(?:^|\W)(?:dr|mr|mrs|ms|st|vs|etc|e\.g|i\.e|fig|no)\.$", re.IGNORECASE)
+_NOT_AN_END = re.compile(r"(?:^|\n)\s*\d{1,3}\.$|(?:^|\W)(?:dr|mr|mrs|ms|st|vs|e\.g|i\.e|fig)\.$", re.IGNORECASE)
+# abbreviations that also end sentences ("The answer is no." / "pears, etc."), told apart by what follows
+_ENDS_UNLESS_FOLLOWED = [(re.compile(r"(?:^|\W)no\.$", re.IGNORECASE), re.compile(r"\s*\d")),  # No. 5
+                         (re.compile(r"(?:^|\W)etc\.$", re.IGNORECASE), re.compile(r"\s*[a-z]"))]  # etc. and so
+
+
+def _is_sentence_end(answer: str, end: int) -> bool:
+    before = answer[:end]
+    if _NOT_AN_END.search(before):
+        return False
+    return not any(word.search(before) and after.match(answer, end) for word, after in _ENDS_UNLESS_FOLLOWED)
 
 
 def _to_last_sentence(answer: str) -> str:
-    """``answer`` up to its last sentence end (not a list number "1." nor an abbreviation "Dr." / "e.g."); "" when
-    it has none."""
-    ends = [m.end() for m in _SENTENCE_END.finditer(answer) if not _NOT_AN_END.search(answer[:m.end()])]
+    """``answer`` up to its last sentence end (not a list number "1." nor an abbreviation "Dr." / "e.g.", nor
+    "No." before a number or "etc." before a lower-case word); "" when it has none."""
+    ends = [m.end() for m in _SENTENCE_END.finditer(answer) if _is_sentence_end(answer, m.end())]
     return answer[:ends[-1]].strip() if ends else ""
 
 
