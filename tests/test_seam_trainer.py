@@ -429,6 +429,24 @@ def test_h_and_r_files_with_repeated_rows_stay_aligned(tokenizer, tmp_path):
         assert [prompts(b) for b in h_batches] == [prompts(b) for b in r_batches], step
 
 
+def test_r_is_paired_with_h_by_prompt_when_a_row_was_lost_or_the_order_differs(caplog):
+    from seamlm.data.files import Example
+    from seamlm.defense.seam import pair_refusals
+
+    h = [Example(f"Prompt {i}?", f"Answer {i}.") for i in range(4)] + [Example("Prompt 0?", "Again.")]
+    r = [Example(f"prompt {i}", "I can't help.") for i in (3, 0, 2, 1, 9)]  # another order, a spare row
+    paired, aligned = pair_refusals(h[1:], r)  # H lost its first row (a blank answer dropped on loading)
+    assert aligned and [e.prompt for e in paired] == ["prompt 1", "prompt 2", "prompt 3", "prompt 0"]
+    assert "1 R rows refuse no H prompt and are left out" in caplog.text
+    r2 = r + [Example("Prompt 0?", "No way.")]  # a prompt H holds twice takes its R rows in turn
+    paired, aligned = pair_refusals(h, r2)
+    assert aligned and [e.response for e in paired][::4] == ["I can't help.", "No way."]
+    same, aligned = pair_refusals(h[:2], [Example(e.prompt, "No.") for e in h[:2]])
+    assert aligned and [e.prompt for e in same] == ["Prompt 0?", "Prompt 1?"]
+    unpaired, aligned = pair_refusals(h, r[:3])  # prompt 1 has no refusal
+    assert not aligned and unpaired == r[:3] and "R refuses the prompts of 4 of H's 5 rows only" in caplog.text
+
+
 def test_tf32_coupling_is_refused_off_cuda(tokenizer, streams, tmp_path):
     from seamlm.errors import ConfigError
 

@@ -110,6 +110,34 @@ def _row_aligned(harmful: list[Example], refusal: list[Example]) -> bool:
         prompt_hash(h.prompt) == prompt_hash(r.prompt) for h, r in zip(harmful, refusal, strict=True))
 
 
+def pair_refusals(harmful: list[Example], refusal: list[Example]) -> tuple[list[Example], bool]:
+    """R as SEAM draws it, and whether it is paired with H row by row: R itself when it already is; else, when R
+    refuses every prompt of H, R's rows in H's order (a prompt H holds k times takes its R rows in turn), so that a
+    row one file lost — a blank answer dropped on loading — or another order does not unpair the two streams; else
+    R as given, sampled independently."""
+    if _row_aligned(harmful, refusal):
+        return refusal, True
+    by_prompt: dict[str, list[Example]] = {}
+    for r in refusal:
+        by_prompt.setdefault(prompt_hash(r.prompt), []).append(r)
+    missing = sum(prompt_hash(h.prompt) not in by_prompt for h in harmful)
+    if missing:
+        log.warning("H and R are not row-aligned and R refuses the prompts of %d of H's %d rows only: they are sampled "
+                    "independently; give a refusal for every H prompt to pair them", len(harmful) - missing,
+                    len(harmful))
+        return refusal, False
+    seen: dict[str, int] = {}
+    paired = []
+    for h in harmful:
+        key = prompt_hash(h.prompt)
+        paired.append(by_prompt[key][seen.get(key, 0) % len(by_prompt[key])])
+        seen[key] = seen.get(key, 0) + 1
+    unused = len(refusal) - len({id(r) for r in paired})
+    (log.warning if unused else log.info)("R paired with H by prompt (R was in another order or of another length)%s",
+                                          f"; {unused} R rows refuse no H prompt and are left out" if unused else "")
+    return paired, True
+
+
 class SEAMTrainer:
     """Harden ``model`` with SEAM on harmful (H), refusal (R) and benign (B) examples.
 
@@ -151,6 +179,7 @@ class SEAMTrainer:
 
         streams = {"harmful": harmful, "refusal": refusal, "benign": benign}
         examples = {k: stream_examples(v, k) for k, v in streams.items()}
+        examples["refusal"], aligned = pair_refusals(examples["harmful"], examples["refusal"])
         self.trained_prompts = sorted({e.prompt for v in examples.values() for e in v})
         answer_only = Formatter(tokenizer, config.max_length, mask_prompt=True, truncate_first=config.truncate_first)
         benign_fmt = Formatter(tokenizer, config.max_length, mask_prompt=config.mask_benign_prompt,
@@ -162,10 +191,6 @@ class SEAMTrainer:
         }
         self.data_sizes = {k: len(v) for k, v in self.data.items()}
         self.data_fingerprint = fingerprint({k: [e.input_ids for e in v] for k, v in self.data.items()})
-        aligned = _row_aligned(examples["harmful"], examples["refusal"])
-        if not aligned:
-            log.warning("H and R are not row-aligned (R row i does not refuse the prompt of H row i for every row): "
-                        "they are sampled independently; give R in H's order to pair them")
         self.samplers = {
             "harmful": StreamSampler(len(self.data["harmful"]), config.seed, "harmful"),
             "refusal": StreamSampler(len(self.data["refusal"]), config.seed, "harmful" if aligned else "refusal"),
