@@ -176,6 +176,13 @@ class SEAMTrainer:
         self.run_info = dict(run_info or {})
         self.out = Path(config.output_dir)
         seed_everything(config.seed)
+        if self.ctx.distributed and not config.shard_parameters and self.ctx.device != first.device:
+            # a replicated model must sit where the collectives run (NCCL cannot reduce CPU buffers)
+            if first.is_meta:
+                raise ConfigError("the model is on the meta device: only shard_parameters (FSDP) fills such a model "
+                                  "from rank 0's weights; load the weights on every rank, or set shard_parameters")
+            log.info("moving the model from %s to this rank's device %s", first.device, self.ctx.device)
+            model.to(self.ctx.device)
 
         streams = {"harmful": harmful, "refusal": refusal, "benign": benign}
         examples = {k: stream_examples(v, k) for k, v in streams.items()}
