@@ -301,3 +301,12 @@ def test_max_steps_beyond_the_plan_is_said_not_silently_capped(tokenizer, caplog
     with caplog.at_level("WARNING"):
         res = finetune(make_model(len(tokenizer)), tokenizer, HARMFUL[:8], cfg)
     assert res.steps == 2 and "max_steps=50 exceeds the 2 steps of 1 epoch(s) over 8 examples" in caplog.text
+
+
+def test_a_warm_up_that_takes_every_step_is_said(caplog):
+    from seamlm.finetune import warmup_steps
+
+    assert warmup_steps(0.1, 5) == 1 and "warm-up takes" not in caplog.text
+    assert warmup_steps(0.1, 1) == 1
+    assert "warm-up takes all 1 step(s)" in caplog.text and "only step runs at lr 0, so nothing is trained" in caplog.text
+    assert warmup_steps(0.0, 1) == 0

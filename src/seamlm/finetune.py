@@ -36,8 +36,14 @@ LOOP_VERSION = 2
 
 
 def warmup_steps(ratio: float, steps: int) -> int:
-    """Warm-up steps as ``transformers.TrainingArguments.get_warmup_steps`` counts them (rounded up)."""
-    return math.ceil(steps * ratio)
+    """Warm-up steps as ``transformers.TrainingArguments.get_warmup_steps`` counts them (rounded up). When they are
+    all the steps the learning rate never reaches its peak — one step runs at lr 0 and trains nothing —: said."""
+    n = math.ceil(steps * ratio)
+    if steps and n >= steps:
+        log.warning("warm-up takes all %d step(s) (warmup_ratio %g): the learning rate never reaches its peak%s; "
+                    "lower warmup_ratio or run more steps", steps, ratio,
+                    " and the only step runs at lr 0, so nothing is trained" if steps == 1 else "")
+    return n
 
 
 @dataclass
