@@ -467,3 +467,10 @@ def test_truncate_first_prompt_trains_refusals_to_long_prompts_whole(tokenizer, 
     assert all(r.input_ids[-1] != eos and len(r.input_ids) == 64 for r in by_default.data["refusal"])
     prompt_first = _trainer(tokenizer, streams, tmp_path / "b", steps=1, truncate_first="prompt")
     assert all(r.input_ids[-1] == eos and len(r.input_ids) == 64 for r in prompt_first.data["refusal"])
+
+
+def test_gradient_checkpointing_that_eval_mode_switches_off_is_said(tokenizer, streams, tmp_path, caplog):
+    model = make_model(len(tokenizer), seed=5)
+    model.gradient_checkpointing_enable()
+    _trainer(tokenizer, streams, tmp_path, model=model, steps=1, warmup_ratio=0.0).train()
+    assert "gradient checkpointing on, but SEAM runs it in eval mode" in caplog.text

@@ -444,6 +444,10 @@ class SEAMTrainer:
             (self.out / "log.jsonl").write_text("")
         if main:
             self._write_run_info()
+        if getattr(self.model, "is_gradient_checkpointing", False):
+            log.warning("the model has gradient checkpointing on, but SEAM runs it in eval mode (no dropout in the "
+                        "finite differences) and transformers checkpoints only in training mode: activations are "
+                        "kept, so memory is that of a run without it")
         self.model.eval()
         bar = tqdm(total=cfg.steps, initial=self.step, desc="SEAM defence", unit="step", dynamic_ncols=True,
                    disable=not main)
