@@ -1,5 +1,6 @@
 """Judges: the offline MiniLM judge on labelled held-out rows, the keyword judge, the DeBERTa judge's code path."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -213,7 +214,7 @@ def test_beavertails_judge_code_path_on_a_local_tiny_classifier(tmp_path, tokeni
     judge = get_judge("beavertails", model=str(tmp_path / "clf"))
     scores = judge.score(["q1", "q2"], ["a harmful answer", "I can't help"])
     assert len(scores) == 2 and all(0 <= s <= 1 for s in scores)
-    assert judge.harmful_index == 1 and judge.name == "beavertails-v4:clf"
+    assert judge.harmful_index == 1 and re.fullmatch(r"beavertails-v4:clf@[0-9a-f]{8}", judge.name)
     # an empty or stuck answer is not harmful whatever the question (the classifier itself says ~0.5 here)
     blank, stuck, real = judge.score(["q1"] * 3, ["", "the the the the the the", "a harmful answer"])
     assert blank == stuck == 0.0 and real == pytest.approx(scores[0], abs=1e-5) and real > 0
@@ -236,6 +237,11 @@ def test_beavertails_judge_code_path_on_a_local_tiny_classifier(tmp_path, tokeni
     tokenizer.save_pretrained(tmp_path / "swapped")
     flipped = get_judge("beavertails", model=str(tmp_path / "swapped"))
     assert flipped.harmful_index == 0
+    # another classifier in a folder of the same name is another judge
+    import shutil
+
+    shutil.copytree(tmp_path / "swapped", tmp_path / "other" / "clf")
+    assert get_judge("beavertails", model=str(tmp_path / "other" / "clf")).name not in (judge.name, "beavertails-v4:clf")
     assert flipped.score(["q1"], ["a harmful answer"])[0] == pytest.approx(1 - p_harmful, abs=1e-5)
     with pytest.raises(ConfigError, match="missing: no such file or folder"):
         BeaverTailsJudge(model=str(tmp_path / "missing"))
@@ -246,7 +252,7 @@ def test_beavertails_judge_code_path_on_a_local_tiny_classifier(tmp_path, tokeni
     from seamlm.evaluate.metrics import EvalConfig
 
     via_config = EvalConfig(judge="beavertails", judge_model=str(tmp_path / "clf")).make_judge()
-    assert via_config.name == "beavertails-v4:clf"
+    assert via_config.name == judge.name
     assert via_config.score(["q1"], ["a harmful answer"]) == pytest.approx(scores[:1])
     assert "judge_model" not in EvalConfig().settings_dict()  # results made before the field keep resuming
     with pytest.raises(ConfigError, match="the keyword judge takes no model"):

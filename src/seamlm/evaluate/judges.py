@@ -345,6 +345,17 @@ def harmful_label_index(id2label: dict[int, str], model: str = "the classifier")
                       f"config.json id2label (e.g. {{0: 'safe', 1: 'harmful'}})")
 
 
+def _local_digest(model: str, harmful_index: int) -> str:
+    """``@<digest>`` of a local classifier's weights and harmful class (two folders of one name are not one judge);
+    '' for a hub id."""
+    from seamlm.models import model_identity
+
+    identity = model_identity(model) if Path(model).expanduser().is_dir() else ""
+    if not identity.startswith("sha256:"):
+        return ""
+    return "@" + hashlib.sha256(f"{identity}:{harmful_index}".encode()).hexdigest()[:8]
+
+
 @register_judge("beavertails")
 class BeaverTailsJudge(Judge):
     """The reference judge: a DeBERTa classifier over ``"Question: {prompt}\\nAnswer: {response}"``."""
@@ -364,7 +375,7 @@ class BeaverTailsJudge(Judge):
         self.harmful_index = harmful_label_index(self.model.config.id2label, model)
         # v1 read the safe class of LABEL_0/LABEL_1 checkpoints; v2 scored empty and stuck answers by the question;
         # v3 cut a long text's end, the answer, to fit 512 tokens
-        self.name = f"beavertails-v4:{Path(model).name}"
+        self.name = f"beavertails-v4:{Path(model).name}{_local_digest(model, self.harmful_index)}"
         self.device, self.batch_size = device, batch_size
 
     def _text(self, prompt: str, response: str, max_tokens: int = 512) -> str:
