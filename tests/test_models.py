@@ -159,3 +159,19 @@ def test_a_saved_model_is_named_by_its_weights_wherever_it_lies(tmp_path, tokeni
     # a hub id and an alias are named as given
     assert model_identity("org/model") == "org/model"
     assert model_identity("smollm2-135m-instruct") == "smollm2-135m-instruct"
+
+
+def test_a_cast_save_keeps_tied_weights_one_tensor(tmp_path, tokenizer):
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    model = make_model(len(tokenizer))
+    assert model.config.tie_word_embeddings
+    out = save_model(model, tokenizer, tmp_path / "bf16", {"stage": "test"}, dtype="bfloat16")
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+        assert f.get_tensor("model.embed_tokens.weight").dtype == torch.bfloat16
+    assert "lm_head.weight" not in keys  # written once, as save_pretrained writes a tied model
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight and loaded.dtype == torch.bfloat16
+    assert next(model.parameters()).dtype == torch.float32  # the in-memory model is left as it is

@@ -270,7 +270,15 @@ def save_model(
     if dtype is not None:
         target = resolve_dtype(dtype, "cpu")
         weights = model.state_dict() if state_dict is None else state_dict
-        state_dict = {k: v.to(target) if v.is_floating_point() else v for k, v in weights.items()}
+        cast: dict[tuple, torch.Tensor] = {}  # tied weights (one storage, two keys) stay one tensor, saved once
+
+        def to_target(v: torch.Tensor) -> torch.Tensor:
+            if not v.is_floating_point():
+                return v
+            key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), tuple(v.stride()))
+            return cast.setdefault(key, v.to(target))
+
+        state_dict = {k: to_target(v) for k, v in weights.items()}
     model.save_pretrained(partial, safe_serialization=True, state_dict=state_dict)
     if dtype is not None:
         cfg_path = partial / "config.json"
