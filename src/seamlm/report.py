@@ -356,7 +356,7 @@ def write_report(results: str | Path, out_dir: str | Path, eps: tuple[float, ...
                  ppl_factor: float = 2.0) -> Path:
     """Write ``report.md``, ``report.html`` and the plots for a results file; returns the Markdown path.
     The paper-style tables and plots show the plain grid; adaptive attacks get the worst-case table (bounds ``eps``
-    and ``ppl_factor``), a table of every attack and the HS–ZS scatter."""
+    and ``ppl_factor``) and a table of every attack; every attacked cell, grid or adaptive, joins the HS–ZS scatter."""
     results = Path(results)
     if results.is_dir() and (results / "results.jsonl").is_file():
         results = results / "results.jsonl"  # a run folder: its results file
