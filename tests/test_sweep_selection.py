@@ -219,8 +219,8 @@ def test_a_failing_trial_is_recorded_and_replaced_not_the_end_of_the_study(tiny_
         raise ConfigError("no")
 
     monkeypatch.setattr(sweep_mod, "attack_cell", always_fails)
-    with pytest.raises(ConfigError, match="the last 5 trials failed"):
-        run_sweep(str(tiny_model_dir), "tiny", "none", bundle, cfg.replace(trials=4), FinetuneConfig(max_length=64),
+    with pytest.raises(ConfigError, match="the last 5 trials failed"):  # 17 trials missing: it stops within the round
+        run_sweep(str(tiny_model_dir), "tiny", "none", bundle, cfg.replace(trials=20), FinetuneConfig(max_length=64),
                   EVAL, KeywordJudge(), tmp_path, ResultStore(tmp_path / "results.jsonl"))
     assert [t.state.name for t in study.trials][5:] == ["FAIL"] * 5
 
@@ -303,3 +303,27 @@ def test_a_sweep_without_zs_tasks_is_refused_before_it_starts(bundle, tmp_path):
         sweep_study("m", "tiny", bundle, SweepConfig(trials=2), FinetuneConfig(max_length=64), no_zs, KeywordJudge(),
                     tmp_path)
     assert not list(tmp_path.iterdir())
+
+
+def test_the_failure_streak_skips_interrupted_and_queued_trials():
+    import optuna
+    from optuna.trial import TrialState
+
+    from seamlm.sweep import _failures_in_a_row
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize")
+    for _ in range(3):
+        study.tell(study.ask(), state=TrialState.FAIL)
+    killed = study.ask()
+    study.tell(killed, state=TrialState.FAIL)  # killed outright: open_study lists it in retried_trials
+    study.set_user_attr("retried_trials", [killed.number])
+    stopped = study.ask()
+    stopped.set_user_attr("interrupted", True)  # Ctrl-C
+    study.tell(stopped, state=TrialState.FAIL)
+    study.enqueue_trial({"x": 1})  # its retry, waiting
+    assert _failures_in_a_row(study) == 3
+    study.tell(study.ask(), state=TrialState.FAIL)  # the retry failed on its parameters
+    assert _failures_in_a_row(study) == 4
+    study.tell(study.ask(), 1.0)
+    assert _failures_in_a_row(study) == 0

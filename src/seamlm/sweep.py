@@ -241,6 +241,8 @@ def run_sweep(model_name: str, label: str, defense: str, bundle: BundleData, cfg
 
     def save(study_: Any, _trial: Any) -> None:
         write_trials_csv(study_, csv_path)
+        if _failures_in_a_row(study_) >= FAILURE_PATIENCE:
+            study_.stop()  # within the round too: an always-failing search must not run out its trials
 
     # a trial whose parameters do not fit the model (first4 on a 2-layer model) or whose HS is NaN fails alone,
     # recorded as FAIL with its reason, and another is drawn; FAILURE_PATIENCE failures in a row stop the sweep (not
@@ -261,12 +263,14 @@ FAILURE_PATIENCE = 5
 
 
 def _failures_in_a_row(study: Any) -> int:
-    """How many of the study's last trials failed on their parameters (an interrupted one breaks no streak)."""
+    """How many of the study's last trials failed on their parameters: an interrupted one (Ctrl-C, or killed outright
+    and so in ``retried_trials``) and one queued but not run yet are skipped, neither extending nor breaking it."""
     import optuna
 
-    n = 0
+    n, retried = 0, set(study.user_attrs.get("retried_trials", []))
     for t in reversed(study.get_trials(deepcopy=False)):
-        if t.state == optuna.trial.TrialState.FAIL and t.user_attrs.get("interrupted"):
+        if t.state == optuna.trial.TrialState.WAITING or (
+                t.state == optuna.trial.TrialState.FAIL and (t.user_attrs.get("interrupted") or t.number in retried)):
             continue
         if t.state != optuna.trial.TrialState.FAIL:
             break
