@@ -58,6 +58,11 @@ def test_yaml_then_overrides(tmp_path):
     from seamlm.config import read_yaml_mapping
 
     assert read_yaml_mapping(path)["other"] == {"seed": 1}
+    path.write_text("base: &b {seed: 1, hs_prompts: 2}\nderived:\n  <<: *b\n  seed: 3\n")  # a merge key may be overridden
+    assert read_yaml_mapping(path)["derived"] == {"seed": 3, "hs_prompts": 2}
+    path.write_text("base: &b {seed: 1}\nderived:\n  <<: *b\n  steps: 1\n  steps: 2\n")
+    with pytest.raises(ConfigError, match="key 'steps' is given twice"):
+        read_yaml_mapping(path)
     path.write_bytes(b"steps: 1\nlr: \xff\xfe\n")
     with pytest.raises(ConfigError, match=r"d.yaml is not UTF-8 text \(invalid start byte at byte 13\)"):
         DefenseConfig.from_yaml(path)
