@@ -437,7 +437,7 @@ def test_r_is_paired_with_h_by_prompt_when_a_row_was_lost_or_the_order_differs(c
     r = [Example(f"prompt {i}", "I can't help.") for i in (3, 0, 2, 1, 9)]  # another order, a spare row
     paired, aligned = pair_refusals(h[1:], r)  # H lost its first row (a blank answer dropped on loading)
     assert aligned and [e.prompt for e in paired] == ["prompt 1", "prompt 2", "prompt 3", "prompt 0"]
-    assert "1 R rows refuse no H prompt and are left out" in caplog.text
+    assert "1 R rows are left out" in caplog.text
     r2 = r + [Example("Prompt 0?", "No way.")]  # a prompt H holds twice takes its R rows in turn
     paired, aligned = pair_refusals(h, r2)
     assert aligned and [e.response for e in paired][::4] == ["I can't help.", "No way."]

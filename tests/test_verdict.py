@@ -161,5 +161,8 @@ def test_labels_measured_differently_are_not_compared():
     checks = {c.criterion: c for c in check_bar(_rows(BASE), evaluations=evaluations)}
     assert checks[before].passed is None and "eval.hs_prompts: 100 vs 32" in checks[before].measured
     assert checks[fs].passed is True and next(iter(checks.values())).passed is True  # raw vs aligned: alike
+    checks = {c.criterion: c for c in check_bar(_rows(BASE), evaluations={**evaluations, "seam": {
+        **ev, "prompt_template": "alpaca"}})}
+    assert checks[before].passed is None and "eval.prompt_template: 'alpaca' vs 'chat'" in checks[before].measured
     checks = {c.criterion: c for c in check_bar(_rows(BASE), evaluations={**evaluations, "seam": {**ev, "fs_steps": 5}})}
     assert checks[before].passed is True and checks[fs].passed is None and "eval.fs_steps: 5 vs 60" in checks[fs].measured

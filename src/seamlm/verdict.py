@@ -70,6 +70,10 @@ def incomparable(rows: list[ResultRow], a: str, b: str, evaluations: dict[str, d
             out.append(f"{what} {', '.join(sorted(map(str, va)))} vs {', '.join(sorted(map(str, vb)))}")
     if ea is not None and eb is not None:
         out += measured_differently(ea, eb, arrow="vs")
+        # (a label's cells may differ in template — a template-shift attack — but its pre-attack record is its own)
+        ta, tb = ea.get("prompt_template", "chat"), eb.get("prompt_template", "chat")
+        if ta != tb:
+            out.append(f"eval.prompt_template: {ta!r} vs {tb!r}")
     return out
 
 

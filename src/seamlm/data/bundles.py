@@ -274,14 +274,15 @@ def _check_filled(streams: dict[str, list[Example]], holdout: tuple[str, ...], p
     handful of prompts: refuse the first, warn about the second."""
     def what() -> str:  # counted only for a message
         if not holdout:
-            return "this seed"
+            return "this build"
         held = {prompt_hash(e.prompt) for e in pool if categories_of(e) & {c.strip().casefold() for c in holdout}}
         return f"holding out {', '.join(holdout)} ({len(held)} harmful prompts)"
 
     empty = [k for k, rows in streams.items() if not rows]
     if empty:
         fix = ("hold out a category with more rows, or several (an unknown category's error lists them all)"
-               if holdout else "raise the size options of those streams (an unknown option's error lists them)")
+               if holdout else "the sources ran out of rows for them: lower the sizes of the streams drawn from the same "
+               "source (an unknown --option lists the sizes), or give larger source files")
         raise DataError(f"{bundle}: {what()} leaves {', '.join(empty)} empty: {fix}")
     if len(streams["eval_harmful"]) < MIN_HS_PROMPTS:
         log.warning("%s: %s leaves %d HS prompts: each one moves HS by %.0f points", bundle, what(),

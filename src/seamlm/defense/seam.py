@@ -132,9 +132,10 @@ def pair_refusals(harmful: list[Example], refusal: list[Example]) -> tuple[list[
         key = prompt_hash(h.prompt)
         paired.append(by_prompt[key][seen.get(key, 0) % len(by_prompt[key])])
         seen[key] = seen.get(key, 0) + 1
-    unused = len(refusal) - len({id(r) for r in paired})
+    unused = len(refusal) - sum(min(seen.get(key, 0), len(rows)) for key, rows in by_prompt.items())
     (log.warning if unused else log.info)("R paired with H by prompt (R was in another order or of another length)%s",
-                                          f"; {unused} R rows refuse no H prompt and are left out" if unused else "")
+                                          f"; {unused} R rows are left out (prompts H does not hold, or holds fewer "
+                                          "times)" if unused else "")
     return paired, True
 
 
