@@ -474,3 +474,20 @@ def test_gradient_checkpointing_that_eval_mode_switches_off_is_said(tokenizer, s
     model.gradient_checkpointing_enable()
     _trainer(tokenizer, streams, tmp_path, model=model, steps=1, warmup_ratio=0.0).train()
     assert "gradient checkpointing on, but SEAM runs it in eval mode" in caplog.text
+
+
+def test_a_replicated_model_is_moved_to_the_ranks_device_and_a_meta_one_refused(tokenizer, streams, tmp_path):
+    """Under several processes without FSDP every rank runs its whole model where its collectives run (NCCL cannot
+    reduce CPU buffers): a model elsewhere is moved there. The context's device stands in for a GPU here."""
+    from seamlm.distributed import DistContext
+    from seamlm.errors import ConfigError
+
+    model = make_model(len(tokenizer), seed=5)
+    cfg = DefenseConfig(output_dir=str(tmp_path), steps=1, batch_size=1, max_length=32)
+    SEAMTrainer(model, tokenizer, cfg, ctx=DistContext(rank=0, world_size=2, device=torch.device("meta")), **streams)
+    assert next(model.parameters()).device.type == "meta"
+    with pytest.raises(ConfigError, match="the model is on the meta device: only shard_parameters"):
+        SEAMTrainer(model, tokenizer, cfg, ctx=DistContext(rank=0, world_size=2, device=torch.device("cpu")), **streams)
+    cpu = make_model(len(tokenizer), seed=5)  # one process: the model stays where it is
+    SEAMTrainer(cpu, tokenizer, cfg, ctx=DistContext(device=torch.device("meta")), **streams)
+    assert next(cpu.parameters()).device.type == "cpu"
