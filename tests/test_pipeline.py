@@ -5,6 +5,7 @@ import re
 import time
 
 import pytest
+import torch
 
 from seamlm.errors import ConfigError
 from seamlm.pipeline import DemoConfig, run_demo
@@ -130,6 +131,17 @@ def test_demo_reuses_a_baseline_for_other_defense_settings(tiny_model_dir, tmp_p
     # a baseline that itself reused one: the error names the demo that holds the aligned model
     with pytest.raises(ConfigError, match=f"give baseline_from={base}"):
         run_demo(tmp_path / "chain", cfg.replace(defense_steps=4, baseline_from=str(trial)))
+    # the baseline's aligned model retrained since (other weights, same settings): the trial's SEAM model, trained
+    # from the old one, is not set beside it
+    from seamlm.models import load_model, save_model, saved_run_config
+
+    aligned = base / "models" / "aligned"
+    model, tok = load_model(str(aligned))
+    with torch.no_grad():
+        next(model.parameters()).add_(1e-3)
+    save_model(model, tok, aligned, {k: v for k, v in saved_run_config(aligned).items() if k != "weights_sha256"})
+    with pytest.raises(ConfigError, match="started from another aligned model than .* holds now"):
+        run_demo(trial, cfg.replace(defense_steps=3, baseline_from=str(base)))
 
 
 @pytest.mark.slow
@@ -238,6 +250,7 @@ def test_stage_clock_sums_stages_over_invocations(tmp_path):
 @pytest.mark.parametrize("bad,match", [
     ({"defense_unlearn_loss": "logit-lens"}, "must be one of \\['logit_lens', 'final_layer'\\]"),
     ({"zs_tasks": "arc_easyy"}, "unknown zero-shot task\\(s\\) arc_easyy"),
+    ({"zs_tasks": "arc_easy,piqa"}, "zs_tasks \\['piqa'\\] feed the offline-default bundle's training data"),
     ({"judge": "gpt-judge"}, "unknown judge 'gpt-judge'"),
     ({"fs_train": 0}, "fs_train, fs_test and fs_steps must be >= 1"),
     ({"align_steps": 0}, "align_steps must be >= 1"),

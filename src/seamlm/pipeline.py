@@ -19,7 +19,7 @@ from typing import Any, Literal
 from seamlm.attack import AttackConfig, evaluate_pre_attack, run_attack_grid
 from seamlm.checkpoint import latest_checkpoint
 from seamlm.config import BaseConfig
-from seamlm.data.bundles import build_bundle, load_built
+from seamlm.data.bundles import OFFLINE_DEFAULT_ZS_EXCLUDE, build_bundle, load_built
 from seamlm.defense import DefenseConfig, RefusalSFT, SEAMTrainer
 from seamlm.errors import ConfigError
 from seamlm.evaluate.metrics import EvalConfig
@@ -29,6 +29,7 @@ from seamlm.models import (
     PROMPT_FORMAT_VERSION,
     is_saved_model,
     load_model,
+    model_identity,
     resolve_model_source,
     save_model,
     saved_run_config,
@@ -121,7 +122,10 @@ class DemoConfig(BaseConfig):
     def validate(self) -> None:
         # build every stage's config now, so a bad value fails before the first stage runs (and before
         # demo_config.json pins the directory to it), not after alignment and SEAM have spent their minutes
-        self._require([(self.align_steps >= 1, "align_steps must be >= 1")])
+        fed = sorted(set(self.zs_tasks) & set(OFFLINE_DEFAULT_ZS_EXCLUDE))
+        self._require([(self.align_steps >= 1, "align_steps must be >= 1"),
+                       (not fed, f"zs_tasks {fed} feed the offline-default bundle's training data (PIQA rows are "
+                                 "benign training examples): drop them from zs_tasks")])
         self.align_config()
         self.defense_config("unused")
         self.attack_grids()
@@ -288,7 +292,29 @@ def check_demo_folder(out: Path, cfg: DemoConfig, fresh: bool) -> Path:
     if is_saved_model(paths["seam"]) and not fresh:
         _check_stage(paths["seam"], "defense_config", cfg.defense_config(paths["seam_run"]), "defend",
                      ignore=("output_dir",))
+    if not fresh:
+        _check_seam_base(paths)
     return base
+
+
+def _check_seam_base(paths: dict[str, Path]) -> None:
+    """A SEAM model (or its checkpoints) is reused only on top of the aligned model it was trained from: a baseline
+    redone since (``seamlm demo --out BASE --fresh``) holds another one."""
+    if is_saved_model(paths["seam"]):
+        record, what = saved_run_config(paths["seam"]) or {}, "SEAM model"
+    elif latest_checkpoint(paths["seam_run"] / "checkpoints") is not None and (paths["seam_run"] / "run.json").is_file():
+        record, what = json.loads((paths["seam_run"] / "run.json").read_text(encoding="utf-8")), "killed SEAM run"
+    else:
+        return
+    if not is_saved_model(paths["aligned"]):
+        return
+    if "base_identity" not in record:
+        log.warning("%s: the %s does not record which aligned model it started from (older seamlm): reused "
+                    "unverified; --fresh retrains it", paths["seam_run"], what)
+    elif record["base_identity"] != model_identity(paths["aligned"]):
+        raise ConfigError(f"{paths['seam_run']}: the {what} there started from another aligned model than "
+                          f"{paths['aligned']} holds now (the baseline was redone since): rerun with --fresh to "
+                          "defend the new one, or choose another --out")
 
 
 def run_demo(out_dir: str | Path, cfg: DemoConfig, fresh: bool = False, checked: bool = False) -> Path:
@@ -332,7 +358,7 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig, fresh: bool = False, checked:
         model, tok = load_model(str(aligned), dtype="float32")
         trainer = SEAMTrainer(model, tok, cfg.defense_config(seam), harmful=bundle.streams["harmful"],
                               refusal=bundle.streams["refusal"], benign=bundle.streams["benign"],
-                              run_info={"model": str(aligned)})
+                              run_info={"model": str(aligned), "base_identity": model_identity(aligned)})
         trainer.train(resume=latest_checkpoint(seam / "checkpoints") is not None)
     if (seam / "checkpoints").is_dir() and is_saved_model(paths["seam"]):
         # only a killed SEAM stage resumes from them; a finished one is skipped (they hold ≈ 3 parameter copies each)

@@ -289,6 +289,10 @@ def _check_filled(streams: dict[str, list[Example]], holdout: tuple[str, ...], p
                     len(streams["eval_harmful"]), 100 / len(streams["eval_harmful"]))
 
 
+#: zero-shot tasks whose rows feed offline-default's training streams (PIQA feeds B): not utility measures there
+OFFLINE_DEFAULT_ZS_EXCLUDE = ("piqa",)
+
+
 def _offline_default(seed: int = 0, holdout_categories: tuple[str, ...] = (),
                      fractions: dict[str, float] | None = None, benign_piqa: int = 400,
                      benign_heldout: int = 100, attack_benign: int = 200) -> BundleData:
@@ -359,7 +363,7 @@ def _offline_default(seed: int = 0, holdout_categories: tuple[str, ...] = (),
         bundle="offline-default", fractions=fractions, holdout_categories=list(holdout_categories),
         sources={k: get_source(k).origin for k in BUNDLES["offline-default"].sources["all"]},
         refusals_from_data=sum(1 for e in streams["refusal"] if e.source != "template"),
-        zero_shot_exclude=["piqa"],  # PIQA rows feed B: do not use PIQA as a zero-shot utility task
+        zero_shot_exclude=list(OFFLINE_DEFAULT_ZS_EXCLUDE),
     )
     return BundleData(streams, manifest)
 
