@@ -373,3 +373,21 @@ def test_a_stage_without_chat_template_trained_in_the_old_prompt_format_is_not_r
         _check_stage(plain, "config", cfg, "align")
     (plain / "seamlm_run.json").write_text(json.dumps({**info, "prompt_format": PROMPT_FORMAT_VERSION}))
     _check_stage(plain, "config", cfg, "align")
+
+
+def test_one_command_at_a_time_on_a_folder(tmp_path):
+    """A second demo (or rescore, adaptive) on a folder another one is using is refused, naming the holder; the
+    lock goes with the command."""
+    from seamlm.runinfo import LOCK_FILE, folder_lock
+
+    with folder_lock(tmp_path / "d", "demo"):
+        with pytest.raises(ConfigError, match=r"d is in use by another seamlm command \(seamlm demo, pid \d+"):
+            run_demo(tmp_path / "d", DemoConfig())
+        from seamlm.rescore import rescore
+
+        (tmp_path / "d" / "results.jsonl").write_text("")
+        with pytest.raises(ConfigError, match="in use by another seamlm command"):
+            rescore(tmp_path / "d", DemoConfig().eval_config())
+    with folder_lock(tmp_path / "d", "rescore"):  # released
+        pass
+    assert (tmp_path / "d" / LOCK_FILE).is_file()

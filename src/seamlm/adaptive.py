@@ -20,7 +20,7 @@ from seamlm.pipeline import DemoConfig, demo_paths
 from seamlm.recipes import RECIPES, make_recipe
 from seamlm.report import write_report
 from seamlm.results import ResultStore
-from seamlm.runinfo import StageClock, package_versions
+from seamlm.runinfo import StageClock, folder_lock, package_versions
 from seamlm.sweep import SweepConfig, run_sweep
 
 log = logging.getLogger(__name__)
@@ -120,7 +120,11 @@ def run_adaptive(out_dir: str | Path, cfg: AdaptiveConfig) -> Path:
     """Run (or resume) the recipes and sweeps; returns the report's Markdown path."""
     out = Path(out_dir)
     demo_cfg, paths = _demo(cfg)
-    out.mkdir(parents=True, exist_ok=True)
+    with folder_lock(out, "adaptive"):
+        return _run_phases(out, cfg, demo_cfg, paths)
+
+
+def _run_phases(out: Path, cfg: AdaptiveConfig, demo_cfg: DemoConfig, paths: dict[str, Path]) -> Path:
     keep_record(out / "adaptive_config.json", json.dumps(
         {"config": cfg.to_dict(), "demo_config": demo_cfg.to_dict(), "versions": package_versions()}, indent=2),
         same=_same_settings)

@@ -37,7 +37,7 @@ from seamlm.models import (
 )
 from seamlm.report import write_report
 from seamlm.results import ResultRow, ResultStore
-from seamlm.runinfo import StageClock
+from seamlm.runinfo import LOCK_FILE, StageClock, folder_lock
 
 log = logging.getLogger(__name__)
 
@@ -254,7 +254,7 @@ def _cli_value(value: Any) -> str:
 
 
 #: what a demo folder holds before any stage has finished
-_NOT_STARTED = {"demo_config.json", "timings.jsonl"}
+_NOT_STARTED = {"demo_config.json", "timings.jsonl", LOCK_FILE}
 #: the mark of a folder of several data seeds' demos (``seamlm demo --seeds``)
 SEEDS_FILE = "seeds.json"
 
@@ -268,7 +268,8 @@ def check_demo_folder(out: Path, cfg: DemoConfig, fresh: bool) -> Path:
         raise ConfigError(f"{out} holds the demos of several data seeds (seamlm demo --seeds): rerun that command, "
                           "or choose another --out")
     saved = out / "demo_config.json"
-    if fresh and out.exists() and not saved.is_file() and (not out.is_dir() or any(out.iterdir())):
+    if fresh and out.exists() and not saved.is_file() and (
+            not out.is_dir() or any(p.name != LOCK_FILE for p in out.iterdir())):
         raise ConfigError(f"--fresh empties --out, and {out} holds no demo run (no demo_config.json): choose another "
                           "--out (or empty that folder yourself)")
     paths = demo_paths(out, cfg)
@@ -322,13 +323,19 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig, fresh: bool = False, checked:
     has passed already (the seeds' loop checks every folder first)."""
     out = Path(out_dir)
     base = out if checked and not cfg.baseline_from else check_demo_folder(out, cfg, fresh)
+    with folder_lock(out, "demo"):
+        return _run_stages(out, cfg, base, fresh)
+
+
+def _run_stages(out: Path, cfg: DemoConfig, base: Path, fresh: bool) -> Path:
     paths = demo_paths(out, cfg)
     saved = out / "demo_config.json"
     clock = StageClock(out / "timings.jsonl")
     judge = cfg.eval_config().make_judge()  # a judge that cannot load (no Hub) fails before any training
-    if fresh and out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if fresh:
+        for child in out.iterdir():  # everything but the lock this command holds
+            if child.name != LOCK_FILE:
+                shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
     write_text_atomic(saved, json.dumps(cfg.to_dict(), indent=2))
     clock.lap("judge")
 

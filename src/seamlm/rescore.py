@@ -28,7 +28,7 @@ from seamlm.evaluate.judges import Judge
 from seamlm.evaluate.metrics import EvalConfig, hs_figures
 from seamlm.jsonl import read_records, write_records_atomic, write_text_atomic
 from seamlm.results import JUDGED_METRICS, ResultRow, ResultStore
-from seamlm.runinfo import path_part
+from seamlm.runinfo import folder_lock, path_part
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,11 @@ def rescore(results: str | Path, eval_cfg: EvalConfig, judge: Judge | None = Non
     path = path / "results.jsonl" if path.is_dir() else path
     if not path.is_file():
         raise DataError(f"{path} does not exist; give the results.jsonl of a finished run (or its folder)")
+    with folder_lock(path.parent, "rescore"):
+        return _rescore(path, eval_cfg, judge)
+
+
+def _rescore(path: Path, eval_cfg: EvalConfig, judge: Judge | None) -> list[Rescored]:
     store = ResultStore(path)
     rows = store.rows()
     if not any(r.metric == "hs" for r in rows) and not (path.parent / "sweep.db").is_file():  # before the judge loads

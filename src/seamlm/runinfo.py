@@ -4,18 +4,52 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 import re
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from seamlm.errors import DataError
+from seamlm.errors import ConfigError, DataError
 from seamlm.jsonl import append_records, read_records
+
+#: the file :func:`folder_lock` holds in an output folder (left in place: removing it would race a waiting command)
+LOCK_FILE = ".seamlm.lock"
+
+
+@contextmanager
+def folder_lock(folder: Path, command: str) -> Iterator[None]:
+    """One seamlm command at a time on ``folder`` (an advisory ``flock``, released when the process ends, also by a
+    kill): two demos or rescores on one folder would train the same stage twice, interleave one log and write every
+    missing cell twice."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        yield
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    fh = (folder / LOCK_FILE).open("a+", encoding="utf-8")
+    try:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            raise ConfigError(f"{folder} is in use by another seamlm command ({fh.read().strip() or 'unknown'}): "
+                              "wait for it to end, or choose another --out") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"seamlm {command}, pid {os.getpid()}, since {time.strftime('%Y-%m-%dT%H:%M:%S%z')}\n")
+        fh.flush()
+        yield
+    finally:
+        fh.close()  # (closing releases the lock)
 
 
 def package_versions(names: tuple[str, ...] = ("seamlm", "torch", "transformers", "accelerate", "peft", "gguf")) -> dict[str, str]:
