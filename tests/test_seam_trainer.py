@@ -386,7 +386,7 @@ def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tokenizer, 
 
     monkeypatch.setattr(ckpt, "open", open_full_disk_at_step_4, raising=False)
     tr = _trainer(tokenizer, streams, tmp_path, steps=6, checkpoint_every=2)
-    with pytest.raises(CheckpointError, match=r"disk is full.*step-0000002.*--resume"):
+    with pytest.raises(CheckpointError, match=r"disk is full.*step-0000002.*defend` with --resume, `seamlm demo` by rerunning"):
         tr.train()
     assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step-0000002"]
     assert not list((tmp_path / "checkpoints").glob(".tmp-*"))

@@ -141,8 +141,9 @@ def _write_error(root: Path, step: int, exc: OSError) -> CheckpointError:
     last = latest_checkpoint(root)
     reason = "the disk is full" if exc.errno == errno.ENOSPC else str(exc)
     return CheckpointError(f"could not write the checkpoint for step {step} to {root}: {reason}. "
-                           f"Earlier checkpoints are intact (latest: {last or 'none'}); free space and rerun with "
-                           "--resume.")
+                           f"Earlier checkpoints are intact (latest: {last or 'none'}); free space, then continue from "
+                           "them: `seamlm defend` with --resume, `seamlm demo` by rerunning the same command "
+                           "(Python: trainer.train(resume=True)).")
 
 
 def _commit(root: Path, step: int, state: dict[str, Any] | None, keep: int, tmp: Path, final: Path) -> Path:
