@@ -23,6 +23,8 @@ def test_shrunken_demo_end_to_end_and_resume(tiny_model_dir, tmp_path, monkeypat
     assert (out / "models" / "seam" / "model" / "model.safetensors").is_file()
     assert not (out / "models" / "seam" / "checkpoints").exists()  # the finished stage's resume points are freed
     assert (out / "models" / "seam" / "log.jsonl").is_file()
+    seam_run = json.loads((out / "models" / "seam" / "model" / "seamlm_run.json").read_text())
+    assert seam_run["warmup_steps"] == 1 and seam_run["base_identity"].startswith("sha256:")  # ceil(0.1 × 2)
     rows = ResultStore(out / "results.jsonl").rows()
     cells = {(r.model, r.cell) for r in rows}
     assert {("raw", "pre"), ("aligned", "pre"), ("seam", "pre")} <= cells
@@ -333,6 +335,18 @@ def test_a_finished_stage_trained_with_another_configuration_is_not_reused(tmp_p
     with caplog.at_level("WARNING"):
         _check_stage(tmp_path, "config", cfg, "align")
     assert "did not record its training loop's version: reused unverified" in caplog.text
+    # a SEAM model that warmed up otherwise than this seamlm would (the rounding changed on 2026-11-27)
+    seam_cfg = DemoConfig(defense_steps=4).defense_config("x")  # ceil(0.4) = 1 warm-up step, int(0.4) = 0
+    seam_info = {"stage": "defend", "defense_config": seam_cfg.to_dict()}
+    for recorded, outcome in ((1, None), (0, "warm-up steps: 0 → 1"), ("absent", "does not record its warm-up")):
+        record = seam_info if recorded == "absent" else {**seam_info, "warmup_steps": recorded}
+        (tmp_path / "seamlm_run.json").write_text(json.dumps(record))
+        if outcome and "→" in outcome:
+            with pytest.raises(ConfigError, match=outcome):
+                _check_stage(tmp_path, "defense_config", seam_cfg, "defend", ignore=("output_dir",))
+        else:
+            _check_stage(tmp_path, "defense_config", seam_cfg, "defend", ignore=("output_dir",))
+    assert "does not record its warm-up (older seamlm): made before 2026-11-27 it warmed up for 0 steps" in caplog.text
 
 
 def test_a_stale_baseline_alignment_is_refused_before_fresh_deletes_anything(tmp_path):

@@ -613,6 +613,7 @@ class SEAMTrainer:
             dtype = self.original_dtype
         run_config = {
             "stage": "defend", "method": "seam", "defense_config": self.config.to_dict(), "steps_done": self.step,
+            "warmup_steps": self.warmup_steps,
             "data_sizes": self.data_sizes, "data_fingerprint": self.data_fingerprint, **self.run_info,
         }
         weights = full_state_dict(self.answer_losses, "model.") if self.fsdp else None  # every rank takes part
