@@ -3,6 +3,7 @@
 import json
 import re
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -405,3 +406,19 @@ def test_one_command_at_a_time_on_a_folder(tmp_path):
     with folder_lock(tmp_path / "d", "rescore"):  # released
         pass
     assert (tmp_path / "d" / LOCK_FILE).is_file()
+
+
+def test_a_relative_baseline_is_found_again_from_another_folder(tmp_path, monkeypatch):
+    """`seamlm demo --out trial --baseline_from base` started in tmp_path, resumed from elsewhere: the baseline is
+    the one beside the demo, as rescore and adaptive find it too."""
+    from seamlm.pipeline import baseline_folder, demo_paths
+
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "demo_config.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    assert baseline_folder(Path("trial"), "base") == Path("base")
+    monkeypatch.chdir(tmp_path.parent)
+    trial = tmp_path / "trial"
+    assert baseline_folder(trial, "base") == tmp_path / "base"
+    assert demo_paths(trial, DemoConfig(baseline_from="base"))["aligned"] == tmp_path / "base" / "models" / "aligned"
+    assert baseline_folder(trial, "nowhere") == Path("nowhere")  # not found: as given, for the error to name

@@ -185,7 +185,7 @@ def demo_paths(out_dir: str | Path, cfg: DemoConfig) -> dict[str, Path]:
     """Where a demo keeps its data and models: the data and the aligned model live in the ``baseline_from`` demo
     when it reuses one, the SEAM model always in its own folder."""
     out = Path(out_dir)
-    base = Path(cfg.baseline_from) if cfg.baseline_from else out
+    base = baseline_folder(out, cfg.baseline_from) if cfg.baseline_from else out
     return {"data": base / "data", "aligned": base / "models" / "aligned", "seam_run": out / "models" / "seam",
             "seam": out / "models" / "seam" / "model"}
 
@@ -201,8 +201,18 @@ def _banner(text: str) -> None:
     log.info("=" * 20 + f" {text} " + "=" * 20)
 
 
+def baseline_folder(out: Path, baseline_from: str) -> Path:
+    """The folder ``baseline_from`` names: as given (from where the demo was started), else — a relative path, the
+    demo resumed from another folder — beside the demo's ``--out``, where a relative path is found again."""
+    given = Path(baseline_from)
+    beside = out.parent / given
+    if not given.is_absolute() and not (given / "demo_config.json").is_file() and (beside / "demo_config.json").is_file():
+        return beside
+    return given
+
+
 def _check_baseline(cfg: DemoConfig, out: Path) -> Path:
-    base = Path(cfg.baseline_from)
+    base = baseline_folder(out, cfg.baseline_from)
     if base.resolve() == out.resolve() or out.resolve() in base.resolve().parents:
         raise ConfigError(f"baseline_from={base} is --out itself or inside it: the run would reuse (and --fresh "
                           "delete) its own baseline; give another --out")

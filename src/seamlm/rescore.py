@@ -169,8 +169,10 @@ def demo_baseline(folder: Path) -> Path | None:
         base = json.loads(saved.read_text(encoding="utf-8")).get("baseline_from")
         if not base:
             return None
-        # as the demo was started (from the current folder), else beside the demo folder
-        found = next((b for b in (Path(base), folder.parent / base) if (b / "results.jsonl").is_file()), None)
+        from seamlm.pipeline import baseline_folder
+
+        found = baseline_folder(folder, base)  # as the demo was started (from the current folder), else beside it
+        found = found if (found / "results.jsonl").is_file() else None
         if found is None:
             raise DataError(f"{folder} reuses the baseline {base}, which has no results.jsonl here (tried {base} "
                             f"and {folder.parent / base}); run rescore from where the demo was started")
