@@ -248,6 +248,13 @@ def test_stage_clock_sums_stages_over_invocations(tmp_path):
         f.write('{"invocation": "x", "stage": "b", "sec')  # a kill mid-write of a lap
     b2 = StageClock(path).lap("b")
     assert StageClock.totals(path)["b"] == pytest.approx(b1 + b2, abs=0.01)
+    # a stage stopped by Ctrl-C or an error: its seconds are charged to "interrupted", not lost
+    clock = StageClock(path)
+    with pytest.raises(KeyboardInterrupt), clock.charging_interruptions():
+        clock.lap("c")
+        time.sleep(0.05)
+        raise KeyboardInterrupt
+    assert StageClock.totals(path)["interrupted"] >= 0.05
 
 
 @pytest.mark.parametrize("bad,match", [

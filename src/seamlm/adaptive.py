@@ -121,10 +121,13 @@ def run_adaptive(out_dir: str | Path, cfg: AdaptiveConfig) -> Path:
     out = Path(out_dir)
     demo_cfg, paths = _demo(cfg)
     with folder_lock(out, "adaptive"):
-        return _run_phases(out, cfg, demo_cfg, paths)
+        clock = StageClock(out / "timings.jsonl")  # seconds per stage, summed over resumed invocations
+        with clock.charging_interruptions():
+            return _run_phases(out, cfg, demo_cfg, paths, clock)
 
 
-def _run_phases(out: Path, cfg: AdaptiveConfig, demo_cfg: DemoConfig, paths: dict[str, Path]) -> Path:
+def _run_phases(out: Path, cfg: AdaptiveConfig, demo_cfg: DemoConfig, paths: dict[str, Path],
+                clock: StageClock) -> Path:
     keep_record(out / "adaptive_config.json", json.dumps(
         {"config": cfg.to_dict(), "demo_config": demo_cfg.to_dict(), "versions": package_versions()}, indent=2),
         same=_same_settings)
@@ -141,7 +144,6 @@ def _run_phases(out: Path, cfg: AdaptiveConfig, demo_cfg: DemoConfig, paths: dic
     samples = demo_cfg.attack_samples
     grid = AttackConfig(learning_rates=cfg.learning_rates, num_samples=(samples,), **demo_cfg.length_fields())
     models = {label: (str(paths[label]), DEMO_DEFENSES[label]) for label in cfg.models}
-    clock = StageClock(out / "timings.jsonl")  # seconds per stage, summed over resumed invocations
     # phase by phase over both models, so a run stopped early still compares them
     for label, (model, defense) in models.items():
         evaluate_pre_attack(model, label, defense, bundle, eval_cfg, judge, out, store)

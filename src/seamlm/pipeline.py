@@ -343,13 +343,14 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig, fresh: bool = False, checked:
     out = Path(out_dir)
     base = out if checked and not cfg.baseline_from else check_demo_folder(out, cfg, fresh)
     with folder_lock(out, "demo"):
-        return _run_stages(out, cfg, base, fresh)
+        clock = StageClock(out / "timings.jsonl")
+        with clock.charging_interruptions():
+            return _run_stages(out, cfg, base, fresh, clock)
 
 
-def _run_stages(out: Path, cfg: DemoConfig, base: Path, fresh: bool) -> Path:
+def _run_stages(out: Path, cfg: DemoConfig, base: Path, fresh: bool, clock: StageClock) -> Path:
     paths = demo_paths(out, cfg)
     saved = out / "demo_config.json"
-    clock = StageClock(out / "timings.jsonl")
     judge = cfg.eval_config().make_judge()  # a judge that cannot load (no Hub) fails before any training
     if fresh:
         for child in out.iterdir():  # everything but the lock this command holds

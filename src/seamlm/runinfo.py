@@ -98,6 +98,8 @@ class StageClock:
 
     A stage's line is written the moment it ends, so a killed job keeps the stages it finished and a resumed one
     adds its own lines: :meth:`totals` sums them into what the job really cost, however many invocations it took.
+    Time spent in a stage that an error or Ctrl-C stopped is charged to ``interrupted``
+    (:meth:`charging_interruptions`; a ``kill -9`` leaves no line).
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -111,6 +113,15 @@ class StageClock:
         seconds, self._t = now - self._t, now
         append_records(self.path, [{"invocation": self.invocation, "stage": stage, "seconds": round(seconds, 2)}])
         return seconds
+
+    @contextmanager
+    def charging_interruptions(self) -> Iterator[None]:
+        """Within the block, a stage stopped by an exception (Ctrl-C included) still has its seconds recorded."""
+        try:
+            yield
+        except BaseException:
+            self.lap("interrupted")
+            raise
 
     @staticmethod
     def totals(path: str | Path) -> dict[str, float]:
