@@ -113,3 +113,22 @@ def test_adaptive_on_a_shrunken_demo_runs_every_recipe_and_resumes(tiny_model_di
 def test_bad_adaptive_bounds_are_refused_before_any_work(tmp_path, capsys, args, message):
     rc = main(["adaptive", "--out", str(tmp_path / "a"), "--demo_dir", str(tmp_path / "no-demo"), *args])
     assert rc == 2 and message in capsys.readouterr().err
+
+
+def test_adaptive_refuses_a_demo_whose_data_answers_differ_from_the_rebuilt_bundle(tmp_path):
+    import json
+
+    from seamlm.adaptive import _same_data
+    from seamlm.data.bundles import build_bundle
+    from seamlm.errors import ConfigError
+
+    bundle = build_bundle("offline-default", seed=0)
+    bundle.write(tmp_path / "d")
+    _same_data(tmp_path / "d", bundle)  # the demo's own bundle: the same
+    path = tmp_path / "d" / "defense_harmful.jsonl"
+    lines = path.read_text().splitlines()
+    first = json.loads(lines[0])
+    lines[0] = json.dumps({**first, "response": first["response"] + " (another version of the source)"})
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ConfigError, match="harmful stream differs .* \\(other answers\\)"):
+        _same_data(tmp_path / "d", bundle)

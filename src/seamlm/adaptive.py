@@ -96,16 +96,18 @@ def _demo(cfg: AdaptiveConfig) -> tuple[DemoConfig, dict[str, Path]]:
 
 
 def _same_data(demo_data: Path, bundle: BundleData) -> None:
-    """The rebuilt bundle (which adds the attacker-benign stream) must hold exactly the demo's streams."""
+    """The rebuilt bundle (which adds the attacker-benign stream) must hold exactly the demo's streams: the same
+    prompts and answers (another version of a source package could keep the prompts and change the answers)."""
     old = load_built(demo_data)
     for stream in STREAM_FILES:
         if not old.streams.get(stream):
             continue
-        a = [prompt_hash(e.prompt) for e in old.streams[stream]]
-        b = [prompt_hash(e.prompt) for e in bundle.streams[stream]]
+        a = [(prompt_hash(e.prompt), e.response) for e in old.streams[stream]]
+        b = [(prompt_hash(e.prompt), e.response) for e in bundle.streams[stream]]
         if a != b:
+            what = "answers" if [x for x, _ in a] == [x for x, _ in b] else "prompts"
             raise ConfigError(f"the demo's {stream} stream differs from the offline-default bundle rebuilt with its "
-                              f"seed; rerun the demo with this seamlm")
+                              f"seed (other {what}); rerun the demo with this seamlm")
 
 
 def _same_settings(old: str, new: str) -> bool:
