@@ -132,3 +132,28 @@ def test_adaptive_refuses_a_demo_whose_data_answers_differ_from_the_rebuilt_bund
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(ConfigError, match="harmful stream differs .* \\(other answers\\)"):
         _same_data(tmp_path / "d", bundle)
+
+
+def test_a_rescored_adaptive_folder_resumes_with_its_new_judge(tiny_model_dir, tmp_path, monkeypatch):
+    from seamlm.adaptive import JUDGE_FILE, AdaptiveConfig, run_adaptive
+    from seamlm.evaluate.judges import JUDGES
+    from seamlm.pipeline import DemoConfig, run_demo
+    from seamlm.rescore import rescore
+    from seamlm.results import ResultStore
+    from tests.test_rescore import LengthJudge
+
+    monkeypatch.setitem(JUDGES, "length", lambda **kw: LengthJudge())
+    demo_cfg = DemoConfig(model=str(tiny_model_dir), align_steps=1, align_batch_size=2, defense_steps=1,
+                          defense_batch_size=2, max_length=48, attack_lrs=(1e-3,), attack_samples=4, hs_prompts=2,
+                          zs_limit=2, zs_tasks=("arc_easy",), fs=False, judge="keyword", coupling_examples=0)
+    run_demo(tmp_path / "demo", demo_cfg)
+    cfg = AdaptiveConfig(demo_dir=str(tmp_path / "demo"), models=("seam",), recipes=("sft",), learning_rates=(1e-3,),
+                         template_control=False, sweep_trials=0)
+    out = tmp_path / "adaptive"
+    run_adaptive(out, cfg)
+    assert rescore(out, demo_cfg.eval_config().replace(judge="length"))
+    assert (out / JUDGE_FILE).is_file()
+    rows = ResultStore(out / "results.jsonl").rows()
+    run_adaptive(out, cfg)  # resumes on the length judge: nothing refused, nothing redone
+    assert ResultStore(out / "results.jsonl").rows() == rows
+    assert {r.judge for r in rows if r.metric == "hs"} == {"length-v1"}

@@ -25,6 +25,10 @@ from seamlm.sweep import SweepConfig, run_sweep
 
 log = logging.getLogger(__name__)
 
+#: written by ``seamlm rescore`` into an adaptive folder: the judge its cells were rescored with, which a resumed
+#: run uses instead of the demo's
+JUDGE_FILE = "judge.json"
+
 #: Demo model labels -> the defence that made them (their folders: ``pipeline.demo_paths``).
 DEMO_DEFENSES = {"aligned": "none", "seam": "seam"}
 
@@ -141,6 +145,9 @@ def _run_phases(out: Path, cfg: AdaptiveConfig, demo_cfg: DemoConfig, paths: dic
     bundle = load_built(data_dir)
     # the coupling figures and trajectory probes cost backward passes in every trial
     eval_cfg = demo_cfg.eval_config().replace(coupling_examples=0, trajectory_every=0)
+    if (out / JUDGE_FILE).is_file():  # the folder was rescored: it goes on with the judge its cells now have
+        eval_cfg = eval_cfg.replace(**json.loads((out / JUDGE_FILE).read_text(encoding="utf-8")))
+        log.info("%s was rescored: judge %s (not the demo's %s)", out, eval_cfg.judge, demo_cfg.judge)
     judge = eval_cfg.make_judge()
     store = ResultStore(out / "results.jsonl")
     samples = demo_cfg.attack_samples

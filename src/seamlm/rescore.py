@@ -221,6 +221,10 @@ def _adopt(folder: Path, studies: list[str], judge_name: str, eval_cfg: EvalConf
             if context is not None:
                 study.set_user_attr("sweep_context", {**context, "judge": judge_name,
                                                       "eval": _judged_eval(context.get("eval") or {}, eval_cfg)})
+    if (folder / "adaptive_config.json").is_file():  # seamlm adaptive takes its judge from the demo: not any more
+        from seamlm.adaptive import JUDGE_FILE
+
+        write_text_atomic(folder / JUDGE_FILE, json.dumps({"judge": eval_cfg.judge, "judge_model": eval_cfg.judge_model}))
     saved = folder / "demo_config.json"
     if saved.is_file():
         demo = json.loads(saved.read_text(encoding="utf-8"))
