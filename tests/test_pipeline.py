@@ -145,6 +145,8 @@ def test_demo_reuses_a_baseline_for_other_defense_settings(tiny_model_dir, tmp_p
     save_model(model, tok, aligned, {k: v for k, v in saved_run_config(aligned).items() if k != "weights_sha256"})
     with pytest.raises(ConfigError, match="started from another aligned model than .* holds now"):
         run_demo(trial, cfg.replace(defense_steps=3, baseline_from=str(base)))
+    with pytest.raises(ConfigError, match="started from another aligned model.*redo the demo"):
+        _demo(AdaptiveConfig(demo_dir=str(trial)))  # nor do adaptive attacks set the two side by side
 
 
 @pytest.mark.slow
@@ -175,6 +177,15 @@ def test_fresh_never_empties_a_folder_that_holds_no_demo(tmp_path):
     with pytest.raises(ConfigError, match="holds no demo run"):
         run_demo(mine, DemoConfig(model="smollm2-135m-instruct"), fresh=True)
     assert (mine / "chapter1.txt").read_text() == "mine"
+    # what a demo stopped before its config was written leaves (its lock, its clock's line) is no user's data
+    from seamlm.pipeline import check_demo_folder
+    from seamlm.runinfo import LOCK_FILE
+
+    left = tmp_path / "stopped"
+    left.mkdir()
+    (left / LOCK_FILE).write_text("")
+    (left / "timings.jsonl").write_text('{"stage": "interrupted", "seconds": 1.0}\n')
+    check_demo_folder(left, DemoConfig(model="smollm2-135m-instruct"), fresh=True)
 
 
 def test_a_demo_killed_before_writing_anything_starts_over_with_new_settings(tmp_path, monkeypatch, caplog):
@@ -413,6 +424,25 @@ def test_one_command_at_a_time_on_a_folder(tmp_path):
     with folder_lock(tmp_path / "d", "rescore"):  # released
         pass
     assert (tmp_path / "d" / LOCK_FILE).is_file()
+
+
+def test_a_file_system_without_locks_or_a_system_without_fcntl_runs_unlocked(tmp_path, monkeypatch, caplog):
+    import errno
+    import fcntl
+    import sys
+
+    from seamlm.runinfo import folder_lock
+
+    def no_locks(*a):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with folder_lock(tmp_path / "nfs", "demo"):
+        assert (tmp_path / "nfs").is_dir()
+    assert "cannot lock files (No locks available): not locked" in caplog.text
+    monkeypatch.setitem(sys.modules, "fcntl", None)  # not POSIX: the folder is still made
+    with folder_lock(tmp_path / "win", "demo"):
+        assert (tmp_path / "win").is_dir()
 
 
 def test_a_relative_baseline_is_found_again_from_another_folder(tmp_path, monkeypatch):

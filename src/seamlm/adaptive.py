@@ -16,7 +16,7 @@ from seamlm.errors import ConfigError
 from seamlm.finetune import FinetuneConfig
 from seamlm.jsonl import keep_record
 from seamlm.models import is_saved_model
-from seamlm.pipeline import DemoConfig, demo_paths
+from seamlm.pipeline import DemoConfig, check_seam_base, demo_paths
 from seamlm.recipes import RECIPES, make_recipe
 from seamlm.report import write_report
 from seamlm.results import ResultStore
@@ -96,6 +96,8 @@ def _demo(cfg: AdaptiveConfig) -> tuple[DemoConfig, dict[str, Path]]:
     if missing:
         raise ConfigError(f"{demo} is not a finished demo (missing {', '.join(missing)}); run "
                           f"`seamlm demo --out {demo}` to finish it")
+    # the demo's SEAM model must sit on the aligned model it is compared with (a baseline redone since does not)
+    check_seam_base(paths, fix=f"redo the demo (seamlm demo --out {demo} --fresh, same settings) before attacking it")
     return demo_cfg, paths
 
 

@@ -288,7 +288,7 @@ def check_demo_folder(out: Path, cfg: DemoConfig, fresh: bool) -> Path:
                           "or choose another --out")
     saved = out / "demo_config.json"
     if fresh and out.exists() and not saved.is_file() and (
-            not out.is_dir() or any(p.name != LOCK_FILE for p in out.iterdir())):
+            not out.is_dir() or any(p.name not in _NOT_STARTED for p in out.iterdir())):
         raise ConfigError(f"--fresh empties --out, and {out} holds no demo run (no demo_config.json): choose another "
                           "--out (or empty that folder yourself)")
     paths = demo_paths(out, cfg)
@@ -313,13 +313,17 @@ def check_demo_folder(out: Path, cfg: DemoConfig, fresh: bool) -> Path:
         _check_stage(paths["seam"], "defense_config", cfg.defense_config(paths["seam_run"]), "defend",
                      ignore=("output_dir",))
     if not fresh:
-        _check_seam_base(paths)
+        check_seam_base(paths)
     return base
 
 
-def _check_seam_base(paths: dict[str, Path]) -> None:
+_REDEFEND = "rerun with --fresh to defend the new one, or choose another --out"
+
+
+def check_seam_base(paths: dict[str, Path], fix: str = _REDEFEND) -> None:
     """A SEAM model (or its checkpoints) is reused only on top of the aligned model it was trained from: a baseline
-    redone since (``seamlm demo --out BASE --fresh``) holds another one."""
+    redone since (``seamlm demo --out BASE --fresh``), or an aligned model deleted and trained again, may be
+    another one."""
     if is_saved_model(paths["seam"]):
         record, what = saved_run_config(paths["seam"]) or {}, "SEAM model"
     elif latest_checkpoint(paths["seam_run"] / "checkpoints") is not None and (paths["seam_run"] / "run.json").is_file():
@@ -333,8 +337,7 @@ def _check_seam_base(paths: dict[str, Path]) -> None:
                     "unverified; --fresh retrains it", paths["seam_run"], what)
     elif record["base_identity"] != model_identity(paths["aligned"]):
         raise ConfigError(f"{paths['seam_run']}: the {what} there started from another aligned model than "
-                          f"{paths['aligned']} holds now (the baseline was redone since): rerun with --fresh to "
-                          "defend the new one, or choose another --out")
+                          f"{paths['aligned']} holds now (it was trained again since): {fix}")
 
 
 def run_demo(out_dir: str | Path, cfg: DemoConfig, fresh: bool = False, checked: bool = False) -> Path:
@@ -377,6 +380,7 @@ def _run_stages(out: Path, cfg: DemoConfig, base: Path, fresh: bool, clock: Stag
         save_model(tuned, tok, aligned, {"stage": "align", "config": align_cfg.to_dict(), "base": cfg.model,
                                              "loop": LOOP_VERSION},
                    trained_prompts=[e.prompt for e in examples])
+        check_seam_base(paths)  # a SEAM stage kept from before must sit on this very model
     clock.lap("align")
 
     _banner("3/6 defend (SEAM)")
@@ -425,7 +429,6 @@ def _run_stages(out: Path, cfg: DemoConfig, base: Path, fresh: bool, clock: Stag
 def run_demo_seeds(out_dir: str | Path, cfg: DemoConfig, seeds: list[int], fresh: bool = False) -> Path:
     """The demo once per data seed (its splits, alignment and SEAM seeds: ``out/seed-<s>``), then the report across
     them (``out/report``: mean ± sd per cell, the bar run by run). Returns that report's Markdown path."""
-    from seamlm.across_runs import write_across_runs_report
 
     if len(seeds) < 2 or len(set(seeds)) != len(seeds):
         raise ConfigError(f"seeds must be two or more different numbers, got {seeds}")
@@ -439,7 +442,13 @@ def run_demo_seeds(out_dir: str | Path, cfg: DemoConfig, seeds: list[int], fresh
         raise ConfigError(f"--out {out} is a file: give a folder")
     for seed in seeds:  # every seed's folder before the first runs (one seed's demo takes ~25 minutes)
         check_demo_folder(out / f"seed-{seed}", cfg.replace(data_seed=seed), fresh)
-    out.mkdir(parents=True, exist_ok=True)
+    with folder_lock(out, "demo --seeds"):  # (each seed's folder has its own lock besides)
+        return _run_seeds(out, cfg, seeds, fresh)
+
+
+def _run_seeds(out: Path, cfg: DemoConfig, seeds: list[int], fresh: bool) -> Path:
+    from seamlm.across_runs import write_across_runs_report
+
     write_text_atomic(out / SEEDS_FILE, json.dumps({"seeds": seeds}))
     runs = []
     for i, seed in enumerate(seeds):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import logging
 import os
 import platform
 import re
@@ -20,6 +22,8 @@ import torch
 from seamlm.errors import ConfigError, DataError
 from seamlm.jsonl import append_records, read_records
 
+log = logging.getLogger(__name__)
+
 #: the file :func:`folder_lock` holds in an output folder (left in place: removing it would race a waiting command)
 LOCK_FILE = ".seamlm.lock"
 
@@ -29,12 +33,12 @@ def folder_lock(folder: Path, command: str) -> Iterator[None]:
     """One seamlm command at a time on ``folder`` (an advisory ``flock``, released when the process ends, also by a
     kill): two demos or rescores on one folder would train the same stage twice, interleave one log and write every
     missing cell twice."""
+    folder.mkdir(parents=True, exist_ok=True)
     try:
         import fcntl
     except ImportError:  # not POSIX: no lock
         yield
         return
-    folder.mkdir(parents=True, exist_ok=True)
     fh = (folder / LOCK_FILE).open("a+", encoding="utf-8")
     try:
         try:
@@ -43,6 +47,13 @@ def folder_lock(folder: Path, command: str) -> Iterator[None]:
             fh.seek(0)
             raise ConfigError(f"{folder} is in use by another seamlm command ({fh.read().strip() or 'unknown'}): "
                               "wait for it to end, or choose another --out") from None
+        except OSError as exc:  # a file system without locks (NFS without lockd, Lustre noflock …)
+            if exc.errno not in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            log.warning("%s: this file system cannot lock files (%s): not locked; run one command at a time on it",
+                        folder, exc.strerror)
+            yield
+            return
         fh.seek(0)
         fh.truncate()
         fh.write(f"seamlm {command}, pid {os.getpid()}, since {time.strftime('%Y-%m-%dT%H:%M:%S%z')}\n")
