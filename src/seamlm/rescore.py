@@ -172,10 +172,10 @@ def demo_baseline(folder: Path) -> Path | None:
         from seamlm.pipeline import baseline_folder
 
         found = baseline_folder(folder, base)  # as the demo was started (from the current folder), else beside it
-        found = found if (found / "results.jsonl").is_file() else None
-        if found is None:
-            raise DataError(f"{folder} reuses the baseline {base}, which has no results.jsonl here (tried {base} "
-                            f"and {folder.parent / base}); run rescore from where the demo was started")
+        if not (found / "results.jsonl").is_file():
+            raise DataError(f"{folder} reuses the baseline {base}, and {found} holds no results.jsonl (a demo's "
+                            "relative baseline is looked for from here, then beside the demo): run rescore from where "
+                            "the demo was started, or finish the baseline first")
         return found
     return None
 
