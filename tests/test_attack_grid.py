@@ -294,6 +294,24 @@ def test_trajectory_probes_add_the_peak_perplexity_and_leave_pre_attack_cells_al
     assert (tmp_path / "report" / "attack_trajectory.png").stat().st_size > 0
 
 
+def test_a_weight_edit_runs_no_probes_and_its_cell_resumes_with_or_without_them(tiny_model_dir, bundle, tmp_path):
+    from seamlm.recipes import make_recipe
+
+    bundle = BundleData({**bundle.streams, "attack_benign": BENIGN[:4]}, bundle.manifest)
+    store = ResultStore(tmp_path / "results.jsonl")
+    cfg = AttackConfig(learning_rates=(1e-2,), num_samples=4, batch_size=2)
+    probed = EVAL.replace(trajectory_every=1, trajectory_examples=2)
+    ablation = make_recipe("ablation", {"layer": 1, "n_prompts": 2})
+    assert run_attack_grid(str(tiny_model_dir), "tiny", "none", bundle, cfg, probed, KeywordJudge(), tmp_path, store,
+                           recipe=ablation)
+    rows = store.rows()
+    assert not any(r.metric == "attack_peak_ppl" for r in rows)  # no training steps: nothing to probe
+    for ev in (EVAL, probed):  # the probe setting is no setting of a weight edit's cell: both resume it
+        assert not run_attack_grid(str(tiny_model_dir), "tiny", "none", bundle, cfg, ev, KeywordJudge(), tmp_path,
+                                   store, recipe=ablation)
+    assert store.rows() == rows
+
+
 def test_a_trajectory_probe_measures_what_the_metrics_do_and_tokenises_once(tokenizer, bundle, monkeypatch):
     from seamlm.data.format import Formatter
     from seamlm.evaluate.metrics import benign_perplexity, gradient_coupling
@@ -522,3 +540,24 @@ def test_evaluation_pads_a_tokenizer_without_a_pad_token(tiny_model, bundle):
     tok.pad_token = None
     out = evaluate_model(tiny_model, tok, bundle, EVAL, get_judge("keyword"))
     assert tok.pad_token == tok.eos_token and "hs" in out and "zs_mean" in out
+
+
+def test_the_lm_eval_task_digest_covers_its_data_and_code_not_only_its_yaml(tmp_path):
+    import hashlib
+
+    folder = tmp_path / "tasks"
+    folder.mkdir()
+    (folder / "task.yaml").write_text("task: t\ndataset_path: json\n")
+    ev = EVAL.replace(lm_eval_tasks=("t",), lm_eval_include_path=str(folder))
+    yaml_only = ev.settings_dict()["lm_eval_include_digest"]
+    # a folder of YAML alone keeps the digest seamlm gave it before data and code counted
+    assert yaml_only == hashlib.sha256(b"task.yaml" + (folder / "task.yaml").read_bytes()).hexdigest()[:16]
+    (folder / "data.jsonl").write_text('{"q": 1}\n')
+    with_data = ev.settings_dict()["lm_eval_include_digest"]
+    (folder / "data.jsonl").write_text('{"q": 2}\n')
+    (folder / "__pycache__").mkdir()
+    (folder / "__pycache__" / "utils.cpython.pyc").write_bytes(b"\0")
+    edited = ev.settings_dict()["lm_eval_include_digest"]
+    assert len({yaml_only, with_data, edited}) == 3
+    (folder / "__pycache__" / "utils.cpython.pyc").write_bytes(b"\1")  # a cache is no part of the task
+    assert ev.settings_dict()["lm_eval_include_digest"] == edited

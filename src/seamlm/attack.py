@@ -123,11 +123,12 @@ def legacy_digests(parts: dict[str, Any], model_name: str | Path) -> set[str]:
 
 
 def finished_rows(store: ResultStore, model_name: str, label: str, cell: str, settings: str,
-                  parts: dict[str, Any]) -> list[ResultRow]:
+                  parts: dict[str, Any], also: set[str] = frozenset()) -> list[ResultRow]:
     """The rows of ``cell`` of ``label`` made with ``settings`` (the digest of ``parts``; also as an older seamlm named
-    the model); none: the cell is to run, and only if the label's other cells come from the same model, judge and
-    data (a changed setting of this very cell is named by :meth:`ResultStore.cell_rows` first)."""
-    found = store.cell_rows(label, cell, settings, parts, legacy_digests(parts, model_name))
+    the model, or ``also``: other digests older seamlm gave these settings); none: the cell is to run, and only if
+    the label's other cells come from the same model, judge and data (a changed setting of this very cell is named
+    by :meth:`ResultStore.cell_rows` first)."""
+    found = store.cell_rows(label, cell, settings, parts, legacy_digests(parts, model_name) | set(also))
     if not found:
         store.check_label(label, parts, legacy_identities(model_name, parts["model"]),
                           every_cell_formatted=not has_chat_template(model_name))
@@ -255,6 +256,11 @@ def attack_cell(model_name: str, label: str, defense: str, bundle: BundleData, r
     train_cfg = recipe.training_config(run_cfg)
     cell = cell or cell_key(run_cfg, recipe, len(data.harmful))
     cell_eval = eval_cfg.replace(prompt_template=train_cfg.prompt_template)
+    recorded_eval = cell_eval  # what an older seamlm put in the digest
+    if not recipe.trains and cell_eval.trajectory_every:
+        log.info("%s: a weight edit takes no training steps: no trajectory probes (trajectory_every unused)",
+                 recipe.name)
+        cell_eval = cell_eval.replace(trajectory_every=0)
     digest = manifest_digest(bundle)
     parts = dict(model=model_identity(model_name), eval=cell_eval.settings_dict(), judge=judge.name, data=digest,
                  recipe=recipe.describe(), train=train_cfg.trajectory_dict() if recipe.trains else None,
@@ -262,7 +268,8 @@ def attack_cell(model_name: str, label: str, defense: str, bundle: BundleData, r
                  **({"loop": LOOP_VERSION} if recipe.trains else {"seed": run_cfg.seed}),
                  samples=len(data.harmful), **prompt_format_parts(model_name, train_cfg.prompt_template, "chat"))
     settings = settings_digest(**parts)
-    finished = finished_rows(store, model_name, label, cell, settings, parts)
+    older = {settings_digest(**{**parts, "eval": recorded_eval.settings_dict()})} if recorded_eval is not cell_eval else set()
+    finished = finished_rows(store, model_name, label, cell, settings, parts, older)
     if finished:
         log.info("%s / %s: already in %s, skipped", label, cell, store.path)
         return CellOutcome(cell, {r.metric: r.value for r in finished}, False)

@@ -152,9 +152,14 @@ class EvalConfig(BaseConfig):
                 d["lm_eval_version"] = None
         if self.lm_eval_include_path:
             folder = Path(self.lm_eval_include_path)
-            files = sorted(folder.rglob("*.yaml")) if folder.is_dir() else []
+            # the task YAMLs, then every other file there (data, helper code): an edited one is another task. (YAML
+            # alone first, so a folder of YAML files keeps the digest it had before the others counted.)
+            yamls = sorted(folder.rglob("*.yaml")) if folder.is_dir() else []
+            others = sorted(f for f in folder.rglob("*") if f.is_file() and f.suffix != ".yaml"
+                            and "__pycache__" not in f.parts) if folder.is_dir() else []
             d["lm_eval_include_digest"] = hashlib.sha256(
-                b"".join(f.relative_to(folder).as_posix().encode() + f.read_bytes() for f in files)).hexdigest()[:16]
+                b"".join(f.relative_to(folder).as_posix().encode() + f.read_bytes() for f in yamls + others)
+            ).hexdigest()[:16]
         return d
 
 
