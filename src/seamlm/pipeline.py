@@ -247,15 +247,14 @@ def _check_stage(model_dir: Path, key: str, now: BaseConfig, stage: str, ignore:
                     "(this seamlm's loop is version %s; --fresh retrains it)", model_dir, LOOP_VERSION)
     elif info.get("loop", LOOP_VERSION) != LOOP_VERSION:  # recorded by the fine-tuning stage (align)
         changed["training loop version"] = (info.get("loop"), LOOP_VERSION)
-    if stage == "defend":
-        cfg = now if isinstance(now, DefenseConfig) else None
-        expected = warmup_steps(cfg.warmup_ratio, cfg.steps) if cfg is not None else None
+    if stage == "defend":  # (``now`` is the DefenseConfig)
+        expected, before = warmup_steps(now.warmup_ratio, now.steps), int(now.warmup_ratio * now.steps)
         if "warmup_steps" in info and info["warmup_steps"] != expected:
             changed["warm-up steps"] = (info["warmup_steps"], expected)
-        elif "warmup_steps" not in info and cfg is not None and expected != int(cfg.warmup_ratio * cfg.steps):
+        elif "warmup_steps" not in info and expected != before:
             log.warning("%s does not record its warm-up (older seamlm): made before 2026-11-27 it warmed up for %d "
-                        "steps, this seamlm for %d; reused unverified (--fresh retrains it)", model_dir,
-                        int(cfg.warmup_ratio * cfg.steps), expected)
+                        "steps, this seamlm for %d; reused unverified (--fresh retrains it)", model_dir, before,
+                        expected)
     trained_format = stale_trained_format(model_dir)
     if trained_format is not None:
         changed["prompt format version (a model without a chat template)"] = (trained_format, PROMPT_FORMAT_VERSION)

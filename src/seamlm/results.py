@@ -181,12 +181,13 @@ class ResultStore:
         ``parts``: what the new cell's settings digest is made of; ``same_models``: older names of its model;
         ``every_cell_formatted``: the model has no chat template, so every cell's prompts are in the fallback
         format and must share its version (``prompt_format``; absent = 1, before versions were recorded)."""
-        clash = sorted({r.model for r in self.rows() if r.model != label and path_part(r.model) == path_part(label)})
+        rows = self.rows()
+        clash = sorted({r.model for r in rows if r.model != label and path_part(r.model) == path_part(label)})
         if clash:
             raise DataError(f"{self.path} already holds label {clash[0]!r}, whose answers and loss logs share the "
                             f"folder name {path_part(label)!r} with {label!r}: they would overwrite each other's. "
                             "Give this model another --label")
-        for digest in sorted({r.settings for r in self.rows() if r.model == label and r.settings}):
+        for digest in sorted({r.settings for r in rows if r.model == label and r.settings}):
             old = self.settings_record(digest)
             if old is None:  # rows from before settings records: nothing to compare with
                 continue

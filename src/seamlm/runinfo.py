@@ -52,12 +52,11 @@ def folder_lock(folder: Path, command: str) -> Iterator[None]:
                 raise
             log.warning("%s: this file system cannot lock files (%s): not locked; run one command at a time on it",
                         folder, exc.strerror)
-            yield
-            return
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"seamlm {command}, pid {os.getpid()}, since {time.strftime('%Y-%m-%dT%H:%M:%S%z')}\n")
-        fh.flush()
+        else:  # locked: say by whom, for the command that finds it taken
+            fh.seek(0)
+            fh.truncate()
+            fh.write(f"seamlm {command}, pid {os.getpid()}, since {time.strftime('%Y-%m-%dT%H:%M:%S%z')}\n")
+            fh.flush()
         yield
     finally:
         fh.close()  # (closing releases the lock)

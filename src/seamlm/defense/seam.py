@@ -104,23 +104,18 @@ def _is_peft(model: Any) -> bool:
     return isinstance(model, PeftModel)
 
 
-def _row_aligned(harmful: list[Example], refusal: list[Example]) -> bool:
-    """R row i refuses the prompt of H row i (then each step draws the same rows from both)."""
-    return len(harmful) == len(refusal) and all(
-        prompt_hash(h.prompt) == prompt_hash(r.prompt) for h, r in zip(harmful, refusal, strict=True))
-
-
 def pair_refusals(harmful: list[Example], refusal: list[Example]) -> tuple[list[Example], bool]:
     """R as SEAM draws it, and whether it is paired with H row by row: R itself when it already is; else, when R
     refuses every prompt of H, R's rows in H's order (a prompt H holds k times takes its R rows in turn), so that a
     row one file lost — a blank answer dropped on loading — or another order does not unpair the two streams; else
     R as given, sampled independently."""
-    if _row_aligned(harmful, refusal):
+    h_keys, r_keys = [prompt_hash(h.prompt) for h in harmful], [prompt_hash(r.prompt) for r in refusal]
+    if h_keys == r_keys:  # R row i refuses the prompt of H row i: each step draws the same rows from both
         return refusal, True
     by_prompt: dict[str, list[Example]] = {}
-    for r in refusal:
-        by_prompt.setdefault(prompt_hash(r.prompt), []).append(r)
-    missing = sum(prompt_hash(h.prompt) not in by_prompt for h in harmful)
+    for key, r in zip(r_keys, refusal, strict=True):
+        by_prompt.setdefault(key, []).append(r)
+    missing = sum(key not in by_prompt for key in h_keys)
     if missing:
         log.warning("H and R are not row-aligned and R refuses the prompts of %d of H's %d rows only: they are sampled "
                     "independently; give a refusal for every H prompt to pair them", len(harmful) - missing,
@@ -128,8 +123,7 @@ def pair_refusals(harmful: list[Example], refusal: list[Example]) -> tuple[list[
         return refusal, False
     seen: dict[str, int] = {}
     paired = []
-    for h in harmful:
-        key = prompt_hash(h.prompt)
+    for key in h_keys:
         paired.append(by_prompt[key][seen.get(key, 0) % len(by_prompt[key])])
         seen[key] = seen.get(key, 0) + 1
     unused = len(refusal) - sum(min(seen.get(key, 0), len(rows)) for key, rows in by_prompt.items())

@@ -350,7 +350,7 @@ def _local_digest(model: str, harmful_index: int) -> str:
     '' for a hub id."""
     from seamlm.models import model_identity
 
-    identity = model_identity(model) if Path(model).expanduser().is_dir() else ""
+    identity = model_identity(model)
     if not identity.startswith("sha256:"):
         return ""
     return "@" + hashlib.sha256(f"{identity}:{harmful_index}".encode()).hexdigest()[:8]
