@@ -561,3 +561,48 @@ def test_the_lm_eval_task_digest_covers_its_data_and_code_not_only_its_yaml(tmp_
     assert len({yaml_only, with_data, edited}) == 3
     (folder / "__pycache__" / "utils.cpython.pyc").write_bytes(b"\1")  # a cache is no part of the task
     assert ev.settings_dict()["lm_eval_include_digest"] == edited
+
+
+def test_a_cell_another_process_measures_is_passed_over_then_waited_for(tiny_model_dir, bundle, tmp_path, caplog):
+    """Processes sharing a grid (one `seamlm attack` per GPU) share its cells out: a cell whose lock another holds
+    is left for later, then waited for; one the other left unfinished (killed) is run."""
+    import threading
+    import time
+
+    from seamlm.attack import cell_lock
+    from seamlm.locks import HolderLock
+
+    caplog.set_level("INFO")
+    store = ResultStore(tmp_path / "results.jsonl")
+    first, second = "sft-full-adamw-lr0.0001-n4-ep1-b2-s0", "sft-full-adamw-lr0.001-n4-ep1-b2-s0"
+    other = HolderLock(cell_lock(tmp_path, "tiny", first).path, "attack by the other process")
+    assert other.acquire()
+    ran: list[str] = []
+    grid = threading.Thread(target=lambda: ran.extend(_grid(tiny_model_dir, bundle, tmp_path, store)))
+    grid.start()
+    deadline = time.monotonic() + 120
+    while not store.done("tiny", second) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(0.5)
+    assert grid.is_alive() and not store.done("tiny", first)  # waiting for the held cell
+    other.release()  # the other process ended without finishing it
+    grid.join(120)
+    assert ran == [second, first]
+    assert "being measured by another process (seamlm attack by the other process, pid" in caplog.text
+    assert cell_lock(tmp_path, "tiny", first).acquire()  # released when done
+
+
+def test_two_processes_on_one_grid_run_each_cell_once(tiny_model_dir, bundle, tmp_path):
+    import threading
+
+    store = ResultStore(tmp_path / "results.jsonl")
+    ran: list[list[str]] = [[], []]
+    workers = [threading.Thread(target=lambda i=i: ran[i].extend(_grid(tiny_model_dir, bundle, tmp_path, store)))
+               for i in range(2)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(300)
+    assert sorted(ran[0] + ran[1]) == ["sft-full-adamw-lr0.0001-n4-ep1-b2-s0", "sft-full-adamw-lr0.001-n4-ep1-b2-s0"]
+    hs = [r.cell for r in store.rows() if r.metric == "hs"]
+    assert sorted(hs) == sorted(ran[0] + ran[1])  # one write per cell

@@ -72,3 +72,34 @@ def test_a_non_utf8_results_file_is_a_clear_error(tmp_path):
     path.write_bytes('{"a": "café"}\n'.encode("latin-1"))
     with pytest.raises(DataError, match="results.jsonl is not UTF-8"):
         read_records(path)
+
+
+def test_an_append_waits_for_another_writer_and_a_read_never_sees_half_a_write(tmp_path):
+    """Several processes append to one results file: a write in progress is neither cut as a partial tail nor
+    read half-done."""
+    import fcntl
+    import threading
+    import time
+
+    from seamlm.jsonl import append_records, read_records
+
+    path = tmp_path / "results.jsonl"
+    append_records(path, [{"a": 1}])
+    with path.open("a", encoding="utf-8") as writer:
+        fcntl.flock(writer, fcntl.LOCK_EX)  # another process mid-write: half its line is out
+        writer.write('{"b": ')
+        writer.flush()
+        read: list = []
+        threads = [threading.Thread(target=append_records, args=(path, [{"c": 3}])),
+                   threading.Thread(target=lambda: read.extend(read_records(path)))]
+        for t in threads:
+            t.start()
+        time.sleep(0.5)
+        assert all(t.is_alive() for t in threads)  # both wait for the writer
+        writer.write('2}\n')
+        writer.flush()
+        fcntl.flock(writer, fcntl.LOCK_UN)
+    for t in threads:
+        t.join(10)
+    assert [r for _, r in read_records(path)] == [{"a": 1}, {"b": 2}, {"c": 3}]
+    assert [r for _, r in read] in ([{"a": 1}, {"b": 2}], [{"a": 1}, {"b": 2}, {"c": 3}])

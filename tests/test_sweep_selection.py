@@ -327,3 +327,21 @@ def test_the_failure_streak_skips_interrupted_and_queued_trials():
     assert _failures_in_a_row(study) == 4
     study.tell(study.ask(), 1.0)
     assert _failures_in_a_row(study) == 0
+
+
+def test_a_study_another_process_runs_is_refused_before_it_is_opened(tiny_model_dir, bundle, tmp_path, monkeypatch):
+    """A second process on one study would fail the first's running trials as a killed sweep's and run them again."""
+    from seamlm.locks import HolderLock
+
+    opened = []
+    monkeypatch.setattr(sweep_mod, "open_study", lambda *a, **k: opened.append(1))
+    other = HolderLock(tmp_path / ".sweep.tiny.lock", "sweep tiny")
+    assert other.acquire()
+    with pytest.raises(ConfigError, match=r"study 'tiny' in .* is being run by another process \(seamlm sweep tiny, "
+                       r"pid \d+.*another --study_name"):
+        _sweep(tiny_model_dir, bundle, tmp_path, 1, [])
+    assert not opened
+    other.release()
+    with sweep_mod.study_lock(SweepConfig(study_name="tiny"), "x", tmp_path):  # free again (and named by the study)
+        with pytest.raises(ConfigError, match="being run by another process"):
+            _sweep(tiny_model_dir, bundle, tmp_path, 1, [])

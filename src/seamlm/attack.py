@@ -22,6 +22,7 @@ from seamlm.evaluate.judges import Judge
 from seamlm.evaluate.metrics import EvalConfig, answer_ce_of_rows
 from seamlm.evaluate.run import attack_probe, evaluate_model
 from seamlm.finetune import LOOP_VERSION, FinetuneConfig, probe_log_path, probing
+from seamlm.locks import HolderLock
 from seamlm.models import (
     check_trained_format,
     has_chat_template,
@@ -172,6 +173,24 @@ def samples_file(out_dir: str | Path, label: str, cell: str) -> Path:
     return Path(out_dir) / "attacks" / path_part(label) / cell / "samples.jsonl"
 
 
+def cell_lock(out_dir: str | Path, label: str, cell: str) -> HolderLock:
+    """The lock one process holds while it measures ``cell`` of ``label`` (beside the cell's saved answers), so that
+    several processes on one results file (e.g. one ``seamlm attack`` per GPU) never run a cell twice."""
+    answers = samples_file(out_dir, label, cell)
+    return HolderLock(answers.with_name(f".{answers.name}.lock"), f"{'eval' if cell == 'pre' else 'attack'} "
+                      f"{label} / {cell}")
+
+
+def _acquire(lock: HolderLock, wait: bool) -> bool:
+    """Take ``lock``; busy: False, or (``wait``) say whom it waits for and wait."""
+    if lock.acquire():
+        return True
+    if not wait:
+        return False
+    log.info("%s: being measured by another process (%s): waiting for it", lock.command, lock.holder())
+    return lock.acquire(wait=True)
+
+
 def evaluate_pre_attack(model_name: str, label: str, defense: str, bundle: BundleData, eval_cfg: EvalConfig,
                         judge: Judge, out_dir: str | Path, store: ResultStore, ctx: DistContext | None = None) -> bool:
     """Evaluate the unattacked model (cell ``pre``) unless the store has it. Returns True when it ran.
@@ -190,12 +209,21 @@ def evaluate_pre_attack(model_name: str, label: str, defense: str, bundle: Bundl
     if not ctx.is_main:
         ctx.barrier()
         return True
-    model, tok = load_model(model_name, dtype="float32")
-    values = evaluate_model(model, tok, bundle, eval_cfg, judge, samples_file(out_dir, label, "pre"))
-    store.append(_rows(values, dict(model=label, defense=defense, cell="pre", seed=eval_cfg.seed,
-                                    data_manifest=digest, settings=settings), judge), settings_parts=parts)
+    lock = cell_lock(out_dir, label, "pre")
+    _acquire(lock, wait=True)
+    try:
+        if finished_rows(store, model_name, label, "pre", settings, parts):  # by the process waited for
+            ran = False
+        else:
+            model, tok = load_model(model_name, dtype="float32")
+            values = evaluate_model(model, tok, bundle, eval_cfg, judge, samples_file(out_dir, label, "pre"))
+            store.append(_rows(values, dict(model=label, defense=defense, cell="pre", seed=eval_cfg.seed,
+                                            data_manifest=digest, settings=settings), judge), settings_parts=parts)
+            ran = True
+    finally:
+        lock.release()
     ctx.barrier()
-    return True
+    return ran
 
 
 #: Fine-tuning fields named in every cell key (the grid's own fields and these) — a change to any other field
@@ -225,6 +253,8 @@ class CellOutcome:
     """Metric -> value (None on ranks other than 0)."""
     ran: bool
     """False when the store already held the cell."""
+    busy: bool = False
+    """Another process was measuring the cell (and it was not waited for)."""
 
 
 def attack_data(bundle: BundleData, recipe: AttackRecipe, n: int, seed: int) -> AttackData:
@@ -242,9 +272,10 @@ def attack_data(bundle: BundleData, recipe: AttackRecipe, n: int, seed: int) -> 
 def attack_cell(model_name: str, label: str, defense: str, bundle: BundleData, recipe: AttackRecipe,
                 run_cfg: FinetuneConfig, n_samples: int, eval_cfg: EvalConfig, judge: Judge, out_dir: str | Path,
                 store: ResultStore, ctx: DistContext | None = None, cell: str | None = None,
-                meta: dict[str, Any] | None = None) -> CellOutcome:
+                meta: dict[str, Any] | None = None, wait: bool = True) -> CellOutcome:
     """Attack ``model_name`` with ``recipe`` and ``run_cfg``, evaluate, append the rows; return the metric values
-    (read back from the store when the cell is already there).
+    (read back from the store when the cell is already there). A cell another process is measuring is waited for
+    (``wait``; else left to it: ``busy``, no values).
 
     The attack's per-step log goes to ``out_dir/attacks/<label>/<cell>/loss.jsonl``; a diverged attack (NaN loss) is
     evaluated as it stands and marked ``status: diverged``. HS is measured through the prompt template the attack
@@ -274,58 +305,69 @@ def attack_cell(model_name: str, label: str, defense: str, bundle: BundleData, r
         log.info("%s / %s: already in %s, skipped", label, cell, store.path)
         return CellOutcome(cell, {r.metric: r.value for r in finished}, False)
     check_held_out(model_name, bundle)
-    cell_dir = out / "attacks" / path_part(label) / cell
-    if ctx.is_main:
-        cell_dir.mkdir(parents=True, exist_ok=True)
-    # fp32 master weights: bf16 updates at 2e-5 round away
-    # only a training recipe shards (and so fills the other ranks' meta skeletons from rank 0)
-    model, tok = load_model_for_rank(model_name, ctx, "float32",
-                                     shard_parameters=train_cfg.shard_parameters and recipe.trains)
-    status, logs, probes, diverged_in = "ok", [], [], None
-    # the per-step loss compares different batches; this is one fixed set before and after (one process only:
-    # a sharded rank holds no whole model to run it on)
-    ce_rows = _attack_ce_rows(tok, data, train_cfg) if recipe.trains and not ctx.distributed else []
-    ce_before = answer_ce_of_rows(model, ce_rows, tok.pad_token_id) if ce_rows else None  # NaN once diverged
+    lock = cell_lock(out, label, cell)
+    if not ctx.broadcast_object(_acquire(lock, wait) if ctx.is_main else None):
+        log.info("%s: being measured by another process (%s): left to it", lock.command, lock.holder())
+        return CellOutcome(cell, None, False, busy=True)
     try:
-        with probing(attack_probe(tok, bundle, cell_eval) if recipe.trains else None):
-            result = recipe.attack(model, tok, data, run_cfg, cell_dir / "loss.jsonl",
-                                   f"attack {label} {recipe.name} lr={run_cfg.lr:g}" if recipe.trains
-                                   else f"attack {label} {recipe.name}", ctx)
-        model, logs, probes = result.model, result.logs, result.probes
-    except NonFiniteLossError as exc:
-        log.warning("%s: %s", cell, exc)
-        status, model, logs = "diverged", exc.model, getattr(exc, "logs", [])
-        probes, diverged_in = getattr(exc, "probes", []), getattr(exc, "phase", None)
-    if not ctx.is_main:
-        ctx.barrier()
-        return CellOutcome(cell, None, True)
-    values = evaluate_model(model, tok, bundle, cell_eval, judge, samples_file(out, label, cell))
-    harmful = [r.get("harmful_ce", r["loss"]) for r in logs if "loss" in r] if recipe.logs_harmful_loss else []
-    if harmful:
-        # per-batch losses are noisy (and the last batch may be short): report means of the first/last 10 %
-        w = max(1, len(harmful) // 10)
-        values.update(attack_first_loss=sum(harmful[:w]) / w, attack_final_loss=sum(harmful[-w:]) / w)
-    if ce_before is not None:
-        values.update(attack_ce_before=ce_before, attack_ce_after=answer_ce_of_rows(model, ce_rows, tok.pad_token_id))
-    if probes:
-        values["attack_peak_ppl"] = peak([p["benign_ppl"] for p in probes])
-    attack: dict[str, Any] = {**recipe.describe(), "seed": run_cfg.seed, "samples": len(data.harmful), "status": status}
-    if diverged_in:
-        attack["diverged_in"] = diverged_in
-    if recipe.trains:
-        attack.update(lr=run_cfg.lr, epochs=run_cfg.epochs, batch_size=train_cfg.batch_size,
-                      optimizer=train_cfg.optimizer, lora=train_cfg.lora,
-                      lora_r=train_cfg.lora_r if train_cfg.lora else None, max_grad_norm=train_cfg.max_grad_norm,
-                      lr_scheduler=train_cfg.lr_scheduler, warmup_ratio=train_cfg.warmup_ratio,
-                      prompt_template=train_cfg.prompt_template,
-                      loss_log=str((cell_dir / "loss.jsonl").relative_to(out)))
+        # the process waited for may have finished the cell
+        if finished := finished_rows(store, model_name, label, cell, settings, parts, older):
+            return CellOutcome(cell, {r.metric: r.value for r in finished}, False)
+        cell_dir = out / "attacks" / path_part(label) / cell
+        if ctx.is_main:
+            cell_dir.mkdir(parents=True, exist_ok=True)
+        # fp32 master weights: bf16 updates at 2e-5 round away
+        # only a training recipe shards (and so fills the other ranks' meta skeletons from rank 0)
+        model, tok = load_model_for_rank(model_name, ctx, "float32",
+                                         shard_parameters=train_cfg.shard_parameters and recipe.trains)
+        status, logs, probes, diverged_in = "ok", [], [], None
+        # the per-step loss compares different batches; this is one fixed set before and after (one process only:
+        # a sharded rank holds no whole model to run it on)
+        ce_rows = _attack_ce_rows(tok, data, train_cfg) if recipe.trains and not ctx.distributed else []
+        ce_before = answer_ce_of_rows(model, ce_rows, tok.pad_token_id) if ce_rows else None  # NaN once diverged
+        try:
+            with probing(attack_probe(tok, bundle, cell_eval) if recipe.trains else None):
+                result = recipe.attack(model, tok, data, run_cfg, cell_dir / "loss.jsonl",
+                                       f"attack {label} {recipe.name} lr={run_cfg.lr:g}" if recipe.trains
+                                       else f"attack {label} {recipe.name}", ctx)
+            model, logs, probes = result.model, result.logs, result.probes
+        except NonFiniteLossError as exc:
+            log.warning("%s: %s", cell, exc)
+            status, model, logs = "diverged", exc.model, getattr(exc, "logs", [])
+            probes, diverged_in = getattr(exc, "probes", []), getattr(exc, "phase", None)
+        if not ctx.is_main:
+            ctx.barrier()
+            return CellOutcome(cell, None, True)
+        values = evaluate_model(model, tok, bundle, cell_eval, judge, samples_file(out, label, cell))
+        harmful = [r.get("harmful_ce", r["loss"]) for r in logs if "loss" in r] if recipe.logs_harmful_loss else []
+        if harmful:
+            # per-batch losses are noisy (and the last batch may be short): report means of the first/last 10 %
+            w = max(1, len(harmful) // 10)
+            values.update(attack_first_loss=sum(harmful[:w]) / w, attack_final_loss=sum(harmful[-w:]) / w)
+        if ce_before is not None:
+            values.update(attack_ce_before=ce_before, attack_ce_after=answer_ce_of_rows(model, ce_rows, tok.pad_token_id))
         if probes:
-            attack["probe_log"] = str(probe_log_path(cell_dir / "loss.jsonl").relative_to(out))
-    attack.update(meta or {})
-    store.append(_rows(values, dict(model=label, defense=defense, cell=cell, seed=run_cfg.seed, attack=attack,
-                                    data_manifest=digest, settings=settings), judge), settings_parts=parts)
-    ctx.barrier()
-    return CellOutcome(cell, values, True)
+            values["attack_peak_ppl"] = peak([p["benign_ppl"] for p in probes])
+        attack: dict[str, Any] = {**recipe.describe(), "seed": run_cfg.seed, "samples": len(data.harmful), "status": status}
+        if diverged_in:
+            attack["diverged_in"] = diverged_in
+        if recipe.trains:
+            attack.update(lr=run_cfg.lr, epochs=run_cfg.epochs, batch_size=train_cfg.batch_size,
+                          optimizer=train_cfg.optimizer, lora=train_cfg.lora,
+                          lora_r=train_cfg.lora_r if train_cfg.lora else None, max_grad_norm=train_cfg.max_grad_norm,
+                          lr_scheduler=train_cfg.lr_scheduler, warmup_ratio=train_cfg.warmup_ratio,
+                          prompt_template=train_cfg.prompt_template,
+                          loss_log=str((cell_dir / "loss.jsonl").relative_to(out)))
+            if probes:
+                attack["probe_log"] = str(probe_log_path(cell_dir / "loss.jsonl").relative_to(out))
+        attack.update(meta or {})
+        store.append(_rows(values, dict(model=label, defense=defense, cell=cell, seed=run_cfg.seed, attack=attack,
+                                        data_manifest=digest, settings=settings), judge), settings_parts=parts)
+        ctx.barrier()
+        return CellOutcome(cell, values, True)
+
+    finally:
+        lock.release()
 
 
 #: How many attack examples (the first of the cell's seeded attack subset, all of which it trains on) have their
@@ -380,10 +422,17 @@ def run_attack_grid(model_name: str, label: str, defense: str, bundle: BundleDat
                         recipe.name, ", ".join(unused))
         cells = list({(c["seed"], c["num_samples"]): c for c in cells}.values())
     ran = []
-    for grid in cells:
-        run_cfg = cfg.run_config(lr=grid["lr"], seed=grid["seed"], epochs=grid["epochs"])
-        outcome = attack_cell(model_name, label, defense, bundle, recipe, run_cfg, int(grid["num_samples"]), eval_cfg,
-                              judge, out_dir, store, ctx)
-        if outcome.ran:
-            ran.append(outcome.cell)
+    # cells another process is measuring are passed over first, then waited for: processes sharing a grid share
+    # its cells out
+    for wait in (False, True):
+        busy = []
+        for grid in cells:
+            run_cfg = cfg.run_config(lr=grid["lr"], seed=grid["seed"], epochs=grid["epochs"])
+            outcome = attack_cell(model_name, label, defense, bundle, recipe, run_cfg, int(grid["num_samples"]),
+                                  eval_cfg, judge, out_dir, store, ctx, wait=wait)
+            if outcome.ran:
+                ran.append(outcome.cell)
+            if outcome.busy:
+                busy.append(grid)
+        cells = busy
     return ran

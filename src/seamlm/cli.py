@@ -371,7 +371,7 @@ def _sweep_parser(sub: argparse._SubParsersAction) -> None:
 def _run_sweep(args: argparse.Namespace, extra: list[str]) -> int:
     from seamlm.attack import evaluate_pre_attack
     from seamlm.finetune import FinetuneConfig
-    from seamlm.sweep import SweepConfig, run_sweep, sweep_study
+    from seamlm.sweep import SweepConfig, run_sweep, study_lock, sweep_study
 
     over, eval_over = _split_overrides(extra, "eval.")
     valid = SweepConfig.field_names() + FinetuneConfig.field_names()
@@ -390,11 +390,12 @@ def _run_sweep(args: argparse.Namespace, extra: list[str]) -> int:
     base = FinetuneConfig.from_dict(ft_over, "command line")
     eval_cfg, bundle, judge, store = _eval_setup(args, eval_over)
     label = args.label or args.model
-    # opened (and checked) first: a mismatch fails before the pre-attack evaluation
-    study = sweep_study(args.model, label, bundle, cfg, base, eval_cfg, judge, args.out)
-    if not args.no_pre:
-        evaluate_pre_attack(args.model, label, args.defense, bundle, eval_cfg, judge, args.out, store)
-    study = run_sweep(args.model, label, args.defense, bundle, cfg, base, eval_cfg, judge, args.out, store, study)
+    with study_lock(cfg, label, args.out):
+        # opened (and checked) first: a mismatch fails before the pre-attack evaluation
+        study = sweep_study(args.model, label, bundle, cfg, base, eval_cfg, judge, args.out)
+        if not args.no_pre:
+            evaluate_pre_attack(args.model, label, args.defense, bundle, eval_cfg, judge, args.out, store)
+        study = run_sweep(args.model, label, args.defense, bundle, cfg, base, eval_cfg, judge, args.out, store, study)
     best = study.best_trial
     print(f"sweep '{study.study_name}': {len(study.trials)} trials; highest HS {best.value:.1f} (trial {best.number}, "
           f"{best.params}); results in {store.path}; `seamlm report {store.path} --out DIR` for the ε-bounded table")

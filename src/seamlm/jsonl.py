@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from seamlm.errors import DataError
+from seamlm.locks import lock_open_file
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +79,11 @@ def append_records(path: str | Path, records: list[dict[str, Any]]) -> None:
     """Append ``records`` as JSON lines in one write, after cutting a line a kill left unfinished."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    drop_partial_tail(path)
     with path.open("a", encoding="utf-8") as f:
+        # one writer at a time (several attack processes may share a results file): a write in progress is not a
+        # cut one, and two writes' lines must not interleave
+        lock_open_file(f, path, wait=True)
+        drop_partial_tail(path)
         f.write(records_text(records))
         f.flush()
 
@@ -93,7 +97,9 @@ def read_records(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
     if not path.exists():
         return []
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open(encoding="utf-8") as f:
+            lock_open_file(f, path, wait=True, shared=True)  # not half of another process's write
+            text = f.read()
     except UnicodeDecodeError as exc:
         raise DataError(f"{path} is not UTF-8 text (byte {exc.start}): a file seamlm writes is UTF-8 JSON lines; "
                         "restore or delete it") from None

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import logging
-import os
 import platform
 import re
 import sys
@@ -21,6 +19,7 @@ import torch
 
 from seamlm.errors import ConfigError, DataError
 from seamlm.jsonl import append_records, read_records
+from seamlm.locks import HolderLock
 
 log = logging.getLogger(__name__)
 
@@ -33,33 +32,14 @@ def folder_lock(folder: Path, command: str) -> Iterator[None]:
     """One seamlm command at a time on ``folder`` (an advisory ``flock``, released when the process ends, also by a
     kill): two demos or rescores on one folder would train the same stage twice, interleave one log and write every
     missing cell twice."""
-    folder.mkdir(parents=True, exist_ok=True)
+    lock = HolderLock(folder / LOCK_FILE, command)
+    if not lock.acquire():
+        raise ConfigError(f"{folder} is in use by another seamlm command ({lock.holder()}): "
+                          "wait for it to end, or choose another --out")
     try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock
-        yield
-        return
-    fh = (folder / LOCK_FILE).open("a+", encoding="utf-8")
-    try:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            raise ConfigError(f"{folder} is in use by another seamlm command ({fh.read().strip() or 'unknown'}): "
-                              "wait for it to end, or choose another --out") from None
-        except OSError as exc:  # a file system without locks (NFS without lockd, Lustre noflock …)
-            if exc.errno not in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
-                raise
-            log.warning("%s: this file system cannot lock files (%s): not locked; run one command at a time on it",
-                        folder, exc.strerror)
-        else:  # locked: say by whom, for the command that finds it taken
-            fh.seek(0)
-            fh.truncate()
-            fh.write(f"seamlm {command}, pid {os.getpid()}, since {time.strftime('%Y-%m-%dT%H:%M:%S%z')}\n")
-            fh.flush()
         yield
     finally:
-        fh.close()  # (closing releases the lock)
+        lock.release()
 
 
 def package_versions(names: tuple[str, ...] = ("seamlm", "torch", "transformers", "accelerate", "peft", "gguf")) -> dict[str, str]:

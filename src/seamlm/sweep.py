@@ -12,7 +12,8 @@ import csv
 import json
 import logging
 import math
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from seamlm.errors import ConfigError
 from seamlm.evaluate.judges import Judge
 from seamlm.evaluate.metrics import EvalConfig
 from seamlm.finetune import LOOP_VERSION, FinetuneConfig
+from seamlm.locks import HolderLock
 from seamlm.models import check_trained_format, legacy_identities, model_identity, prompt_format_parts
 from seamlm.recipes import RECIPES, make_recipe
 from seamlm.results import ResultStore
@@ -198,64 +200,81 @@ def sweep_study(model_name: str, label: str, bundle: BundleData, cfg: SweepConfi
     return open_study(cfg, label, out_dir, context, legacy_identities(model_name, context["model"]))
 
 
+@contextmanager
+def study_lock(cfg: SweepConfig, label: str, out_dir: str | Path) -> Iterator[None]:
+    """One process per study (held from before :func:`open_study` to the sweep's end): a second would take the
+    first's running trials for those of a killed sweep, fail them and run them again."""
+    name = cfg.study_name or label
+    lock = HolderLock(Path(out_dir) / f".sweep.{path_part(name)}.lock", f"sweep {name}")
+    if not lock.acquire():
+        raise ConfigError(f"study '{name}' in {out_dir}/sweep.db is being run by another process ({lock.holder()}): "
+                          "wait for it to end, or give this sweep another --study_name")
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def run_sweep(model_name: str, label: str, defense: str, bundle: BundleData, cfg: SweepConfig,
               base: FinetuneConfig, eval_cfg: EvalConfig, judge: Judge, out_dir: str | Path,
               store: ResultStore, study: Any | None = None) -> Any:
     """Run trials until the study has ``cfg.trials`` finished ones; each trial is an attack cell in ``store``
     (cell ``sweep-<recipe>-<digest>``, see :func:`_cell_key`). Writes ``sweep_trials.<label>.csv``. Returns the study.
-    ``study``: the one :func:`sweep_study` opened for these arguments (opened here when not given)."""
-    study = study or sweep_study(model_name, label, bundle, cfg, base, eval_cfg, judge, out_dir)
-    csv_path = Path(out_dir) / f"sweep_trials.{path_part(label)}.csv"
-    missing = cfg.trials - finished_trials(study)
-    if missing <= 0:
-        log.info("sweep %s: %d trials already finished", study.study_name, cfg.trials)
-        write_trials_csv(study, csv_path)
-        return study
-
-    def objective(trial: Any) -> float:
-        name = (trial.suggest_categorical("recipe", list(cfg.recipes)) if len(cfg.recipes) > 1 else cfg.recipes[0])
-        recipe = make_recipe(name)
-        recipe = make_recipe(name, recipe.suggest(trial))
-        over = suggest_training(trial, cfg) if recipe.trains else {}
-        run_cfg = base.replace(**over, seed=cfg.seed)
-        cell = f"sweep-{name}-{fingerprint(_cell_key(trial.params, cfg, label))[:8]}"
-        meta = {"sweep": study.study_name, "trial": trial.number, "params": trial.params}
-        try:
-            outcome = attack_cell(model_name, label, defense, bundle, recipe, run_cfg, cfg.num_samples, eval_cfg,
-                                  judge, out_dir, store, cell=cell, meta=meta)
-        except ConfigError:
-            raise  # the trial's parameters do not fit: it fails alone (catch= below) and is not retried
-        except BaseException:
-            # Ctrl-C, out of memory, a data error: optuna records FAIL and the sweep stops; the next run retries it
-            trial.set_user_attr("interrupted", True)
-            raise
-        v = outcome.values or {}
-        for k in ("zs_mean", "coherence_ppl", "refusal_rate"):
-            if k in v:
-                trial.set_user_attr(k, v[k])
-        trial.set_user_attr("cell", cell)
-        hs = v.get("hs", math.nan)
-        if not math.isfinite(hs):
-            raise ConfigError(f"sweep trial {trial.number}: HS is {hs}")
-        return hs
-
-    def save(study_: Any, _trial: Any) -> None:
-        write_trials_csv(study_, csv_path)
-        if _failures_in_a_row(study_) >= FAILURE_PATIENCE:
-            study_.stop()  # within the round too: an always-failing search must not run out its trials
-
-    # a trial whose parameters do not fit the model (first4 on a 2-layer model) or whose HS is NaN fails alone,
-    # recorded as FAIL with its reason, and another is drawn; FAILURE_PATIENCE failures in a row stop the sweep (not
-    # one failed round: with one trial left, one unlucky draw would stop it)
-    while missing > 0:
-        study.optimize(objective, n_trials=missing, callbacks=[save], show_progress_bar=True, gc_after_trial=True,
-                       catch=(ConfigError,))
-        failed = _failures_in_a_row(study)
-        if failed >= FAILURE_PATIENCE:
-            raise ConfigError(f"sweep {study.study_name}: the last {failed} trials failed (reasons above); check the "
-                              f"recipes' knobs against the model")
+    ``study``: the one :func:`sweep_study` opened for these arguments under :func:`study_lock`, still held (opened
+    and locked here when not given)."""
+    with study_lock(cfg, label, out_dir) if study is None else nullcontext():
+        study = study or sweep_study(model_name, label, bundle, cfg, base, eval_cfg, judge, out_dir)
+        csv_path = Path(out_dir) / f"sweep_trials.{path_part(label)}.csv"
         missing = cfg.trials - finished_trials(study)
-    return study
+        if missing <= 0:
+            log.info("sweep %s: %d trials already finished", study.study_name, cfg.trials)
+            write_trials_csv(study, csv_path)
+            return study
+
+        def objective(trial: Any) -> float:
+            name = (trial.suggest_categorical("recipe", list(cfg.recipes)) if len(cfg.recipes) > 1 else cfg.recipes[0])
+            recipe = make_recipe(name)
+            recipe = make_recipe(name, recipe.suggest(trial))
+            over = suggest_training(trial, cfg) if recipe.trains else {}
+            run_cfg = base.replace(**over, seed=cfg.seed)
+            cell = f"sweep-{name}-{fingerprint(_cell_key(trial.params, cfg, label))[:8]}"
+            meta = {"sweep": study.study_name, "trial": trial.number, "params": trial.params}
+            try:
+                outcome = attack_cell(model_name, label, defense, bundle, recipe, run_cfg, cfg.num_samples, eval_cfg,
+                                      judge, out_dir, store, cell=cell, meta=meta)
+            except ConfigError:
+                raise  # the trial's parameters do not fit: it fails alone (catch= below) and is not retried
+            except BaseException:
+                # Ctrl-C, out of memory, a data error: optuna records FAIL and the sweep stops; the next run retries it
+                trial.set_user_attr("interrupted", True)
+                raise
+            v = outcome.values or {}
+            for k in ("zs_mean", "coherence_ppl", "refusal_rate"):
+                if k in v:
+                    trial.set_user_attr(k, v[k])
+            trial.set_user_attr("cell", cell)
+            hs = v.get("hs", math.nan)
+            if not math.isfinite(hs):
+                raise ConfigError(f"sweep trial {trial.number}: HS is {hs}")
+            return hs
+
+        def save(study_: Any, _trial: Any) -> None:
+            write_trials_csv(study_, csv_path)
+            if _failures_in_a_row(study_) >= FAILURE_PATIENCE:
+                study_.stop()  # within the round too: an always-failing search must not run out its trials
+
+        # a trial whose parameters do not fit the model (first4 on a 2-layer model) or whose HS is NaN fails alone,
+        # recorded as FAIL with its reason, and another is drawn; FAILURE_PATIENCE failures in a row stop the sweep (not
+        # one failed round: with one trial left, one unlucky draw would stop it)
+        while missing > 0:
+            study.optimize(objective, n_trials=missing, callbacks=[save], show_progress_bar=True, gc_after_trial=True,
+                           catch=(ConfigError,))
+            failed = _failures_in_a_row(study)
+            if failed >= FAILURE_PATIENCE:
+                raise ConfigError(f"sweep {study.study_name}: the last {failed} trials failed (reasons above); check the "
+                                  f"recipes' knobs against the model")
+            missing = cfg.trials - finished_trials(study)
+        return study
 
 
 #: failed trials in a row after which a sweep stops (its trials' parameters keep not fitting the model)

@@ -1,0 +1,78 @@
+"""Advisory file locks (``flock``): one command per output folder, one process per attack cell, one writer at a time
+per appended file. A kill releases them; where the system or file system has none, work goes on unlocked."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import time
+from pathlib import Path
+from typing import IO, Any
+
+log = logging.getLogger(__name__)
+
+#: errors of a file system without locks (NFS without lockd, Lustre mounted noflock, …)
+_UNSUPPORTED = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL)
+_warned: set[str] = set()
+
+
+def lock_open_file(fh: IO[Any], where: Path, *, wait: bool, shared: bool = False) -> bool:
+    """Lock the open file ``fh`` exclusively (``shared``: beside other readers): True once this process holds it (or
+    nothing can be locked here: warned once per folder), False when another process holds it and ``wait`` is false.
+    Closing ``fh`` releases it."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        return True
+    try:
+        fcntl.flock(fh, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+        return False
+    except OSError as exc:
+        if exc.errno not in _UNSUPPORTED:
+            raise
+        if str(where.parent) not in _warned:
+            _warned.add(str(where.parent))
+            log.warning("%s: this file system cannot lock files (%s): not locked; run one command at a time on it",
+                        where.parent, exc.strerror)
+    return True
+
+
+class HolderLock:
+    """A lock file that names its holder (``seamlm <command>, pid …, since …``) for the process that finds it taken."""
+
+    def __init__(self, path: str | Path, command: str) -> None:
+        self.path, self.command = Path(path), command
+        self._fh: IO[str] | None = None
+
+    def acquire(self, wait: bool = False) -> bool:
+        """True once held; False when another process holds it and ``wait`` is false (``holder()`` says who)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fh = self.path.open("a+", encoding="utf-8")
+        try:
+            if not lock_open_file(fh, self.path, wait=wait):
+                fh.close()
+                return False
+            fh.seek(0)
+            fh.truncate()
+            fh.write(f"seamlm {self.command}, pid {os.getpid()}, since {time.strftime('%Y-%m-%dT%H:%M:%S%z')}\n")
+            fh.flush()
+        except BaseException:
+            fh.close()
+            raise
+        self._fh = fh
+        return True
+
+    def holder(self) -> str:
+        """Who holds the lock, as its holder wrote it ('unknown' before it has)."""
+        try:
+            return self.path.read_text(encoding="utf-8").strip() or "unknown"
+        except OSError:
+            return "unknown"
+
+    def release(self) -> None:
+        """Release the lock (the file stays: removing it would race a process about to lock it)."""
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
