@@ -24,10 +24,14 @@ EVAL = EvalConfig(judge="keyword", hs_prompts=3, max_new_tokens=4, zs_tasks=("ar
                   coherence_examples=3, gen_batch_size=4)
 
 
-@pytest.fixture
-def bundle():
+def _bundle() -> BundleData:
     return BundleData({"harmful": HARMFUL[:6], "refusal": REFUSAL[:6], "benign": BENIGN[:6], "attack": HARMFUL[6:],
                        "eval_harmful": HARMFUL[:3], "benign_heldout": BENIGN[6:]}, {"seed": 0})
+
+
+@pytest.fixture
+def bundle():
+    return _bundle()
 
 
 def _grid(tiny_model_dir, bundle, tmp_path, store, lrs=(1e-4, 1e-3), **kw):
@@ -98,6 +102,8 @@ def test_lora_cell_and_sample_shortfall(tiny_model_dir, bundle, tmp_path, caplog
     ran = run_attack_grid(str(tiny_model_dir), "tiny", "none", bundle, cfg, EVAL, KeywordJudge(), tmp_path, store)
     assert ran == ["sft-lora-r2-adamw-lr0.001-n6-ep1-b3-s0"]
     assert "6 harmful examples available, 100 requested" in caplog.text
+    # the count asked for is kept beside the count trained on (runs of other data seeds line up by it)
+    assert {(r.attack["samples"], r.attack["samples_requested"]) for r in store.rows() if r.cell != "pre"} == {(6, 100)}
 
 
 def test_grid_spans_samples_epochs_and_seeds():
@@ -592,17 +598,23 @@ def test_a_cell_another_process_measures_is_passed_over_then_waited_for(tiny_mod
     assert cell_lock(tmp_path, "tiny", first).acquire()  # released when done
 
 
-def test_two_processes_on_one_grid_run_each_cell_once(tiny_model_dir, bundle, tmp_path):
-    import threading
+def _grid_in_a_process(model_dir, out, results) -> None:
+    results.put(_grid(model_dir, _bundle(), out, ResultStore(out / "results.jsonl")))
 
-    store = ResultStore(tmp_path / "results.jsonl")
-    ran: list[list[str]] = [[], []]
-    workers = [threading.Thread(target=lambda i=i: ran[i].extend(_grid(tiny_model_dir, bundle, tmp_path, store)))
-               for i in range(2)]
+
+def test_two_processes_on_one_grid_run_each_cell_once(tiny_model_dir, tmp_path):
+    import multiprocessing
+
+    spawn = multiprocessing.get_context("spawn")
+    results = spawn.Queue()
+    workers = [spawn.Process(target=_grid_in_a_process, args=(str(tiny_model_dir), tmp_path, results))
+               for _ in range(2)]
     for w in workers:
         w.start()
+    ran = [results.get(timeout=300) for _ in workers]
     for w in workers:
-        w.join(300)
+        w.join(60)
+        assert w.exitcode == 0
     assert sorted(ran[0] + ran[1]) == ["sft-full-adamw-lr0.0001-n4-ep1-b2-s0", "sft-full-adamw-lr0.001-n4-ep1-b2-s0"]
-    hs = [r.cell for r in store.rows() if r.metric == "hs"]
+    hs = [r.cell for r in ResultStore(tmp_path / "results.jsonl").rows() if r.metric == "hs"]
     assert sorted(hs) == sorted(ran[0] + ran[1])  # one write per cell
