@@ -203,6 +203,19 @@ def test_lr_plots_draw_one_line_per_other_setting_and_markdown_cells_are_escaped
     report._plots(wd, tmp_path, tmp_path)
     assert [lab for lab in labels["hs_vs_lr.png"] if "attacked" in lab] == [
         "m (attacked: other settings default)", "m (attacked: other settings h0a1b2c)"]
+    # a diverged attack (measured on its last finite weights) is a mark of its own, not a point on the line
+    labels.clear()
+    points = {}
+
+    def keep_points(fig, path):
+        points[path.name] = {ln.get_label(): list(ln.get_xdata()) for ln in fig.axes[0].get_lines()}
+        return path.name
+
+    monkeypatch.setattr(report, "_save", keep_points)
+    report._plots([_row("m", "a", "hs", 40.0, attack={"lr": 1e-5, "lora": False}),
+                   _row("m", "b", "hs", 0.0, attack={"lr": 1e-4, "lora": False, "status": "diverged"})],
+                  tmp_path, tmp_path)
+    assert points["hs_vs_lr.png"] == {"m (attacked)": [1e-5], "m (attack diverged)": [1e-4]}
     store = ResultStore(tmp_path / "results.jsonl")
     store.append(rows)
     md = write_report(store.path, tmp_path / "rep").read_text()
@@ -282,3 +295,21 @@ def test_a_hand_edited_row_is_a_clear_error_naming_its_line(tmp_path, line, mess
         f.write(line + "\n")
     with pytest.raises(DataError, match=f"r.jsonl:2.*{message}"):
         store.rows()
+
+
+def test_one_labels_lm_eval_scores_come_from_one_document_set(tmp_path):
+    """lm-eval's limit, local task files and version decide its scores: cells that both ran lm-eval tasks must
+    share them (a cell without lm-eval, or with other tasks, is fine)."""
+    store = ResultStore(tmp_path / "r.jsonl")
+    ev = {"hs_prompts": 32, "zs_tasks": ["arc_easy"], "lm_eval_tasks": ["arc_easy"], "lm_eval_limit": 50,
+          "lm_eval_version": "0.4.13"}
+    parts = {"model": "sha256:aaa", "judge": "j", "data": "d1", "eval": ev}
+    store.append([_row(settings="s1")], settings_parts=parts)
+    without = {k: v for k, v in ev.items() if not k.startswith("lm_eval")}
+    for other in (without, {**ev, "lm_eval_tasks": ["boolq"]}):
+        store.check_label("aligned", {**parts, "eval": other})
+    for other, said in (({"lm_eval_limit": 0}, "eval.lm_eval_limit: 50 → 0"),
+                        ({"lm_eval_version": "0.5.0"}, "eval.lm_eval_version: '0.4.13' → '0.5.0'"),
+                        ({"lm_eval_include_digest": "ab12"}, "eval.lm_eval_include_digest: None → 'ab12'")):
+        with pytest.raises(DataError, match=re.escape(said)):
+            store.check_label("aligned", {**parts, "eval": {**ev, **other}})

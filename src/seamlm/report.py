@@ -267,9 +267,16 @@ def _plots(rows: list[ResultRow], results_dir: Path, out: Path) -> list[str]:
         for i, m in enumerate(models):
             color = f"C{i}"
             lines: dict[tuple[bool, str], list[tuple[float, float]]] = {}  # (LoRA, other settings) -> points
+            diverged = []  # measured on the last finite weights: marked apart, never joined to a line (as the table)
             for r in trained:
                 if r.model == m and r.metric == metric:
-                    lines.setdefault(line_of(r), []).append((r.attack["lr"], r.value))
+                    if r.attack.get("status") == "diverged":
+                        diverged.append((r.attack["lr"], r.value))
+                    else:
+                        lines.setdefault(line_of(r), []).append((r.attack["lr"], r.value))
+            if diverged:
+                ax.plot([p[0] for p in diverged], [p[1] for p in diverged], "x", color=color, markersize=9,
+                        linestyle="none", label=f"{m} (attack diverged)")
             for j, ((lora, what), pts) in enumerate(sorted(lines.items())):
                 pts.sort()
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], "s--" if lora else "o-", color=color,
