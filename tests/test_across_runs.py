@@ -142,3 +142,23 @@ def test_error_bars_average_one_attack_setting_over_runs_never_two_settings(tmp_
     lines = error_bar_lines([r for run in load_runs([a, b]) for r in run.rows], "hs")["seam"]
     assert lines == {(False, "seed=0"): {2e-4: [10.0, 20.0]}, (False, "seed=1"): {2e-4: [50.0]},
                      (True, "seed=0"): {2e-4: [70.0]}}
+
+
+def test_attacks_on_the_whole_attack_stream_line_up_across_data_seeds(tmp_path):
+    """`--preset full` asks for 1000 attack examples; each data seed's stream holds another count (168, 134 …) and
+    the cell keys name it: the runs' cells are one column all the same."""
+    from seamlm.across_runs import across_runs_tables, load_runs
+
+    paths = []
+    for i, (n, hs) in enumerate(((168, 5.0), (134, 15.0))):
+        cell = f"sft-full-adamw-lr0.0002-n{n}-ep1-b4-s0"
+        attack = {**ATTACK, "samples": n, "samples_requested": 1000}
+        rows = [ResultRow(model=m, defense="none", cell=c, metric="hs", value=v, judge="j",
+                          attack={} if c == "pre" else attack)
+                for m, c, v in (("aligned", "pre", 10.0), ("seam", "pre", 8.0), ("seam", cell, hs))]
+        ResultStore(tmp_path / f"r{i}.jsonl").append(rows)
+        paths.append(tmp_path / f"r{i}.jsonl")
+    runs = load_runs(paths)
+    assert {r.cell for run in runs for r in run.rows} == {"pre", "sft-full-adamw-lr0.0002-nall1000-ep1-b4-s0"}
+    hs = across_runs_tables(runs)["HS %: mean ± sd over 2 runs"]
+    assert hs[0] == ["model", "pre-attack", "lr 0.0002"] and hs[2] == ["seam", "8.0 ± 0.0", "10.0 ± 7.1"]

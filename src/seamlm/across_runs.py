@@ -4,8 +4,10 @@ points with the seed: a claim about SEAM at this scale should come with the spre
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import re
 import statistics
 from collections import Counter
 from dataclasses import dataclass
@@ -46,7 +48,7 @@ def load_runs(paths: list[str | Path]) -> list[Run]:
     refuse_repeated_run(files, "the mean ± sd")
     runs: list[Run] = []
     for path in files:
-        rows = [r for r in ResultStore(path).rows() if is_plain_grid(r)]
+        rows = [_whole_stream_as_asked(r) for r in ResultStore(path).rows() if is_plain_grid(r)]
         if not rows:
             raise DataError(f"{path} holds no pre-attack or plain attack rows")
         runs.append(Run(path, rows))
@@ -61,6 +63,17 @@ def load_runs(paths: list[str | Path]) -> list[Run]:
                         f"their mean would mix two scales: compare runs of one judge")
     _check_same_evaluation(runs)
     return runs
+
+
+def _whole_stream_as_asked(r: ResultRow) -> ResultRow:
+    """An attack that asked for more examples than its run's attack stream held trained on all of them, and its cell
+    key names how many (``-n168-``): runs of other data seeds, whose streams hold other counts, ran the same attack.
+    Their cells line up as one column, keyed and sized by the count asked for (``-nall1000-``)."""
+    asked, got = r.attack.get("samples_requested"), r.attack.get("samples")
+    if r.cell == "pre" or not isinstance(asked, int) or not isinstance(got, int) or got >= asked:
+        return r
+    return dataclasses.replace(r, cell=re.sub(rf"-n{got}(?=-)", f"-nall{asked}", r.cell, count=1),
+                               attack={**r.attack, "samples": asked})
 
 
 def _check_same_evaluation(runs: list[Run]) -> None:

@@ -349,6 +349,8 @@ def attack_cell(model_name: str, label: str, defense: str, bundle: BundleData, r
         if probes:
             values["attack_peak_ppl"] = peak([p["benign_ppl"] for p in probes])
         attack: dict[str, Any] = {**recipe.describe(), "seed": run_cfg.seed, "samples": len(data.harmful), "status": status}
+        if len(data.harmful) < n_samples:  # the whole attack stream: runs of other data seeds line up by the count asked
+            attack["samples_requested"] = n_samples
         if diverged_in:
             attack["diverged_in"] = diverged_in
         if recipe.trains:

@@ -195,6 +195,7 @@ class ResultStore:
             changed = [f"{k}: {old[k]!r} → {new.get(k)!r}" for k in ("model", "judge", "data")
                        if k in old and old[k] != new.get(k) and not (k == "model" and old[k] in same_models)]
             changed += measured_differently(old.get("eval") or {}, new.get("eval") or {})
+            changed += lm_eval_differently(old.get("eval") or {}, new.get("eval") or {})
             if every_cell_formatted and old.get("prompt_format", 1) != new.get("prompt_format"):
                 changed.append(f"prompt_format: {old.get('prompt_format', 1)!r} → {new.get('prompt_format')!r}")
             if changed:
@@ -257,6 +258,19 @@ COMPARED_EVAL = {"hs_prompts": None, "max_new_tokens": None, "zs_tasks": None, "
                  "judge_model": ""}
 #: ... and these where both cells measured the figure (0 = skipped, as ``seamlm adaptive`` skips the coupling)
 COMPARED_EVAL_IF_MEASURED = ("coherence_examples", "coupling_examples")
+
+
+#: lm-eval settings that decide its scores (its tasks may differ: a cell adds tasks, each its own row), compared
+#: where both cells ran lm-eval tasks: its document limit, its local tasks' digest, its version
+LM_EVAL_COMPARED = {"lm_eval_limit": 0, "lm_eval_include_digest": None, "lm_eval_version": None}
+
+
+def lm_eval_differently(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """The lm-eval settings two cells' evaluation records disagree on, where both ran lm-eval tasks."""
+    if not (old.get("lm_eval_tasks") and new.get("lm_eval_tasks")):
+        return []
+    return [f"eval.{k}: {old.get(k, d)!r} → {new.get(k, d)!r}" for k, d in LM_EVAL_COMPARED.items()
+            if old.get(k, d) != new.get(k, d)]
 
 
 def measured_differently(old: dict[str, Any], new: dict[str, Any], arrow: str = "→") -> list[str]:
