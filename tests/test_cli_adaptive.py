@@ -65,6 +65,10 @@ def test_sweep_command_and_its_errors(tiny_model_dir, tmp_path, capsys):
     assert main(["report", str(out / "results.jsonl"), "--out", str(out / "rep"), "--eps", "5,10"]) == 0
     assert "| tiny | 10 |" in (out / "rep" / "report.md").read_text()
     assert main(["report", str(out / "results.jsonl"), "--out", str(out / "rep"), "--eps", "five"]) == 2
+    for bad in (["--eps", "5,nan"], ["--ppl-factor", "nan"]):  # a NaN bound would leave every trial out, silently
+        capsys.readouterr()
+        assert main(["report", str(out / "results.jsonl"), "--out", str(out / "rep"), *bad]) == 2
+        assert "--ppl-factor must be > 1 and --eps values >= 0" in capsys.readouterr().err
 
 
 def test_adaptive_needs_a_finished_demo(tmp_path, capsys):

@@ -100,6 +100,10 @@ def test_bad_lora_targets_and_values(tokenizer):
                      ({"weight_decay": -0.01}, "weight_decay must be >= 0")):
         with pytest.raises(ConfigError, match=why):
             FinetuneConfig.from_dict(bad)
+    # LoRA settings without LoRA would train all weights under another cell key: refused, not ignored
+    with pytest.raises(ConfigError, match=r"lora_r, lora_layers set but lora is off .* add --lora true"):
+        FinetuneConfig.from_dict({"lora_r": 64, "lora_layers": "0"})
+    FinetuneConfig.from_dict({"lora": "true", "lora_r": 64, "lora_layers": "0"})
     # a layer beyond the model's two is an error, also beside a valid one (peft would drop it silently)
     with pytest.raises(ConfigError, match=r"lora_layers \[5\] are beyond this model's 2 decoder layers"):
         finetune(make_model(len(tokenizer)), tokenizer, HARMFUL, FinetuneConfig(lora=True, lora_layers=(1, 5)))

@@ -342,6 +342,24 @@ def test_a_study_another_process_runs_is_refused_before_it_is_opened(tiny_model_
         _sweep(tiny_model_dir, bundle, tmp_path, 1, [])
     assert not opened
     other.release()
-    with sweep_mod.study_lock(SweepConfig(study_name="tiny"), "x", tmp_path):  # free again (and named by the study)
-        with pytest.raises(ConfigError, match="being run by another process"):
-            _sweep(tiny_model_dir, bundle, tmp_path, 1, [])
+    # free again (and named by the study)
+    with sweep_mod.study_lock(SweepConfig(study_name="tiny"), "x", tmp_path), \
+            pytest.raises(ConfigError, match="being run by another process"):
+        _sweep(tiny_model_dir, bundle, tmp_path, 1, [])
+
+
+def test_a_sweep_without_the_coherence_figure_is_refused_before_it_starts(bundle, tmp_path):
+    """Its selection bounds the benign perplexity: without it no trial is ever within the bound."""
+    with pytest.raises(ConfigError, match="coherence_examples is 0, but the sweep selects trials within a coherence"):
+        sweep_study("m", "tiny", bundle, SweepConfig(trials=2), FinetuneConfig(max_length=64),
+                    EVAL.replace(coherence_examples=0), KeywordJudge(), tmp_path)
+    assert not list(tmp_path.iterdir())
+
+
+def test_each_study_writes_its_own_trials_table(tiny_model_dir, bundle, tmp_path):
+    for name in ("a", "b"):
+        cfg = SweepConfig(recipes=("sft",), trials=1, num_samples=4, batch_sizes=(2,), max_epochs=1, study_name=name)
+        run_sweep(str(tiny_model_dir), "tiny", "none", bundle, cfg, FinetuneConfig(max_length=64), EVAL,
+                  KeywordJudge(), tmp_path, ResultStore(tmp_path / "results.jsonl"))
+    tables = {p.name: p.read_text().splitlines() for p in tmp_path.glob("sweep_trials.*.csv")}
+    assert sorted(tables) == ["sweep_trials.a.csv", "sweep_trials.b.csv"] and all(len(t) == 2 for t in tables.values())

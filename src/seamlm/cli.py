@@ -449,7 +449,7 @@ def _run_report(args: argparse.Namespace, extra: list[str]) -> int:
             eps = tuple(float(e) for e in eps_text.split(","))
         except ValueError:
             raise ConfigError(f"--eps needs comma-separated numbers, got {eps_text!r}") from None
-        if ppl_factor <= 1 or min(eps) < 0:
+        if not ppl_factor > 1 or not all(e >= 0 for e in eps):  # (a NaN compares false: it would bound nothing)
             raise ConfigError("--ppl-factor must be > 1 and --eps values >= 0")
         path = write_report(args.results[0], args.out, eps=eps, ppl_factor=ppl_factor)
     print(path.read_text())

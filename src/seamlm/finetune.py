@@ -123,6 +123,11 @@ class FinetuneConfig(BaseConfig):
             (self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm must be > 0 or None"),
             (all(i >= 0 for i in self.lora_layers), "lora_layers are layer indices >= 0"),
         ])
+        unused = [f for f in ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_layers")
+                  if getattr(self, f) != getattr(FinetuneConfig, f)]
+        if unused and not self.lora:
+            raise ConfigError(f"{', '.join(unused)} set but lora is off (full-parameter training would ignore them): "
+                              "add --lora true, or drop them")
         check_template(self.prompt_template)
 
 

@@ -191,6 +191,9 @@ def sweep_study(model_name: str, label: str, bundle: BundleData, cfg: SweepConfi
     if not eval_cfg.zs_tasks:
         raise ConfigError("eval.zs_tasks is empty, but the sweep selects trials by their ZS drop (ε-bounded): give "
                           "it zero-shot tasks")
+    if not eval_cfg.coherence_examples:
+        raise ConfigError("eval.coherence_examples is 0, but the sweep selects trials within a coherence bound (benign "
+                          "perplexity): give it held-out benign answers (>= 1)")
     check_trained_format(model_name)
     context = {"model": model_identity(model_name), "train": base.trajectory_dict(), "loop": LOOP_VERSION,
                "eval": eval_cfg.settings_dict(), "judge": judge.name, "data": manifest_digest(bundle),
@@ -219,12 +222,12 @@ def run_sweep(model_name: str, label: str, defense: str, bundle: BundleData, cfg
               base: FinetuneConfig, eval_cfg: EvalConfig, judge: Judge, out_dir: str | Path,
               store: ResultStore, study: Any | None = None) -> Any:
     """Run trials until the study has ``cfg.trials`` finished ones; each trial is an attack cell in ``store``
-    (cell ``sweep-<recipe>-<digest>``, see :func:`_cell_key`). Writes ``sweep_trials.<label>.csv``. Returns the study.
+    (cell ``sweep-<recipe>-<digest>``, see :func:`_cell_key`). Writes ``sweep_trials.<study name>.csv``. Returns the study.
     ``study``: the one :func:`sweep_study` opened for these arguments under :func:`study_lock`, still held (opened
     and locked here when not given)."""
     with study_lock(cfg, label, out_dir) if study is None else nullcontext():
         study = study or sweep_study(model_name, label, bundle, cfg, base, eval_cfg, judge, out_dir)
-        csv_path = Path(out_dir) / f"sweep_trials.{path_part(label)}.csv"
+        csv_path = Path(out_dir) / f"sweep_trials.{path_part(study.study_name)}.csv"  # (default name: the label)
         missing = cfg.trials - finished_trials(study)
         if missing <= 0:
             log.info("sweep %s: %d trials already finished", study.study_name, cfg.trials)
