@@ -10,6 +10,8 @@ import pytest
 import torch
 
 from seamlm.cli import main
+from seamlm.errors import ConfigError
+from seamlm.evaluate.metrics import EvalConfig
 
 
 def _defend_args(model_dir, files, out, *extra):
@@ -338,6 +340,18 @@ def test_eval_command_and_bad_eval_key(tiny_model_dir, tmp_path, capsys):
     assert rc == 2 and "unknown EvalConfig key(s) 'bogus'" in capsys.readouterr().err
     rc = main(["eval", "--model", str(tiny_model_dir), "--out", str(out), "--trajectory_every", "5"])
     assert rc == 2 and "seamlm eval` runs none" in capsys.readouterr().err
+    # eval/attack/sweep share a folder with each other (cell by cell), never with a demo, adaptive or rescore
+    from seamlm.rescore import rescore
+    from seamlm.runinfo import folder_lock
+
+    again = ["eval", "--model", str(tiny_model_dir), "--out", str(out), *[a.replace("--eval.", "--") for a in TINY_EVAL]]
+    with folder_lock(out, "demo"):
+        assert main(again) == 2
+        assert "is in use by another seamlm command (seamlm demo, pid" in capsys.readouterr().err
+    with folder_lock(out, "attack", shared=True):
+        assert main(again) == 0  # (its cell is there already)
+        with pytest.raises(ConfigError, match=r"in use by another seamlm command \(seamlm attack, pid \d+"):
+            rescore(out, EvalConfig(judge="keyword"))
 
 
 def test_attack_checks_lm_eval_task_names_before_any_model_runs(tmp_path, capsys):

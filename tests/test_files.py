@@ -103,3 +103,21 @@ def test_an_append_waits_for_another_writer_and_a_read_never_sees_half_a_write(t
         t.join(10)
     assert [r for _, r in read_records(path)] == [{"a": 1}, {"b": 2}, {"c": 3}]
     assert [r for _, r in read] in ([{"a": 1}, {"b": 2}], [{"a": 1}, {"b": 2}, {"c": 3}])
+
+
+def test_a_lock_file_names_its_holders_and_forgets_those_gone(tmp_path):
+    from seamlm.locks import HolderLock
+
+    path = tmp_path / "lock"
+    demo = HolderLock(path, "demo")
+    assert demo.acquire()
+    assert not HolderLock(path, "attack").acquire(shared=True)
+    demo.release()
+    first, second, rescore = HolderLock(path, "attack"), HolderLock(path, "eval"), HolderLock(path, "rescore")
+    assert first.acquire(shared=True) and second.acquire(shared=True)  # side by side; the demo's line is gone
+    assert not rescore.acquire()
+    assert [h.split(",")[0] for h in rescore.holder().split("; ")] == ["seamlm attack", "seamlm eval"]
+    first.release()
+    second.release()
+    assert rescore.acquire(wait=True) and rescore.holder().startswith("seamlm rescore, pid")
+    rescore.release()

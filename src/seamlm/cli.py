@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import logging
@@ -279,6 +280,7 @@ def _eval_setup(args: argparse.Namespace, eval_over: dict[str, str], check: Call
     from seamlm.evaluate.metrics import EvalConfig
     from seamlm.jsonl import keep_record
     from seamlm.results import ResultStore
+    from seamlm.runinfo import folder_lock
 
     cfg = EvalConfig.from_yaml(args.eval_config, eval_over) if args.eval_config else EvalConfig.from_dict(eval_over, "command line")
     if check is not None:
@@ -290,7 +292,8 @@ def _eval_setup(args: argparse.Namespace, eval_over: dict[str, str], check: Call
     _check_model_option(args.model)
     _warn_unused_data_seed(args)
     bundle = resolve_data(args.data, seed=args.data_seed)
-    Path(args.out).mkdir(parents=True, exist_ok=True)
+    # beside other attack/eval/sweep commands (each cell is locked alone), never beside a demo, adaptive or rescore
+    args.held.enter_context(folder_lock(Path(args.out), args.command, shared=True))
     # a manifest put beside is named by the digest its result rows carry (data_manifest)
     keep_record(Path(args.out) / "data_manifest.json", json.dumps(bundle.manifest, indent=2),
                 tag=manifest_digest(bundle))
@@ -660,7 +663,8 @@ def main(argv: list[str] | None = None) -> int:
                                   f"start it without accelerate launch / torchrun")
         if hasattr(args, "defense"):
             args.defense = _defense_label(args.model, args.defense)
-        rc = COMMANDS[args.command][1](args, extra)
+        with contextlib.ExitStack() as args.held:  # what a command holds until it ends (its output folder's lock)
+            rc = COMMANDS[args.command][1](args, extra)
         from seamlm.distributed import shutdown
 
         shutdown()

@@ -46,16 +46,23 @@ class HolderLock:
         self.path, self.command = Path(path), command
         self._fh: IO[str] | None = None
 
-    def acquire(self, wait: bool = False) -> bool:
-        """True once held; False when another process holds it and ``wait`` is false (``holder()`` says who)."""
+    def acquire(self, wait: bool = False, shared: bool = False) -> bool:
+        """True once held; False when another process holds it and ``wait`` is false (``holder()`` says who).
+        ``shared``: beside other shared holders (each adds its line), never beside an exclusive one."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fh = self.path.open("a+", encoding="utf-8")
         try:
-            if not lock_open_file(fh, self.path, wait=wait):
-                fh.close()
-                return False
-            fh.seek(0)
-            fh.truncate()
+            alone = lock_open_file(fh, self.path, wait=False)  # then the lines of holders gone since go
+            if not alone:
+                if not lock_open_file(fh, self.path, wait=wait, shared=shared):
+                    fh.close()
+                    return False
+                alone = not shared  # an exclusive lock waited for
+            if alone:
+                fh.seek(0)
+                fh.truncate()
+                if shared:  # (converted in place: other shared holders may join from now on)
+                    lock_open_file(fh, self.path, wait=True, shared=True)
             fh.write(f"seamlm {self.command}, pid {os.getpid()}, since {time.strftime('%Y-%m-%dT%H:%M:%S%z')}\n")
             fh.flush()
         except BaseException:
@@ -67,7 +74,7 @@ class HolderLock:
     def holder(self) -> str:
         """Who holds the lock, as its holder wrote it ('unknown' before it has)."""
         try:
-            return self.path.read_text(encoding="utf-8").strip() or "unknown"
+            return "; ".join(self.path.read_text(encoding="utf-8").split("\n")).strip("; ") or "unknown"
         except OSError:
             return "unknown"
 

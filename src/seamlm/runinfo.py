@@ -28,12 +28,13 @@ LOCK_FILE = ".seamlm.lock"
 
 
 @contextmanager
-def folder_lock(folder: Path, command: str) -> Iterator[None]:
+def folder_lock(folder: Path, command: str, shared: bool = False) -> Iterator[None]:
     """One seamlm command at a time on ``folder`` (an advisory ``flock``, released when the process ends, also by a
     kill): two demos or rescores on one folder would train the same stage twice, interleave one log and write every
-    missing cell twice."""
+    missing cell twice. ``shared``: beside other shared commands (attack, eval, sweep: their cells are locked one by
+    one), never beside an exclusive one (demo, adaptive, rescore, which rewrites the results file)."""
     lock = HolderLock(folder / LOCK_FILE, command)
-    if not lock.acquire():
+    if not lock.acquire(shared=shared):
         raise ConfigError(f"{folder} is in use by another seamlm command ({lock.holder()}): "
                           "wait for it to end, or choose another --out")
     try:
