@@ -1,6 +1,7 @@
 """Each SEAM loss term against a hand computation on a tiny batch."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ import torch
 from seamlm.data.files import Example
 from seamlm.data.format import IGNORE_INDEX, Formatter, collate
 from seamlm.defense.losses import answer_ce, harmful_forward, unlearn_loss
+from seamlm.errors import ConfigError
 from tests.conftest import make_model
 
 
@@ -90,10 +92,10 @@ def test_batch_without_answer_tokens_is_an_error(tokenizer, batch):
 
 
 @pytest.mark.parametrize("arch,kw", [("Granite", {"logits_scaling": 4.0}), ("Cohere", {"logit_scale": 0.25}),
-                                     ("Llama", {})])
+                                     ("HyperCLOVAX", {"logits_scaling": 4.0}), ("Llama", {})])
 def test_the_head_the_losses_call_gives_the_models_own_logits(arch, kw):
     """Losses and the zero-shot scorer call the output head directly: a model that scales its logits in its own
-    forward (Granite divides, Cohere multiplies) must get the same logits there."""
+    forward (Granite divides, Cohere and HyperCLOVAX multiply) must get the same logits there."""
     import transformers
 
     from seamlm.defense.losses import ModelParts
@@ -108,3 +110,32 @@ def test_the_head_the_losses_call_gives_the_models_own_logits(arch, kw):
     with torch.no_grad():
         ours = parts.logits(parts.decoder(input_ids=ids).last_hidden_state)
         torch.testing.assert_close(ours, model(ids).logits)
+
+
+def test_a_model_whose_forward_changes_its_logits_in_an_unknown_way_is_refused_at_load(tiny_model_dir, monkeypatch):
+    """The load-time check compares the model's own logits with the head seamlm calls: an unknown scaling is an
+    error naming the model, not a different objective trained in silence."""
+    import transformers
+
+    from seamlm.defense.losses import check_logit_head
+    from seamlm.models import load_model
+
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=2)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg)
+    check_logit_head(model, "plain")  # the Llama head as seamlm calls it
+    assert model.training  # its mode is left as it was
+
+    class Scaled(transformers.LlamaForCausalLM):
+        def forward(self, *a, **kw):
+            out = super().forward(*a, **kw)
+            out.logits = out.logits * 3.0
+            return out
+
+    with pytest.raises(ConfigError, match=r"odd \(Scaled, model_type 'llama'\) post-processes its logits"):
+        check_logit_head(Scaled(cfg), "odd")
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        lambda path, **kw: Scaled.from_pretrained(path, **kw))
+    with pytest.raises(ConfigError, match=f"{re.escape(str(tiny_model_dir))} .*post-processes its logits"):
+        load_model(str(tiny_model_dir))

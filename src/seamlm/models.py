@@ -175,7 +175,11 @@ def load_model(
         log.warning(
             "model %s has no chat template: prompts use the fallback format %r", name, FALLBACK_PROMPT_FORMAT
         )
-    return model.to(device), tokenizer
+    model = model.to(device)
+    from seamlm.defense.losses import check_logit_head
+
+    check_logit_head(model, name)
+    return model, tokenizer
 
 
 def _load_tokenizer(source: ModelSource) -> Any:

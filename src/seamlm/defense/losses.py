@@ -6,6 +6,7 @@ small model with a 49k vocabulary costs more than the model body; the logit lens
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -15,6 +16,8 @@ from torch.utils.checkpoint import checkpoint
 
 from seamlm.data.format import IGNORE_INDEX
 from seamlm.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 UnlearnVariant = Literal["logit_lens", "final_layer"]
 
@@ -37,9 +40,18 @@ class ModelParts:
     def of(cls, model: Any) -> ModelParts:
         decoder = model.get_decoder()
         norm = next((getattr(decoder, n) for n in _FINAL_NORM_NAMES if hasattr(decoder, n)), None)
-        cfg = model.config
+        # a multimodal model (Gemma-3n …) keeps these on its text config
+        cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+
+        def factor(key: str) -> float:
+            return float(getattr(cfg, key, None) or 1.0)
+
+        # Granite divides by logits_scaling, HyperCLOVAX multiplies (µP); Cohere's logit_scale, Falcon-H1's
+        # lm_head_multiplier and output_multiplier multiply. check_logit_head tells a model none of these fit.
+        scaling = factor("logits_scaling")
+        scale = (factor("logit_scale") * factor("lm_head_multiplier") * factor("output_multiplier")
+                 * (scaling if cfg.model_type.startswith("hyperclovax") else 1.0 / scaling))
         softcap = getattr(cfg, "final_logit_softcapping", None)
-        scale = (getattr(cfg, "logit_scale", None) or 1.0) / (getattr(cfg, "logits_scaling", None) or 1.0)
         return cls(decoder, norm, model.get_output_embeddings(), softcap, float(scale))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -49,6 +61,34 @@ class ModelParts:
         if self.softcap:
             out = torch.tanh(out / self.softcap) * self.softcap
         return out
+
+
+def check_logit_head(model: Any, name: str) -> None:
+    """The losses, the attacks and the zero-shot scorer call the decoder and the output head themselves (the head
+    only where an answer token is predicted): refuse a model whose own forward makes other logits of them (a
+    scaling or cap :class:`ModelParts` does not know), which they would train and score in its place."""
+    was_training = model.training
+    try:
+        parts = ModelParts.of(model)
+        with torch.no_grad():
+            model.eval()
+            vocab = model.get_output_embeddings().weight.shape[0]
+            ids = (torch.arange(1, 6) % vocab)[None].to(next(model.parameters()).device)
+            theirs = model(input_ids=ids, use_cache=False).logits.float()
+            ours = parts.logits(parts.decoder(input_ids=ids, use_cache=False).last_hidden_state).float()
+    except Exception as exc:  # noqa: BLE001 — an architecture the probe cannot run: say so, do not block the load
+        log.warning("%s: could not check its output head against its forward (%s: %s)", name,
+                    type(exc).__name__, exc)
+        return
+    finally:
+        model.train(was_training)
+    tol = (1e-3 if ours.dtype == torch.float32 and next(model.parameters()).dtype == torch.float32 else 3e-2)
+    gap = (theirs - ours).abs().max().item()
+    if not gap <= tol * max(1.0, theirs.abs().max().item()):
+        raise ConfigError(f"{name} ({type(model).__name__}, model_type {model.config.model_type!r}) post-processes its "
+                          f"logits in its forward in a way seamlm does not reproduce (max difference {gap:.3g}): SEAM, "
+                          "the attacks and the zero-shot scorer would use other logits than it generates with. Its "
+                          "scaling or cap goes in seamlm.defense.losses.ModelParts.of")
 
 
 def _targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
