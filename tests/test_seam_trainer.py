@@ -219,6 +219,23 @@ def test_resume_compares_a_field_the_checkpoint_predates_at_its_default(tokenize
     assert [r["step"] for r in _rows(tmp_path)][-1] == 4
 
 
+def test_resume_from_another_base_model_is_refused(tokenizer, streams, tmp_path):
+    """The weights come from the checkpoint, but the saved model would name the new --model as its base (and check
+    held-out data against that one's training prompts)."""
+    def trainer(identity):
+        tr = _trainer(tokenizer, streams, tmp_path, steps=4, checkpoint_every=2)
+        tr.run_info = {"model": f"models/{identity}", "model_identity": f"sha256:{identity}"}
+        return tr
+
+    trainer("aaa").train()
+    shutil.rmtree(tmp_path / "model")
+    with pytest.raises(CheckpointError, match=r"started from models/aaa \(sha256:aaa\), this one names models/bbb"):
+        trainer("bbb").train(resume=True)
+    assert json.loads((tmp_path / "run.json").read_text())["model_identity"] == "sha256:aaa"  # left as it was
+    trainer("aaa").train(resume=True)
+    assert (tmp_path / "model").is_dir()
+
+
 def test_resume_with_the_model_in_another_dtype_is_refused(tokenizer, streams, tmp_path):
     """The load dtype is part of the run (save_dtype auto saves back in it): a resume that loads the model in
     another one would silently save another model."""

@@ -149,7 +149,10 @@ class BaseConfig:
         return {k: (then[k], now.get(k)) for k in sorted(then) if then[k] != now.get(k)}
 
     def to_yaml(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False), encoding="utf-8")
+        """Write the config as YAML (atomically: a resumed run reads it back, and a full disk must not cut it)."""
+        from seamlm.jsonl import write_text_atomic
+
+        write_text_atomic(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
     def validate(self) -> None:
         """Raise ConfigError for values that are well-typed but meaningless. Subclasses extend this."""

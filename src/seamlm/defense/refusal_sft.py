@@ -14,6 +14,7 @@ from seamlm.defense.base import Defense, StreamData, register_defense
 from seamlm.distributed import DistContext
 from seamlm.errors import ConfigError
 from seamlm.finetune import LOOP_VERSION, FinetuneConfig, finetune
+from seamlm.jsonl import write_text_atomic
 from seamlm.models import is_saved_model, save_model
 from seamlm.runinfo import environment_info
 
@@ -47,7 +48,7 @@ class RefusalSFT(Defense):
             out.mkdir(parents=True, exist_ok=True)
             info = {"defense": self.name, "config": cfg.to_dict(), "seed": cfg.seed, "loop": LOOP_VERSION,
                     "data_sizes": sizes, **environment_info(), **(run_info or {})}
-            (out / "run.json").write_text(json.dumps(info, indent=2, default=str), encoding="utf-8")
+            write_text_atomic(out / "run.json", json.dumps(info, indent=2, default=str))  # (read back on resume)
             cfg.to_yaml(out / "config.yaml")
         tuned, examples = self.fit(model, tokenizer, streams, out / "log.jsonl", desc=self.name, ctx=ctx)
         if ctx.is_main:

@@ -59,8 +59,8 @@ from seamlm.distributed import (
 )
 from seamlm.errors import CheckpointError, ConfigError, NonFiniteLossError
 from seamlm.finetune import warmup_steps
-from seamlm.jsonl import read_records, write_records_atomic
-from seamlm.models import is_saved_model, save_model
+from seamlm.jsonl import read_records, write_records_atomic, write_text_atomic
+from seamlm.models import is_saved_model, legacy_identities, save_model
 from seamlm.runinfo import environment_info, fingerprint
 
 log = logging.getLogger(__name__)
@@ -528,6 +528,12 @@ class SEAMTrainer:
     def _resume(self) -> None:
         path = latest_checkpoint(self.out / "checkpoints")
         assert path is not None  # train() ran check_run_folder, which refuses a resume without a checkpoint
+        other = self._started_from_another_model()
+        if self.ctx.any(other is not None):  # (only rank 0 knows the model's digest)
+            raise CheckpointError(f"cannot resume {path}: the run started from {other or 'another model'}. Its "
+                                  "weights come from the checkpoint, but the saved model would name this one as its "
+                                  "base (and check its held-out data against it): resume with the same --model, or "
+                                  "start a new run in another --out")
         # RNG states must stay CPU tensors; loaders move the rest
         state = self._read_on_every_rank(path, lambda: load_checkpoint(path, map_location="cpu"))
         refuse_changed_config(self.config, state["config"], path)
@@ -583,6 +589,21 @@ class SEAMTrainer:
         write_records_atomic(log_path, kept)
         log.info("resumed from %s (step %d)", path, self.step)
 
+    def _started_from_another_model(self) -> str | None:
+        """The model the run being resumed started from (its ``run.json``), where this run names another."""
+        if not self.ctx.is_main:
+            return None
+        try:
+            then = json.loads((self.out / "run.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        for key in ("model_identity", "base_identity"):  # (the CLI's, the demo's)
+            old, new = then.get(key), self.run_info.get(key)
+            if old and new and old != new and old not in legacy_identities(self.run_info.get("model", ""), new):
+                return (f"{then.get('model', old)} ({old}), this one names {self.run_info.get('model', new)} "
+                        f"({new})")
+        return None
+
     def _write_run_info(self) -> None:
         info = {
             "config": self.config.to_dict(),
@@ -598,7 +619,7 @@ class SEAMTrainer:
             **environment_info(),
             **self.run_info,
         }
-        (self.out / "run.json").write_text(json.dumps(info, indent=2, default=str), encoding="utf-8")
+        write_text_atomic(self.out / "run.json", json.dumps(info, indent=2, default=str))  # (read back on resume)
         self.config.to_yaml(self.out / "config.yaml")
 
     def save_final(self) -> Path:
