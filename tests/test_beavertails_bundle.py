@@ -112,3 +112,24 @@ def test_bad_bundle_options_are_clear_errors(files, tmp_path, capsys, option, me
     assert _build(files, tmp_path / "b", "--option", option) != 0
     assert message in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
+
+
+def test_shared_answers_reworded_prompts_and_conflicting_labels(files, tmp_path, caplog):
+    """BeaverTails repeats answers under other prompts and rewords training prompts in 30k_test: no attack row
+    carries a defence answer, reworded HS prompts are logged, and a pair flagged unsafe by one row stays harmful."""
+    import logging
+
+    train = [{**_bt_row(i, cat=i % 2), "response": f"Shared answer {i % 40}."} for i in range(60)]
+    train.insert(0, {**_bt_row(3, cat=1), "response": "Shared answer 3.", "is_safe": True})  # the same pair, "safe" first
+    files["train"].write_text("".join(json.dumps(r) + "\n" for r in train))
+    test = [{**_bt_row(i, cat=i % 2), "prompt": _bt_row(i, cat=i % 2)["prompt"] + " please"} for i in range(30)]
+    test += [_bt_row(i + 300, cat=i % 2) for i in range(30)]
+    files["test"].write_text("".join(json.dumps(r) + "\n" for r in test))
+    caplog.set_level(logging.INFO)
+    assert _build(files, tmp_path / "b") == 0
+    b = load_built(tmp_path / "b")
+    trained = {e.response for e in b.streams["harmful"]}
+    assert b.streams["attack"] and not [e for e in b.streams["attack"] if e.response in trained]
+    assert b.manifest["attack_rows_with_a_defence_answer"] > 0
+    assert "near-duplicate prompts across disjoint streams" in caplog.text
+    assert any(e.prompt == _bt_row(3, cat=1)["prompt"] for e in b.streams["harmful"] + b.streams["attack"])

@@ -101,3 +101,16 @@ def test_answers_cut_by_the_token_budget_end_at_their_last_sentence(tokenizer, t
     assert [(e.prompt, e.response) for e in got] == [("a", "Boil water."), ("b", "Done.")]
     assert "2 of 3 answers reached max_new_tokens=6" in caplog.text
     assert [json.loads(x)["ended"] for x in next(tmp_path.glob("*.jsonl")).read_text().splitlines()] == [False, True, False]
+
+
+def test_the_cache_key_ignores_the_padding_and_truncation_a_last_call_left(tokenizer):
+    """The fast tokenizer keeps the padding/truncation of its last call: a user who tokenised with padding first
+    must not regenerate every answer into a new cache file."""
+    from seamlm.data.distill import _generation_digest
+    from tests.conftest import make_model
+
+    model = make_model(len(tokenizer))
+    before = _generation_digest(model, tokenizer, 512)
+    tokenizer(["hello world", "x"], padding=True, truncation=True, max_length=3)
+    assert _generation_digest(model, tokenizer, 512) == before
+    tokenizer("plain")  # (as it was)

@@ -121,3 +121,18 @@ def test_a_lock_file_names_its_holders_and_forgets_those_gone(tmp_path):
     second.release()
     assert rescore.acquire(wait=True) and rescore.holder().startswith("seamlm rescore, pid")
     rescore.release()
+
+
+def test_a_lone_surrogate_escape_is_a_clear_error_naming_the_row(tmp_path):
+    """JSON may escape half of a UTF-16 pair (an emoji cut in two): no UTF-8 file can hold it, so the row is refused
+    where it is read, not at the bundle's write."""
+    from seamlm.data.files import read_rows
+
+    path = tmp_path / "cut.jsonl"
+    path.write_text('{"prompt": "ok", "response": "fine"}\n{"prompt": "hi \\ud83d", "response": "x"}\n')
+    with pytest.raises(DataError, match=r"cut.jsonl:2: prompt holds a lone surrogate escape"):
+        read_rows(path)
+    listed = tmp_path / "cut.json"
+    listed.write_text('[{"prompt": "ok", "response": "fine \\udc00"}]')
+    with pytest.raises(DataError, match=r"cut.json: object 0: response holds a lone surrogate"):
+        read_rows(listed)

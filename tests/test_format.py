@@ -240,3 +240,16 @@ def test_a_token_only_named_bos_is_cut_like_any_other():
     assert encode_prompts(tok, [long], max_tokens=12)["input_ids"][0].tolist() == full[-12:]
     cut = Formatter(tok, max_length=24)(Example(long, "A."))
     assert cut.input_ids[0] != tok.bos_token_id and len(cut.input_ids) == 24
+
+
+def test_a_template_that_writes_todays_date_is_given_one_fixed_date():
+    """Llama 3's templates write "Today Date: <strftime_now>": the same prompt must be the same text on every day
+    (training, a resume, generation, scoring and the distillation cache)."""
+    from seamlm.data.format import TEMPLATE_DATE
+
+    tok = make_tokenizer()
+    tok.chat_template = ('{%- if not date_string is defined %}{%- if strftime_now is defined %}{%- set date_string = '
+                         'strftime_now("%d %b %Y") %}{%- else %}{%- set date_string = "01 Jan 2000" %}{%- endif %}'
+                         '{%- endif %}Today Date: {{ date_string }}\n{% for m in messages %}{{ m["content"] }}'
+                         '{% endfor %}\nAnswer:')
+    assert prompt_text(tok, "Hi").startswith(f"Today Date: {TEMPLATE_DATE}\nHi")

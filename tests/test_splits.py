@@ -105,6 +105,14 @@ def test_no_attack_or_eval_prompt_appears_in_the_defense_set(bundle):
         normalize_prompt(e.prompt) for e in bundle.streams["benign_heldout"]}
 
 
+def test_no_attack_answer_is_an_answer_the_defence_trains_on(bundle):
+    """PyRIT reuses one answer for several prompts: the attacker must not get, under another prompt, an answer the
+    defence unlearned (seed 0: 3 such rows, left out and counted)."""
+    trained = {normalize_prompt(e.response) for e in bundle.streams["harmful"]}
+    assert not [e.prompt for e in bundle.streams["attack"] if normalize_prompt(e.response) in trained]
+    assert bundle.manifest["attack_rows_with_a_defence_answer"] == 3
+
+
 def test_bundle_streams_are_well_formed(bundle):
     s = bundle.streams
     assert len(s["harmful"]) >= 150 and len(s["attack"]) >= 150 and len(s["eval_harmful"]) >= 200

@@ -29,6 +29,7 @@ from seamlm.data.splits import (
     prompt_hash,
     resolve_categories,
     split_manifest,
+    without_answers_of,
 )
 from seamlm.errors import DataError
 from seamlm.jsonl import records_text
@@ -289,6 +290,22 @@ def _check_filled(streams: dict[str, list[Example]], holdout: tuple[str, ...], p
                     len(streams["eval_harmful"]), 100 / len(streams["eval_harmful"]))
 
 
+def _check_groups(streams: dict[str, list[Example]], groups: list[list[str]]) -> None:
+    """Each group's streams share no prompt; reworded repeats across them (near duplicates) are logged."""
+    for group in groups:
+        check_disjoint({k: streams[k] for k in group})
+        near = near_duplicates({k: streams[k] for k in group})
+        if near:
+            log.info("near-duplicate prompts across disjoint streams (word Jaccard >= 0.8, another normalised text; "
+                     "counted in the second stream): %s", near)
+
+
+def _log_shared_answers(bundle: str, n: int) -> None:
+    if n:
+        log.info("%s: %d attack row(s) left out: their answer is one the defence trains on (under another prompt)",
+                 bundle, n)
+
+
 #: zero-shot tasks whose rows feed offline-default's training streams (PIQA feeds B): not utility measures there
 OFFLINE_DEFAULT_ZS_EXCLUDE = ("piqa",)
 
@@ -309,6 +326,8 @@ def _offline_default(seed: int = 0, holdout_categories: tuple[str, ...] = (),
     split = assign_splits(harmful_pool, fractions, seed, holdout_categories)
     check_disjoint(split)
     used = hashes(split["defense"]) | hashes(split["attack"])
+    split["attack"], shared_answers = without_answers_of(split["attack"], split["defense"])
+    _log_shared_answers("offline-default", shared_answers)
 
     # HS prompts: the held-out pool prompts (one row per prompt) + HarmBench, minus anything seen in training.
     eval_rows: dict[str, Example] = {}
@@ -352,18 +371,13 @@ def _offline_default(seed: int = 0, holdout_categories: tuple[str, ...] = (),
     }
     _check_filled(streams, holdout_categories, harmful_pool)
     groups = [["harmful", "attack", "eval_harmful"], ["benign", "benign_heldout", "attack_benign"]]
-    for group in groups:
-        check_disjoint({k: streams[k] for k in group})
-        near = near_duplicates({k: streams[k] for k in group})
-        if near:
-            log.info("near-duplicate prompts across disjoint streams (word Jaccard >= 0.8, another normalised text; "
-                     "counted in the second stream): %s", near)
+    _check_groups(streams, groups)
     manifest = split_manifest(
         streams, seed, disjoint=groups,
         bundle="offline-default", fractions=fractions, holdout_categories=list(holdout_categories),
         sources={k: get_source(k).origin for k in BUNDLES["offline-default"].sources["all"]},
         refusals_from_data=sum(1 for e in streams["refusal"] if e.source != "template"),
-        zero_shot_exclude=list(OFFLINE_DEFAULT_ZS_EXCLUDE),
+        zero_shot_exclude=list(OFFLINE_DEFAULT_ZS_EXCLUDE), attack_rows_with_a_defence_answer=shared_answers,
     )
     return BundleData(streams, manifest)
 
@@ -416,6 +430,8 @@ def _beavertails(seed: int = 0, holdout_categories: tuple[str, ...] = (), train_
         if e.label == "harmful" and h not in used and h not in eval_rows and (not held or categories_of(e) & held):
             eval_rows[h] = Example(e.prompt, "", e.category, None, e.source)
     defense = sample(split["defense"], defense_size, "the defence split (defense_size)")
+    attack, shared_answers = without_answers_of(split["attack"], defense)
+    _log_shared_answers("beavertails", shared_answers)
     refusals: dict[str, list[Example]] = {}
     if not refusals_path:
         log.warning("beavertails: no refusals_path (RepNoise's refusal JSON, not on the Hub): R is template refusals")
@@ -441,15 +457,14 @@ def _beavertails(seed: int = 0, holdout_categories: tuple[str, ...] = (), train_
         "harmful": defense,
         "refusal": _pair_refusals(defense, refusals, seed),
         "benign": benign_sets[0],
-        "attack": sample(split["attack"], attack_size, "the attack split (attack_size)"),
+        "attack": sample(attack, attack_size, "the attack split (attack_size)"),
         "eval_harmful": sample(list(eval_rows.values()), eval_size, "the HS prompt pool (eval_size)"),
         "benign_heldout": benign_sets[1],
         "attack_benign": benign_sets[2],
     }
     _check_filled(streams, holdout_categories, harmful, "beavertails")
     groups = [["harmful", "attack", "eval_harmful"], ["benign", "benign_heldout", "attack_benign"]]
-    for group in groups:
-        check_disjoint({k: streams[k] for k in group})
+    _check_groups(streams, groups)
     manifest = split_manifest(
         streams, seed, disjoint=groups, bundle="beavertails", fractions={"defense": 0.5, "attack": 0.5},
         holdout_categories=list(holdout_categories), sizes=sizes,
@@ -458,7 +473,7 @@ def _beavertails(seed: int = 0, holdout_categories: tuple[str, ...] = (), train_
                  "repnoise-refusals": refusals_path or "none (template refusals)",
                  "alpaca-cleaned": benign_path or get_source("alpaca-cleaned").origin},
         refusals_from_data=sum(1 for e in streams["refusal"] if e.source != "template"),
-        zero_shot_exclude=[],
+        zero_shot_exclude=[], attack_rows_with_a_defence_answer=shared_answers,
     )
     return BundleData(streams, manifest)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -32,6 +33,11 @@ def _generation_digest(model: Any, tokenizer: Any, max_prompt_tokens: int) -> st
     """What besides the weights decides a greedy answer: the prompt format (chat template, or the fallback), the
     tokenizer itself (vocabulary, normaliser, BOS handling), where answers stop and how much prompt is kept."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        # without the padding/truncation the last call left set (they change no answer: generation sets its own)
+        backend = copy.copy(backend)
+        backend.no_padding()
+        backend.no_truncation()
     tok_state = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
     parts = [getattr(tokenizer, "chat_template", None) or FALLBACK_PROMPT_FORMAT, tok_state,
              stop_token_ids(model, tokenizer), max_prompt_tokens]

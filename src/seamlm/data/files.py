@@ -31,6 +31,17 @@ class Example:
     source: str | None = None
 
 
+def _check_encodable(row: dict, where: str) -> None:
+    """JSON may escape half of a UTF-16 pair (``"\\ud83d"``, an emoji cut in two): text no UTF-8 file can hold."""
+    for key, value in row.items():
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise DataError(f"{where}: {key} holds a lone surrogate escape ({value[exc.start:exc.start + 1]!r} at "
+                                f"character {exc.start}), half of a character cut in two: repair or drop that row") from None
+
+
 def read_rows(path: str | Path) -> list[dict]:
     """Rows of a JSONL, JSON (a list of objects), CSV or Parquet file as dicts; errors name the file."""
     path = Path(path)
@@ -58,6 +69,8 @@ def read_rows(path: str | Path) -> list[dict]:
             raise DataError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
         if not all(isinstance(r, dict) for r in rows):
             raise DataError(f"{path} must be a JSON list of objects")
+        for i, row in enumerate(rows):
+            _check_encodable(row, f"{path}: object {i}")
         return rows
     if suffix in (".jsonl", ".json"):
         rows = []
@@ -70,6 +83,7 @@ def read_rows(path: str | Path) -> list[dict]:
                 raise DataError(f"{path}:{lineno} is not valid JSON ({exc.msg}); each line must be one object") from None
             if not isinstance(row, dict):
                 raise DataError(f"{path}:{lineno} must be a JSON object with prompt/response keys")
+            _check_encodable(row, f"{path}:{lineno}")
             rows.append(row)
         return rows
     if suffix == ".csv":

@@ -35,6 +35,12 @@ PROMPT_TEMPLATES = {
 }
 
 
+#: the date a chat template that writes one (Llama 3's "Today Date: …") is given, instead of today's: the same prompt
+#: on every day, so training, a resume, generation, scoring and the distillation cache all see one text (Llama 3.1's
+#: templates' own fallback date)
+TEMPLATE_DATE = "26 Jul 2024"
+
+
 def check_template(name: str) -> str:
     if name not in PROMPT_TEMPLATES:
         raise ConfigError(f"unknown prompt template '{name}'; choose one of {', '.join(PROMPT_TEMPLATES)}")
@@ -48,7 +54,8 @@ def prompt_text(tokenizer: Any, prompt: str, template: str = "chat") -> str:
         return PROMPT_TEMPLATES[template].format(prompt=prompt)
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False,
+            date_string=TEMPLATE_DATE,
         )
     return FALLBACK_PROMPT_FORMAT.format(prompt=prompt)
 

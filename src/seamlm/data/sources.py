@@ -369,7 +369,7 @@ def _beavertails(split: str = "30k_train", path: str | None = None) -> list[Exam
         out.append(Example(r["prompt"].strip(), r["response"].strip(), CATEGORY_SEPARATOR.join(flagged) or None,
                            "safe" if _flag(r["is_safe"], "is_safe", "beavertails", required=True) else "harmful",
                            f"beavertails:{split}"))
-    return drop_duplicates(out, "beavertails")
+    return merge_labels(out, "beavertails")  # a pair one annotator flagged unsafe stays harmful
 
 
 def _with_text(rows: list[dict], cols: tuple[str, ...], name: str) -> list[dict]:

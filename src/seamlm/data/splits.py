@@ -32,6 +32,15 @@ def prompt_hash(text: str) -> str:
     return hashlib.sha256(normalize_prompt(text).encode()).hexdigest()[:16]
 
 
+def without_answers_of(rows: list[Example], trained: list[Example]) -> tuple[list[Example], int]:
+    """``rows`` less those whose answer (normalised) is an answer of ``trained``, and how many went: a source that
+    reuses one answer for several prompts (PyRIT does) would hand the attacker, under another prompt, the very
+    answers the defence unlearned."""
+    seen = {normalize_prompt(e.response) for e in trained if e.response}
+    kept = [e for e in rows if not (e.response and normalize_prompt(e.response) in seen)]
+    return kept, len(rows) - len(kept)
+
+
 def _unit(seed: int, key: str) -> float:
     """A uniform number in [0, 1) determined by (seed, key)."""
     return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "big") / 2**64
