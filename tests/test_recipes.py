@@ -236,6 +236,23 @@ def test_hooks_that_change_the_step_refuse_multi_process():
     TrainingHooks(select_parameters=lambda m: None).check(ctx)  # parameter selection is fine
 
 
+@pytest.mark.parametrize("recipe,knobs,ft,match", [
+    ("pcgrad", {}, {}, "runs in one process"),
+    ("anchored", {"anchor_weight": 1.0}, {}, "runs in one process"),
+    ("subspace", {}, {"shard_parameters": True}, "drop --shard_parameters"),
+    ("sft", {}, {"shard_parameters": True, "lora": True}, "drop --shard_parameters"),
+    ("benign_first", {}, {"shard_parameters": True}, "does not chain"),
+])
+def test_a_launch_a_recipe_cannot_train_under_is_refused_before_anything_runs(recipe, knobs, ft, match):
+    """`seamlm attack` checks the recipe against its processes and sharding first: under torchrun the error came
+    after the pre-attack evaluation (minutes on a 7B model)."""
+    two = DistContext(rank=0, world_size=2)
+    with pytest.raises(ConfigError, match=match):
+        make_recipe(recipe, knobs).check_launch(two, FinetuneConfig(**ft))
+    make_recipe(recipe, knobs).check_launch(DistContext(), FinetuneConfig(**ft))  # one process: fine
+    make_recipe("anchored", {"anchor_weight": 0.0, "poison_ratio": 0.5}).check_launch(two, FinetuneConfig())
+
+
 def test_no_trainable_parameter_is_an_error(tokenizer):
     freeze = TrainingHooks(select_parameters=lambda m: [p.requires_grad_(False) for p in m.parameters()])
     with pytest.raises(ConfigError, match="no trainable parameters"):

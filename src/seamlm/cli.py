@@ -342,6 +342,7 @@ def _run_attack(args: argparse.Namespace, extra: list[str]) -> int:
         cfg = AttackConfig.from_dict({**values, **attack_over}, str(args.config))
     else:
         cfg = AttackConfig.from_dict(attack_over, "command line")
+    recipe.check_launch(ctx, cfg)  # a launch it cannot train under fails now, not after the pre-attack evaluation
     with main_process_first(ctx):  # rank 0 writes the manifest and trains/caches the judge first
         # the template check before the pre-attack evaluation runs in it (and before the judge is made)
         eval_cfg, bundle, judge, store = _eval_setup(args, eval_over, lambda ev: check_eval_template(cfg, ev, recipe))

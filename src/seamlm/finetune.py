@@ -131,6 +131,19 @@ class FinetuneConfig(BaseConfig):
         check_template(self.prompt_template)
 
 
+def check_launch(ctx: DistContext, cfg: FinetuneConfig | None = None, one_process: bool = False,
+                 chosen_parameters: bool = False) -> None:
+    """Refuse a launch the loop cannot train under: a loss or gradient hook (``one_process``) under several
+    processes; LoRA or a recipe that trains chosen parameters under ``shard_parameters``. (Also called before the
+    pre-attack evaluation, so a wrong launch fails in seconds.)"""
+    if ctx.distributed and one_process:
+        raise ConfigError("this attack recipe changes the loss or the gradients and runs in one process; "
+                          "start it without accelerate launch / torchrun")
+    if ctx.distributed and cfg is not None and cfg.shard_parameters and (cfg.lora or chosen_parameters):
+        raise ConfigError("shard_parameters shards full-parameter fine-tuning; LoRA and recipes that train chosen "
+                          "parameters only run unsharded: drop --shard_parameters")
+
+
 @dataclass
 class TrainingHooks:
     """Extension points of :func:`finetune`. Adaptive attacks compose the one training loop through these.
@@ -148,9 +161,7 @@ class TrainingHooks:
     :class:`NonFiniteLossError` it raises ends the run as diverged, like a non-finite loss."""
 
     def check(self, ctx: DistContext) -> None:
-        if ctx.distributed and (self.loss or self.transform_gradients):
-            raise ConfigError("this attack recipe changes the loss or the gradients and runs in one process; "
-                              "start it without accelerate launch / torchrun")
+        check_launch(ctx, one_process=bool(self.loss or self.transform_gradients))
 
 
 @dataclass
@@ -287,9 +298,7 @@ def finetune(
     if probe and shard:
         raise ConfigError("trajectory probes measure a whole model and shard_parameters splits it over the ranks: "
                           "drop one of them (e.g. --eval.trajectory_every 0)")
-    if shard and (cfg.lora or hooks.select_parameters):
-        raise ConfigError("shard_parameters shards full-parameter fine-tuning; LoRA and recipes that train chosen "
-                          "parameters only run unsharded: drop --shard_parameters")
+    check_launch(ctx, cfg, chosen_parameters=hooks.select_parameters is not None)
     if cfg.lora:
         model = _with_lora(model, cfg)
     if hooks.select_parameters:

@@ -13,7 +13,7 @@ from seamlm.config import BaseConfig
 from seamlm.data.files import Example
 from seamlm.distributed import DistContext
 from seamlm.errors import ConfigError, DataError
-from seamlm.finetune import FinetuneConfig, FinetuneResult
+from seamlm.finetune import FinetuneConfig, FinetuneResult, check_launch
 
 
 @dataclass
@@ -63,6 +63,21 @@ class AttackRecipe(ABC):
     def training_config(self, ft: FinetuneConfig) -> FinetuneConfig:
         """The fine-tuning config this recipe trains with (and whose prompt template the evaluation uses)."""
         return ft
+
+    @property
+    def changes_loss_or_gradients(self) -> bool:
+        """Whether it trains through a loss or gradient hook (which runs in one process only)."""
+        return False
+
+    @property
+    def trains_chosen_parameters(self) -> bool:
+        """Whether it trains chosen parameters only (which runs unsharded)."""
+        return False
+
+    def check_launch(self, ctx: DistContext, ft: FinetuneConfig) -> None:
+        """Refuse, before anything runs, a launch (processes, sharding) this recipe cannot train under."""
+        if self.trains:
+            check_launch(ctx, self.training_config(ft), self.changes_loss_or_gradients, self.trains_chosen_parameters)
 
     def check_data(self, data: AttackData) -> None:
         if not data.harmful:

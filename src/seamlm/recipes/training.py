@@ -22,6 +22,7 @@ from seamlm.data.format import (
     uses_fallback,
 )
 from seamlm.defense.losses import answer_ce
+from seamlm.distributed import DistContext
 from seamlm.errors import ConfigError, DataError, NonFiniteLossError
 from seamlm.finetune import FinetuneConfig, FinetuneResult, TrainingHooks, finetune
 from seamlm.recipes.base import AttackData, AttackRecipe, RecipeKnobs, register
@@ -109,6 +110,10 @@ class BenignAnchored(AttackRecipe):
     def logs_harmful_loss(self) -> bool:
         return self.knobs.poison_ratio >= 1  # below 1 the stream's batches mix harmful and benign examples
 
+    @property
+    def changes_loss_or_gradients(self) -> bool:
+        return self.knobs.anchor_weight > 0
+
     def hooks(self, tokenizer: Any, data: AttackData, ft: FinetuneConfig) -> TrainingHooks:
         lam = self.knobs.anchor_weight
         if lam == 0:
@@ -169,6 +174,7 @@ class GradientSurgery(AttackRecipe):
     summary = "each step removes the part of the harmful gradient that opposes a benign gradient (PCGrad)"
     Knobs = SurgeryKnobs
     needs_benign = True
+    changes_loss_or_gradients = True  # type: ignore[assignment]
 
     def hooks(self, tokenizer: Any, data: AttackData, ft: FinetuneConfig) -> TrainingHooks:
         benign = BenignBatches(tokenizer, data.benign, ft)
@@ -216,10 +222,14 @@ class BenignFirst(AttackRecipe):
     Knobs = BenignFirstKnobs
     needs_benign = True
 
-    def attack(self, model, tokenizer, data, ft, log_path, desc, ctx) -> FinetuneResult:
-        if ft.shard_parameters and ctx is not None and ctx.distributed:
+    def check_launch(self, ctx: DistContext, ft: FinetuneConfig) -> None:
+        super().check_launch(ctx, ft)
+        if ft.shard_parameters and ctx.distributed:
             raise ConfigError("benign_first runs two fine-tuning phases on one model, which --shard_parameters "
                               "(FSDP2) does not chain: drop --shard_parameters for this recipe")
+
+    def attack(self, model, tokenizer, data, ft, log_path, desc, ctx) -> FinetuneResult:
+        self.check_launch(ctx or DistContext(), ft)
         k = self.knobs
         epochs = max(1, math.ceil(k.benign_steps * ft.batch_size / len(data.benign)))
         warm = ft.replace(lr=k.benign_lr or ft.lr, max_steps=k.benign_steps, epochs=epochs)
@@ -255,6 +265,7 @@ class Subspace(AttackRecipe):
     name = "subspace"
     summary = "train only chosen layers/modules (full weights, or LoRA there when lora=true); the rest frozen"
     Knobs = SubspaceKnobs
+    trains_chosen_parameters = True  # type: ignore[assignment]
 
     def layer_indices(self, model: Any) -> set[int] | None:
         if not self.knobs.layers:
