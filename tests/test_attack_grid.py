@@ -292,11 +292,14 @@ def test_trajectory_probes_add_the_peak_perplexity_and_leave_pre_attack_cells_al
     assert [p["updates"] for p in probes] == [0, 1, 2]
     assert all({"benign_ppl", "coupling_cos", "coupling_slope"} <= set(p) for p in probes)
     assert rows["attack_peak_ppl"].value == max(p["benign_ppl"] for p in probes)
+    assert rows["attack_start_ppl"].value == probes[0]["benign_ppl"]  # the peak's baseline, on the same answers
     # the same attack without probes lacks a metric: not a silent reuse
     with pytest.raises(DataError, match="trajectory_every"):
         run_attack_grid(str(tiny_model_dir), "tiny", "none", bundle, cfg, plain, KeywordJudge(), tmp_path, store)
     md = write_report(store.path, tmp_path / "report").read_text()
-    assert "highest benign perplexity during the attack" in md and "attack_trajectory.png" in md
+    assert "benign perplexity during the attack, before its first step -> its highest" in md
+    assert f"{rows['attack_start_ppl'].value:.2f} -> {rows['attack_peak_ppl'].value:.2f}" in md
+    assert "attack_trajectory.png" in md
     assert (tmp_path / "report" / "attack_trajectory.png").stat().st_size > 0
 
 

@@ -74,7 +74,7 @@ def test_shrunken_demo_end_to_end_and_resume(tiny_model_dir, tmp_path, monkeypat
     with pytest.raises(ConfigError, match="other settings \\(defense_steps: 2 → 3\\).*give its settings "
                                           "\\(--defense_steps 2\\)"):
         run_demo(out, cfg.replace(defense_steps=3))
-    assert "attack_trajectory.png" in md and "highest benign perplexity during the attack" in md
+    assert "attack_trajectory.png" in md and "benign perplexity during the attack, before its first step -> its highest" in md
 
 
 def _check_main_table_cell_by_cell(md: str, rows) -> None:

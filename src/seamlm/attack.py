@@ -348,6 +348,8 @@ def attack_cell(model_name: str, label: str, defense: str, bundle: BundleData, r
             values.update(attack_ce_before=ce_before, attack_ce_after=answer_ce_of_rows(model, ce_rows, tok.pad_token_id))
         if probes:
             values["attack_peak_ppl"] = peak([p["benign_ppl"] for p in probes])
+            if probes[0].get("updates") == 0:  # the same answers before the first step: the peak's own baseline
+                values["attack_start_ppl"] = probes[0]["benign_ppl"]
         attack: dict[str, Any] = {**recipe.describe(), "seed": run_cfg.seed, "samples": len(data.harmful), "status": status}
         if len(data.harmful) < n_samples:  # the whole attack stream: runs of other data seeds line up by the count asked
             attack["samples_requested"] = n_samples

@@ -142,9 +142,11 @@ def build_tables(rows: list[ResultRow], evaluations: dict[str, dict] | None = No
                "step (> 0: the attack raises the benign loss)"] = table(
             lambda m, c: f"{_fmt(get(m, c, 'coupling_cos'), 3)} / {_fmt(get(m, c, 'coupling_slope'), 3)}")
     if any(r.metric == "attack_peak_ppl" for r in rows):
-        tables["highest benign perplexity during the attack (trajectory probes; a trap that fired and then healed "
-               "shows here, not in the end point)"] = table(
-            lambda m, c: "–" if c == "pre" else _fmt(get(m, c, "attack_peak_ppl"), 2))
+        tables["benign perplexity during the attack, before its first step -> its highest (trajectory probes, on the "
+               "first held-out answers only: not the perplexity table's set; a trap that fired and then healed shows "
+               "here, not in the end point)"] = table(
+            lambda m, c: "–" if c == "pre" else f"{_fmt(get(m, c, 'attack_start_ppl'), 2)} -> "
+                                                f"{_fmt(get(m, c, 'attack_peak_ppl'), 2)}")
     if any(r.metric == "fs_accuracy" for r in rows):
         tables["FS: SST-2 accuracy % after benign fine-tuning"] = table(lambda m, c: _fmt(get(m, c, "fs_accuracy")))
     if {"aligned", "seam"} <= set(models):

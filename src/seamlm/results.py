@@ -26,14 +26,15 @@ log = logging.getLogger(__name__)
 METRICS = {
     "hs": "%", "hs_binary": "%", "refusal_rate": "%", "zs_mean": "%", "zs_mean_norm": "%", "zs_chance": "%",
     "coherence_ppl": "perplexity", "coupling_cos": "cosine", "coupling_slope": "nats/step", "fs_accuracy": "%", "attack_final_loss": "nats", "attack_first_loss": "nats",
-    "attack_peak_ppl": "perplexity", "attack_ce_before": "nats", "attack_ce_after": "nats",
+    "attack_peak_ppl": "perplexity", "attack_start_ppl": "perplexity", "attack_ce_before": "nats", "attack_ce_after": "nats",
     "hs_se": "%", "zs_mean_se": "%",  # standard errors of hs (over the prompts) and zs_mean (over the items)
 }
 
 #: Metrics a healthy run may leave undefined (NaN or inf): the cosine when a gradient is zero, a perplexity or loss
 #: that overflows in a broken model, FS when its benign fine-tuning hits a non-finite loss. Any other NaN is a bug
 #: unless the attack diverged.
-MAY_BE_UNDEFINED = {"coupling_cos", "coupling_slope", "coherence_ppl", "attack_peak_ppl", "attack_first_loss",
+MAY_BE_UNDEFINED = {"coupling_cos", "coupling_slope", "coherence_ppl", "attack_peak_ppl", "attack_start_ppl",
+                    "attack_first_loss",
                     "attack_final_loss", "fs_accuracy", "attack_ce_before", "attack_ce_after",
                     "hs_se", "zs_mean_se"}  # (a standard error of one prompt or item)
 
@@ -53,7 +54,9 @@ class ResultRow:
     ``attack_final_loss`` are means over the first and last 10 % of the attack's steps (different batches, so
     noisy); ``attack_ce_before``/``attack_ce_after`` the answer CE on the first 16 attack examples (one fixed set)
     before and after the attack (single-process attacks); ``attack_peak_ppl`` is
-    the highest benign perplexity the attack's trajectory probes saw (``EvalConfig.trajectory_every``)."""
+    the highest benign perplexity the attack's trajectory probes saw (``EvalConfig.trajectory_every``), on the first
+    ``trajectory_examples`` held-out answers, and ``attack_start_ppl`` their perplexity before the first step (the
+    peak's baseline: ``coherence_ppl`` is measured on more answers)."""
     defense: str
     """Defence that produced the model: none, seam, …"""
     cell: str
