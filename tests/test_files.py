@@ -136,3 +136,12 @@ def test_a_lone_surrogate_escape_is_a_clear_error_naming_the_row(tmp_path):
     listed.write_text('[{"prompt": "ok", "response": "fine \\udc00"}]')
     with pytest.raises(DataError, match=r"cut.json: object 0: response holds a lone surrogate"):
         read_rows(listed)
+
+
+def test_a_csv_header_naming_a_column_twice_is_refused(tmp_path):
+    from seamlm.data.files import read_rows
+
+    path = tmp_path / "twice.csv"
+    path.write_text("prompt,response,response\nq,first answer,second answer\n")
+    with pytest.raises(DataError, match=r"twice.csv: the header names 'response' more than once"):
+        read_rows(path)

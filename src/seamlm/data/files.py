@@ -98,6 +98,14 @@ def read_rows(path: str | Path) -> list[dict]:
             rows = list(reader)
         except csv.Error as exc:  # e.g. a stray quote that would swallow the rows after it
             raise DataError(f"{path}:{reader.line_num + skipped} is not valid CSV ({exc}); check its quoting") from None
+        names = reader.fieldnames or []
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:  # csv keeps the last column of a repeated name: the first would be dropped unseen
+            raise DataError(f"{path}: the header names {', '.join(map(repr, twice))} more than once; rename or drop "
+                            "the repeated column")
+        if skipped and not names:
+            raise DataError(f"{path} has only '#' lines: a header line may not start with '#' (seamlm skips leading "
+                            "'#' lines as metadata)")
         extra = next((i for i, r in enumerate(rows) if None in r), None)
         if extra is not None:  # more fields than the header names: csv files them under the key None
             raise DataError(f"{path}: data row {extra + 1} has more fields than the header "
