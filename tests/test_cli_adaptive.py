@@ -136,6 +136,15 @@ def test_adaptive_refuses_a_demo_whose_data_answers_differ_from_the_rebuilt_bund
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(ConfigError, match="harmful stream differs .* \\(other answers\\)"):
         _same_data(tmp_path / "d", bundle)
+    # a demo built before the attack stream left out rows carrying a defence answer: said so, with what to do
+    from seamlm.data.files import Example
+
+    bundle.write(tmp_path / "old")
+    path = tmp_path / "old" / "attack_harmful.jsonl"
+    leaked = Example("Another prompt, the same answer", bundle.streams["harmful"][0].response)
+    path.write_text(path.read_text() + json.dumps({"prompt": leaked.prompt, "response": leaked.response}) + "\n")
+    with pytest.raises(ConfigError, match=r"holds 1 row\(s\) whose answer its defence trains on.*rerun the demo"):
+        _same_data(tmp_path / "old", bundle)
 
 
 def test_a_rescored_adaptive_folder_resumes_with_its_new_judge(tiny_model_dir, tmp_path, monkeypatch):

@@ -145,3 +145,23 @@ def test_a_csv_header_naming_a_column_twice_is_refused(tmp_path):
     path.write_text("prompt,response,response\nq,first answer,second answer\n")
     with pytest.raises(DataError, match=r"twice.csv: the header names 'response' more than once"):
         read_rows(path)
+
+
+def test_a_lock_names_no_holder_of_this_host_that_has_ended(tmp_path):
+    """A holder killed without releasing leaves its line; the message names live processes only."""
+    import socket
+    import subprocess
+
+    from seamlm.locks import HolderLock
+
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    path = tmp_path / "lock"
+    path.write_text(f"seamlm attack, pid {ended.pid} on {socket.gethostname()}, since 2026-01-01T00:00:00+0000\n"
+                    "seamlm attack, pid 1 on another-host, since 2026-01-01T00:00:00+0000\n")
+    live = HolderLock(path, "eval")
+    assert live.acquire(shared=True)
+    holders = HolderLock(path, "demo").holder().split("; ")
+    assert [h.split(",")[0] + ("" if "another-host" not in h else " (remote)") for h in holders] == [
+        "seamlm attack (remote)", "seamlm eval"]
+    live.release()

@@ -4,6 +4,7 @@ import json
 import math
 import statistics
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -196,3 +197,60 @@ def test_cells_from_before_hs_se_gain_it_in_their_own_write(tiny_model_dir, bund
         assert se.judge == "length-v1" and se.value == pytest.approx(100 * statistics.stdev(p) / math.sqrt(len(p)))
     pre, ran_again, _ = _run(tiny_model_dir, bundle, out, LengthJudge())
     assert pre is False and ran_again == []
+
+
+def test_a_baseline_of_the_same_name_that_the_seam_model_did_not_grow_on_is_refused(tmp_path, monkeypatch):
+    """A relative baseline_from is looked for from the current folder first: from elsewhere another demo of that
+    name may be found, whose raw and aligned answers are not this demo's."""
+    from seamlm.models import RUN_CONFIG_FILE, WEIGHTS_DIGEST_KEY
+    from seamlm.rescore import demo_baseline
+
+    def demo(folder, aligned_digest):
+        (folder / "models" / "aligned").mkdir(parents=True)
+        (folder / "models" / "aligned" / RUN_CONFIG_FILE).write_text(json.dumps({WEIGHTS_DIGEST_KEY: aligned_digest * 16}))
+        (folder / "results.jsonl").write_text("")
+        (folder / "demo_config.json").write_text("{}")
+
+    here, elsewhere = tmp_path / "here", tmp_path / "elsewhere"
+    demo(here / "base", "a")
+    demo(elsewhere / "base", "b")
+    trial = here / "trial"
+    (trial / "models" / "seam" / "model").mkdir(parents=True)
+    (trial / "models" / "seam" / "model" / RUN_CONFIG_FILE).write_text(json.dumps({"base_identity": "sha256:" + "a" * 16}))
+    (trial / "demo_config.json").write_text(json.dumps({"baseline_from": "base"}))
+    monkeypatch.chdir(here)
+    assert demo_baseline(trial) == Path("base")
+    monkeypatch.chdir(elsewhere)  # its own "base" is another demo
+    with pytest.raises(DataError, match=r"another aligned model than the one .*trial's SEAM model was trained from"):
+        demo_baseline(trial)
+
+
+def test_a_rescore_killed_between_its_files_is_refused_by_paired_until_it_is_run_again(tiny_model_dir, bundle,
+                                                                                       tmp_path, monkeypatch):
+    """Answer files are rewritten first, results.jsonl last: cut in between, they name different judges, and paired
+    (which takes scores from the answers and judges from the results) must not mix them."""
+    import seamlm.rescore as rescore_mod
+    from seamlm.paired import paired_hs
+    from seamlm.rescore import RESCORE_PENDING
+
+    monkeypatch.setitem(JUDGES, "length", lambda **kw: LengthJudge())
+    out = tmp_path / "run"
+    _run(tiny_model_dir, bundle, out, KeywordJudge(), label="aligned")
+    real, writes = rescore_mod.write_records_atomic, []
+
+    def killed_after_the_first_file(path, records):
+        if writes:
+            raise KeyboardInterrupt
+        writes.append(path)
+        return real(path, records)
+
+    monkeypatch.setattr(rescore_mod, "write_records_atomic", killed_after_the_first_file)
+    with pytest.raises(KeyboardInterrupt):
+        rescore(out, EVAL.replace(judge="length"))
+    monkeypatch.setattr(rescore_mod, "write_records_atomic", real)
+    assert (out / RESCORE_PENDING).is_file()
+    with pytest.raises(DataError, match=r"a rescore of .*run \(to length-v1\) was cut short"):
+        paired_hs([out], a="aligned", b="aligned")
+    assert len(rescore(out, EVAL.replace(judge="length"))) == 2  # run again: finished, the marker gone
+    assert not (out / RESCORE_PENDING).exists()
+    paired_hs([out], a="aligned", b="aligned")

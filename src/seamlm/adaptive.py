@@ -11,7 +11,7 @@ from pathlib import Path
 from seamlm.attack import AttackConfig, evaluate_pre_attack, run_attack_grid
 from seamlm.config import BaseConfig
 from seamlm.data.bundles import STREAM_FILES, BundleData, build_bundle, load_built
-from seamlm.data.splits import prompt_hash
+from seamlm.data.splits import normalize_prompt, prompt_hash
 from seamlm.errors import ConfigError
 from seamlm.finetune import FinetuneConfig
 from seamlm.jsonl import keep_record
@@ -111,6 +111,12 @@ def _same_data(demo_data: Path, bundle: BundleData) -> None:
         a = [(prompt_hash(e.prompt), e.response) for e in old.streams[stream]]
         b = [(prompt_hash(e.prompt), e.response) for e in bundle.streams[stream]]
         if a != b:
+            trained = {normalize_prompt(e.response) for e in old.streams.get("harmful", [])}
+            extra = [e for e in old.streams[stream] if (prompt_hash(e.prompt), e.response) not in set(b)]
+            if stream == "attack" and set(b) < set(a) and all(normalize_prompt(e.response) in trained for e in extra):
+                raise ConfigError(f"the demo's attack stream holds {len(extra)} row(s) whose answer its defence trains "
+                                  "on, which seamlm leaves out since 2026-11-28 (CHANGELOG): rerun the demo with this "
+                                  "seamlm (another --out) to attack its models adaptively")
             what = "answers" if [x for x, _ in a] == [x for x, _ in b] else "prompts"
             raise ConfigError(f"the demo's {stream} stream differs from the offline-default bundle rebuilt with its "
                               f"seed (other {what}); rerun the demo with this seamlm")

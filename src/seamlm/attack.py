@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import time
 from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
@@ -181,14 +182,30 @@ def cell_lock(out_dir: str | Path, label: str, cell: str) -> HolderLock:
                       f"{label} / {cell}")
 
 
-def _acquire(lock: HolderLock, wait: bool) -> bool:
-    """Take ``lock``; busy: False, or (``wait``) say whom it waits for and wait."""
-    if lock.acquire():
-        return True
-    if not wait:
-        return False
-    log.info("%s: being measured by another process (%s): waiting for it", lock.command, lock.holder())
-    return lock.acquire(wait=True)
+#: seconds between two tries of a cell lock another process holds
+LOCK_POLL_S = 2.0
+
+
+def _acquire(lock: HolderLock, wait: bool, ctx: DistContext) -> bool:
+    """Rank 0 takes ``lock`` and every rank learns whether it did. Held by another process: False, or (``wait``)
+    tried again until free — the other ranks meet rank 0 in one short collective per try, never in one as long as
+    the wait (which would outlast the collective timeout)."""
+    told = False
+    while True:
+        if ctx.broadcast_object(lock.acquire() if ctx.is_main else None):
+            return True
+        if not wait:
+            return False
+        if ctx.is_main and not told:
+            log.info("%s: being measured by another process (%s): waiting for it", lock.command, lock.holder())
+            told = True
+        time.sleep(LOCK_POLL_S)
+
+
+def _done(ctx: DistContext, rows: list[ResultRow]) -> bool:
+    """Rank 0's answer to "is the cell in the store?" on every rank: another process appending to the results file
+    may finish the cell between two ranks' reads, and ranks that disagreed would wait in different collectives."""
+    return bool(ctx.broadcast_object(bool(rows) if ctx.is_main else None))
 
 
 def evaluate_pre_attack(model_name: str, label: str, defense: str, bundle: BundleData, eval_cfg: EvalConfig,
@@ -202,28 +219,24 @@ def evaluate_pre_attack(model_name: str, label: str, defense: str, bundle: Bundl
     parts = dict(model=model_identity(model_name), eval=eval_cfg.settings_dict(), judge=judge.name, data=digest,
                  **prompt_format_parts(model_name, eval_cfg.prompt_template, "chat"))
     settings = settings_digest(**parts)
-    if finished_rows(store, model_name, label, "pre", settings, parts):
+    if _done(ctx, finished_rows(store, model_name, label, "pre", settings, parts)):
         log.info("%s / pre: already in %s, skipped", label, store.path)
         return False
     check_held_out(model_name, bundle)
-    if not ctx.is_main:
-        ctx.barrier()
-        return True
     lock = cell_lock(out_dir, label, "pre")
-    _acquire(lock, wait=True)
+    _acquire(lock, True, ctx)
     try:
-        if finished_rows(store, model_name, label, "pre", settings, parts):  # by the process waited for
-            ran = False
-        else:
+        if _done(ctx, finished_rows(store, model_name, label, "pre", settings, parts)):  # by the process waited for
+            return False
+        if ctx.is_main:
             model, tok = load_model(model_name, dtype="float32")
             values = evaluate_model(model, tok, bundle, eval_cfg, judge, samples_file(out_dir, label, "pre"))
             store.append(_rows(values, dict(model=label, defense=defense, cell="pre", seed=eval_cfg.seed,
                                             data_manifest=digest, settings=settings), judge), settings_parts=parts)
-            ran = True
     finally:
         lock.release()
-    ctx.barrier()
-    return ran
+    ctx.barrier()  # (the other ranks wait here while rank 0 evaluates)
+    return True
 
 
 #: Fine-tuning fields named in every cell key (the grid's own fields and these) — a change to any other field
@@ -301,18 +314,20 @@ def attack_cell(model_name: str, label: str, defense: str, bundle: BundleData, r
     settings = settings_digest(**parts)
     older = {settings_digest(**{**parts, "eval": recorded_eval.settings_dict()})} if recorded_eval is not cell_eval else set()
     finished = finished_rows(store, model_name, label, cell, settings, parts, older)
-    if finished:
+    if _done(ctx, finished):
         log.info("%s / %s: already in %s, skipped", label, cell, store.path)
-        return CellOutcome(cell, {r.metric: r.value for r in finished}, False)
+        return CellOutcome(cell, {r.metric: r.value for r in finished} if ctx.is_main else None, False)
     check_held_out(model_name, bundle)
     lock = cell_lock(out, label, cell)
-    if not ctx.broadcast_object(_acquire(lock, wait) if ctx.is_main else None):
-        log.info("%s: being measured by another process (%s): left to it", lock.command, lock.holder())
+    if not _acquire(lock, wait, ctx):
+        if ctx.is_main:
+            log.info("%s: being measured by another process (%s): left to it", lock.command, lock.holder())
         return CellOutcome(cell, None, False, busy=True)
     try:
         # the process waited for may have finished the cell
-        if finished := finished_rows(store, model_name, label, cell, settings, parts, older):
-            return CellOutcome(cell, {r.metric: r.value for r in finished}, False)
+        finished = finished_rows(store, model_name, label, cell, settings, parts, older)
+        if _done(ctx, finished):
+            return CellOutcome(cell, {r.metric: r.value for r in finished} if ctx.is_main else None, False)
         cell_dir = out / "attacks" / path_part(label) / cell
         if ctx.is_main:
             cell_dir.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
+import socket
 import time
 from pathlib import Path
 from typing import IO, Any
@@ -39,31 +41,47 @@ def lock_open_file(fh: IO[Any], where: Path, *, wait: bool, shared: bool = False
     return True
 
 
+_HOLDER = re.compile(r", pid (\d+) on (\S+),")
+
+
+def _alive(line: str) -> bool:
+    """Whether the process a holder line names may still run (one of another host is not checked)."""
+    m = _HOLDER.search(line)
+    if m is None or m.group(2) != socket.gethostname():
+        return True
+    try:
+        os.kill(int(m.group(1)), 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # (alive, another user's)
+        return True
+    return True
+
+
 class HolderLock:
     """A lock file that names its holder (``seamlm <command>, pid …, since …``) for the process that finds it taken."""
 
     def __init__(self, path: str | Path, command: str) -> None:
         self.path, self.command = Path(path), command
         self._fh: IO[str] | None = None
+        self._line = ""
 
     def acquire(self, wait: bool = False, shared: bool = False) -> bool:
         """True once held; False when another process holds it and ``wait`` is false (``holder()`` says who).
-        ``shared``: beside other shared holders (each adds its line), never beside an exclusive one."""
+        ``shared``: beside other shared holders (each adds its line), never beside an exclusive one (which starts
+        the file afresh)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fh = self.path.open("a+", encoding="utf-8")
         try:
-            alone = lock_open_file(fh, self.path, wait=False)  # then the lines of holders gone since go
-            if not alone:
-                if not lock_open_file(fh, self.path, wait=wait, shared=shared):
-                    fh.close()
-                    return False
-                alone = not shared  # an exclusive lock waited for
-            if alone:
+            if not lock_open_file(fh, self.path, wait=wait, shared=shared):
+                fh.close()
+                return False
+            if not shared:
                 fh.seek(0)
                 fh.truncate()
-                if shared:  # (converted in place: other shared holders may join from now on)
-                    lock_open_file(fh, self.path, wait=True, shared=True)
-            fh.write(f"seamlm {self.command}, pid {os.getpid()}, since {time.strftime('%Y-%m-%dT%H:%M:%S%z')}\n")
+            self._line = (f"seamlm {self.command}, pid {os.getpid()} on {socket.gethostname()}, "
+                          f"since {time.strftime('%Y-%m-%dT%H:%M:%S%z')}")
+            fh.write(self._line + "\n")
             fh.flush()
         except BaseException:
             fh.close()
@@ -72,14 +90,28 @@ class HolderLock:
         return True
 
     def holder(self) -> str:
-        """Who holds the lock, as its holder wrote it ('unknown' before it has)."""
+        """Who holds the lock, as its holders wrote it, less the processes of this host that have ended ('unknown'
+        before a holder has written)."""
         try:
-            return "; ".join(self.path.read_text(encoding="utf-8").split("\n")).strip("; ") or "unknown"
+            lines = [ln for ln in self.path.read_text(encoding="utf-8").split("\n") if ln.strip()]
         except OSError:
             return "unknown"
+        return "; ".join(ln for ln in lines if _alive(ln)) or "unknown"
 
     def release(self) -> None:
         """Release the lock (the file stays: removing it would race a process about to lock it)."""
         if self._fh is not None:
-            self._fh.close()
-            self._fh = None
+            try:  # its line goes (best effort: a holder appending at this moment may lose its line, not its lock)
+                self._fh.seek(0)
+                lines = self._fh.read().split("\n")
+                if self._line in lines:
+                    lines.remove(self._line)
+                    self._fh.seek(0)
+                    self._fh.truncate()
+                    self._fh.write("\n".join(ln for ln in lines if ln) + ("\n" if any(lines) else ""))
+                    self._fh.flush()
+            except OSError:
+                pass
+            finally:
+                self._fh.close()
+                self._fh = None

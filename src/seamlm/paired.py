@@ -16,7 +16,7 @@ from seamlm.attack import samples_file
 from seamlm.errors import DataError
 from seamlm.evaluate.stats import paired_difference
 from seamlm.jsonl import read_records
-from seamlm.rescore import BASELINE_MODELS, demo_baseline
+from seamlm.rescore import BASELINE_MODELS, check_not_mid_rescore, demo_baseline
 from seamlm.results import ResultRow, ResultStore
 from seamlm.runinfo import path_part, refuse_repeated_run
 
@@ -87,6 +87,8 @@ def paired_hs(runs: list[str | Path], a: str = "aligned", b: str = "seam", pre: 
         if not (run / "results.jsonl").is_file():
             raise DataError(f"{run} is no run folder (no results.jsonl): give the --out of a demo, eval or attack run")
         base = demo_baseline(run)
+        for folder in (run, base) if base else (run,):
+            check_not_mid_rescore(folder)
         cells = (["pre"] if pre else []) + (_attack_cells(run, base, (a, b)) if attacks else [])
         diffs: list[dict[tuple[str, int], float]] = []  # per paired attack cell: each answer's difference
         judges: set[str | None] = set()

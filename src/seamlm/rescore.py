@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from seamlm.attack import samples_file, settings_digest
-from seamlm.errors import DataError
+from seamlm.errors import ConfigError, DataError
 from seamlm.evaluate.judges import Judge
 from seamlm.evaluate.metrics import EvalConfig, hs_figures
 from seamlm.jsonl import read_records, write_records_atomic, write_text_atomic
@@ -68,6 +68,7 @@ def _rescore(path: Path, eval_cfg: EvalConfig, judge: Judge | None) -> list[Resc
     if not cells:
         log.info("%s: no HS rows judged otherwise than by %s", path, judge.name)
         _adopt(path.parent, _unstarted_studies(path.parent, judge.name), judge.name, eval_cfg)  # (a rescore cut short)
+        (path.parent / RESCORE_PENDING).unlink(missing_ok=True)
         return []
     studies = _unstarted_studies(path.parent, judge.name)
     base = demo_baseline(path.parent)
@@ -138,6 +139,8 @@ def _rescore(path: Path, eval_cfg: EvalConfig, judge: Judge | None) -> list[Resc
         n += 1
         backup = path.with_name(f"{path.stem}.before-{path_part('+'.join(old_judges))}-{n}{path.suffix}")
     shutil.copy2(path, backup)
+    # from the first answer file rewritten to the results file, answers and results name different judges
+    write_text_atomic(path.parent / RESCORE_PENDING, json.dumps({"judge": judge.name, "results": path.name}))
     for (model, cell), recs in answers.items():
         old = cells[(model, cell)]
         # (a rescore cut short after this file keeps the score it first replaced)
@@ -149,6 +152,7 @@ def _rescore(path: Path, eval_cfg: EvalConfig, judge: Judge | None) -> list[Resc
     # rows keep their write ids and counts: the file reads back exactly as these rows
     write_records_atomic(path, (dataclasses.asdict(r) for r in out))
     _adopt(path.parent, studies, judge.name, eval_cfg)
+    (path.parent / RESCORE_PENDING).unlink(missing_ok=True)
     log.info("%s: %d cells rescored with %s (the old file: %s)", path, len(report), judge.name, backup)
     return report
 
@@ -160,6 +164,19 @@ def _judged_eval(settings: dict[str, Any], eval_cfg: EvalConfig) -> dict[str, An
     out = {k: v for k, v in settings.items() if k not in ("judge", "judge_model")}
     out.update({k: judged[k] for k in ("judge", "judge_model") if k in judged})
     return out
+
+
+#: in a folder while a rescore rewrites it (answer files first, results last): a kill leaves them out of step
+RESCORE_PENDING = "rescore.pending.json"
+
+
+def check_not_mid_rescore(folder: Path) -> None:
+    """Refuse to read a folder's saved answers beside its results while a rescore cut short left them apart."""
+    pending = folder / RESCORE_PENDING
+    if pending.is_file():
+        judge = json.loads(pending.read_text(encoding="utf-8")).get("judge", "?")
+        raise DataError(f"a rescore of {folder} (to {judge}) was cut short: its saved answers and results.jsonl name "
+                        f"different judges; run the same `seamlm rescore {folder} --judge …` again to finish it")
 
 
 def demo_baseline(folder: Path) -> Path | None:
@@ -176,6 +193,16 @@ def demo_baseline(folder: Path) -> Path | None:
             raise DataError(f"{folder} reuses the baseline {base}, and {found} holds no results.jsonl (a demo's "
                             "relative baseline is looked for from here, then beside the demo): run rescore from where "
                             "the demo was started, or finish the baseline first")
+        # another folder of that name (found from elsewhere, or redone since) is not the one the SEAM model grew on
+        from seamlm.pipeline import check_seam_base
+
+        try:
+            check_seam_base({"seam": folder / "models" / "seam" / "model", "seam_run": folder / "models" / "seam",
+                             "aligned": found / "models" / "aligned"}, fix="")
+        except ConfigError:
+            raise DataError(f"{folder} reuses the baseline {base}, but {found} holds another aligned model than the "
+                            f"one {folder}'s SEAM model was trained from: run this command from where the demo was "
+                            "started (a relative baseline is looked for from there, then beside the demo)") from None
         return found
     return None
 
