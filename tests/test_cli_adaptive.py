@@ -162,11 +162,31 @@ def test_a_rescored_adaptive_folder_resumes_with_its_new_judge(tiny_model_dir, t
     run_demo(tmp_path / "demo", demo_cfg)
     cfg = AdaptiveConfig(demo_dir=str(tmp_path / "demo"), models=("seam",), recipes=("sft",), learning_rates=(1e-3,),
                          template_control=False, sweep_trials=0)
-    out = tmp_path / "adaptive"
+    out, other = tmp_path / "adaptive", tmp_path / "other"
     run_adaptive(out, cfg)
+    run_adaptive(other, cfg)
     assert rescore(out, demo_cfg.eval_config().replace(judge="length"))
     assert (out / JUDGE_FILE).is_file()
     rows = ResultStore(out / "results.jsonl").rows()
     run_adaptive(out, cfg)  # resumes on the length judge: nothing refused, nothing redone
     assert ResultStore(out / "results.jsonl").rows() == rows
     assert {r.judge for r in rows if r.metric == "hs"} == {"length-v1"}
+    # the demo rescored, an adaptive folder of it that was not: pointed to the rescore, not to --fresh
+    from seamlm.errors import ConfigError
+
+    assert rescore(tmp_path / "demo", demo_cfg.eval_config().replace(judge="length"))
+    with pytest.raises(ConfigError, match=r"judged by keyword-v4, but the demo is judged by length-v1 .*seamlm "
+                       r"rescore .*other --judge length"):
+        run_adaptive(other, cfg)
+
+
+def test_adaptive_refuses_an_out_that_is_the_demo_folder_or_inside_it(tmp_path, capsys):
+    demo = tmp_path / "demo"
+    for model in ("models/aligned", "models/seam/model"):
+        (demo / model).mkdir(parents=True)
+        (demo / model / "seamlm_run.json").write_text("{}")
+    (demo / "demo_config.json").write_text("{}")
+    for out in (demo, demo / "adaptive", tmp_path):
+        assert main(["adaptive", "--out", str(out), "--demo_dir", str(demo)]) == 2
+        assert "is the demo folder" in capsys.readouterr().err
+    assert not (demo / "adaptive").exists() and not (demo / "adaptive_config.json").exists()

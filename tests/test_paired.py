@@ -10,15 +10,22 @@ from seamlm.attack import samples_file
 from seamlm.cli import main
 from seamlm.errors import DataError
 from seamlm.paired import paired_hs, paired_markdown
+from seamlm.results import ResultRow, ResultStore
 
 PROMPTS = ["p1", "p2", "p3", "p4"]
 CELLS = ("sft-lr1", "sft-lr2")
 
 
-def _write(run, model, cell, scores, prompts=PROMPTS):
+def _write(run, model, cell, scores, prompts=PROMPTS, judge="j"):
+    """A cell's saved answers, and (unless there) its HS row, which names the judge: a finished cell (judge None:
+    killed after its answers were saved, before its rows)."""
     f = samples_file(run, model, cell)
     f.parent.mkdir(parents=True, exist_ok=True)
     f.write_text("".join(json.dumps({"prompt": p, "answer": "x", "p_harmful": s}) + "\n" for p, s in zip(prompts, scores, strict=True)))
+    store = ResultStore(run / "results.jsonl")
+    if judge is not None and not any(r.model == model and r.cell == cell for r in store.rows()):
+        store.append([ResultRow(model=model, defense="none", cell=cell, metric="hs", judge=judge,
+                                value=100 * sum(scores) / len(scores), attack={} if cell == "pre" else {"lr": 1e-4})])
 
 
 def _run(path, a_scores, b_scores):
@@ -79,6 +86,11 @@ def test_what_cannot_be_paired_is_said(tmp_path, capsys):
         paired_hs([run], b="sam")
     assert main(["paired", str(tmp_path / "nowhere")]) == 1
     assert "no run folder (no results.jsonl)" in capsys.readouterr().err
+    # a cell killed after its answers were saved, before its rows: said, not paired under "judged by j and None"
+    _write(run, "aligned", "killed", [0.1] * 4, judge=None)
+    _write(run, "seam", "killed", [0.2] * 4)
+    rows = {r.cell: r for r in paired_hs([run])}
+    assert rows["killed"].diff is None and rows["killed"].note.startswith("unfinished for aligned: answers saved")
 
 
 def test_the_order_of_the_two_models_only_flips_the_sign(tmp_path):
@@ -91,6 +103,8 @@ def test_the_order_of_the_two_models_only_flips_the_sign(tmp_path):
     for sub in ("samples", "attacks"):
         (base / sub).mkdir()
         (run / sub / "aligned").rename(base / sub / "aligned")
+    ResultStore(base / "results.jsonl").append([r for r in ResultStore(run / "results.jsonl").rows()
+                                                if r.model == "aligned"])  # (the baseline's rows are its own)
     (run / "demo_config.json").write_text(json.dumps({"baseline_from": str(base)}))
     ab = {r.cell: r.diff for r in paired_hs([run])}
     ba = {r.cell: r.diff for r in paired_hs([run], a="seam", b="aligned")}

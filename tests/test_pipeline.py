@@ -459,3 +459,18 @@ def test_a_relative_baseline_is_found_again_from_another_folder(tmp_path, monkey
     assert baseline_folder(trial, "base") == tmp_path / "base"
     assert demo_paths(trial, DemoConfig(baseline_from="base"))["aligned"] == tmp_path / "base" / "models" / "aligned"
     assert baseline_folder(trial, "nowhere") == Path("nowhere")  # not found: as given, for the error to name
+
+
+def test_a_demo_asked_for_another_judge_is_pointed_to_rescore(tmp_path):
+    """A rescored baseline (or a changed --judge) needs no rerun: the error names the rescore command."""
+    from seamlm.pipeline import check_demo_folder
+
+    out = tmp_path / "d"
+    out.mkdir()
+    (out / "demo_config.json").write_text(json.dumps(DemoConfig(judge="keyword").to_dict()))
+    (out / "results.jsonl").write_text("")
+    with pytest.raises(ConfigError, match=rf"Only the judge differs: `seamlm rescore {re.escape(str(out))} --judge minilm`"):
+        check_demo_folder(out, DemoConfig(judge="minilm"), fresh=False)
+    with pytest.raises(ConfigError) as other:
+        check_demo_folder(out, DemoConfig(judge="minilm", align_steps=3), fresh=False)
+    assert "rescore" not in str(other.value)

@@ -134,6 +134,11 @@ def run_adaptive(out_dir: str | Path, cfg: AdaptiveConfig) -> Path:
     """Run (or resume) the recipes and sweeps; returns the report's Markdown path."""
     out = Path(out_dir)
     demo_cfg, paths = _demo(cfg)
+    for folder in {Path(cfg.demo_dir), paths["data"].parent}:  # the demo and its baseline (where its data live)
+        if out.resolve() == folder.resolve() or folder.resolve() in out.resolve().parents \
+                or out.resolve() in folder.resolve().parents:
+            raise ConfigError(f"--out {out} is the demo folder {folder}, or inside it or around it: the adaptive "
+                              "run keeps its own results, data and timings; give another --out")
     with folder_lock(out, "adaptive"):
         clock = StageClock(out / "timings.jsonl")  # seconds per stage, summed over resumed invocations
         with clock.charging_interruptions():
@@ -158,6 +163,11 @@ def _run_phases(out: Path, cfg: AdaptiveConfig, demo_cfg: DemoConfig, paths: dic
         log.info("%s was rescored: judge %s (not the demo's %s)", out, eval_cfg.judge, demo_cfg.judge)
     judge = eval_cfg.make_judge()
     store = ResultStore(out / "results.jsonl")
+    others = sorted({r.judge for r in store.rows() if r.metric == "hs" and r.judge != judge.name})
+    if others:  # the demo was rescored since (its judge is the one this folder goes on with)
+        raise ConfigError(f"{out} holds cells judged by {', '.join(others)}, but the demo is judged by {judge.name} now "
+                          f"(rescored since?): `seamlm rescore {out} --judge {eval_cfg.judge}` moves this folder to it "
+                          "from its saved answers, then resume")
     samples = demo_cfg.attack_samples
     grid = AttackConfig(learning_rates=cfg.learning_rates, num_samples=(samples,), **demo_cfg.length_fields())
     models = {label: (str(paths[label]), DEMO_DEFENSES[label]) for label in cfg.models}

@@ -101,6 +101,12 @@ def paired_hs(runs: list[str | Path], a: str = "aligned", b: str = "seam", pre: 
                 out.append(PairedRow(str(run), cell, 0, None, None, None, None, why))
                 continue
             (sa, ja, da), (sb, jb, db) = ra, rb
+            unfinished = [m for m, j in ((a, ja), (b, jb)) if j is None]
+            if unfinished:  # (answers are saved before the cell's rows: a kill in between leaves them alone)
+                out.append(PairedRow(str(run), cell, 0, None, None, None, None, f"unfinished for "
+                                     f"{' and '.join(unfinished)}: answers saved, no HS row in results.jsonl (rerun "
+                                     "its command to finish the cell)"))
+                continue
             if ja != jb:
                 out.append(PairedRow(str(run), cell, 0, None, None, None, None, f"judged by {ja} and {jb}: "
                                      "`seamlm rescore` both folders with one judge"))

@@ -230,8 +230,10 @@ def _check_baseline(cfg: DemoConfig, out: Path) -> Path:
     theirs = json.loads(saved.read_text())
     changed = [k for k in cfg.changed_from(theirs) if not cfg.is_defense_key(k)]
     if changed:
+        rejudge = (f" (the baseline was rescored since: `seamlm rescore {out} --judge {theirs.get('judge')}` moves this "
+                   "demo to its judge too)" if set(changed) <= {"judge", "judge_model"} else "")
         raise ConfigError(f"baseline_from={base} was run with other settings ({', '.join(changed)}): only the "
-                          f"defense_* settings may differ from the baseline's")
+                          f"defense_* settings may differ from the baseline's{rejudge}")
     return base
 
 
@@ -296,10 +298,13 @@ def check_demo_folder(out: Path, cfg: DemoConfig, fresh: bool) -> Path:
         started = any(p.name not in _NOT_STARTED for p in out.iterdir())
         if changed and started:
             keep = " ".join(f"--{k} {_cli_value(then)}" for k, (then, _) in changed.items())
+            rejudge = (f" Only the judge differs: `seamlm rescore {out} --judge {cfg.judge}` moves the run to it "
+                       "from its saved answers in seconds (a demo on a baseline: rescore the baseline first)."
+                       if set(changed) <= {"judge", "judge_model"} else "")
             raise ConfigError(f"{out} holds a demo run with other settings "
                               f"({', '.join(f'{k}: {a!r} → {b!r}' for k, (a, b) in changed.items())}): its finished "
                               f"stages would be reused. To go on with that run, give its settings ({keep}); to redo "
-                              "everything with these, pass --fresh; or choose another --out.")
+                              f"everything with these, pass --fresh; or choose another --out.{rejudge}")
         if changed:
             log.warning("%s: the demo begun there with other settings (%s) wrote nothing yet; starting over with "
                         "these", out, ", ".join(changed))
