@@ -9,8 +9,12 @@ import os
 import re
 import socket
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
+
+from seamlm.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -115,3 +119,16 @@ class HolderLock:
             finally:
                 self._fh.close()
                 self._fh = None
+
+
+@contextmanager
+def holding(path: str | Path, command: str, refusal: Callable[[str], str], shared: bool = False) -> Iterator[None]:
+    """Hold the :class:`HolderLock` at ``path`` for the block, without waiting: taken, a ConfigError whose message
+    ``refusal`` makes from the holders' description."""
+    lock = HolderLock(path, command)
+    if not lock.acquire(shared=shared):
+        raise ConfigError(refusal(lock.holder()))
+    try:
+        yield
+    finally:
+        lock.release()

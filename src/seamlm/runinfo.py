@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from seamlm.errors import ConfigError, DataError
+from seamlm.errors import DataError
 from seamlm.jsonl import append_records, read_records
-from seamlm.locks import HolderLock
+from seamlm.locks import holding
 
 log = logging.getLogger(__name__)
 
@@ -33,14 +33,9 @@ def folder_lock(folder: Path, command: str, shared: bool = False) -> Iterator[No
     kill): two demos or rescores on one folder would train the same stage twice, interleave one log and write every
     missing cell twice. ``shared``: beside other shared commands (attack, eval, sweep: their cells are locked one by
     one), never beside an exclusive one (demo, adaptive, rescore, which rewrites the results file)."""
-    lock = HolderLock(folder / LOCK_FILE, command)
-    if not lock.acquire(shared=shared):
-        raise ConfigError(f"{folder} is in use by another seamlm command ({lock.holder()}): "
-                          "wait for it to end, or choose another --out")
-    try:
+    with holding(folder / LOCK_FILE, command, lambda holder: f"{folder} is in use by another seamlm command "
+                 f"({holder}): wait for it to end, or choose another --out", shared=shared):
         yield
-    finally:
-        lock.release()
 
 
 def package_versions(names: tuple[str, ...] = ("seamlm", "torch", "transformers", "accelerate", "peft", "gguf")) -> dict[str, str]:

@@ -25,7 +25,7 @@ from seamlm.errors import ConfigError
 from seamlm.evaluate.judges import Judge
 from seamlm.evaluate.metrics import EvalConfig
 from seamlm.finetune import LOOP_VERSION, FinetuneConfig
-from seamlm.locks import HolderLock
+from seamlm.locks import holding
 from seamlm.models import check_trained_format, legacy_identities, model_identity, prompt_format_parts
 from seamlm.recipes import RECIPES, make_recipe
 from seamlm.results import ResultStore
@@ -208,14 +208,10 @@ def study_lock(cfg: SweepConfig, label: str, out_dir: str | Path) -> Iterator[No
     """One process per study (held from before :func:`open_study` to the sweep's end): a second would take the
     first's running trials for those of a killed sweep, fail them and run them again."""
     name = cfg.study_name or label
-    lock = HolderLock(Path(out_dir) / f".sweep.{path_part(name)}.lock", f"sweep {name}")
-    if not lock.acquire():
-        raise ConfigError(f"study '{name}' in {out_dir}/sweep.db is being run by another process ({lock.holder()}): "
-                          "wait for it to end, or give this sweep another --study_name")
-    try:
+    with holding(Path(out_dir) / f".sweep.{path_part(name)}.lock", f"sweep {name}", lambda holder: f"study '{name}' "
+                 f"in {out_dir}/sweep.db is being run by another process ({holder}): wait for it to end, or give this "
+                 "sweep another --study_name"):
         yield
-    finally:
-        lock.release()
 
 
 def run_sweep(model_name: str, label: str, defense: str, bundle: BundleData, cfg: SweepConfig,
