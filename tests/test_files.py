@@ -27,6 +27,8 @@ def test_jsonl_and_csv(tmp_path):
         # a stray quote would swallow the rows after it into one answer
         ("quote.csv", 'prompt,response\nq1,"a1\nq2,a2\nq3,a3\n', "is not valid CSV"),
         ("extra.csv", "prompt,response\nq1,a1\nq2,a, b\n", "row 2 has more fields than the header"),
+        # a commented-out header: the first data row would be read as the header ("lacks column(s)")
+        ("hash.csv", "# exported 2026-11-28\n#prompt,response\nq1,a1\nq2,a2\n", r"hash.csv:2: the header line starts"),
         ("list.jsonl", '{"prompt": ["hi"], "response": "r"}\n', "row 1 has a list in column 'prompt'"),
         # a later JSON line with other keys is a wrong column, not an "empty response" dropped with a count
         ("keys.jsonl", '{"prompt": "q", "response": "r"}\n{"prompt": "q2", "answer": "a"}\n',

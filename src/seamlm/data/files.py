@@ -106,6 +106,10 @@ def read_rows(path: str | Path) -> list[dict]:
         if skipped and not names:
             raise DataError(f"{path} has only '#' lines: a header line may not start with '#' (seamlm skips leading "
                             "'#' lines as metadata)")
+        commented = next(csv.reader([text.splitlines()[skipped - 1].lstrip("#").strip()])) if skipped else []
+        if "prompt" in commented and "prompt" not in names:  # '#prompt,response': its data row became the header
+            raise DataError(f"{path}:{skipped}: the header line starts with '#', which marks metadata lines seamlm "
+                            "skips; remove the '#' so it reads prompt,response,…")
         extra = next((i for i, r in enumerate(rows) if None in r), None)
         if extra is not None:  # more fields than the header names: csv files them under the key None
             raise DataError(f"{path}: data row {extra + 1} has more fields than the header "
