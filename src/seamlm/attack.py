@@ -7,7 +7,8 @@ import logging
 import math
 import random
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -208,6 +209,37 @@ def _done(ctx: DistContext, rows: list[ResultRow]) -> bool:
     return bool(ctx.broadcast_object(bool(rows) if ctx.is_main else None))
 
 
+@dataclass
+class _Claim:
+    done: bool
+    """The store holds the cell (checked before taking its lock and again after, on rank 0's word)."""
+    rows: list[ResultRow]
+    """Its rows when done (on rank 0)."""
+    busy: bool = False
+    """Another process holds the cell's lock and it was not waited for."""
+
+
+@contextmanager
+def _claim_cell(ctx: DistContext, model_name: str, bundle: BundleData, lock: HolderLock, wait: bool,
+                finished: Callable[[], list[ResultRow]]) -> Iterator[_Claim]:
+    """Claim one cell for this process: done (in the store), busy, or held — ``lock`` then stays taken until the
+    block ends, so a second process on the results file never measures it too."""
+    rows = finished()
+    if _done(ctx, rows):
+        yield _Claim(True, rows)
+        return
+    check_held_out(model_name, bundle)
+    if not _acquire(lock, wait, ctx):
+        yield _Claim(False, [], busy=True)
+        return
+    try:
+        rows = finished()  # the process waited for may have finished the cell
+        done = _done(ctx, rows)
+        yield _Claim(done, rows if done else [])
+    finally:
+        lock.release()
+
+
 def evaluate_pre_attack(model_name: str, label: str, defense: str, bundle: BundleData, eval_cfg: EvalConfig,
                         judge: Judge, out_dir: str | Path, store: ResultStore, ctx: DistContext | None = None) -> bool:
     """Evaluate the unattacked model (cell ``pre``) unless the store has it. Returns True when it ran.
@@ -219,22 +251,16 @@ def evaluate_pre_attack(model_name: str, label: str, defense: str, bundle: Bundl
     parts = dict(model=model_identity(model_name), eval=eval_cfg.settings_dict(), judge=judge.name, data=digest,
                  **prompt_format_parts(model_name, eval_cfg.prompt_template, "chat"))
     settings = settings_digest(**parts)
-    if _done(ctx, finished_rows(store, model_name, label, "pre", settings, parts)):
-        log.info("%s / pre: already in %s, skipped", label, store.path)
-        return False
-    check_held_out(model_name, bundle)
-    lock = cell_lock(out_dir, label, "pre")
-    _acquire(lock, True, ctx)
-    try:
-        if _done(ctx, finished_rows(store, model_name, label, "pre", settings, parts)):  # by the process waited for
+    with _claim_cell(ctx, model_name, bundle, cell_lock(out_dir, label, "pre"), True,
+                     lambda: finished_rows(store, model_name, label, "pre", settings, parts)) as claim:
+        if claim.done:
+            log.info("%s / pre: already in %s, skipped", label, store.path)
             return False
         if ctx.is_main:
             model, tok = load_model(model_name, dtype="float32")
             values = evaluate_model(model, tok, bundle, eval_cfg, judge, samples_file(out_dir, label, "pre"))
             store.append(_rows(values, dict(model=label, defense=defense, cell="pre", seed=eval_cfg.seed,
                                             data_manifest=digest, settings=settings), judge), settings_parts=parts)
-    finally:
-        lock.release()
     ctx.barrier()  # (the other ranks wait here while rank 0 evaluates)
     return True
 
@@ -313,21 +339,16 @@ def attack_cell(model_name: str, label: str, defense: str, bundle: BundleData, r
                  samples=len(data.harmful), **prompt_format_parts(model_name, train_cfg.prompt_template, "chat"))
     settings = settings_digest(**parts)
     older = {settings_digest(**{**parts, "eval": recorded_eval.settings_dict()})} if recorded_eval is not cell_eval else set()
-    finished = finished_rows(store, model_name, label, cell, settings, parts, older)
-    if _done(ctx, finished):
-        log.info("%s / %s: already in %s, skipped", label, cell, store.path)
-        return CellOutcome(cell, {r.metric: r.value for r in finished} if ctx.is_main else None, False)
-    check_held_out(model_name, bundle)
     lock = cell_lock(out, label, cell)
-    if not _acquire(lock, wait, ctx):
-        if ctx.is_main:
-            log.info("%s: being measured by another process (%s): left to it", lock.command, lock.holder())
-        return CellOutcome(cell, None, False, busy=True)
-    try:
-        # the process waited for may have finished the cell
-        finished = finished_rows(store, model_name, label, cell, settings, parts, older)
-        if _done(ctx, finished):
-            return CellOutcome(cell, {r.metric: r.value for r in finished} if ctx.is_main else None, False)
+    with _claim_cell(ctx, model_name, bundle, lock, wait,
+                     lambda: finished_rows(store, model_name, label, cell, settings, parts, older)) as claim:
+        if claim.done:
+            log.info("%s / %s: already in %s, skipped", label, cell, store.path)
+            return CellOutcome(cell, {r.metric: r.value for r in claim.rows} if ctx.is_main else None, False)
+        if claim.busy:
+            if ctx.is_main:
+                log.info("%s: being measured by another process (%s): left to it", lock.command, lock.holder())
+            return CellOutcome(cell, None, False, busy=True)
         cell_dir = out / "attacks" / path_part(label) / cell
         if ctx.is_main:
             cell_dir.mkdir(parents=True, exist_ok=True)
@@ -384,9 +405,6 @@ def attack_cell(model_name: str, label: str, defense: str, bundle: BundleData, r
                                         data_manifest=digest, settings=settings), judge), settings_parts=parts)
         ctx.barrier()
         return CellOutcome(cell, values, True)
-
-    finally:
-        lock.release()
 
 
 #: How many attack examples (the first of the cell's seeded attack subset, all of which it trains on) have their
