@@ -160,8 +160,10 @@ class TrainingHooks:
     """(model, trainable parameters, step) -> extra log fields; rewrites ``p.grad`` in place. A
     :class:`NonFiniteLossError` it raises ends the run as diverged, like a non-finite loss."""
 
-    def check(self, ctx: DistContext) -> None:
-        check_launch(ctx, one_process=bool(self.loss or self.transform_gradients))
+    def check(self, ctx: DistContext, cfg: FinetuneConfig | None = None) -> None:
+        """Refuse a launch these hooks cannot train under (:func:`check_launch`)."""
+        check_launch(ctx, cfg, one_process=bool(self.loss or self.transform_gradients),
+                     chosen_parameters=self.select_parameters is not None)
 
 
 @dataclass
@@ -284,7 +286,7 @@ def finetune(
     """
     ctx = ctx or DistContext()
     hooks = hooks or TrainingHooks()
-    hooks.check(ctx)
+    hooks.check(ctx, cfg)
     if not examples:
         raise DataError(f"{desc}: no training examples (the data stream or file it trains on is empty: check it, or "
                         f"rebuild the bundle)")
@@ -298,7 +300,6 @@ def finetune(
     if probe and shard:
         raise ConfigError("trajectory probes measure a whole model and shard_parameters splits it over the ranks: "
                           "drop one of them (e.g. --eval.trajectory_every 0)")
-    check_launch(ctx, cfg, chosen_parameters=hooks.select_parameters is not None)
     if cfg.lora:
         model = _with_lora(model, cfg)
     if hooks.select_parameters:
