@@ -79,6 +79,7 @@ def test_log_has_every_field_and_model_is_saved(tokenizer, streams, tmp_path):
     assert all(r["L_ul"] == pytest.approx(-math.log(r["mean_ce_lens"] + 1), rel=1e-12) for r in rows)  # float64, as m
     run = json.loads((tmp_path / "run.json").read_text())
     assert run["seed"] == 1 and "torch" in run["versions"] and run["data_sizes"]["harmful"] == 12
+    assert run["versions"]["cpu"] and run["versions"]["torch_cpu_capability"]  # float rounding depends on them
     assert (out / "model.safetensors").is_file() and (out / "seamlm_run.json").is_file()
 
 

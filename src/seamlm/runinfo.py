@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -39,13 +40,29 @@ def folder_lock(folder: Path, command: str, shared: bool = False) -> Iterator[No
 
 
 def package_versions(names: tuple[str, ...] = ("seamlm", "torch", "transformers", "accelerate", "peft", "gguf")) -> dict[str, str]:
+    """Versions of Python and the packages that make the numbers, and the CPU (:func:`cpu_info`)."""
     out = {"python": sys.version.split()[0]}
     for name in names:
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             continue
-    return out
+    return {**out, **cpu_info()}
+
+
+@functools.cache
+def cpu_info() -> dict[str, str]:
+    """The CPU model and the vector instruction set torch's CPU kernels use. With the same code, versions and seed,
+    another CPU can round float sums otherwise (MKL and oneDNN choose kernels by CPU), and a long trajectory that
+    amplifies small differences — SEAM's, steered by a cosine — ends elsewhere: a run reproduces to the digit on a
+    CPU of the same kind (docs/demo-tuning.md, 2026-11-28)."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return {"cpu": model, "torch_cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
 
 def environment_info() -> dict[str, Any]:
