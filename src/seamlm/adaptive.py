@@ -112,8 +112,9 @@ def _same_data(demo_data: Path, bundle: BundleData) -> None:
         b = [(prompt_hash(e.prompt), e.response) for e in bundle.streams[stream]]
         if a != b:
             trained = {normalize_prompt(e.response) for e in old.streams.get("harmful", [])}
-            extra = [e for e in old.streams[stream] if (prompt_hash(e.prompt), e.response) not in set(b)]
-            if stream == "attack" and set(b) < set(a) and all(normalize_prompt(e.response) in trained for e in extra):
+            rebuilt = set(b)
+            extra = [e for e in old.streams[stream] if (prompt_hash(e.prompt), e.response) not in rebuilt]
+            if stream == "attack" and rebuilt < set(a) and all(normalize_prompt(e.response) in trained for e in extra):
                 raise ConfigError(f"the demo's attack stream holds {len(extra)} row(s) whose answer its defence trains "
                                   "on, which seamlm leaves out since 2026-11-28 (CHANGELOG): rerun the demo with this "
                                   "seamlm (another --out) to attack its models adaptively")

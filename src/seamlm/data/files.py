@@ -89,9 +89,9 @@ def read_rows(path: str | Path) -> list[dict]:
     if suffix == ".csv":
         # Leading '#' lines are metadata in some shipped CSVs (PyRIT's scorer evals).
         lines = text.splitlines(keepends=True)
-        skipped = 0
+        skipped, last_comment = 0, ""
         while lines and lines[0].startswith("#"):
-            lines.pop(0)
+            last_comment = lines.pop(0)
             skipped += 1
         reader = csv.DictReader(io.StringIO("".join(lines)), strict=True)
         try:
@@ -106,7 +106,7 @@ def read_rows(path: str | Path) -> list[dict]:
         if skipped and not names:
             raise DataError(f"{path} has only '#' lines: a header line may not start with '#' (seamlm skips leading "
                             "'#' lines as metadata)")
-        commented = next(csv.reader([text.splitlines()[skipped - 1].lstrip("#").strip()])) if skipped else []
+        commented = next(csv.reader([last_comment.lstrip("#").strip()]), []) if skipped else []
         if "prompt" in commented and "prompt" not in names:  # '#prompt,response': its data row became the header
             raise DataError(f"{path}:{skipped}: the header line starts with '#', which marks metadata lines seamlm "
                             "skips; remove the '#' so it reads prompt,response,…")
