@@ -43,3 +43,4 @@ bench: setup
 	$(PY) benchmarks/recipe_step_cost.py
 	$(PY) benchmarks/coupling_precision.py
 	$(PY) benchmarks/prompt_format.py
+	$(PY) benchmarks/zero_shot_throughput.py

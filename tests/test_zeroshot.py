@@ -189,3 +189,33 @@ def test_the_mean_over_tasks_carries_the_standard_error_of_a_mean_of_independent
     got = evaluate_zero_shot(make_model(len(tokenizer)).eval(), tokenizer, ("arc_easy", "sciq"), limit=6, batch_size=6)
     a, b = got["arc_easy"]["acc_stderr"], got["sciq"]["acc_stderr"]
     assert got["mean"]["acc_stderr"] == pytest.approx(math.sqrt(a * a + b * b) / 2)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("batch_size", [1, 2, 16])
+def test_the_choices_of_one_context_share_its_forward_pass(tokenizer, attn, batch_size):
+    """Contexts of different lengths (padded together), choices of 1 to 6 tokens, a per-choice context
+    (winogrande form): every choice scores as its own one-row forward would, and the model is fed each shared
+    context once — the first choice with it, the others only their own tokens."""
+    model = make_model(len(tokenizer), seed=2).eval()
+    model.set_attn_implementation(attn)
+    items = [MCItem(("a",), ("b", "c", "d", "e"), 0), MCItem(("f",), ("g", "h"), 0), MCItem(("i", "j"), ("k", "k"), 0)]
+    encoded = [(list(range(3, 40)), [50, 51, 52]), (list(range(3, 40)), [53]), (list(range(3, 40)), [54, 55, 56, 57, 58, 59]),
+               (list(range(3, 40)), [60, 61]),
+               ([7, 8, 9], [70]), ([7, 8, 9], [71, 72, 73, 74]),
+               ([5, 6, 7, 8, 9, 10], [80, 81]), ([5, 6, 7, 11], [80, 81])]
+    fed: list[int] = []
+
+    def count(module, args, kwargs, out):  # tokens fed = the mask's columns of the new input, not of the cache
+        fed.append(int(kwargs["attention_mask"][:, -kwargs["input_ids"].shape[1]:].sum()))
+
+    hook = model.get_decoder().register_forward_hook(count, with_kwargs=True)
+    got = [v for lls in choice_loglikelihoods(model, tokenizer, items, batch_size, encoded=encoded) for v in lls]
+    hook.remove()
+    for (ctx, cont), ll in zip(encoded, got, strict=True):
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=torch.tensor([ctx + cont])).logits[0].double(), -1)
+        assert ll == pytest.approx(sum(logp[len(ctx) - 1 + i, t].item() for i, t in enumerate(cont)), abs=1e-4)
+    one_row_each = sum(len(c) + len(t) - 1 for c, t in encoded)
+    shared = (37 + 3 - 1) + 0 + 5 + 1 + (3 + 1 - 1) + 3 + (6 + 2 - 1) + (4 + 2 - 1)
+    assert sum(fed) == shared < one_row_each / 2

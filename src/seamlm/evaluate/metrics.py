@@ -62,7 +62,8 @@ class EvalConfig(BaseConfig):
     zs_limit: int = 200
     """Items per task, a seeded subsample (0 = all)."""
     zs_batch_size: int = 16
-    """Sequences per zero-shot batch."""
+    """Contexts per zero-shot batch, each with all its choices (fewer where long contexts would pad the batch past
+    64 × this many tokens); also the FS scoring's batch."""
     lm_eval_tasks: tuple[str, ...] = ()
     """Also run these lm-evaluation-harness tasks on the model (needs ``pip install lm_eval``; their data come
     from the Hub unless the tasks are defined under ``lm_eval_include_path``); each adds ``lmeval_<task>`` = acc

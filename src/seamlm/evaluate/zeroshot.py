@@ -9,6 +9,7 @@ lm-eval task YAMLs of the same name. ``run_lm_eval`` runs lm-eval itself on an a
 from __future__ import annotations
 
 import errno
+import inspect
 import logging
 import math
 import random
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+from transformers import DynamicCache
 
 from seamlm.data.format import with_bos
 from seamlm.data.sources import load_source
@@ -171,48 +173,119 @@ def _fit_positions(encoded: list[tuple[list[int], list[int]]], limit: int | None
 @torch.no_grad()
 def choice_loglikelihoods(model: Any, tokenizer: Any, items: list[MCItem], batch_size: int = 16,
                           desc: str = "zero-shot",
-                          encoded: list[tuple[list[int], list[int]]] | None = None) -> list[list[float]]:
+                          encoded: list[tuple[list[int], list[int]]] | None = None,
+                          share_contexts: bool = True) -> list[list[float]]:
     """Σ log P(continuation tokens | context) for every choice of every item (batched, right padded).
     ``encoded``: (context ids, continuation ids) per choice in item order, for callers that must score the tokens
-    they trained on (FS); default lm-eval's split of the text (:func:`_encode_pair`)."""
+    they trained on (FS); default lm-eval's split of the text (:func:`_encode_pair`).
+
+    The choices of one context share its forward pass: the context and its first choice go through the model once
+    (as one row), the other choices only through their own tokens, attending to the context's cached keys and
+    values. Same scores as one row per choice up to float rounding, for a fraction of the tokens where the context
+    is long (SciQ's passages, BoolQ's, SST-2's few-shot prompts). ``share_contexts=False``: one row per choice
+    (lm-eval's way; ``benchmarks/zero_shot_throughput.py`` times the two)."""
     if encoded is None:
         requests = [(it.context(i), it.delimiter + c) for it in items for i, c in enumerate(it.choices)]
         encoded = [_encode_pair(tokenizer, ctx, cont) for ctx, cont in requests]
     elif len(encoded) != sum(len(it.choices) for it in items):
         raise ValueError(f"encoded holds {len(encoded)} pairs for {sum(len(it.choices) for it in items)} choices")
     encoded = _fit_positions(encoded, getattr(getattr(model, "config", None), "max_position_embeddings", None), desc)
-    device = next(model.parameters()).device
     model.eval()
-    parts = ModelParts.of(model)
+    scorer = _SharedContextScorer(model, tokenizer.pad_token_id)
+    groups: dict[tuple[int, ...] | int, list[int]] = {}
+    for k, (ctx, _) in enumerate(encoded):
+        groups.setdefault(tuple(ctx) if share_contexts else k, []).append(k)
+    members = list(groups.values())
     scores: list[float] = [0.0] * len(encoded)
-    order = sorted(range(len(encoded)), key=lambda k: -len(encoded[k][0]) - len(encoded[k][1]))
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", disable=len(order) <= batch_size):
-        idx = order[start:start + batch_size]
-        seqs = [(encoded[k][0] + encoded[k][1])[:-1] for k in idx]  # the last token is only predicted
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for r, s in enumerate(seqs):
-            ids[r, : len(s)] = torch.tensor(s)
-            mask[r, : len(s)] = 1
-        hidden = parts.decoder(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).last_hidden_state
-        # the LM head only at the continuation positions: the full-vocabulary logits elsewhere are never needed
-        rows, positions, targets, owner = [], [], [], []
-        for r, k in enumerate(idx):
-            n_ctx, n_cont = len(encoded[k][0]), len(encoded[k][1])
-            rows += [r] * n_cont
-            positions += list(range(n_ctx - 1, n_ctx - 1 + n_cont))
-            targets += encoded[k][1]
-            owner += [k] * n_cont
-        logp = F.log_softmax(parts.logits(hidden[rows, positions]).float(), -1)
-        picked = logp[torch.arange(len(targets)), torch.tensor(targets, device=device)].tolist()
-        for k, v in zip(owner, picked, strict=True):
+    batches = _context_batches([len(encoded[ks[0]][0]) + len(encoded[ks[0]][1]) for ks in members], batch_size)
+    for batch in tqdm(batches, desc=desc, unit="batch", disable=len(batches) <= 1):
+        for k, v in scorer.score([members[g] for g in batch], encoded):
             scores[k] += v
     out, pos = [], 0
     for it in items:
         out.append(scores[pos:pos + len(it.choices)])
         pos += len(it.choices)
     return out
+
+
+def _context_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Indices of ``lengths`` (tokens of a context's first row), longest first, in batches of at most
+    ``batch_size`` rows whose padded size stays within ``batch_size`` × 64 tokens: on a CPU the cost follows the
+    padded tokens, so one 550-token SciQ passage goes alone rather than pad fifteen short ones to its length."""
+    order = sorted(range(len(lengths)), key=lambda g: -lengths[g])
+    batches: list[list[int]] = []
+    for g in order:
+        if batches and len(batches[-1]) < batch_size and \
+                (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= batch_size * 64:
+            batches[-1].append(g)
+        else:
+            batches.append([g])
+    return batches
+
+
+class _SharedContextScorer:
+    """Scores the choices of a batch of contexts in two forward passes (see :func:`choice_loglikelihoods`)."""
+
+    def __init__(self, model: Any, pad_token_id: int):
+        self.model, self.pad = model, pad_token_id
+        self.parts = ModelParts.of(model)
+        self.device = next(model.parameters()).device
+        # transformers 5.x renamed the decoder's cache argument (past_key_values -> cache)
+        names = inspect.signature(self.parts.decoder.forward).parameters
+        self.cache_arg = "cache" if "cache" in names else "past_key_values"
+
+    def _padded(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), self.pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, s in enumerate(seqs):
+            ids[r, : len(s)] = torch.tensor(s, dtype=torch.long)
+            mask[r, : len(s)] = 1
+        return ids, mask
+
+    def score(self, groups: list[list[int]], encoded: list[tuple[list[int], list[int]]]) -> list[tuple[int, float]]:
+        """(choice index, Σ log p) for every choice of ``groups`` (each: the choices of one context)."""
+        firsts = [encoded[ks[0]] for ks in groups]
+        ids, mask = self._padded([(ctx + cont)[:-1] for ctx, cont in firsts])  # the last token is only predicted
+        cache = DynamicCache(config=self.model.config)
+        hidden = self.parts.decoder(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                    use_cache=True, **{self.cache_arg: cache}).last_hidden_state
+        # the LM head only at the continuation positions: the full-vocabulary logits elsewhere are never needed
+        rows, positions, targets, owners = [], [], [], []
+        for r, ks in enumerate(groups):
+            n_ctx, first = len(encoded[ks[0]][0]), encoded[ks[0]][1]
+            for k in ks:  # every choice's first token is predicted at the context's last position
+                cont = first if k == ks[0] else encoded[k][1][:1]
+                rows += [r] * len(cont)
+                positions += range(n_ctx - 1, n_ctx - 1 + len(cont))
+                targets += cont
+                owners += [k] * len(cont)
+        states = [hidden[rows, positions]]
+        rest = [(r, k) for r, ks in enumerate(groups) for k in ks[1:] if len(encoded[k][1]) > 1]
+        if rest:
+            # the other choices attend to their context's cached positions only, not to the first choice's tokens
+            context_mask = torch.zeros_like(mask)
+            for r, ks in enumerate(groups):
+                context_mask[r, : len(encoded[ks[0]][0])] = 1
+            cache_rows = torch.tensor([r for r, _ in rest])
+            cache.reorder_cache(cache_rows.to(self.device))
+            ids2, mask2 = self._padded([encoded[k][1][:-1] for _, k in rest])
+            n_ctx = torch.tensor([len(encoded[k][0]) for _, k in rest])
+            position_ids = n_ctx[:, None] + torch.arange(ids2.shape[1])[None]
+            hidden2 = self.parts.decoder(input_ids=ids2.to(self.device), position_ids=position_ids.to(self.device),
+                                         attention_mask=torch.cat([context_mask[cache_rows], mask2], 1).to(self.device),
+                                         use_cache=True, **{self.cache_arg: cache}).last_hidden_state
+            rows, positions = [], []
+            for r2, (_, k) in enumerate(rest):
+                cont = encoded[k][1][1:]
+                rows += [r2] * len(cont)
+                positions += range(len(cont))
+                targets += cont
+                owners += [k] * len(cont)
+            states.append(hidden2[rows, positions])
+        logp = F.log_softmax(self.parts.logits(torch.cat(states)).float(), -1)
+        values = logp[torch.arange(len(targets), device=logp.device), torch.tensor(targets, device=logp.device)]
+        return list(zip(owners, values.tolist(), strict=True))
 
 
 def score_items(items: list[MCItem], lls: list[list[float]]) -> dict[str, float]:
