@@ -11,6 +11,7 @@ import yaml
 import seamlm.attack as attack_mod
 from seamlm.attack import AttackConfig, cell_key, evaluate_pre_attack, run_attack_grid, samples_file
 from seamlm.data.bundles import BundleData
+from seamlm.data.files import Example
 from seamlm.errors import ConfigError, DataError
 from seamlm.evaluate.judges import KeywordJudge
 from seamlm.evaluate.metrics import EvalConfig
@@ -449,6 +450,30 @@ def test_measurements_on_nothing_are_errors_not_numbers(tokenizer):
         harmfulness(model, tokenizer, [], KeywordJudge())
     with pytest.raises(ConfigError, match="perplexity: no answer tokens"):
         benign_perplexity(model, tokenizer, [])
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 16])
+def test_perplexity_is_the_token_weighted_mean_answer_ce_by_hand(tokenizer, batch_size):
+    """exp(Σ answer-token CE / answer tokens) over answers of different lengths, each row scored alone by hand;
+    whatever the batch size (rows of like length are batched together: the order must not weigh)."""
+    import torch
+
+    from seamlm.data.format import Formatter
+    from seamlm.evaluate.metrics import benign_perplexity
+    from tests.conftest import make_model
+
+    model = make_model(len(tokenizer), seed=3).eval()
+    examples = [BENIGN[1], HARMFUL[2], Example("Hi?", "A much longer answer than the others, " * 3), BENIGN[11]]
+    total, count = 0.0, 0
+    for row in Formatter(tokenizer, 256).encode_all(examples, "hand"):
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=torch.tensor([row.input_ids])).logits[0].double(), -1)
+        for pos, label in enumerate(row.labels[1:]):
+            if label != -100:
+                total -= logp[pos, label].item()
+                count += 1
+    assert benign_perplexity(model, tokenizer, examples, batch_size=batch_size) == pytest.approx(math.exp(total / count),
+                                                                                                 rel=1e-5)
 
 
 def test_cells_of_the_old_fallback_prompt_format_are_not_reused(tmp_path, bundle, monkeypatch):

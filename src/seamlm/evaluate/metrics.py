@@ -219,6 +219,7 @@ def answer_ce_of_rows(model: Any, rows: list[TokenizedExample], pad_token_id: in
     device = next(model.parameters()).device
     total, count = 0.0, 0
     model.eval()
+    rows = sorted(rows, key=lambda r: len(r.input_ids))  # rows of like length batched together: less padding
     for i in range(0, len(rows), batch_size):
         batch = collate(rows[i:i + batch_size], pad_token_id, device=device)
         n = answer_token_count(batch)
