@@ -219,3 +219,31 @@ def test_the_choices_of_one_context_share_its_forward_pass(tokenizer, attn, batc
     one_row_each = sum(len(c) + len(t) - 1 for c, t in encoded)
     shared = (37 + 3 - 1) + 0 + 5 + 1 + (3 + 1 - 1) + 3 + (6 + 2 - 1) + (4 + 2 - 1)
     assert sum(fed) == shared < one_row_each / 2
+
+
+@pytest.mark.parametrize("window", [16, 64])
+def test_a_sliding_window_model_scores_as_one_row_per_choice(window):
+    """A sliding-window cache evicts keys once a row outgrows the window, which would leave a shared row's padding
+    and first choice in place of the context's end: rows longer than the window (16) are scored one per choice;
+    rows that fit (64) share the context, both as their own one-row forward would score them."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    model = MistralForCausalLM(MistralConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, sliding_window=window,
+                                             pad_token_id=0)).eval()
+    items = [MCItem(("a",), ("b", "c", "d"), 0), MCItem(("e",), ("f", "g"), 0)]
+    encoded = [(list(range(3, 40)), [50, 51, 52]), (list(range(3, 40)), [53]), (list(range(3, 40)), [54, 55]),
+               ([7, 8, 9], [70]), ([7, 8, 9], [71, 72, 73, 74])]
+    fed: list[int] = []
+    hook = model.get_decoder().register_forward_hook(
+        lambda m, a, kw, out: fed.append(int(kw["attention_mask"][:, -kw["input_ids"].shape[1]:].sum())), with_kwargs=True)
+    got = [v for lls in choice_loglikelihoods(model, type("Tok", (), {"pad_token_id": 0})(), items, 16, encoded=encoded)
+           for v in lls]
+    hook.remove()
+    for (ctx, cont), ll in zip(encoded, got, strict=True):
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=torch.tensor([ctx + cont])).logits[0].double(), -1)
+        assert ll == pytest.approx(sum(logp[len(ctx) - 1 + i, t].item() for i, t in enumerate(cont)), abs=1e-4)
+    one_row_each = sum(len(c) + len(t) - 1 for c, t in encoded)
+    assert (sum(fed) == one_row_each) == (window == 16)

@@ -191,6 +191,12 @@ def choice_loglikelihoods(model: Any, tokenizer: Any, items: list[MCItem], batch
         raise ValueError(f"encoded holds {len(encoded)} pairs for {sum(len(it.choices) for it in items)} choices")
     encoded = _fit_positions(encoded, getattr(getattr(model, "config", None), "max_position_embeddings", None), desc)
     model.eval()
+    window = _attention_window(model)
+    if share_contexts and window is not None and \
+            max(len(c) for c, _ in encoded) + max(len(t) for _, t in encoded) >= window:
+        # a sliding-window (or chunked) cache evicts keys once a row outgrows the window, and a padded shared row
+        # would keep padding and the first choice's tokens instead of the context's end: one row per choice
+        share_contexts = False
     scorer = _SharedContextScorer(model, tokenizer.pad_token_id)
     groups: dict[tuple[int, ...] | int, list[int]] = {}
     for k, (ctx, _) in enumerate(encoded):
@@ -206,6 +212,22 @@ def choice_loglikelihoods(model: Any, tokenizer: Any, items: list[MCItem], batch
         out.append(scores[pos:pos + len(it.choices)])
         pos += len(it.choices)
     return out
+
+
+def _attention_window(model: Any) -> int | None:
+    """The fewest positions any layer attends over (a sliding window or an attention chunk); None when every
+    layer attends to the whole sequence. 0: some layer of a kind not known here (no sharing then)."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return 0
+    config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    kinds = set(getattr(config, "layer_types", None) or ())
+    window, chunk = getattr(config, "sliding_window", None), getattr(config, "attention_chunk_size", None)
+    if not kinds:  # configs without layer types (Mistral) slide on every layer when a window is set
+        return window if window and getattr(config, "use_sliding_window", True) is not False else None
+    limits = [window if k == "sliding_attention" else chunk if k == "chunked_attention" else 0
+              for k in kinds - {"full_attention"}]
+    return min((x or 0 for x in limits), default=None)
 
 
 def _context_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
