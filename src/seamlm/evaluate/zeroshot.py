@@ -193,7 +193,7 @@ def choice_loglikelihoods(model: Any, tokenizer: Any, items: list[MCItem], batch
     model.eval()
     window = _attention_window(model)
     if share_contexts and window is not None and \
-            max(len(c) for c, _ in encoded) + max(len(t) for _, t in encoded) >= window:
+            max((len(c) for c, _ in encoded), default=0) + max((len(t) for _, t in encoded), default=0) >= window:
         # a sliding-window (or chunked) cache evicts keys once a row outgrows the window, and a padded shared row
         # would keep padding and the first choice's tokens instead of the context's end: one row per choice
         share_contexts = False
