@@ -191,6 +191,24 @@ def test_the_mean_over_tasks_carries_the_standard_error_of_a_mean_of_independent
     assert got["mean"]["acc_stderr"] == pytest.approx(math.sqrt(a * a + b * b) / 2)
 
 
+def _score_each_as_its_own_row(model, tokenizer, items, batch_size, encoded) -> list[int]:
+    """Asserts that every choice scores as its own one-row forward would; returns the tokens fed per forward pass
+    (the mask's columns of the new input, not of the cache)."""
+    fed: list[int] = []
+
+    def count(module, args, kwargs, out):
+        fed.append(int(kwargs["attention_mask"][:, -kwargs["input_ids"].shape[1]:].sum()))
+
+    hook = model.get_decoder().register_forward_hook(count, with_kwargs=True)
+    got = [v for lls in choice_loglikelihoods(model, tokenizer, items, batch_size, encoded=encoded) for v in lls]
+    hook.remove()
+    for (ctx, cont), ll in zip(encoded, got, strict=True):
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=torch.tensor([ctx + cont])).logits[0].double(), -1)
+        assert ll == pytest.approx(sum(logp[len(ctx) - 1 + i, t].item() for i, t in enumerate(cont)), abs=1e-4)
+    return fed
+
+
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @pytest.mark.parametrize("batch_size", [1, 2, 16])
 def test_the_choices_of_one_context_share_its_forward_pass(tokenizer, attn, batch_size):
@@ -204,18 +222,7 @@ def test_the_choices_of_one_context_share_its_forward_pass(tokenizer, attn, batc
                (list(range(3, 40)), [60, 61]),
                ([7, 8, 9], [70]), ([7, 8, 9], [71, 72, 73, 74]),
                ([5, 6, 7, 8, 9, 10], [80, 81]), ([5, 6, 7, 11], [80, 81])]
-    fed: list[int] = []
-
-    def count(module, args, kwargs, out):  # tokens fed = the mask's columns of the new input, not of the cache
-        fed.append(int(kwargs["attention_mask"][:, -kwargs["input_ids"].shape[1]:].sum()))
-
-    hook = model.get_decoder().register_forward_hook(count, with_kwargs=True)
-    got = [v for lls in choice_loglikelihoods(model, tokenizer, items, batch_size, encoded=encoded) for v in lls]
-    hook.remove()
-    for (ctx, cont), ll in zip(encoded, got, strict=True):
-        with torch.no_grad():
-            logp = torch.log_softmax(model(input_ids=torch.tensor([ctx + cont])).logits[0].double(), -1)
-        assert ll == pytest.approx(sum(logp[len(ctx) - 1 + i, t].item() for i, t in enumerate(cont)), abs=1e-4)
+    fed = _score_each_as_its_own_row(model, tokenizer, items, batch_size, encoded)
     one_row_each = sum(len(c) + len(t) - 1 for c, t in encoded)
     shared = (37 + 3 - 1) + 0 + 5 + 1 + (3 + 1 - 1) + 3 + (6 + 2 - 1) + (4 + 2 - 1)
     assert sum(fed) == shared < one_row_each / 2
@@ -235,15 +242,6 @@ def test_a_sliding_window_model_scores_as_one_row_per_choice(window):
     items = [MCItem(("a",), ("b", "c", "d"), 0), MCItem(("e",), ("f", "g"), 0)]
     encoded = [(list(range(3, 40)), [50, 51, 52]), (list(range(3, 40)), [53]), (list(range(3, 40)), [54, 55]),
                ([7, 8, 9], [70]), ([7, 8, 9], [71, 72, 73, 74])]
-    fed: list[int] = []
-    hook = model.get_decoder().register_forward_hook(
-        lambda m, a, kw, out: fed.append(int(kw["attention_mask"][:, -kw["input_ids"].shape[1]:].sum())), with_kwargs=True)
-    got = [v for lls in choice_loglikelihoods(model, type("Tok", (), {"pad_token_id": 0})(), items, 16, encoded=encoded)
-           for v in lls]
-    hook.remove()
-    for (ctx, cont), ll in zip(encoded, got, strict=True):
-        with torch.no_grad():
-            logp = torch.log_softmax(model(input_ids=torch.tensor([ctx + cont])).logits[0].double(), -1)
-        assert ll == pytest.approx(sum(logp[len(ctx) - 1 + i, t].item() for i, t in enumerate(cont)), abs=1e-4)
+    fed = _score_each_as_its_own_row(model, type("Tok", (), {"pad_token_id": 0})(), items, 16, encoded)
     one_row_each = sum(len(c) + len(t) - 1 for c, t in encoded)
     assert (sum(fed) == one_row_each) == (window == 16)
