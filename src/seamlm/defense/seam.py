@@ -439,7 +439,11 @@ class SEAMTrainer:
             (self.out / "log.jsonl").write_text("")
         if main:
             self._write_run_info()
-        if getattr(self.model, "is_gradient_checkpointing", False):
+        # transformers ≥ 5 renamed the property (the old name warns); older versions only have the old one
+        checkpointing = getattr(self.model, "is_activation_checkpointing", None)
+        if checkpointing is None:
+            checkpointing = getattr(self.model, "is_gradient_checkpointing", False)
+        if checkpointing:
             log.warning("the model has gradient checkpointing on, but SEAM runs it in eval mode (no dropout in the "
                         "finite differences) and transformers checkpoints only in training mode: activations are "
                         "kept, so memory is that of a run without it")
