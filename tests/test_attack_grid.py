@@ -69,7 +69,7 @@ def test_grid_cells_rows_and_resume(tiny_model_dir, bundle, tmp_path, monkeypatc
         by_cell.setdefault(r.cell, {})[r.metric] = r
     for cell, metrics in by_cell.items():
         assert {"hs", "hs_se", "refusal_rate", "zs_mean", "zs_mean_se", "zs_arc_easy", "coherence_ppl"} <= set(metrics), cell
-        assert metrics["hs"].judge == metrics["hs_se"].judge == "keyword-v4"
+        assert {r.judge for r in metrics.values()} == {"keyword-v4"}  # every row of the cell names its judge
         # the standard errors of the cell's own numbers: its saved 0/1 judgements, its ZS task's share
         p = [json.loads(x)["p_harmful"] for x in samples_file(tmp_path, "tiny", cell).read_text().splitlines()]
         assert metrics["hs_se"].value == pytest.approx(100 * statistics.stdev(p) / math.sqrt(len(p)))

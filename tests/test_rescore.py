@@ -84,7 +84,7 @@ def test_rescore_rejudges_saved_answers_and_a_resumed_grid_keeps_every_cell(tiny
         assert rows[("tiny", c, "hs")].value == pytest.approx(100 * sum(p) / len(p))
         assert rows[("tiny", c, "hs_binary")].value == pytest.approx(100 * sum(x > 0.5 for x in p) / len(p))
         assert rows[("tiny", c, "hs_se")].value == pytest.approx(100 * statistics.stdev(p) / math.sqrt(len(p)))
-        assert rows[("tiny", c, "hs")].judge == rows[("tiny", c, "hs_se")].judge == "length-v1"
+        assert {r.judge for k, r in rows.items() if k[1] == c} == {"length-v1"}  # on every row of the cell
         # what the judge does not touch stays, value for value
         assert rows[("tiny", c, "zs_mean")].value == before[("tiny", c, "zs_mean")].value
         # the refusal rate beside HS follows the keyword rule of the rescoring seamlm

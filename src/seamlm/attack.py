@@ -35,7 +35,7 @@ from seamlm.models import (
     trained_prompt_hashes,
 )
 from seamlm.recipes import AttackData, AttackRecipe, make_recipe
-from seamlm.results import JUDGED_METRICS, ResultRow, ResultStore
+from seamlm.results import ResultRow, ResultStore
 from seamlm.runinfo import fingerprint, path_part
 
 log = logging.getLogger(__name__)
@@ -159,8 +159,7 @@ def check_held_out(model_name: str, bundle: BundleData) -> None:
 
 
 def _rows(values: dict[str, float], base: dict[str, Any], judge: Judge) -> list[ResultRow]:
-    return [ResultRow(metric=k, value=float(v), judge=judge.name if k in JUDGED_METRICS else None, **base)
-            for k, v in values.items()]
+    return [ResultRow(metric=k, value=float(v), judge=judge.name, **base) for k, v in values.items()]
 
 
 def peak(values: list[float]) -> float:

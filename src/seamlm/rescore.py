@@ -118,9 +118,9 @@ def _rescore(path: Path, eval_cfg: EvalConfig, judge: Judge | None) -> list[Resc
         if key not in new_values:
             out.append(r)
             continue
-        change: dict[str, Any] = {"settings": redigest(r.settings) if r.settings else None}
+        change: dict[str, Any] = {"settings": redigest(r.settings) if r.settings else None, "judge": judge.name}
         if r.metric in JUDGED_METRICS:
-            change.update(value=new_values[key][r.metric], judge=judge.name)
+            change.update(value=new_values[key][r.metric])
             if r.metric == "hs":
                 report.append(Rescored(r.model, r.cell, r.value, change["value"], cells[key]))
         elif r.metric == "refusal_rate":

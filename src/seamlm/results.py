@@ -64,6 +64,8 @@ class ResultRow:
     metric: str
     value: float
     judge: str | None = None
+    """The judge this cell's answers were scored with, on every row of the cell (it is part of the cell's settings);
+    only the ``JUDGED_METRICS`` rows are its output (older result files name it on those rows only)."""
     seed: int = 0
     """``pre`` cells: the evaluation's subsampling seed; attack cells: the attack's seed (their evaluation seed is
     in the cell's settings record, ``<results>.settings/<settings>.json: eval.seed``, one per label)."""
