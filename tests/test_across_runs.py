@@ -1,5 +1,6 @@
 """`seamlm report` over several runs of one setup: mean ± sd per cell, the bar run by run, error-bar plots."""
 
+import csv
 import statistics
 
 import pytest
@@ -52,6 +53,11 @@ def test_mean_sd_per_cell_and_the_bar_run_by_run(tmp_path, capsys):
         assert (tmp_path / "rep" / png).stat().st_size > 1000
     assert (tmp_path / "rep" / "report.html").read_text().count("<table") == 4  # HS, ZS, perplexity (no refusal rows), the bar
     assert "report written to" in capsys.readouterr().out
+    # every run's rows, flat, each under its results file
+    lines = list(csv.DictReader((tmp_path / "rep" / "results.csv").open()))
+    assert [ln["run"] for ln in lines] == [str(p) for p in runs for _ in ResultStore(p).rows()]
+    seam_hs = [float(ln["value"]) for ln in lines if (ln["model"], ln["cell"], ln["metric"]) == ("seam", CELL, "hs")]
+    assert seam_hs == [5.0, 20.0, 35.0]
 
 
 def test_a_cell_missing_in_some_runs_says_how_many_runs_it_has(tmp_path):

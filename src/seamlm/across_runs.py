@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from seamlm.errors import DataError
-from seamlm.results import ResultRow, ResultStore
+from seamlm.results import ResultRow, ResultStore, write_results_csv
 from seamlm.runinfo import refuse_repeated_run
 from seamlm.verdict import check_bar
 
@@ -219,12 +219,15 @@ def _error_bar_plots(runs: list[Run], out: Path) -> list[str]:
 
 
 def write_across_runs_report(paths: list[str | Path], out_dir: str | Path) -> Path:
-    """``report.md``/``report.html`` and error-bar plots for several runs; returns the Markdown path."""
+    """``report.md``/``report.html``, error-bar plots and ``results.csv`` (every run's rows, with a ``run`` column)
+    for several runs; returns the Markdown path."""
     from seamlm.report import write_documents
 
     runs = load_runs(paths)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    write_results_csv(out / "results.csv", [r for run in runs for r in run.rows],
+                      [str(run.path) for run in runs for _ in run.rows])
     tables = across_runs_tables(runs)
     plots = _error_bar_plots(runs, out)
     listing = [f"run {i + 1}: `{run.path}` (data manifest "

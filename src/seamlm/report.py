@@ -11,7 +11,7 @@ from pathlib import Path
 
 from seamlm.errors import DataError
 from seamlm.jsonl import read_records
-from seamlm.results import METRICS, ResultRow, ResultStore
+from seamlm.results import METRICS, ResultRow, ResultStore, write_results_csv
 from seamlm.selection import collect, within_bound, worst_case_rows
 from seamlm.verdict import check_bar
 
@@ -363,7 +363,8 @@ def _trajectory_plot(rows: list[ResultRow], results_dir: Path, out: Path) -> lis
 
 def write_report(results: str | Path, out_dir: str | Path, eps: tuple[float, ...] = (5.0, 10.0, 20.0),
                  ppl_factor: float = 2.0) -> Path:
-    """Write ``report.md``, ``report.html`` and the plots for a results file; returns the Markdown path.
+    """Write ``report.md``, ``report.html``, the plots and ``results.csv`` (every row, flat) for a results file;
+    returns the Markdown path.
     The paper-style tables and plots show the plain grid; adaptive attacks get the worst-case table (bounds ``eps``
     and ``ppl_factor``) and a table of every attack; every attacked cell, grid or adaptive, joins the HS–ZS scatter."""
     results = Path(results)
@@ -383,6 +384,7 @@ def write_report(results: str | Path, out_dir: str | Path, eps: tuple[float, ...
         raise DataError(f"{results} holds no result rows; run `seamlm eval` or `seamlm attack` first")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    write_results_csv(out / "results.csv", rows)
     grid = [r for r in rows if is_plain_grid(r)]
     # (a file of sweep trials alone has no grid: no paper-style table, no lr plots)
     tables = {**(build_tables(grid, store.label_evaluations(grid)) if grid else {}), **adaptive_tables(rows, eps, ppl_factor)}

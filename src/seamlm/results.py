@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import io
 import json
 import logging
 import math
@@ -10,7 +12,7 @@ import re
 import time
 import uuid
 from collections import Counter
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -107,6 +109,30 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+#: The first columns of a results CSV; the row's attack settings and versions follow as ``attack.<key>`` and
+#: ``versions.<key>`` columns.
+CSV_COLUMNS = ("model", "defense", "cell", "metric", "value", "judge", "seed", "data_manifest", "settings", "time",
+               "write")
+
+
+def write_results_csv(path: str | Path, rows: Sequence[ResultRow], runs: Sequence[str] | None = None) -> Path:
+    """``rows`` as one CSV line each, for a spreadsheet or pandas: the row's fields, then its attack settings and
+    versions flattened (blank where a row has none; a list as JSON). ``runs``: each row's results file, as a first
+    ``run`` column (a report across runs)."""
+    flat = [{**{k: getattr(r, k) for k in CSV_COLUMNS}, **_flatten({"attack": r.attack, "versions": r.versions})}
+            for r in rows]
+    extra = sorted({k for line in flat for k in line} - set(CSV_COLUMNS),
+                   key=lambda k: (not k.startswith("attack."), k))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=(["run"] if runs is not None else []) + list(CSV_COLUMNS) + extra,
+                            lineterminator="\n")
+    writer.writeheader()
+    for i, line in enumerate(flat):
+        line = {k: json.dumps(v) if isinstance(v, (list, tuple)) else v for k, v in line.items()}
+        writer.writerow({**({"run": runs[i]} if runs is not None else {}), **line})
+    return write_text_atomic(path, buf.getvalue())
 
 
 class ResultStore:
