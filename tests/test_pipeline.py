@@ -32,6 +32,7 @@ def test_shrunken_demo_end_to_end_and_resume(tiny_model_dir, tmp_path, monkeypat
     assert sum(1 for m, c in cells if m == "seam" and c != "pre") == 3  # two full-parameter lrs + one LoRA
     md = report.read_text()
     assert md.count("| seam |") >= 3 and (out / "report" / "hs_vs_lr.png").is_file()
+    assert (out / "report" / "results.csv").read_text().count("\n") == len(rows) + 1  # a header, then every row
     values = {f"{abs(r.value):.{d}f}" for r in rows for d in (1, 2, 3)}  # the regex below drops signs
     assert "gradient coupling" in md
     for line in md.splitlines():
@@ -163,6 +164,8 @@ def test_demo_over_several_seeds_reports_across_them(tiny_model_dir, tmp_path, c
     assert [m["seed"] for m in manifests] == [0, 1]  # other splits
     md = (out / "report" / "report.md").read_text()
     assert "### HS %: mean ± sd over 2 runs" in md and "| met in |" in md
+    assert {ln.split(",")[0] for ln in (out / "report" / "results.csv").read_text().splitlines()[1:]} == {
+        str(out / f"seed-{s}" / "results.jsonl") for s in (0, 1)}
     for s in (0, 1):
         assert f"seed-{s}/results.jsonl" in md
     assert main([*args, "--data_seed", "3"]) == 2

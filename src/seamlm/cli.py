@@ -418,7 +418,7 @@ def _run_adaptive(args: argparse.Namespace, extra: list[str]) -> int:
 
     report = run_adaptive(args.out, AdaptiveConfig.from_dict(parse_overrides(extra), "command line"))
     print(report.read_text())
-    print(f"report: {report}")
+    print(f"report: {report} (HTML: {report.with_suffix('.html')}; every row: {report.with_name('results.csv')})")
     return 0
 
 
@@ -457,7 +457,7 @@ def _run_report(args: argparse.Namespace, extra: list[str]) -> int:
             raise ConfigError("--ppl-factor must be > 1 and --eps values >= 0")
         path = write_report(args.results[0], args.out, eps=eps, ppl_factor=ppl_factor)
     print(path.read_text())
-    print(f"report written to {path} and {path.with_suffix('.html')}")
+    print(f"report written to {path}, {path.with_suffix('.html')} and {path.with_name('results.csv')}")
     return 0
 
 
@@ -595,7 +595,7 @@ def _run_demo(args: argparse.Namespace, extra: list[str]) -> int:
     else:
         report = run_demo(args.out, cfg, fresh=args.fresh)
     print(report.read_text())
-    print(f"report: {report} (HTML: {report.with_suffix('.html')})")
+    print(f"report: {report} (HTML: {report.with_suffix('.html')}; every row: {report.with_name('results.csv')})")
     return 0
 
 
