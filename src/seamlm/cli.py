@@ -413,12 +413,17 @@ def _adaptive_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="runs/adaptive")
 
 
+def _report_paths(report: Path) -> str:
+    """The line that ends a command which wrote a report: where its Markdown, HTML and flat rows are."""
+    return f"report: {report} (HTML: {report.with_suffix('.html')}; every row: {report.with_name('results.csv')})"
+
+
 def _run_adaptive(args: argparse.Namespace, extra: list[str]) -> int:
     from seamlm.adaptive import AdaptiveConfig, run_adaptive
 
     report = run_adaptive(args.out, AdaptiveConfig.from_dict(parse_overrides(extra), "command line"))
     print(report.read_text())
-    print(f"report: {report} (HTML: {report.with_suffix('.html')}; every row: {report.with_name('results.csv')})")
+    print(_report_paths(report))
     return 0
 
 
@@ -595,7 +600,7 @@ def _run_demo(args: argparse.Namespace, extra: list[str]) -> int:
     else:
         report = run_demo(args.out, cfg, fresh=args.fresh)
     print(report.read_text())
-    print(f"report: {report} (HTML: {report.with_suffix('.html')}; every row: {report.with_name('results.csv')})")
+    print(_report_paths(report))
     return 0
 
 

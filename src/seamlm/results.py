@@ -111,10 +111,9 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-#: The first columns of a results CSV; the row's attack settings and versions follow as ``attack.<key>`` and
-#: ``versions.<key>`` columns.
-CSV_COLUMNS = ("model", "defense", "cell", "metric", "value", "judge", "seed", "data_manifest", "settings", "time",
-               "write")
+#: The first columns of a results CSV: a row's flat fields; its attack settings and versions follow as
+#: ``attack.<key>`` and ``versions.<key>`` columns.
+CSV_COLUMNS = tuple(f.name for f in dataclasses.fields(ResultRow) if f.name not in ("attack", "versions"))
 
 
 def write_results_csv(path: str | Path, rows: Sequence[ResultRow], runs: Sequence[str] | None = None) -> Path:
@@ -129,9 +128,9 @@ def write_results_csv(path: str | Path, rows: Sequence[ResultRow], runs: Sequenc
     writer = csv.DictWriter(buf, fieldnames=(["run"] if runs is not None else []) + list(CSV_COLUMNS) + extra,
                             lineterminator="\n")
     writer.writeheader()
-    for i, line in enumerate(flat):
+    for line, run in zip(flat, [None] * len(flat) if runs is None else runs, strict=True):
         line = {k: json.dumps(v) if isinstance(v, (list, tuple)) else v for k, v in line.items()}
-        writer.writerow({**({"run": runs[i]} if runs is not None else {}), **line})
+        writer.writerow({**({"run": run} if runs is not None else {}), **line})
     return write_text_atomic(path, buf.getvalue())
 
 
