@@ -130,6 +130,7 @@ def test_a_refused_resume_keeps_the_unfinished_runs_data_manifest(tiny_model_dir
     ("out_is_a_file", "a file is where a folder is needed: choose another path", 1),
     ("harmful_is_a_folder", "is a folder, not a data file", 1),
     ("resume_without_checkpoint", "--resume: no checkpoint under", 1),
+    ("tf32_on_cpu", "coupling_precision=tf32 needs a CUDA device", 2),
 ])
 def test_bad_inputs(tiny_model_dir, data_files, tmp_path, capsys, monkeypatch, case, match, code):
     import seamlm.distributed
@@ -165,9 +166,46 @@ def test_bad_inputs(tiny_model_dir, data_files, tmp_path, capsys, monkeypatch, c
         files["harmful"] = tmp_path
     elif case == "resume_without_checkpoint":
         extra = ["--resume"]
+    elif case == "tf32_on_cpu":
+        extra = ["--coupling_precision", "tf32", "--device", "cpu"]
     rc = main(_defend_args(tiny_model_dir, files, tmp_path / "out", *extra))
     assert rc == code
     assert match in capsys.readouterr().err
+
+
+def test_a_model_that_fails_to_load_leaves_no_output_folder(tmp_path, capsys, monkeypatch):
+    """The bundle's manifest is written once the model has loaded: a failed load leaves --out as it was."""
+    import seamlm.distributed
+    from seamlm.errors import ModelLoadError
+
+    def fails(*a, **k):
+        raise ModelLoadError("cannot load this model")
+
+    monkeypatch.setattr(seamlm.distributed, "load_model_for_rank", fails)
+    out = tmp_path / "run"
+    assert main(["defend", "--model", "some/hub-model", "--data", "offline-default", "--out", str(out)]) == 1
+    assert "cannot load this model" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_a_bad_command_line_key_is_blamed_on_the_command_line_not_the_yaml(tmp_path, capsys):
+    """With --config, an unknown --key is the command line's typo: the error must not send the user to the file."""
+    yml = tmp_path / "c.yaml"
+    yml.write_text("steps: 2\n")
+    cases = [
+        ["defend", "--model", "m", "--data", "offline-default", "--out", str(tmp_path / "d"), "--config", str(yml)],
+        ["attack", "--model", "m", "--out", str(tmp_path / "a"), "--config", str(yml)],
+        ["eval", "--model", "m", "--out", str(tmp_path / "e"), "--eval-config", str(yml)],
+        ["demo", "--out", str(tmp_path / "demo")],
+    ]
+    for args, cls in zip(cases, ("DefenseConfig", "AttackConfig", "EvalConfig", "DemoConfig"), strict=True):
+        assert main([*args, "--bogus", "1"]) == 2, args
+        err = capsys.readouterr().err
+        assert f"command line: unknown {cls} key(s) 'bogus'" in err and str(yml) not in err, err
+    assert not any((tmp_path / d).exists() for d in ("d", "a", "e", "demo"))
+    yml.write_text("bogus: 1\n")  # the file's own typo still names the file
+    assert main([*cases[0][:-2], "--config", str(yml)]) == 2
+    assert f"{yml}: unknown DefenseConfig key(s) 'bogus'" in capsys.readouterr().err
 
 
 def test_offline_default_size_options_are_checked(tmp_path, capsys):

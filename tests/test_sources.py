@@ -213,8 +213,15 @@ def test_hub_source_offline_says_what_to_do(monkeypatch, tmp_path):
 def test_wrong_schema_and_unknown_source(tmp_path):
     bad = tmp_path / "bt.jsonl"
     bad.write_text('{"question": "q", "answer": "a"}\n')
-    with pytest.raises(DataError, match=r"row 1 lacks column\(s\) \['prompt', 'response', 'is_safe'\]"):
+    with pytest.raises(DataError, match=r"beavertails .*bt.jsonl: row 1 lacks column\(s\) \['prompt', 'response', "
+                                        r"'is_safe'\]"):
         load_source("beavertails", path=str(bad))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(DataError, match=r"source 'beavertails' yielded no rows from .*empty.jsonl"):
+        load_source("beavertails", path=str(empty))
+    with pytest.raises(DataError, match=r"alpaca-cleaned .*bt.jsonl: row 1 lacks column"):
+        load_source("alpaca-cleaned", path=str(bad))
     with pytest.raises(DataError, match="unknown data source 'nope'"):
         load_source("nope")
 

@@ -74,11 +74,13 @@ def _run_defend(args: argparse.Namespace, extra: list[str]) -> int:
     if args.config:
         from seamlm.config import read_yaml_mapping
 
+        defense_cls.Config.check_keys(overrides, "command line")  # a typo there is not the YAML file's
         config = defense_cls.configure({**read_yaml_mapping(args.config), **overrides}, str(args.config), args.out)
     else:
         config = defense_cls.configure(overrides, "command line", args.out)
     if args.resume:
         defense_cls.check_resume(args.out, config)  # a changed setting fails now, not after the model loads
+    defense_cls.check_device(config, ctx.device)
     defense = defense_cls(config)
     files = {"harmful": args.harmful, "refusal": args.refusal, "benign": args.benign}
     if args.data and any(files.values()):
@@ -99,10 +101,6 @@ def _run_defend(args: argparse.Namespace, extra: list[str]) -> int:
             manifest_path = Path(args.out) / "data_manifest.json"
             if args.resume and manifest_path.is_file():
                 _refuse_other_data(manifest_path, bundle.manifest)  # before the run's own manifest is replaced
-            Path(args.out).mkdir(parents=True, exist_ok=True)
-            from seamlm.jsonl import write_text_atomic
-
-            write_text_atomic(manifest_path, json.dumps(bundle.manifest, indent=2))
     else:
         if args.data_seed:
             log.warning("--data-seed %d is not used: --harmful/--refusal/--benign are taken as given", args.data_seed)
@@ -119,6 +117,11 @@ def _run_defend(args: argparse.Namespace, extra: list[str]) -> int:
         streams = defense.examples(given)
     shard = bool(getattr(config, "shard_parameters", False))
     model, tokenizer = load_model_for_rank(args.model, ctx, args.dtype, args.device, shard)
+    if args.data and ctx.is_main:  # once the model has loaded: a model that fails to load leaves no folder behind
+        from seamlm.jsonl import write_text_atomic
+
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        write_text_atomic(Path(args.out) / "data_manifest.json", json.dumps(bundle.manifest, indent=2))
     out = defense.run(model, tokenizer, streams, args.out, resume=args.resume, run_info=run_info, ctx=ctx)
     if ctx.is_main:
         print(f"{args.method} model written to {out}; per-step log: {Path(args.out) / 'log.jsonl'}")
@@ -338,6 +341,7 @@ def _run_attack(args: argparse.Namespace, extra: list[str]) -> int:
         from seamlm.config import read_yaml_mapping
 
         values = read_yaml_mapping(args.config)
+        AttackConfig.check_keys(attack_over, "command line")
         AttackConfig.refuse_grid_owned(values, str(args.config))
         cfg = AttackConfig.from_dict({**values, **attack_over}, str(args.config))
     else:
@@ -588,6 +592,7 @@ def _run_demo(args: argparse.Namespace, extra: list[str]) -> int:
     from seamlm.pipeline import PRESETS, DemoConfig, run_demo, run_demo_seeds
 
     over = parse_overrides(extra)
+    DemoConfig.check_keys(over, "command line")
     cfg = DemoConfig.from_dict({**PRESETS[args.preset], **over}, f"preset {args.preset}")
     if args.seeds is not None:
         if "data_seed" in over:

@@ -101,13 +101,18 @@ class BaseConfig:
         return [f.name for f in dataclasses.fields(cls)]
 
     @classmethod
-    def from_dict(cls: type[C], values: dict[str, Any], source: str = "config") -> C:
+    def check_keys(cls, values: Collection[str], source: str) -> None:
+        """Raise ConfigError naming ``source`` when ``values`` holds a key that is no field."""
         unknown = [k for k in values if k not in cls.field_names()]
         if unknown:
             raise ConfigError(
                 f"{source}: unknown {cls.__name__} key(s) {unknown_keys(unknown, cls.field_names())}. "
                 + (f"Valid keys: {', '.join(cls.field_names())}" if cls.field_names() else "It takes no keys.")
             )
+
+    @classmethod
+    def from_dict(cls: type[C], values: dict[str, Any], source: str = "config") -> C:
+        cls.check_keys(values, source)
         return cls(**values)
 
     def __post_init__(self) -> None:
@@ -122,6 +127,7 @@ class BaseConfig:
 
     @classmethod
     def from_yaml(cls: type[C], path: str | Path, overrides: dict[str, Any] | None = None) -> C:
+        cls.check_keys(overrides or {}, "command line")  # a typo there is not the file's
         data = read_yaml_mapping(path)
         data.update(overrides or {})
         return cls.from_dict(data, source=str(path))

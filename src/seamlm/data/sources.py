@@ -57,7 +57,9 @@ class Source:
     def load(self, **kwargs: Any) -> list[Any]:
         rows = self.loader(**kwargs)
         if not rows:
-            raise DataError(f"source '{self.name}' yielded no rows")
+            where = f" from {kwargs['path']}" if kwargs.get("path") else ""
+            raise DataError(f"source '{self.name}' yielded no rows{where}: give a file with rows in its schema "
+                            f"(`seamlm data list` says what it reads)")
         return rows
 
 
@@ -316,6 +318,11 @@ def _hub_rows(hub_id: str, split: str, path: str | None, config: str | None = No
                         "retries); online, check the split name and that your token may read the dataset") from exc
 
 
+def _label(source: str, path: str | None) -> str:
+    """How errors and counts name a source's rows: with the file when they come from one."""
+    return f"{source} {path}" if path else source
+
+
 def _need(rows: list[dict], cols: tuple[str, ...], name: str) -> None:
     for i, row in enumerate(rows, 1):
         missing = [c for c in cols if c not in row]
@@ -361,15 +368,16 @@ def _categories(value: Any, name: str) -> dict[str, bool]:
           "hub PKU-Alignment/BeaverTails", hub_id="PKU-Alignment/BeaverTails")
 def _beavertails(split: str = "30k_train", path: str | None = None) -> list[Example]:
     rows = _hub_rows("PKU-Alignment/BeaverTails", split, path)
-    _need(rows, ("prompt", "response", "is_safe"), "beavertails")
+    name = _label("beavertails", path)
+    _need(rows, ("prompt", "response", "is_safe"), name)
     out = []
-    for r in _with_text(rows, ("prompt", "response"), "beavertails"):
+    for r in _with_text(rows, ("prompt", "response"), name):
         # every flagged category: a held-out category must hold out an answer flagged with it among others
-        flagged = sorted(k for k, v in _categories(r.get("category"), "beavertails").items() if v)
+        flagged = sorted(k for k, v in _categories(r.get("category"), name).items() if v)
         out.append(Example(r["prompt"].strip(), r["response"].strip(), CATEGORY_SEPARATOR.join(flagged) or None,
-                           "safe" if _flag(r["is_safe"], "is_safe", "beavertails", required=True) else "harmful",
+                           "safe" if _flag(r["is_safe"], "is_safe", name, required=True) else "harmful",
                            f"beavertails:{split}"))
-    return merge_labels(out, "beavertails")  # a pair one annotator flagged unsafe stays harmful
+    return merge_labels(out, name)  # a pair one annotator flagged unsafe stays harmful
 
 
 def _with_text(rows: list[dict], cols: tuple[str, ...], name: str) -> list[dict]:
@@ -389,7 +397,7 @@ def _repnoise(path: str | None = None) -> list[Example]:
     if not path:
         raise DataError("repnoise-refusals needs path= the RepNoise refusal JSON file (not on the Hub as a dataset)")
     rows = read_rows(path)
-    _need(rows, ("prompt", "refusal", "is_safe"), f"repnoise-refusals {path}")  # a missing is_safe is not "unsafe"
+    _need(rows, ("prompt", "refusal", "is_safe"), _label("repnoise-refusals", path))  # a missing is_safe is not "unsafe"
     out = []
     for r in _with_text(rows, ("prompt", "refusal"), f"repnoise-refusals {path}"):
         cat = CATEGORY_SEPARATOR.join(
@@ -405,7 +413,7 @@ def _repnoise(path: str | None = None) -> list[Example]:
           "benign set", "CC-BY-4.0", "hub yahma/alpaca-cleaned", hub_id="yahma/alpaca-cleaned")
 def _alpaca(split: str = "train", path: str | None = None) -> list[Example]:
     rows = _hub_rows("yahma/alpaca-cleaned", split, path)
-    _need(rows, ("instruction", "input", "output"), "alpaca-cleaned")
+    _need(rows, ("instruction", "input", "output"), _label("alpaca-cleaned", path))
     out = []
     for r in rows:
         instruction, extra, output = (r[c].strip() if isinstance(r.get(c), str) else "" for c in ("instruction", "input", "output"))

@@ -55,6 +55,12 @@ class Defense(ABC):
                               "an empty --out")
 
     @classmethod
+    def check_device(cls, config: Any, device: Any) -> None:
+        """Refuse ``config`` on ``device`` (a ``torch.device``) before the model loads when it cannot run there (the
+        base accepts every device)."""
+        return None
+
+    @classmethod
     def check_resume(cls, out_dir: str | Path, config: Any) -> None:
         """Refuse a ``--resume`` whose ``config`` differs from the unfinished run's before the model loads (a
         defence that keeps checkpoints checks their settings here; the base has none)."""

@@ -89,7 +89,7 @@ class DefenseConfig(BaseConfig):
     output_dir: str = "runs/defend"
     """Where the log, checkpoints and the final model go."""
     checkpoint_every: int = 100
-    """Write a resumable checkpoint every N steps (0 = only at the end)."""
+    """Write a resumable checkpoint every N steps (0 = none: only the final ``model/``, so no ``--resume``)."""
     keep_checkpoints: int = 2
     """How many recent checkpoints to keep."""
     log_every: int = 1

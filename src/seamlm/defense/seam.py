@@ -98,6 +98,13 @@ def refuse_changed_config(config: DefenseConfig, saved: dict[str, Any], path: Pa
         raise CheckpointError(f"cannot resume {path}: the config changed ({diffs}); resume with the same settings")
 
 
+def check_precision_device(config: DefenseConfig, device: torch.device) -> None:
+    """Refuse ``coupling_precision=tf32`` off CUDA: TF32 exists on NVIDIA GPUs only."""
+    if config.coupling_precision == "tf32" and device.type != "cuda":
+        raise ConfigError(f"coupling_precision=tf32 needs a CUDA device (the model runs on {device}); "
+                          "TF32 does not exist there: use coupling_precision=ieee")
+
+
 def _is_peft(model: Any) -> bool:
     from peft import PeftModel
 
@@ -211,9 +218,7 @@ class SEAMTrainer:
                 p.data = p.data.float()
         # (a model about to be FSDP-sharded sits on the CPU or the meta device; it will run on the rank's device)
         runs_on = self.ctx.device if config.shard_parameters and self.ctx.distributed else self.device
-        if config.coupling_precision == "tf32" and runs_on.type != "cuda":
-            raise ConfigError(f"coupling_precision=tf32 needs a CUDA device (the model runs on {runs_on}); "
-                              "TF32 does not exist there: use coupling_precision=ieee")
+        check_precision_device(config, runs_on)
         for option in ("shard_gradients", "shard_parameters"):
             if getattr(config, option) and not self.ctx.distributed:
                 log.warning("%s has no effect in a single process: the whole model and full buffers are used", option)
@@ -667,6 +672,10 @@ class SEAMDefense(Defense):
     @classmethod
     def check_out(cls, out_dir: str | Path, resume: bool) -> None:
         check_run_folder(Path(out_dir), resume)
+
+    @classmethod
+    def check_device(cls, config: DefenseConfig, device: torch.device) -> None:
+        check_precision_device(config, device)
 
     @classmethod
     def check_resume(cls, out_dir: str | Path, config: DefenseConfig) -> None:
