@@ -172,7 +172,7 @@ class DemoConfig(BaseConfig):
 
 
 #: ``quick`` = the DemoConfig defaults (≤ 30 min on 2 CPU cores); ``full`` = the paper's lr grid, every attack
-#: example (the bundle holds 168), a LoRA attack, more SEAM steps and larger evaluations.
+#: example (the seed-0 bundle holds 165), a LoRA attack, more SEAM steps and larger evaluations.
 PRESETS: dict[str, dict[str, Any]] = {
     "quick": {},
     "full": {"attack_lrs": (2e-5, 5e-5, 8e-5, 1e-4, 2e-4), "attack_samples": 1000, "attack_lora": True,

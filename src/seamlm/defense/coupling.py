@@ -11,7 +11,7 @@ and each Hessian-vector product is a forward difference of gradients on the same
 
 or, with ``scheme="central"`` (not in the paper), (g_a(θ + ε δ_a) − g_a(θ − ε δ_a)) / 2ε, error O(ε²) for two
 more gradient passes: it allows a larger ε, which matters at scale — in float32 θ + εδ is itself rounded, each
-coordinate moving by ≈ ε/√n, near one ulp of the weight (SmolLM2-135M: the step actually applied is 5.4 % off εδ
+coordinate moving by ≈ ε·√(1 − c²)/√n (‖δ‖ = √(1 − c²) for c = cos(g_a, g_b)), near one ulp of the weight (SmolLM2-135M: the step actually applied is 5.4 % off εδ
 at ε = 1e-3, 0.5 % at 1e-2; worse as n grows).
 
 θ is perturbed in the parameters' own dtype, which the trainer keeps at float32 (or float64) whatever the compute
@@ -37,8 +37,9 @@ def float32_matmul(precision: str = "ieee") -> Iterator[None]:
     """Inside: float32 matmuls at ``precision`` — ``ieee`` (full float32) or ``tf32`` (TensorFloat-32 on CUDA) —
     whatever the process set; the process's setting is restored exactly on exit.
 
-    Why ``ieee`` by default: with ‖δ‖ = 1 each coordinate of θ moves by about ε/√n, so g(θ + εδ) − g(θ) is a
-    relative change far below TF32's 10-bit mantissa (relative error ≈ 1e-3): with TF32 on —
+    Why ``ieee`` by default: ‖δ‖ = ‖ĝ_other − c·ĝ_self‖ = √(1 − c²) ≤ 1, so each coordinate of θ moves by about
+    ε·√(1 − c²)/√n (less the stronger the coupling: 0.46·ε/√n at c = −0.89), and g(θ + εδ) − g(θ) is a relative
+    change far below TF32's 10-bit mantissa (relative error ≈ 1e-3): with TF32 on —
     ``torch.set_float32_matmul_precision("high")`` or ``allow_tf32 = True``, common on Ampere and later (accelerate
     sets the latter) — the difference would be rounding noise (measured on an H200: 0.3 % → 11 % relative error at
     ε = 1e-3). On torch ≥ 2.9 the per-backend settings (CUDA, oneDNN) are saved and written back as they were (the
