@@ -52,7 +52,7 @@ def test_sweep_command_and_its_errors(tiny_model_dir, tmp_path, capsys):
                  "--max_length", "64"]) == 0, capsys.readouterr().err
     assert "sweep 'tiny': 2 trials" in capsys.readouterr().out
     cells = {r["cell"] for r in _rows(out / "results.jsonl")}
-    assert "pre" in cells and sum(c.startswith("sweep-") for c in cells) >= 1
+    assert "pre" in cells and sum(c.startswith("sweep-") for c in cells) == 2
     assert (out / "sweep.db").is_file() and (out / "sweep_trials.tiny.csv").is_file()
     # a study resumed with other evaluation settings fails before the pre-attack evaluation spends its minutes
     before = (out / "results.jsonl").read_text()
@@ -78,7 +78,10 @@ def test_adaptive_needs_a_finished_demo(tmp_path, capsys):
     (tmp_path / "nodemo" / "demo_config.json").write_text("{}")  # a demo stopped before its models were saved
     assert main(["adaptive", "--out", str(tmp_path / "a"), "--demo_dir", str(tmp_path / "nodemo")]) == 2
     assert "is not a finished demo (missing" in capsys.readouterr().err
-    assert main(["adaptive", "--out", str(tmp_path / "a"), "--models", "raw"]) == 2
+    capsys.readouterr()
+    assert main(["adaptive", "--out", str(tmp_path / "a"), "--demo_dir", str(tmp_path / "nodemo"), "--models",
+                 "raw"]) == 2
+    assert "models must be among ['aligned', 'seam'], got ['raw']" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -99,7 +102,7 @@ def test_adaptive_on_a_shrunken_demo_runs_every_recipe_and_resumes(tiny_model_di
         assert recipes == {None, *cfg.recipes}  # None: the pre-attack cell
         controls = [r for r in rows if r.model == model and r.attack.get("knobs", {}).get("train") is False]
         assert controls and all(r.attack.get("prompt_template") is None for r in controls)
-        assert len({r.cell for r in rows if r.model == model and "trial" in r.attack}) >= 1
+        assert len({r.cell for r in rows if r.model == model and "trial" in r.attack}) == 2
     assert "| seam | 20 |" in report and "| aligned | 5 |" in report
     assert (tmp_path / "adaptive" / "report" / "hs_zs_scatter.png").is_file()
     n = len(rows)

@@ -166,12 +166,21 @@ def test_logged_lr_is_the_rate_each_step_used_and_constant_refuses_warmup(tokeni
         FinetuneConfig(lr_scheduler="constant", warmup_ratio=0.1)
 
 
-def test_fs_trains_every_weight_of_a_model_an_attack_left_frozen(tokenizer):
+def test_fs_trains_every_weight_of_a_model_an_attack_left_frozen(tokenizer, monkeypatch):
     """A LoRA attack's merged model comes back with its weights frozen; FS must still fine-tune all of them."""
+    import seamlm.evaluate.metrics as metrics
     from seamlm.evaluate.metrics import EvalConfig, benign_finetune_accuracy
 
+    real, seen = metrics.finetune, []
+
+    def spy(model, *a, **k):
+        seen.append([p.requires_grad for p in model.parameters()])
+        return real(model, *a, **k)
+
+    monkeypatch.setattr(metrics, "finetune", spy)
     model = make_model(len(tokenizer)).requires_grad_(False)
     out = benign_finetune_accuracy(model, tokenizer, EvalConfig(fs=True, fs_train=8, fs_test=4, fs_steps=1))
+    assert len(seen) == 1 and len(seen[0]) == len(list(model.parameters())) and all(seen[0])
     assert 0 <= out["fs_accuracy"] <= 100 and out["fs_test"] == 4
     assert not any(p.requires_grad for p in model.parameters())  # the evaluated model itself is untouched
 

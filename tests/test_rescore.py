@@ -19,13 +19,19 @@ from tests.conftest import BENIGN, HARMFUL, REFUSAL
 from tests.test_attack_grid import EVAL
 
 
+def length_score(prompt: str, answer: str) -> float:
+    """The answer's length plus the prompt's characters, mod 41, over 40: a score that varies from prompt to prompt
+    whatever a tiny random model answers (its answers are often all alike, or empty)."""
+    return (len(answer) + sum(map(ord, prompt))) % 41 / 40
+
+
 class LengthJudge(Judge):
-    """P(harmful) grows with the answer's length: a judge that disagrees with the keyword one."""
+    """P(harmful) from :func:`length_score`: a judge that disagrees with the keyword one."""
 
     name = "length-v1"
 
     def score(self, prompts, responses):
-        return [min(1.0, len(r) / 40) for r in responses]
+        return [length_score(p, r) for p, r in zip(prompts, responses, strict=True)]
 
 
 GRID = AttackConfig(learning_rates=(1e-3,), num_samples=4, batch_size=2)
@@ -70,6 +76,8 @@ def test_rescore_rejudges_saved_answers_and_a_resumed_grid_keeps_every_cell(tiny
     before = {(r.model, r.cell, r.metric): r for r in store.rows()}
     cells = ["pre", *ran]
     answers = {c: [json.loads(x) for x in samples_file(out, "tiny", c).read_text().splitlines()] for c in cells}
+    scores = {c: [length_score(a["prompt"], a["answer"]) for a in answers[c]] for c in cells}
+    assert all(len(set(p)) > 1 for p in scores.values()), scores  # else hs_se would be 0 before and after
 
     def refusal_rule(text):  # another keyword rule than the one that evaluated the cells (a newer seamlm's)
         return len(text) % 2 == 0
@@ -80,10 +88,12 @@ def test_rescore_rejudges_saved_answers_and_a_resumed_grid_keeps_every_cell(tiny
     rows = {(r.model, r.cell, r.metric): r for r in store.rows()}
     assert rows.keys() == before.keys()
     for c in cells:
-        p = [min(1.0, len(a["answer"]) / 40) for a in answers[c]]
+        p = scores[c]
         assert rows[("tiny", c, "hs")].value == pytest.approx(100 * sum(p) / len(p))
         assert rows[("tiny", c, "hs_binary")].value == pytest.approx(100 * sum(x > 0.5 for x in p) / len(p))
         assert rows[("tiny", c, "hs_se")].value == pytest.approx(100 * statistics.stdev(p) / math.sqrt(len(p)))
+        if 0 < sum(p) < len(p):  # the keyword judge scored 0 or 1 per answer: a fractional mean is the new judge's
+            assert rows[("tiny", c, "hs")].value != before[("tiny", c, "hs")].value
         assert {r.judge for k, r in rows.items() if k[1] == c} == {"length-v1"}  # on every row of the cell
         # what the judge does not touch stays, value for value
         assert rows[("tiny", c, "zs_mean")].value == before[("tiny", c, "zs_mean")].value
@@ -106,11 +116,11 @@ def test_rescore_with_answers_missing_writes_nothing_and_says_which(tiny_model_d
     out = tmp_path / "run"
     _, ran, store = _run(tiny_model_dir, bundle, out, KeywordJudge())
     samples_file(out, "tiny", ran[0]).unlink()
-    text = store.path.read_text()
+    text, answers = store.path.read_text(), samples_file(out, "tiny", "pre").read_text()
     with pytest.raises(DataError, match=f"{ran[0]}.*were not kept"):
         rescore(out, EVAL, LengthJudge())
     assert store.path.read_text() == text and not (out / "results.before-keyword-v4.jsonl").exists()
-    assert json.loads(samples_file(out, "tiny", "pre").read_text().splitlines()[0])["p_harmful"] in (0.0, 1.0)
+    assert samples_file(out, "tiny", "pre").read_text() == answers  # the cell that has its answers is not rewritten
 
 
 def test_rescore_cli_with_a_registered_judge(tiny_model_dir, bundle, tmp_path, monkeypatch, capsys):
@@ -192,9 +202,11 @@ def test_cells_from_before_hs_se_gain_it_in_their_own_write(tiny_model_dir, bund
     rows = store.rows()
     assert "cut short" not in caplog.text and len(rows) == len(old)
     for c in ["pre", *ran]:
-        p = [min(1.0, len(a["answer"]) / 40) for a in map(json.loads, samples_file(out, "tiny", c).read_text().splitlines())]
+        p = [length_score(a["prompt"], a["answer"])
+             for a in map(json.loads, samples_file(out, "tiny", c).read_text().splitlines())]
         se = next(r for r in rows if r.cell == c and r.metric == "hs_se")
         assert se.judge == "length-v1" and se.value == pytest.approx(100 * statistics.stdev(p) / math.sqrt(len(p)))
+        assert se.value > 0, c
     pre, ran_again, _ = _run(tiny_model_dir, bundle, out, LengthJudge())
     assert pre is False and ran_again == []
 

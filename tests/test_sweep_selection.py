@@ -188,6 +188,7 @@ def test_sweep_config_errors(tmp_path):
         open_study(SweepConfig(trials=3), "m", tmp_path, named, same_models={"elsewhere"})
     open_study(SweepConfig(trials=3), "m", tmp_path, named, same_models={"m"})
     open_study(SweepConfig(trials=3), "m", tmp_path, named)  # and the study now holds the new name
+    assert open_study(SweepConfig(trials=3), "m", tmp_path).user_attrs["sweep_context"]["model"] == "sha256:0123"
 
 
 def test_a_failing_trial_is_recorded_and_replaced_not_the_end_of_the_study(tiny_model_dir, bundle, tmp_path,
