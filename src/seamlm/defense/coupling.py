@@ -11,8 +11,8 @@ and each Hessian-vector product is a forward difference of gradients on the same
 
 or, with ``scheme="central"`` (not in the paper), (g_a(θ + ε δ_a) − g_a(θ − ε δ_a)) / 2ε, error O(ε²) for two
 more gradient passes: it allows a larger ε, which matters at scale — in float32 θ + εδ is itself rounded, each
-coordinate moving by ≈ ε·√(1 − c²)/√n (‖δ‖ = √(1 − c²) for c = cos(g_a, g_b)), near one ulp of the weight (SmolLM2-135M: the step actually applied is 5.4 % off εδ
-at ε = 1e-3, 0.5 % at 1e-2; worse as n grows).
+coordinate moving by ≈ ε·√(1 − c²)/√n (‖δ‖ = √(1 − c²) for c = cos(g_a, g_b)), near one ulp of the weight
+(SmolLM2-135M: the step actually applied is 5.4 % off εδ at ε = 1e-3, 0.5 % at 1e-2; worse as n grows).
 
 θ is perturbed in the parameters' own dtype, which the trainer keeps at float32 (or float64) whatever the compute
 dtype, and restored by copying a saved copy back — bit-exact, unlike subtracting ε δ again. The gradients of the
