@@ -124,13 +124,15 @@ def write_results_csv(path: str | Path, rows: Sequence[ResultRow], runs: Sequenc
             for r in rows]
     extra = sorted({k for line in flat for k in line} - set(CSV_COLUMNS),
                    key=lambda k: (not k.startswith("attack."), k))
+    first = list(CSV_COLUMNS)
+    if runs is not None:
+        flat = [{"run": run, **line} for run, line in zip(runs, flat, strict=True)]
+        first.insert(0, "run")
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=(["run"] if runs is not None else []) + list(CSV_COLUMNS) + extra,
-                            lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=first + extra, lineterminator="\n")
     writer.writeheader()
-    for line, run in zip(flat, [None] * len(flat) if runs is None else runs, strict=True):
-        line = {k: json.dumps(v) if isinstance(v, (list, tuple)) else v for k, v in line.items()}
-        writer.writerow({**({"run": run} if runs is not None else {}), **line})
+    for line in flat:
+        writer.writerow({k: json.dumps(v) if isinstance(v, (list, tuple)) else v for k, v in line.items()})
     return write_text_atomic(path, buf.getvalue())
 
 

@@ -397,9 +397,10 @@ def _repnoise(path: str | None = None) -> list[Example]:
     if not path:
         raise DataError("repnoise-refusals needs path= the RepNoise refusal JSON file (not on the Hub as a dataset)")
     rows = read_rows(path)
-    _need(rows, ("prompt", "refusal", "is_safe"), _label("repnoise-refusals", path))  # a missing is_safe is not "unsafe"
+    name = _label("repnoise-refusals", path)
+    _need(rows, ("prompt", "refusal", "is_safe"), name)  # a missing is_safe is not "unsafe"
     out = []
-    for r in _with_text(rows, ("prompt", "refusal"), f"repnoise-refusals {path}"):
+    for r in _with_text(rows, ("prompt", "refusal"), name):
         cat = CATEGORY_SEPARATOR.join(
             sorted(k for k, v in _categories(r.get("category"), "repnoise-refusals").items() if v)) or None
         answer = r.get("response") if isinstance(r.get("response"), str) else ""
