@@ -296,8 +296,12 @@ def test_attack_then_report(tiny_model_dir, tmp_path, capsys):
     rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
     assert {r["cell"] for r in rows} == {"pre", "sft-full-adamw-lr0.0001-n4-ep1-b2-s0", "sft-full-adamw-lr0.001-n4-ep1-b2-s0"}
     assert all(r["data_manifest"] for r in rows) and (out / "attack_config.tiny.yaml").is_file()
+    capsys.readouterr()
     assert main(["report", str(out / "results.jsonl"), "--out", str(out / "report")]) == 0
     assert "| tiny |" in (out / "report" / "report.md").read_text()
+    last = capsys.readouterr().out.strip().splitlines()[-1]  # the closing line names the three files it wrote
+    named = [out / "report" / f for f in ("report.md", "report.html", "results.csv")]
+    assert last == f"report: {named[0]} (HTML: {named[1]}; every row: {named[2]})" and all(f.is_file() for f in named)
     assert (out / "report" / "hs_vs_lr.png").is_file()
     # a later grid into the same folder, here refused (other data for the same label), rewrites none of its records
     records = {f: (out / f).read_text() for f in ("data_manifest.json", "attack_config.tiny.yaml")}

@@ -466,7 +466,7 @@ def _run_report(args: argparse.Namespace, extra: list[str]) -> int:
             raise ConfigError("--ppl-factor must be > 1 and --eps values >= 0")
         path = write_report(args.results[0], args.out, eps=eps, ppl_factor=ppl_factor)
     print(path.read_text())
-    print(f"report written to {path}, {path.with_suffix('.html')} and {path.with_name('results.csv')}")
+    print(_report_paths(path))
     return 0
 
 
