@@ -265,4 +265,8 @@ def test_a_model_rank_0_cannot_load_stops_every_rank(tiny_model_dir, data_files,
            *[a for k in ("harmful", "refusal", "benign") for a in (f"--{k}", str(data_files[k]))]]
     proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
-    assert "rank 0 could not load the model" in proc.stderr and "no-such-model" in proc.stderr
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("seamlm defend: error:")]
+    assert len(errors) == 2, proc.stderr[-3000:]  # one clean message per rank, no traceback in their place
+    own = next(e for e in errors if "rank 0 could not" not in e)  # rank 0's own load error, naming the model
+    assert "could not load model" in own and "no-such-model" in own
+    assert f"seamlm defend: error: rank 0 could not load the model: {own.removeprefix('seamlm defend: error: ')}" in errors
