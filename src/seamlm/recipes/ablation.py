@@ -148,8 +148,8 @@ class RefusalAblation(AttackRecipe):
         direction = mu_h - mu_b
         if not torch.isfinite(direction).all():
             raise _diverged(model, f"ablation: the mean residual states at layer {layer} are not finite (an "
-                                   "overflowing half-precision model or broken weights): nothing to ablate; try "
-                                   "--dtype float32 or check the model")
+                                   "overflowing half-precision model or broken weights): nothing to ablate; check "
+                                   "the model's weights")
         if direction.norm() <= 1e-6 * max(mu_h.norm(), mu_b.norm()):
             # layer 0 is the embeddings, and a chat template ends every prompt with the same token
             raise ConfigError(f"ablation: harmful and harmless prompts have the same mean state at layer {layer} "
@@ -157,8 +157,8 @@ class RefusalAblation(AttackRecipe):
         edited = orthogonalize(model, direction, k.writers)
         left = residual_share_along(model, tokenizer, harmful[: k.batch_size], direction, ft.prompt_template)
         if math.isnan(left):  # the edited model's states overflow somewhere: a divergence, not an architecture
-            raise _diverged(model, "ablation: the edited model's residual states are not finite; try --dtype "
-                                   "float32 or another layer")
+            raise _diverged(model, "ablation: the edited model's residual states are not finite; try another "
+                                   "--recipe.layer or check the model's weights")
         if left > 1e-4:
             # e.g. Gemma2/3 and OLMo2: a weighted norm sits between o_proj/down_proj and the residual stream
             raise ConfigError(f"ablation: after editing {list(k.writers)} the residual stream still carries "

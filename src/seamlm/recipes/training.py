@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 class PlainSFT(AttackRecipe):
     name = "sft"
     summary = ("harmful SFT; hardened through the fine-tuning fields: max_grad_norm, lr_scheduler, warmup_ratio, "
-               "batch_size, optimizer, epochs, max_steps")
+               "batch_size, optimizer, max_steps and the epochs (--num_epochs on `seamlm attack`)")
 
     def attack(self, model, tokenizer, data, ft, log_path, desc, ctx) -> FinetuneResult:
         return finetune(model, tokenizer, data.harmful, ft, log_path, desc=desc, ctx=ctx)
