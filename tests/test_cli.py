@@ -173,8 +173,9 @@ def test_bad_inputs(tiny_model_dir, data_files, tmp_path, capsys, monkeypatch, c
     assert match in capsys.readouterr().err
 
 
-def test_a_model_that_fails_to_load_leaves_no_output_folder(tmp_path, capsys, monkeypatch):
-    """The bundle's manifest is written once the model has loaded: a failed load leaves --out as it was."""
+def test_a_model_that_fails_to_load_leaves_no_run_files(tmp_path, capsys, monkeypatch):
+    """The bundle's manifest is written once the model has loaded: a failed load leaves in --out only the lock that
+    kept other commands out of it."""
     import seamlm.distributed
     from seamlm.errors import ModelLoadError
 
@@ -185,7 +186,7 @@ def test_a_model_that_fails_to_load_leaves_no_output_folder(tmp_path, capsys, mo
     out = tmp_path / "run"
     assert main(["defend", "--model", "some/hub-model", "--data", "offline-default", "--out", str(out)]) == 1
     assert "cannot load this model" in capsys.readouterr().err
-    assert not out.exists()
+    assert [p.name for p in out.iterdir()] == [".seamlm.lock"]
 
 
 def test_a_bad_command_line_key_is_blamed_on_the_command_line_not_the_yaml(tmp_path, capsys):
@@ -282,6 +283,21 @@ def test_defend_data_and_files_are_exclusive(tiny_model_dir, data_files, tmp_pat
     assert rc == 2 and "either --data or" in capsys.readouterr().err
     rc = main(["defend", "--model", str(tiny_model_dir), "--harmful", str(data_files["harmful"]), "--out", str(tmp_path / "o")])
     assert rc == 2 and "missing --refusal, --benign" in capsys.readouterr().err
+
+
+def test_a_defend_folder_in_use_is_refused_and_left_as_it_was(tiny_model_dir, data_files, tmp_path, capsys):
+    """Two defences into one --out would interleave one log.jsonl and each replace the other's model/: the second is
+    refused while the first holds the folder, and runs once it has ended."""
+    from seamlm.runinfo import folder_lock
+
+    out = tmp_path / "o"
+    argv = ["defend", "--model", str(tiny_model_dir), "--out", str(out), "--steps", "1", "--batch_size", "2",
+            *[a for k in ("harmful", "refusal", "benign") for a in (f"--{k}", str(data_files[k]))]]
+    with folder_lock(out, "defend"):
+        assert main(argv) == 2
+        assert "is in use by another seamlm command (seamlm defend, pid" in capsys.readouterr().err
+        assert sorted(p.name for p in out.iterdir()) == [".seamlm.lock"]
+    assert main(argv) == 0 and (out / "model" / "config.json").is_file()
 
 
 TINY_EVAL = ["--eval.judge", "keyword", "--eval.hs_prompts", "2", "--eval.max_new_tokens", "4", "--eval.zs_tasks",

@@ -63,11 +63,14 @@ def _defend_parser(sub: argparse._SubParsersAction) -> None:
 def _run_defend(args: argparse.Namespace, extra: list[str]) -> int:
     from seamlm.defense import defense_class
     from seamlm.distributed import current_context, load_model_for_rank
+    from seamlm.runinfo import folder_lock
 
     defense_cls = defense_class(args.method)
+    ctx = current_context(args.device)  # one process, or this rank under accelerate launch / torchrun
+    if ctx.is_main:  # (the job's ranks share the folder; two jobs never: they would mix one log and one model/)
+        args.held.enter_context(folder_lock(Path(args.out), args.command))
     defense_cls.check_out(args.out, args.resume)  # before the data manifest is written or the model loaded
     _check_model_option(args.model, args.dtype)
-    ctx = current_context(args.device)  # one process, or this rank under accelerate launch / torchrun
     overrides: dict[str, object] = dict(parse_overrides(extra))
     if "output_dir" in overrides:
         raise ConfigError("give the output folder as --out, not --output_dir")
