@@ -475,11 +475,28 @@ def test_interrupt_and_full_disk_say_how_to_continue_per_command(monkeypatch, ca
     (["attack", "--model", "m", "--out", "o", "--recipe.per_tensor", "true"],
      "unknown RecipeKnobs key(s) 'per_tensor'. It takes no keys."),
     (["defend", "--model", "m", "--out", "o", "--output_dir", "p"], "give the output folder as --out"),
+    (["defend", "--model", "m", "--out", "o", "--seed", "100000000000000"], "seed must be in 0 … 4294967295"),
+    (["attack", "--model", "m", "--out", "o", "--seeds", "0,-1"], "seeds must be in 0 … 4294967295"),
+    (["demo", "--out", "o", "--seeds", "0,4294967296"], "--seeds must be in 0 … 4294967295"),
 ])
 def test_config_errors_name_the_option_the_user_typed(argv, match, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(argv) == 2
     assert match in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["defend", "--model", "m", "--out", "o", "--data-seed", "-1"], "argument --data-seed/--data_seed: a seed must be in"),
+    (["data", "build", "offline-default", "--out", "o", "--seed", "x"], "argument --seed: a seed is a whole number, got 'x'"),
+    (["judge", "train", "--seed", "4294967296"], "argument --seed: a seed must be in 0 … 4294967295"),
+])
+def test_seed_options_out_of_range_are_usage_errors(argv, match, tmp_path, capsys, monkeypatch):
+    """A seed numpy or Optuna would reject (or torch overflow on, mid-run) stops the command line at once."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2 and match in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 

@@ -115,7 +115,7 @@ def test_adaptive_on_a_shrunken_demo_runs_every_recipe_and_resumes(tiny_model_di
     (["--ppl_factor", "1"], "ppl_factor must be > 1"),
     (["--sweep_max_epochs", "0"], "sweep_max_epochs must be >= 1"),
     (["--sweep_batch_sizes", "4,0"], "sweep_batch_sizes must be >= 1"),
-    (["--sweep_seed", "-1"], "sweep_seed must be >= 0"),
+    (["--sweep_seed", "-1"], "sweep_seed must be in 0 … 4294967295"),
 ])
 def test_bad_adaptive_bounds_are_refused_before_any_work(tmp_path, capsys, args, message):
     rc = main(["adaptive", "--out", str(tmp_path / "a"), "--demo_dir", str(tmp_path / "no-demo"), *args])

@@ -78,7 +78,6 @@ class AdaptiveConfig(BaseConfig):
                        (bool(self.sweep_batch_sizes) and min(self.sweep_batch_sizes) >= 1,
                         "sweep_batch_sizes must be >= 1"),
                        (self.sweep_max_epochs >= 1, "sweep_max_epochs must be >= 1"),
-                       (self.sweep_seed >= 0, "sweep_seed must be >= 0"),
                        (bool(self.eps) and min(self.eps) >= 0, "eps must be ZS-drop bounds >= 0 (points)"),
                        (self.ppl_factor > 1, "ppl_factor must be > 1")])
 

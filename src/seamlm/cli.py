@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from seamlm import __version__
-from seamlm.config import parse_overrides, unknown_keys
+from seamlm.config import check_seed, parse_overrides, unknown_keys
 from seamlm.errors import ConfigError, SeamError
 
 log = logging.getLogger("seamlm")
@@ -44,7 +44,7 @@ def _defend_parser(sub: argparse._SubParsersAction) -> None:
                    help="list the registered defences, the streams they train on and their config")
     p.add_argument("--data", help="a bundle name (e.g. offline-default) or a directory from `seamlm data build`; "
                    "replaces --harmful/--refusal/--benign")
-    p.add_argument("--data-seed", "--data_seed", type=int, default=0,
+    p.add_argument("--data-seed", "--data_seed", type=_seed, default=0,
                    help="split seed when --data names a bundle (use the same one for defend, attack and eval)")
     p.add_argument("--harmful", help="JSONL/JSON/CSV/Parquet of harmful prompt + harmful response (H)")
     p.add_argument("--refusal", help="JSONL/JSON/CSV/Parquet of harmful prompt + refusal (R)")
@@ -66,11 +66,8 @@ def _run_defend(args: argparse.Namespace, extra: list[str]) -> int:
     from seamlm.runinfo import folder_lock
 
     defense_cls = defense_class(args.method)
-    ctx = current_context(args.device)  # one process, or this rank under accelerate launch / torchrun
-    if ctx.is_main:  # (the job's ranks share the folder; two jobs never: they would mix one log and one model/)
-        args.held.enter_context(folder_lock(Path(args.out), args.command))
-    defense_cls.check_out(args.out, args.resume)  # before the data manifest is written or the model loaded
     _check_model_option(args.model, args.dtype)
+    ctx = current_context(args.device)  # one process, or this rank under accelerate launch / torchrun
     overrides: dict[str, object] = dict(parse_overrides(extra))
     if "output_dir" in overrides:
         raise ConfigError("give the output folder as --out, not --output_dir")
@@ -81,6 +78,9 @@ def _run_defend(args: argparse.Namespace, extra: list[str]) -> int:
         config = defense_cls.configure({**read_yaml_mapping(args.config), **overrides}, str(args.config), args.out)
     else:
         config = defense_cls.configure(overrides, "command line", args.out)
+    if ctx.is_main:  # (the job's ranks share the folder; two jobs never: they would mix one log and one model/)
+        args.held.enter_context(folder_lock(Path(args.out), args.command))
+    defense_cls.check_out(args.out, args.resume)  # before the data manifest is written or the model loaded
     if args.resume:
         defense_cls.check_resume(args.out, config)  # a changed setting fails now, not after the model loads
     defense_cls.check_device(config, ctx.device)
@@ -161,7 +161,7 @@ def _data_parser(sub: argparse._SubParsersAction) -> None:
     b = acts.add_parser("build", help="build a named bundle into a directory (JSONL per stream + manifest.json)")
     b.add_argument("bundle", help="bundle name, e.g. offline-default")
     b.add_argument("--out", required=True)
-    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--seed", type=_seed, default=0)
     b.add_argument("--holdout-categories", "--holdout_categories", default="",
                    help="comma-separated harm categories kept out of the defence set (cross-category test); a "
                         "name holding commas (BeaverTails: violence,aiding_and_abetting,incitement) is recognised whole")
@@ -236,7 +236,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--defense", help="defence that produced the model, as the result rows name it (default: the "
                    "method a seamlm-defended model records — seam, refusal-sft, … — else none)")
     p.add_argument("--data", default="offline-default", help="bundle name or built bundle directory")
-    p.add_argument("--data-seed", "--data_seed", type=int, default=0,
+    p.add_argument("--data-seed", "--data_seed", type=_seed, default=0,
                    help="split seed when --data names a bundle (the one the defence used)")
     p.add_argument("--out", required=True, help="directory: results.jsonl, samples, attack loss logs")
     p.add_argument("--eval-config", "--eval_config", help="YAML of EvalConfig fields")
@@ -420,6 +420,16 @@ def _adaptive_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="runs/adaptive")
 
 
+def _seed(text: str) -> int:
+    """An argparse type: a seed every library here takes (an argparse usage error otherwise)."""
+    try:
+        return check_seed("a seed", int(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a seed is a whole number, got {text!r}") from None
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _report_paths(report: Path) -> str:
     """The line that ends a command which wrote a report: where its Markdown, HTML and flat rows are."""
     return f"report: {report} (HTML: {report.with_suffix('.html')}; every row: {report.with_name('results.csv')})"
@@ -545,7 +555,7 @@ def _judge_parser(sub: argparse._SubParsersAction) -> None:
                    "local copy of the classifier or its Hub id)")
     p.add_argument("--cache-dir", "--cache_dir", help="default: $SEAMLM_CACHE_DIR/judges, else ./cache/judges (where "
                    "eval, attack and demo look)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
 
 
 def _run_judge(args: argparse.Namespace, extra: list[str]) -> int:
@@ -601,7 +611,7 @@ def _run_demo(args: argparse.Namespace, extra: list[str]) -> int:
         if "data_seed" in over:
             raise ConfigError("give the seeds either as --seeds or as --data_seed, not both")
         try:
-            seeds = [int(s) for s in args.seeds.split(",")]
+            seeds = [check_seed("--seeds", int(s)) for s in args.seeds.split(",")]
         except ValueError:
             raise ConfigError(f"--seeds needs comma-separated integers, got {args.seeds!r}") from None
         report = run_demo_seeds(args.out, cfg, seeds, fresh=args.fresh)

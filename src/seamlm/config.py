@@ -92,6 +92,21 @@ def unknown_keys(unknown: list[str], valid: list[str]) -> str:
     return ", ".join(hints)
 
 
+#: The seeds every library a run seeds accepts: numpy and Optuna's samplers take 0 … 2**32 − 1 (torch more).
+MAX_SEED = 2**32 - 1
+
+
+def is_seed_field(name: str) -> bool:
+    return name in ("seed", "seeds") or name.endswith("_seed")
+
+
+def check_seed(name: str, value: int) -> int:
+    """``value`` when it is a seed every library here takes, else a ConfigError naming ``name``."""
+    if not 0 <= value <= MAX_SEED:
+        raise ConfigError(f"{name} must be in 0 … {MAX_SEED} (the seeds numpy and Optuna take), got {value}")
+    return value
+
+
 @dataclasses.dataclass
 class BaseConfig:
     """Shared behaviour of every seamlm config: strict construction, YAML, overrides, validation."""
@@ -123,6 +138,9 @@ class BaseConfig:
             # a list field whose default is empty (or marked may_be_empty) may be set empty ("" on the command line)
             empty = (f.default == () or f.metadata.get("may_be_empty")) and value in ((), [], "")
             object.__setattr__(self, f.name, () if empty else _coerce(f.name, value, hints[f.name]))
+            if is_seed_field(f.name):
+                for seed in getattr(self, f.name) if f.name == "seeds" else (getattr(self, f.name),):
+                    check_seed(f.name, seed)
         self.validate()
 
     @classmethod

@@ -76,7 +76,7 @@ class SweepConfig(BaseConfig):
             (bool(self.batch_sizes) and min(self.batch_sizes) >= 1, "batch_sizes must be >= 1"),
             (self.max_epochs >= 1, "max_epochs must be >= 1"),
             (bool(self.clip_norms) and min(self.clip_norms) >= 0, "clip_norms must be >= 0"),
-            (self.startup_trials >= 0, "startup_trials must be >= 0"), (self.seed >= 0, "seed must be >= 0"),
+            (self.startup_trials >= 0, "startup_trials must be >= 0"),
         ])
 
 
