@@ -1,6 +1,8 @@
 """`seamlm defend` end to end on a tiny model, and the errors users see for bad input."""
 
+import errno
 import json
+import os
 import re
 import subprocess
 import sys
@@ -467,6 +469,22 @@ def test_interrupt_and_full_disk_say_how_to_continue_per_command(monkeypatch, ca
         assert main([command, *args]) == rc
         err = capsys.readouterr().err
         assert advice in err and ("--resume" in err) == (command == "defend")
+
+
+@pytest.mark.parametrize("code,advice", [(errno.EPERM, "not permitted"), (errno.EACCES, "no permission"),
+                                         (errno.EROFS, "read-only file system")])
+def test_a_path_the_system_refuses_is_one_line_naming_it(monkeypatch, capsys, code, advice):
+    """EPERM (an immutable file; macOS's protected folders) as well as EACCES/EROFS: the path and what to do."""
+    import seamlm.cli as cli
+
+    def refused(*a):
+        raise OSError(code, os.strerror(code), "/protected/out/results.jsonl")
+
+    monkeypatch.setitem(cli.COMMANDS, "eval", (cli.COMMANDS["eval"][0], refused))
+    assert main(["eval", "--model", "m", "--out", "o"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("seamlm eval: error: /protected/out/results.jsonl: ") and advice in err
+    assert "\n" not in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("argv,match", [

@@ -411,6 +411,24 @@ def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tokenizer, 
     assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs Linux's /dev/full")
+def test_full_disk_at_the_first_checkpoint_says_to_rerun_without_resume(tokenizer, streams, tmp_path, monkeypatch):
+    """With no earlier checkpoint, --resume would be refused: the message sends the user to a plain rerun."""
+    import builtins
+
+    import seamlm.checkpoint as ckpt
+
+    def open_full_disk(path, *a, **kw):
+        return builtins.open("/dev/full" if "step-" in str(path) else path, *a, **kw)
+
+    monkeypatch.setattr(ckpt, "open", open_full_disk, raising=False)
+    tr = _trainer(tokenizer, streams, tmp_path, steps=4, checkpoint_every=2)
+    with pytest.raises(CheckpointError, match=r"step 2 .*disk is full\. No earlier checkpoint exists; free space, then "
+                                              r"rerun the same command without --resume") as info:
+        tr.train()
+    assert "with --resume" not in str(info.value) and list_checkpoints(tmp_path / "checkpoints") == []
+
+
 def test_bf16_compute_keeps_the_coupling_in_float32(tokenizer, streams, tmp_path):
     """Under bf16 autocast the coupling gradients must equal the float32 ones (a perturbation of ε·δ vanishes in
     bf16); only L_ul/L_up see the lower precision."""

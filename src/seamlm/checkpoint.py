@@ -140,8 +140,12 @@ def _fsync_dir(path: Path) -> None:
 def _write_error(root: Path, step: int, exc: OSError) -> CheckpointError:
     last = latest_checkpoint(root)
     reason = "the disk is full" if exc.errno == errno.ENOSPC else str(exc)
+    if last is None:  # nothing to resume from: --resume would be refused
+        return CheckpointError(f"could not write the checkpoint for step {step} to {root}: {reason}. No earlier "
+                               "checkpoint exists; free space, then rerun the same command without --resume (`seamlm "
+                               "demo`: rerun it as it was).")
     return CheckpointError(f"could not write the checkpoint for step {step} to {root}: {reason}. "
-                           f"Earlier checkpoints are intact (latest: {last or 'none'}); free space, then continue from "
+                           f"Earlier checkpoints are intact (latest: {last}); free space, then continue from "
                            "them: `seamlm defend` with --resume, `seamlm demo` by rerunning the same command "
                            "(Python: trainer.train(resume=True)).")
 

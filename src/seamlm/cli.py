@@ -722,6 +722,7 @@ _PATH_ERRORS = {
     errno.EISDIR: "a folder is where a file is needed: name the file",
     errno.EACCES: "no permission: choose a path you can write or read",
     errno.EROFS: "read-only file system: choose a writable path",
+    errno.EPERM: "not permitted (an immutable file, or a folder the system protects): choose another path",
 }
 
 
