@@ -63,6 +63,9 @@ def test_yaml_then_overrides(tmp_path):
     path.write_text("base: &b {seed: 1}\nderived:\n  <<: *b\n  steps: 1\n  steps: 2\n")
     with pytest.raises(ConfigError, match="key 'steps' is given twice"):
         read_yaml_mapping(path)
+    path.write_text("steps: 1\n2: 2\non: 3\n")  # YAML reads these keys as a number and a boolean
+    with pytest.raises(ConfigError, match=r"d.yaml: keys are field names, got 2, True \(quote a key"):
+        DefenseConfig.from_yaml(path)
     path.write_bytes(b"steps: 1\nlr: \xff\xfe\n")
     with pytest.raises(ConfigError, match=r"d.yaml is not UTF-8 text \(invalid start byte at byte 13\)"):
         DefenseConfig.from_yaml(path)

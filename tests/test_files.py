@@ -33,6 +33,9 @@ def test_jsonl_and_csv(tmp_path):
         # a later JSON line with other keys is a wrong column, not an "empty response" dropped with a count
         ("keys.jsonl", '{"prompt": "q", "response": "r"}\n{"prompt": "q2", "answer": "a"}\n',
          r"row 2 has no \['response'\] field"),
+        ("twice.jsonl", '{"prompt": "q", "response": "r"}\n{"prompt": "a", "response": "b", "prompt": "c"}\n',
+         r"twice.jsonl:2: the key 'prompt' is given twice in one object"),
+        ("twice.json", '[{"prompt": "q", "response": "r", "response": "s"}]', "the key 'response' is given twice"),
     ],
 )
 def test_bad_files(tmp_path, name, content, match):
@@ -138,6 +141,13 @@ def test_a_lone_surrogate_escape_is_a_clear_error_naming_the_row(tmp_path):
     listed.write_text('[{"prompt": "ok", "response": "fine \\udc00"}]')
     with pytest.raises(DataError, match=r"cut.json: object 0: response holds a lone surrogate"):
         read_rows(listed)
+
+
+def test_a_csv_answer_longer_than_the_csv_modules_default_field_limit_is_read(tmp_path):
+    long = "word " * 40_000  # 200,000 characters: over csv's default limit of 131,072
+    path = tmp_path / "long.csv"
+    path.write_text(f'prompt,response\nq1,a1\nq2,"{long}"\n')
+    assert [e.response for e in load_examples(path)] == ["a1", long.strip()]
 
 
 def test_a_csv_header_naming_a_column_twice_is_refused(tmp_path):

@@ -259,4 +259,8 @@ def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of key: value, got {type(data).__name__}")
+    named = [k for k in data if not isinstance(k, str)]
+    if named:  # YAML reads `1:` as a number and `on:`/`yes:` as true
+        raise ConfigError(f"config file {path}: keys are field names, got {', '.join(repr(k) for k in named)} (quote "
+                          "a key YAML reads as a number or a boolean, or correct it)")
     return data

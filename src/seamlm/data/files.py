@@ -9,6 +9,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from seamlm.errors import DataError
 
@@ -42,6 +43,26 @@ def _check_encodable(row: dict, where: str) -> None:
                                 f"character {exc.start}), half of a character cut in two: repair or drop that row") from None
 
 
+class _RepeatedKeyError(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object's ``object_pairs_hook``: a key given twice is an error (json keeps the later one silently)."""
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise _RepeatedKeyError(", ".join(repr(k) for k in sorted({k for k in keys if keys.count(k) > 1})))
+    return dict(pairs)
+
+
+def _loads(text: str, where: str) -> Any:
+    try:
+        return json.loads(text, object_pairs_hook=_unique_keys)
+    except _RepeatedKeyError as exc:
+        raise DataError(f"{where}: the key {exc} is given twice in one object (the later one would silently win); "
+                        "keep one") from None
+
+
 def read_rows(path: str | Path) -> list[dict]:
     """Rows of a JSONL, JSON (a list of objects), CSV or Parquet file as dicts; errors name the file."""
     path = Path(path)
@@ -64,7 +85,7 @@ def read_rows(path: str | Path) -> list[dict]:
         raise DataError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}); re-save it as UTF-8") from None
     if suffix == ".json" and text.lstrip().startswith("["):
         try:
-            rows = json.loads(text)
+            rows = _loads(text, str(path))
         except json.JSONDecodeError as exc:
             raise DataError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
         if not all(isinstance(r, dict) for r in rows):
@@ -78,7 +99,7 @@ def read_rows(path: str | Path) -> list[dict]:
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = _loads(line, f"{path}:{lineno}")
             except json.JSONDecodeError as exc:
                 raise DataError(f"{path}:{lineno} is not valid JSON ({exc.msg}); each line must be one object") from None
             if not isinstance(row, dict):
@@ -93,6 +114,8 @@ def read_rows(path: str | Path) -> list[dict]:
         while lines and lines[0].startswith("#"):
             last_comment = lines.pop(0)
             skipped += 1
+        if csv.field_size_limit() < 2**31 - 1:  # the default, 131072 characters, refuses a long (valid) answer
+            csv.field_size_limit(2**31 - 1)
         reader = csv.DictReader(io.StringIO("".join(lines)), strict=True)
         try:
             rows = list(reader)
