@@ -114,6 +114,12 @@ def test_bad_bundle_options_are_clear_errors(files, tmp_path, capsys, option, me
     assert not (tmp_path / "b").exists()
 
 
+def test_a_bundle_option_given_twice_is_refused(files, tmp_path, capsys):
+    assert _build(files, tmp_path / "b", "--option", "defense_size=5") != 0  # _build gives defense_size=20
+    assert "--option 'defense_size=5': defense_size is given twice; give it once" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
+
+
 def test_shared_answers_reworded_prompts_and_conflicting_labels(files, tmp_path, caplog):
     """BeaverTails repeats answers under other prompts and rewords training prompts in 30k_test: no attack row
     carries a defence answer, reworded HS prompts are logged, and a pair flagged unsafe by one row stays harmful."""

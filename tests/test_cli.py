@@ -505,6 +505,20 @@ def test_config_errors_name_the_option_the_user_typed(argv, match, tmp_path, cap
 
 
 @pytest.mark.parametrize("argv,match", [
+    (["defend", "--model", "a", "--model", "b", "--out", "o"], "argument --model: given twice (the second: 'b')"),
+    (["eval", "--model", "m", "--out", "o", "--out=p"], "argument --out: given twice (the second: 'p')"),
+    (["data", "build", "offline-default", "--out", "o", "--seed", "1", "--seed", "2"], "argument --seed: given twice"),
+])
+def test_an_option_given_twice_is_a_usage_error(argv, match, tmp_path, capsys, monkeypatch):
+    """argparse would keep the later value silently: a pasted command with a second --out or --harmful is a mistake."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2 and match in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("argv,match", [
     (["defend", "--model", "m", "--out", "o", "--data-seed", "-1"], "argument --data-seed/--data_seed: a seed must be in"),
     (["data", "build", "offline-default", "--out", "o", "--seed", "x"], "argument --seed: a seed is a whole number, got 'x'"),
     (["judge", "train", "--seed", "4294967296"], "argument --seed: a seed must be in 0 … 4294967295"),

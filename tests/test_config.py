@@ -73,7 +73,7 @@ def test_yaml_then_overrides(tmp_path):
 
 def test_parse_overrides():
     assert parse_overrides(["--steps", "5", "--warmup-ratio=0.2"]) == {"steps": "5", "warmup_ratio": "0.2"}
-    with pytest.raises(ConfigError, match="--steps needs a value: --steps VALUE or --steps=VALUE"):
+    with pytest.raises(ConfigError, match="--steps needs a value: --steps VALUE or --steps=VALUE \\(a flag of another sub-command"):
         parse_overrides(["--steps", "--beta", "1"])
     with pytest.raises(ConfigError, match="unexpected argument"):
         parse_overrides(["steps"])

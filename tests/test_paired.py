@@ -68,6 +68,8 @@ def test_runs_together_and_the_cli(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert printed == (tmp_path / "p.md").read_text() and f"| all runs | attack cells | 8 |  |  | {last.diff:+.1f} ±" in printed
     assert main(["paired", str(r0), "--cells", "post"]) == 2 and "--cells 'post'" in capsys.readouterr().err
+    assert main(["paired", str(r0), "--a", "seam", "--b", "seam"]) == 2  # a +0.0 table would say nothing
+    assert "--a and --b are both 'seam'" in capsys.readouterr().err
     # one run spelled twice would count twice (and shrink the standard error by √2)
     with pytest.raises(DataError, match="is .*s0 again"):
         paired_hs([r0, r1, tmp_path / "." / "s0"])

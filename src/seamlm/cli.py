@@ -8,7 +8,7 @@ import errno
 import json
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -498,6 +498,9 @@ def _run_paired(args: argparse.Namespace, extra: list[str]) -> int:
 
     if extra:
         raise ConfigError(f"unexpected arguments {extra} (`seamlm paired --help`)")
+    if args.a == args.b:
+        raise ConfigError(f"--a and --b are both {args.a!r}: name two models of the runs (their labels in "
+                          "results.jsonl)")
     cells = {c.strip() for c in args.cells.split(",") if c.strip()}
     if not cells or cells - {"pre", "attacks"}:
         raise ConfigError(f"--cells {args.cells!r}: give pre, attacks or pre,attacks")
@@ -642,18 +645,36 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for make, _ in COMMANDS.values():
         make(sub)
-    _no_abbreviations(parser)
+    for each in _parsers(parser):
+        # No prefix matching: ``demo --seed 3`` must not be read as ``--seeds 3``, and a config key (``--key value``,
+        # passed through) must never be taken for an option it starts.
+        each.allow_abbrev = False
+        for action in each._actions:
+            if type(action) is argparse._StoreAction and action.option_strings:
+                action.__class__ = _StoreOnce
     return parser
 
 
-def _no_abbreviations(parser: argparse.ArgumentParser) -> None:
-    """No prefix matching, in every sub-command: ``demo --seed 3`` must not be read as ``--seeds 3``, and a config
-    key (``--key value``, passed through) must never be taken for an option it starts."""
-    parser.allow_abbrev = False
+def _parsers(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
+    """``parser`` and every sub-command's parser under it."""
+    yield parser
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             for child in action.choices.values():
-                _no_abbreviations(child)
+                yield from _parsers(child)
+
+
+class _StoreOnce(argparse._StoreAction):
+    """An option given twice is a usage error (argparse keeps the later value silently, as ``--key value`` overrides
+    given twice are refused): ``--out a … --out b`` or a second ``--harmful`` is a mistake to show, not to guess."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        given = namespace.__dict__.setdefault("_options_given", set())
+        if self.dest in given:
+            raise argparse.ArgumentError(self, f"given twice (the second: {values!r}): give it once")
+        given.add(self.dest)
+        super().__call__(parser, namespace, values, option_string)
 
 
 def _defense_label(model: str, given: str | None) -> str:

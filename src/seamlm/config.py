@@ -208,7 +208,8 @@ def parse_overrides(tokens: list[str]) -> dict[str, str]:
             i += 1
         else:
             if i + 1 >= len(tokens) or tokens[i + 1].startswith("--"):
-                raise ConfigError(f"option --{key} needs a value: --{key} VALUE or --{key}=VALUE")
+                raise ConfigError(f"option --{key} needs a value: --{key} VALUE or --{key}=VALUE (a flag of another "
+                                  "sub-command is not one of this one's: see its --help)")
             value = tokens[i + 1]
             i += 2
         key = key.replace("-", "_")

@@ -157,6 +157,8 @@ def bundle_options(name: str, options: list[str]) -> dict[str, Any]:
         key = key.strip().replace("-", "_")
         if not sep or key not in params:
             raise DataError(f"--option {option!r}: bundle '{name}' takes KEY=VALUE with KEY one of: {known}")
+        if key in out:  # the later one would silently win
+            raise DataError(f"--option {option!r}: {key} is given twice; give it once")
         if is_int(params[key].default):
             try:
                 out[key] = int(value)
