@@ -29,12 +29,27 @@ def test_alias_resolves_to_the_packaged_gguf_without_importing_it():
 @pytest.mark.parametrize("name,match", [
     ("/no/such/model.gguf", "does not exist"),
     ("./no-such-dir", "does not exist"),
+    ("no-such-dir/", "does not exist"),  # a folder's spelling, never a hub id
     ("smollm2-135m-instrcut", "did you mean the alias 'smollm2-135m-instruct'"),
     ("SmolLM2-135M-Instruct", "did you mean the alias 'smollm2-135m-instruct'"),
 ])
 def test_bad_model_paths(name, match):
     with pytest.raises(ModelLoadError, match=match):
         resolve_model_source(name)
+
+
+def test_a_mistyped_local_path_tried_as_a_hub_id_is_named_as_such(tmp_path, monkeypatch):
+    """`runs/seam` (for runs/demo/models/seam) reads as a hub id: the Hub's failure also says no such folder is here."""
+    from seamlm.models import load_model
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(ModelLoadError, match=r"No local folder runs/seam exists, though runs/ does: a mistyped path"):
+        load_model("runs/seam")
+    with pytest.raises(ModelLoadError) as info:  # an owner with no local folder is a plain hub id
+        load_model("someone/seam")
+    assert "No local folder" not in str(info.value)
 
 
 def test_directory_without_config(tmp_path):

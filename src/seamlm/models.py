@@ -73,7 +73,7 @@ def resolve_model_source(name: str) -> ModelSource:
     if path.exists():
         raise ModelLoadError(f"model path {name} is a file, not a model: give a Hugging Face model folder (with "
                              "config.json), a .gguf file, a hub id or an alias")
-    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith(("/", "\\")):
         raise ModelLoadError(f"model path {name} does not exist")
     near = difflib.get_close_matches(name.lower(), MODEL_ALIASES, n=1, cutoff=0.8)
     if near and "/" not in name:  # a misspelled alias, not a hub id (the Hub would be tried, with retries, first)
@@ -192,6 +192,9 @@ def _load_error(what: str, source: ModelSource, exc: Exception) -> ModelLoadErro
     hint = ""
     if source.kind == "hub":
         hint = f" If you are offline, pass a local directory, a .gguf file or an alias ({', '.join(MODEL_ALIASES)})."
+        owner = Path(source.path).parent
+        if owner.is_dir():  # `runs/seam` for `runs/demo/models/seam`: a mistyped path, tried as a hub id
+            hint += f" (No local folder {source.path} exists, though {owner}/ does: a mistyped path?)"
     return ModelLoadError(f"could not load {what} from {source.path}: {exc}.{hint}")
 
 
