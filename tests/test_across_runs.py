@@ -52,7 +52,7 @@ def test_mean_sd_per_cell_and_the_bar_run_by_run(tmp_path, capsys):
     for png in ("hs_vs_lr.png", "zs_vs_lr.png"):
         assert (tmp_path / "rep" / png).stat().st_size > 1000
     assert (tmp_path / "rep" / "report.html").read_text().count("<table") == 4  # HS, ZS, perplexity (no refusal rows), the bar
-    assert f"and {tmp_path / 'rep' / 'results.csv'}" in capsys.readouterr().out
+    assert f"every row: {tmp_path / 'rep' / 'results.csv'})" in capsys.readouterr().out
     # every run's rows, flat, each under its results file
     lines = list(csv.DictReader((tmp_path / "rep" / "results.csv").open()))
     assert [ln["run"] for ln in lines] == [str(p) for p in runs for _ in ResultStore(p).rows()]
