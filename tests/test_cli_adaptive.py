@@ -71,6 +71,21 @@ def test_sweep_command_and_its_errors(tiny_model_dir, tmp_path, capsys):
         assert "--ppl-factor must be > 1 and --eps values >= 0" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("broken,reason", [("garbage", "file is not a database"),
+                                            ("folder", "unable to open database file")])
+def test_a_sweep_db_that_is_no_database_is_a_clear_error(tiny_model_dir, tmp_path, capsys, broken, reason):
+    out = tmp_path / "sw"
+    out.mkdir()
+    if broken == "garbage":
+        (out / "sweep.db").write_bytes(b"\x00not sqlite\xff" * 100)
+    else:
+        (out / "sweep.db").mkdir()
+    assert main(["sweep", "--model", str(tiny_model_dir), "--label", "tiny", "--out", str(out), *TINY_EVAL]) == 1
+    assert f"error: {out}/sweep.db is not a readable Optuna study ({reason}): restore it or use another --out" \
+        in capsys.readouterr().err
+    assert not (out / "results.jsonl").exists()  # refused before the pre-attack evaluation
+
+
 def test_adaptive_needs_a_finished_demo(tmp_path, capsys):
     assert main(["adaptive", "--out", str(tmp_path / "a"), "--demo_dir", str(tmp_path / "nodemo")]) == 2
     assert "is not a demo directory (no demo_config.json)" in capsys.readouterr().err

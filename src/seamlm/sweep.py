@@ -21,7 +21,7 @@ from typing import Any
 from seamlm.attack import attack_cell, check_eval_template, manifest_digest
 from seamlm.config import BaseConfig
 from seamlm.data.bundles import BundleData
-from seamlm.errors import ConfigError
+from seamlm.errors import ConfigError, DataError
 from seamlm.evaluate.judges import Judge
 from seamlm.evaluate.metrics import EvalConfig
 from seamlm.finetune import LOOP_VERSION, FinetuneConfig
@@ -116,10 +116,16 @@ def open_study(cfg: SweepConfig, label: str, out_dir: str | Path, context: dict[
     optuna = _quiet_optuna()
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     name = cfg.study_name or label
-    study = optuna.create_study(
-        study_name=name, storage=sweep_storage(out_dir), direction="maximize",
-        load_if_exists=True,
-    )
+    from sqlalchemy.exc import DatabaseError
+
+    try:
+        study = optuna.create_study(
+            study_name=name, storage=sweep_storage(out_dir), direction="maximize",
+            load_if_exists=True,
+        )
+    except DatabaseError as exc:  # (its OperationalError too: a folder at that path, or an unreadable file)
+        raise DataError(f"{out_dir}/sweep.db is not a readable Optuna study ({exc.orig or exc}): restore it or use "
+                        "another --out") from None
     saved = study.user_attrs.get("sweep_config")
     mine = json.dumps({k: v for k, v in cfg.to_dict().items() if k != "trials"}, sort_keys=True)  # more trials: fine
     if saved is not None and saved != mine:
