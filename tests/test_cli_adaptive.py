@@ -60,7 +60,7 @@ def test_sweep_command_and_its_errors(tiny_model_dir, tmp_path, capsys):
     longer[longer.index("--eval.max_new_tokens") + 1] = "5"
     assert main([*longer, "--recipes", "sft,template", "--trials", "3", "--batch_sizes", "2", "--num_samples", "4",
                  "--max_length", "64"]) == 2
-    assert "was run with other eval settings" in capsys.readouterr().err
+    assert "was run with other eval settings (eval.max_new_tokens: 4 → 5); use another --out" in capsys.readouterr().err
     assert (out / "results.jsonl").read_text() == before
     assert main(["report", str(out / "results.jsonl"), "--out", str(out / "rep"), "--eps", "5,10"]) == 0
     assert "| tiny | 10 |" in (out / "rep" / "report.md").read_text()
