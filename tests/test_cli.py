@@ -191,6 +191,24 @@ def test_a_model_that_fails_to_load_leaves_no_run_files(tmp_path, capsys, monkey
     assert [p.name for p in out.iterdir()] == [".seamlm.lock"]
 
 
+@pytest.mark.parametrize("template,complaint", [("{{ x }", "syntax error at line 1: unexpected '}'"),
+                                               ("{{ raise_exception('no user role') }}", "it fails with: no user role")])
+def test_a_model_whose_chat_template_breaks_is_a_clear_error(tmp_path, data_files, capsys, template, complaint):
+    from tests.conftest import make_model, make_tokenizer
+
+    tok = make_tokenizer()
+    tok.chat_template = template
+    model_dir = tmp_path / "broken-template"
+    make_model(len(tok)).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    for args in (["eval", "--model", str(model_dir), "--out", str(tmp_path / "ev"), "--judge", "keyword"],
+                 _defend_args(model_dir, data_files, tmp_path / "def")):
+        assert main(args) == 1
+        err = capsys.readouterr().err
+        assert f"error: the chat template of model '{model_dir}' cannot format a prompt ({complaint}). Fix the " \
+               "template" in err and "plain fallback format" in err
+
+
 def test_a_bad_command_line_key_is_blamed_on_the_command_line_not_the_yaml(tmp_path, capsys):
     """With --config, an unknown --key is the command line's typo: the error must not send the user to the file."""
     yml = tmp_path / "c.yaml"

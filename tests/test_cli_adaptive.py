@@ -60,7 +60,7 @@ def test_sweep_command_and_its_errors(tiny_model_dir, tmp_path, capsys):
     longer[longer.index("--eval.max_new_tokens") + 1] = "5"
     assert main([*longer, "--recipes", "sft,template", "--trials", "3", "--batch_sizes", "2", "--num_samples", "4",
                  "--max_length", "64"]) == 2
-    assert "was run with other eval settings" in capsys.readouterr().err
+    assert "was run with other eval settings (eval.max_new_tokens: 4 → 5); use another --out" in capsys.readouterr().err
     assert (out / "results.jsonl").read_text() == before
     assert main(["report", str(out / "results.jsonl"), "--out", str(out / "rep"), "--eps", "5,10"]) == 0
     assert "| tiny | 10 |" in (out / "rep" / "report.md").read_text()
@@ -69,6 +69,21 @@ def test_sweep_command_and_its_errors(tiny_model_dir, tmp_path, capsys):
         capsys.readouterr()
         assert main(["report", str(out / "results.jsonl"), "--out", str(out / "rep"), *bad]) == 2
         assert "--ppl-factor must be > 1 and --eps values >= 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("broken,reason", [("garbage", "file is not a database"),
+                                            ("folder", "unable to open database file")])
+def test_a_sweep_db_that_is_no_database_is_a_clear_error(tiny_model_dir, tmp_path, capsys, broken, reason):
+    out = tmp_path / "sw"
+    out.mkdir()
+    if broken == "garbage":
+        (out / "sweep.db").write_bytes(b"\x00not sqlite\xff" * 100)
+    else:
+        (out / "sweep.db").mkdir()
+    assert main(["sweep", "--model", str(tiny_model_dir), "--label", "tiny", "--out", str(out), *TINY_EVAL]) == 1
+    assert f"error: {out}/sweep.db is not a readable Optuna study ({reason}): restore it or use another --out" \
+        in capsys.readouterr().err
+    assert not (out / "results.jsonl").exists()  # refused before the pre-attack evaluation
 
 
 def test_adaptive_needs_a_finished_demo(tmp_path, capsys):

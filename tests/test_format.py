@@ -253,3 +253,25 @@ def test_a_template_that_writes_todays_date_is_given_one_fixed_date():
                          '{%- endif %}Today Date: {{ date_string }}\n{% for m in messages %}{{ m["content"] }}'
                          '{% endfor %}\nAnswer:')
     assert prompt_text(tok, "Hi").startswith(f"Today Date: {TEMPLATE_DATE}\nHi")
+
+
+BROKEN_TEMPLATES = [
+    ("{{ x }", r"syntax error at line 1: unexpected '\}'"),
+    ("{{ raise_exception('system messages are not supported') }}", "it fails with: system messages are not supported"),
+]
+
+
+@pytest.mark.parametrize("template,complaint", BROKEN_TEMPLATES)
+def test_a_chat_template_that_cannot_format_a_prompt_is_a_clear_error(template, complaint):
+    from seamlm.data.format import check_chat_template
+    from seamlm.errors import ModelLoadError
+
+    tok = make_tokenizer()
+    tok.chat_template = template
+    with pytest.raises(ModelLoadError, match=f"chat template of model 'my-model' cannot format a prompt \\({complaint}"
+                                             r"\)\. Fix the template .* plain fallback format"):
+        check_chat_template(tok, "my-model")
+    # a tokenizer that never went through the check (the Python API) fails as clearly at its first prompt
+    with pytest.raises(ModelLoadError, match=complaint):
+        Formatter(tok)(Example("Q?", "A."))
+    assert check_chat_template(make_tokenizer(), "ok") and not check_chat_template(make_tokenizer(False), "none")

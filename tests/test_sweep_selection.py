@@ -173,18 +173,19 @@ def test_sweep_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="lr_min <= lr_max"):
         SweepConfig(lr_min=1e-3, lr_max=1e-5)
     open_study(SweepConfig(trials=2), "m", tmp_path)
-    with pytest.raises(ConfigError, match="another sweep config"):
+    with pytest.raises(ConfigError, match=r"another sweep config \(lr_max: 0.001 → 0.01\)"):
         open_study(SweepConfig(trials=2, lr_max=1e-2), "m", tmp_path)
     # the same sweep config over another training base or evaluation is another study too
     context = {"model": "m", "train": {"max_length": 128}, "eval": {"hs_prompts": 32, "zs_tasks": ("arc_easy",)}}
     open_study(SweepConfig(trials=2), "m", tmp_path, context)  # an older study adopts its context
     open_study(SweepConfig(trials=3), "m", tmp_path, context)  # (tuples compare as stored lists)
-    with pytest.raises(ConfigError, match="run with other eval, train settings"):
+    with pytest.raises(ConfigError, match=r"run with other eval, train settings \(eval.hs_prompts: 32 → 50, "
+                                          r"train.max_length: 128 → 64\); use another --out"):
         open_study(SweepConfig(trials=3), "m", tmp_path, {**context, "train": {"max_length": 64},
                                                           "eval": {"hs_prompts": 50, "zs_tasks": ("arc_easy",)}})
     # a study that named its model by path (older seamlm) goes on under the weights' digest, not for another model
     named = {**context, "model": "sha256:0123"}
-    with pytest.raises(ConfigError, match="run with other model settings"):
+    with pytest.raises(ConfigError, match=r"run with other model settings \(model: 'm' → 'sha256:0123'\)"):
         open_study(SweepConfig(trials=3), "m", tmp_path, named, same_models={"elsewhere"})
     open_study(SweepConfig(trials=3), "m", tmp_path, named, same_models={"m"})
     open_study(SweepConfig(trials=3), "m", tmp_path, named)  # and the study now holds the new name

@@ -155,8 +155,11 @@ def load_model(
         model_kwargs.update(
             gguf_file=source.gguf_file, quantization_config=GgufConfig(source.gguf_file, dequantize=True)
         )
+    from seamlm.data.format import check_chat_template
+
     try:
         tokenizer = _load_tokenizer(source)
+        chat = check_chat_template(tokenizer, name)  # a broken template fails before the weights load
         if attn_implementation:
             model_kwargs["attn_implementation"] = attn_implementation
         model = AutoModelForCausalLM.from_pretrained(source.path, **model_kwargs)
@@ -171,7 +174,7 @@ def load_model(
     ensure_pad_token(tokenizer)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    if not getattr(tokenizer, "chat_template", None):
+    if not chat:
         log.warning(
             "model %s has no chat template: prompts use the fallback format %r", name, FALLBACK_PROMPT_FORMAT
         )
@@ -203,7 +206,7 @@ _CHAT_TEMPLATES: dict[str, bool] = {}
 
 def has_chat_template(name: str | Path) -> bool:
     """Whether the model's tokenizer has a chat template (else prompts use :data:`FALLBACK_PROMPT_FORMAT`): loads
-    the tokenizer only, once per name and process."""
+    the tokenizer only, once per name and process. A template that cannot format a prompt is a ModelLoadError."""
     key = str(name)
     if key not in _CHAT_TEMPLATES:
         source = resolve_model_source(key)
@@ -211,7 +214,9 @@ def has_chat_template(name: str | Path) -> bool:
             tokenizer = _load_tokenizer(source)
         except (OSError, ValueError) as exc:
             raise _load_error(f"the tokenizer of '{name}'", source, exc) from exc
-        _CHAT_TEMPLATES[key] = bool(getattr(tokenizer, "chat_template", None))
+        from seamlm.data.format import check_chat_template
+
+        _CHAT_TEMPLATES[key] = check_chat_template(tokenizer, key)
     return _CHAT_TEMPLATES[key]
 
 

@@ -21,14 +21,14 @@ from typing import Any
 from seamlm.attack import attack_cell, check_eval_template, manifest_digest
 from seamlm.config import BaseConfig
 from seamlm.data.bundles import BundleData
-from seamlm.errors import ConfigError
+from seamlm.errors import ConfigError, DataError
 from seamlm.evaluate.judges import Judge
 from seamlm.evaluate.metrics import EvalConfig
 from seamlm.finetune import LOOP_VERSION, FinetuneConfig
 from seamlm.locks import holding
 from seamlm.models import check_trained_format, legacy_identities, model_identity, prompt_format_parts
 from seamlm.recipes import RECIPES, make_recipe
-from seamlm.results import ResultStore
+from seamlm.results import ResultStore, _flatten
 from seamlm.runinfo import fingerprint, path_part
 
 log = logging.getLogger(__name__)
@@ -116,18 +116,22 @@ def open_study(cfg: SweepConfig, label: str, out_dir: str | Path, context: dict[
     optuna = _quiet_optuna()
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     name = cfg.study_name or label
-    study = optuna.create_study(
-        study_name=name, storage=sweep_storage(out_dir), direction="maximize",
-        load_if_exists=True,
-    )
+    from sqlalchemy.exc import DatabaseError
+
+    try:
+        study = optuna.create_study(
+            study_name=name, storage=sweep_storage(out_dir), direction="maximize",
+            load_if_exists=True,
+        )
+    except DatabaseError as exc:  # (its OperationalError too: a folder at that path, or an unreadable file)
+        raise DataError(f"{out_dir}/sweep.db is not a readable Optuna study ({exc.orig or exc}): restore it or use "
+                        "another --out") from None
     saved = study.user_attrs.get("sweep_config")
     mine = json.dumps({k: v for k, v in cfg.to_dict().items() if k != "trials"}, sort_keys=True)  # more trials: fine
     if saved is not None and saved != mine:
-        then, now = json.loads(saved), json.loads(mine)
-        diffs = ", ".join(f"{k}: {then.get(k, '(absent)')!r} → {now.get(k, '(absent)')!r}"
-                          for k in sorted({*then, *now}) if then.get(k) != now.get(k))
-        raise ConfigError(f"study '{name}' in {out_dir}/sweep.db was made with another sweep config ({diffs}); use "
-                          f"another --out or --study_name, or the same settings to resume (only trials may grow)")
+        raise ConfigError(f"study '{name}' in {out_dir}/sweep.db was made with another sweep config "
+                          f"({_changes(json.loads(saved), json.loads(mine))}); use another --out or --study_name, or "
+                          "the same settings to resume (only trials may grow)")
     study.set_user_attr("sweep_config", mine)
     if context is not None:
         context = json.loads(json.dumps(context, default=str))  # as storage returns it (tuples become lists)
@@ -137,7 +141,8 @@ def open_study(cfg: SweepConfig, label: str, out_dir: str | Path, context: dict[
         changed = sorted(k for k in {*before, *context} if before.get(k) != context.get(k))
         if changed:
             raise ConfigError(f"study '{name}' in {out_dir}/sweep.db was run with other {', '.join(changed)} "
-                              f"settings; use another --out or --study_name, or the same settings to resume")
+                              f"settings ({_changes(before, context)}); use another --out or --study_name, or the "
+                              "same settings to resume")
         study.set_user_attr("sweep_context", context)
     # seeded by the trials so far: a resumed study seeded as before would replay its random start-up parameters
     study.sampler = optuna.samplers.TPESampler(seed=cfg.seed + len(study.trials), n_startup_trials=cfg.startup_trials)
@@ -163,6 +168,13 @@ def open_study(cfg: SweepConfig, label: str, out_dir: str | Path, context: dict[
         again.add(key)
     study.set_user_attr("retried_trials", sorted(retried))
     return study
+
+
+def _changes(then: dict[str, Any], now: dict[str, Any]) -> str:
+    """``key: old → new`` for each key whose value differs, nested settings (``eval``, ``train``) by their own keys."""
+    then, now = _flatten(then), _flatten(now)
+    return ", ".join(f"{k}: {then.get(k, '(absent)')!r} → {now.get(k, '(absent)')!r}"
+                     for k in sorted({*then, *now}) if then.get(k, "(absent)") != now.get(k, "(absent)"))
 
 
 def finished_trials(study: Any) -> int:

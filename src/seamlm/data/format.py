@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from jinja2.exceptions import TemplateError, TemplateSyntaxError
 
 from seamlm.data.files import Example
-from seamlm.errors import ConfigError
+from seamlm.errors import ConfigError, ModelLoadError
 from seamlm.models import FALLBACK_PROMPT_FORMAT, ensure_pad_token
 
 log = logging.getLogger(__name__)
@@ -53,11 +54,35 @@ def prompt_text(tokenizer: Any, prompt: str, template: str = "chat") -> str:
     if check_template(template) != "chat":
         return PROMPT_TEMPLATES[template].format(prompt=prompt)
     if getattr(tokenizer, "chat_template", None):
+        return _chat_prompt(tokenizer, prompt, getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__)
+    return FALLBACK_PROMPT_FORMAT.format(prompt=prompt)
+
+
+def check_chat_template(tokenizer: Any, model: str) -> bool:
+    """Whether ``tokenizer`` has a chat template (else prompts use the fallback format), rendered once on a
+    one-turn prompt: a template that cannot render one (a syntax error, or its own ``raise_exception``) is a
+    :class:`ModelLoadError` naming ``model`` now, before any weights load, not a jinja2 traceback at the first
+    prompt."""
+    if not getattr(tokenizer, "chat_template", None):
+        return False
+    _chat_prompt(tokenizer, "Hello", model)
+    return True
+
+
+def _chat_prompt(tokenizer: Any, prompt: str, model: str) -> str:
+    try:
         return tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False,
             date_string=TEMPLATE_DATE,
         )
-    return FALLBACK_PROMPT_FORMAT.format(prompt=prompt)
+    except TemplateError as exc:
+        what = " ".join(str(exc.message or type(exc).__name__).split())  # one line, whatever the template wrote
+        what = f"syntax error at line {exc.lineno}: {what}" if isinstance(exc, TemplateSyntaxError) else \
+            f"it fails with: {what}"
+        raise ModelLoadError(
+            f"the chat template of model '{model}' cannot format a prompt ({what}). Fix the template (the model's "
+            "chat_template.jinja, or \"chat_template\" in its tokenizer_config.json), or delete it so that seamlm "
+            f"prompts the model in its plain fallback format {FALLBACK_PROMPT_FORMAT!r}") from None
 
 
 def with_bos(tokenizer: Any, ids: list[int]) -> list[int]:
