@@ -293,6 +293,15 @@ def test_the_report_bar_does_not_compare_labels_evaluated_differently(tmp_path):
      "attack and versions must be JSON objects"),
     ('{"model": "a", "defense": "none", "cell": "pre", "metric": "hs", "value": "high", "judge": "j"}',
      "value must be a number"),
+    # text fields that are not text: each named, never an AttributeError in the report
+    ('{"model": 1, "defense": "none", "cell": "pre", "metric": "hs", "value": 1, "judge": "j"}',
+     "model must be a JSON string, got 1: repair or delete that line"),
+    ('{"model": "a", "defense": "none", "cell": ["a"], "metric": "hs", "value": 1, "judge": "j"}',
+     r'cell must be a JSON string, got \["a"\]'),
+    ('{"model": "a", "defense": "none", "cell": "pre", "metric": {"x": 1}, "value": 1, "judge": "j"}',
+     "metric must be a JSON string"),
+    ('{"model": "a", "defense": "none", "cell": "pre", "metric": "hs", "value": 1, "judge": 3}',
+     "judge must be a JSON string or null, got 3"),
 ])
 def test_a_hand_edited_row_is_a_clear_error_naming_its_line(tmp_path, line, message):
     store = ResultStore(tmp_path / "r.jsonl")

@@ -85,6 +85,12 @@ class ResultRow:
     A write cut short by a kill or a full disk leaves fewer rows: they are ignored and their cell is redone."""
 
     def validate(self) -> None:
+        # first: a list or number here would crash the checks below and the report (hashing, sorting, escaping)
+        for name in TEXT_FIELDS:
+            value = getattr(self, name)
+            if not isinstance(value, str) and not (value is None and name in OPTIONAL_TEXT_FIELDS):
+                raise DataError(f"{name} must be a JSON string{' or null' if name in OPTIONAL_TEXT_FIELDS else ''}, "
+                                f"got {json.dumps(value, default=repr)}")
         if not isinstance(self.attack, dict) or not isinstance(self.versions, dict):
             raise DataError("a row's attack and versions must be JSON objects")
         if not known_metric(self.metric):
@@ -99,6 +105,11 @@ class ResultRow:
             raise DataError("result rows need a model label and a cell")
         if self.metric in JUDGED_METRICS and not self.judge:
             raise DataError("HS rows must name their judge")
+
+
+#: A row's text fields, and those of them that may be null.
+TEXT_FIELDS = ("model", "defense", "cell", "metric", "judge", "data_manifest", "settings", "time", "write")
+OPTIONAL_TEXT_FIELDS = ("judge", "data_manifest", "settings", "write")
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -176,7 +187,7 @@ class ResultStore:
             try:
                 row.validate()
             except DataError as exc:
-                raise DataError(f"{where}: {exc}") from None
+                raise DataError(f"{where}: {exc}: repair or delete that line") from None
             out.append(row)
         held = Counter(r.write for r in out if r.write)
         cut = {w for w, n in held.items() if n < int(w.rsplit("/", 1)[1])}
