@@ -167,8 +167,10 @@ class ResultStore:
 
     def rows(self) -> list[ResultRow]:
         """Every complete write's rows (a row cut off by a kill, and the rest of its write, are left out: their
-        cell counts as not done and is redone)."""
+        cell counts as not done and is redone). Two rows of one model, cell and metric that disagree are an error
+        (:meth:`_refuse_conflicts`)."""
         out = []
+        line_of: dict[int, int] = {}  # id(row) -> its line, for the conflict error
         names = {f.name for f in dataclasses.fields(ResultRow)}
         required = {f.name for f in dataclasses.fields(ResultRow)
                     if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
@@ -189,6 +191,7 @@ class ResultStore:
             except DataError as exc:
                 raise DataError(f"{where}: {exc}: repair or delete that line") from None
             out.append(row)
+            line_of[id(row)] = i
         held = Counter(r.write for r in out if r.write)
         cut = {w for w, n in held.items() if n < int(w.rsplit("/", 1)[1])}
         if cut - self._warned:
@@ -198,7 +201,29 @@ class ResultStore:
                         "cells will be redone: %s", self.path, len(cut), ", ".join(cells))
         if cut:
             out = [r for r in out if r.write not in cut]
+        self._refuse_conflicts([(line_of[id(r)], r) for r in out])
         return out
+
+    def _refuse_conflicts(self, rows: list[tuple[int, ResultRow]]) -> None:
+        """Refuse two ``(line, row)`` of one model, cell and metric with other values, settings, judges or data: every
+        reader keys rows by those three and would keep one silently. No seamlm command writes such a pair (a cell is
+        written once, with one settings digest, see :meth:`cell_rows`): the file mixes runs, e.g. two results files
+        joined. Equal repeats (a file joined to itself) are accepted, as before."""
+        first: dict[tuple[str, str, str], tuple[int, ResultRow]] = {}
+        for i, r in rows:
+            j, s = first.setdefault((r.model, r.cell, r.metric), (i, r))
+            if s is r:
+                continue
+            pairs = (("value", s.value, r.value), ("settings", s.settings, r.settings), ("judge", s.judge, r.judge),
+                     ("data_manifest", s.data_manifest, r.data_manifest))
+            differ = [f"{k} {a!r} vs {b!r}" for k, a, b in pairs
+                      if a != b and not (k == "value" and math.isnan(a) and math.isnan(b))]
+            if differ:
+                raise DataError(f"{self.path}: lines {j} and {i} both hold {r.metric} of model '{r.model}', cell "
+                                f"'{r.cell}', but disagree ({'; '.join(differ)}): the file mixes two runs (results "
+                                "files joined?), and a report would show one of them only. Delete one run's rows of "
+                                "that label, or report each results file on its own (two models in one report: "
+                                "evaluate them under different --label values)")
 
     def cell_rows(self, model: str, cell: str, settings: str | None = None,
                   parts: dict[str, Any] | None = None, same: Collection[str] = ()) -> list[ResultRow]:
