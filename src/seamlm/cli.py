@@ -204,7 +204,7 @@ def _run_data(args: argparse.Namespace, extra: list[str]) -> int:
         print(json.dumps(bundle.counts()))
         print(f"bundle '{args.bundle}' written to {out} (manifest: {out / 'manifest.json'})")
         return 0
-    from seamlm.data.distill import distill_answers
+    from seamlm.data.distill import check_out_file, distill_answers, write_answers
     from seamlm.data.files import load_examples
     from seamlm.models import load_model
     from seamlm.packages import cache_dir
@@ -213,16 +213,14 @@ def _run_data(args: argparse.Namespace, extra: list[str]) -> int:
         raise ConfigError("--max-new-tokens and --batch-size must be >= 1")
     if Path(args.out).is_dir():  # found now, not after the model answered every prompt
         raise ConfigError(f"--out {args.out} is a folder; give the JSONL file to write (e.g. {args.out}/benign.jsonl)")
+    check_out_file(args.prompts, args.out)
     prompts = [e.prompt for e in load_examples(args.prompts, require_response=False)]
     model, tok = load_model(args.model)
     rows = distill_answers(model, tok, prompts, args.cache_dir or cache_dir("distill"), args.max_new_tokens, args.batch_size)
     if not rows:
         raise SeamError(f"self-distillation: all {len(prompts)} answers of {args.model} were empty; nothing written to "
                         f"{args.out}. A model that answers nothing cannot supply benign answers: use another --model")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "w", encoding="utf-8") as f:
-        for e in rows:
-            f.write(json.dumps({"prompt": e.prompt, "response": e.response, "source": e.source}) + "\n")
+    write_answers(args.out, rows)
     print(f"{len(rows)} answers written to {args.out}")
     return 0
 
