@@ -654,6 +654,14 @@ def _defense_label(model: str, given: str | None) -> str:
     return given
 
 
+def _refuse_empty_out(args: argparse.Namespace) -> None:
+    """Every command's ``--out`` (a folder or a file) must name something: an empty one is the current folder."""
+    out = getattr(args, "out", None)
+    if isinstance(out, str) and not out.strip():
+        raise ConfigError(f"--out is empty ({out!r}): it would write into the current folder; name where to write "
+                          "(--out . if the current folder is meant)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -664,6 +672,7 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("transformers", "huggingface_hub", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
+        _refuse_empty_out(args)
         if args.command in SINGLE_PROCESS:
             from seamlm.distributed import launched_distributed
 
