@@ -556,3 +556,24 @@ def test_sweep_lists_as_fixed_only_the_keys_it_does_not_search(capsys):
     assert main(["sweep", "--model", "m", "--out", "o", "--trial", "2"]) == 2
     fixed = capsys.readouterr().err.split("fixed fine-tuning keys: ")[1]
     assert "max_length" in fixed and not {k.strip() for k in fixed.split(",")} & set(SEARCHED)
+
+
+@pytest.mark.parametrize("args", [
+    ["defend", "--model", "m", "--data", "offline-default"],
+    ["eval", "--model", "m", "--judge", "keyword"],
+    ["attack", "--model", "m"],
+    ["sweep", "--model", "m"],
+    ["demo"],
+    ["adaptive"],
+    ["report", "results.jsonl"],
+    ["data", "build", "offline-default"],
+    ["data", "distill", "--model", "m", "--prompts", "p.jsonl"],
+    ["paired", "run"],
+])
+def test_an_empty_out_is_refused_not_taken_for_the_current_folder(tmp_path, capsys, monkeypatch, args):
+    monkeypatch.chdir(tmp_path)
+    for empty in ("", " "):
+        assert main([*args, "--out", empty]) == 2
+        err = capsys.readouterr().err
+        assert f"config error: --out is empty ({empty!r}): it would write into the current folder" in err, err
+    assert list(tmp_path.iterdir()) == []

@@ -114,3 +114,48 @@ def test_the_cache_key_ignores_the_padding_and_truncation_a_last_call_left(token
     tokenizer(["hello world", "x"], padding=True, truncation=True, max_length=3)
     assert _generation_digest(model, tokenizer, 512) == before
     tokenizer("plain")  # (as it was)
+
+
+def test_distill_refuses_an_out_that_is_its_prompts_file(tmp_path, capsys, monkeypatch):
+    """``--out`` naming the ``--prompts`` file (however spelled, or a link to it) would replace the prompts with
+    their answers: refused before the model loads."""
+    import seamlm.models
+    from seamlm.cli import main
+
+    monkeypatch.setattr(seamlm.models, "load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "What is 2+2?"}\n')
+    (tmp_path / "link.jsonl").symlink_to(prompts)
+    monkeypatch.chdir(tmp_path)
+    for out in ("prompts.jsonl", f"{tmp_path}/./prompts.jsonl", "link.jsonl"):
+        assert main(["data", "distill", "--model", "m", "--prompts", str(prompts), "--out", out]) == 2, out
+        err = capsys.readouterr().err
+        assert f"--out {out} is the --prompts file" in err and "Traceback" not in err
+    assert prompts.read_text() == '{"prompt": "What is 2+2?"}\n'
+
+
+def test_distill_replaces_its_out_file_atomically(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """A full disk (or a kill) while the answers are written leaves the old --out whole, and no temporary file."""
+    import errno
+    import os
+
+    from seamlm.cli import main
+
+    monkeypatch.setattr(distill, "generate_answers_ended", lambda m, t, chunk, *a, **k: [("A fine answer.", True)] * len(chunk))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "What is 2+2?"}\n{"prompt": "Name a colour."}\n')
+    out = tmp_path / "benign.jsonl"
+    out.write_text("old answers\n")
+    args = ["data", "distill", "--model", str(tiny_model_dir), "--prompts", str(prompts), "--out", str(out),
+            "--cache-dir", str(tmp_path / "cache")]
+
+    def full_disk(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device", str(dst))
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "replace", full_disk)
+        assert main(args) == 1
+    assert "the disk is full" in capsys.readouterr().err
+    assert out.read_text() == "old answers\n" and sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    assert main(args) == 0
+    assert [json.loads(x)["response"] for x in out.read_text().splitlines()] == ["A fine answer."] * 2

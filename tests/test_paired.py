@@ -125,12 +125,15 @@ def test_a_prompt_asked_twice_pairs_each_answer(tmp_path):
 
 
 def test_answers_scored_by_different_judges_are_not_paired_nor_runs_pooled(tmp_path, capsys):
-    from seamlm.results import ResultRow, ResultStore
+    import dataclasses
 
     def judged(run, judges):
-        ResultStore(run / "results.jsonl").append([
-            ResultRow(model=m, defense="seam" if m == "seam" else "none", cell=c, metric="hs", value=1.0, judge=j)
-            for (m, c), j in judges.items()])
+        """The cells' HS rows name these judges (rewritten, as a rescore rewrites them: a second row of a cell
+        would contradict the first)."""
+        store = ResultStore(run / "results.jsonl")
+        rows = [dataclasses.replace(r, judge=judges.get((r.model, r.cell), r.judge)) for r in store.rows()]
+        store.path.write_text("")
+        store.append(rows)
 
     r0 = _run(tmp_path / "s0", [[0.1] * 4] * 3, [[0.2] * 4] * 3)
     r1 = _run(tmp_path / "s1", [[0.1] * 4] * 3, [[0.3] * 4] * 3)
@@ -182,15 +185,16 @@ def test_a_demo_on_a_baseline_reads_only_the_baselines_raw_and_aligned_answers_a
 def test_a_diverged_attack_is_shown_but_never_pooled(tmp_path):
     """SEAM's attack at lr2 diverged: its answers come from NaN weights (an empty answer scores 0), so the cell is
     listed with a note and left out of the run's attacks together."""
-    from seamlm.results import ResultRow, ResultStore
+    import dataclasses
 
     a = [[0.1] * 4, [0.5, 0.9, 0.3, 0.6], [0.6, 0.8, 0.5, 0.9]]
     b = [[0.0] * 4, [0.4, 0.9, 0.1, 0.2], [0.0] * 4]
     run = _run(tmp_path / "s0", a, b)
-    ResultStore(run / "results.jsonl").append([
-        ResultRow(model=m, defense="none", cell=c, metric="hs", value=1.0, judge="j",
-                  attack={"status": "diverged" if (m, c) == ("seam", CELLS[1]) else "ok"} if c != "pre" else {})
-        for m in ("aligned", "seam") for c in ("pre", *CELLS)])
+    store = ResultStore(run / "results.jsonl")
+    rows = [dataclasses.replace(r, attack={**r.attack, "status": "diverged" if (r.model, r.cell) == ("seam", CELLS[1])
+                                           else "ok"}) if r.cell != "pre" else r for r in store.rows()]
+    store.path.write_text("")  # (rewritten: a second row of a cell would contradict the first)
+    store.append(rows)
     rows = paired_hs([run])
     lr2 = next(r for r in rows if r.cell == CELLS[1])
     assert lr2.diff is not None and "the attack on seam diverged: not pooled" in lr2.note

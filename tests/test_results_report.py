@@ -293,6 +293,15 @@ def test_the_report_bar_does_not_compare_labels_evaluated_differently(tmp_path):
      "attack and versions must be JSON objects"),
     ('{"model": "a", "defense": "none", "cell": "pre", "metric": "hs", "value": "high", "judge": "j"}',
      "value must be a number"),
+    # text fields that are not text: each named, never an AttributeError in the report
+    ('{"model": 1, "defense": "none", "cell": "pre", "metric": "hs", "value": 1, "judge": "j"}',
+     "model must be a JSON string, got 1: repair or delete that line"),
+    ('{"model": "a", "defense": "none", "cell": ["a"], "metric": "hs", "value": 1, "judge": "j"}',
+     r'cell must be a JSON string, got \["a"\]'),
+    ('{"model": "a", "defense": "none", "cell": "pre", "metric": {"x": 1}, "value": 1, "judge": "j"}',
+     "metric must be a JSON string"),
+    ('{"model": "a", "defense": "none", "cell": "pre", "metric": "hs", "value": 1, "judge": 3}',
+     "judge must be a JSON string or null, got 3"),
 ])
 def test_a_hand_edited_row_is_a_clear_error_naming_its_line(tmp_path, line, message):
     store = ResultStore(tmp_path / "r.jsonl")
@@ -319,3 +328,38 @@ def test_one_labels_lm_eval_scores_come_from_one_document_set(tmp_path):
                         ({"lm_eval_include_digest": "ab12"}, "eval.lm_eval_include_digest: None → 'ab12'")):
         with pytest.raises(DataError, match=re.escape(said)):
             store.check_label("aligned", {**parts, "eval": {**ev, **other}})
+
+
+def test_rows_of_one_key_that_disagree_are_refused_naming_the_file_and_lines(tmp_path, capsys):
+    """Two runs' results files joined into one (a label evaluated two ways): the report would key the rows by
+    (model, cell, metric) and show the later row's values only, with no word of the other."""
+    from seamlm.cli import main
+
+    runs = []
+    for i, (value, settings) in enumerate(((10.0, "s1"), (50.0, "s2"))):
+        store = ResultStore(tmp_path / f"run{i}" / "results.jsonl")
+        store.append([_row(model="tiny", value=value, settings=settings), _row(model="tiny", metric="zs_mean",
+                                                                             value=40.0, settings=settings)])
+        runs.append(store.path.read_text())
+    joined = tmp_path / "cat.jsonl"
+    joined.write_text("".join(runs))
+    assert main(["report", str(joined), "--out", str(tmp_path / "rep")]) == 1
+    err = capsys.readouterr().err
+    assert f"{joined}: lines 1 and 3 both hold hs of model 'tiny', cell 'pre'" in err
+    assert "value 10.0 vs 50.0; settings 's1' vs 's2'" in err and "Traceback" not in err
+    assert not (tmp_path / "rep" / "report.md").exists()
+    # one setting alone differing is refused as well (the values may agree by chance)
+    store = ResultStore(tmp_path / "settings.jsonl")
+    store.append([_row(settings="s1")])
+    store.append([_row(settings="s2")])
+    with pytest.raises(DataError, match=r"lines 1 and 2 .*\(settings 's1' vs 's2'\)"):
+        store.rows()
+
+
+def test_equal_repeated_rows_are_accepted_as_before(tmp_path):
+    """A results file joined to itself repeats each row unchanged (NaN included): nothing disagrees."""
+    store = ResultStore(tmp_path / "r.jsonl")
+    store.append([_row(settings="s1"), _row(cell="x", attack={"status": "diverged"}, value=float("nan"), settings="s1")])
+    store.path.write_text(store.path.read_text() * 2)
+    assert len(store.rows()) == 4
+    write_report(store.path, tmp_path / "rep")

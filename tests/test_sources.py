@@ -1,5 +1,6 @@
 """Data sources: the real files inside the installed packages, and Hub loaders on local fixtures of the same schema."""
 
+import re
 import sys
 from pathlib import Path
 
@@ -169,6 +170,31 @@ def test_beavertails_as_a_csv_file_keeps_its_labels(tmp_path):
     (tmp_path / "odd.jsonl").write_text('{"prompt": "q", "response": "a", "is_safe": false, '
                                         '"category": {"violence": "False", "privacy": "True"}}\n')
     assert load_source("beavertails", path=str(tmp_path / "odd.jsonl"))[0].category == "privacy"
+
+
+def test_beavertails_categories_as_a_list_of_names_and_other_types_refused(tmp_path):
+    """A list of category names reads as the dict of the same names flagged true (in a JSON file or as pandas'
+    Python text in a CSV); anything else is an error naming the file and row, never "['violence']" as one name."""
+    import json
+
+    def rows(*categories):
+        path = tmp_path / "bt.jsonl"
+        path.write_text("".join(json.dumps({"prompt": f"q{i}", "response": "a", "is_safe": False, "category": c}) + "\n"
+                                for i, c in enumerate(categories)))
+        return path
+
+    got = load_source("beavertails", path=str(rows(["violence", "animal_abuse"], {"violence": True, "animal_abuse": True,
+                                                                                    "privacy": False},
+                                                   "['violence']", '["privacy"]', [], "violence")))
+    assert [e.category for e in got] == ["animal_abuse|violence", "animal_abuse|violence", "violence", "privacy", None,
+                                        "violence"]
+    for bad, said in (("{1, 2}", "category '{1, 2}' is not a category name"),
+                      ([1], "category '[1]' is not a category name"),
+                      (5, "category '5' is not a category name"),
+                      ('["violence"', """category '["violence"' is neither JSON nor a Python literal""")):
+        path = rows({"violence": True}, bad)
+        with pytest.raises(DataError, match=re.escape(f"beavertails {path}: row 2: {said}")):
+            load_source("beavertails", path=str(path))
 
 
 def test_repnoise_fixture_gives_harmful_and_refusal_rows():

@@ -207,7 +207,7 @@ def _run_data(args: argparse.Namespace, extra: list[str]) -> int:
         print(json.dumps(bundle.counts()))
         print(f"bundle '{args.bundle}' written to {out} (manifest: {out / 'manifest.json'})")
         return 0
-    from seamlm.data.distill import distill_answers
+    from seamlm.data.distill import check_out_file, distill_answers, write_answers
     from seamlm.data.files import load_examples
     from seamlm.models import load_model
     from seamlm.packages import cache_dir
@@ -216,16 +216,14 @@ def _run_data(args: argparse.Namespace, extra: list[str]) -> int:
         raise ConfigError("--max-new-tokens and --batch-size must be >= 1")
     if Path(args.out).is_dir():  # found now, not after the model answered every prompt
         raise ConfigError(f"--out {args.out} is a folder; give the JSONL file to write (e.g. {args.out}/benign.jsonl)")
+    check_out_file(args.prompts, args.out)
     prompts = [e.prompt for e in load_examples(args.prompts, require_response=False)]
     model, tok = load_model(args.model)
     rows = distill_answers(model, tok, prompts, args.cache_dir or cache_dir("distill"), args.max_new_tokens, args.batch_size)
     if not rows:
         raise SeamError(f"self-distillation: all {len(prompts)} answers of {args.model} were empty; nothing written to "
                         f"{args.out}. A model that answers nothing cannot supply benign answers: use another --model")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "w", encoding="utf-8") as f:
-        for e in rows:
-            f.write(json.dumps({"prompt": e.prompt, "response": e.response, "source": e.source}) + "\n")
+    write_answers(args.out, rows)
     print(f"{len(rows)} answers written to {args.out}")
     return 0
 
@@ -690,6 +688,14 @@ def _defense_label(model: str, given: str | None) -> str:
     return given
 
 
+def _refuse_empty_out(args: argparse.Namespace) -> None:
+    """Every command's ``--out`` (a folder or a file) must name something: an empty one is the current folder."""
+    out = getattr(args, "out", None)
+    if isinstance(out, str) and not out.strip():
+        raise ConfigError(f"--out is empty ({out!r}): it would write into the current folder; name where to write "
+                          "(--out . if the current folder is meant)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -700,6 +706,7 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("transformers", "huggingface_hub", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
+        _refuse_empty_out(args)
         if args.command in SINGLE_PROCESS:
             from seamlm.distributed import launched_distributed
 

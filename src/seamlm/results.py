@@ -85,6 +85,12 @@ class ResultRow:
     A write cut short by a kill or a full disk leaves fewer rows: they are ignored and their cell is redone."""
 
     def validate(self) -> None:
+        # first: a list or number here would crash the checks below and the report (hashing, sorting, escaping)
+        for name in TEXT_FIELDS:
+            value = getattr(self, name)
+            if not isinstance(value, str) and not (value is None and name in OPTIONAL_TEXT_FIELDS):
+                raise DataError(f"{name} must be a JSON string{' or null' if name in OPTIONAL_TEXT_FIELDS else ''}, "
+                                f"got {json.dumps(value, default=repr)}")
         if not isinstance(self.attack, dict) or not isinstance(self.versions, dict):
             raise DataError("a row's attack and versions must be JSON objects")
         if not known_metric(self.metric):
@@ -99,6 +105,11 @@ class ResultRow:
             raise DataError("result rows need a model label and a cell")
         if self.metric in JUDGED_METRICS and not self.judge:
             raise DataError("HS rows must name their judge")
+
+
+#: A row's text fields, and those of them that may be null.
+TEXT_FIELDS = ("model", "defense", "cell", "metric", "judge", "data_manifest", "settings", "time", "write")
+OPTIONAL_TEXT_FIELDS = ("judge", "data_manifest", "settings", "write")
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -156,8 +167,10 @@ class ResultStore:
 
     def rows(self) -> list[ResultRow]:
         """Every complete write's rows (a row cut off by a kill, and the rest of its write, are left out: their
-        cell counts as not done and is redone)."""
+        cell counts as not done and is redone). Two rows of one model, cell and metric that disagree are an error
+        (:meth:`_refuse_conflicts`)."""
         out = []
+        line_of: dict[int, int] = {}  # id(row) -> its line, for the conflict error
         names = {f.name for f in dataclasses.fields(ResultRow)}
         required = {f.name for f in dataclasses.fields(ResultRow)
                     if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
@@ -176,8 +189,9 @@ class ResultStore:
             try:
                 row.validate()
             except DataError as exc:
-                raise DataError(f"{where}: {exc}") from None
+                raise DataError(f"{where}: {exc}: repair or delete that line") from None
             out.append(row)
+            line_of[id(row)] = i
         held = Counter(r.write for r in out if r.write)
         cut = {w for w, n in held.items() if n < int(w.rsplit("/", 1)[1])}
         if cut - self._warned:
@@ -187,7 +201,29 @@ class ResultStore:
                         "cells will be redone: %s", self.path, len(cut), ", ".join(cells))
         if cut:
             out = [r for r in out if r.write not in cut]
+        self._refuse_conflicts([(line_of[id(r)], r) for r in out])
         return out
+
+    def _refuse_conflicts(self, rows: list[tuple[int, ResultRow]]) -> None:
+        """Refuse two ``(line, row)`` of one model, cell and metric with other values, settings, judges or data: every
+        reader keys rows by those three and would keep one silently. No seamlm command writes such a pair (a cell is
+        written once, with one settings digest, see :meth:`cell_rows`): the file mixes runs, e.g. two results files
+        joined. Equal repeats (a file joined to itself) are accepted, as before."""
+        first: dict[tuple[str, str, str], tuple[int, ResultRow]] = {}
+        for i, r in rows:
+            j, s = first.setdefault((r.model, r.cell, r.metric), (i, r))
+            if s is r:
+                continue
+            pairs = (("value", s.value, r.value), ("settings", s.settings, r.settings), ("judge", s.judge, r.judge),
+                     ("data_manifest", s.data_manifest, r.data_manifest))
+            differ = [f"{k} {a!r} vs {b!r}" for k, a, b in pairs
+                      if a != b and not (k == "value" and math.isnan(a) and math.isnan(b))]
+            if differ:
+                raise DataError(f"{self.path}: lines {j} and {i} both hold {r.metric} of model '{r.model}', cell "
+                                f"'{r.cell}', but disagree ({'; '.join(differ)}): the file mixes two runs (results "
+                                "files joined?), and a report would show one of them only. Delete one run's rows of "
+                                "that label, or report each results file on its own (two models in one report: "
+                                "evaluate them under different --label values)")
 
     def cell_rows(self, model: str, cell: str, settings: str | None = None,
                   parts: dict[str, Any] | None = None, same: Collection[str] = ()) -> list[ResultRow]:

@@ -6,6 +6,7 @@ import copy
 import hashlib
 import json
 import logging
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -13,8 +14,9 @@ from typing import Any
 import torch
 
 from seamlm.data.files import Example
+from seamlm.errors import ConfigError
 from seamlm.generation import generate_answers_ended, stop_token_ids
-from seamlm.jsonl import drop_partial_tail, read_records
+from seamlm.jsonl import drop_partial_tail, read_records, write_records_atomic
 from seamlm.models import FALLBACK_PROMPT_FORMAT
 
 log = logging.getLogger(__name__)
@@ -87,6 +89,22 @@ def distill_answers(
     if len(out) < len(prompts):
         log.warning("self-distillation: %d of %d answers were empty and dropped", len(prompts) - len(out), len(prompts))
     return out
+
+
+def check_out_file(prompts: str | Path, out: str | Path) -> None:
+    """Refuse an ``--out`` that is the ``--prompts`` file, however spelled or linked: the answers would replace the
+    prompts they answer."""
+    p, o = Path(prompts), Path(out)
+    if o.resolve() == p.resolve() or (o.exists() and p.exists() and os.path.samefile(o, p)):
+        raise ConfigError(f"--out {out} is the --prompts file {prompts}: writing the answers there would destroy the "
+                          "prompts; give another --out")
+
+
+def write_answers(path: str | Path, rows: list[Example]) -> Path:
+    """``rows`` as JSONL (prompt, response, source), replacing ``path`` atomically: a kill or a full disk leaves the
+    old file or the new one, never a cut one."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return write_records_atomic(path, ({"prompt": e.prompt, "response": e.response, "source": e.source} for e in rows))
 
 
 # a sentence end: . ! ? (and closing quotes) before a space or the end, 。！？ anywhere, or a line break after a

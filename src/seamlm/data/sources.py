@@ -346,21 +346,35 @@ def _flag(value: Any, column: str, name: str, required: bool = False) -> bool:
     raise DataError(f"{name}: column {column} holds {value!r}; expected true/false")
 
 
-def _categories(value: Any, name: str) -> dict[str, bool]:
-    """BeaverTails' category column: a dict, or in a file its JSON or Python (pandas CSV) text, or one name."""
-    if isinstance(value, dict) or not value:
-        return {k: _flag(v, "category", name) for k, v in (value or {}).items()}
-    text = str(value).strip()
-    if not text.startswith("{"):
-        return {text: True}
-    try:
-        parsed = json.loads(text)
-    except json.JSONDecodeError:
+def _categories(value: Any, where: str) -> dict[str, bool]:
+    """BeaverTails' category column: a dict of name -> flag, a list of the flagged names, in a file their JSON or
+    Python (pandas CSV) text, or one name. ``where`` names the file and row in errors."""
+    given = value
+    if isinstance(value, str):
+        text = value.strip()
+        if not text.startswith(("{", "[")):
+            return {text: True} if text else {}
         try:
-            parsed = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            raise DataError(f"{name}: category {text[:60]!r} is neither JSON nor a dict literal") from None
-    return {k: _flag(v, "category", name) for k, v in parsed.items()}
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            try:
+                value = ast.literal_eval(text)
+            except (ValueError, SyntaxError, MemoryError, RecursionError):
+                raise DataError(f"{where}: category {text[:60]!r} is neither JSON nor a Python literal; fix or drop "
+                                "that row") from None
+    if value is None:
+        return {}
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        return {k: _flag(v, "category", where) for k, v in value.items()}
+    if isinstance(value, (list, tuple)) and all(isinstance(k, str) and k.strip() for k in value):
+        return {k.strip(): True for k in value}
+    raise DataError(f"{where}: category {str(given)[:60]!r} is not a category name, a list of names nor a dict of "
+                    "name -> true/false; fix or drop that row")
+
+
+def _row_names(rows: list[dict], name: str) -> dict[int, str]:
+    """``id(row) -> "<name>: row <n>"`` (1-based, as :func:`_need` counts), for errors about rows kept by a filter."""
+    return {id(r): f"{name}: row {i}" for i, r in enumerate(rows, 1)}
 
 
 @register("beavertails", "harmful_qa", "BeaverTails QA pairs (PKU-Alignment), split 30k_train/30k_test; "
@@ -370,10 +384,10 @@ def _beavertails(split: str = "30k_train", path: str | None = None) -> list[Exam
     rows = _hub_rows("PKU-Alignment/BeaverTails", split, path)
     name = _label("beavertails", path)
     _need(rows, ("prompt", "response", "is_safe"), name)
-    out = []
+    out, where = [], _row_names(rows, name)
     for r in _with_text(rows, ("prompt", "response"), name):
         # every flagged category: a held-out category must hold out an answer flagged with it among others
-        flagged = sorted(k for k, v in _categories(r.get("category"), name).items() if v)
+        flagged = sorted(k for k, v in _categories(r.get("category"), where[id(r)]).items() if v)
         out.append(Example(r["prompt"].strip(), r["response"].strip(), CATEGORY_SEPARATOR.join(flagged) or None,
                            "safe" if _flag(r["is_safe"], "is_safe", name, required=True) else "harmful",
                            f"beavertails:{split}"))
@@ -399,10 +413,9 @@ def _repnoise(path: str | None = None) -> list[Example]:
     rows = read_rows(path)
     name = _label("repnoise-refusals", path)
     _need(rows, ("prompt", "refusal", "is_safe"), name)  # a missing is_safe is not "unsafe"
-    out = []
+    out, where = [], _row_names(rows, name)
     for r in _with_text(rows, ("prompt", "refusal"), name):
-        cat = CATEGORY_SEPARATOR.join(
-            sorted(k for k, v in _categories(r.get("category"), "repnoise-refusals").items() if v)) or None
+        cat = CATEGORY_SEPARATOR.join(sorted(k for k, v in _categories(r.get("category"), where[id(r)]).items() if v)) or None
         answer = r.get("response") if isinstance(r.get("response"), str) else ""
         if answer.strip() and not _flag(r["is_safe"], "is_safe", "repnoise-refusals", required=True):
             out.append(Example(r["prompt"].strip(), answer.strip(), cat, "harmful", "repnoise"))
