@@ -35,11 +35,14 @@ def files(tmp_path):
 
 
 def _build(files, out, *extra):
-    return main(["data", "build", "beavertails", "--out", str(out), "--option", f"train_path={files['train']}",
-                 "--option", f"test_path={files['test']}", "--option", f"refusals_path={files['refusals']}",
-                 "--option", f"benign_path={files['alpaca']}", "--option", "defense_size=20", "--option",
-                 "attack_size=15", "--option", "eval_size=40", "--option", "benign_size=20", "--option",
-                 "benign_heldout=5", "--option", "attack_benign=5", *extra])
+    """Build the bundle from the fixture files at small sizes; an ``--option KEY=…`` in ``extra`` replaces the
+    default one of that key (an option given twice is refused)."""
+    options = {"train_path": files["train"], "test_path": files["test"], "refusals_path": files["refusals"],
+               "benign_path": files["alpaca"], "defense_size": 20, "attack_size": 15, "eval_size": 40,
+               "benign_size": 20, "benign_heldout": 5, "attack_benign": 5}
+    given = {extra[i + 1].split("=")[0] for i, a in enumerate(extra[:-1]) if a == "--option"}
+    base = [a for k, v in options.items() if k not in given for a in ("--option", f"{k}={v}")]
+    return main(["data", "build", "beavertails", "--out", str(out), *base, *extra])
 
 
 def test_beavertails_bundle_from_local_files(files, tmp_path):
@@ -115,8 +118,8 @@ def test_bad_bundle_options_are_clear_errors(files, tmp_path, capsys, option, me
 
 
 def test_a_bundle_option_given_twice_is_refused(files, tmp_path, capsys):
-    assert _build(files, tmp_path / "b", "--option", "defense_size=5") != 0  # _build gives defense_size=20
-    assert "--option 'defense_size=5': defense_size is given twice; give it once" in capsys.readouterr().err
+    assert _build(files, tmp_path / "b", "--option", "defense_size=5", "--option", "defense_size=10") != 0
+    assert "--option 'defense_size=10': defense_size is given twice; give it once" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
 
 
