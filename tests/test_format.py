@@ -258,6 +258,7 @@ def test_a_template_that_writes_todays_date_is_given_one_fixed_date():
 BROKEN_TEMPLATES = [
     ("{{ x }", r"syntax error at line 1: unexpected '\}'"),
     ("{{ raise_exception('system messages are not supported') }}", "it fails with: system messages are not supported"),
+    ("{% for m in messages %}{{ m['content'] + 1 }}{% endfor %}", r'it fails with: TypeError: can only concatenate str \(not "int"\) to str'),
 ]
 
 

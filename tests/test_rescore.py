@@ -159,6 +159,15 @@ def test_a_sweep_not_started_adopts_the_new_judge_and_one_with_trials_is_refused
     assert rescore(tmp_path, EVAL, judge=LengthJudge()) == []
 
 
+def test_a_sweep_db_that_is_no_database_stops_a_rescore_with_a_clear_error(tmp_path):
+    from seamlm.rescore import _unstarted_studies
+
+    (tmp_path / "sweep.db").write_bytes(b"\x00not sqlite\xff" * 100)
+    with pytest.raises(DataError, match=r"sweep.db is not a readable Optuna study \(file is not a database\): restore "
+                                        r"it, or rescore a copy of the folder without it"):
+        _unstarted_studies(tmp_path, "length-v1")
+
+
 def test_a_demo_on_a_baseline_is_rescored_from_the_baselines_answers_without_touching_it(tiny_model_dir, bundle,
                                                                                          tmp_path, monkeypatch):
     import shutil

@@ -10,7 +10,7 @@ from collections.abc import Callable, Collection
 from pathlib import Path
 
 from seamlm.errors import DataError
-from seamlm.jsonl import read_records
+from seamlm.jsonl import read_records, write_text_atomic
 from seamlm.results import METRICS, ResultRow, ResultStore, write_results_csv
 from seamlm.selection import collect, within_bound, worst_case_rows
 from seamlm.verdict import check_bar
@@ -402,7 +402,7 @@ def write_documents(out: Path, title: str, intro: list[str], tables: dict[str, l
     md = [f"# {title}", "", *[line + "\n" for line in intro], _markdown(tables)]
     md += [f"![{p}]({p})" for p in plots]
     md += ["", "Versions: " + "; ".join(versions)]
-    (out / "report.md").write_text("\n".join(md) + "\n", encoding="utf-8")
+    write_text_atomic(out / "report.md", "\n".join(md) + "\n")  # a kill leaves the last whole report
     body = [f"<h1>{html.escape(title)}</h1>"] + [f"<p>{_code(line)}</p>" for line in intro]
     for name, t in tables.items():
         body.append(f"<h3>{html.escape(name)}</h3><table border=1 cellpadding=4><tr>"
@@ -411,8 +411,8 @@ def write_documents(out: Path, title: str, intro: list[str], tables: dict[str, l
                     + "</table>")
     body += [f'<p><img src="{html.escape(p)}" alt="{html.escape(p)}"></p>' for p in plots]
     body.append(f"<p>Versions: {html.escape('; '.join(versions))}</p>")
-    (out / "report.html").write_text('<html><head><meta charset="utf-8"></head><body>' + "\n".join(body)
-                                     + "</body></html>\n", encoding="utf-8")
+    write_text_atomic(out / "report.html", '<html><head><meta charset="utf-8"></head><body>' + "\n".join(body)
+                      + "</body></html>\n")
     return out / "report.md"
 
 

@@ -216,12 +216,14 @@ def _unstarted_studies(folder: Path, judge_name: str) -> list[str]:
         return []
     from optuna.trial import TrialState
 
-    from seamlm.sweep import _quiet_optuna, sweep_storage
+    from seamlm.sweep import _quiet_optuna, readable_sweep_db, sweep_storage
 
     optuna = _quiet_optuna()
     storage = sweep_storage(folder)
     names = []
-    for summary in optuna.get_all_study_summaries(storage):
+    with readable_sweep_db(folder, "restore it, or rescore a copy of the folder without it"):
+        summaries = optuna.get_all_study_summaries(storage)
+    for summary in summaries:
         name = summary.study_name
         study = optuna.load_study(study_name=name, storage=storage)
         if (study.user_attrs.get("sweep_context") or {}).get("judge") == judge_name:

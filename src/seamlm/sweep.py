@@ -105,6 +105,18 @@ def sweep_storage(out_dir: str | Path) -> str:
     return f"sqlite:///{Path(out_dir).resolve() / 'sweep.db'}"
 
 
+@contextmanager
+def readable_sweep_db(out_dir: str | Path, advice: str) -> Iterator[None]:
+    """Turn SQLite's refusal of ``out_dir/sweep.db`` (not a database, cut short, a folder at that path) into a
+    DataError ending in ``advice``."""
+    from sqlalchemy.exc import DatabaseError
+
+    try:
+        yield
+    except DatabaseError as exc:  # (its OperationalError too)
+        raise DataError(f"{out_dir}/sweep.db is not a readable Optuna study ({exc.orig or exc}): {advice}") from None
+
+
 def open_study(cfg: SweepConfig, label: str, out_dir: str | Path, context: dict[str, Any] | None = None,
                same_models: Collection[str] = ()) -> Any:
     """The study in ``out_dir/sweep.db`` (created or loaded); trials left RUNNING by a killed process are failed
@@ -116,16 +128,11 @@ def open_study(cfg: SweepConfig, label: str, out_dir: str | Path, context: dict[
     optuna = _quiet_optuna()
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     name = cfg.study_name or label
-    from sqlalchemy.exc import DatabaseError
-
-    try:
+    with readable_sweep_db(out_dir, "restore it or use another --out"):
         study = optuna.create_study(
             study_name=name, storage=sweep_storage(out_dir), direction="maximize",
             load_if_exists=True,
         )
-    except DatabaseError as exc:  # (its OperationalError too: a folder at that path, or an unreadable file)
-        raise DataError(f"{out_dir}/sweep.db is not a readable Optuna study ({exc.orig or exc}): restore it or use "
-                        "another --out") from None
     saved = study.user_attrs.get("sweep_config")
     mine = json.dumps({k: v for k, v in cfg.to_dict().items() if k != "trials"}, sort_keys=True)  # more trials: fine
     if saved is not None and saved != mine:
