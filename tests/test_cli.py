@@ -354,6 +354,27 @@ def test_attack_then_report(tiny_model_dir, tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err and not (tmp_path / "e").exists()
 
 
+@pytest.mark.parametrize("lora,match", [
+    (["--lora_layers", "0,9"], r"lora_layers \[9\] are beyond this model's 2 decoder layers"),
+    (["--lora_target_modules", "c_attn"], r"lora_target_modules \['c_attn'\] are not modules of this model"),
+])
+def test_a_lora_target_the_model_lacks_stops_the_attack_before_anything_is_written(tiny_model_dir, tmp_path, capsys,
+                                                                                  monkeypatch, lora, match):
+    """Checked on the model's skeleton (its config on the meta device): not after the pre-attack evaluation, and
+    without leaving an attack_config record that a corrected rerun would have to sit beside."""
+    import seamlm.models
+
+    def no_load(*a, **k):
+        raise AssertionError("the check needs no weights")
+
+    monkeypatch.setattr(seamlm.models, "load_model", no_load)
+    out = tmp_path / "att"
+    rc = main(["attack", "--model", str(tiny_model_dir), "--label", "tiny", "--out", str(out), "--learning_rates",
+               "1e-4", "--num_samples", "4", "--lora", "true", *lora, *TINY_EVAL])
+    assert rc == 2 and re.search(match, capsys.readouterr().err)
+    assert not out.exists()
+
+
 def test_attack_without_a_label_keeps_its_files_under_out(tiny_model_dir, tmp_path, capsys):
     """The label defaults to the --model value, here an absolute path: its folders must not be joined to --out as
     a path (which would write the attack's logs into the model's own folder and then fail)."""

@@ -229,6 +229,16 @@ def _batches(n: int, cfg: FinetuneConfig) -> list[list[int]]:
 def _with_lora(model: Any, cfg: FinetuneConfig) -> Any:
     from peft import LoraConfig, get_peft_model
 
+    check_lora_targets(model, cfg)
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=list(cfg.lora_target_modules), task_type="CAUSAL_LM",
+                      layers_to_transform=list(cfg.lora_layers) or None)
+    return get_peft_model(model, lora)
+
+
+def check_lora_targets(model: Any, cfg: FinetuneConfig) -> None:
+    """Refuse LoRA targets ``model`` does not have (modules, layers) or ties to its output head. ``model`` may be a
+    skeleton on the meta device (:func:`seamlm.models.model_skeleton`): the check reads names and tying only."""
     present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     missing = [m for m in cfg.lora_target_modules if m not in present]
     if missing:
@@ -244,10 +254,6 @@ def _with_lora(model: Any, cfg: FinetuneConfig) -> Any:
                           "embeddings to its output head, so an adapter trained on one use of the shared matrix would "
                           "change both when merged (the evaluated model would not be the trained one); target "
                           "projections, or fine-tune all parameters")
-    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=list(cfg.lora_target_modules), task_type="CAUSAL_LM",
-                      layers_to_transform=list(cfg.lora_layers) or None)
-    return get_peft_model(model, lora)
 
 
 def tied_embedding_names(model: Any) -> set[str]:

@@ -185,6 +185,23 @@ def load_model(
     return model, tokenizer
 
 
+def model_skeleton(name: str) -> Any:
+    """``name``'s architecture with its parameters on the meta device (no memory, no weights read), built from its
+    config alone: for checks of module names, layers and tying before a long job loads the weights."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    source = resolve_model_source(name)
+    try:
+        config = AutoConfig.from_pretrained(source.path, **({"gguf_file": source.gguf_file} if source.gguf_file else {}))
+    except (OSError, ValueError) as exc:
+        raise _load_error(f"the config of model '{name}'", source, exc) from exc
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config)
+    model.tie_weights()  # built on meta, tied weights come out as separate parameters
+    return model
+
+
 def _load_tokenizer(source: ModelSource) -> Any:
     from transformers import AutoTokenizer
 
