@@ -154,8 +154,9 @@ def test_beavertails_as_a_csv_file_keeps_its_labels(tmp_path):
     from_csv = load_source("beavertails", path=str(tmp_path / "bt.csv"))
     from_jsonl = load_source("beavertails", path=str(FIXTURES / "beavertails_30k_test.jsonl"))
     assert [(r.label, r.category) for r in from_csv] == [(r.label, r.category) for r in from_jsonl]
-    (tmp_path / "odd.jsonl").write_text('{"prompt": "q", "response": "a", "is_safe": "maybe"}\n')
-    with pytest.raises(DataError, match="is_safe holds 'maybe'"):
+    (tmp_path / "odd.jsonl").write_text('{"prompt": "q0", "response": "a", "is_safe": true}\n'
+                                        '{"prompt": "q", "response": "a", "is_safe": "maybe"}\n')
+    with pytest.raises(DataError, match=r"odd.jsonl: row 2: column is_safe holds 'maybe'"):
         load_source("beavertails", path=str(tmp_path / "odd.jsonl"))
     (tmp_path / "odd.jsonl").write_text('{"prompt": "q", "response": "a", "is_safe": false}\n'
                                         '{"prompt": "q2", "response": "a2"}\n')
@@ -164,7 +165,7 @@ def test_beavertails_as_a_csv_file_keeps_its_labels(tmp_path):
     # a blank label (pandas writes a missing value as "", Parquet as null) is no "unsafe": it must not make H data
     for blank in ("", None):
         (tmp_path / "odd.jsonl").write_text(json.dumps({"prompt": "q", "response": "a", "is_safe": blank}) + "\n")
-        with pytest.raises(DataError, match="a row's is_safe is empty"):
+        with pytest.raises(DataError, match=r"odd.jsonl: row 1: is_safe is empty"):
             load_source("beavertails", path=str(tmp_path / "odd.jsonl"))
     # a category dict's flags are read like the column's ("False" is not flagged)
     (tmp_path / "odd.jsonl").write_text('{"prompt": "q", "response": "a", "is_safe": false, '

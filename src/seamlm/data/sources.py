@@ -334,8 +334,7 @@ def _flag(value: Any, column: str, name: str, required: bool = False) -> bool:
     """A boolean column as a Hub dataset (bool) or a CSV file ("False", "true", "0", "") gives it. ``required``: a
     blank is an error, not False (a missing ``is_safe`` must not make an answer harmful training data)."""
     if required and (value is None or str(value).strip() == ""):
-        raise DataError(f"{name}: a row's {column} is empty; every row needs true/false there (fill it in or drop "
-                        "the row)")
+        raise DataError(f"{name}: {column} is empty; every row needs true/false there (fill it in or drop the row)")
     if isinstance(value, bool) or value is None:
         return bool(value)
     text = str(value).strip().lower()
@@ -389,7 +388,7 @@ def _beavertails(split: str = "30k_train", path: str | None = None) -> list[Exam
         # every flagged category: a held-out category must hold out an answer flagged with it among others
         flagged = sorted(k for k, v in _categories(r.get("category"), where[id(r)]).items() if v)
         out.append(Example(r["prompt"].strip(), r["response"].strip(), CATEGORY_SEPARATOR.join(flagged) or None,
-                           "safe" if _flag(r["is_safe"], "is_safe", name, required=True) else "harmful",
+                           "safe" if _flag(r["is_safe"], "is_safe", where[id(r)], required=True) else "harmful",
                            f"beavertails:{split}"))
     return merge_labels(out, name)  # a pair one annotator flagged unsafe stays harmful
 
@@ -417,7 +416,7 @@ def _repnoise(path: str | None = None) -> list[Example]:
     for r in _with_text(rows, ("prompt", "refusal"), name):
         cat = CATEGORY_SEPARATOR.join(sorted(k for k, v in _categories(r.get("category"), where[id(r)]).items() if v)) or None
         answer = r.get("response") if isinstance(r.get("response"), str) else ""
-        if answer.strip() and not _flag(r["is_safe"], "is_safe", "repnoise-refusals", required=True):
+        if answer.strip() and not _flag(r["is_safe"], "is_safe", where[id(r)], required=True):
             out.append(Example(r["prompt"].strip(), answer.strip(), cat, "harmful", "repnoise"))
         out.append(Example(r["prompt"].strip(), r["refusal"].strip(), cat, "refusal", "repnoise"))
     return drop_duplicates(out, "repnoise-refusals")
