@@ -3,6 +3,7 @@ sharded buffers that never hold the full gradient, and resume after a kill."""
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -265,8 +266,8 @@ def test_a_model_rank_0_cannot_load_stops_every_rank(tiny_model_dir, data_files,
            *[a for k in ("harmful", "refusal", "benign") for a in (f"--{k}", str(data_files[k]))]]
     proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
-    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("seamlm defend: error:")]
-    assert len(errors) == 2, proc.stderr[-3000:]  # one clean message per rank, no traceback in their place
-    own = next(e for e in errors if "rank 0 could not" not in e)  # rank 0's own load error, naming the model
-    assert "could not load model" in own and "no-such-model" in own
-    assert f"seamlm defend: error: rank 0 could not load the model: {own.removeprefix('seamlm defend: error: ')}" in errors
+    err = proc.stderr  # the two ranks write it at once: their lines may run into each other
+    assert err.count("seamlm defend: error: ") == 2, err[-3000:]  # one clean message per rank, no traceback instead
+    own = re.search(r"rank 0 could not load the model: (.*?)(?=seamlm defend: error: |\n)", err).group(1)
+    assert "could not load model" in own and "no-such-model" in own  # rank 1 relays rank 0's error, naming the model
+    assert f"seamlm defend: error: {own}" in err  # and rank 0 says the same itself
