@@ -188,7 +188,7 @@ def load_model_for_rank(name: str, ctx: DistContext, dtype: str | torch.dtype = 
     :func:`fully_shard_model` later gives every rank its rows of rank 0's weights. A load error on rank 0 stops every
     rank with its message.
     """
-    from seamlm.models import load_model, resolve_dtype
+    from seamlm.models import load_model, resolve_dtype, skeleton_from_config
 
     if not ctx.distributed:
         return load_model(name, dtype=dtype, device=device)
@@ -209,13 +209,7 @@ def load_model_for_rank(name: str, ctx: DistContext, dtype: str | torch.dtype = 
         raise ModelLoadError(f"rank 0 could not load the model: {error}")
     if ctx.is_main:
         return model, tokenizer
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
-    with init_empty_weights(include_buffers=False):
-        skeleton = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
-    skeleton.tie_weights()  # built on meta, tied weights come out as separate parameters
-    return skeleton.eval(), tok
+    return skeleton_from_config(config, torch_dtype).eval(), tok
 
 
 def fully_shard_model(model: torch.nn.Module, ctx: DistContext, root: torch.nn.Module | None = None) -> int:

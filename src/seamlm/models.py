@@ -188,16 +188,24 @@ def load_model(
 def model_skeleton(name: str) -> Any:
     """``name``'s architecture with its parameters on the meta device (no memory, no weights read), built from its
     config alone: for checks of module names, layers and tying before a long job loads the weights."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     source = resolve_model_source(name)
     try:
         config = AutoConfig.from_pretrained(source.path, **({"gguf_file": source.gguf_file} if source.gguf_file else {}))
     except (OSError, ValueError) as exc:
         raise _load_error(f"the config of model '{name}'", source, exc) from exc
+    return skeleton_from_config(config)
+
+
+def skeleton_from_config(config: Any, dtype: torch.dtype | None = None) -> Any:
+    """The causal LM of ``config`` with its parameters on the meta device (buffers real), its weights tied as a
+    loaded model's are."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_config(config, **({"dtype": dtype} if dtype is not None else {}))
     model.tie_weights()  # built on meta, tied weights come out as separate parameters
     return model
 
