@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 import statistics
 from collections import Counter
 from pathlib import Path
@@ -166,6 +167,27 @@ def test_a_sweep_db_that_is_no_database_stops_a_rescore_with_a_clear_error(tmp_p
     with pytest.raises(DataError, match=r"sweep.db is not a readable Optuna study \(file is not a database\): restore "
                                         r"it, or rescore a copy of the folder without it"):
         _unstarted_studies(tmp_path, "length-v1")
+
+
+def test_a_sweep_db_from_another_optuna_version_is_a_clear_error_naming_the_upgrade(tmp_path):
+    """Optuna refuses a study file whose schema another version wrote (RuntimeError): the rescore and the sweep say
+    so and give the upgrade command instead of a traceback."""
+    import sqlite3
+
+    import optuna
+
+    from seamlm.rescore import _unstarted_studies
+    from seamlm.sweep import SweepConfig, open_study, sweep_storage
+
+    optuna.create_study(study_name="tiny", storage=sweep_storage(tmp_path))
+    with sqlite3.connect(tmp_path / "sweep.db") as db:  # as an older Optuna would have left it
+        db.execute("UPDATE alembic_version SET version_num = 'v2.6.0.a'")
+    upgrade = re.escape(f"`optuna storage upgrade --storage {sweep_storage(tmp_path)}`")
+    with pytest.raises(DataError, match=r"sweep.db was written by another Optuna version \(.*\)\. Upgrade it in "
+                                        rf"place with {upgrade} \(keep a copy first\), or restore it, or rescore a copy"):
+        _unstarted_studies(tmp_path, "length-v1")
+    with pytest.raises(DataError, match=rf"another Optuna version .*{upgrade}.*, or restore it or use another --out"):
+        open_study(SweepConfig(), "tiny", tmp_path)
 
 
 def test_a_demo_on_a_baseline_is_rescored_from_the_baselines_answers_without_touching_it(tiny_model_dir, bundle,

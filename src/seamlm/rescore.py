@@ -216,9 +216,9 @@ def _unstarted_studies(folder: Path, judge_name: str) -> list[str]:
         return []
     from optuna.trial import TrialState
 
-    from seamlm.sweep import _quiet_optuna, readable_sweep_db, sweep_storage
+    from seamlm.sweep import quiet_optuna, readable_sweep_db, sweep_storage
 
-    optuna = _quiet_optuna()
+    optuna = quiet_optuna()
     storage = sweep_storage(folder)
     names = []
     with readable_sweep_db(folder, "restore it, or rescore a copy of the folder without it"):
@@ -240,9 +240,9 @@ def _adopt(folder: Path, studies: list[str], judge_name: str, eval_cfg: EvalConf
     """After the rows are rescored: the folder's unstarted studies and its demo config name the new judge, so the
     command that made the folder resumes on it (a demo judged by another judge is resumed with that --judge)."""
     if studies:
-        from seamlm.sweep import _quiet_optuna, sweep_storage
+        from seamlm.sweep import quiet_optuna, sweep_storage
 
-        optuna = _quiet_optuna()
+        optuna = quiet_optuna()
         storage = sweep_storage(folder)
         for name in studies:
             study = optuna.load_study(study_name=name, storage=storage)

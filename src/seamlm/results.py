@@ -112,11 +112,11 @@ TEXT_FIELDS = ("model", "defense", "cell", "metric", "judge", "data_manifest", "
 OPTIONAL_TEXT_FIELDS = ("judge", "data_manifest", "settings", "write")
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
         if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
+            out.update(flatten(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out
@@ -131,7 +131,7 @@ def write_results_csv(path: str | Path, rows: Sequence[ResultRow], runs: Sequenc
     """``rows`` as one CSV line each, for a spreadsheet or pandas: the row's fields, then its attack settings and
     versions flattened (blank where a row has none; a list as JSON). ``runs``: each row's results file, as a first
     ``run`` column (a report across runs)."""
-    flat = [{**{k: getattr(r, k) for k in CSV_COLUMNS}, **_flatten({"attack": r.attack, "versions": r.versions})}
+    flat = [{**{k: getattr(r, k) for k in CSV_COLUMNS}, **flatten({"attack": r.attack, "versions": r.versions})}
             for r in rows]
     extra = sorted({k for line in flat for k in line} - set(CSV_COLUMNS),
                    key=lambda k: (not k.startswith("attack."), k))
@@ -296,8 +296,8 @@ class ResultStore:
         record = self.settings_record(old_digest)
         if record is None:
             return " (which ones is not recorded: the rows predate seamlm's settings records)"
-        old = _flatten(record)
-        new = _flatten(json.loads(json.dumps(parts, default=str)))
+        old = flatten(record)
+        new = flatten(json.loads(json.dumps(parts, default=str)))
         changed = [f"{k}: {old.get(k, '(absent)')!r} → {new.get(k, '(absent)')!r}"
                    for k in sorted(set(old) | set(new)) if old.get(k, "(absent)") != new.get(k, "(absent)")]
         more = f"; and {len(changed) - 6} more" if len(changed) > 6 else ""

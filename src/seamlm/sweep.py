@@ -28,7 +28,7 @@ from seamlm.finetune import LOOP_VERSION, FinetuneConfig
 from seamlm.locks import holding
 from seamlm.models import check_trained_format, legacy_identities, model_identity, prompt_format_parts
 from seamlm.recipes import RECIPES, make_recipe
-from seamlm.results import ResultStore, _flatten
+from seamlm.results import ResultStore, flatten
 from seamlm.runinfo import fingerprint, path_part
 
 log = logging.getLogger(__name__)
@@ -93,7 +93,8 @@ def suggest_training(trial: Any, cfg: SweepConfig) -> dict[str, Any]:
             "epochs": trial.suggest_int("epochs", 1, cfg.max_epochs)}
 
 
-def _quiet_optuna() -> Any:
+def quiet_optuna() -> Any:
+    """Optuna with its per-trial INFO lines off (seamlm prints its own progress)."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -107,14 +108,20 @@ def sweep_storage(out_dir: str | Path) -> str:
 
 @contextmanager
 def readable_sweep_db(out_dir: str | Path, advice: str) -> Iterator[None]:
-    """Turn SQLite's refusal of ``out_dir/sweep.db`` (not a database, cut short, a folder at that path) into a
-    DataError ending in ``advice``."""
+    """Turn SQLite's refusal of ``out_dir/sweep.db`` (not a database, cut short, a folder at that path), and
+    Optuna's of a study file from another Optuna version, into a DataError ending in ``advice``."""
     from sqlalchemy.exc import DatabaseError
 
     try:
         yield
     except DatabaseError as exc:  # (its OperationalError too)
         raise DataError(f"{out_dir}/sweep.db is not a readable Optuna study ({exc.orig or exc}): {advice}") from None
+    except RuntimeError as exc:
+        if "storage upgrade" not in str(exc):  # RDBStorage's schema-version check; anything else is not ours
+            raise
+        raise DataError(f"{out_dir}/sweep.db was written by another Optuna version ({exc}). Upgrade it in place with "
+                        f"`optuna storage upgrade --storage {sweep_storage(out_dir)}` (keep a copy first), or "
+                        f"{advice}") from None
 
 
 def open_study(cfg: SweepConfig, label: str, out_dir: str | Path, context: dict[str, Any] | None = None,
@@ -125,7 +132,7 @@ def open_study(cfg: SweepConfig, label: str, out_dir: str | Path, context: dict[
     ``context`` is what else made its trials' numbers (model, training base, evaluation, judge, data): a study is
     resumed only with the same sweep config (``trials`` may grow) and the same context, so its trials and its best
     trial never mix settings. A study from before contexts were stored adopts the current one."""
-    optuna = _quiet_optuna()
+    optuna = quiet_optuna()
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     name = cfg.study_name or label
     with readable_sweep_db(out_dir, "restore it or use another --out"):
@@ -179,7 +186,7 @@ def open_study(cfg: SweepConfig, label: str, out_dir: str | Path, context: dict[
 
 def _changes(then: dict[str, Any], now: dict[str, Any]) -> str:
     """``key: old → new`` for each key whose value differs, nested settings (``eval``, ``train``) by their own keys."""
-    then, now = _flatten(then), _flatten(now)
+    then, now = flatten(then), flatten(now)
     return ", ".join(f"{k}: {then.get(k, '(absent)')!r} → {now.get(k, '(absent)')!r}"
                      for k in sorted({*then, *now}) if then.get(k, "(absent)") != now.get(k, "(absent)"))
 
