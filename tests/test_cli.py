@@ -352,6 +352,11 @@ def test_attack_then_report(tiny_model_dir, tmp_path, capsys):
     # a mistyped model fails before --out is made
     assert main(["eval", "--model", str(tmp_path / "nomodel"), "--out", str(tmp_path / "e"), "--judge", "keyword"]) == 1
     assert "does not exist" in capsys.readouterr().err and not (tmp_path / "e").exists()
+    # a judge that cannot load stops the command before the data's manifest is recorded in --out
+    rc = main(["eval", "--model", str(tiny_model_dir), "--out", str(tmp_path / "j"), "--judge", "beavertails",
+               "--judge_model", str(tmp_path / "no-judge")])
+    assert rc == 2 and "no-judge: no such file or folder" in capsys.readouterr().err
+    assert not list((tmp_path / "j").glob("data_manifest*")), list((tmp_path / "j").iterdir())
 
 
 @pytest.mark.parametrize("lora,match", [

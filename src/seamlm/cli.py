@@ -298,10 +298,11 @@ def _eval_setup(args: argparse.Namespace, eval_over: dict[str, str], check: Call
     bundle = resolve_data(args.data, seed=args.data_seed)
     # beside other attack/eval/sweep commands (each cell is locked alone), never beside a demo, adaptive or rescore
     args.held.enter_context(folder_lock(Path(args.out), args.command, shared=True))
+    judge = cfg.make_judge()  # a judge that cannot load leaves no record of this data behind
     # a manifest put beside is named by the digest its result rows carry (data_manifest)
     keep_record(Path(args.out) / "data_manifest.json", json.dumps(bundle.manifest, indent=2),
                 tag=manifest_digest(bundle))
-    return cfg, bundle, cfg.make_judge(), ResultStore(Path(args.out) / "results.jsonl")
+    return cfg, bundle, judge, ResultStore(Path(args.out) / "results.jsonl")
 
 
 def _check_model_option(model: str, dtype: str | None = None) -> None:
