@@ -365,3 +365,13 @@ def test_each_study_writes_its_own_trials_table(tiny_model_dir, bundle, tmp_path
                   KeywordJudge(), tmp_path, ResultStore(tmp_path / "results.jsonl"))
     tables = {p.name: p.read_text().splitlines() for p in tmp_path.glob("sweep_trials.*.csv")}
     assert sorted(tables) == ["sweep_trials.a.csv", "sweep_trials.b.csv"] and all(len(t) == 2 for t in tables.values())
+
+
+def test_a_study_seeded_with_the_largest_seed_resumes(tmp_path):
+    """The sampler of a resumed study is seeded with seed + trials so far, kept inside numpy's 0 … 2**32 − 1."""
+    cfg = SweepConfig(seed=2**32 - 1)
+    study = open_study(cfg, "top", tmp_path)
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=1)
+    resumed = open_study(cfg, "top", tmp_path)  # numpy refused the seed 2**32 here
+    resumed.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=1)
+    assert len(resumed.trials) == 2

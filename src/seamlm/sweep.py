@@ -159,7 +159,8 @@ def open_study(cfg: SweepConfig, label: str, out_dir: str | Path, context: dict[
                               "same settings to resume")
         study.set_user_attr("sweep_context", context)
     # seeded by the trials so far: a resumed study seeded as before would replay its random start-up parameters
-    study.sampler = optuna.samplers.TPESampler(seed=cfg.seed + len(study.trials), n_startup_trials=cfg.startup_trials)
+    study.sampler = optuna.samplers.TPESampler(seed=(cfg.seed + len(study.trials)) % 2**32,
+                                                     n_startup_trials=cfg.startup_trials)
     from optuna.trial import TrialState
 
     retried = set(study.user_attrs.get("retried_trials", []))
