@@ -359,6 +359,16 @@ def test_attack_then_report(tiny_model_dir, tmp_path, capsys):
     assert not list((tmp_path / "j").glob("data_manifest*")), list((tmp_path / "j").iterdir())
 
 
+def _patch_load_model(monkeypatch: pytest.MonkeyPatch, fake) -> None:
+    """Every ``load_model`` an attack calls: seamlm.models' (looked up at call time) and the one seamlm.attack bound
+    when first imported (patching only the first would let a first import during the patch keep the fake)."""
+    import seamlm.attack
+    import seamlm.models
+
+    monkeypatch.setattr(seamlm.models, "load_model", fake)
+    monkeypatch.setattr(seamlm.attack, "load_model", fake)
+
+
 @pytest.mark.parametrize("lora,match", [
     (["--lora_layers", "0,9"], r"lora_layers \[9\] are beyond this model's 2 decoder layers"),
     (["--lora_target_modules", "c_attn"], r"lora_target_modules \['c_attn'\] are not modules of this model"),
@@ -367,17 +377,40 @@ def test_a_lora_target_the_model_lacks_stops_the_attack_before_anything_is_writt
                                                                                   monkeypatch, lora, match):
     """Checked on the model's skeleton (its config on the meta device): not after the pre-attack evaluation, and
     without leaving an attack_config record that a corrected rerun would have to sit beside."""
-    import seamlm.models
-
     def no_load(*a, **k):
         raise AssertionError("the check needs no weights")
 
-    monkeypatch.setattr(seamlm.models, "load_model", no_load)
+    _patch_load_model(monkeypatch, no_load)
     out = tmp_path / "att"
     rc = main(["attack", "--model", str(tiny_model_dir), "--label", "tiny", "--out", str(out), "--learning_rates",
                "1e-4", "--num_samples", "4", "--lora", "true", *lora, *TINY_EVAL])
     assert rc == 2 and re.search(match, capsys.readouterr().err)
     assert not out.exists()
+
+
+def test_the_early_lora_check_checks_the_targets_the_recipe_trains(tokenizer, tmp_path, capsys, monkeypatch):
+    """subspace puts LoRA on its own --recipe.modules: a model without the default targets (Phi-3: qkv_proj,
+    gate_up_proj) passes the check with modules it has, and fails it with modules it lacks."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    from seamlm.errors import ModelLoadError
+
+    d = tmp_path / "phi3"
+    Phi3ForCausalLM(Phi3Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=4, pad_token_id=0)).save_pretrained(d)
+    tokenizer.save_pretrained(d)
+
+    def reached_the_load(*a, **k):
+        raise ModelLoadError("the check passed: the model would load now")
+
+    _patch_load_model(monkeypatch, reached_the_load)
+    base = ["attack", "--model", str(d), "--label", "phi3", "--learning_rates", "1e-4", "--num_samples", "4",
+            "--lora", "true", "--recipe", "subspace", *TINY_EVAL]
+    assert main([*base, "--out", str(tmp_path / "a"), "--recipe.modules", "qkv_proj,o_proj"]) == 1
+    assert "the check passed" in capsys.readouterr().err
+    assert main([*base, "--out", str(tmp_path / "b"), "--recipe.modules", "q_proj"]) == 2
+    assert re.search(r"lora_target_modules \['q_proj'\] are not modules of this model", capsys.readouterr().err)
+    assert not (tmp_path / "b").exists()
 
 
 def test_attack_without_a_label_keeps_its_files_under_out(tiny_model_dir, tmp_path, capsys):

@@ -349,11 +349,12 @@ def _run_attack(args: argparse.Namespace, extra: list[str]) -> int:
     else:
         cfg = AttackConfig.from_dict(attack_over, "command line")
     recipe.check_launch(ctx, cfg)  # a launch it cannot train under fails now, not after the pre-attack evaluation
-    if cfg.lora:  # so does a LoRA target the model lacks (before any record of this grid is written)
+    if cfg.lora and recipe.trains:  # so does a LoRA target the model lacks (before any record of this grid is written)
         from seamlm.finetune import check_lora_targets
         from seamlm.models import model_skeleton
 
-        check_lora_targets(model_skeleton(args.model), cfg)
+        skeleton = model_skeleton(args.model)
+        check_lora_targets(skeleton, recipe.lora_config(skeleton, recipe.training_config(cfg)))
     with main_process_first(ctx):  # rank 0 writes the manifest and trains/caches the judge first
         # the template check before the pre-attack evaluation runs in it (and before the judge is made)
         eval_cfg, bundle, judge, store = _eval_setup(args, eval_over, lambda ev: check_eval_template(cfg, ev, recipe))

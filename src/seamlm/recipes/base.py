@@ -64,6 +64,11 @@ class AttackRecipe(ABC):
         """The fine-tuning config this recipe trains with (and whose prompt template the evaluation uses)."""
         return ft
 
+    def lora_config(self, model: Any, ft: FinetuneConfig) -> FinetuneConfig:
+        """The LoRA layers and target modules it trains on ``model`` (which may be a meta-device skeleton) when
+        ``ft.lora`` is on: ``ft``'s own unless the recipe chooses them."""
+        return ft
+
     @property
     def changes_loss_or_gradients(self) -> bool:
         """Whether it trains through a loss or gradient hook (which runs in one process only)."""

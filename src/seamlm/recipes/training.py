@@ -292,6 +292,10 @@ class Subspace(AttackRecipe):
                                   "--lora_layers/--lora_target_modules, which it would replace")
         return ft
 
+    def lora_config(self, model: Any, ft: FinetuneConfig) -> FinetuneConfig:
+        return ft.replace(lora_layers=tuple(sorted(self.layer_indices(model) or ())),
+                          lora_target_modules=self.knobs.modules or ft.lora_target_modules)
+
     def attack(self, model, tokenizer, data, ft, log_path, desc, ctx) -> FinetuneResult:
         layers = self.layer_indices(model)
         in_layers = [n for n, _ in model.named_parameters() if _LAYER.search(n)]
@@ -301,9 +305,7 @@ class Subspace(AttackRecipe):
             raise ConfigError(f"subspace: modules {unmatched} match no parameter of this model's layers; its modules: "
                               f"{', '.join(known)}")
         if ft.lora:
-            ft = ft.replace(lora_layers=tuple(sorted(layers or ())),
-                            lora_target_modules=self.knobs.modules or ft.lora_target_modules)
-            return finetune(model, tokenizer, data.harmful, ft, log_path, desc=desc, ctx=ctx)
+            return finetune(model, tokenizer, data.harmful, self.lora_config(model, ft), log_path, desc=desc, ctx=ctx)
 
         def select(m):
             for name, p in m.named_parameters():
