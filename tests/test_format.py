@@ -270,6 +270,8 @@ BROKEN_TEMPLATES = [
     ("{{ raise_exception('system messages are not supported') }}", "it fails with: system messages are not supported"),
     ("{% for m in messages %}{{ m['content'] + 1 }}{% endfor %}",
      f"it fails with: TypeError: {re.escape(_str_plus_int_error())}"),
+    ("{{ 1 / 0 }}", "it fails with: ZeroDivisionError: division by zero"),
+    ("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}", "it fails with: RecursionError: maximum recursion depth[^)]*"),
 ]
 
 

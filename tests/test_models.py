@@ -50,6 +50,9 @@ def test_a_mistyped_local_path_tried_as_a_hub_id_is_named_as_such(tmp_path, monk
     with pytest.raises(ModelLoadError) as info:  # an owner with no local folder is a plain hub id
         load_model("someone/seam")
     assert "No local folder" not in str(info.value)
+    with pytest.raises(ModelLoadError) as info:  # nor is a hub id without an owner (its parent is ".")
+        load_model("seam")
+    assert "No local folder" not in str(info.value)
 
 
 def test_directory_without_config(tmp_path):
@@ -190,3 +193,15 @@ def test_a_cast_save_keeps_tied_weights_one_tensor(tmp_path, tokenizer):
     loaded = AutoModelForCausalLM.from_pretrained(out)
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight and loaded.dtype == torch.bfloat16
     assert next(model.parameters()).dtype == torch.float32  # the in-memory model is left as it is
+
+
+def test_the_skeleton_of_a_model_that_is_no_causal_lm_is_a_load_error(tmp_path):
+    """`attack --lora` builds the skeleton first: an encoder-decoder is refused as load_model refuses it, not with
+    transformers' ValueError traceback."""
+    from transformers import T5Config
+
+    from seamlm.models import model_skeleton
+
+    T5Config(d_model=16, d_ff=32, num_layers=1, num_heads=2, vocab_size=64).save_pretrained(tmp_path)
+    with pytest.raises(ModelLoadError, match=r"could not load model '.*' from .*Unrecognized configuration class"):
+        model_skeleton(str(tmp_path))

@@ -195,7 +195,10 @@ def model_skeleton(name: str) -> Any:
         config = AutoConfig.from_pretrained(source.path, **({"gguf_file": source.gguf_file} if source.gguf_file else {}))
     except (OSError, ValueError) as exc:
         raise _load_error(f"the config of model '{name}'", source, exc) from exc
-    return skeleton_from_config(config)
+    try:
+        return skeleton_from_config(config)
+    except ValueError as exc:  # not a causal LM (an encoder-decoder, a classifier): load_model refuses it the same way
+        raise _load_error(f"model '{name}'", source, exc) from exc
 
 
 def skeleton_from_config(config: Any, dtype: torch.dtype | None = None) -> Any:
@@ -221,7 +224,7 @@ def _load_error(what: str, source: ModelSource, exc: Exception) -> ModelLoadErro
     if source.kind == "hub":
         hint = f" If you are offline, pass a local directory, a .gguf file or an alias ({', '.join(MODEL_ALIASES)})."
         owner = Path(source.path).parent
-        if owner.is_dir():  # `runs/seam` for `runs/demo/models/seam`: a mistyped path, tried as a hub id
+        if "/" in source.path and owner.is_dir():  # `runs/seam` for `runs/demo/models/seam`: a mistyped path, tried as a hub id
             hint += f" (No local folder {source.path} exists, though {owner}/ does: a mistyped path?)"
     return ModelLoadError(f"could not load {what} from {source.path}: {exc}.{hint}")
 

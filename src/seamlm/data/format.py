@@ -75,8 +75,9 @@ def _chat_prompt(tokenizer: Any, prompt: str, model: str) -> str:
             [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False,
             date_string=TEMPLATE_DATE,
         )
-    except (TemplateError, TypeError, ValueError, KeyError, AttributeError, IndexError) as exc:
-        # jinja2's own errors, or a Python error of an expression in the template (`{{ m['content'] + 1 }}`)
+    except Exception as exc:  # the template is the model's data: any error it raises is its fault
+        # jinja2's own errors, or a Python error of an expression in the template (`{{ m['content'] + 1 }}`,
+        # `{{ 1 / 0 }}`, a macro that recurses without end)
         message = exc.message if isinstance(exc, TemplateError) else f"{type(exc).__name__}: {exc}"
         what = " ".join(str(message or type(exc).__name__).split())  # one line, whatever the template wrote
         what = f"syntax error at line {exc.lineno}: {what}" if isinstance(exc, TemplateSyntaxError) else \
