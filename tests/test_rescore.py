@@ -182,12 +182,36 @@ def test_a_sweep_db_from_another_optuna_version_is_a_clear_error_naming_the_upgr
     optuna.create_study(study_name="tiny", storage=sweep_storage(tmp_path))
     with sqlite3.connect(tmp_path / "sweep.db") as db:  # as an older Optuna would have left it
         db.execute("UPDATE alembic_version SET version_num = 'v2.6.0.a'")
-    upgrade = re.escape(f"`optuna storage upgrade --storage {sweep_storage(tmp_path)}`")
+    upgrade = re.escape(f"`optuna storage upgrade --storage 'sqlite:///{tmp_path.resolve() / 'sweep.db'}'`")
     with pytest.raises(DataError, match=r"sweep.db was written by another Optuna version \(.*\)\. Upgrade it in "
                                         rf"place with {upgrade} \(keep a copy first\), or restore it, or rescore a copy"):
         _unstarted_studies(tmp_path, "length-v1")
     with pytest.raises(DataError, match=rf"another Optuna version .*{upgrade}.*, or restore it or use another --out"):
         open_study(SweepConfig(), "tiny", tmp_path)
+
+
+def test_a_sweep_db_another_process_keeps_locked_is_busy_not_broken(tmp_path, monkeypatch):
+    import sqlite3
+
+    import optuna
+
+    import seamlm.sweep as sweep_mod
+    from seamlm.rescore import _unstarted_studies
+
+    optuna.create_study(study_name="a", storage=sweep_mod.sweep_storage(tmp_path))
+    monkeypatch.setattr(sweep_mod, "SQLITE_TIMEOUT_S", 0.2)
+    holder = sqlite3.connect(tmp_path / "sweep.db", isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")  # as another sweep's write would, for longer than the wait
+    try:
+        busy = r"sweep.db stayed locked by another process for 0.2 s .*the file is not damaged; rerun once"
+        with pytest.raises(DataError, match=busy):
+            sweep_mod.open_study(sweep_mod.SweepConfig(), "b", tmp_path)
+        with pytest.raises(DataError, match=busy):
+            _unstarted_studies(tmp_path, "length-v1")
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert sweep_mod.open_study(sweep_mod.SweepConfig(), "b", tmp_path).study_name == "b"  # once it is free
 
 
 def test_a_demo_on_a_baseline_is_rescored_from_the_baselines_answers_without_touching_it(tiny_model_dir, bundle,

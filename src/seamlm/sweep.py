@@ -101,26 +101,41 @@ def quiet_optuna() -> Any:
     return optuna
 
 
+#: Seconds a sweep waits for another process's write to sweep.db to end (sweeps of several labels may share one
+#: --out, and so one study file) before it gives up.
+SQLITE_TIMEOUT_S = 60.0
+
+
 def sweep_storage(out_dir: str | Path) -> str:
-    """The Optuna storage of the sweeps in ``out_dir`` (``sweep.db``, SQLite)."""
+    """The Optuna storage of the sweeps in ``out_dir`` (``sweep.db``, SQLite, waiting up to
+    :data:`SQLITE_TIMEOUT_S` for a lock another process holds)."""
+    return f"{_sweep_db_url(out_dir)}?timeout={SQLITE_TIMEOUT_S:g}"
+
+
+def _sweep_db_url(out_dir: str | Path) -> str:
     return f"sqlite:///{Path(out_dir).resolve() / 'sweep.db'}"
 
 
 @contextmanager
 def readable_sweep_db(out_dir: str | Path, advice: str) -> Iterator[None]:
     """Turn SQLite's refusal of ``out_dir/sweep.db`` (not a database, cut short, a folder at that path), and
-    Optuna's of a study file from another Optuna version, into a DataError ending in ``advice``."""
+    Optuna's of a study file from another Optuna version, into a DataError ending in ``advice``; a file another
+    process kept locked is said to be busy, not broken."""
     from sqlalchemy.exc import DatabaseError
 
     try:
         yield
     except DatabaseError as exc:  # (its OperationalError too)
+        if getattr(exc.orig, "sqlite_errorname", "") in ("SQLITE_BUSY", "SQLITE_LOCKED"):
+            raise DataError(f"{out_dir}/sweep.db stayed locked by another process for {SQLITE_TIMEOUT_S:g} s (another "
+                            "sweep or rescore on this folder, or a program holding the file open): the file is not "
+                            "damaged; rerun once that process is done") from None
         raise DataError(f"{out_dir}/sweep.db is not a readable Optuna study ({exc.orig or exc}): {advice}") from None
     except RuntimeError as exc:
         if "storage upgrade" not in str(exc):  # RDBStorage's schema-version check; anything else is not ours
             raise
         raise DataError(f"{out_dir}/sweep.db was written by another Optuna version ({exc}). Upgrade it in place with "
-                        f"`optuna storage upgrade --storage {sweep_storage(out_dir)}` (keep a copy first), or "
+                        f"`optuna storage upgrade --storage '{_sweep_db_url(out_dir)}'` (keep a copy first), or "
                         f"{advice}") from None
 
 
