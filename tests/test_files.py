@@ -177,3 +177,29 @@ def test_a_lock_names_no_holder_of_this_host_that_has_ended(tmp_path):
     assert [h.split(",")[0] + ("" if "another-host" not in h else " (remote)") for h in holders] == [
         "seamlm attack (remote)", "seamlm eval"]
     live.release()
+
+
+def test_an_atomic_write_goes_through_a_link_and_never_replaces_a_device_or_folder(tmp_path):
+    import os
+
+    from seamlm.errors import ConfigError
+    from seamlm.jsonl import write_text_atomic
+
+    shared = tmp_path / "shared" / "benign.jsonl"
+    shared.parent.mkdir()
+    shared.write_text("old\n")
+    link = tmp_path / "out.jsonl"
+    link.symlink_to(shared)
+    assert write_text_atomic(link, "new\n") == link
+    assert link.is_symlink() and shared.read_text() == "new\n"  # the link kept, its target rewritten
+    dangling = tmp_path / "later.jsonl"
+    dangling.symlink_to(tmp_path / "shared" / "later.jsonl")  # a link to a file not written yet
+    write_text_atomic(dangling, "first\n")
+    assert dangling.is_symlink() and (tmp_path / "shared" / "later.jsonl").read_text() == "first\n"
+    pipe = tmp_path / "shared" / "pipe"  # as /dev/stdout or /dev/null would be (root may rename over those)
+    os.mkfifo(pipe)
+    for path, what in ((pipe, "not a regular file"), (tmp_path / "shared", "a folder")):
+        with pytest.raises(ConfigError, match=f"{path} is {what}"):
+            write_text_atomic(path, "x\n")
+    assert pipe.is_fifo()
+    assert sorted(p.name for p in (tmp_path / "shared").iterdir()) == ["benign.jsonl", "later.jsonl", "pipe"]  # no temp

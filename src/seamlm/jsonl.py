@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from seamlm.errors import DataError
+from seamlm.errors import ConfigError, DataError
 from seamlm.locks import lock_open_file
 
 log = logging.getLogger(__name__)
@@ -30,12 +30,17 @@ def drop_partial_tail(path: str | Path) -> None:
 
 def replace_atomically(path: str | Path, write: Callable[[Path], Any]) -> Path:
     """``write`` a temporary file beside ``path``, then rename it over ``path``: a kill or a full disk leaves the old
-    file or the new one, never a cut one, for files a resumed run reads back."""
+    file or the new one, never a cut one, for files a resumed run reads back. A symbolic link is written through
+    (its target replaced, the link kept); a device, pipe or folder at ``path`` is refused, not replaced."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    target = path.resolve() if path.is_symlink() else path
+    if target.exists() and not target.is_file():
+        what = "a folder" if target.is_dir() else "not a regular file (a device or a pipe)"
+        raise ConfigError(f"{path} is {what}: give the path of a file to write")
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     try:
         write(tmp)
-        os.replace(tmp, path)
+        os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
     return path
