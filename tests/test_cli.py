@@ -303,6 +303,11 @@ def test_defend_data_and_files_are_exclusive(tiny_model_dir, data_files, tmp_pat
     assert rc == 2 and "either --data or" in capsys.readouterr().err
     rc = main(["defend", "--model", str(tiny_model_dir), "--harmful", str(data_files["harmful"]), "--out", str(tmp_path / "o")])
     assert rc == 2 and "missing --refusal, --benign" in capsys.readouterr().err
+    files = {k: str(data_files[k]) for k in ("harmful", "refusal", "benign")}
+    rc = main(["defend", "--model", str(tiny_model_dir), "--out", str(tmp_path / "o"),
+               *[a for k, v in {**files, "benign": str(tmp_path / "nofile.jsonl")}.items() for a in (f"--{k}", v)]])
+    assert rc == 1 and "nofile.jsonl" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()  # a refused defence leaves no folder (the lock it took is gone with it)
 
 
 def test_a_defend_folder_in_use_is_refused_and_left_as_it_was(tiny_model_dir, data_files, tmp_path, capsys):

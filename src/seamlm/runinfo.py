@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -33,10 +34,19 @@ def folder_lock(folder: Path, command: str, shared: bool = False) -> Iterator[No
     """One seamlm command at a time on ``folder`` (an advisory ``flock``, released when the process ends, also by a
     kill): two demos or rescores on one folder would train the same stage twice, interleave one log and write every
     missing cell twice. ``shared``: beside other shared commands (attack, eval, sweep: their cells are locked one by
-    one), never beside an exclusive one (demo, adaptive, rescore, which rewrites the results file)."""
-    with holding(folder / LOCK_FILE, command, lambda holder: f"{folder} is in use by another seamlm command "
-                 f"({holder}): wait for it to end, or choose another --out", shared=shared):
-        yield
+    one), never beside an exclusive one (demo, adaptive, rescore, which rewrites the results file). A command that
+    made ``folder`` and fails before writing anything there removes it again (no folder holding only the lock)."""
+    made = not folder.exists()
+    try:
+        with holding(folder / LOCK_FILE, command, lambda holder: f"{folder} is in use by another seamlm command "
+                     f"({holder}): wait for it to end, or choose another --out", shared=shared):
+            yield
+    except BaseException:
+        if made and folder.is_dir() and [p.name for p in folder.iterdir()] == [LOCK_FILE]:
+            with contextlib.suppress(OSError):  # another command may have begun there meanwhile: leave it
+                (folder / LOCK_FILE).unlink()
+                folder.rmdir()
+        raise
 
 
 def package_versions(names: tuple[str, ...] = ("seamlm", "torch", "transformers", "accelerate", "peft", "gguf")) -> dict[str, str]:
