@@ -429,6 +429,64 @@ def test_one_command_at_a_time_on_a_folder(tmp_path):
     assert (tmp_path / "d" / LOCK_FILE).is_file()
 
 
+def test_a_failed_command_removes_the_folder_it_made_only_while_no_other_command_holds_it(tmp_path):
+    """(Locks of two HolderLocks in one process conflict as two processes' would: flock is per open file.)"""
+    from seamlm.locks import HolderLock
+    from seamlm.runinfo import LOCK_FILE, folder_lock
+
+    # alone: the folder it made goes with it
+    with pytest.raises(RuntimeError), folder_lock(tmp_path / "alone", "defend"):
+        raise RuntimeError("the data check failed")
+    assert not (tmp_path / "alone").exists()
+    (tmp_path / "there").mkdir()
+    with pytest.raises(RuntimeError), folder_lock(tmp_path / "there", "defend"):  # a folder there before stays
+        raise RuntimeError
+    assert (tmp_path / "there").is_dir()
+    other = HolderLock(tmp_path / "shared" / LOCK_FILE, "eval")
+    # an eval that began beside the failing attack keeps the folder and its lock
+    with pytest.raises(RuntimeError), folder_lock(tmp_path / "shared", "attack", shared=True):
+        assert other.acquire(shared=True)
+        raise RuntimeError
+    assert (tmp_path / "shared" / LOCK_FILE).is_file()
+    # so an exclusive command is still refused
+    with pytest.raises(ConfigError, match=r"shared is in use by another seamlm command \(seamlm eval"), \
+            folder_lock(tmp_path / "shared", "demo"):
+        pass
+    other.release()
+
+
+def test_a_process_waiting_on_a_lock_file_its_holder_removed_locks_the_new_one(tmp_path, monkeypatch):
+    import threading
+
+    import seamlm.locks
+    from seamlm.locks import HolderLock
+
+    waiting, real_lock = threading.Event(), seamlm.locks.lock_open_file
+
+    def lock_and_say(fh, where, *, wait, shared=False):
+        if wait:
+            waiting.set()  # the file is open: the waiter is about to block on it
+        return real_lock(fh, where, wait=wait, shared=shared)
+
+    monkeypatch.setattr(seamlm.locks, "lock_open_file", lock_and_say)
+
+    path = tmp_path / "d" / ".lock"
+    first, second = HolderLock(path, "attack"), HolderLock(path, "eval")
+    seen = []
+    check = second._is_the_file_at_path
+    second._is_the_file_at_path = lambda fh: seen.append(check(fh)) or seen[-1]
+    assert first.acquire()
+    waiter = threading.Thread(target=second.acquire, kwargs={"wait": True})
+    waiter.start()  # blocks on the file the first holds
+    assert waiting.wait(timeout=10)
+    assert first.discard()  # (the waiter may have made the next file already)
+    waiter.join(timeout=10)
+    # it locked the removed file first, saw it was no longer the one at the path, and locked the new one
+    assert not waiter.is_alive() and path.is_file() and seen == [False, True]
+    assert not HolderLock(path, "demo").acquire()  # the second holds the file now at the path
+    second.release()
+
+
 def test_a_file_system_without_locks_or_a_system_without_fcntl_runs_unlocked(tmp_path, monkeypatch, caplog):
     import errno
     import fcntl

@@ -74,12 +74,20 @@ class HolderLock:
         """True once held; False when another process holds it and ``wait`` is false (``holder()`` says who).
         ``shared``: beside other shared holders (each adds its line), never beside an exclusive one (which starts
         the file afresh)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fh = self.path.open("a+", encoding="utf-8")
-        try:
-            if not lock_open_file(fh, self.path, wait=wait, shared=shared):
+        while True:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fh = self.path.open("a+", encoding="utf-8")
+            try:
+                if not lock_open_file(fh, self.path, wait=wait, shared=shared):
+                    fh.close()
+                    return False
+            except BaseException:
                 fh.close()
-                return False
+                raise
+            if self._is_the_file_at_path(fh):
+                break
+            fh.close()  # locked a file its holder removed (:meth:`discard`) after this process opened it: again
+        try:
             if not shared:
                 fh.seek(0)
                 fh.truncate()
@@ -92,6 +100,27 @@ class HolderLock:
             raise
         self._fh = fh
         return True
+
+    def _is_the_file_at_path(self, fh: IO[str]) -> bool:
+        try:
+            return os.fstat(fh.fileno()).st_ino == os.stat(self.path).st_ino
+        except FileNotFoundError:
+            return False
+
+    def discard(self) -> bool:
+        """Remove the lock file and release it, if this process alone holds it (a shared holder takes it over
+        exclusively first, without waiting); else leave the file to the others and only release. True if removed.
+        A process that opened the file just before finds, once it has locked it, that it is no longer the file at
+        the path, and locks the next one (:meth:`acquire`)."""
+        removed = False
+        if self._fh is not None and lock_open_file(self._fh, self.path, wait=False):
+            try:
+                self.path.unlink()
+                removed = True
+            except OSError:
+                pass
+        self.release()
+        return removed
 
     def holder(self) -> str:
         """Who holds the lock, as its holders wrote it, less the processes of this host that have ended ('unknown'

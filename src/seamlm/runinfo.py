@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 
-from seamlm.errors import DataError
+from seamlm.errors import ConfigError, DataError
 from seamlm.jsonl import append_records, read_records
-from seamlm.locks import holding
+from seamlm.locks import HolderLock
 
 log = logging.getLogger(__name__)
 
@@ -37,16 +37,20 @@ def folder_lock(folder: Path, command: str, shared: bool = False) -> Iterator[No
     one), never beside an exclusive one (demo, adaptive, rescore, which rewrites the results file). A command that
     made ``folder`` and fails before writing anything there removes it again (no folder holding only the lock)."""
     made = not folder.exists()
+    lock = HolderLock(folder / LOCK_FILE, command)
+    if not lock.acquire(shared=shared):
+        raise ConfigError(f"{folder} is in use by another seamlm command ({lock.holder()}): wait for it to end, or "
+                          "choose another --out")
     try:
-        with holding(folder / LOCK_FILE, command, lambda holder: f"{folder} is in use by another seamlm command "
-                     f"({holder}): wait for it to end, or choose another --out", shared=shared):
-            yield
+        yield
     except BaseException:
-        if made and folder.is_dir() and [p.name for p in folder.iterdir()] == [LOCK_FILE]:
-            with contextlib.suppress(OSError):  # another command may have begun there meanwhile: leave it
-                (folder / LOCK_FILE).unlink()
+        # removed only while no other command holds the folder (a shared one may be starting there)
+        if made and [p.name for p in folder.iterdir()] == [LOCK_FILE] and lock.discard():
+            with contextlib.suppress(OSError):  # (something written there meanwhile: the folder stays)
                 folder.rmdir()
         raise
+    finally:
+        lock.release()
 
 
 def package_versions(names: tuple[str, ...] = ("seamlm", "torch", "transformers", "accelerate", "peft", "gguf")) -> dict[str, str]:
