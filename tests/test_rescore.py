@@ -183,10 +183,17 @@ def test_a_sweep_db_from_another_optuna_version_is_a_clear_error_naming_the_upgr
     with sqlite3.connect(tmp_path / "sweep.db") as db:  # as an older Optuna would have left it
         db.execute("UPDATE alembic_version SET version_num = 'v2.6.0.a'")
     upgrade = re.escape(f"`optuna storage upgrade --storage 'sqlite:///{tmp_path.resolve() / 'sweep.db'}'`")
-    with pytest.raises(DataError, match=r"sweep.db was written by another Optuna version \(.*\)\. Upgrade it in "
+    with pytest.raises(DataError, match=r"sweep.db was written by an older Optuna \(.*\)\. Upgrade it in "
                                         rf"place with {upgrade} \(keep a copy first\), or restore it, or rescore a copy"):
         _unstarted_studies(tmp_path, "length-v1")
-    with pytest.raises(DataError, match=rf"another Optuna version .*{upgrade}.*, or restore it or use another --out"):
+    with pytest.raises(DataError, match=rf"an older Optuna .*{upgrade}.*, or restore it or use another --out"):
+        open_study(SweepConfig(), "tiny", tmp_path)
+    with sqlite3.connect(tmp_path / "sweep.db") as db:  # as a newer Optuna would leave it: no upgrade to run
+        db.execute("UPDATE alembic_version SET version_num = 'v99.0.0.a'")
+    newer = rf"sweep.db was written by a newer Optuna than this one \({re.escape(optuna.__version__)}\): install"
+    with pytest.raises(DataError, match=newer + r".*, or restore it, or rescore a copy"):
+        _unstarted_studies(tmp_path, "length-v1")
+    with pytest.raises(DataError, match=newer):
         open_study(SweepConfig(), "tiny", tmp_path)
 
 
@@ -201,16 +208,20 @@ def test_a_sweep_db_another_process_keeps_locked_is_busy_not_broken(tmp_path, mo
     optuna.create_study(study_name="a", storage=sweep_mod.sweep_storage(tmp_path))
     monkeypatch.setattr(sweep_mod, "SQLITE_TIMEOUT_S", 0.2)
     holder = sqlite3.connect(tmp_path / "sweep.db", isolation_level=None)
-    holder.execute("BEGIN EXCLUSIVE")  # as another sweep's write would, for longer than the wait
-    try:
-        busy = r"sweep.db stayed locked by another process for 0.2 s .*the file is not damaged; rerun once"
-        with pytest.raises(DataError, match=busy):
-            sweep_mod.open_study(sweep_mod.SweepConfig(), "b", tmp_path)
-        with pytest.raises(DataError, match=busy):
-            _unstarted_studies(tmp_path, "length-v1")
-    finally:
-        holder.execute("ROLLBACK")
-        holder.close()
+    busy = r"sweep.db stayed locked by another process for 0.2 s .*the file is not damaged; rerun once"
+    # a writer (another sweep's write, a sqlite shell in a transaction): reads go on, a new study cannot be written;
+    # an exclusive holder: nothing can be read either
+    for hold in ("IMMEDIATE", "EXCLUSIVE"):
+        holder.execute(f"BEGIN {hold}")
+        try:
+            with pytest.raises(DataError, match=busy):
+                sweep_mod.open_study(sweep_mod.SweepConfig(), "b", tmp_path)
+            if hold == "EXCLUSIVE":
+                with pytest.raises(DataError, match=busy):
+                    _unstarted_studies(tmp_path, "length-v1")
+        finally:
+            holder.execute("ROLLBACK")
+    holder.close()
     assert sweep_mod.open_study(sweep_mod.SweepConfig(), "b", tmp_path).study_name == "b"  # once it is free
 
 

@@ -112,6 +112,12 @@ def sweep_storage(out_dir: str | Path) -> str:
     return f"{_sweep_db_url(out_dir)}?timeout={SQLITE_TIMEOUT_S:g}"
 
 
+def _optuna_version() -> str:
+    import optuna
+
+    return optuna.__version__
+
+
 def _sweep_db_url(out_dir: str | Path) -> str:
     return f"sqlite:///{Path(out_dir).resolve() / 'sweep.db'}"
 
@@ -121,22 +127,29 @@ def readable_sweep_db(out_dir: str | Path, advice: str) -> Iterator[None]:
     """Turn SQLite's refusal of ``out_dir/sweep.db`` (not a database, cut short, a folder at that path), and
     Optuna's of a study file from another Optuna version, into a DataError ending in ``advice``; a file another
     process kept locked is said to be busy, not broken."""
+    from optuna.exceptions import StorageInternalError
     from sqlalchemy.exc import DatabaseError
 
     try:
         yield
-    except DatabaseError as exc:  # (its OperationalError too)
-        if getattr(exc.orig, "sqlite_errorname", "") in ("SQLITE_BUSY", "SQLITE_LOCKED"):
+    except (DatabaseError, StorageInternalError) as exc:  # (OperationalError; Optuna wraps one failing a commit)
+        cause = exc if isinstance(exc, DatabaseError) else exc.__cause__
+        if not isinstance(cause, DatabaseError):
+            raise
+        if getattr(cause.orig, "sqlite_errorname", "") in ("SQLITE_BUSY", "SQLITE_LOCKED"):
             raise DataError(f"{out_dir}/sweep.db stayed locked by another process for {SQLITE_TIMEOUT_S:g} s (another "
                             "sweep or rescore on this folder, or a program holding the file open): the file is not "
                             "damaged; rerun once that process is done") from None
-        raise DataError(f"{out_dir}/sweep.db is not a readable Optuna study ({exc.orig or exc}): {advice}") from None
-    except RuntimeError as exc:
-        if "storage upgrade" not in str(exc):  # RDBStorage's schema-version check; anything else is not ours
-            raise
-        raise DataError(f"{out_dir}/sweep.db was written by another Optuna version ({exc}). Upgrade it in place with "
-                        f"`optuna storage upgrade --storage '{_sweep_db_url(out_dir)}'` (keep a copy first), or "
-                        f"{advice}") from None
+        raise DataError(f"{out_dir}/sweep.db is not a readable Optuna study ({cause.orig or cause}): {advice}") from None
+    except RuntimeError as exc:  # RDBStorage's schema-version check; any other RuntimeError is not ours
+        if "storage upgrade" in str(exc):  # an older Optuna's file
+            raise DataError(f"{out_dir}/sweep.db was written by an older Optuna ({exc}). Upgrade it in place with "
+                            f"`optuna storage upgrade --storage '{_sweep_db_url(out_dir)}'` (keep a copy first), or "
+                            f"{advice}") from None
+        if "pip install -U optuna" in str(exc):  # a newer one's
+            raise DataError(f"{out_dir}/sweep.db was written by a newer Optuna than this one "
+                            f"({_optuna_version()}): install that Optuna (pip install -U optuna), or {advice}") from None
+        raise
 
 
 def open_study(cfg: SweepConfig, label: str, out_dir: str | Path, context: dict[str, Any] | None = None,
@@ -147,14 +160,17 @@ def open_study(cfg: SweepConfig, label: str, out_dir: str | Path, context: dict[
     ``context`` is what else made its trials' numbers (model, training base, evaluation, judge, data): a study is
     resumed only with the same sweep config (``trials`` may grow) and the same context, so its trials and its best
     trial never mix settings. A study from before contexts were stored adopts the current one."""
-    optuna = quiet_optuna()
     Path(out_dir).mkdir(parents=True, exist_ok=True)
+    with readable_sweep_db(out_dir, "restore it or use another --out"):  # (its writes below may meet a lock too)
+        return _open_study(cfg, label, out_dir, context, same_models)
+
+
+def _open_study(cfg: SweepConfig, label: str, out_dir: str | Path, context: dict[str, Any] | None,
+                same_models: Collection[str]) -> Any:
+    optuna = quiet_optuna()
     name = cfg.study_name or label
-    with readable_sweep_db(out_dir, "restore it or use another --out"):
-        study = optuna.create_study(
-            study_name=name, storage=sweep_storage(out_dir), direction="maximize",
-            load_if_exists=True,
-        )
+    study = optuna.create_study(study_name=name, storage=sweep_storage(out_dir), direction="maximize",
+                                load_if_exists=True)
     saved = study.user_attrs.get("sweep_config")
     mine = json.dumps({k: v for k, v in cfg.to_dict().items() if k != "trials"}, sort_keys=True)  # more trials: fine
     if saved is not None and saved != mine:
