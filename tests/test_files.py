@@ -196,6 +196,13 @@ def test_an_atomic_write_goes_through_a_link_and_never_replaces_a_device_or_fold
     dangling.symlink_to(tmp_path / "shared" / "later.jsonl")  # a link to a file not written yet
     write_text_atomic(dangling, "first\n")
     assert dangling.is_symlink() and (tmp_path / "shared" / "later.jsonl").read_text() == "first\n"
+    loop = tmp_path / "loop.jsonl"
+    loop.symlink_to(loop)
+    into_nothing = tmp_path / "nowhere.jsonl"
+    into_nothing.symlink_to(tmp_path / "no-such-folder" / "x.jsonl")
+    for path, what in ((loop, "a symbolic link that resolves to no file"), (into_nothing, "links to .*no-such-folder")):
+        with pytest.raises(ConfigError, match=f"{path} (is )?{what}"):
+            write_text_atomic(path, "x\n")
     pipe = tmp_path / "shared" / "pipe"  # as /dev/stdout or /dev/null would be (root may rename over those)
     os.mkfifo(pipe)
     for path, what in ((pipe, "not a regular file"), (tmp_path / "shared", "a folder")):

@@ -33,10 +33,20 @@ def replace_atomically(path: str | Path, write: Callable[[Path], Any]) -> Path:
     file or the new one, never a cut one, for files a resumed run reads back. A symbolic link is written through
     (its target replaced, the link kept); a device, pipe or folder at ``path`` is refused, not replaced."""
     path = Path(path)
-    target = path.resolve() if path.is_symlink() else path
+    try:  # a loop: RuntimeError before Python 3.13, a result that is still a link after
+        target = path.resolve(strict=False) if path.is_symlink() else path
+        looped = target.is_symlink()
+    except (OSError, RuntimeError):
+        looped = True
+    if looped:
+        raise ConfigError(f"{path} is a symbolic link that resolves to no file (a loop): give the path of a file to "
+                          "write")
     if target.exists() and not target.is_file():
         what = "a folder" if target.is_dir() else "not a regular file (a device or a pipe)"
         raise ConfigError(f"{path} is {what}: give the path of a file to write")
+    if target != path and not target.parent.is_dir():
+        raise ConfigError(f"{path} links to {target}, in a folder that does not exist: make that folder, or give "
+                          "another path")
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     try:
         write(tmp)

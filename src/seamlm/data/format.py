@@ -75,6 +75,8 @@ def _chat_prompt(tokenizer: Any, prompt: str, model: str) -> str:
             [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False,
             date_string=TEMPLATE_DATE,
         )
+    except (ImportError, MemoryError):  # transformers' or the machine's, not the template's
+        raise
     except Exception as exc:  # the template is the model's data: any error it raises is its fault
         # jinja2's own errors, or a Python error of an expression in the template (`{{ m['content'] + 1 }}`,
         # `{{ 1 / 0 }}`, a macro that recurses without end)
