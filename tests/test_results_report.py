@@ -47,17 +47,19 @@ def test_store_append_done_and_partial_tail(tmp_path):
         store.rows()
 
 
-def test_a_complete_row_missing_only_its_newline_is_not_done_yet(tmp_path, caplog):
-    """A kill between a row's closing brace and its newline: the line parses, but the next append cuts it (it has
-    no newline), so counting its cell as done now would skip the cell and then lose its row."""
+def test_a_complete_row_missing_only_its_newline_counts_and_keeps_its_line(tmp_path, caplog):
+    """A kill between a row's closing brace and its newline, or a hand edit whose editor dropped the file's last
+    newline: the row is whole, so its cell is done, and the next append adds the newline instead of cutting it."""
     store = ResultStore(tmp_path / "r.jsonl")
     store.append([_row()])
     store.append([_row(cell="lr1", attack={"lr": 1e-4})])
     store.path.write_text(store.path.read_text()[:-1])  # the last write's newline never reached the disk
-    assert not store.done("aligned", "lr1") and store.done("aligned", "pre")
-    assert "no newline" in caplog.text
-    store.append([_row(cell="lr1", attack={"lr": 1e-4}, value=3.0)])
-    assert [r.value for r in store.rows() if r.cell == "lr1"] == [3.0]
+    assert store.done("aligned", "lr1") and store.done("aligned", "pre") and "cut short" not in caplog.text
+    store.append([_row(cell="lr2", attack={"lr": 2e-4}, value=3.0)])
+    assert [(r.cell, r.value) for r in store.rows()] == [("pre", 12.5), ("lr1", 12.5), ("lr2", 3.0)]
+    assert store.path.read_text().count("\n") == 3
+    store.path.write_text("\ufeff" + store.path.read_text())  # saved by an editor that writes a byte order mark
+    assert len(store.rows()) == 3
 
 
 def test_a_cell_whose_write_was_cut_short_is_not_done(tmp_path, caplog):

@@ -16,16 +16,30 @@ from seamlm.locks import lock_open_file
 log = logging.getLogger(__name__)
 
 
+def _whole_record(line: str | bytes) -> dict[str, Any] | None:
+    """The JSON object on ``line``, or None when it is not one (every record seamlm writes is an object, so a
+    line cut short never parses as one: its closing brace comes last)."""
+    try:
+        record = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
 def drop_partial_tail(path: str | Path) -> None:
-    """Cut a last line that lacks its newline (a write cut off by a kill or a full disk), so the next append
-    starts on a line of its own."""
+    """Before an append, end the file on a line end: a last line that is a whole record without its newline (a kill
+    just before it, or a hand edit) gets it; one cut off by a kill or a full disk is cut."""
     path = Path(path)
     if not path.exists() or path.stat().st_size == 0:
         return
     data = path.read_bytes()
     if not data.endswith(b"\n"):
-        # truncate in place (one call): rewriting the file would empty it first, and a second kill then loses it
-        os.truncate(path, data.rfind(b"\n") + 1)
+        start = data.rfind(b"\n") + 1
+        if _whole_record(data[start:]) is not None:
+            with path.open("ab") as f:
+                f.write(b"\n")
+        else:  # truncate in place (one call): rewriting the file would empty it first, and a second kill lose it
+            os.truncate(path, start)
 
 
 def replace_atomically(path: str | Path, write: Callable[[Path], Any]) -> Path:
@@ -104,15 +118,15 @@ def append_records(path: str | Path, records: list[dict[str, Any]]) -> None:
 
 
 def read_records(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
-    """``(line number, object)`` for every non-blank line. A last line without its newline is skipped even when it
-    parses (every writer here ends its lines, so the write was cut short; the next :func:`append_records` cuts it,
-    so counting it as done now would lose it then): its work is redone. Any other line that is not JSON is an error
-    naming the file and line."""
+    """``(line number, object)`` for every non-blank line. A last line without its newline counts when it is a whole
+    record (its newline lost, or the file edited by hand: the next :func:`append_records` adds the newline); one
+    that is not was cut short by a kill or a full disk, and is skipped: its work is redone. Any other line that is
+    not JSON is an error naming the file and line."""
     path = Path(path)
     if not path.exists():
         return []
     try:
-        with path.open(encoding="utf-8") as f:
+        with path.open(encoding="utf-8-sig") as f:  # (-sig: a byte order mark an editor put first is no JSON)
             lock_open_file(f, path, wait=True, shared=True)  # not half of another process's write
             text = f.read()
     except UnicodeDecodeError as exc:
@@ -124,8 +138,12 @@ def read_records(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
         if not line.strip():
             continue
         if i == len(lines):  # text does not end with a newline
-            log.warning("%s:%d: the last line has no newline (a write cut short by a kill or a full disk): ignored, "
-                        "its work is redone", path, i)
+            record = _whole_record(line)
+            if record is None:
+                log.warning("%s:%d: the last line is cut short (a kill or a full disk during a write): ignored, its "
+                            "work is redone", path, i)
+            else:
+                out.append((i, record))
             continue
         try:
             out.append((i, json.loads(line)))
