@@ -73,6 +73,14 @@ def test_runs_together_and_the_cli(tmp_path, capsys):
     # one run spelled twice would count twice (and shrink the standard error by √2)
     with pytest.raises(DataError, match="is .*s0 again"):
         paired_hs([r0, r1, tmp_path / "." / "s0"])
+    with pytest.raises(DataError, match="is .*s0 again"):  # a run named by its results file, as report takes it
+        paired_hs([r0, r1, r0 / "results.jsonl"])
+    assert paired_hs([r0 / "results.jsonl"], pre=False) == paired_hs([r0], pre=False)
+    # the table never replaces a file the runs are made of (a mistyped --out)
+    before = (r0 / "results.jsonl").read_text()
+    assert main(["paired", str(r0), "--out", str(r0 / "results.jsonl")]) == 2
+    assert "the table is Markdown, and a .jsonl file is data" in capsys.readouterr().err
+    assert (r0 / "results.jsonl").read_text() == before
     # an --out that cannot be written is refused before any run is read or printed
     assert main(["paired", str(r0), "--out", str(tmp_path)]) == 2
     assert "give a file name in an existing folder" in capsys.readouterr().err

@@ -498,6 +498,10 @@ def _paired_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="also write the table to this Markdown file")
 
 
+#: suffixes of the files runs are made of, never a Markdown --out
+_DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".yaml", ".yml", ".db", ".pt", ".safetensors", ".gguf")
+
+
 def _run_paired(args: argparse.Namespace, extra: list[str]) -> int:
     from seamlm.paired import paired_hs, paired_markdown
 
@@ -513,6 +517,9 @@ def _run_paired(args: argparse.Namespace, extra: list[str]) -> int:
         out = Path(args.out)
         if out.is_dir() or not out.parent.is_dir():
             raise ConfigError(f"--out {out}: give a file name in an existing folder (the Markdown table goes there)")
+        if out.suffix.lower() in _DATA_SUFFIXES:  # e.g. a run's results.jsonl or samples file: it would be replaced
+            raise ConfigError(f"--out {out}: the table is Markdown, and a {out.suffix} file is data seamlm reads "
+                              "(results, samples, configs); give a .md file name")
     text = paired_markdown(paired_hs(args.runs, args.a, args.b, "pre" in cells, "attacks" in cells), args.a, args.b)
     print(text, end="")
     if args.out:

@@ -81,7 +81,8 @@ def paired_hs(runs: list[str | Path], a: str = "aligned", b: str = "seam", pre: 
     never paired, nor runs judged differently pooled."""
     out: list[PairedRow] = []
     per_run: dict[str, tuple[float, float, int, str | None]] = {}  # run → (difference, se, prompts, judge)
-    runs = [Path(r) for r in runs]  # one spelling: "runs/s0/" and "runs/s0" are one run
+    # one spelling: "runs/s0/", "runs/s0" and "runs/s0/results.jsonl" are one run
+    runs = [Path(r).parent if Path(r).name == "results.jsonl" and Path(r).is_file() else Path(r) for r in runs]
     refuse_repeated_run(runs, "the pooled difference")
     for run in runs:
         if not (run / "results.jsonl").is_file():
