@@ -199,3 +199,13 @@ def test_self_destruction_with_a_figure_missing_is_unknown_unless_the_other_sett
     table[("seam", "strong")]["hs"] = 5.0  # safe: no need of the rest
     strong = next(c for c in check_bar(_rows(table)) if c.criterion.startswith("SEAM after strong"))
     assert strong.passed is True
+
+
+def test_an_attack_cell_seam_lacks_is_checked_as_not_measured():
+    """A demo whose last SEAM attack is still running (or a file cut short) has the aligned model's cell only: the
+    criterion for it is there, not measured, so the verdict cannot read as complete."""
+    table = {k: v for k, v in BASE.items() if k != ("seam", "strong")}
+    checks = {c.criterion: c for c in check_bar(_rows(table))}
+    strong = next(c for k, c in checks.items() if k.startswith("SEAM after strong"))
+    assert strong.passed is None and strong.measured == "no SEAM rows of this attack (the aligned model's are there)"
+    assert next(c for k, c in checks.items() if k.startswith("SEAM after weak")).passed is not None
