@@ -308,3 +308,10 @@ def test_judge_agreement_rejects_files_it_cannot_score(tmp_path):
     bad.write_text("")
     with pytest.raises(DataError, match="no rows"):
         read_labelled_answers(bad)
+    bad.write_text('{"prompt": "p", "answer": "a", "label": "harmful"}\n{"prompt": "q", "answer": null, "label": "safe"}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl, row 2: answer is None; each row needs"):
+        read_labelled_answers(bad)  # (it would be scored as the text "None")
+    blank = tmp_path / "blank.csv"
+    blank.write_text("prompt,answer,label\np,a,harmful\nq,b,refusal\nr,c,\n")
+    with pytest.raises(DataError, match=r"blank.csv, row 3: label is ''"):
+        read_labelled_answers(blank)  # (it would count among the AUC's negatives)
