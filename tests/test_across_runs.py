@@ -103,6 +103,11 @@ def test_the_same_run_twice_or_runs_of_other_evaluation_settings_are_refused(tmp
     a = _run(tmp_path / "a.jsonl", 5.0, hs_prompts=32)
     with pytest.raises(DataError, match="given twice"):
         load_runs([a, tmp_path / "." / "a.jsonl"])
+    (tmp_path / "copy").mkdir()  # a copy of the run (its rows keep their write ids): not an independent run
+    (tmp_path / "copy" / "results.jsonl").write_text(a.read_text())
+    with pytest.raises(DataError, match=r"copy/results.jsonl holds rows .*a.jsonl wrote .*: one is a copy of the "
+                                        r"other, and would count twice in the mean ± sd"):
+        load_runs([a, tmp_path / "copy"])
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="empty has no results.jsonl"):
         load_runs([a, tmp_path / "empty"])

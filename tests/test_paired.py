@@ -76,6 +76,11 @@ def test_runs_together_and_the_cli(tmp_path, capsys):
     with pytest.raises(DataError, match="is .*s0 again"):  # a run named by its results file, as report takes it
         paired_hs([r0, r1, r0 / "results.jsonl"])
     assert paired_hs([r0 / "results.jsonl"], pre=False) == paired_hs([r0], pre=False)
+    import shutil
+
+    shutil.copytree(r0, tmp_path / "copy")  # a copy pooled as a second run would shrink the se by √2
+    with pytest.raises(DataError, match="one is a copy of the other, and would count twice in the pooled difference"):
+        paired_hs([r0, tmp_path / "copy"])
     # the table never replaces a file the runs are made of (a mistyped --out)
     before = (r0 / "results.jsonl").read_text()
     assert main(["paired", str(r0), "--out", str(r0 / "results.jsonl")]) == 2

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from seamlm.errors import DataError
 from seamlm.results import ResultRow, ResultStore, write_results_csv
-from seamlm.runinfo import refuse_repeated_run
+from seamlm.runinfo import refuse_copied_runs, refuse_repeated_run
 from seamlm.verdict import check_bar
 
 #: (metric, what the table calls it, decimals) of the across-runs tables
@@ -52,6 +52,7 @@ def load_runs(paths: list[str | Path]) -> list[Run]:
         if not rows:
             raise DataError(f"{path} holds no pre-attack or plain attack rows")
         runs.append(Run(path, rows))
+    refuse_copied_runs({run.path: run.rows for run in runs}, "the mean ± sd")
     labels = [{r.model for r in run.rows} for run in runs]
     if len(runs) > 1 and not set.intersection(*labels):
         listed = "; ".join(f"{run.path}: {', '.join(sorted(models))}" for run, models in zip(runs, labels, strict=True))

@@ -18,7 +18,7 @@ from seamlm.evaluate.stats import paired_difference
 from seamlm.jsonl import read_records
 from seamlm.rescore import BASELINE_MODELS, check_not_mid_rescore, demo_baseline
 from seamlm.results import ResultRow, ResultStore
-from seamlm.runinfo import path_part, refuse_repeated_run
+from seamlm.runinfo import path_part, refuse_copied_runs, refuse_repeated_run
 
 
 @dataclass(frozen=True)
@@ -84,6 +84,8 @@ def paired_hs(runs: list[str | Path], a: str = "aligned", b: str = "seam", pre: 
     # one spelling: "runs/s0/", "runs/s0" and "runs/s0/results.jsonl" are one run
     runs = [Path(r).parent if Path(r).name == "results.jsonl" and Path(r).is_file() else Path(r) for r in runs]
     refuse_repeated_run(runs, "the pooled difference")
+    refuse_copied_runs({r: ResultStore(r / "results.jsonl").rows() for r in runs if (r / "results.jsonl").is_file()},
+                       "the pooled difference")
     for run in runs:
         if not (run / "results.jsonl").is_file():
             raise DataError(f"{run} is no run folder (no results.jsonl): give the --out of a demo, eval or attack run")

@@ -104,6 +104,26 @@ def refuse_repeated_run(paths: list[Path], counted_in: str) -> None:
             raise DataError(f"{path} is {twin} again: one run given twice would count twice in {counted_in}")
 
 
+def refuse_copied_runs(rows: dict[Path, list[Any]], counted_in: str) -> None:
+    """Refuse two runs holding one write of result rows (``write`` ids are unique per write): one folder is a copy
+    of the other and would count twice in ``counted_in``. Runs made on the same data (one data manifest, e.g. a
+    demo rerun with its data seed) are warned about: their spread is rounding, not the seed-to-seed spread."""
+    writes: dict[str, Path] = {}
+    data: dict[str, Path] = {}
+    for path, run_rows in rows.items():
+        for w in sorted({r.write for r in run_rows if r.write}):
+            twin = writes.setdefault(w, path)
+            if twin != path:
+                raise DataError(f"{path} holds rows {twin} wrote (write {w}): one is a copy of the other, and would "
+                                f"count twice in {counted_in}; give each run once")
+        for digest in sorted({r.data_manifest for r in run_rows if r.data_manifest}):
+            twin = data.setdefault(digest, path)
+            if twin != path:
+                log.warning("%s and %s were made on the same data (data manifest %s): runs of one data seed differ "
+                            "by little more than rounding, so %s understates the spread between seeds", twin, path,
+                            digest, counted_in)
+
+
 def fingerprint(obj: Any) -> str:
     """Short stable hash of JSON-serialisable data (used to check that a resumed run sees the same data)."""
     blob = json.dumps(obj, sort_keys=True, default=str).encode()
