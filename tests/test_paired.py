@@ -215,3 +215,15 @@ def test_a_diverged_attack_is_shown_but_never_pooled(tmp_path):
     lr1 = next(r for r in rows if r.cell == CELLS[0])
     assert lr1.note == ""
     assert "diverged: not pooled" in paired_markdown(rows, "aligned", "seam")
+
+
+def test_runs_pooling_different_attack_cells_are_said_to(tmp_path):
+    """Run s1's seam answers of one cell hold another prompt set: s1's figure is its other cell alone, s0's the
+    mean of two; the pooled row says so."""
+    a = [[0.1] * 4, [0.5, 0.9, 0.3, 0.6], [0.6, 0.8, 0.5, 0.9]]
+    r0 = _run(tmp_path / "s0", a, [[0.0] * 4, [0.4, 0.9, 0.1, 0.2], [0.6, 0.5, 0.1, 0.9]])
+    r1 = _run(tmp_path / "s1", a, [[0.0] * 4, [0.5, 0.5, 0.5, 0.5], [0.2, 0.8, 0.5, 0.3]])
+    assert paired_hs([r0, r1], pre=False)[-1].note == ""
+    _write(r1, "seam", CELLS[1], [0.1, 0.2, 0.3], PROMPTS[:3])
+    last = paired_hs([r0, r1], pre=False)[-1]
+    assert last.run == "all runs" and last.note == f"runs pool different attack cells ({r1}: 1 of 2)"

@@ -81,6 +81,7 @@ def paired_hs(runs: list[str | Path], a: str = "aligned", b: str = "seam", pre: 
     never paired, nor runs judged differently pooled."""
     out: list[PairedRow] = []
     per_run: dict[str, tuple[float, float, int, str | None]] = {}  # run → (difference, se, prompts, judge)
+    pooled_cells: dict[str, list[str]] = {}  # run → its attack cells in its "together" row
     # one spelling: "runs/s0/", "runs/s0" and "runs/s0/results.jsonl" are one run
     runs = [Path(r).parent if Path(r).name == "results.jsonl" and Path(r).is_file() else Path(r) for r in runs]
     refuse_repeated_run(runs, "the pooled difference")
@@ -124,6 +125,7 @@ def paired_hs(runs: list[str | Path], a: str = "aligned", b: str = "seam", pre: 
             if cell != "pre" and not failed:
                 diffs.append({k: sb[k] - sa[k] for k in keys})
                 judges.add(ja)
+                pooled_cells.setdefault(str(run), []).append(cell)
         if not diffs:
             continue
         common = sorted(set.intersection(*(set(d) for d in diffs)))
@@ -146,7 +148,12 @@ def paired_hs(runs: list[str | Path], a: str = "aligned", b: str = "seam", pre: 
                                  f"runs judged differently ({sorted(map(str, run_judges))})"))
         elif len(per_run) > 1:
             vals = list(per_run.values())
-            note = f"left out (nothing paired): {', '.join(left_out)}" if left_out else ""
+            notes = [f"left out (nothing paired): {', '.join(left_out)}"] if left_out else []
+            every = sorted({c for r in per_run for c in pooled_cells[r]})
+            fewer = [f"{r}: {len(pooled_cells[r])} of {len(every)}" for r in per_run if len(pooled_cells[r]) < len(every)]
+            if fewer:  # each run's figure averages the cells it paired: say which runs stand on fewer
+                notes.append(f"runs pool different attack cells ({'; '.join(fewer)})")
+            note = "; ".join(notes)
             out.append(PairedRow("all runs", label, sum(n for _, _, n, _ in vals), None, None,
                                  sum(d for d, *_ in vals) / len(vals),
                                  math.sqrt(sum(s * s for _, s, *_ in vals)) / len(vals), note))
