@@ -114,6 +114,11 @@ def test_report_tables_and_plots_come_from_the_rows(tmp_path):
     assert len(body) == 2
     for num in re.findall(r"\d+\.\d", "\n".join(body)):
         assert num in values, num
+    assert "Logs not found" not in md
+    gone = "attacks/seam/sft-full-adamw-lr0.0002-n10-ep1-s0/loss.jsonl"
+    (tmp_path / gone).unlink()  # a log deleted (or the results file copied without its run): its curve is missing
+    md = write_report(store.path, tmp_path / "report").read_text()
+    assert f"so their curves are not in the plots: `seam/sft-full-adamw-lr0.0002-n10-ep1-s0: {gone}`." in md
 
 
 def test_standard_errors_show_beside_hs_and_zs_where_a_cell_recorded_them(tmp_path):

@@ -326,6 +326,12 @@ def _plots(rows: list[ResultRow], results_dir: Path, out: Path) -> list[str]:
     return made
 
 
+def _missing_logs(rows: list[ResultRow], results_dir: Path) -> list[str]:
+    """The attack logs (loss, probe) the rows name that are not there, as ``model/cell: file``."""
+    return sorted({f"{r.model}/{r.cell}: {r.attack[k]}" for r in rows for k in ("loss_log", "probe_log")
+                   if r.attack.get(k) and not (results_dir / r.attack[k]).is_file()})
+
+
 def _trajectory_plot(rows: list[ResultRow], results_dir: Path, out: Path) -> list[str]:
     """Benign perplexity and (when probed) cos(g_harmful, g_benign) at the attacks' probe points, one line per model
     and cell."""
@@ -392,6 +398,10 @@ def write_report(results: str | Path, out_dir: str | Path, eps: tuple[float, ...
     meta = sorted({(r.data_manifest or "–", json.dumps(r.versions, sort_keys=True)) for r in rows})
     intro = [f"Results: `{results}` ({len(rows)} rows). Data manifest digest(s): "
              + ", ".join(sorted({m for m, _ in meta})) + "."]
+    missing = _missing_logs(grid, results.parent)
+    if missing:  # (a results file copied without its run folder, or a log deleted): the plots lack those curves
+        intro.append(f"Logs not found beside `{results}`, so their curves are not in the plots: "
+                     + ", ".join(f"`{m}`" for m in missing) + ".")
     return write_documents(out, "seamlm report", intro, tables, plots, sorted({v for _, v in meta}))
 
 
