@@ -115,6 +115,8 @@ def test_report_tables_and_plots_come_from_the_rows(tmp_path):
     for num in re.findall(r"\d+\.\d", "\n".join(body)):
         assert num in values, num
     assert "Logs not found" not in md
+    with pytest.raises(DataError, match=r"results.csv is a CSV file: seamlm reads results from results.jsonl"):
+        write_report(tmp_path / "report" / "results.csv", tmp_path / "again")  # the report's own flat copy
     gone = "attacks/seam/sft-full-adamw-lr0.0002-n10-ep1-s0/loss.jsonl"
     (tmp_path / gone).unlink()  # a log deleted (or the results file copied without its run): its curve is missing
     md = write_report(store.path, tmp_path / "report").read_text()

@@ -169,6 +169,9 @@ class ResultStore:
         """Every complete write's rows (a row cut off by a kill, and the rest of its write, are left out: their
         cell counts as not done and is redone). Two rows of one model, cell and metric that disagree are an error
         (:meth:`_refuse_conflicts`)."""
+        if self.path.suffix.lower() in (".csv", ".tsv"):
+            raise DataError(f"{self.path} is a CSV file: seamlm reads results from results.jsonl (a report's "
+                            "results.csv is a flat copy for spreadsheets); give the results.jsonl or its run folder")
         out = []
         line_of: dict[int, int] = {}  # id(row) -> its line, for the conflict error
         names = {f.name for f in dataclasses.fields(ResultRow)}
