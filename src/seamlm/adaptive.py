@@ -130,6 +130,24 @@ def _same_settings(old: str, new: str) -> bool:
     return settings(old) == settings(new)
 
 
+def unfinished_phases(folder: Path) -> list[str]:
+    """The phases (as ``timings.jsonl`` names them) of the adaptive run in ``folder`` that have not finished yet;
+    [] for a finished one, or a folder no ``seamlm adaptive`` made."""
+    saved = folder / "adaptive_config.json"
+    if not saved.is_file():
+        return []
+    try:
+        cfg = json.loads(saved.read_text(encoding="utf-8"))["config"]
+        planned = ["pre", *(f"recipe_{r}" for r in cfg["recipes"]),
+                   *(["template_control"] if cfg["template_control"] else []),
+                   *(f"sweep_{m}" for m in cfg["models"] if cfg["sweep_trials"])]
+    except (ValueError, KeyError, TypeError) as exc:
+        log.warning("%s is unreadable (%s): the report cannot say whether the run has finished", saved, exc)
+        return []
+    done = StageClock.totals(folder / "timings.jsonl")
+    return [p for p in planned if p not in done]
+
+
 def run_adaptive(out_dir: str | Path, cfg: AdaptiveConfig) -> Path:
     """Run (or resume) the recipes and sweeps; returns the report's Markdown path."""
     out = Path(out_dir)

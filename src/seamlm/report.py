@@ -398,6 +398,12 @@ def write_report(results: str | Path, out_dir: str | Path, eps: tuple[float, ...
     meta = sorted({(r.data_manifest or "–", json.dumps(r.versions, sort_keys=True)) for r in rows})
     intro = [f"Results: `{results}` ({len(rows)} rows). Data manifest digest(s): "
              + ", ".join(sorted({m for m, _ in meta})) + "."]
+    from seamlm.adaptive import unfinished_phases
+
+    left = unfinished_phases(results.parent)
+    if left:  # a report of a run still going (or killed): its worst case is over fewer attacks than planned
+        intro.append(f"This adaptive run has not finished (still to run: {', '.join(left)}): the worst case is over "
+                     "the attacks run so far. Rerun its `seamlm adaptive` command to finish it.")
     missing = _missing_logs(grid, results.parent)
     if missing:  # (a results file copied without its run folder, or a log deleted): the plots lack those curves
         intro.append(f"Logs not found beside `{results}`, so their curves are not in the plots: "
