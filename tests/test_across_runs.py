@@ -130,7 +130,14 @@ def test_a_folder_without_results_names_its_seed_runs(tmp_path, capsys):
         _run(tmp_path / "demo" / f"seed-{s}" / "results.jsonl", 5.0)
     assert main(["report", str(tmp_path / "demo"), "--out", str(tmp_path / "r")]) == 1
     err = capsys.readouterr().err
-    assert "is a folder without a results.jsonl" in err and "seed-0" in err and "seed-1" in err
+    seeds = f"{tmp_path / 'demo' / 'seed-0'} {tmp_path / 'demo' / 'seed-1'}"
+    assert "is a folder without a results.jsonl" in err and f"give its runs, `seamlm report {seeds}`" in err
+    # paired and rescore name them too
+    assert main(["paired", str(tmp_path / "demo")]) == 1
+    assert f"no run folder (no results.jsonl) (a `--seeds` demo: give its runs, `seamlm paired {seeds}`)" in \
+        capsys.readouterr().err
+    assert main(["rescore", str(tmp_path / "demo"), "--judge", "keyword"]) == 1
+    assert f"rescore each of its runs, `seamlm rescore {tmp_path / 'demo' / 'seed-0'}`" in capsys.readouterr().err
 
 
 def test_error_bars_average_one_attack_setting_over_runs_never_two_settings(tmp_path):

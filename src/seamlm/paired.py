@@ -18,7 +18,7 @@ from seamlm.evaluate.stats import paired_difference
 from seamlm.jsonl import read_records
 from seamlm.rescore import BASELINE_MODELS, check_not_mid_rescore, demo_baseline
 from seamlm.results import ResultRow, ResultStore
-from seamlm.runinfo import path_part, refuse_copied_runs, refuse_repeated_run
+from seamlm.runinfo import path_part, refuse_copied_runs, refuse_repeated_run, seed_runs_hint
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,8 @@ def paired_hs(runs: list[str | Path], a: str = "aligned", b: str = "seam", pre: 
                        "the pooled difference")
     for run in runs:
         if not (run / "results.jsonl").is_file():
-            raise DataError(f"{run} is no run folder (no results.jsonl): give the --out of a demo, eval or attack run")
+            raise DataError(f"{run} is no run folder (no results.jsonl){seed_runs_hint(run, 'paired')}: give the "
+                            "--out of a demo, eval or attack run")
         base = demo_baseline(run)
         for folder in (run, base) if base else (run,):
             check_not_mid_rescore(folder)

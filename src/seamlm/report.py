@@ -12,6 +12,7 @@ from pathlib import Path
 from seamlm.errors import DataError
 from seamlm.jsonl import read_records, write_text_atomic
 from seamlm.results import METRICS, ResultRow, ResultStore, write_results_csv
+from seamlm.runinfo import seed_runs_hint
 from seamlm.selection import collect, within_bound, worst_case_rows
 from seamlm.verdict import check_bar
 
@@ -377,9 +378,7 @@ def write_report(results: str | Path, out_dir: str | Path, eps: tuple[float, ...
     if results.is_dir() and (results / "results.jsonl").is_file():
         results = results / "results.jsonl"  # a run folder: its results file
     if results.is_dir():
-        seeds = sorted(p.name for p in results.glob("seed-*") if (p / "results.jsonl").is_file())
-        hint = (f" (a `--seeds` demo: report its runs together, `seamlm report {' '.join(str(results / s) for s in seeds)}"
-                " --out DIR`)" if seeds else "")
+        hint = seed_runs_hint(results, "report")
         raise DataError(f"{results} is a folder without a results.jsonl{hint}; give the results.jsonl that "
                         "`seamlm eval`/`attack`/`demo` wrote, or its run folder")
     if not results.is_file():

@@ -28,7 +28,7 @@ from seamlm.evaluate.judges import Judge
 from seamlm.evaluate.metrics import EvalConfig, hs_figures
 from seamlm.jsonl import read_records, write_records_atomic, write_text_atomic
 from seamlm.results import JUDGED_METRICS, ResultRow, ResultStore
-from seamlm.runinfo import folder_lock, path_part
+from seamlm.runinfo import folder_lock, path_part, seed_runs_hint
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,8 @@ def rescore(results: str | Path, eval_cfg: EvalConfig, judge: Judge | None = Non
     path = Path(results)
     path = path / "results.jsonl" if path.is_dir() else path
     if not path.is_file():
-        raise DataError(f"{path} does not exist; give the results.jsonl of a finished run (or its folder)")
+        raise DataError(f"{path} does not exist{seed_runs_hint(path.parent, 'rescore', each=True)}; give the "
+                        "results.jsonl of a finished run (or its folder)")
     with folder_lock(path.parent, "rescore"):
         return _rescore(path, eval_cfg, judge)
 

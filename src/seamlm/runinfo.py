@@ -104,6 +104,17 @@ def refuse_repeated_run(paths: list[Path], counted_in: str) -> None:
             raise DataError(f"{path} is {twin} again: one run given twice would count twice in {counted_in}")
 
 
+def seed_runs_hint(folder: Path, command: str, each: bool = False) -> str:
+    """For a folder without a results.jsonl that holds a ``demo --seeds`` run: a hint naming the command on its
+    seed folders (together, or ``each`` one by one); else ''."""
+    seeds = sorted(p for p in folder.glob("seed-*") if (p / "results.jsonl").is_file()) if folder.is_dir() else []
+    if not seeds:
+        return ""
+    if each:
+        return f" (a `--seeds` demo: {command} each of its runs, `seamlm {command} {seeds[0]}`, … `{seeds[-1]}`)"
+    return f" (a `--seeds` demo: give its runs, `seamlm {command} {' '.join(map(str, seeds))}`)"
+
+
 def refuse_copied_runs(rows: dict[Path, list[Any]], counted_in: str) -> None:
     """Refuse two runs holding one write of result rows (``write`` ids are unique per write): one folder is a copy
     of the other and would count twice in ``counted_in``. Runs made on the same data (one data manifest, e.g. a
