@@ -128,7 +128,7 @@ def test_adaptive_on_a_shrunken_demo_runs_every_recipe_and_resumes(tiny_model_di
     from seamlm.report import write_report
 
     timings = tmp_path / "adaptive" / "timings.jsonl"
-    timings.write_text("".join(x for x in timings.read_text().splitlines(True) if '"sweep_seam"' not in x))
+    timings.write_text("".join(x for x in timings.read_text().splitlines(True) if '"stage": "sweep_seam"' not in x))
     again = write_report(tmp_path / "adaptive" / "results.jsonl", tmp_path / "partial").read_text()
     assert "This adaptive run has not finished (still to run: sweep_seam): the worst case is over" in again
 

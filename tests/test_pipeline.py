@@ -243,6 +243,30 @@ def test_the_settings_a_refused_demo_suggests_paste_back_as_options():
     assert DemoConfig.from_dict(parse_overrides(shlex.split(line))) == then
 
 
+def test_what_a_job_has_left_is_its_last_invocations_plan_less_its_laps(tmp_path):
+    """A resumed invocation may plan otherwise (an adaptive run resumed without its sweeps, or with them again): only
+    the last plan and that invocation's laps say what is left."""
+    from seamlm.runinfo import StageClock
+
+    path = tmp_path / "timings.jsonl"
+    assert StageClock.left(path) is None  # no plan recorded (another job, or an older seamlm): unknown
+
+    def invocation(name: str, plan: list[str], laps: list[str]) -> None:
+        clock = StageClock(path)
+        clock.invocation = name
+        clock.plan(plan)
+        for stage in laps:
+            clock.lap(stage)
+
+    invocation("1", ["pre", "recipe_sft", "sweep_seam"], ["pre"])  # killed in the recipe
+    assert StageClock.left(path) == ["recipe_sft", "sweep_seam"]
+    invocation("2", ["pre", "recipe_sft"], ["pre", "recipe_sft"])  # resumed without the sweep, finished
+    assert StageClock.left(path) == []
+    invocation("3", ["pre", "recipe_sft", "sweep_seam"], ["pre", "recipe_sft"])  # the sweep asked again, killed
+    assert StageClock.left(path) == ["sweep_seam"]
+    assert list(StageClock.totals(path)) == ["pre", "recipe_sft", "total"]  # plans are no stages
+
+
 def test_stage_clock_sums_stages_over_invocations(tmp_path):
     from seamlm.runinfo import StageClock
 

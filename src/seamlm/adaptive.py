@@ -131,21 +131,18 @@ def _same_settings(old: str, new: str) -> bool:
 
 
 def unfinished_phases(folder: Path) -> list[str]:
-    """The phases (as ``timings.jsonl`` names them) of the adaptive run in ``folder`` that have not finished yet;
-    [] for a finished one, or a folder no ``seamlm adaptive`` made."""
-    saved = folder / "adaptive_config.json"
-    if not saved.is_file():
+    """The phases (as ``timings.jsonl`` names them) the last ``seamlm adaptive`` invocation on ``folder`` planned
+    and has not finished; [] for a finished run, a folder no adaptive run made, or one from before plans were
+    recorded."""
+    if not (folder / "adaptive_config.json").is_file():
         return []
-    try:
-        cfg = json.loads(saved.read_text(encoding="utf-8"))["config"]
-        planned = ["pre", *(f"recipe_{r}" for r in cfg["recipes"]),
-                   *(["template_control"] if cfg["template_control"] else []),
-                   *(f"sweep_{m}" for m in cfg["models"] if cfg["sweep_trials"])]
-    except (ValueError, KeyError, TypeError) as exc:
-        log.warning("%s is unreadable (%s): the report cannot say whether the run has finished", saved, exc)
-        return []
-    done = StageClock.totals(folder / "timings.jsonl")
-    return [p for p in planned if p not in done]
+    return StageClock.left(folder / "timings.jsonl") or []
+
+
+def _phases(cfg: AdaptiveConfig) -> list[str]:
+    """The stages :func:`_run_phases` laps, in order."""
+    return ["pre", *(f"recipe_{r}" for r in cfg.recipes), *(["template_control"] if cfg.template_control else []),
+            *(f"sweep_{m}" for m in cfg.models if cfg.sweep_trials)]
 
 
 def run_adaptive(out_dir: str | Path, cfg: AdaptiveConfig) -> Path:
@@ -159,6 +156,7 @@ def run_adaptive(out_dir: str | Path, cfg: AdaptiveConfig) -> Path:
                               "run keeps its own results, data and timings; give another --out")
     with folder_lock(out, "adaptive"):
         clock = StageClock(out / "timings.jsonl")  # seconds per stage, summed over resumed invocations
+        clock.plan(_phases(cfg))  # what this invocation is to run: a report of the folder says what it has not
         with clock.charging_interruptions():
             return _run_phases(out, cfg, demo_cfg, paths, clock)
 

@@ -162,6 +162,23 @@ class StageClock:
         append_records(self.path, [{"invocation": self.invocation, "stage": stage, "seconds": round(seconds, 2)}])
         return seconds
 
+    def plan(self, stages: list[str]) -> None:
+        """Record the stages this invocation is to run (:meth:`left` then tells which it has not finished)."""
+        append_records(self.path, [{"invocation": self.invocation, "plan": stages}])
+
+    @staticmethod
+    def left(path: str | Path) -> list[str] | None:
+        """The stages the last invocation that recorded a :meth:`plan` has not finished (lapped); None when no
+        invocation recorded one. A resumed invocation laps the stages it finds done at once, so its plan and laps
+        alone say where the job stands, whatever earlier invocations planned."""
+        records = [rec for _, rec in read_records(path)]
+        plans = [rec for rec in records if isinstance(rec.get("plan"), list)]
+        if not plans:
+            return None
+        last = plans[-1]
+        lapped = {rec.get("stage") for rec in records if rec.get("invocation") == last.get("invocation")}
+        return [s for s in last["plan"] if s not in lapped]
+
     @contextmanager
     def charging_interruptions(self) -> Iterator[None]:
         """Within the block, a stage stopped by an exception (Ctrl-C included) still has its seconds recorded."""
