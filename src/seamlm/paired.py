@@ -39,9 +39,13 @@ Scores = dict[tuple[str, int], float]
 """HS of each answer (points) by (prompt, occurrence): a prompt asked twice pairs its first answers, then its second."""
 
 
-def _hs_rows(root: Path) -> dict[tuple[str, str], ResultRow]:
+def _results(root: Path) -> list[ResultRow]:
     f = root / "results.jsonl"
-    return {(r.model, r.cell): r for r in ResultStore(f).rows() if r.metric == "hs"} if f.is_file() else {}
+    return ResultStore(f).rows() if f.is_file() else []
+
+
+def _hs_rows(rows: list[ResultRow]) -> dict[tuple[str, str], ResultRow]:
+    return {(r.model, r.cell): r for r in rows if r.metric == "hs"}
 
 
 def _roots(run: Path, base: Path | None, model: str) -> list[Path]:
@@ -61,8 +65,8 @@ def _scores(roots: list[Path], model: str, cell: str,
             for _, r in read_records(f):
                 scores[(r["prompt"], seen[r["prompt"]])] = 100 * r["p_harmful"]
                 seen[r["prompt"]] += 1
-            if root not in hs_rows:
-                hs_rows[root] = _hs_rows(root)
+            if root not in hs_rows:  # (a demo's baseline, read when first met)
+                hs_rows[root] = _hs_rows(_results(root))
             row = hs_rows[root].get((model, cell))
             return scores, row and row.judge, bool(row) and row.attack.get("status") == "diverged"
     return None
@@ -85,8 +89,9 @@ def paired_hs(runs: list[str | Path], a: str = "aligned", b: str = "seam", pre: 
     # one spelling: "runs/s0/", "runs/s0" and "runs/s0/results.jsonl" are one run
     runs = [Path(r).parent if Path(r).name == "results.jsonl" and Path(r).is_file() else Path(r) for r in runs]
     refuse_repeated_run(runs, "the pooled difference")
-    refuse_copied_runs({r: ResultStore(r / "results.jsonl").rows() for r in runs if (r / "results.jsonl").is_file()},
-                       "the pooled difference")
+    results = {r: _results(r) for r in runs}
+    refuse_copied_runs(results, "the pooled difference")
+    hs_rows = {r: _hs_rows(rows) for r, rows in results.items()}  # each results file read once
     for run in runs:
         if not (run / "results.jsonl").is_file():
             raise DataError(f"{run} is no run folder (no results.jsonl){seed_runs_hint(run, 'paired')}: give the "
@@ -97,7 +102,6 @@ def paired_hs(runs: list[str | Path], a: str = "aligned", b: str = "seam", pre: 
         cells = (["pre"] if pre else []) + (_attack_cells(run, base, (a, b)) if attacks else [])
         diffs: list[dict[tuple[str, int], float]] = []  # per paired attack cell: each answer's difference
         judges: set[str | None] = set()
-        hs_rows: dict[Path, dict[tuple[str, str], ResultRow]] = {}
         for cell in cells:
             ra, rb = _scores(_roots(run, base, a), a, cell, hs_rows), _scores(_roots(run, base, b), b, cell, hs_rows)
             if not ra or not rb or not ra[0] or ra[0].keys() != rb[0].keys():

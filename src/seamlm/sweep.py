@@ -112,12 +112,6 @@ def sweep_storage(out_dir: str | Path) -> str:
     return f"{_sweep_db_url(out_dir)}?timeout={SQLITE_TIMEOUT_S:g}"
 
 
-def _optuna_version() -> str:
-    import optuna
-
-    return optuna.__version__
-
-
 def _sweep_db_url(out_dir: str | Path) -> str:
     return f"sqlite:///{Path(out_dir).resolve() / 'sweep.db'}"
 
@@ -127,6 +121,7 @@ def readable_sweep_db(out_dir: str | Path, advice: str) -> Iterator[None]:
     """Turn SQLite's refusal of ``out_dir/sweep.db`` (not a database, cut short, a folder at that path), and
     Optuna's of a study file from another Optuna version, into a DataError ending in ``advice``; a file another
     process kept locked is said to be busy, not broken."""
+    from optuna import __version__ as optuna_version
     from optuna.exceptions import StorageInternalError
     from sqlalchemy.exc import DatabaseError
 
@@ -148,7 +143,7 @@ def readable_sweep_db(out_dir: str | Path, advice: str) -> Iterator[None]:
                             f"{advice}") from None
         if "pip install -U optuna" in str(exc):  # a newer one's
             raise DataError(f"{out_dir}/sweep.db was written by a newer Optuna than this one "
-                            f"({_optuna_version()}): install that Optuna (pip install -U optuna), or {advice}") from None
+                            f"({optuna_version}): install that Optuna (pip install -U optuna), or {advice}") from None
         raise
 
 

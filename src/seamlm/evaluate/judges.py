@@ -255,8 +255,9 @@ def read_labelled_answers(path: str | Path) -> LabelledAnswers:
             raise DataError(f"{path}, row {i}, lacks {sorted(missing)}: each row needs prompt, answer (or response) "
                             f"and label (harmful, refusal, safe, ...); it has {sorted(row)}")
         # a null answer would be scored as the text "None", a blank label counted among the negatives of the AUC
-        empty = [c for c in ("prompt", key, "label") if not isinstance(row[c], str) or (c == "label" and not
-                                                                                        row[c].strip())]
+        empty = [c for c in ("prompt", key) if not isinstance(row[c], str)]
+        if not isinstance(row["label"], str) or not row["label"].strip():
+            empty.append("label")
         if empty:
             raise DataError(f"{path}, row {i}: {', '.join(f'{c} is {row[c]!r}' for c in empty)}; each row needs a "
                             "prompt and an answer as text and a label (harmful, refusal, safe, ...): fill it in or "
